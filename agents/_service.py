@@ -1,0 +1,198 @@
+"""The agent service: consume the inbox, ask the model, propose a handoff or reply."""
+
+from __future__ import annotations
+
+import contextlib
+import enum
+import logging
+from dataclasses import dataclass, field
+
+import msgspec
+
+from agents._decision import HandoffDecision, ReplyDecision, parse_decision, response_format
+from agents.errors import AgentError
+from bus import (
+    AgentFailed,
+    AgentInput,
+    AgentReply,
+    AgentTask,
+    Bus,
+    Consumer,
+    ConsumerConfig,
+    Delivery,
+    HandoffProposed,
+    StepEvent,
+    encode,
+    publish,
+    subjects,
+)
+from router import ChatMessage, CompletionRequest, Model, RouterError
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, kw_only=True)
+class AgentSettings:
+    """One agent's role, as configured.
+
+    Attributes:
+        name: The agent's name; also its subject token and NATS identity.
+        instructions: The system prompt.
+        handoff_targets: Agents this one may hand off to (the graph's edges from it).
+    """
+
+    name: str
+    instructions: str
+    handoff_targets: list[str] = field(default_factory=list)
+    max_in_flight: int = 32
+    max_deliver: int = 10
+
+
+class AgentState(enum.Enum):
+    """Lifecycle of an ``AgentService``."""
+
+    NEW = "new"
+    RUNNING = "running"
+    STOPPED = "stopped"
+
+
+class AgentService:
+    """Serve one agent's inbox until ``shutdown()``.
+
+    Args:
+        settings: The agent's role.
+        bus: An open bus connection with this agent's credentials.
+        model: Where the agent's model calls go.
+    """
+
+    def __init__(self, settings: AgentSettings, bus: Bus, model: Model) -> None:
+        self._settings = settings
+        self._bus = bus
+        self._model = model
+        self._consumer: Consumer[AgentTask] = Consumer(
+            bus.js,
+            ConsumerConfig(
+                stream=subjects.WORK_STREAM,
+                durable=subjects.agent_consumer(settings.name),
+                max_in_flight=settings.max_in_flight,
+                max_deliver=settings.max_deliver,
+            ),
+            msgspec.json.Decoder(AgentInput),
+            self.handle,
+        )
+        self._system_prompt = (
+            f"You are the {settings.name} agent of a customer support team.\n"
+            f"{settings.instructions.strip()}\n\n{response_format(settings.handoff_targets)}"
+        )
+        self.state = AgentState.NEW
+
+    async def __aenter__(self) -> AgentService:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.shutdown()
+
+    async def run(self) -> None:
+        """Serve the inbox; returns once ``shutdown()`` was called and in-flight steps ended."""
+        self.state = AgentState.RUNNING
+        logger.info("agent %s serving %s", self._settings.name,
+                    subjects.agent_inbox(self._settings.name))
+        try:
+            await self._consumer.run()
+        finally:
+            self.state = AgentState.STOPPED
+            logger.info("agent %s stopped", self._settings.name)
+
+    async def shutdown(self) -> None:
+        """Stop taking work; idempotent."""
+        await self._consumer.shutdown()
+
+    async def handle(self, task: AgentTask, delivery: Delivery) -> None:
+        """Run one step: model call, then publish the decision to the supervisor.
+
+        A step the model cannot complete is reported as ``AgentFailed`` so the supervisor
+        escalates the conversation, instead of being retried forever.
+        """
+        name = self._settings.name
+        if task.agent != name:
+            raise AgentError(f"task for {task.agent!r} arrived in {name}'s inbox", agent=name)
+        try:
+            completion = await self._model.complete(
+                CompletionRequest(
+                    agent=name,
+                    conversation=task.conversation,
+                    messages=[
+                        ChatMessage(role="system", content=self._system_prompt),
+                        ChatMessage(role="user", content=_user_prompt(task)),
+                    ],
+                )
+            )
+            decision = parse_decision(completion.text, agent=name)
+        except (RouterError, AgentError) as exc:
+            if exc.retryable and delivery.attempt < self._settings.max_deliver:
+                raise
+            await self._publish_failure(task, str(exc))
+            return
+        match decision:
+            case HandoffDecision(target=target, confidence=confidence, reason=reason):
+                # Only a valid token can become a subject; anything else is the model's
+                # mistake, reported to the supervisor like any refused handoff.
+                try:
+                    subjects.check_token(target, "handoff target")
+                except ValueError as exc:
+                    await self._publish_failure(task, str(exc))
+                    return
+                await publish(
+                    self._bus.js,
+                    subjects.agent_handoff(name, target),
+                    HandoffProposed(conversation=task.conversation, step=task.step, agent=name,
+                                    target=target, confidence=confidence, reason=reason),
+                    msg_id=_output_id(task),
+                )
+                detail = f"handoff -> {target} ({confidence:.2f})"
+            case ReplyDecision(text=text, confidence=confidence):
+                await publish(
+                    self._bus.js,
+                    subjects.agent_reply(name),
+                    AgentReply(conversation=task.conversation, step=task.step, agent=name,
+                               text=text, confidence=confidence),
+                    msg_id=_output_id(task),
+                )
+                detail = f"reply ({confidence:.2f})"
+        await self._emit_event(task, detail, completion.model)
+        logger.info("agent %s step %s/%d: %s", name, task.conversation, task.step, detail)
+
+    async def _publish_failure(self, task: AgentTask, reason: str) -> None:
+        logger.warning("agent %s cannot complete %s/%d: %s", self._settings.name,
+                       task.conversation, task.step, reason)
+        await publish(
+            self._bus.js,
+            subjects.agent_error(self._settings.name),
+            AgentFailed(conversation=task.conversation, step=task.step,
+                        agent=self._settings.name, reason=reason),
+            msg_id=_output_id(task),
+        )
+
+    async def _emit_event(self, task: AgentTask, detail: str, model: str) -> None:
+        # Events feed traces and the UI; they are stored by CORRAL_EVENTS but a lost one
+        # must never hold up a step, so they are published without waiting for an ack.
+        event = StepEvent(conversation=task.conversation, step=task.step,
+                          agent=self._settings.name, kind="decided",
+                          detail=f"{detail} via {model}")
+        with contextlib.suppress(Exception):
+            await self._bus.nc.publish(subjects.agent_event(self._settings.name), encode(event))
+
+
+def _output_id(task: AgentTask) -> str:
+    return f"{task.conversation}.{task.step}.{task.agent}.out"
+
+
+def _user_prompt(task: AgentTask) -> str:
+    lines = [f"Customer {task.customer or '(anonymous)'} says:", task.text]
+    handoffs = [hop for hop in task.path[1:] if hop.reason]
+    if handoffs:
+        lines.append("")
+        lines.append("Notes from the agents before you:")
+        lines.extend(f"- to {hop.agent}: {hop.reason}" for hop in handoffs)
+    return "\n".join(lines)
+

@@ -1,0 +1,155 @@
+"""Wire types: one tagged msgspec Struct per message kind, one union per subject family.
+
+Messages evolve by adding fields with defaults, never by retyping them: JetStream keeps
+old messages across deploys. Unknown fields are ignored so older readers keep working.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import msgspec
+
+
+class Hop(msgspec.Struct, frozen=True, kw_only=True):
+    """One agent on a conversation's path, with the confidence of the handoff to it."""
+
+    agent: str
+    confidence: float | None = None
+    """Confidence of the handoff that brought the conversation here (None for the entry)."""
+    reason: str = ""
+    """Why the previous agent handed off here."""
+
+
+class ConversationStart(msgspec.Struct, frozen=True, kw_only=True, tag="conversation.start"):
+    """A client starts a conversation (``corral.in.<conversation>``)."""
+
+    v: int = 1
+    conversation: str
+    text: str
+    customer: str = ""
+
+
+class AgentTask(msgspec.Struct, frozen=True, kw_only=True, tag="agent.task"):
+    """The supervisor gives an agent one step of a conversation (``corral.agent.<a>.inbox``)."""
+
+    v: int = 1
+    conversation: str
+    step: int
+    agent: str
+    text: str
+    customer: str = ""
+    path: list[Hop] = []
+
+
+class HandoffProposed(msgspec.Struct, frozen=True, kw_only=True, tag="handoff.proposed"):
+    """An agent proposes handing the conversation to ``target``."""
+
+    v: int = 1
+    conversation: str
+    step: int
+    agent: str
+    """The identity the body claims; the supervisor trusts only the subject token."""
+    target: str
+    confidence: float
+    reason: str = ""
+
+
+class AgentReply(msgspec.Struct, frozen=True, kw_only=True, tag="agent.reply"):
+    """An agent answers the customer; this ends the conversation."""
+
+    v: int = 1
+    conversation: str
+    step: int
+    agent: str
+    text: str
+    confidence: float = 1.0
+
+
+class AgentFailed(msgspec.Struct, frozen=True, kw_only=True, tag="agent.failed"):
+    """An agent could not complete its step (e.g. the model's answer made no sense)."""
+
+    v: int = 1
+    conversation: str
+    step: int
+    agent: str
+    reason: str
+
+
+class StepEvent(msgspec.Struct, frozen=True, kw_only=True, tag="step.event"):
+    """Something happened inside an agent's step (for traces and the UI)."""
+
+    v: int = 1
+    conversation: str
+    step: int
+    agent: str
+    kind: str
+    detail: str = ""
+
+
+class HandoffForwarded(msgspec.Struct, frozen=True, kw_only=True, tag="handoff.forwarded"):
+    """The supervisor forwarded a handoff (``corral.out.<conversation>``)."""
+
+    v: int = 1
+    conversation: str
+    step: int
+    source: str
+    target: str
+    confidence: float
+
+
+class HandoffRefused(msgspec.Struct, frozen=True, kw_only=True, tag="handoff.refused"):
+    """The supervisor refused a handoff; ``reason`` names the edge and why."""
+
+    v: int = 1
+    conversation: str
+    step: int
+    source: str
+    target: str
+    reason: str
+
+
+ConversationStatus = Literal["running", "replied", "refused", "escalated", "failed"]
+
+
+class ConversationEnded(msgspec.Struct, frozen=True, kw_only=True, tag="conversation.ended"):
+    """A conversation reached a terminal state."""
+
+    v: int = 1
+    conversation: str
+    status: ConversationStatus
+    path: list[Hop] = []
+    reply: str | None = None
+    reason: str | None = None
+
+
+SupervisorInput = ConversationStart | HandoffProposed | AgentReply | AgentFailed
+"""Everything the supervisor consumes from ``CORRAL_WORK``."""
+
+AgentInput = AgentTask
+"""Everything an agent consumes from its inbox."""
+
+ClientUpdate = HandoffForwarded | HandoffRefused | ConversationEnded
+"""Everything a client may see on ``corral.out.<conversation>``."""
+
+AgentEvent = StepEvent
+"""Everything on ``corral.from.<agent>.event``."""
+
+Message = (
+    ConversationStart
+    | AgentTask
+    | HandoffProposed
+    | AgentReply
+    | AgentFailed
+    | StepEvent
+    | HandoffForwarded
+    | HandoffRefused
+    | ConversationEnded
+)
+
+_encoder = msgspec.json.Encoder()
+
+
+def encode(message: Message) -> bytes:
+    """Encode any wire message as JSON bytes."""
+    return _encoder.encode(message)

@@ -1,0 +1,133 @@
+"""Streams and durable consumers: created if missing, updated if they drifted.
+
+``CORRAL_WORK`` is a work queue: each message is removed once its one consumer acks it.
+Consumers on it must have disjoint filters, which the subject layout guarantees (the
+supervisor reads client starts and agent outputs; each agent reads its own inbox).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from nats.js import JetStreamContext
+from nats.js.api import (
+    AckPolicy,
+    ConsumerConfig,
+    DeliverPolicy,
+    RetentionPolicy,
+    StorageType,
+    StreamConfig,
+)
+from nats.js.errors import NotFoundError
+
+from bus import subjects
+from bus.errors import BusError
+
+
+@dataclass(frozen=True, kw_only=True)
+class TopologyConfig:
+    """Stream and consumer settings; the defaults suit one machine and small clusters."""
+
+    replicas: int = 1
+    """Stream replicas (3 on a 3-node cluster)."""
+    duplicate_window_s: float = 120.0
+    """How long ``Nats-Msg-Id`` deduplicates a republished message."""
+    ack_wait_s: float = 30.0
+    """How long a delivered message may stay unacknowledged before redelivery."""
+    max_deliver: int = 10
+    """Deliveries before a message is dead-lettered instead of retried."""
+    max_ack_pending: int = 1000
+    events_max_age_s: float = 7 * 24 * 3600.0
+    dead_letter_max_age_s: float = 30 * 24 * 3600.0
+
+
+def _streams(config: TopologyConfig) -> list[StreamConfig]:
+    return [
+        StreamConfig(
+            name=subjects.WORK_STREAM,
+            subjects=[
+                subjects.all_conversation_starts(),
+                subjects.all_agent_inboxes(),
+                *subjects.agent_outputs(),
+            ],
+            retention=RetentionPolicy.WORK_QUEUE,
+            storage=StorageType.FILE,
+            num_replicas=config.replicas,
+            duplicate_window=config.duplicate_window_s,
+        ),
+        StreamConfig(
+            name=subjects.EVENTS_STREAM,
+            subjects=[subjects.all_agent_events(), subjects.all_conversation_updates()],
+            retention=RetentionPolicy.LIMITS,
+            storage=StorageType.FILE,
+            num_replicas=config.replicas,
+            max_age=config.events_max_age_s,
+            duplicate_window=config.duplicate_window_s,
+        ),
+        StreamConfig(
+            name=subjects.DEAD_LETTER_STREAM,
+            subjects=[subjects.all_dead_letters()],
+            retention=RetentionPolicy.LIMITS,
+            storage=StorageType.FILE,
+            num_replicas=config.replicas,
+            max_age=config.dead_letter_max_age_s,
+        ),
+    ]
+
+
+def _consumer(config: TopologyConfig, durable: str, filters: list[str]) -> ConsumerConfig:
+    return ConsumerConfig(
+        durable_name=durable,
+        deliver_policy=DeliverPolicy.ALL,
+        ack_policy=AckPolicy.EXPLICIT,
+        ack_wait=config.ack_wait_s,
+        max_deliver=config.max_deliver,
+        max_ack_pending=config.max_ack_pending,
+        filter_subject=filters[0] if len(filters) == 1 else None,
+        filter_subjects=filters if len(filters) > 1 else None,
+    )
+
+
+def supervisor_consumer_config(config: TopologyConfig) -> ConsumerConfig:
+    """The supervisor's durable consumer: client starts and every agent output."""
+    return _consumer(
+        config,
+        subjects.SUPERVISOR_CONSUMER,
+        [subjects.all_conversation_starts(), *subjects.agent_outputs()],
+    )
+
+
+def agent_consumer_config(config: TopologyConfig, agent: str) -> ConsumerConfig:
+    """An agent's durable inbox consumer, shared by all its replicas."""
+    return _consumer(config, subjects.agent_consumer(agent), [subjects.agent_inbox(agent)])
+
+
+async def ensure_topology(
+    js: JetStreamContext, agents: Iterable[str], config: TopologyConfig | None = None
+) -> None:
+    """Create or update every stream, the supervisor's consumer and each agent's consumer.
+
+    Idempotent; safe to run from several processes at once.
+
+    Raises:
+        BusError: if JetStream refuses a stream or consumer.
+    """
+    config = config or TopologyConfig()
+    try:
+        for stream in _streams(config):
+            try:
+                await js.stream_info(stream.name or "")
+            except NotFoundError:
+                await js.add_stream(stream)
+            else:
+                await js.update_stream(stream)
+        await js.add_consumer(subjects.WORK_STREAM, supervisor_consumer_config(config))
+        for agent in agents:
+            await js.add_consumer(subjects.WORK_STREAM, agent_consumer_config(config, agent))
+    except NotFoundError as exc:
+        raise BusError(f"JetStream is not enabled on this server: {exc}") from exc
+    except Exception as exc:
+        if isinstance(exc, BusError):
+            raise
+        raise BusError(f"cannot set up streams and consumers: {exc}") from exc

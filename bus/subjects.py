@@ -1,0 +1,137 @@
+"""Every subject and stream name corral uses, built in one place.
+
+Subject families::
+
+    corral.in.<conversation>                 client -> supervisor: start a conversation
+    corral.agent.<agent>.inbox               supervisor -> agent: a task (only the supervisor publishes)
+    corral.from.<agent>.handoff.<target>     agent -> supervisor: proposed handoff
+    corral.from.<agent>.reply                agent -> supervisor: final reply
+    corral.from.<agent>.error                agent -> supervisor: the agent could not do its step
+    corral.from.<agent>.event                agent -> anyone: step events (trace, UI)
+    corral.out.<conversation>                supervisor -> client: progress and outcome
+    corral.dlq.<original subject>            dead letters, with the decode error in a header
+"""
+
+from __future__ import annotations
+
+import re
+
+PREFIX = "corral"
+
+WORK_STREAM = "CORRAL_WORK"
+EVENTS_STREAM = "CORRAL_EVENTS"
+DEAD_LETTER_STREAM = "CORRAL_DLQ"
+
+SUPERVISOR_CONSUMER = "supervisor"
+
+_TOKEN = re.compile(r"^[A-Za-z0-9_-]+$")
+
+
+def check_token(value: str, what: str = "token") -> str:
+    """Return ``value`` if it is usable as one subject token.
+
+    Raises:
+        ValueError: if it is empty or contains ``.``, ``*``, ``>`` or white space.
+    """
+    if not _TOKEN.match(value):
+        raise ValueError(f"{what} {value!r} must match [A-Za-z0-9_-]+ to be a subject token")
+    return value
+
+
+def conversation_start(conversation: str) -> str:
+    """Subject a client publishes a conversation start on."""
+    return f"{PREFIX}.in.{conversation}"
+
+
+def all_conversation_starts() -> str:
+    """Wildcard of every conversation start."""
+    return f"{PREFIX}.in.>"
+
+
+def agent_inbox(agent: str) -> str:
+    """An agent's inbox; only the supervisor may publish here."""
+    return f"{PREFIX}.agent.{agent}.inbox"
+
+
+def all_agent_inboxes() -> str:
+    """Wildcard of every agent inbox."""
+    return f"{PREFIX}.agent.*.inbox"
+
+
+def agent_handoff(agent: str, target: str) -> str:
+    """Subject on which ``agent`` proposes a handoff to ``target``."""
+    return f"{PREFIX}.from.{agent}.handoff.{target}"
+
+
+def agent_reply(agent: str) -> str:
+    """Subject on which ``agent`` publishes a final reply."""
+    return f"{PREFIX}.from.{agent}.reply"
+
+
+def agent_error(agent: str) -> str:
+    """Subject on which ``agent`` reports a step it could not complete."""
+    return f"{PREFIX}.from.{agent}.error"
+
+
+def agent_event(agent: str) -> str:
+    """Subject on which ``agent`` publishes step events."""
+    return f"{PREFIX}.from.{agent}.event"
+
+
+def agent_outputs() -> list[str]:
+    """Wildcards of every agent output the supervisor consumes."""
+    return [
+        f"{PREFIX}.from.*.handoff.*",
+        f"{PREFIX}.from.*.reply",
+        f"{PREFIX}.from.*.error",
+    ]
+
+
+def all_agent_events() -> str:
+    """Wildcard of every agent step event."""
+    return f"{PREFIX}.from.*.event"
+
+
+def conversation_updates(conversation: str) -> str:
+    """Subject the supervisor tells a conversation's client about progress on."""
+    return f"{PREFIX}.out.{conversation}"
+
+
+def all_conversation_updates() -> str:
+    """Wildcard of every conversation update."""
+    return f"{PREFIX}.out.>"
+
+
+def dead_letter(subject: str) -> str:
+    """Dead-letter subject for a message first published on ``subject``."""
+    return f"{PREFIX}.dlq.{subject}"
+
+
+def all_dead_letters() -> str:
+    """Wildcard of every dead letter."""
+    return f"{PREFIX}.dlq.>"
+
+
+def agent_consumer(agent: str) -> str:
+    """Durable consumer name of an agent's inbox (shared by its replicas)."""
+    return f"agent-{agent}"
+
+
+def sender(subject: str) -> str | None:
+    """The agent a ``corral.from.<agent>.…`` subject belongs to, else None.
+
+    The subject token is the sender's identity: NATS permissions make it unforgeable,
+    unlike anything in the message body.
+    """
+    parts = subject.split(".")
+    if len(parts) >= 4 and parts[0] == PREFIX and parts[1] == "from":
+        return parts[2]
+    return None
+
+
+def handoff_target(subject: str) -> str | None:
+    """The target of a ``corral.from.<agent>.handoff.<target>`` subject, else None."""
+    parts = subject.split(".")
+    if len(parts) == 5 and parts[1] == "from" and parts[3] == "handoff":
+        return parts[4]
+    return None

@@ -1,0 +1,451 @@
+"""The ``corral`` command line."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import signal
+import sys
+import time
+from collections.abc import Awaitable, Callable, Coroutine
+from pathlib import Path
+from typing import Annotated, Any, Protocol
+
+import typer
+import yaml
+from rich.console import Console
+
+from bus import Bus, BusConfig, BusError, ConversationEnded, CorralError, connect, subjects
+from supervisor._config import LoadedConfig, load_config, resolve_config_path
+from supervisor._runtime import (
+    Runtime,
+    configured_database_url,
+    configured_nats_url,
+    nats_servers,
+    state_dir,
+)
+from supervisor.errors import ConfigError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True,
+                  help="corral: run a team of AI agents in production.")
+agent_app = typer.Typer(no_args_is_help=True, help="Run one agent as a service.")
+supervisor_app = typer.Typer(no_args_is_help=True, help="Run the supervisor as a service.")
+app.add_typer(agent_app, name="agent")
+app.add_typer(supervisor_app, name="supervisor")
+
+console = Console()
+err_console = Console(stderr=True)
+
+ConfigOption = Annotated[
+    str | None,
+    typer.Option("--config", "-c", help="corral.yaml (default: ./corral.yaml, else the sample team)"),
+]
+
+EXIT_NOT_REPLIED = 1
+EXIT_CONFIG = 2
+EXIT_TIMEOUT = 4
+
+
+def main() -> None:
+    """Entry point of the ``corral`` console script."""
+    os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
+    app()
+
+
+def _load(config: str | None) -> LoadedConfig:
+    try:
+        return load_config(resolve_config_path(config))
+    except ConfigError as exc:
+        err_console.print(f"[red]config error[/red]\n{exc}", highlight=False)
+        raise typer.Exit(EXIT_CONFIG) from exc
+
+
+def _setup_logging(level: int = logging.INFO) -> None:
+    logging.basicConfig(level=level, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for noisy in ("nats", "asyncio", "LiteLLM", "httpx"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def _nats_url(loaded: LoadedConfig) -> str:
+    url = configured_nats_url(loaded)
+    if url:
+        return url
+    runtime = Runtime.read(state_dir(loaded))
+    if runtime is None:
+        err_console.print("no NATS server: start the team with `corral up` or set NATS_URL")
+        raise typer.Exit(1)
+    return runtime.nats_url
+
+
+def _database_url(loaded: LoadedConfig) -> str:
+    url = configured_database_url(loaded)
+    if url:
+        return url
+    runtime = Runtime.read(state_dir(loaded))
+    if runtime is None:
+        err_console.print("no database: start the team with `corral up` or set DATABASE_URL")
+        raise typer.Exit(1)
+    return runtime.database_url
+
+
+def _run(coro: Coroutine[Any, Any, int]) -> None:
+    try:
+        code = asyncio.run(coro)
+    except CorralError as exc:
+        err_console.print(f"[red]error:[/red] {exc}", highlight=False)
+        raise typer.Exit(1) from exc
+    except KeyboardInterrupt:
+        code = 130
+    raise typer.Exit(code)
+
+
+class _Service(Protocol):
+    async def run(self) -> None: ...
+    async def shutdown(self) -> None: ...
+
+
+async def _serve(service: _Service) -> None:
+    """Run ``service`` until SIGTERM/SIGINT, or until the launcher that started us dies."""
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, lambda: asyncio.ensure_future(service.shutdown()))
+    parent = os.environ.get("CORRAL_PARENT_PID")
+    watcher = asyncio.create_task(_watch_parent(int(parent), service)) if parent else None
+    try:
+        await service.run()
+    finally:
+        if watcher is not None:
+            watcher.cancel()
+            await asyncio.gather(watcher, return_exceptions=True)
+
+
+async def _watch_parent(pid: int, service: _Service) -> None:
+    # An orphaned child must not keep consuming after its launcher was killed.
+    while os.getppid() == pid:
+        await asyncio.sleep(1.0)
+    logging.getLogger(__name__).warning("launcher %d is gone; stopping", pid)
+    await service.shutdown()
+
+
+async def _connect(url: str, name: str, *, forever: bool = True) -> Bus:
+    return await connect(BusConfig(servers=nats_servers(url), name=name,
+                                   reconnect_forever=forever))
+
+
+# --- services -------------------------------------------------------------------------
+
+
+@supervisor_app.command("run")
+def supervisor_run(config: ConfigOption = None) -> None:
+    """Run the supervisor: enforce the handoff graph and record conversations."""
+    loaded = _load(config)
+    _setup_logging()
+
+    async def _main() -> int:
+        from bus import ensure_topology
+        from supervisor._decide import Graph
+        from supervisor._store import Store
+        from supervisor._supervisor import Supervisor
+
+        bus = await _connect(_nats_url(loaded), "corral-supervisor")
+        store = await Store.open(_database_url(loaded))
+        try:
+            await ensure_topology(bus.js, loaded.agent_names)
+            graph = Graph(entry=loaded.config.graph.entry,
+                          edges={k: list(v) for k, v in loaded.config.graph.edges.items()},
+                          min_confidence=loaded.config.graph.min_confidence,
+                          max_steps=loaded.config.conversation.max_steps)
+            await _serve(Supervisor(bus, store, graph))
+        finally:
+            await bus.close()
+            await store.close()
+        return 0
+
+    _run(_main())
+
+
+@agent_app.command("run")
+def agent_run(name: Annotated[str, typer.Argument(help="The agent to run")],
+              config: ConfigOption = None) -> None:
+    """Run one agent: consume its inbox, call its model, propose handoffs or reply."""
+    loaded = _load(config)
+    if name not in loaded.config.agents:
+        err_console.print(f"unknown agent {name!r}; {loaded.path} defines: "
+                          f"{', '.join(loaded.agent_names)}")
+        raise typer.Exit(EXIT_CONFIG)
+    _setup_logging()
+
+    async def _main() -> int:
+        from agents import AgentService, AgentSettings
+        from router import model_for_tier
+
+        model = model_for_tier(loaded.tier(name), loaded.scripted_rules)
+        bus = await _connect(_nats_url(loaded), f"corral-agent-{name}")
+        try:
+            settings = AgentSettings(name=name, instructions=loaded.instructions[name],
+                                     handoff_targets=loaded.targets(name))
+            await _serve(AgentService(settings, bus, model))
+        finally:
+            await bus.close()
+        return 0
+
+    _run(_main())
+
+
+# --- the stack ------------------------------------------------------------------------
+
+
+def _launcher(loaded: LoadedConfig) -> Any:
+    from supervisor._launcher import Launcher, LauncherConfig
+
+    return Launcher(LauncherConfig(loaded=loaded, state_dir=state_dir(loaded), replicas={}))
+
+
+async def _with_stack(loaded: LoadedConfig,
+                      body: Callable[[Runtime], Awaitable[int]] | None) -> int:
+    launcher = _launcher(loaded)
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, lambda: asyncio.ensure_future(launcher.shutdown()))
+    runner: asyncio.Task[None] | None = None
+    try:
+        runtime = await launcher.start()
+        runner = asyncio.create_task(launcher.run())
+        console.print(f"corral is up: NATS {runtime.nats_url}; "
+                      f"{len(runtime.children)} processes; logs in {state_dir(loaded) / 'logs'}")
+        code = 0
+        if body is not None:
+            code = await body(runtime)
+        if body is None or code < 0:
+            console.print("Ctrl-C stops everything.")
+            await runner
+            return 0
+        return code
+    finally:
+        await launcher.shutdown()
+        if runner is not None:
+            await runner
+
+
+@app.command()
+def up(config: ConfigOption = None) -> None:
+    """Start NATS and PostgreSQL (embedded unless configured), the supervisor and every agent."""
+    loaded = _load(config)
+    _setup_logging()
+    _run(_with_stack(loaded, None))
+
+
+@app.command()
+def down(config: ConfigOption = None,
+         timeout: Annotated[float, typer.Option(help="Seconds to wait")] = 30.0) -> None:
+    """Stop a stack started by ``corral up`` from this directory."""
+    loaded = _load(config)
+    runtime = Runtime.read(state_dir(loaded))
+    if runtime is None:
+        console.print("corral is not running here")
+        raise typer.Exit(0)
+    os.kill(runtime.pid, signal.SIGTERM)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if Runtime.read(state_dir(loaded)) is None:
+            console.print("corral stopped")
+            raise typer.Exit(0)
+        time.sleep(0.1)
+    err_console.print(f"corral (pid {runtime.pid}) did not stop within {timeout:.0f}s")
+    raise typer.Exit(1)
+
+
+@app.command()
+def demo(config: ConfigOption = None,
+         once: Annotated[bool, typer.Option("--once", help="Exit after the samples")] = False,
+         scenarios: Annotated[str | None, typer.Option(help="Scenarios file")] = None,
+         timeout: Annotated[float, typer.Option(help="Seconds per conversation")] = 60.0) -> None:
+    """Start the team, send the sample conversations, and print each path and reply."""
+    loaded = _load(config)
+    _setup_logging(logging.WARNING)
+    scenarios_file = Path(scenarios) if scenarios else loaded.path.parent / "scenarios.yaml"
+    samples = yaml.safe_load(scenarios_file.read_text())["conversations"]
+
+    async def _samples(runtime: Runtime) -> int:
+        from supervisor._client import format_path, send_and_wait
+
+        bus = await _connect(runtime.nats_url, "corral-demo", forever=False)
+        failures = 0
+        try:
+            for sample in samples:
+                console.print(f"\n[bold]{sample['name']}[/bold]: {sample['text']}")
+                try:
+                    ended = await send_and_wait(bus, sample["text"],
+                                                customer=sample.get("customer", ""),
+                                                timeout_s=timeout)
+                except TimeoutError:
+                    console.print(f"  [red]timed out after {timeout:.0f}s[/red]")
+                    failures += 1
+                    continue
+                _print_ended(ended)
+                problem = _check_expectation(ended, sample.get("expect", {}))
+                if problem:
+                    console.print(f"  [red]unexpected: {problem}[/red]")
+                    failures += 1
+                else:
+                    console.print("  [green]as expected[/green]")
+        finally:
+            await bus.close()
+        console.print(f"\n{len(samples) - failures}/{len(samples)} conversations ended as expected")
+        if not once:
+            return -1
+        return 0 if failures == 0 else 1
+
+    _run(_with_stack(loaded, _samples))
+
+
+def _check_expectation(ended: ConversationEnded, expect: dict[str, Any]) -> str | None:
+    path = [hop.agent for hop in ended.path]
+    if "status" in expect and ended.status != expect["status"]:
+        return f"status {ended.status}, expected {expect['status']}"
+    if "path" in expect and path != expect["path"]:
+        return f"path {path}, expected {expect['path']}"
+    if "reply_contains" in expect and expect["reply_contains"] not in (ended.reply or ""):
+        return f"reply does not contain {expect['reply_contains']!r}"
+    if "reason_contains" in expect and expect["reason_contains"] not in (ended.reason or ""):
+        return f"reason does not contain {expect['reason_contains']!r}"
+    return None
+
+
+def _print_ended(ended: ConversationEnded) -> None:
+    from supervisor._client import format_path
+
+    console.print(f"  path:   {format_path(ended)}", highlight=False)
+    console.print(f"  status: {ended.status}", highlight=False)
+    if ended.reply:
+        console.print(f"  reply:  {ended.reply}", highlight=False)
+    if ended.reason:
+        console.print(f"  reason: {ended.reason}", highlight=False)
+
+
+# --- clients --------------------------------------------------------------------------
+
+
+@app.command()
+def send(text: Annotated[str, typer.Argument(help="The customer's message")],
+         config: ConfigOption = None,
+         customer: Annotated[str, typer.Option(help="Customer id")] = "",
+         wait: Annotated[bool, typer.Option("--wait", help="Wait for the outcome")] = False,
+         timeout: Annotated[float, typer.Option(help="Seconds to wait")] = 30.0) -> None:
+    """Start a conversation; with --wait, print its path and reply.
+
+    Exit codes with --wait: 0 replied, 1 refused/escalated/failed (reason printed), 4 timeout.
+    """
+    loaded = _load(config)
+
+    async def _main() -> int:
+        from supervisor._client import send_and_wait, start_conversation
+
+        bus = await _connect(_nats_url(loaded), "corral-cli", forever=False)
+        try:
+            if not wait:
+                conversation = await start_conversation(bus, text, customer=customer)
+                console.print(conversation)
+                return 0
+            try:
+                ended = await send_and_wait(bus, text, customer=customer, timeout_s=timeout)
+            except TimeoutError:
+                err_console.print(f"no outcome within {timeout:.0f}s")
+                return EXIT_TIMEOUT
+            console.print(f"conversation {ended.conversation}", highlight=False)
+            _print_ended(ended)
+            return 0 if ended.status == "replied" else EXIT_NOT_REPLIED
+        finally:
+            await bus.close()
+
+    _run(_main())
+
+
+@app.command()
+def status(config: ConfigOption = None,
+           as_json: Annotated[bool, typer.Option("--json", help="Machine-readable")] = False) -> None:
+    """List processes, streams, consumers and pending messages."""
+    loaded = _load(config)
+    runtime = Runtime.read(state_dir(loaded))
+
+    async def _main() -> int:
+        report: dict[str, Any] = {"running": runtime is not None, "processes": [], "streams": [],
+                                  "consumers": []}
+        if runtime is not None:
+            report["processes"] = [
+                {"name": c.name, "role": c.role, "pid": c.pid, "alive": _pid_alive(c.pid),
+                 "restarts": c.restarts} for c in runtime.children]
+        url = configured_nats_url(loaded) or (runtime.nats_url if runtime else None)
+        if url:
+            try:
+                bus = await _connect(url, "corral-status", forever=False)
+            except BusError as exc:
+                report["nats_error"] = str(exc)
+            else:
+                try:
+                    await _bus_report(bus, report)
+                finally:
+                    await bus.close()
+        if as_json:
+            console.print_json(json.dumps(report))
+        else:
+            _print_status(report)
+        return 0
+
+    _run(_main())
+
+
+async def _bus_report(bus: Bus, report: dict[str, Any]) -> None:
+    for name in (subjects.WORK_STREAM, subjects.EVENTS_STREAM, subjects.DEAD_LETTER_STREAM):
+        with contextlib.suppress(Exception):
+            info = await bus.js.stream_info(name)
+            report["streams"].append({"name": name, "messages": info.state.messages,
+                                      "bytes": info.state.bytes})
+    with contextlib.suppress(Exception):
+        for consumer in await bus.js.consumers_info(subjects.WORK_STREAM):
+            report["consumers"].append({"name": consumer.name,
+                                        "pending": consumer.num_pending,
+                                        "ack_pending": consumer.num_ack_pending,
+                                        "redelivered": consumer.num_redelivered})
+
+
+def _pid_alive(pid: int | None) -> bool:
+    if pid is None:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _print_status(report: dict[str, Any]) -> None:
+    from rich.table import Table
+
+    if not report["running"]:
+        console.print("corral up is not running from this directory")
+    if report["processes"]:
+        table = Table("process", "role", "pid", "alive", "restarts", title="processes")
+        for p in report["processes"]:
+            table.add_row(p["name"], p["role"], str(p["pid"]), "yes" if p["alive"] else "NO",
+                          str(p["restarts"]))
+        console.print(table)
+    if report["streams"]:
+        table = Table("stream", "messages", "bytes", title="streams")
+        for s in report["streams"]:
+            table.add_row(s["name"], str(s["messages"]), str(s["bytes"]))
+        console.print(table)
+    if report["consumers"]:
+        table = Table("consumer", "pending", "ack pending", "redelivered", title="consumers")
+        for c in report["consumers"]:
+            table.add_row(c["name"], str(c["pending"]), str(c["ack_pending"]),
+                          str(c["redelivered"]))
+        console.print(table)
+    if "nats_error" in report:
+        console.print(f"NATS: {report['nats_error']}")

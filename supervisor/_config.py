@@ -1,0 +1,292 @@
+"""``corral.yaml``: the typed configuration, loaded and checked in one place.
+
+Errors name the file, the line and the field, and say what was expected::
+
+    corral.yaml:31: graph.edges.triage[2]: 'billing' is not an agent; expected one of: ...
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from bus import subjects
+from router import SCRIPTED_PROVIDER, ModelTier
+from supervisor.errors import ConfigError
+
+DEFAULT_CONFIG = "corral.yaml"
+SAMPLE_CONFIG = Path(__file__).resolve().parent.parent / "examples" / "support" / "corral.yaml"
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class NatsSection(_Strict):
+    """Where NATS is; unset means an embedded nats-server (``NATS_URL`` overrides)."""
+
+    url: str | None = None
+    """One or more ``nats://`` URLs, comma-separated."""
+
+
+class DatabaseSection(_Strict):
+    """Where PostgreSQL is; unset means an embedded server (``DATABASE_URL`` overrides)."""
+
+    url: str | None = None
+
+
+class ModelTierSection(_Strict):
+    """A model tier: a litellm model name and its fallbacks."""
+
+    model: str
+    """e.g. ``openai/gpt-4o-mini``, ``anthropic/claude-3-5-haiku-latest``, ``ollama/llama3``,
+    or ``scripted/<rules>`` for the offline scripted provider."""
+    fallbacks: list[str] = Field(default_factory=list)
+    api_base: str | None = None
+    api_key_env: str | None = None
+    """Name of the environment variable holding the API key (litellm's defaults otherwise)."""
+    temperature: float | None = None
+    max_tokens: int | None = None
+    timeout_s: float = Field(default=60.0, gt=0)
+    retries: int = Field(default=2, ge=0)
+
+
+class AgentSection(_Strict):
+    """One agent of the team."""
+
+    tier: str = "fast"
+    """Which entry of ``models`` the agent calls."""
+    instructions: str
+    """The agent's instructions, or a path (relative to this file) to a file holding them."""
+    replicas: int = Field(default=1, ge=1)
+    """Processes ``corral up`` starts for this agent; they share one durable consumer."""
+
+
+class GraphSection(_Strict):
+    """Who may hand off to whom."""
+
+    entry: str
+    """The agent every conversation starts with."""
+    edges: dict[str, list[str]] = Field(default_factory=dict)
+    """Allowed handoffs: source agent -> the agents it may hand off to."""
+    min_confidence: float = Field(default=0.5, ge=0.0, le=1.0)
+    """A handoff below this confidence is escalated to a human instead of forwarded."""
+
+
+class ConversationSection(_Strict):
+    """Limits on one conversation."""
+
+    max_steps: int = Field(default=10, ge=1)
+    """Agent steps before the conversation is escalated instead of handed off again."""
+
+
+class CorralConfig(_Strict):
+    """The whole ``corral.yaml``."""
+
+    version: Literal[1] = 1
+    state_dir: str = ".corral"
+    """Where embedded servers keep their data, relative to the working directory."""
+    nats: NatsSection = NatsSection()
+    database: DatabaseSection = DatabaseSection()
+    models: dict[str, ModelTierSection]
+    scripted: dict[str, str] = Field(default_factory=dict)
+    """Rules files of the scripted provider: ``scripted/<name>`` -> path (relative to this file)."""
+    agents: dict[str, AgentSection]
+    graph: GraphSection
+    conversation: ConversationSection = ConversationSection()
+
+
+@dataclass(frozen=True)
+class LoadedConfig:
+    """A validated config with file references resolved."""
+
+    path: Path
+    config: CorralConfig
+    instructions: dict[str, str]
+    scripted_rules: dict[str, Path]
+
+    @property
+    def agent_names(self) -> list[str]:
+        """Agent names in file order."""
+        return list(self.config.agents)
+
+    def tier(self, agent: str) -> ModelTier:
+        """The model tier ``agent`` calls, as router data."""
+        name = self.config.agents[agent].tier
+        section = self.config.models[name]
+        return ModelTier(
+            name=name,
+            model=section.model,
+            fallbacks=list(section.fallbacks),
+            api_base=section.api_base,
+            api_key=os.environ.get(section.api_key_env) if section.api_key_env else None,
+            temperature=section.temperature,
+            max_tokens=section.max_tokens,
+            timeout_s=section.timeout_s,
+            retries=section.retries,
+        )
+
+    def targets(self, agent: str) -> list[str]:
+        """Agents ``agent`` may hand off to."""
+        return list(self.config.graph.edges.get(agent, []))
+
+
+def resolve_config_path(option: str | None) -> Path:
+    """``-c`` if given, else ``./corral.yaml`` if present, else the sample team."""
+    if option:
+        return Path(option)
+    local = Path(DEFAULT_CONFIG)
+    return local if local.exists() else SAMPLE_CONFIG
+
+
+def load_config(path: Path) -> LoadedConfig:
+    """Read, validate and resolve a ``corral.yaml``.
+
+    Raises:
+        ConfigError: naming the file, line and field of the first problems found.
+    """
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read config: {exc.strerror}", path=str(path)) from exc
+    try:
+        root = yaml.compose(text, Loader=yaml.SafeLoader)
+        raw = yaml.safe_load(text)
+    except yaml.MarkedYAMLError as exc:
+        line = exc.problem_mark.line + 1 if exc.problem_mark else None
+        raise ConfigError(f"{path}:{line}: invalid YAML: {exc.problem}", path=str(path),
+                          line=line) from exc
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}:1: expected a mapping of settings at the top level",
+                          path=str(path), line=1)
+    try:
+        config = CorralConfig.model_validate(raw)
+    except ValidationError as exc:
+        problems = [
+            (tuple(err["loc"]), _describe(err)) for err in exc.errors(include_url=False)
+        ]
+        raise _config_error(path, root, problems) from exc
+    problems = _check_references(config)
+    if problems:
+        raise _config_error(path, root, problems)
+    base = path.resolve().parent
+    instructions = {}
+    for name, agent in config.agents.items():
+        instructions[name] = _read_instructions(path, root, base, name, agent.instructions)
+    rules = {name: base / file for name, file in config.scripted.items()}
+    for name, file in rules.items():
+        if not file.is_file():
+            raise _config_error(path, root, [(("scripted", name),
+                                              f"rules file {file} does not exist")])
+    return LoadedConfig(path=path, config=config, instructions=instructions,
+                        scripted_rules=rules)
+
+
+def _read_instructions(path: Path, root: yaml.Node | None, base: Path, agent: str,
+                       value: str) -> str:
+    candidate = base / value
+    if "\n" not in value and candidate.suffix in {".md", ".txt"}:
+        try:
+            return candidate.read_text()
+        except OSError as exc:
+            raise _config_error(path, root, [(("agents", agent, "instructions"),
+                                              f"cannot read {candidate}: {exc.strerror}")]) from exc
+    return value
+
+
+def _check_references(config: CorralConfig) -> list[tuple[tuple[Any, ...], str]]:
+    agents = sorted(config.agents)
+    known = ", ".join(agents)
+    problems: list[tuple[tuple[Any, ...], str]] = []
+    for name in config.agents:
+        try:
+            subjects.check_token(name, "agent name")
+        except ValueError as exc:
+            problems.append((("agents", name), str(exc)))
+    for name, agent in config.agents.items():
+        if agent.tier not in config.models:
+            problems.append((("agents", name, "tier"),
+                             f"{agent.tier!r} is not a model tier; expected one of: "
+                             f"{', '.join(sorted(config.models))}"))
+    if config.graph.entry not in config.agents:
+        problems.append((("graph", "entry"),
+                         f"{config.graph.entry!r} is not an agent; expected one of: {known}"))
+    for source, targets in config.graph.edges.items():
+        if source not in config.agents:
+            problems.append((("graph", "edges", source),
+                             f"{source!r} is not an agent; expected one of: {known}"))
+        for index, target in enumerate(targets):
+            if target not in config.agents:
+                problems.append((("graph", "edges", source, index),
+                                 f"{target!r} is not an agent; expected one of: {known}"))
+    for tier_name, tier in config.models.items():
+        for index, model in enumerate([tier.model, *tier.fallbacks]):
+            if model.startswith(f"{SCRIPTED_PROVIDER}/"):
+                rules = model.split("/", 1)[1]
+                if rules not in config.scripted:
+                    where = ("models", tier_name, "model" if index == 0 else "fallbacks")
+                    problems.append((where, f"{model!r} needs rules: add `scripted: {{{rules}: "
+                                            f"FILE}}`"))
+    return problems
+
+
+def _describe(error: Mapping[str, Any]) -> str:
+    if error["type"] == "missing":
+        return "is required but missing"
+    if error["type"] == "extra_forbidden":
+        return "is not a known setting"
+    value = error.get("input")
+    shown = f" (got {value!r})" if value is not None and not isinstance(value, dict | list) else ""
+    return f"{error['msg']}{shown}"
+
+
+def _config_error(path: Path, root: yaml.Node | None,
+                  problems: list[tuple[tuple[Any, ...], str]]) -> ConfigError:
+    lines = []
+    first_line: int | None = None
+    first_field: str | None = None
+    for loc, message in problems:
+        field = _dotted(loc)
+        line = _line_of(root, loc)
+        first_line = first_line or line
+        first_field = first_field or field
+        lines.append(f"{path}:{line}: {field}: {message}")
+    return ConfigError("\n".join(lines), path=str(path), line=first_line, field=first_field)
+
+
+def _dotted(loc: tuple[Any, ...]) -> str:
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        else:
+            out += f".{part}" if out else str(part)
+    return out or "(top level)"
+
+
+def _line_of(root: yaml.Node | None, loc: tuple[Any, ...]) -> int:
+    """The 1-based line of the deepest node along ``loc`` that exists in the YAML."""
+    node = root
+    line = node.start_mark.line + 1 if node is not None else 1
+    for part in loc:
+        child: yaml.Node | None = None
+        if isinstance(node, yaml.MappingNode):
+            for key, value in node.value:
+                if key.value == str(part):
+                    child = value
+                    line = key.start_mark.line + 1
+                    break
+        elif isinstance(node, yaml.SequenceNode) and isinstance(part, int):
+            if 0 <= part < len(node.value):
+                child = node.value[part]
+                line = child.start_mark.line + 1
+        if child is None:
+            break
+        node = child
+    return line

