@@ -1,0 +1,118 @@
+"""The bus against a real nats-server: dead letters, dedup, trace context."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+import msgspec
+import pytest
+
+from bus import (
+    DEAD_REASON,
+    DEAD_SUBJECT,
+    MSG_ID,
+    TRACEPARENT,
+    AgentInput,
+    AgentTask,
+    Bus,
+    BusConfig,
+    Consumer,
+    ConsumerConfig,
+    Delivery,
+    PoisonMessageError,
+    connect,
+    current_traceparent,
+    ensure_topology,
+    new_traceparent,
+    publish,
+    subjects,
+)
+from supervisor import EmbeddedNats
+from tests.conftest import eventually
+
+
+@pytest.fixture
+async def bus(nats_server: EmbeddedNats) -> AsyncIterator[Bus]:
+    bus = await connect(BusConfig(servers=[nats_server.url], reconnect_forever=False))
+    await ensure_topology(bus.js, ["triage"])
+    yield bus
+    await bus.close()
+
+
+async def _dead_letters(bus: Bus) -> list[tuple[str, dict[str, str], bytes]]:
+    info = await bus.js.stream_info(subjects.DEAD_LETTER_STREAM)
+    out = []
+    for seq in range(info.state.first_seq, info.state.last_seq + 1):
+        if info.state.messages == 0:
+            break
+        msg = await bus.js.get_msg(subjects.DEAD_LETTER_STREAM, seq)
+        out.append((msg.subject or "", dict(msg.headers or {}), msg.data or b""))
+    return out
+
+
+def _task(conversation: str) -> AgentTask:
+    return AgentTask(conversation=conversation, step=1, agent="triage", text="hello")
+
+
+async def test_poison_messages_are_dead_lettered_and_the_next_is_served(bus: Bus) -> None:
+    seen: list[tuple[AgentTask, str | None]] = []
+
+    async def handler(task: AgentTask, delivery: Delivery) -> None:
+        if task.conversation == "reject-me":
+            raise PoisonMessageError("handler refuses this one", subject=delivery.subject)
+        seen.append((task, current_traceparent()))
+
+    inbox = subjects.agent_inbox("triage")
+    consumer: Consumer[AgentTask] = Consumer(
+        bus.js, ConsumerConfig(stream=subjects.WORK_STREAM,
+                               durable=subjects.agent_consumer("triage")),
+        msgspec.json.Decoder(AgentInput), handler)
+    runner = asyncio.create_task(consumer.run())
+    trace = new_traceparent()
+    await bus.js.publish(inbox, b"{not json", headers={MSG_ID: "p1", TRACEPARENT: trace})
+    await bus.js.publish(inbox, b'{"type": "agent.task", "conversation": "c0"}',
+                         headers={MSG_ID: "p2"})
+    await bus.js.publish(inbox, b'{"type": "rocket.launch"}', headers={MSG_ID: "p3"})
+    await publish(bus.js, inbox, _task("reject-me"), msg_id="p4")
+    await publish(bus.js, inbox, _task("c1"), msg_id="ok1", traceparent=trace)
+
+    await eventually(lambda: seen, message="the valid message after the poison")
+    dead = await eventually(lambda: _four(bus), message="four dead letters")
+    await consumer.shutdown()
+    await runner
+
+    assert [task.conversation for task, _ in seen] == ["c1"]
+    assert seen[0][1] == trace  # trace context carried into the handler
+    assert all(subject == subjects.dead_letter(inbox) for subject, _, _ in dead)
+    assert all(headers[DEAD_SUBJECT] == inbox for _, headers, _ in dead)
+    reasons = [headers[DEAD_REASON] for _, headers, _ in dead]
+    assert reasons[0].startswith("decode error: JSON is malformed")
+    assert "missing required field" in reasons[1]
+    assert "Invalid value 'rocket.launch'" in reasons[2]
+    assert reasons[3] == "PoisonMessageError: handler refuses this one"
+    assert dead[0][2] == b"{not json"  # the original bytes are kept
+    assert dead[0][1][TRACEPARENT] == trace
+    # Nothing stays pending or gets redelivered.
+    info = await bus.js.consumer_info(subjects.WORK_STREAM, subjects.agent_consumer("triage"))
+    assert info.num_pending == 0 and info.num_ack_pending == 0
+
+
+async def _four(bus: Bus) -> list[tuple[str, dict[str, str], bytes]] | None:
+    dead = await _dead_letters(bus)
+    return dead if len(dead) == 4 else None
+
+
+async def test_republish_with_same_id_is_deduplicated(bus: Bus) -> None:
+    inbox = subjects.agent_inbox("triage")
+    for _ in range(3):
+        await publish(bus.js, inbox, _task("dup"), msg_id="dup.1.task")
+    info = await bus.js.stream_info(subjects.WORK_STREAM)
+    assert info.state.messages == 1
+
+
+async def test_topology_is_idempotent(bus: Bus) -> None:
+    await ensure_topology(bus.js, ["triage", "payments"])
+    await ensure_topology(bus.js, ["triage", "payments"])
+    names = {c.name for c in await bus.js.consumers_info(subjects.WORK_STREAM)}
+    assert names == {"supervisor", "agent-triage", "agent-payments"}

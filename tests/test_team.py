@@ -1,0 +1,198 @@
+"""End to end: `corral up` runs the supervisor and four agents as separate OS processes
+against a real nats-server and a real PostgreSQL."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import pytest
+import yaml
+
+from bus import DEAD_REASON, Bus, BusConfig, connect, encode, subjects
+from bus._messages import AgentReply
+from supervisor import EmbeddedNats, send_and_wait
+from supervisor._cli import _check_expectation
+from tests.conftest import SAMPLE_CONFIG, eventually
+
+SCENARIOS = yaml.safe_load((SAMPLE_CONFIG.parent / "scenarios.yaml").read_text())["conversations"]
+
+
+@dataclass
+class Stack:
+    process: subprocess.Popen[bytes]
+    state_dir: Path
+    env: dict[str, str]
+    nats_url: str
+    database_url: str
+    log: Path
+
+    def runtime(self) -> dict[str, Any] | None:
+        try:
+            return json.loads((self.state_dir / "runtime.json").read_text())  # type: ignore
+        except (OSError, ValueError):
+            return None
+
+    def child(self, name: str) -> dict[str, Any]:
+        runtime = self.runtime()
+        assert runtime is not None
+        return next(c for c in runtime["children"] if c["name"] == name)
+
+    def corral(self, *args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "supervisor", *args, "-c",
+                               str(SAMPLE_CONFIG)], env=self.env, capture_output=True,
+                              text=True, timeout=120)
+
+
+@pytest.fixture(scope="module")
+async def stack(module_nats: EmbeddedNats, module_database_url: str,
+                tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Stack]:
+    state = tmp_path_factory.mktemp("state")
+    env = {**os.environ, "NATS_URL": module_nats.url, "DATABASE_URL": module_database_url,
+           "CORRAL_STATE_DIR": str(state)}
+    log = state / "up.log"
+    with open(log, "wb") as out:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "supervisor", "up", "-c", str(SAMPLE_CONFIG)],
+            env=env, stdout=out, stderr=subprocess.STDOUT)
+    stack = Stack(process, state, env, module_nats.url, module_database_url, log)
+
+    def _all_started() -> bool:
+        runtime = stack.runtime()
+        return bool(runtime and len(runtime["children"]) == 5
+                    and all(c["pid"] for c in runtime["children"]))
+
+    await eventually(_all_started, timeout=60, message="corral up started five processes")
+    yield stack
+    process.send_signal(signal.SIGTERM)
+    assert process.wait(60) == 0
+    assert not (state / "runtime.json").exists()
+
+
+@pytest.fixture
+async def client(stack: Stack) -> AsyncIterator[Bus]:
+    bus = await connect(BusConfig(servers=[stack.nats_url], reconnect_forever=False))
+    yield bus
+    await bus.close()
+
+
+async def test_every_process_is_separate_and_alive(stack: Stack) -> None:
+    runtime = stack.runtime()
+    assert runtime is not None
+    pids = {c["name"]: c["pid"] for c in runtime["children"]}
+    assert set(pids) == {"supervisor", "triage", "payments", "tech_support", "account_manager"}
+    assert len(set(pids.values())) == 5 and stack.process.pid not in pids.values()
+    for pid in pids.values():
+        os.kill(pid, 0)
+
+
+async def test_sample_conversations_take_the_expected_paths(stack: Stack, client: Bus) -> None:
+    results = await asyncio.gather(*(
+        send_and_wait(client, s["text"], customer=s["customer"], timeout_s=90) for s in SCENARIOS
+    ))
+    for sample, ended in zip(SCENARIOS, results, strict=True):
+        assert _check_expectation(ended, sample["expect"]) is None, (sample["name"], ended)
+    appearing = {hop.agent for ended in results for hop in ended.path}
+    assert appearing == {"triage", "payments", "tech_support", "account_manager"}
+    refund = results[0]
+    assert [hop.confidence for hop in refund.path] == [None, 0.93, 0.91]
+
+
+async def test_refused_edge_is_recorded_and_the_client_told_why(stack: Stack) -> None:
+    result = await asyncio.to_thread(
+        stack.corral, "send", "--wait", "--timeout", "90", "--customer", "cus_9",
+        "The app crashed during checkout and I want a refund.")
+    assert result.returncode == 1, result.stdout + result.stderr
+    out = " ".join(result.stdout.split())
+    assert "status: refused" in out
+    assert "handoff tech_support -> payments refused: not an allowed edge of the graph " \
+           "(allowed from tech_support: account_manager)" in out
+    conversation = re.search(r"conversation (c-[0-9a-f]+)", out)
+    assert conversation is not None
+    conn = await asyncpg.connect(stack.database_url)
+    try:
+        row = await conn.fetchrow("SELECT status, reason FROM conversations WHERE id=$1",
+                                  conversation.group(1))
+        steps = await conn.fetch("SELECT agent, kind, target FROM conversation_steps "
+                                 "WHERE conversation=$1 ORDER BY id", conversation.group(1))
+    finally:
+        await conn.close()
+    assert row["status"] == "refused" and "tech_support -> payments" in row["reason"]
+    assert [tuple(s) for s in steps] == [
+        ("triage", "started", None), ("triage", "forwarded", "tech_support"),
+        ("tech_support", "refused", "payments")]
+
+
+async def test_send_wait_replies_with_exit_zero(stack: Stack) -> None:
+    result = await asyncio.to_thread(
+        stack.corral, "send", "--wait", "--timeout", "90", "How do I change my email address?")
+    assert result.returncode == 0, result.stdout + result.stderr
+    out = " ".join(result.stdout.split())
+    assert "path: triage -> account_manager (0.90)" in out
+    assert "reply: You can change your email under Settings" in out
+
+
+async def test_poison_messages_on_supervisor_subjects_are_dead_lettered(
+        stack: Stack, client: Bus) -> None:
+    before = (await client.js.stream_info(subjects.DEAD_LETTER_STREAM)).state.last_seq
+    await client.js.publish(subjects.conversation_start("poison1"), b"\xff\x00 not json")
+    await client.js.publish(subjects.agent_reply("triage"), encode(AgentReply(
+        conversation="no-such-conversation", step=1, agent="triage", text="hi")))
+    ended = await send_and_wait(client, "How do I change my email address?", timeout_s=90)
+    assert ended.status == "replied"
+
+    async def _dead() -> list[tuple[str, str]] | None:
+        info = await client.js.stream_info(subjects.DEAD_LETTER_STREAM)
+        if info.state.last_seq < before + 2:
+            return None
+        out = []
+        for seq in range(before + 1, info.state.last_seq + 1):
+            msg = await client.js.get_msg(subjects.DEAD_LETTER_STREAM, seq)
+            out.append((msg.subject or "", (msg.headers or {})[DEAD_REASON]))
+        return out
+
+    dead = dict(await eventually(_dead, message="two dead letters"))
+    assert dead[subjects.dead_letter(subjects.conversation_start("poison1"))].startswith(
+        "decode error")
+    assert "unknown conversation 'no-such-conversation'" in dead[
+        subjects.dead_letter(subjects.agent_reply("triage"))]
+
+
+async def test_killed_agent_is_restarted_and_the_waiting_conversation_completes(
+        stack: Stack, client: Bus) -> None:
+    before = stack.child("payments")
+    os.kill(before["pid"], signal.SIGKILL)
+    # The refund needs payments, which is dead right now: the task waits in its inbox.
+    ended = await send_and_wait(client, "Please refund the duplicate charge.", timeout_s=90)
+    assert ended.status == "replied"
+    assert [hop.agent for hop in ended.path] == ["triage", "payments", "account_manager"]
+    after = stack.child("payments")
+    assert after["pid"] != before["pid"] and after["restarts"] == before["restarts"] + 1
+    assert after["last_exit"] == -signal.SIGKILL
+    log = stack.log.read_text()
+    assert f"payments (pid {before['pid']}) exited with signal SIGKILL; restart 1" in log
+
+
+async def test_status_lists_processes_streams_and_consumers(stack: Stack) -> None:
+    result = await asyncio.to_thread(stack.corral, "status", "--json")
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["running"] is True
+    assert {p["name"] for p in report["processes"] if p["alive"]} == {
+        "supervisor", "triage", "payments", "tech_support", "account_manager"}
+    assert {s["name"] for s in report["streams"]} == {"CORRAL_WORK", "CORRAL_EVENTS",
+                                                       "CORRAL_DLQ"}
+    consumers = {c["name"]: c for c in report["consumers"]}
+    assert set(consumers) == {"supervisor", "agent-triage", "agent-payments",
+                              "agent-tech_support", "agent-account_manager"}
+    assert all("pending" in c for c in consumers.values())
