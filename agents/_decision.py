@@ -49,10 +49,9 @@ def parse_decision(text: str, *, agent: str) -> Decision:
     if start < 0 or end < start:
         raise DecisionError(f"model answer is not JSON: {text[:200]!r}", agent=agent)
     try:
-        decision = _decoder.decode(text[start : end + 1])
+        decision: Decision = _decoder.decode(text[start : end + 1])
     except (msgspec.DecodeError, msgspec.ValidationError) as exc:
-        raise DecisionError(f"model answer is not a decision ({exc}): {text[:200]!r}",
-                            agent=agent) from exc
+        raise DecisionError(f"model answer is not a decision ({exc}): {text[:200]!r}", agent=agent) from exc
     if not 0.0 <= decision.confidence <= 1.0:
         raise DecisionError(f"confidence {decision.confidence} is outside 0..1", agent=agent)
     return decision

@@ -12,6 +12,7 @@ import msgspec
 from agents._decision import HandoffDecision, ReplyDecision, parse_decision, response_format
 from agents.errors import AgentError
 from bus import (
+    TRACEPARENT,
     AgentFailed,
     AgentInput,
     AgentReply,
@@ -22,6 +23,7 @@ from bus import (
     Delivery,
     HandoffProposed,
     StepEvent,
+    current_traceparent,
     encode,
     publish,
     subjects,
@@ -95,8 +97,7 @@ class AgentService:
     async def run(self) -> None:
         """Serve the inbox; returns once ``shutdown()`` was called and in-flight steps ended."""
         self.state = AgentState.RUNNING
-        logger.info("agent %s serving %s", self._settings.name,
-                    subjects.agent_inbox(self._settings.name))
+        logger.info("agent %s serving %s", self._settings.name, subjects.agent_inbox(self._settings.name))
         try:
             await self._consumer.run()
         finally:
@@ -145,8 +146,14 @@ class AgentService:
                 await publish(
                     self._bus.js,
                     subjects.agent_handoff(name, target),
-                    HandoffProposed(conversation=task.conversation, step=task.step, agent=name,
-                                    target=target, confidence=confidence, reason=reason),
+                    HandoffProposed(
+                        conversation=task.conversation,
+                        step=task.step,
+                        agent=name,
+                        target=target,
+                        confidence=confidence,
+                        reason=reason,
+                    ),
                     msg_id=_output_id(task),
                 )
                 detail = f"handoff -> {target} ({confidence:.2f})"
@@ -154,8 +161,13 @@ class AgentService:
                 await publish(
                     self._bus.js,
                     subjects.agent_reply(name),
-                    AgentReply(conversation=task.conversation, step=task.step, agent=name,
-                               text=text, confidence=confidence),
+                    AgentReply(
+                        conversation=task.conversation,
+                        step=task.step,
+                        agent=name,
+                        text=text,
+                        confidence=confidence,
+                    ),
                     msg_id=_output_id(task),
                 )
                 detail = f"reply ({confidence:.2f})"
@@ -163,24 +175,42 @@ class AgentService:
         logger.info("agent %s step %s/%d: %s", name, task.conversation, task.step, detail)
 
     async def _publish_failure(self, task: AgentTask, reason: str) -> None:
-        logger.warning("agent %s cannot complete %s/%d: %s", self._settings.name,
-                       task.conversation, task.step, reason)
+        logger.warning(
+            "agent %s cannot complete %s/%d: %s",
+            self._settings.name,
+            task.conversation,
+            task.step,
+            reason,
+        )
         await publish(
             self._bus.js,
             subjects.agent_error(self._settings.name),
-            AgentFailed(conversation=task.conversation, step=task.step,
-                        agent=self._settings.name, reason=reason),
+            AgentFailed(
+                conversation=task.conversation,
+                step=task.step,
+                agent=self._settings.name,
+                reason=reason,
+            ),
             msg_id=_output_id(task),
         )
 
     async def _emit_event(self, task: AgentTask, detail: str, model: str) -> None:
         # Events feed traces and the UI; they are stored by CORRAL_EVENTS but a lost one
         # must never hold up a step, so they are published without waiting for an ack.
-        event = StepEvent(conversation=task.conversation, step=task.step,
-                          agent=self._settings.name, kind="decided",
-                          detail=f"{detail} via {model}")
+        event = StepEvent(
+            conversation=task.conversation,
+            step=task.step,
+            agent=self._settings.name,
+            kind="decided",
+            detail=f"{detail} via {model}",
+        )
+        trace = current_traceparent()
         with contextlib.suppress(Exception):
-            await self._bus.nc.publish(subjects.agent_event(self._settings.name), encode(event))
+            await self._bus.nc.publish(
+                subjects.agent_event(self._settings.name),
+                encode(event),
+                headers={TRACEPARENT: trace} if trace else None,
+            )
 
 
 def _output_id(task: AgentTask) -> str:
@@ -195,4 +225,3 @@ def _user_prompt(task: AgentTask) -> str:
         lines.append("Notes from the agents before you:")
         lines.extend(f"- to {hop.agent}: {hop.reason}" for hop in handoffs)
     return "\n".join(lines)
-

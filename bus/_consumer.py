@@ -109,9 +109,7 @@ class Consumer(Generic[T]):
         """Fetch and handle messages; returns after ``shutdown()`` once in-flight work ended."""
         self.state = ConsumerState.RUNNING
         try:
-            sub = await self._js.pull_subscribe_bind(
-                durable=self._config.durable, stream=self._config.stream
-            )
+            sub = await self._js.pull_subscribe_bind(durable=self._config.durable, stream=self._config.stream)
         except Exception as exc:
             raise BusError(
                 f"cannot bind to consumer {self._config.durable} on {self._config.stream}: {exc}"
@@ -183,9 +181,7 @@ class Consumer(Generic[T]):
 
     async def _retry(self, msg: Msg, attempt: int, exc: BaseException) -> None:
         if attempt >= self._config.max_deliver:
-            await self._dead_letter(
-                msg, f"gave up after {attempt} deliveries: {type(exc).__name__}: {exc}"
-            )
+            await self._dead_letter(msg, f"gave up after {attempt} deliveries: {type(exc).__name__}: {exc}")
             return
         await msg.nak(delay=self._config.retry_delay_s * attempt)
 

@@ -45,7 +45,7 @@ def _load_litellm() -> ModuleType:
 
 def _make_handler(litellm: ModuleType, models: dict[str, ScriptedModel]) -> Any:
     """A litellm ``CustomLLM`` answering ``scripted/<name>`` from ``models[name]``."""
-    from litellm import CustomLLM, ModelResponse
+    from litellm import CustomLLM, ModelResponse  # type: ignore[attr-defined]
 
     class ScriptedHandler(CustomLLM):  # type: ignore[misc]
         async def acompletion(self, *args: Any, **kwargs: Any) -> ModelResponse:
@@ -88,15 +88,14 @@ def register_scripted(rules: dict[str, Path]) -> dict[str, ScriptedModel]:
         The scripted models, by name, so callers can count their calls.
     """
     litellm = _load_litellm()
-    models = {name: ScriptedModel(load_rules(path), name=f"scripted/{name}")
-              for name, path in rules.items()}
+    models = {name: ScriptedModel(load_rules(path), name=f"scripted/{name}") for name, path in rules.items()}
     handler = _make_handler(litellm, models)
-    litellm.custom_provider_map = [
+    litellm.custom_provider_map = [  # type: ignore[attr-defined]
         item for item in litellm.custom_provider_map if item["provider"] != SCRIPTED_PROVIDER
     ] + [{"provider": SCRIPTED_PROVIDER, "custom_handler": handler}]
     from litellm.utils import custom_llm_setup
 
-    custom_llm_setup()
+    custom_llm_setup()  # type: ignore[no-untyped-call]
     return models
 
 
@@ -135,8 +134,10 @@ class LiteLLMModel:
                     max_tokens=self._tier.max_tokens,
                     timeout=self._tier.timeout_s,
                     num_retries=0 if model.startswith(f"{SCRIPTED_PROVIDER}/") else self._tier.retries,
-                    metadata={"corral_agent": request.agent,
-                              "corral_conversation": request.conversation},
+                    metadata={
+                        "corral_agent": request.agent,
+                        "corral_conversation": request.conversation,
+                    },
                 )
             except Exception as exc:
                 last = exc
@@ -148,7 +149,9 @@ class LiteLLMModel:
         )
         raise RouterError(
             f"every model of tier {self._tier.name!r} failed: {_first_line(last)}",
-            model=self._tier.model, attempt=attempt, retryable=retryable,
+            model=self._tier.model,
+            attempt=attempt,
+            retryable=retryable,
         ) from last
 
 

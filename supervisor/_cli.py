@@ -29,8 +29,11 @@ from supervisor._runtime import (
 )
 from supervisor.errors import ConfigError
 
-app = typer.Typer(add_completion=False, no_args_is_help=True,
-                  help="corral: run a team of AI agents in production.")
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    help="corral: run a team of AI agents in production.",
+)
 agent_app = typer.Typer(no_args_is_help=True, help="Run one agent as a service.")
 supervisor_app = typer.Typer(no_args_is_help=True, help="Run the supervisor as a service.")
 app.add_typer(agent_app, name="agent")
@@ -64,8 +67,9 @@ def _load(config: str | None) -> LoadedConfig:
 
 
 def _setup_logging(level: int = logging.INFO) -> None:
-    logging.basicConfig(level=level, stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=level, stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
     for noisy in ("nats", "asyncio", "LiteLLM", "httpx"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
@@ -125,15 +129,14 @@ async def _serve(service: _Service) -> None:
 
 async def _watch_parent(pid: int, service: _Service) -> None:
     # An orphaned child must not keep consuming after its launcher was killed.
-    while os.getppid() == pid:
+    while os.getppid() == pid:  # noqa: ASYNC110 - nothing to wait on but the kernel's answer
         await asyncio.sleep(1.0)
     logging.getLogger(__name__).warning("launcher %d is gone; stopping", pid)
     await service.shutdown()
 
 
 async def _connect(url: str, name: str, *, forever: bool = True) -> Bus:
-    return await connect(BusConfig(servers=nats_servers(url), name=name,
-                                   reconnect_forever=forever))
+    return await connect(BusConfig(servers=nats_servers(url), name=name, reconnect_forever=forever))
 
 
 # --- services -------------------------------------------------------------------------
@@ -155,10 +158,12 @@ def supervisor_run(config: ConfigOption = None) -> None:
         store = await Store.open(_database_url(loaded))
         try:
             await ensure_topology(bus.js, loaded.agent_names)
-            graph = Graph(entry=loaded.config.graph.entry,
-                          edges={k: list(v) for k, v in loaded.config.graph.edges.items()},
-                          min_confidence=loaded.config.graph.min_confidence,
-                          max_steps=loaded.config.conversation.max_steps)
+            graph = Graph(
+                entry=loaded.config.graph.entry,
+                edges={k: list(v) for k, v in loaded.config.graph.edges.items()},
+                min_confidence=loaded.config.graph.min_confidence,
+                max_steps=loaded.config.conversation.max_steps,
+            )
             await _serve(Supervisor(bus, store, graph))
         finally:
             await bus.close()
@@ -169,13 +174,13 @@ def supervisor_run(config: ConfigOption = None) -> None:
 
 
 @agent_app.command("run")
-def agent_run(name: Annotated[str, typer.Argument(help="The agent to run")],
-              config: ConfigOption = None) -> None:
+def agent_run(
+    name: Annotated[str, typer.Argument(help="The agent to run")], config: ConfigOption = None
+) -> None:
     """Run one agent: consume its inbox, call its model, propose handoffs or reply."""
     loaded = _load(config)
     if name not in loaded.config.agents:
-        err_console.print(f"unknown agent {name!r}; {loaded.path} defines: "
-                          f"{', '.join(loaded.agent_names)}")
+        err_console.print(f"unknown agent {name!r}; {loaded.path} defines: {', '.join(loaded.agent_names)}")
         raise typer.Exit(EXIT_CONFIG)
     _setup_logging()
 
@@ -186,8 +191,11 @@ def agent_run(name: Annotated[str, typer.Argument(help="The agent to run")],
         model = model_for_tier(loaded.tier(name), loaded.scripted_rules)
         bus = await _connect(_nats_url(loaded), f"corral-agent-{name}")
         try:
-            settings = AgentSettings(name=name, instructions=loaded.instructions[name],
-                                     handoff_targets=loaded.targets(name))
+            settings = AgentSettings(
+                name=name,
+                instructions=loaded.instructions[name],
+                handoff_targets=loaded.targets(name),
+            )
             await _serve(AgentService(settings, bus, model))
         finally:
             await bus.close()
@@ -205,8 +213,7 @@ def _launcher(loaded: LoadedConfig) -> Any:
     return Launcher(LauncherConfig(loaded=loaded, state_dir=state_dir(loaded), replicas={}))
 
 
-async def _with_stack(loaded: LoadedConfig,
-                      body: Callable[[Runtime], Awaitable[int]] | None) -> int:
+async def _with_stack(loaded: LoadedConfig, body: Callable[[Runtime], Awaitable[int]] | None) -> int:
     launcher = _launcher(loaded)
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -215,8 +222,10 @@ async def _with_stack(loaded: LoadedConfig,
     try:
         runtime = await launcher.start()
         runner = asyncio.create_task(launcher.run())
-        console.print(f"corral is up: NATS {runtime.nats_url}; "
-                      f"{len(runtime.children)} processes; logs in {state_dir(loaded) / 'logs'}")
+        console.print(
+            f"corral is up: NATS {runtime.nats_url}; "
+            f"{len(runtime.children)} processes; logs in {state_dir(loaded) / 'logs'}"
+        )
         code = 0
         if body is not None:
             code = await body(runtime)
@@ -240,8 +249,10 @@ def up(config: ConfigOption = None) -> None:
 
 
 @app.command()
-def down(config: ConfigOption = None,
-         timeout: Annotated[float, typer.Option(help="Seconds to wait")] = 30.0) -> None:
+def down(
+    config: ConfigOption = None,
+    timeout: Annotated[float, typer.Option(help="Seconds to wait")] = 30.0,
+) -> None:
     """Stop a stack started by ``corral up`` from this directory."""
     loaded = _load(config)
     runtime = Runtime.read(state_dir(loaded))
@@ -260,10 +271,12 @@ def down(config: ConfigOption = None,
 
 
 @app.command()
-def demo(config: ConfigOption = None,
-         once: Annotated[bool, typer.Option("--once", help="Exit after the samples")] = False,
-         scenarios: Annotated[str | None, typer.Option(help="Scenarios file")] = None,
-         timeout: Annotated[float, typer.Option(help="Seconds per conversation")] = 60.0) -> None:
+def demo(
+    config: ConfigOption = None,
+    once: Annotated[bool, typer.Option("--once", help="Exit after the samples")] = False,
+    scenarios: Annotated[str | None, typer.Option(help="Scenarios file")] = None,
+    timeout: Annotated[float, typer.Option(help="Seconds per conversation")] = 60.0,
+) -> None:
     """Start the team, send the sample conversations, and print each path and reply."""
     loaded = _load(config)
     _setup_logging(logging.WARNING)
@@ -271,7 +284,7 @@ def demo(config: ConfigOption = None,
     samples = yaml.safe_load(scenarios_file.read_text())["conversations"]
 
     async def _samples(runtime: Runtime) -> int:
-        from supervisor._client import format_path, send_and_wait
+        from supervisor._client import send_and_wait
 
         bus = await _connect(runtime.nats_url, "corral-demo", forever=False)
         failures = 0
@@ -279,9 +292,9 @@ def demo(config: ConfigOption = None,
             for sample in samples:
                 console.print(f"\n[bold]{sample['name']}[/bold]: {sample['text']}")
                 try:
-                    ended = await send_and_wait(bus, sample["text"],
-                                                customer=sample.get("customer", ""),
-                                                timeout_s=timeout)
+                    ended = await send_and_wait(
+                        bus, sample["text"], customer=sample.get("customer", ""), timeout_s=timeout
+                    )
                 except TimeoutError:
                     console.print(f"  [red]timed out after {timeout:.0f}s[/red]")
                     failures += 1
@@ -331,11 +344,13 @@ def _print_ended(ended: ConversationEnded) -> None:
 
 
 @app.command()
-def send(text: Annotated[str, typer.Argument(help="The customer's message")],
-         config: ConfigOption = None,
-         customer: Annotated[str, typer.Option(help="Customer id")] = "",
-         wait: Annotated[bool, typer.Option("--wait", help="Wait for the outcome")] = False,
-         timeout: Annotated[float, typer.Option(help="Seconds to wait")] = 30.0) -> None:
+def send(
+    text: Annotated[str, typer.Argument(help="The customer's message")],
+    config: ConfigOption = None,
+    customer: Annotated[str, typer.Option(help="Customer id")] = "",
+    wait: Annotated[bool, typer.Option("--wait", help="Wait for the outcome")] = False,
+    timeout: Annotated[float, typer.Option(help="Seconds to wait")] = 30.0,
+) -> None:
     """Start a conversation; with --wait, print its path and reply.
 
     Exit codes with --wait: 0 replied, 1 refused/escalated/failed (reason printed), 4 timeout.
@@ -366,19 +381,32 @@ def send(text: Annotated[str, typer.Argument(help="The customer's message")],
 
 
 @app.command()
-def status(config: ConfigOption = None,
-           as_json: Annotated[bool, typer.Option("--json", help="Machine-readable")] = False) -> None:
+def status(
+    config: ConfigOption = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable")] = False,
+) -> None:
     """List processes, streams, consumers and pending messages."""
     loaded = _load(config)
     runtime = Runtime.read(state_dir(loaded))
 
     async def _main() -> int:
-        report: dict[str, Any] = {"running": runtime is not None, "processes": [], "streams": [],
-                                  "consumers": []}
+        report: dict[str, Any] = {
+            "running": runtime is not None,
+            "processes": [],
+            "streams": [],
+            "consumers": [],
+        }
         if runtime is not None:
             report["processes"] = [
-                {"name": c.name, "role": c.role, "pid": c.pid, "alive": _pid_alive(c.pid),
-                 "restarts": c.restarts} for c in runtime.children]
+                {
+                    "name": c.name,
+                    "role": c.role,
+                    "pid": c.pid,
+                    "alive": _pid_alive(c.pid),
+                    "restarts": c.restarts,
+                }
+                for c in runtime.children
+            ]
         url = configured_nats_url(loaded) or (runtime.nats_url if runtime else None)
         if url:
             try:
@@ -403,14 +431,19 @@ async def _bus_report(bus: Bus, report: dict[str, Any]) -> None:
     for name in (subjects.WORK_STREAM, subjects.EVENTS_STREAM, subjects.DEAD_LETTER_STREAM):
         with contextlib.suppress(Exception):
             info = await bus.js.stream_info(name)
-            report["streams"].append({"name": name, "messages": info.state.messages,
-                                      "bytes": info.state.bytes})
+            report["streams"].append(
+                {"name": name, "messages": info.state.messages, "bytes": info.state.bytes}
+            )
     with contextlib.suppress(Exception):
         for consumer in await bus.js.consumers_info(subjects.WORK_STREAM):
-            report["consumers"].append({"name": consumer.name,
-                                        "pending": consumer.num_pending,
-                                        "ack_pending": consumer.num_ack_pending,
-                                        "redelivered": consumer.num_redelivered})
+            report["consumers"].append(
+                {
+                    "name": consumer.name,
+                    "pending": consumer.num_pending,
+                    "ack_pending": consumer.num_ack_pending,
+                    "redelivered": consumer.num_redelivered,
+                }
+            )
 
 
 def _pid_alive(pid: int | None) -> bool:
@@ -433,8 +466,13 @@ def _print_status(report: dict[str, Any]) -> None:
     if report["processes"]:
         table = Table("process", "role", "pid", "alive", "restarts", title="processes")
         for p in report["processes"]:
-            table.add_row(p["name"], p["role"], str(p["pid"]), "yes" if p["alive"] else "NO",
-                          str(p["restarts"]))
+            table.add_row(
+                p["name"],
+                p["role"],
+                str(p["pid"]),
+                "yes" if p["alive"] else "NO",
+                str(p["restarts"]),
+            )
         console.print(table)
     if report["streams"]:
         table = Table("stream", "messages", "bytes", title="streams")
@@ -444,8 +482,7 @@ def _print_status(report: dict[str, Any]) -> None:
     if report["consumers"]:
         table = Table("consumer", "pending", "ack pending", "redelivered", title="consumers")
         for c in report["consumers"]:
-            table.add_row(c["name"], str(c["pending"]), str(c["ack_pending"]),
-                          str(c["redelivered"]))
+            table.add_row(c["name"], str(c["pending"]), str(c["ack_pending"]), str(c["redelivered"]))
         console.print(table)
     if "nats_error" in report:
         console.print(f"NATS: {report['nats_error']}")

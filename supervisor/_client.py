@@ -26,13 +26,18 @@ def new_conversation_id() -> str:
     return f"c-{uuid.uuid4().hex[:20]}"
 
 
-async def start_conversation(bus: Bus, text: str, *, customer: str = "",
-                             conversation: str | None = None) -> str:
+async def start_conversation(
+    bus: Bus, text: str, *, customer: str = "", conversation: str | None = None
+) -> str:
     """Publish a conversation start and return its id (without waiting)."""
     conversation = conversation or new_conversation_id()
-    await publish(bus.js, subjects.conversation_start(conversation),
-                  ConversationStart(conversation=conversation, text=text, customer=customer),
-                  msg_id=conversation, traceparent=new_traceparent())
+    await publish(
+        bus.js,
+        subjects.conversation_start(conversation),
+        ConversationStart(conversation=conversation, text=text, customer=customer),
+        msg_id=conversation,
+        traceparent=new_traceparent(),
+    )
     return conversation
 
 

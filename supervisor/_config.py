@@ -160,17 +160,15 @@ def load_config(path: Path) -> LoadedConfig:
         raw = yaml.safe_load(text)
     except yaml.MarkedYAMLError as exc:
         line = exc.problem_mark.line + 1 if exc.problem_mark else None
-        raise ConfigError(f"{path}:{line}: invalid YAML: {exc.problem}", path=str(path),
-                          line=line) from exc
+        raise ConfigError(f"{path}:{line}: invalid YAML: {exc.problem}", path=str(path), line=line) from exc
     if not isinstance(raw, dict):
-        raise ConfigError(f"{path}:1: expected a mapping of settings at the top level",
-                          path=str(path), line=1)
+        raise ConfigError(
+            f"{path}:1: expected a mapping of settings at the top level", path=str(path), line=1
+        )
     try:
         config = CorralConfig.model_validate(raw)
     except ValidationError as exc:
-        problems = [
-            (tuple(err["loc"]), _describe(err)) for err in exc.errors(include_url=False)
-        ]
+        problems = [(tuple(err["loc"]), _describe(err)) for err in exc.errors(include_url=False)]
         raise _config_error(path, root, problems) from exc
     problems = _check_references(config)
     if problems:
@@ -182,21 +180,21 @@ def load_config(path: Path) -> LoadedConfig:
     rules = {name: base / file for name, file in config.scripted.items()}
     for name, file in rules.items():
         if not file.is_file():
-            raise _config_error(path, root, [(("scripted", name),
-                                              f"rules file {file} does not exist")])
-    return LoadedConfig(path=path, config=config, instructions=instructions,
-                        scripted_rules=rules)
+            raise _config_error(path, root, [(("scripted", name), f"rules file {file} does not exist")])
+    return LoadedConfig(path=path, config=config, instructions=instructions, scripted_rules=rules)
 
 
-def _read_instructions(path: Path, root: yaml.Node | None, base: Path, agent: str,
-                       value: str) -> str:
+def _read_instructions(path: Path, root: yaml.Node | None, base: Path, agent: str, value: str) -> str:
     candidate = base / value
     if "\n" not in value and candidate.suffix in {".md", ".txt"}:
         try:
             return candidate.read_text()
         except OSError as exc:
-            raise _config_error(path, root, [(("agents", agent, "instructions"),
-                                              f"cannot read {candidate}: {exc.strerror}")]) from exc
+            raise _config_error(
+                path,
+                root,
+                [(("agents", agent, "instructions"), f"cannot read {candidate}: {exc.strerror}")],
+            ) from exc
     return value
 
 
@@ -211,28 +209,43 @@ def _check_references(config: CorralConfig) -> list[tuple[tuple[Any, ...], str]]
             problems.append((("agents", name), str(exc)))
     for name, agent in config.agents.items():
         if agent.tier not in config.models:
-            problems.append((("agents", name, "tier"),
-                             f"{agent.tier!r} is not a model tier; expected one of: "
-                             f"{', '.join(sorted(config.models))}"))
+            problems.append(
+                (
+                    ("agents", name, "tier"),
+                    f"{agent.tier!r} is not a model tier; expected one of: "
+                    f"{', '.join(sorted(config.models))}",
+                )
+            )
     if config.graph.entry not in config.agents:
-        problems.append((("graph", "entry"),
-                         f"{config.graph.entry!r} is not an agent; expected one of: {known}"))
+        problems.append(
+            (
+                ("graph", "entry"),
+                f"{config.graph.entry!r} is not an agent; expected one of: {known}",
+            )
+        )
     for source, targets in config.graph.edges.items():
         if source not in config.agents:
-            problems.append((("graph", "edges", source),
-                             f"{source!r} is not an agent; expected one of: {known}"))
+            problems.append(
+                (
+                    ("graph", "edges", source),
+                    f"{source!r} is not an agent; expected one of: {known}",
+                )
+            )
         for index, target in enumerate(targets):
             if target not in config.agents:
-                problems.append((("graph", "edges", source, index),
-                                 f"{target!r} is not an agent; expected one of: {known}"))
+                problems.append(
+                    (
+                        ("graph", "edges", source, index),
+                        f"{target!r} is not an agent; expected one of: {known}",
+                    )
+                )
     for tier_name, tier in config.models.items():
         for index, model in enumerate([tier.model, *tier.fallbacks]):
             if model.startswith(f"{SCRIPTED_PROVIDER}/"):
                 rules = model.split("/", 1)[1]
                 if rules not in config.scripted:
                     where = ("models", tier_name, "model" if index == 0 else "fallbacks")
-                    problems.append((where, f"{model!r} needs rules: add `scripted: {{{rules}: "
-                                            f"FILE}}`"))
+                    problems.append((where, f"{model!r} needs rules: add `scripted: {{{rules}: FILE}}`"))
     return problems
 
 
@@ -246,8 +259,9 @@ def _describe(error: Mapping[str, Any]) -> str:
     return f"{error['msg']}{shown}"
 
 
-def _config_error(path: Path, root: yaml.Node | None,
-                  problems: list[tuple[tuple[Any, ...], str]]) -> ConfigError:
+def _config_error(
+    path: Path, root: yaml.Node | None, problems: list[tuple[tuple[Any, ...], str]]
+) -> ConfigError:
     lines = []
     first_line: int | None = None
     first_field: str | None = None

@@ -55,47 +55,76 @@ class Decision:
     """Messages only this transition sends (beyond ``outputs(record)``)."""
 
 
-def start(message: ConversationStart, existing: ConversationRecord | None, graph: Graph,
-          traceparent: str | None) -> Decision:
+def start(
+    message: ConversationStart,
+    existing: ConversationRecord | None,
+    graph: Graph,
+    traceparent: str | None,
+) -> Decision:
     """A client started a conversation (a repeated start changes nothing)."""
     if existing is not None:
         return Decision(record=None)
     record = ConversationRecord(
-        id=message.conversation, text=message.text, customer=message.customer,
-        current_agent=graph.entry, step=1, path=[Hop(agent=graph.entry)],
+        id=message.conversation,
+        text=message.text,
+        customer=message.customer,
+        current_agent=graph.entry,
+        step=1,
+        path=[Hop(agent=graph.entry)],
         traceparent=traceparent,
     )
-    return Decision(record=record,
-                    steps=[StepRecord(step=1, agent=graph.entry, kind="started")])
+    return Decision(record=record, steps=[StepRecord(step=1, agent=graph.entry, kind="started")])
 
 
 AgentOutput = HandoffProposed | AgentReply | AgentFailed
 
 
-def from_agent(message: AgentOutput, sender: str, record: ConversationRecord,
-               graph: Graph, subject_target: str | None = None) -> Decision:
+def from_agent(
+    message: AgentOutput,
+    sender: str,
+    record: ConversationRecord,
+    graph: Graph,
+    subject_target: str | None = None,
+) -> Decision:
     """An agent answered a step. ``sender`` comes from the subject, never from the body."""
     if message.agent != sender:
-        return _rejected(record, message.step, sender,
-                         f"message on {sender}'s subject claims to come from {message.agent!r}")
+        return _rejected(
+            record,
+            message.step,
+            sender,
+            f"message on {sender}'s subject claims to come from {message.agent!r}",
+        )
     if isinstance(message, HandoffProposed) and subject_target != message.target:
-        return _rejected(record, message.step, sender,
-                         f"handoff subject names {subject_target!r} but body names "
-                         f"{message.target!r}")
+        return _rejected(
+            record,
+            message.step,
+            sender,
+            f"handoff subject names {subject_target!r} but body names {message.target!r}",
+        )
     if record.status != "running" or message.step < record.step:
         return Decision(record=None)  # late duplicate: republish what was decided
     if message.step > record.step or sender != record.current_agent:
-        return _rejected(record, message.step, sender,
-                         f"step {message.step} is not {sender}'s turn (current: "
-                         f"{record.current_agent} at step {record.step})")
+        return _rejected(
+            record,
+            message.step,
+            sender,
+            f"step {message.step} is not {sender}'s turn (current: "
+            f"{record.current_agent} at step {record.step})",
+        )
     match message:
         case HandoffProposed():
             return _handoff(message, record, graph)
         case AgentReply():
             return Decision(
                 record=record.evolve(status="replied", reply=message.text),
-                steps=[StepRecord(step=record.step, agent=sender, kind="replied",
-                                  confidence=message.confidence)],
+                steps=[
+                    StepRecord(
+                        step=record.step,
+                        agent=sender,
+                        kind="replied",
+                        confidence=message.confidence,
+                    )
+                ],
             )
         case AgentFailed():
             reason = f"{sender} could not complete step {message.step}: {message.reason}"
@@ -106,76 +135,143 @@ def _handoff(message: HandoffProposed, record: ConversationRecord, graph: Graph)
     source, target = message.agent, message.target
     allowed = graph.edges.get(source, [])
     if target not in allowed:
-        reason = (f"handoff {source} -> {target} refused: not an allowed edge of the graph "
-                  f"(allowed from {source}: {', '.join(allowed) or 'none'})")
-        refused = HandoffRefused(conversation=record.id, step=record.step, source=source,
-                                 target=target, reason=reason)
+        reason = (
+            f"handoff {source} -> {target} refused: not an allowed edge of the graph "
+            f"(allowed from {source}: {', '.join(allowed) or 'none'})"
+        )
+        refused = HandoffRefused(
+            conversation=record.id, step=record.step, source=source, target=target, reason=reason
+        )
         return Decision(
             record=record.evolve(status="refused", reason=reason),
-            steps=[StepRecord(step=record.step, agent=source, kind="refused", target=target,
-                              confidence=message.confidence, detail=reason)],
-            extra=[Outgoing(subject=subjects.conversation_updates(record.id), message=refused,
-                            msg_id=f"{record.id}.{record.step}.refused")],
+            steps=[
+                StepRecord(
+                    step=record.step,
+                    agent=source,
+                    kind="refused",
+                    target=target,
+                    confidence=message.confidence,
+                    detail=reason,
+                )
+            ],
+            extra=[
+                Outgoing(
+                    subject=subjects.conversation_updates(record.id),
+                    message=refused,
+                    msg_id=f"{record.id}.{record.step}.refused",
+                )
+            ],
         )
     if message.confidence < graph.min_confidence:
-        return _escalate(record, source,
-                         f"handoff {source} -> {target} confidence {message.confidence:.2f} is "
-                         f"below {graph.min_confidence:.2f}; escalated to a human", target,
-                         message.confidence)
+        return _escalate(
+            record,
+            source,
+            f"handoff {source} -> {target} confidence {message.confidence:.2f} is "
+            f"below {graph.min_confidence:.2f}; escalated to a human",
+            target,
+            message.confidence,
+        )
     if record.step >= graph.max_steps:
-        return _escalate(record, source,
-                         f"conversation reached {graph.max_steps} steps; escalated to a human",
-                         target, message.confidence)
+        return _escalate(
+            record,
+            source,
+            f"conversation reached {graph.max_steps} steps; escalated to a human",
+            target,
+            message.confidence,
+        )
     step = record.step + 1
     return Decision(
         record=record.evolve(
-            step=step, current_agent=target,
-            path=[*record.path, Hop(agent=target, confidence=message.confidence,
-                                    reason=message.reason)],
+            step=step,
+            current_agent=target,
+            path=[
+                *record.path,
+                Hop(agent=target, confidence=message.confidence, reason=message.reason),
+            ],
         ),
-        steps=[StepRecord(step=step, agent=source, kind="forwarded", target=target,
-                          confidence=message.confidence, detail=message.reason)],
+        steps=[
+            StepRecord(
+                step=step,
+                agent=source,
+                kind="forwarded",
+                target=target,
+                confidence=message.confidence,
+                detail=message.reason,
+            )
+        ],
     )
 
 
-def _escalate(record: ConversationRecord, agent: str, reason: str, target: str | None = None,
-              confidence: float | None = None) -> Decision:
+def _escalate(
+    record: ConversationRecord,
+    agent: str,
+    reason: str,
+    target: str | None = None,
+    confidence: float | None = None,
+) -> Decision:
     return Decision(
         record=record.evolve(status="escalated", reason=reason),
-        steps=[StepRecord(step=record.step, agent=agent, kind="escalated", target=target,
-                          confidence=confidence, detail=reason)],
+        steps=[
+            StepRecord(
+                step=record.step,
+                agent=agent,
+                kind="escalated",
+                target=target,
+                confidence=confidence,
+                detail=reason,
+            )
+        ],
     )
 
 
 def _rejected(record: ConversationRecord, step: int, sender: str, reason: str) -> Decision:
-    return Decision(record=None,
-                    steps=[StepRecord(step=step, agent=sender, kind="rejected", detail=reason)])
+    return Decision(record=None, steps=[StepRecord(step=step, agent=sender, kind="rejected", detail=reason)])
 
 
 def outputs(record: ConversationRecord) -> list[Outgoing]:
     """Everything the conversation's current state implies was published."""
     updates = subjects.conversation_updates(record.id)
     if record.status == "running":
-        out = [Outgoing(
-            subject=subjects.agent_inbox(record.current_agent),
-            message=AgentTask(conversation=record.id, step=record.step,
-                              agent=record.current_agent, text=record.text,
-                              customer=record.customer, path=record.path),
-            msg_id=f"{record.id}.{record.step}.task",
-        )]
+        out = [
+            Outgoing(
+                subject=subjects.agent_inbox(record.current_agent),
+                message=AgentTask(
+                    conversation=record.id,
+                    step=record.step,
+                    agent=record.current_agent,
+                    text=record.text,
+                    customer=record.customer,
+                    path=record.path,
+                ),
+                msg_id=f"{record.id}.{record.step}.task",
+            )
+        ]
         if len(record.path) > 1:
             last, before = record.path[-1], record.path[-2]
-            out.append(Outgoing(
-                subject=updates,
-                message=HandoffForwarded(conversation=record.id, step=record.step,
-                                         source=before.agent, target=last.agent,
-                                         confidence=last.confidence or 0.0),
-                msg_id=f"{record.id}.{record.step}.forwarded",
-            ))
+            out.append(
+                Outgoing(
+                    subject=updates,
+                    message=HandoffForwarded(
+                        conversation=record.id,
+                        step=record.step,
+                        source=before.agent,
+                        target=last.agent,
+                        confidence=last.confidence or 0.0,
+                    ),
+                    msg_id=f"{record.id}.{record.step}.forwarded",
+                )
+            )
         return out
-    return [Outgoing(
-        subject=updates,
-        message=ConversationEnded(conversation=record.id, status=record.status,
-                                  path=record.path, reply=record.reply, reason=record.reason),
-        msg_id=f"{record.id}.ended",
-    )]
+    return [
+        Outgoing(
+            subject=updates,
+            message=ConversationEnded(
+                conversation=record.id,
+                status=record.status,
+                path=record.path,
+                reply=record.reply,
+                reason=record.reason,
+            ),
+            msg_id=f"{record.id}.ended",
+        )
+    ]

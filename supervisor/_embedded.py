@@ -68,7 +68,7 @@ class EmbeddedNats:
         store = self.directory / "jetstream"
         self.config_file.write_text(
             f'listen: "127.0.0.1:{self.port}"\n'
-            f"jetstream {{\n  store_dir: \"{store}\"\n  sync_interval: always\n}}\n"
+            f'jetstream {{\n  store_dir: "{store}"\n  sync_interval: always\n}}\n'
             f"{extra}"
         )
 
@@ -83,7 +83,9 @@ class EmbeddedNats:
         log = self.directory / "nats-server.log"
         self.process = subprocess.Popen(
             [nats_server_binary(), "-c", str(self.config_file), "-l", str(log)],
-            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
             start_new_session=True,  # Ctrl-C reaches the launcher, which stops us last
         )
         deadline = time.monotonic() + timeout_s
@@ -166,10 +168,11 @@ class EmbeddedPostgres:
         try:
             warnings.filterwarnings("ignore", module="platformdirs")
             # cleanup_mode=None: we stop it ourselves, not pgserver's atexit hook.
-            server = pgserver.get_server(self.directory, cleanup_mode=None)
+            server = pgserver.get_server(  # type: ignore[attr-defined]
+                self.directory, cleanup_mode=None
+            )
         except Exception as exc:
-            raise LauncherError(f"embedded PostgreSQL failed to start in {self.directory}: "
-                                f"{exc}") from exc
+            raise LauncherError(f"embedded PostgreSQL failed to start in {self.directory}: {exc}") from exc
         self._uri = str(server.get_uri())
         return self._uri
 
@@ -184,7 +187,7 @@ class EmbeddedPostgres:
         """Stop the server (fast shutdown: sessions end, data is flushed)."""
         import os
 
-        from pgserver._commands import pg_ctl
+        from pgserver._commands import pg_ctl  # type: ignore[attr-defined]
 
         if not (self.directory / "postmaster.pid").exists():
             return

@@ -71,8 +71,9 @@ class Launcher:
         state = self._config.state_dir
         existing = Runtime.read(state)
         if existing is not None and existing.pid != os.getpid():
-            raise LauncherError(f"corral is already running from {state} (pid {existing.pid});"
-                                " stop it with `corral down`")
+            raise LauncherError(
+                f"corral is already running from {state} (pid {existing.pid}); stop it with `corral down`"
+            )
         loaded = self._config.loaded
         nats_url = configured_nats_url(loaded)
         if nats_url is None:
@@ -86,31 +87,37 @@ class Launcher:
             self._postgres = EmbeddedPostgres(state / "postgres")
             database_url = await asyncio.to_thread(self._postgres.start)
             logger.info("embedded PostgreSQL in %s", state / "postgres")
-        bus = await connect(BusConfig(servers=nats_servers(nats_url), name="corral-up",
-                                      reconnect_forever=False))
+        bus = await connect(
+            BusConfig(servers=nats_servers(nats_url), name="corral-up", reconnect_forever=False)
+        )
         try:
             await ensure_topology(bus.js, loaded.agent_names, TopologyConfig())
         finally:
             await bus.close()
-        self.runtime = Runtime(pid=os.getpid(), nats_url=nats_url, database_url=database_url,
-                               embedded_nats=self._nats is not None,
-                               embedded_postgres=self._postgres is not None)
+        self.runtime = Runtime(
+            pid=os.getpid(),
+            nats_url=nats_url,
+            database_url=database_url,
+            embedded_nats=self._nats is not None,
+            embedded_postgres=self._postgres is not None,
+        )
         self._spawn_all()
         return self.runtime
 
     def _spawn_all(self) -> None:
         loaded = self._config.loaded
         config_file = str(loaded.path.resolve())
-        specs: list[tuple[ChildInfo, list[str]]] = [(
-            ChildInfo(name="supervisor", role="supervisor"),
-            ["supervisor", "run", "-c", config_file],
-        )]
+        specs: list[tuple[ChildInfo, list[str]]] = [
+            (
+                ChildInfo(name="supervisor", role="supervisor"),
+                ["supervisor", "run", "-c", config_file],
+            )
+        ]
         for agent in loaded.agent_names:
             count = self._config.replicas.get(agent, loaded.config.agents[agent].replicas)
             for index in range(count):
                 name = agent if count == 1 else f"{agent}-{index + 1}"
-                specs.append((ChildInfo(name=name, role=agent),
-                              ["agent", "run", agent, "-c", config_file]))
+                specs.append((ChildInfo(name=name, role=agent), ["agent", "run", agent, "-c", config_file]))
         self._children = [info for info, _ in specs]
         if self.runtime is not None:
             self.runtime.children = self._children
@@ -145,10 +152,16 @@ class Launcher:
         logs.mkdir(parents=True, exist_ok=True)
         backoff = self._config.backoff_initial_s
         while not self._stopping.is_set():
-            with open(logs / f"{info.name}.log", "ab") as log:
+            with open(logs / f"{info.name}.log", "ab") as log:  # noqa: ASYNC230 - a local append
                 proc = await asyncio.create_subprocess_exec(
-                    sys.executable, "-m", "supervisor", *argv, env=env,
-                    stdin=asyncio.subprocess.DEVNULL, stdout=log, stderr=log,
+                    sys.executable,
+                    "-m",
+                    "supervisor",
+                    *argv,
+                    env=env,
+                    stdin=asyncio.subprocess.DEVNULL,
+                    stdout=log,
+                    stderr=log,
                     start_new_session=True,  # Ctrl-C reaches only the launcher
                 )
             self._procs[info.name] = proc
@@ -162,9 +175,15 @@ class Launcher:
             info.last_exit = code
             if time.monotonic() - started >= self._config.stable_after_s:
                 backoff = self._config.backoff_initial_s
-            logger.warning("%s (pid %d) exited with %s; restart %d in %.1fs (log: %s)",
-                           info.name, proc.pid, _describe_exit(code), info.restarts, backoff,
-                           logs / f"{info.name}.log")
+            logger.warning(
+                "%s (pid %d) exited with %s; restart %d in %.1fs (log: %s)",
+                info.name,
+                proc.pid,
+                _describe_exit(code),
+                info.restarts,
+                backoff,
+                logs / f"{info.name}.log",
+            )
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._stopping.wait(), backoff)
             backoff = min(backoff * 2, self._config.backoff_max_s)
@@ -182,8 +201,11 @@ class Launcher:
                     proc.send_signal(signal.SIGTERM)
         deadline = self._config.stop_timeout_s
         waits = [asyncio.wait_for(p.wait(), deadline) for p in self._procs.values()]
-        for result, proc in zip(await asyncio.gather(*waits, return_exceptions=True),
-                                list(self._procs.values()), strict=True):
+        for result, proc in zip(
+            await asyncio.gather(*waits, return_exceptions=True),
+            list(self._procs.values()),
+            strict=True,
+        ):
             if isinstance(result, TimeoutError):
                 logger.warning("pid %d did not stop in %.0fs; killing it", proc.pid, deadline)
                 with contextlib.suppress(ProcessLookupError):

@@ -65,9 +65,15 @@ _COLUMNS = "id, customer, text, status, current_agent, step, path::text AS path,
 def _from_row(row: asyncpg.Record) -> ConversationRecord:
     """Convert an asyncpg record into a ``ConversationRecord``, once, at the edge."""
     return ConversationRecord(
-        id=row["id"], customer=row["customer"], text=row["text"], status=row["status"],
-        current_agent=row["current_agent"], step=row["step"],
-        path=_path_decoder.decode(row["path"]), reply=row["reply"], reason=row["reason"],
+        id=row["id"],
+        customer=row["customer"],
+        text=row["text"],
+        status=row["status"],
+        current_agent=row["current_agent"],
+        step=row["step"],
+        path=_path_decoder.decode(row["path"]),
+        reply=row["reply"],
+        reason=row["reason"],
         traceparent=row["traceparent"],
     )
 
@@ -85,16 +91,28 @@ class ConversationLock:
             await self._conn.execute(
                 "INSERT INTO conversations (id, customer, text, status, current_agent, step, path,"
                 " reply, reason, traceparent) VALUES ($1,$2,$3,$4,$5,$6,$7::jsonb,$8,$9,$10)",
-                record.id, record.customer, record.text, record.status, record.current_agent,
-                record.step, _encoder.encode(record.path).decode(), record.reply, record.reason,
+                record.id,
+                record.customer,
+                record.text,
+                record.status,
+                record.current_agent,
+                record.step,
+                _encoder.encode(record.path).decode(),
+                record.reply,
+                record.reason,
                 record.traceparent,
             )
         else:
             await self._conn.execute(
                 "UPDATE conversations SET status=$2, current_agent=$3, step=$4, path=$5::jsonb,"
                 " reply=$6, reason=$7, updated_at=now() WHERE id=$1",
-                record.id, record.status, record.current_agent, record.step,
-                _encoder.encode(record.path).decode(), record.reply, record.reason,
+                record.id,
+                record.status,
+                record.current_agent,
+                record.step,
+                _encoder.encode(record.path).decode(),
+                record.reply,
+                record.reason,
             )
         await self.record_steps(record.id, steps)
         self.record = record
@@ -105,8 +123,7 @@ class ConversationLock:
             await self._conn.executemany(
                 "INSERT INTO conversation_steps (conversation, step, agent, kind, target,"
                 " confidence, detail) VALUES ($1,$2,$3,$4,$5,$6,$7)",
-                [(conversation, s.step, s.agent, s.kind, s.target, s.confidence, s.detail)
-                 for s in steps],
+                [(conversation, s.step, s.agent, s.kind, s.target, s.confidence, s.detail) for s in steps],
             )
 
 
@@ -142,8 +159,7 @@ class Store:
     async def migrate(self) -> list[str]:
         """Apply migrations not yet applied; returns their names."""
         files = sorted(
-            (f for f in resources.files("supervisor.migrations").iterdir()
-             if f.name.endswith(".sql")),
+            (f for f in resources.files("supervisor.migrations").iterdir() if f.name.endswith(".sql")),
             key=lambda f: f.name,
         )
         applied: list[str] = []
@@ -161,8 +177,7 @@ class Store:
                 try:
                     await conn.execute(file.read_text())
                 except asyncpg.PostgresError as exc:
-                    raise StoreError(f"migration {file.name} failed: {exc}",
-                                     retryable=False) from exc
+                    raise StoreError(f"migration {file.name} failed: {exc}", retryable=False) from exc
                 await conn.execute("INSERT INTO corral_migrations (version) VALUES ($1)", version)
                 applied.append(version)
                 logger.info("applied migration %s", version)
@@ -182,19 +197,27 @@ class Store:
 
     async def get(self, conversation: str) -> ConversationRecord | None:
         """One conversation, or None."""
-        row = await self._pool.fetchrow(
-            f"SELECT {_COLUMNS} FROM conversations WHERE id=$1", conversation
-        )
+        row = await self._pool.fetchrow(f"SELECT {_COLUMNS} FROM conversations WHERE id=$1", conversation)
         return _from_row(row) if row else None
 
     async def steps(self, conversation: str) -> list[StepRecord]:
         """Every recorded step of a conversation, oldest first."""
         rows = await self._pool.fetch(
             "SELECT step, agent, kind, target, confidence, detail FROM conversation_steps"
-            " WHERE conversation=$1 ORDER BY id", conversation,
+            " WHERE conversation=$1 ORDER BY id",
+            conversation,
         )
-        return [StepRecord(step=r["step"], agent=r["agent"], kind=r["kind"], target=r["target"],
-                           confidence=r["confidence"], detail=r["detail"]) for r in rows]
+        return [
+            StepRecord(
+                step=r["step"],
+                agent=r["agent"],
+                kind=r["kind"],
+                target=r["target"],
+                confidence=r["confidence"],
+                detail=r["detail"],
+            )
+            for r in rows
+        ]
 
     async def counts(self) -> dict[str, int]:
         """Conversations per status."""

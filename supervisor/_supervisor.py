@@ -49,15 +49,26 @@ class Supervisor:
         max_deliver: Deliveries before a failing message is dead-lettered.
     """
 
-    def __init__(self, bus: Bus, store: Store, graph: Graph, *, max_in_flight: int = 64,
-                 max_deliver: int = 10) -> None:
+    def __init__(
+        self,
+        bus: Bus,
+        store: Store,
+        graph: Graph,
+        *,
+        max_in_flight: int = 64,
+        max_deliver: int = 10,
+    ) -> None:
         self._bus = bus
         self._store = store
         self._graph = graph
         self._consumer: Consumer[SupervisorInput] = Consumer(
             bus.js,
-            ConsumerConfig(stream=subjects.WORK_STREAM, durable=subjects.SUPERVISOR_CONSUMER,
-                           max_in_flight=max_in_flight, max_deliver=max_deliver),
+            ConsumerConfig(
+                stream=subjects.WORK_STREAM,
+                durable=subjects.SUPERVISOR_CONSUMER,
+                max_in_flight=max_in_flight,
+                max_deliver=max_deliver,
+            ),
             msgspec.json.Decoder(SupervisorInput),
             self.handle,
         )
@@ -95,10 +106,10 @@ class Supervisor:
                 if delivery.subject != subjects.conversation_start(message.conversation):
                     raise PoisonMessageError(
                         f"conversation {message.conversation!r} started on {delivery.subject}",
-                        subject=delivery.subject)
+                        subject=delivery.subject,
+                    )
                 async with self._store.lock(message.conversation) as lock:
-                    decision = _decide.start(message, lock.record, self._graph,
-                                             current_traceparent())
+                    decision = _decide.start(message, lock.record, self._graph, current_traceparent())
                     if decision.record is not None:
                         await lock.save(decision.record, decision.steps)
                     record = lock.record
@@ -108,17 +119,23 @@ class Supervisor:
                     if lock.record is None:
                         raise PoisonMessageError(
                             f"unknown conversation {message.conversation!r}",
-                            subject=delivery.subject)
+                            subject=delivery.subject,
+                        )
                     decision = _decide.from_agent(
-                        message, sender, lock.record, self._graph,
-                        subjects.handoff_target(delivery.subject))
+                        message,
+                        sender,
+                        lock.record,
+                        self._graph,
+                        subjects.handoff_target(delivery.subject),
+                    )
                     if decision.record is not None:
                         await lock.save(decision.record, decision.steps)
                     elif decision.steps:
                         await lock.record_steps(message.conversation, decision.steps)
                         for step in decision.steps:
-                            logger.warning("rejected %s from %s: %s", message.conversation,
-                                           sender, step.detail)
+                            logger.warning(
+                                "rejected %s from %s: %s", message.conversation, sender, step.detail
+                            )
                         return
                     record = lock.record
         assert record is not None
@@ -127,16 +144,22 @@ class Supervisor:
             _log_transition(decision.record)
 
     async def _publish(self, messages: list[Outgoing], record: ConversationRecord) -> None:
-        await asyncio.gather(*(
-            publish(self._bus.js, out.subject, out.message, msg_id=out.msg_id,
-                    traceparent=record.traceparent)
-            for out in messages
-        ))
+        await asyncio.gather(
+            *(
+                publish(
+                    self._bus.js,
+                    out.subject,
+                    out.message,
+                    msg_id=out.msg_id,
+                    traceparent=record.traceparent,
+                )
+                for out in messages
+            )
+        )
 
 
 def _log_transition(record: ConversationRecord) -> None:
     if record.status == "running":
         logger.info("conversation %s step %d -> %s", record.id, record.step, record.current_agent)
     else:
-        logger.info("conversation %s %s: %s", record.id, record.status,
-                    record.reason or "replied")
+        logger.info("conversation %s %s: %s", record.id, record.status, record.reason or "replied")

@@ -23,9 +23,7 @@ class ConfigError(CorralError):
         field: Dotted path of the field, e.g. ``graph.edges.triage[1]``.
     """
 
-    def __init__(
-        self, message: str, *, path: str, line: int | None = None, field: str | None = None
-    ) -> None:
+    def __init__(self, message: str, *, path: str, line: int | None = None, field: str | None = None) -> None:
         super().__init__(message)
         self.path = path
         self.line = line

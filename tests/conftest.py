@@ -7,7 +7,7 @@ import asyncio
 import os
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import TypeVar
 from urllib.parse import urlsplit, urlunsplit
@@ -25,9 +25,13 @@ SAMPLE_CONFIG = REPO / "examples" / "support" / "corral.yaml"
 T = TypeVar("T")
 
 
-async def eventually(check: Callable[[], Awaitable[T | None] | T | None], *,
-                     timeout: float = 30.0, interval: float = 0.05,
-                     message: str = "condition") -> T:
+async def eventually(
+    check: Callable[[], Awaitable[T | None] | T | None],
+    *,
+    timeout: float = 30.0,
+    interval: float = 0.05,
+    message: str = "condition",
+) -> T:
     """Poll ``check`` until it returns something truthy, or fail after ``timeout``."""
     deadline = time.monotonic() + timeout
     while True:

@@ -65,14 +65,15 @@ async def test_poison_messages_are_dead_lettered_and_the_next_is_served(bus: Bus
 
     inbox = subjects.agent_inbox("triage")
     consumer: Consumer[AgentTask] = Consumer(
-        bus.js, ConsumerConfig(stream=subjects.WORK_STREAM,
-                               durable=subjects.agent_consumer("triage")),
-        msgspec.json.Decoder(AgentInput), handler)
+        bus.js,
+        ConsumerConfig(stream=subjects.WORK_STREAM, durable=subjects.agent_consumer("triage")),
+        msgspec.json.Decoder(AgentInput),
+        handler,
+    )
     runner = asyncio.create_task(consumer.run())
     trace = new_traceparent()
     await bus.js.publish(inbox, b"{not json", headers={MSG_ID: "p1", TRACEPARENT: trace})
-    await bus.js.publish(inbox, b'{"type": "agent.task", "conversation": "c0"}',
-                         headers={MSG_ID: "p2"})
+    await bus.js.publish(inbox, b'{"type": "agent.task", "conversation": "c0"}', headers={MSG_ID: "p2"})
     await bus.js.publish(inbox, b'{"type": "rocket.launch"}', headers={MSG_ID: "p3"})
     await publish(bus.js, inbox, _task("reject-me"), msg_id="p4")
     await publish(bus.js, inbox, _task("c1"), msg_id="ok1", traceparent=trace)

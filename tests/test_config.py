@@ -60,8 +60,7 @@ def test_missing_entry_agent(tmp_path: Path) -> None:
     path = _write(tmp_path, text)
     with pytest.raises(ConfigError) as info:
         load_config(path)
-    assert f"{path}:{_line_of(text, 'graph:')}: graph.entry: is required but missing" in str(
-        info.value)
+    assert f"{path}:{_line_of(text, 'graph:')}: graph.entry: is required but missing" in str(info.value)
 
 
 def test_entry_is_not_an_agent(tmp_path: Path) -> None:
@@ -79,8 +78,9 @@ def test_bad_field_type_and_unknown_field(tmp_path: Path) -> None:
     message = str(info.value)
     assert f"{path}:{_line_of(text, 'min_confidence: lots')}: graph.min_confidence:" in message
     assert "valid number" in message and "'lots'" in message
-    assert f"{path}:{_line_of(text, 'minconfidence: 1')}: graph.minconfidence: is not a known " \
-           "setting" in message
+    assert (
+        f"{path}:{_line_of(text, 'minconfidence: 1')}: graph.minconfidence: is not a known setting" in message
+    )
 
 
 def test_invalid_yaml_names_the_line(tmp_path: Path) -> None:
@@ -94,8 +94,11 @@ def test_cli_rejects_bad_config_before_starting(tmp_path: Path) -> None:
     path = _write(tmp_path, text)
     result = subprocess.run(
         [sys.executable, "-m", "supervisor", "supervisor", "run", "-c", str(path)],
-        capture_output=True, text=True, timeout=60,
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert result.returncode == 2
     assert f"{_line_of(text, 'entry: nobody')}: graph.entry: 'nobody' is not an agent" in (
-        result.stderr.replace("\n", ""))
+        result.stderr.replace("\n", "")
+    )

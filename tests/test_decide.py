@@ -6,14 +6,14 @@ from bus import AgentReply, AgentTask, ConversationEnded, HandoffProposed, Hando
 from supervisor._decide import Graph, from_agent, outputs
 from supervisor._store import ConversationRecord
 
-GRAPH = Graph(entry="triage", edges={"triage": ["payments"], "payments": []},
-              min_confidence=0.6, max_steps=3)
+GRAPH = Graph(entry="triage", edges={"triage": ["payments"], "payments": []}, min_confidence=0.6, max_steps=3)
 RECORD = ConversationRecord(id="c1", text="refund", current_agent="triage", step=1)
 
 
 def _handoff(**overrides: object) -> HandoffProposed:
-    fields: dict[str, object] = dict(conversation="c1", step=1, agent="triage",
-                                     target="payments", confidence=0.9)
+    fields: dict[str, object] = dict(
+        conversation="c1", step=1, agent="triage", target="payments", confidence=0.9
+    )
     fields.update(overrides)
     return HandoffProposed(**fields)  # type: ignore[arg-type]
 
@@ -35,13 +35,15 @@ def test_body_claiming_another_identity_is_rejected_and_recorded() -> None:
 
 def test_edge_not_in_graph_is_refused_with_the_edge_named() -> None:
     record = RECORD.evolve(current_agent="payments", step=2)
-    decision = from_agent(_handoff(agent="payments", target="triage", step=2), "payments",
-                          record, GRAPH, "triage")
+    decision = from_agent(
+        _handoff(agent="payments", target="triage", step=2), "payments", record, GRAPH, "triage"
+    )
     assert decision.record is not None and decision.record.status == "refused"
     refused = decision.extra[0].message
     assert isinstance(refused, HandoffRefused)
-    assert refused.reason == ("handoff payments -> triage refused: not an allowed edge of the "
-                              "graph (allowed from payments: none)")
+    assert refused.reason == (
+        "handoff payments -> triage refused: not an allowed edge of the graph (allowed from payments: none)"
+    )
     ended = outputs(decision.record)[0].message
     assert isinstance(ended, ConversationEnded) and ended.status == "refused"
 
@@ -57,8 +59,7 @@ def test_out_of_turn_reply_is_rejected_and_duplicate_changes_nothing() -> None:
     rejected = from_agent(reply, "payments", RECORD, GRAPH)
     assert rejected.record is None and rejected.steps[0].kind == "rejected"
     late = AgentReply(conversation="c1", step=1, agent="triage", text="hi")
-    duplicate = from_agent(late, "triage", RECORD.evolve(step=2, current_agent="payments"),
-                           GRAPH)
+    duplicate = from_agent(late, "triage", RECORD.evolve(step=2, current_agent="payments"), GRAPH)
     assert duplicate.record is None and duplicate.steps == []
 
 

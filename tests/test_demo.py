@@ -9,12 +9,17 @@ from pathlib import Path
 
 
 def test_demo_once_runs_the_samples_on_embedded_servers(tmp_path: Path) -> None:
-    env = {k: v for k, v in os.environ.items() if k not in {"NATS_URL", "DATABASE_URL",
-                                                            "CORRAL_STATE_DIR"}}
+    env = {k: v for k, v in os.environ.items() if k not in {"NATS_URL", "DATABASE_URL", "CORRAL_STATE_DIR"}}
     env["COLUMNS"] = "200"
     # From an empty directory: no ./corral.yaml, so the sample team is used.
-    result = subprocess.run([sys.executable, "-m", "supervisor", "demo", "--once"],
-                            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240)
+    result = subprocess.run(
+        [sys.executable, "-m", "supervisor", "demo", "--once"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
     assert result.returncode == 0, result.stdout + result.stderr
     out = result.stdout
     assert "path:   triage -> payments (0.93) -> account_manager (0.91)" in out

@@ -1,9 +1,7 @@
 """The public surface of each package is pinned: changing it is a deliberate act."""
 
 import agents
-import bus
 import router
-
 import supervisor
 
 
@@ -11,15 +9,49 @@ def test_bus_exports() -> None:
     import bus._messages
 
     assert set(bus.__all__) == {
-        "DEAD_REASON", "DEAD_STREAM_SEQ", "DEAD_SUBJECT", "MSG_ID", "TRACEPARENT",
-        "AgentEvent", "AgentFailed", "AgentInput", "AgentReply", "AgentTask", "Bus",
-        "BusConfig", "BusConnectError", "BusError", "ClientUpdate", "Consumer",
-        "ConsumerConfig", "ConsumerState", "ConversationEnded", "ConversationStart",
-        "ConversationStatus", "CorralError", "Delivery", "HandoffForwarded", "HandoffProposed",
-        "HandoffRefused", "Hop", "Message", "PoisonMessageError", "StepEvent",
-        "SupervisorInput", "TopologyConfig", "agent_consumer_config", "connect",
-        "current_traceparent", "encode", "ensure_topology", "new_traceparent", "publish",
-        "subjects", "supervisor_consumer_config", "trace_id", "traceparent_from",
+        "DEAD_REASON",
+        "DEAD_STREAM_SEQ",
+        "DEAD_SUBJECT",
+        "MSG_ID",
+        "TRACEPARENT",
+        "AgentEvent",
+        "AgentFailed",
+        "AgentInput",
+        "AgentReply",
+        "AgentTask",
+        "Bus",
+        "BusConfig",
+        "BusConnectError",
+        "BusError",
+        "ClientUpdate",
+        "Consumer",
+        "ConsumerConfig",
+        "ConsumerState",
+        "ConversationEnded",
+        "ConversationStart",
+        "ConversationStatus",
+        "CorralError",
+        "Delivery",
+        "HandoffForwarded",
+        "HandoffProposed",
+        "HandoffRefused",
+        "Hop",
+        "Message",
+        "PoisonMessageError",
+        "StepEvent",
+        "SupervisorInput",
+        "TopologyConfig",
+        "agent_consumer_config",
+        "connect",
+        "current_traceparent",
+        "encode",
+        "ensure_topology",
+        "new_traceparent",
+        "publish",
+        "subjects",
+        "supervisor_consumer_config",
+        "trace_id",
+        "traceparent_from",
         "use_traceparent",
     }
     # Every wire type is exported.
@@ -28,16 +60,36 @@ def test_bus_exports() -> None:
 
 def test_agents_exports() -> None:
     assert set(agents.__all__) == {
-        "AgentError", "AgentService", "AgentSettings", "AgentState", "Decision",
-        "DecisionError", "HandoffDecision", "ReplyDecision", "parse_decision", "response_format",
+        "AgentError",
+        "AgentService",
+        "AgentSettings",
+        "AgentState",
+        "Decision",
+        "DecisionError",
+        "HandoffDecision",
+        "ReplyDecision",
+        "parse_decision",
+        "response_format",
     }
 
 
 def test_router_exports() -> None:
     assert set(router.__all__) == {
-        "SCRIPTED_PROVIDER", "ChatMessage", "Completion", "CompletionRequest", "LiteLLMModel",
-        "Model", "ModelTier", "RouterError", "ScriptError", "ScriptRule", "ScriptRules",
-        "ScriptedModel", "load_rules", "model_for_tier", "register_scripted",
+        "SCRIPTED_PROVIDER",
+        "ChatMessage",
+        "Completion",
+        "CompletionRequest",
+        "LiteLLMModel",
+        "Model",
+        "ModelTier",
+        "RouterError",
+        "ScriptError",
+        "ScriptRule",
+        "ScriptRules",
+        "ScriptedModel",
+        "load_rules",
+        "model_for_tier",
+        "register_scripted",
     }
 
 

@@ -19,8 +19,10 @@ from tests.conftest import SAMPLE_CONFIG
 
 
 def _request(agent: str, text: str) -> CompletionRequest:
-    return CompletionRequest(agent=agent, messages=[ChatMessage(role="system", content="x"),
-                                                    ChatMessage(role="user", content=text)])
+    return CompletionRequest(
+        agent=agent,
+        messages=[ChatMessage(role="system", content="x"), ChatMessage(role="user", content=text)],
+    )
 
 
 async def test_scripted_provider_answers_through_litellm() -> None:
@@ -33,8 +35,7 @@ async def test_scripted_provider_answers_through_litellm() -> None:
     assert completion.model == "scripted/support"
     assert completion.output_tokens > 0
     decision = parse_decision(completion.text, agent="triage")
-    assert decision == HandoffDecision(target="payments", confidence=0.93,
-                                       reason="billing question")
+    assert decision == HandoffDecision(target="payments", confidence=0.93, reason="billing question")
 
 
 async def test_missing_rule_is_a_non_retryable_router_error() -> None:
@@ -55,10 +56,15 @@ async def test_fallback_model_answers_when_the_first_fails() -> None:
 
 
 def test_decisions_are_parsed_strictly() -> None:
-    assert parse_decision('Sure! ```{"action": "reply", "text": "hi"}```', agent="a") == \
-        ReplyDecision(text="hi")
-    for bad in ["no json here", '{"action": "launch"}', '{"action": "handoff", "target": "x"}',
-                '{"action": "reply", "text": "x", "confidence": 7}']:
+    assert parse_decision('Sure! ```{"action": "reply", "text": "hi"}```', agent="a") == ReplyDecision(
+        text="hi"
+    )
+    for bad in [
+        "no json here",
+        '{"action": "launch"}',
+        '{"action": "handoff", "target": "x"}',
+        '{"action": "reply", "text": "x", "confidence": 7}',
+    ]:
         with pytest.raises(DecisionError):
             parse_decision(bad, agent="a")
 

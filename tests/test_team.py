@@ -10,7 +10,7 @@ import re
 import signal
 import subprocess
 import sys
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -49,32 +49,45 @@ class Stack:
         return next(c for c in runtime["children"] if c["name"] == name)
 
     def corral(self, *args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([sys.executable, "-m", "supervisor", *args, "-c",
-                               str(SAMPLE_CONFIG)], env=self.env, capture_output=True,
-                              text=True, timeout=120)
+        return subprocess.run(
+            [sys.executable, "-m", "supervisor", *args, "-c", str(SAMPLE_CONFIG)],
+            env=self.env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
 
 
 @pytest.fixture(scope="module")
-async def stack(module_nats: EmbeddedNats, module_database_url: str,
-                tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Stack]:
+async def stack(
+    module_nats: EmbeddedNats, module_database_url: str, tmp_path_factory: pytest.TempPathFactory
+) -> AsyncIterator[Stack]:
     state = tmp_path_factory.mktemp("state")
-    env = {**os.environ, "NATS_URL": module_nats.url, "DATABASE_URL": module_database_url,
-           "CORRAL_STATE_DIR": str(state)}
+    env = {
+        **os.environ,
+        "NATS_URL": module_nats.url,
+        "DATABASE_URL": module_database_url,
+        "CORRAL_STATE_DIR": str(state),
+    }
     log = state / "up.log"
     with open(log, "wb") as out:
         process = subprocess.Popen(
             [sys.executable, "-m", "supervisor", "up", "-c", str(SAMPLE_CONFIG)],
-            env=env, stdout=out, stderr=subprocess.STDOUT)
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
     stack = Stack(process, state, env, module_nats.url, module_database_url, log)
 
     def _all_started() -> bool:
         runtime = stack.runtime()
-        return bool(runtime and len(runtime["children"]) == 5
-                    and all(c["pid"] for c in runtime["children"]))
+        return bool(runtime and len(runtime["children"]) == 5 and all(c["pid"] for c in runtime["children"]))
 
     await eventually(_all_started, timeout=60, message="corral up started five processes")
     yield stack
-    process.send_signal(signal.SIGTERM)
+    down = await asyncio.to_thread(stack.corral, "down")
+    assert down.returncode == 0, down.stdout + down.stderr
+    assert "corral stopped" in down.stdout
     assert process.wait(60) == 0
     assert not (state / "runtime.json").exists()
 
@@ -97,9 +110,9 @@ async def test_every_process_is_separate_and_alive(stack: Stack) -> None:
 
 
 async def test_sample_conversations_take_the_expected_paths(stack: Stack, client: Bus) -> None:
-    results = await asyncio.gather(*(
-        send_and_wait(client, s["text"], customer=s["customer"], timeout_s=90) for s in SCENARIOS
-    ))
+    results = await asyncio.gather(
+        *(send_and_wait(client, s["text"], customer=s["customer"], timeout_s=90) for s in SCENARIOS)
+    )
     for sample, ended in zip(SCENARIOS, results, strict=True):
         assert _check_expectation(ended, sample["expect"]) is None, (sample["name"], ended)
     appearing = {hop.agent for ended in results for hop in ended.path}
@@ -110,44 +123,60 @@ async def test_sample_conversations_take_the_expected_paths(stack: Stack, client
 
 async def test_refused_edge_is_recorded_and_the_client_told_why(stack: Stack) -> None:
     result = await asyncio.to_thread(
-        stack.corral, "send", "--wait", "--timeout", "90", "--customer", "cus_9",
-        "The app crashed during checkout and I want a refund.")
+        stack.corral,
+        "send",
+        "--wait",
+        "--timeout",
+        "90",
+        "--customer",
+        "cus_9",
+        "The app crashed during checkout and I want a refund.",
+    )
     assert result.returncode == 1, result.stdout + result.stderr
     out = " ".join(result.stdout.split())
     assert "status: refused" in out
-    assert "handoff tech_support -> payments refused: not an allowed edge of the graph " \
-           "(allowed from tech_support: account_manager)" in out
+    assert (
+        "handoff tech_support -> payments refused: not an allowed edge of the graph "
+        "(allowed from tech_support: account_manager)" in out
+    )
     conversation = re.search(r"conversation (c-[0-9a-f]+)", out)
     assert conversation is not None
     conn = await asyncpg.connect(stack.database_url)
     try:
-        row = await conn.fetchrow("SELECT status, reason FROM conversations WHERE id=$1",
-                                  conversation.group(1))
-        steps = await conn.fetch("SELECT agent, kind, target FROM conversation_steps "
-                                 "WHERE conversation=$1 ORDER BY id", conversation.group(1))
+        row = await conn.fetchrow(
+            "SELECT status, reason FROM conversations WHERE id=$1", conversation.group(1)
+        )
+        steps = await conn.fetch(
+            "SELECT agent, kind, target FROM conversation_steps WHERE conversation=$1 ORDER BY id",
+            conversation.group(1),
+        )
     finally:
         await conn.close()
     assert row["status"] == "refused" and "tech_support -> payments" in row["reason"]
     assert [tuple(s) for s in steps] == [
-        ("triage", "started", None), ("triage", "forwarded", "tech_support"),
-        ("tech_support", "refused", "payments")]
+        ("triage", "started", None),
+        ("triage", "forwarded", "tech_support"),
+        ("tech_support", "refused", "payments"),
+    ]
 
 
 async def test_send_wait_replies_with_exit_zero(stack: Stack) -> None:
     result = await asyncio.to_thread(
-        stack.corral, "send", "--wait", "--timeout", "90", "How do I change my email address?")
+        stack.corral, "send", "--wait", "--timeout", "90", "How do I change my email address?"
+    )
     assert result.returncode == 0, result.stdout + result.stderr
     out = " ".join(result.stdout.split())
     assert "path: triage -> account_manager (0.90)" in out
     assert "reply: You can change your email under Settings" in out
 
 
-async def test_poison_messages_on_supervisor_subjects_are_dead_lettered(
-        stack: Stack, client: Bus) -> None:
+async def test_poison_messages_on_supervisor_subjects_are_dead_lettered(stack: Stack, client: Bus) -> None:
     before = (await client.js.stream_info(subjects.DEAD_LETTER_STREAM)).state.last_seq
     await client.js.publish(subjects.conversation_start("poison1"), b"\xff\x00 not json")
-    await client.js.publish(subjects.agent_reply("triage"), encode(AgentReply(
-        conversation="no-such-conversation", step=1, agent="triage", text="hi")))
+    await client.js.publish(
+        subjects.agent_reply("triage"),
+        encode(AgentReply(conversation="no-such-conversation", step=1, agent="triage", text="hi")),
+    )
     ended = await send_and_wait(client, "How do I change my email address?", timeout_s=90)
     assert ended.status == "replied"
 
@@ -162,14 +191,16 @@ async def test_poison_messages_on_supervisor_subjects_are_dead_lettered(
         return out
 
     dead = dict(await eventually(_dead, message="two dead letters"))
-    assert dead[subjects.dead_letter(subjects.conversation_start("poison1"))].startswith(
-        "decode error")
-    assert "unknown conversation 'no-such-conversation'" in dead[
-        subjects.dead_letter(subjects.agent_reply("triage"))]
+    assert dead[subjects.dead_letter(subjects.conversation_start("poison1"))].startswith("decode error")
+    assert (
+        "unknown conversation 'no-such-conversation'"
+        in dead[subjects.dead_letter(subjects.agent_reply("triage"))]
+    )
 
 
 async def test_killed_agent_is_restarted_and_the_waiting_conversation_completes(
-        stack: Stack, client: Bus) -> None:
+    stack: Stack, client: Bus
+) -> None:
     before = stack.child("payments")
     os.kill(before["pid"], signal.SIGKILL)
     # The refund needs payments, which is dead right now: the task waits in its inbox.
@@ -189,10 +220,53 @@ async def test_status_lists_processes_streams_and_consumers(stack: Stack) -> Non
     report = json.loads(result.stdout)
     assert report["running"] is True
     assert {p["name"] for p in report["processes"] if p["alive"]} == {
-        "supervisor", "triage", "payments", "tech_support", "account_manager"}
-    assert {s["name"] for s in report["streams"]} == {"CORRAL_WORK", "CORRAL_EVENTS",
-                                                       "CORRAL_DLQ"}
+        "supervisor",
+        "triage",
+        "payments",
+        "tech_support",
+        "account_manager",
+    }
+    assert {s["name"] for s in report["streams"]} == {"CORRAL_WORK", "CORRAL_EVENTS", "CORRAL_DLQ"}
     consumers = {c["name"]: c for c in report["consumers"]}
-    assert set(consumers) == {"supervisor", "agent-triage", "agent-payments",
-                              "agent-tech_support", "agent-account_manager"}
+    assert set(consumers) == {
+        "supervisor",
+        "agent-triage",
+        "agent-payments",
+        "agent-tech_support",
+        "agent-account_manager",
+    }
     assert all("pending" in c for c in consumers.values())
+
+
+async def test_one_trace_follows_the_conversation_across_processes(stack: Stack, client: Bus) -> None:
+    ended = await send_and_wait(client, "Please refund the duplicate charge.", timeout_s=90)
+    conversation = ended.conversation
+    from bus import trace_id
+
+    async def _events() -> list[tuple[str, str | None]] | None:
+        # The agents' step events and the supervisor's updates for this conversation.
+        sub = await client.js.subscribe("corral.>", stream=subjects.EVENTS_STREAM, ordered_consumer=True)
+        found: list[tuple[str, str | None]] = []
+        try:
+            while True:
+                try:
+                    msg = await sub.next_msg(timeout=0.5)
+                except TimeoutError:
+                    break
+                if conversation.encode() in msg.data:
+                    found.append((msg.subject, trace_id((msg.headers or {}).get("traceparent"))))
+        finally:
+            await sub.unsubscribe()
+        # triage, payments, account_manager events; two forwards; the end.
+        return found if len(found) >= 6 else None
+
+    found = await eventually(_events, message="six trace-carrying events")
+    subjects_seen = {s for s, _ in found}
+    assert {
+        subjects.agent_event("triage"),
+        subjects.agent_event("payments"),
+        subjects.agent_event("account_manager"),
+        subjects.conversation_updates(conversation),
+    } <= subjects_seen
+    trace_ids = {t for _, t in found}
+    assert len(trace_ids) == 1 and None not in trace_ids
