@@ -26,6 +26,7 @@ from supervisor._runtime import (
     configured_nats_url,
     nats_servers,
     state_dir,
+    topology,
 )
 from supervisor.errors import ConfigError
 
@@ -157,7 +158,7 @@ def supervisor_run(config: ConfigOption = None) -> None:
         bus = await _connect(_nats_url(loaded), "corral-supervisor")
         store = await Store.open(_database_url(loaded))
         try:
-            await ensure_topology(bus.js, loaded.agent_names)
+            await ensure_topology(bus.js, loaded.agent_names, topology(loaded))
             graph = Graph(
                 entry=loaded.config.graph.entry,
                 edges={k: list(v) for k, v in loaded.config.graph.edges.items()},

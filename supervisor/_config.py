@@ -33,6 +33,8 @@ class NatsSection(_Strict):
 
     url: str | None = None
     """One or more ``nats://`` URLs, comma-separated."""
+    stream_replicas: int = Field(default=1, ge=1, le=5)
+    """Copies of each stream (3 on a 3-node cluster); ``CORRAL_STREAM_REPLICAS`` wins."""
 
 
 class DatabaseSection(_Strict):

@@ -13,7 +13,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from bus import BusConfig, TopologyConfig, connect, ensure_topology
+from bus import BusConfig, connect, ensure_topology
 from supervisor._config import LoadedConfig
 from supervisor._embedded import EmbeddedNats, EmbeddedPostgres
 from supervisor._runtime import (
@@ -22,6 +22,7 @@ from supervisor._runtime import (
     configured_database_url,
     configured_nats_url,
     nats_servers,
+    topology,
 )
 from supervisor.errors import LauncherError
 
@@ -91,7 +92,7 @@ class Launcher:
             BusConfig(servers=nats_servers(nats_url), name="corral-up", reconnect_forever=False)
         )
         try:
-            await ensure_topology(bus.js, loaded.agent_names, TopologyConfig())
+            await ensure_topology(bus.js, loaded.agent_names, topology(loaded))
         finally:
             await bus.close()
         self.runtime = Runtime(

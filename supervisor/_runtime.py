@@ -11,6 +11,7 @@ import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from bus import TopologyConfig
 from supervisor._config import LoadedConfig
 
 
@@ -77,6 +78,12 @@ def configured_nats_url(loaded: LoadedConfig) -> str | None:
 def configured_database_url(loaded: LoadedConfig) -> str | None:
     """``DATABASE_URL`` if set, else the config's ``database.url``."""
     return os.environ.get("DATABASE_URL") or loaded.config.database.url
+
+
+def topology(loaded: LoadedConfig) -> TopologyConfig:
+    """Stream settings: ``CORRAL_STREAM_REPLICAS`` if set, else ``nats.stream_replicas``."""
+    replicas = os.environ.get("CORRAL_STREAM_REPLICAS")
+    return TopologyConfig(replicas=int(replicas) if replicas else loaded.config.nats.stream_replicas)
 
 
 def nats_servers(url: str) -> list[str]:
