@@ -124,8 +124,10 @@ class Consumer(Generic[T]):
                     msgs = await sub.fetch(batch=free, timeout=self._config.fetch_timeout_s)
                 except nats.errors.TimeoutError:
                     continue
-                except (nats.errors.ConnectionClosedError, nats.errors.ConnectionReconnectingError):
-                    # The client reconnects on its own; wait for it rather than spin.
+                except Exception as exc:
+                    # Server restarts, leader elections, reconnects: the client recovers on
+                    # its own, so wait a moment rather than spin or die.
+                    logger.warning("fetch from %s failed: %s; retrying", self._config.durable, exc)
                     await _wait_or(self._stopping, self._config.retry_delay_s)
                     continue
                 for msg in msgs:
@@ -152,6 +154,16 @@ class Consumer(Generic[T]):
         await asyncio.gather(*pending, return_exceptions=True)
 
     async def _deliver(self, msg: Msg) -> None:
+        try:
+            await self._handle(msg)
+        except Exception:
+            # Acking, naking or dead-lettering failed (the connection dropped): the message
+            # stays unacknowledged and JetStream redelivers it after ack_wait.
+            logger.warning(
+                "could not settle a message from %s; it will be redelivered", msg.subject, exc_info=True
+            )
+
+    async def _handle(self, msg: Msg) -> None:
         headers = dict(msg.headers or {})
         try:
             attempt = msg.metadata.num_delivered

@@ -13,6 +13,8 @@ import time
 import warnings
 from pathlib import Path
 
+import psutil
+
 from supervisor.errors import LauncherError
 
 logger = logging.getLogger(__name__)
@@ -62,12 +64,34 @@ class EmbeddedNats:
         """The server's config file (SIGHUP reloads it)."""
         return self.directory / "nats-server.conf"
 
+    @property
+    def pid_file(self) -> Path:
+        """Where the server writes its pid."""
+        return self.directory / "nats-server.pid"
+
+    def stop_stale(self) -> None:
+        """Stop a server left running on this store by a launcher that was killed."""
+        try:
+            pid = int(self.pid_file.read_text().strip())
+            process = psutil.Process(pid)
+            if str(self.config_file) not in process.cmdline():
+                return
+        except (OSError, ValueError, psutil.Error):
+            return
+        logger.warning("stopping nats-server %d left over from an earlier run", pid)
+        process.terminate()
+        try:
+            process.wait(10)
+        except psutil.TimeoutExpired:
+            process.kill()
+
     def write_config(self, extra: str = "") -> None:
         """Write the server config; ``extra`` is appended (e.g. an authorization block)."""
         self.directory.mkdir(parents=True, exist_ok=True)
         store = self.directory / "jetstream"
         self.config_file.write_text(
             f'listen: "127.0.0.1:{self.port}"\n'
+            f'pid_file: "{self.pid_file}"\n'
             f'jetstream {{\n  store_dir: "{store}"\n  sync_interval: always\n}}\n'
             f"{extra}"
         )

@@ -78,7 +78,8 @@ class Launcher:
         loaded = self._config.loaded
         nats_url = configured_nats_url(loaded)
         if nats_url is None:
-            self._nats = EmbeddedNats(state / "nats", port=_previous_port(state))
+            self._nats = EmbeddedNats(state / "nats")
+            self._nats.stop_stale()
             self._nats.write_config()
             await asyncio.to_thread(self._nats.start)
             nats_url = self._nats.url
@@ -222,16 +223,6 @@ class Launcher:
         with contextlib.suppress(OSError):
             (self._config.state_dir / "runtime.json").unlink()
         logger.info("corral stopped")
-
-
-def _previous_port(state_dir: Path) -> int | None:
-    """Reuse the embedded nats-server's port across restarts of ``corral up``."""
-    conf = state_dir / "nats" / "nats-server.conf"
-    try:
-        first = conf.read_text().splitlines()[0]
-        return int(first.rsplit(":", 1)[1].rstrip('"'))
-    except (OSError, IndexError, ValueError):
-        return None
 
 
 def _describe_exit(code: int) -> str:

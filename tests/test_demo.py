@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
+
+from tests.conftest import eventually
 
 
 def test_demo_once_runs_the_samples_on_embedded_servers(tmp_path: Path) -> None:
@@ -31,3 +35,42 @@ def test_demo_once_runs_the_samples_on_embedded_servers(tmp_path: Path) -> None:
     assert not (state / "runtime.json").exists()
     assert not (state / "postgres" / "postmaster.pid").exists()
     assert (state / "nats" / "jetstream").is_dir()
+
+
+async def test_demo_keeps_running_until_ctrl_c(tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if k not in {"NATS_URL", "DATABASE_URL", "CORRAL_STATE_DIR"}}
+    log = tmp_path / "demo.log"
+    with open(log, "wb") as out:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "supervisor", "demo"],
+            cwd=tmp_path,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+    try:
+
+        def _waiting_for_ctrl_c() -> bool:
+            assert process.poll() is None, log.read_text()
+            return "Ctrl-C stops everything." in log.read_text()
+
+        await eventually(_waiting_for_ctrl_c, timeout=180, message="the demo waiting for Ctrl-C")
+        runtime = json.loads((tmp_path / ".corral" / "runtime.json").read_text())
+        children = [c["pid"] for c in runtime["children"]]
+        assert all(_alive(pid) for pid in children)
+        process.send_signal(signal.SIGINT)
+        assert process.wait(60) == 0, log.read_text()
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert not any(_alive(pid) for pid in children)
+    assert not (tmp_path / ".corral" / "runtime.json").exists()
+    assert not (tmp_path / ".corral" / "postgres" / "postmaster.pid").exists()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
