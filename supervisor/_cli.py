@@ -25,6 +25,7 @@ from supervisor._runtime import (
     configured_database_url,
     configured_nats_url,
     nats_servers,
+    pid_alive,
     state_dir,
     topology,
 )
@@ -76,25 +77,19 @@ def _setup_logging(level: int = logging.INFO) -> None:
 
 
 def _nats_url(loaded: LoadedConfig) -> str:
-    url = configured_nats_url(loaded)
-    if url:
-        return url
-    runtime = Runtime.read(state_dir(loaded))
-    if runtime is None:
-        err_console.print("no NATS server: start the team with `corral up` or set NATS_URL")
-        raise typer.Exit(1)
-    return runtime.nats_url
+    return configured_nats_url(loaded) or _running(loaded, "NATS server", "NATS_URL").nats_url
 
 
 def _database_url(loaded: LoadedConfig) -> str:
-    url = configured_database_url(loaded)
-    if url:
-        return url
+    return configured_database_url(loaded) or _running(loaded, "database", "DATABASE_URL").database_url
+
+
+def _running(loaded: LoadedConfig, what: str, variable: str) -> Runtime:
     runtime = Runtime.read(state_dir(loaded))
     if runtime is None:
-        err_console.print("no database: start the team with `corral up` or set DATABASE_URL")
+        err_console.print(f"no {what}: start the team with `corral up` or set {variable}")
         raise typer.Exit(1)
-    return runtime.database_url
+    return runtime
 
 
 def _run(coro: Coroutine[Any, Any, int]) -> None:
@@ -403,7 +398,7 @@ def status(
                     "name": c.name,
                     "role": c.role,
                     "pid": c.pid,
-                    "alive": _pid_alive(c.pid),
+                    "alive": c.pid is not None and pid_alive(c.pid),
                     "restarts": c.restarts,
                 }
                 for c in runtime.children
@@ -445,18 +440,6 @@ async def _bus_report(bus: Bus, report: dict[str, Any]) -> None:
                     "redelivered": consumer.num_redelivered,
                 }
             )
-
-
-def _pid_alive(pid: int | None) -> bool:
-    if pid is None:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def _print_status(report: dict[str, Any]) -> None:

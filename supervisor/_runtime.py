@@ -52,10 +52,11 @@ class Runtime:
         except (OSError, ValueError):
             return None
         runtime = cls(**{**raw, "children": [ChildInfo(**c) for c in raw.get("children", [])]})
-        return runtime if _alive(runtime.pid) else None
+        return runtime if pid_alive(runtime.pid) else None
 
 
-def _alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether a process with this pid exists."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:

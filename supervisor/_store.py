@@ -64,18 +64,7 @@ _COLUMNS = "id, customer, text, status, current_agent, step, path::text AS path,
 
 def _from_row(row: asyncpg.Record) -> ConversationRecord:
     """Convert an asyncpg record into a ``ConversationRecord``, once, at the edge."""
-    return ConversationRecord(
-        id=row["id"],
-        customer=row["customer"],
-        text=row["text"],
-        status=row["status"],
-        current_agent=row["current_agent"],
-        step=row["step"],
-        path=_path_decoder.decode(row["path"]),
-        reply=row["reply"],
-        reason=row["reason"],
-        traceparent=row["traceparent"],
-    )
+    return ConversationRecord(**{**dict(row), "path": _path_decoder.decode(row["path"])})
 
 
 class ConversationLock:
@@ -207,17 +196,7 @@ class Store:
             " WHERE conversation=$1 ORDER BY id",
             conversation,
         )
-        return [
-            StepRecord(
-                step=r["step"],
-                agent=r["agent"],
-                kind=r["kind"],
-                target=r["target"],
-                confidence=r["confidence"],
-                detail=r["detail"],
-            )
-            for r in rows
-        ]
+        return [StepRecord(**dict(r)) for r in rows]
 
     async def counts(self) -> dict[str, int]:
         """Conversations per status."""
