@@ -78,6 +78,7 @@ class AgentService:
                 durable=subjects.agent_consumer(settings.name),
                 max_in_flight=settings.max_in_flight,
                 max_deliver=settings.max_deliver,
+                dead_letter_subject=lambda _: subjects.agent_dead_letter(settings.name),
             ),
             msgspec.json.Decoder(AgentInput),
             self.handle,

@@ -77,6 +77,8 @@ class ConsumerConfig:
     max_deliver: int = 10
     """Must match the durable consumer's ``max_deliver``."""
     retry_delay_s: float = 1.0
+    dead_letter_subject: Callable[[str], str] = subjects.dead_letter
+    """Maps a subject to its dead-letter subject (agents keep to their own namespace)."""
     shutdown_grace_s: float = 10.0
 
 
@@ -209,7 +211,7 @@ class Consumer(Generic[T]):
         trace = traceparent_from(msg.headers)
         if trace:
             headers[TRACEPARENT] = trace
-        await self._js.publish(subjects.dead_letter(msg.subject), msg.data, headers=headers)
+        await self._js.publish(self._config.dead_letter_subject(msg.subject), msg.data, headers=headers)
         await msg.term()
         logger.warning("dead-lettered a message from %s: %s", msg.subject, reason)
 

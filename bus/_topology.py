@@ -67,7 +67,7 @@ def _streams(config: TopologyConfig) -> list[StreamConfig]:
         ),
         StreamConfig(
             name=subjects.DEAD_LETTER_STREAM,
-            subjects=[subjects.all_dead_letters()],
+            subjects=subjects.all_dead_letters(),
             retention=RetentionPolicy.LIMITS,
             storage=StorageType.FILE,
             num_replicas=config.replicas,

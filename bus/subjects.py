@@ -2,14 +2,18 @@
 
 Subject families::
 
-    corral.in.<conversation>                 client -> supervisor: start a conversation
+    corral.in.<client>.<conversation>        client -> supervisor: start a conversation
     corral.agent.<agent>.inbox               supervisor -> agent: a task (only the supervisor publishes)
     corral.from.<agent>.handoff.<target>     agent -> supervisor: proposed handoff
     corral.from.<agent>.reply                agent -> supervisor: final reply
     corral.from.<agent>.error                agent -> supervisor: the agent could not do its step
     corral.from.<agent>.event                agent -> anyone: step events (trace, UI)
-    corral.out.<conversation>                supervisor -> client: progress and outcome
+    corral.from.<agent>.dead                 agent: messages its consumer dead-lettered
+    corral.out.<client>.<conversation>       supervisor -> client: progress and outcome
     corral.dlq.<original subject>            dead letters, with the decode error in a header
+
+The first token after ``in``, ``out`` and ``from`` is an identity that NATS permissions
+tie to one set of credentials, so whoever publishes there is who the subject says.
 """
 
 from __future__ import annotations
@@ -22,7 +26,13 @@ WORK_STREAM = "CORRAL_WORK"
 EVENTS_STREAM = "CORRAL_EVENTS"
 DEAD_LETTER_STREAM = "CORRAL_DLQ"
 
+CONTROL_BUCKET = "CORRAL_CONTROL"
+"""JetStream KV bucket of kill switches (``agent.<name>``, ``conversation.<id>``)."""
+
 SUPERVISOR_CONSUMER = "supervisor"
+
+DEFAULT_CLIENT = "client"
+"""The client identity the CLI uses."""
 
 _TOKEN = re.compile(r"^[A-Za-z0-9_-]+$")
 
@@ -38,9 +48,22 @@ def check_token(value: str, what: str = "token") -> str:
     return value
 
 
-def conversation_start(conversation: str) -> str:
-    """Subject a client publishes a conversation start on."""
-    return f"{PREFIX}.in.{conversation}"
+def conversation_start(client: str, conversation: str) -> str:
+    """Subject ``client`` publishes a conversation start on."""
+    return f"{PREFIX}.in.{client}.{conversation}"
+
+
+def client_starts(client: str) -> str:
+    """Wildcard of every conversation ``client`` may start."""
+    return f"{PREFIX}.in.{client}.>"
+
+
+def starter(subject: str) -> str | None:
+    """The client of a ``corral.in.<client>.<conversation>`` subject, else None."""
+    parts = subject.split(".")
+    if len(parts) == 4 and parts[0] == PREFIX and parts[1] == "in":
+        return parts[2]
+    return None
 
 
 def all_conversation_starts() -> str:
@@ -92,9 +115,14 @@ def all_agent_events() -> str:
     return f"{PREFIX}.from.*.event"
 
 
-def conversation_updates(conversation: str) -> str:
+def conversation_updates(client: str, conversation: str) -> str:
     """Subject the supervisor tells a conversation's client about progress on."""
-    return f"{PREFIX}.out.{conversation}"
+    return f"{PREFIX}.out.{client}.{conversation}"
+
+
+def client_updates(client: str) -> str:
+    """Wildcard of the updates of every conversation ``client`` started."""
+    return f"{PREFIX}.out.{client}.>"
 
 
 def all_conversation_updates() -> str:
@@ -107,9 +135,29 @@ def dead_letter(subject: str) -> str:
     return f"{PREFIX}.dlq.{subject}"
 
 
-def all_dead_letters() -> str:
-    """Wildcard of every dead letter."""
-    return f"{PREFIX}.dlq.>"
+def all_dead_letters() -> list[str]:
+    """Wildcards of every dead letter."""
+    return [f"{PREFIX}.dlq.>", f"{PREFIX}.from.*.dead"]
+
+
+def agent_dead_letter(agent: str) -> str:
+    """Where ``agent``'s consumer dead-letters (inside the agent's own namespace)."""
+    return f"{PREFIX}.from.{agent}.dead"
+
+
+def inbox_prefix(identity: str) -> str:
+    """Reply-inbox prefix of an identity; it may subscribe only below it."""
+    return f"_INBOX.{identity}"
+
+
+def agent_control_key(agent: str) -> str:
+    """Kill-switch key of an agent in ``CONTROL_BUCKET``."""
+    return f"agent.{agent}"
+
+
+def conversation_control_key(conversation: str) -> str:
+    """Kill-switch key of a conversation in ``CONTROL_BUCKET``."""
+    return f"conversation.{conversation}"
 
 
 def agent_consumer(agent: str) -> str:

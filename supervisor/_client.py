@@ -27,13 +27,18 @@ def new_conversation_id() -> str:
 
 
 async def start_conversation(
-    bus: Bus, text: str, *, customer: str = "", conversation: str | None = None
+    bus: Bus,
+    text: str,
+    *,
+    customer: str = "",
+    conversation: str | None = None,
+    client: str = subjects.DEFAULT_CLIENT,
 ) -> str:
-    """Publish a conversation start and return its id (without waiting)."""
+    """Publish a conversation start as ``client`` and return its id (without waiting)."""
     conversation = conversation or new_conversation_id()
     await publish(
         bus.js,
-        subjects.conversation_start(conversation),
+        subjects.conversation_start(client, conversation),
         ConversationStart(conversation=conversation, text=text, customer=customer),
         msg_id=conversation,
         traceparent=new_traceparent(),
@@ -49,6 +54,7 @@ async def send_and_wait(
     timeout_s: float = 30.0,
     conversation: str | None = None,
     on_update: Callable[[ClientUpdate], None] | None = None,
+    client: str = subjects.DEFAULT_CLIENT,
 ) -> ConversationEnded:
     """Start a conversation and wait for it to end.
 
@@ -71,10 +77,10 @@ async def send_and_wait(
         if isinstance(update, ConversationEnded) and not ended.done():
             ended.set_result(update)
 
-    sub = await bus.nc.subscribe(subjects.conversation_updates(conversation), cb=_on_message)
+    sub = await bus.nc.subscribe(subjects.conversation_updates(client, conversation), cb=_on_message)
     try:
         await bus.nc.flush()
-        await start_conversation(bus, text, customer=customer, conversation=conversation)
+        await start_conversation(bus, text, customer=customer, conversation=conversation, client=client)
         return await asyncio.wait_for(ended, timeout_s)
     finally:
         await sub.unsubscribe()

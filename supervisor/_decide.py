@@ -60,6 +60,7 @@ def start(
     existing: ConversationRecord | None,
     graph: Graph,
     traceparent: str | None,
+    client: str,
 ) -> Decision:
     """A client started a conversation (a repeated start changes nothing)."""
     if existing is not None:
@@ -72,6 +73,7 @@ def start(
         step=1,
         path=[Hop(agent=graph.entry)],
         traceparent=traceparent,
+        client=client,
     )
     return Decision(record=record, steps=[StepRecord(step=1, agent=graph.entry, kind="started")])
 
@@ -156,7 +158,7 @@ def _handoff(message: HandoffProposed, record: ConversationRecord, graph: Graph)
             ],
             extra=[
                 Outgoing(
-                    subject=subjects.conversation_updates(record.id),
+                    subject=subjects.conversation_updates(record.client, record.id),
                     message=refused,
                     msg_id=f"{record.id}.{record.step}.refused",
                 )
@@ -230,7 +232,7 @@ def _rejected(record: ConversationRecord, step: int, sender: str, reason: str) -
 
 def outputs(record: ConversationRecord) -> list[Outgoing]:
     """Everything the conversation's current state implies was published."""
-    updates = subjects.conversation_updates(record.id)
+    updates = subjects.conversation_updates(record.client, record.id)
     if record.status == "running":
         out = [
             Outgoing(

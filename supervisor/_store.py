@@ -15,7 +15,7 @@ from importlib import resources
 import asyncpg
 import msgspec
 
-from bus import ConversationStatus, Hop
+from bus import ConversationStatus, Hop, subjects
 from supervisor.errors import StoreError
 
 logger = logging.getLogger(__name__)
@@ -40,6 +40,8 @@ class ConversationRecord:
     reply: str | None = None
     reason: str | None = None
     traceparent: str | None = None
+    client: str = subjects.DEFAULT_CLIENT
+    """The client identity that started it; its updates go to that client only."""
 
     def evolve(self, **changes: object) -> ConversationRecord:
         """A copy with ``changes`` applied."""
@@ -59,7 +61,9 @@ class StepRecord:
     detail: str = ""
 
 
-_COLUMNS = "id, customer, text, status, current_agent, step, path::text AS path, reply, reason, traceparent"
+_COLUMNS = (
+    "id, customer, text, status, current_agent, step, path::text AS path, reply, reason, traceparent, client"
+)
 
 
 def _from_row(row: asyncpg.Record) -> ConversationRecord:
@@ -79,7 +83,8 @@ class ConversationLock:
         if self.record is None:
             await self._conn.execute(
                 "INSERT INTO conversations (id, customer, text, status, current_agent, step, path,"
-                " reply, reason, traceparent) VALUES ($1,$2,$3,$4,$5,$6,$7::jsonb,$8,$9,$10)",
+                " reply, reason, traceparent, client)"
+                " VALUES ($1,$2,$3,$4,$5,$6,$7::jsonb,$8,$9,$10,$11)",
                 record.id,
                 record.customer,
                 record.text,
@@ -90,6 +95,7 @@ class ConversationLock:
                 record.reply,
                 record.reason,
                 record.traceparent,
+                record.client,
             )
         else:
             await self._conn.execute(
@@ -197,6 +203,24 @@ class Store:
             conversation,
         )
         return [StepRecord(**dict(r)) for r in rows]
+
+    async def record_dropped(self, conversation: str, agent: str, step: int, kind: str, reason: str) -> None:
+        """Keep a message that was not acted on because of a kill switch."""
+        await self._pool.execute(
+            "INSERT INTO dropped_messages (conversation, agent, step, kind, reason) VALUES ($1,$2,$3,$4,$5)",
+            conversation,
+            agent,
+            step,
+            kind,
+            reason,
+        )
+
+    async def waiting_on(self, agent: str) -> list[str]:
+        """Running conversations whose next step belongs to ``agent``."""
+        rows = await self._pool.fetch(
+            "SELECT id FROM conversations WHERE status='running' AND current_agent=$1", agent
+        )
+        return [r["id"] for r in rows]
 
     async def counts(self) -> dict[str, int]:
         """Conversations per status."""

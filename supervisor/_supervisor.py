@@ -103,13 +103,14 @@ class Supervisor:
         """
         match message:
             case ConversationStart():
-                if delivery.subject != subjects.conversation_start(message.conversation):
+                client = subjects.starter(delivery.subject) or ""
+                if delivery.subject != subjects.conversation_start(client, message.conversation):
                     raise PoisonMessageError(
                         f"conversation {message.conversation!r} started on {delivery.subject}",
                         subject=delivery.subject,
                     )
                 async with self._store.lock(message.conversation) as lock:
-                    decision = _decide.start(message, lock.record, self._graph, current_traceparent())
+                    decision = _decide.start(message, lock.record, self._graph, current_traceparent(), client)
                     if decision.record is not None:
                         await lock.save(decision.record, decision.steps)
                     record = lock.record

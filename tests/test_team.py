@@ -172,7 +172,7 @@ async def test_send_wait_replies_with_exit_zero(stack: Stack) -> None:
 
 async def test_poison_messages_on_supervisor_subjects_are_dead_lettered(stack: Stack, client: Bus) -> None:
     before = (await client.js.stream_info(subjects.DEAD_LETTER_STREAM)).state.last_seq
-    await client.js.publish(subjects.conversation_start("poison1"), b"\xff\x00 not json")
+    await client.js.publish(subjects.conversation_start("client", "poison1"), b"\xff\x00 not json")
     await client.js.publish(
         subjects.agent_reply("triage"),
         encode(AgentReply(conversation="no-such-conversation", step=1, agent="triage", text="hi")),
@@ -191,7 +191,9 @@ async def test_poison_messages_on_supervisor_subjects_are_dead_lettered(stack: S
         return out
 
     dead = dict(await eventually(_dead, message="two dead letters"))
-    assert dead[subjects.dead_letter(subjects.conversation_start("poison1"))].startswith("decode error")
+    assert dead[subjects.dead_letter(subjects.conversation_start("client", "poison1"))].startswith(
+        "decode error"
+    )
     assert (
         "unknown conversation 'no-such-conversation'"
         in dead[subjects.dead_letter(subjects.agent_reply("triage"))]
@@ -266,7 +268,7 @@ async def test_one_trace_follows_the_conversation_across_processes(stack: Stack,
         subjects.agent_event("triage"),
         subjects.agent_event("payments"),
         subjects.agent_event("account_manager"),
-        subjects.conversation_updates(conversation),
+        subjects.conversation_updates("client", conversation),
     } <= subjects_seen
     trace_ids = {t for _, t in found}
     assert len(trace_ids) == 1 and None not in trace_ids
