@@ -20,12 +20,14 @@ from bus import (
     Bus,
     Consumer,
     ConsumerConfig,
+    ControlWatcher,
     Delivery,
     HandoffProposed,
     StepEvent,
     current_traceparent,
     encode,
     publish,
+    serve_with_control,
     subjects,
 )
 from router import ChatMessage, CompletionRequest, Model, RouterError
@@ -71,6 +73,8 @@ class AgentService:
         self._settings = settings
         self._bus = bus
         self._model = model
+        # Agents read conversation kill switches only, to skip steps of killed conversations.
+        self._control = ControlWatcher(bus.js, keys="conversation.>")
         self._consumer: Consumer[AgentTask] = Consumer(
             bus.js,
             ConsumerConfig(
@@ -100,7 +104,7 @@ class AgentService:
         self.state = AgentState.RUNNING
         logger.info("agent %s serving %s", self._settings.name, subjects.agent_inbox(self._settings.name))
         try:
-            await self._consumer.run()
+            await serve_with_control(self._control, self._consumer)
         finally:
             self.state = AgentState.STOPPED
             logger.info("agent %s stopped", self._settings.name)
@@ -108,6 +112,7 @@ class AgentService:
     async def shutdown(self) -> None:
         """Stop taking work; idempotent."""
         await self._consumer.shutdown()
+        await self._control.shutdown()
 
     async def handle(self, task: AgentTask, delivery: Delivery) -> None:
         """Run one step: model call, then publish the decision to the supervisor.
@@ -118,6 +123,11 @@ class AgentService:
         name = self._settings.name
         if task.agent != name:
             raise AgentError(f"task for {task.agent!r} arrived in {name}'s inbox", agent=name)
+        killed = self._control.state.conversation_killed(task.conversation)
+        if killed is not None:
+            # No step of a killed conversation runs; the supervisor records the drop.
+            await self._publish_failure(task, f"conversation killed ({killed.reason})")
+            return
         try:
             completion = await self._model.complete(
                 CompletionRequest(
@@ -137,16 +147,13 @@ class AgentService:
             return
         match decision:
             case HandoffDecision(target=target, confidence=confidence, reason=reason):
-                # Only a valid token can become a subject; anything else is the model's
-                # mistake, reported to the supervisor like any refused handoff.
-                try:
-                    subjects.check_token(target, "handoff target")
-                except ValueError as exc:
-                    await self._publish_failure(task, str(exc))
-                    return
+                # The broker lets this agent publish handoffs only toward the targets the
+                # graph allows; a model that asks for another target is reported on the
+                # error subject, where the supervisor refuses it and tells the client.
+                allowed = target in self._settings.handoff_targets
                 await publish(
                     self._bus.js,
-                    subjects.agent_handoff(name, target),
+                    subjects.agent_handoff(name, target) if allowed else subjects.agent_error(name),
                     HandoffProposed(
                         conversation=task.conversation,
                         step=task.step,

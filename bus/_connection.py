@@ -9,6 +9,7 @@ import nats
 from nats.aio.client import Client
 from nats.js import JetStreamContext
 
+from bus import subjects
 from bus.errors import BusConnectError
 
 logger = logging.getLogger(__name__)
@@ -22,10 +23,11 @@ class BusConfig:
     """nats:// URLs; several for a cluster."""
     name: str = "corral"
     """Connection name, shown by the server's monitoring."""
-    credentials_file: str | None = None
-    """A ``.creds`` file with this process's identity, if the server requires one."""
-    user: str | None = None
-    password: str | None = None
+    nkey_seed_file: str | None = None
+    """This process's nkey seed, if the server requires identities (see ``corral creds``)."""
+    identity: str | None = None
+    """The identity's name; replies arrive under ``_INBOX.<identity>``, the only inbox
+    its permissions let it subscribe to."""
     connect_timeout_s: float = 5.0
     reconnect_forever: bool = True
     """Long-running services ride out server restarts; one-shot clients should not."""
@@ -72,9 +74,8 @@ async def connect(config: BusConfig) -> Bus:
         nc = await nats.connect(
             servers=config.servers,
             name=config.name,
-            user_credentials=config.credentials_file,
-            user=config.user,
-            password=config.password,
+            nkeys_seed=config.nkey_seed_file,
+            inbox_prefix=subjects.inbox_prefix(config.identity).encode() if config.identity else b"_INBOX",
             connect_timeout=config.connect_timeout_s,
             allow_reconnect=True,
             max_reconnect_attempts=-1 if config.reconnect_forever else 3,

@@ -109,7 +109,7 @@ class HandoffRefused(msgspec.Struct, frozen=True, kw_only=True, tag="handoff.ref
     reason: str
 
 
-ConversationStatus = Literal["running", "replied", "refused", "escalated", "failed"]
+ConversationStatus = Literal["running", "replied", "refused", "escalated", "failed", "killed"]
 
 
 class ConversationEnded(msgspec.Struct, frozen=True, kw_only=True, tag="conversation.ended"):

@@ -22,6 +22,7 @@ from nats.js.api import (
 from nats.js.errors import NotFoundError
 
 from bus import subjects
+from bus._control import ensure_control_bucket
 from bus.errors import BusError
 
 
@@ -125,6 +126,7 @@ async def ensure_topology(
         await js.add_consumer(subjects.WORK_STREAM, supervisor_consumer_config(config))
         for agent in agents:
             await js.add_consumer(subjects.WORK_STREAM, agent_consumer_config(config, agent))
+        await ensure_control_bucket(js, config.replicas)
     except NotFoundError as exc:
         raise BusError(f"JetStream is not enabled on this server: {exc}") from exc
     except Exception as exc:

@@ -18,12 +18,27 @@ import typer
 import yaml
 from rich.console import Console
 
-from bus import Bus, BusConfig, BusError, ConversationEnded, CorralError, connect, subjects
+from bus import (
+    Bus,
+    BusConfig,
+    BusError,
+    ConversationEnded,
+    CorralError,
+    KillTarget,
+    clear_kill,
+    connect,
+    list_kills,
+    set_kill,
+    subjects,
+)
 from supervisor._config import LoadedConfig, load_config, resolve_config_path
+from supervisor._credentials import ADMIN, SUPERVISOR, agent_identity
 from supervisor._runtime import (
     Runtime,
     configured_database_url,
     configured_nats_url,
+    credentials_for,
+    creds_dir,
     nats_servers,
     pid_alive,
     state_dir,
@@ -40,6 +55,10 @@ agent_app = typer.Typer(no_args_is_help=True, help="Run one agent as a service."
 supervisor_app = typer.Typer(no_args_is_help=True, help="Run the supervisor as a service.")
 app.add_typer(agent_app, name="agent")
 app.add_typer(supervisor_app, name="supervisor")
+kill_app = typer.Typer(no_args_is_help=True, help="Kill an agent or a conversation (durable).")
+revive_app = typer.Typer(no_args_is_help=True, help="Undo `corral kill agent`.")
+app.add_typer(kill_app, name="kill")
+app.add_typer(revive_app, name="revive")
 
 console = Console()
 err_console = Console(stderr=True)
@@ -131,8 +150,18 @@ async def _watch_parent(pid: int, service: _Service) -> None:
     await service.shutdown()
 
 
-async def _connect(url: str, name: str, *, forever: bool = True) -> Bus:
-    return await connect(BusConfig(servers=nats_servers(url), name=name, reconnect_forever=forever))
+async def _connect(loaded: LoadedConfig, url: str, identity: str, *, forever: bool = True) -> Bus:
+    """Connect as ``identity``, with its seed when the server requires identities."""
+    seed = credentials_for(loaded, identity)
+    return await connect(
+        BusConfig(
+            servers=nats_servers(url),
+            name=f"corral-{identity}",
+            identity=identity,
+            nkey_seed_file=str(seed) if seed else None,
+            reconnect_forever=forever,
+        )
+    )
 
 
 # --- services -------------------------------------------------------------------------
@@ -150,7 +179,7 @@ def supervisor_run(config: ConfigOption = None) -> None:
         from supervisor._store import Store
         from supervisor._supervisor import Supervisor
 
-        bus = await _connect(_nats_url(loaded), "corral-supervisor")
+        bus = await _connect(loaded, _nats_url(loaded), SUPERVISOR)
         store = await Store.open(_database_url(loaded))
         try:
             await ensure_topology(bus.js, loaded.agent_names, topology(loaded))
@@ -185,7 +214,7 @@ def agent_run(
         from router import model_for_tier
 
         model = model_for_tier(loaded.tier(name), loaded.scripted_rules)
-        bus = await _connect(_nats_url(loaded), f"corral-agent-{name}")
+        bus = await _connect(loaded, _nats_url(loaded), agent_identity(name))
         try:
             settings = AgentSettings(
                 name=name,
@@ -282,7 +311,7 @@ def demo(
     async def _samples(runtime: Runtime) -> int:
         from supervisor._client import send_and_wait
 
-        bus = await _connect(runtime.nats_url, "corral-demo", forever=False)
+        bus = await _connect(loaded, runtime.nats_url, subjects.DEFAULT_CLIENT, forever=False)
         failures = 0
         try:
             for sample in samples:
@@ -356,7 +385,7 @@ def send(
     async def _main() -> int:
         from supervisor._client import send_and_wait, start_conversation
 
-        bus = await _connect(_nats_url(loaded), "corral-cli", forever=False)
+        bus = await _connect(loaded, _nats_url(loaded), subjects.DEFAULT_CLIENT, forever=False)
         try:
             if not wait:
                 conversation = await start_conversation(bus, text, customer=customer)
@@ -406,7 +435,7 @@ def status(
         url = configured_nats_url(loaded) or (runtime.nats_url if runtime else None)
         if url:
             try:
-                bus = await _connect(url, "corral-status", forever=False)
+                bus = await _connect(loaded, url, ADMIN, forever=False)
             except BusError as exc:
                 report["nats_error"] = str(exc)
             else:
@@ -430,6 +459,10 @@ async def _bus_report(bus: Bus, report: dict[str, Any]) -> None:
             report["streams"].append(
                 {"name": name, "messages": info.state.messages, "bytes": info.state.bytes}
             )
+    report["kill_switches"] = [
+        {"key": key, "reason": switch.reason, "by": switch.by, "at": switch.at}
+        for key, switch in (await list_kills(bus.js)).items()
+    ]
     with contextlib.suppress(Exception):
         for consumer in await bus.js.consumers_info(subjects.WORK_STREAM):
             report["consumers"].append(
@@ -468,5 +501,87 @@ def _print_status(report: dict[str, Any]) -> None:
         for c in report["consumers"]:
             table.add_row(c["name"], str(c["pending"]), str(c["ack_pending"]), str(c["redelivered"]))
         console.print(table)
+    if report.get("kill_switches"):
+        table = Table("kill switch", "reason", "by", title="kill switches")
+        for k in report["kill_switches"]:
+            table.add_row(k["key"], k["reason"], k["by"])
+        console.print(table)
     if "nats_error" in report:
         console.print(f"NATS: {report['nats_error']}")
+
+
+# --- kill switches and credentials ----------------------------------------------------
+
+
+def _switch(loaded: LoadedConfig, target: KillTarget, name: str, reason: str | None) -> None:
+    async def _main() -> int:
+        bus = await _connect(loaded, _nats_url(loaded), ADMIN, forever=False)
+        try:
+            by = os.environ.get("USER", "")
+            if reason is None:
+                changed = await clear_kill(bus.js, target, name)
+                console.print(f"{target} {name} revived" if changed else f"{target} {name} was not killed")
+            else:
+                await set_kill(bus.js, target, name, reason, by=by)
+                console.print(f"{target} {name} killed: {reason}")
+        finally:
+            await bus.close()
+        return 0
+
+    _run(_main())
+
+
+@kill_app.command("agent")
+def kill_agent(
+    name: Annotated[str, typer.Argument(help="The agent to kill")],
+    config: ConfigOption = None,
+    reason: Annotated[str, typer.Option(help="Why; shown to everyone it affects")] = "killed by an operator",
+) -> None:
+    """Stop forwarding to NAME, refuse what it sends, revoke its identity, escalate its
+    waiting conversations to a human."""
+    loaded = _load(config)
+    if name not in loaded.config.agents:
+        err_console.print(f"unknown agent {name!r}; defined: {', '.join(loaded.agent_names)}")
+        raise typer.Exit(EXIT_CONFIG)
+    _switch(loaded, "agent", name, reason)
+
+
+@kill_app.command("conversation")
+def kill_conversation(
+    conversation: Annotated[str, typer.Argument(help="The conversation id")],
+    config: ConfigOption = None,
+    reason: Annotated[str, typer.Option(help="Why")] = "killed by an operator",
+) -> None:
+    """End a conversation now: no further step of it runs anywhere."""
+    _switch(_load(config), "conversation", conversation, reason)
+
+
+@revive_app.command("agent")
+def revive_agent(
+    name: Annotated[str, typer.Argument(help="The agent to revive")], config: ConfigOption = None
+) -> None:
+    """Restore a killed agent: its identity is accepted again and work flows to it."""
+    _switch(_load(config), "agent", name, None)
+
+
+@app.command()
+def creds(
+    config: ConfigOption = None,
+    out: Annotated[str | None, typer.Option(help="Directory (default: <state_dir>/creds)")] = None,
+) -> None:
+    """Write one nkey identity per agent, supervisor, client and admin, and the nats-server
+    authorization block that grants each exactly its permissions (for an external NATS)."""
+    from supervisor._credentials import authorization_block, identities
+
+    loaded = _load(config)
+    directory = Path(out) if out else creds_dir(loaded)
+    ids = identities(loaded, directory)
+    block = directory / "nats-authorization.conf"
+    block.write_text(authorization_block(ids))
+    console.print(f"wrote {len(ids)} identities (mode 0600) and {block}", highlight=False)
+    for identity in ids:
+        console.print(f"  {identity.name:<24} {identity.seed_file}", highlight=False)
+    console.print(
+        "Add `include nats-authorization.conf` to the server's config and reload it; give each "
+        "process only its own seed (CORRAL_CREDS=path)."
+    )

@@ -7,6 +7,7 @@ input republishes exactly what was published before (same ``Nats-Msg-Id``, dedup
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from bus import (
@@ -19,6 +20,7 @@ from bus import (
     HandoffProposed,
     HandoffRefused,
     Hop,
+    KillSwitch,
     Message,
     subjects,
 )
@@ -61,10 +63,12 @@ def start(
     graph: Graph,
     traceparent: str | None,
     client: str,
+    killed_agents: Mapping[str, KillSwitch] | None = None,
 ) -> Decision:
     """A client started a conversation (a repeated start changes nothing)."""
     if existing is not None:
         return Decision(record=None)
+    killed = (killed_agents or {}).get(graph.entry)
     record = ConversationRecord(
         id=message.conversation,
         text=message.text,
@@ -75,6 +79,12 @@ def start(
         traceparent=traceparent,
         client=client,
     )
+    if killed is not None:
+        reason = f"entry agent {graph.entry} is killed ({killed.reason}); escalated to a human"
+        return Decision(
+            record=record.evolve(status="escalated", reason=reason),
+            steps=[StepRecord(step=1, agent=graph.entry, kind="escalated", detail=reason)],
+        )
     return Decision(record=record, steps=[StepRecord(step=1, agent=graph.entry, kind="started")])
 
 
@@ -87,6 +97,7 @@ def from_agent(
     record: ConversationRecord,
     graph: Graph,
     subject_target: str | None = None,
+    killed_agents: Mapping[str, KillSwitch] | None = None,
 ) -> Decision:
     """An agent answered a step. ``sender`` comes from the subject, never from the body."""
     if message.agent != sender:
@@ -96,7 +107,11 @@ def from_agent(
             sender,
             f"message on {sender}'s subject claims to come from {message.agent!r}",
         )
-    if isinstance(message, HandoffProposed) and subject_target != message.target:
+    if (
+        isinstance(message, HandoffProposed)
+        and subject_target is not None
+        and subject_target != message.target
+    ):
         return _rejected(
             record,
             message.step,
@@ -114,7 +129,20 @@ def from_agent(
             f"{record.current_agent} at step {record.step})",
         )
     match message:
+        case HandoffProposed() if subject_target is None:
+            # Sent on the error subject: the agent's credentials do not allow this edge.
+            return _refuse(message, record, graph)
         case HandoffProposed():
+            killed = (killed_agents or {}).get(message.target)
+            if killed is not None:
+                return _escalate(
+                    record,
+                    sender,
+                    f"handoff {sender} -> {message.target} not forwarded: agent {message.target} "
+                    f"is killed ({killed.reason}); escalated to a human",
+                    message.target,
+                    message.confidence,
+                )
             return _handoff(message, record, graph)
         case AgentReply():
             return Decision(
@@ -135,35 +163,8 @@ def from_agent(
 
 def _handoff(message: HandoffProposed, record: ConversationRecord, graph: Graph) -> Decision:
     source, target = message.agent, message.target
-    allowed = graph.edges.get(source, [])
-    if target not in allowed:
-        reason = (
-            f"handoff {source} -> {target} refused: not an allowed edge of the graph "
-            f"(allowed from {source}: {', '.join(allowed) or 'none'})"
-        )
-        refused = HandoffRefused(
-            conversation=record.id, step=record.step, source=source, target=target, reason=reason
-        )
-        return Decision(
-            record=record.evolve(status="refused", reason=reason),
-            steps=[
-                StepRecord(
-                    step=record.step,
-                    agent=source,
-                    kind="refused",
-                    target=target,
-                    confidence=message.confidence,
-                    detail=reason,
-                )
-            ],
-            extra=[
-                Outgoing(
-                    subject=subjects.conversation_updates(record.client, record.id),
-                    message=refused,
-                    msg_id=f"{record.id}.{record.step}.refused",
-                )
-            ],
-        )
+    if target not in graph.edges.get(source, []):
+        return _refuse(message, record, graph)
     if message.confidence < graph.min_confidence:
         return _escalate(
             record,
@@ -277,3 +278,50 @@ def outputs(record: ConversationRecord) -> list[Outgoing]:
             msg_id=f"{record.id}.ended",
         )
     ]
+
+
+def agent_killed(record: ConversationRecord, agent: str, switch: KillSwitch) -> Decision:
+    """``agent`` was killed while ``record`` waited on it: escalate to a human."""
+    if record.status != "running" or record.current_agent != agent:
+        return Decision(record=None)
+    return _escalate(record, agent, f"agent {agent} was killed ({switch.reason}); escalated to a human")
+
+
+def conversation_killed(record: ConversationRecord, switch: KillSwitch) -> Decision:
+    """An operator killed the conversation: it ends here, and no later step is recorded."""
+    if record.status != "running":
+        return Decision(record=None)
+    return Decision(record=record.evolve(status="killed", reason=f"killed: {switch.reason}"))
+
+
+def _refuse(message: HandoffProposed, record: ConversationRecord, graph: Graph) -> Decision:
+    """Refuse a handoff along an edge the graph does not have, naming the edge."""
+    source, target = message.agent, message.target
+    allowed = graph.edges.get(source, [])
+    reason = (
+        f"handoff {source} -> {target} refused: not an allowed edge of the graph "
+        f"(allowed from {source}: {', '.join(allowed) or 'none'})"
+    )
+    refused = HandoffRefused(
+        conversation=record.id, step=record.step, source=source, target=target, reason=reason
+    )
+    return Decision(
+        record=record.evolve(status="refused", reason=reason),
+        steps=[
+            StepRecord(
+                step=record.step,
+                agent=source,
+                kind="refused",
+                target=target,
+                confidence=message.confidence,
+                detail=reason,
+            )
+        ],
+        extra=[
+            Outgoing(
+                subject=subjects.conversation_updates(record.client, record.id),
+                message=refused,
+                msg_id=f"{record.id}.{record.step}.refused",
+            )
+        ],
+    )

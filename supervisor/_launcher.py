@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import os
 import signal
@@ -13,14 +14,24 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from bus import BusConfig, connect, ensure_topology
+from bus import Bus, BusConfig, ControlWatcher, KillSwitch, KillTarget, connect, ensure_topology
 from supervisor._config import LoadedConfig
+from supervisor._credentials import (
+    ADMIN,
+    SUPERVISOR,
+    Identity,
+    agent_identity,
+    authorization_block,
+    identities,
+)
 from supervisor._embedded import EmbeddedNats, EmbeddedPostgres
 from supervisor._runtime import (
     ChildInfo,
     Runtime,
     configured_database_url,
     configured_nats_url,
+    credentials_for,
+    creds_dir,
     nats_servers,
     topology,
 )
@@ -62,6 +73,10 @@ class Launcher:
         self._procs: dict[str, asyncio.subprocess.Process] = {}
         self._tasks: list[asyncio.Task[None]] = []
         self.runtime: Runtime | None = None
+        self._identities: list[Identity] = []
+        self._admin: Bus | None = None
+        self._control: ControlWatcher | None = None
+        self._revoked: set[str] = set()
 
     async def start(self) -> Runtime:
         """Start servers (embedded unless configured), set up streams, spawn children.
@@ -78,24 +93,33 @@ class Launcher:
         loaded = self._config.loaded
         nats_url = configured_nats_url(loaded)
         if nats_url is None:
+            # The embedded server requires an identity of every connection, with
+            # permissions compiled from the graph; agents killed earlier stay revoked.
+            self._identities = identities(loaded, creds_dir(loaded))
             self._nats = EmbeddedNats(state / "nats")
             self._nats.stop_stale()
-            self._nats.write_config()
+            self._nats.write_config(authorization_block(self._identities, self._revoked_cache()))
             await asyncio.to_thread(self._nats.start)
             nats_url = self._nats.url
-            logger.info("embedded nats-server (JetStream, sync always) at %s", nats_url)
+            logger.info("embedded nats-server (JetStream, sync always, nkey identities) at %s", nats_url)
         database_url = configured_database_url(loaded)
         if database_url is None:
             self._postgres = EmbeddedPostgres(state / "postgres")
             database_url = await asyncio.to_thread(self._postgres.start)
             logger.info("embedded PostgreSQL in %s", state / "postgres")
-        bus = await connect(
-            BusConfig(servers=nats_servers(nats_url), name="corral-up", reconnect_forever=False)
+        seed = credentials_for(loaded, ADMIN)
+        self._admin = await connect(
+            BusConfig(
+                servers=nats_servers(nats_url),
+                name="corral-up",
+                identity=ADMIN,
+                nkey_seed_file=str(seed) if seed else None,
+            )
         )
-        try:
-            await ensure_topology(bus.js, loaded.agent_names, topology(loaded))
-        finally:
-            await bus.close()
+        await ensure_topology(self._admin.js, loaded.agent_names, topology(loaded))
+        if self._nats is not None:
+            self._control = ControlWatcher(self._admin.js, self._on_control, keys="agent.>")
+            self._tasks.append(asyncio.create_task(self._control.run(), name="control"))
         self.runtime = Runtime(
             pid=os.getpid(),
             nats_url=nats_url,
@@ -105,6 +129,25 @@ class Launcher:
         )
         self._spawn_all()
         return self.runtime
+
+    def _revoked_cache(self) -> set[str]:
+        """Agents revoked when the launcher last ran (the KV is read once NATS is up)."""
+        try:
+            self._revoked = set(json.loads((self._config.state_dir / "revoked.json").read_text()))
+        except (OSError, ValueError):
+            self._revoked = set()
+        return self._revoked
+
+    async def _on_control(self, target: KillTarget, name: str, switch: KillSwitch | None) -> None:
+        """Revoke or restore an agent's identity at the broker: rewrite and reload."""
+        revoked = self._revoked | {name} if switch else self._revoked - {name}
+        if target != "agent" or revoked == self._revoked or self._nats is None:
+            return
+        self._revoked = revoked
+        (self._config.state_dir / "revoked.json").write_text(json.dumps(sorted(revoked)))
+        self._nats.write_config(authorization_block(self._identities, revoked))
+        self._nats.reload()
+        logger.warning("agent %s %s at the broker", name, "revoked" if switch else "restored")
 
     def _spawn_all(self) -> None:
         loaded = self._config.loaded
@@ -145,6 +188,10 @@ class Launcher:
     async def _watch(self, info: ChildInfo, argv: list[str]) -> None:
         assert self.runtime is not None
         env = {**os.environ, "NATS_URL": self.runtime.nats_url, PARENT_PID_ENV: str(os.getpid())}
+        identity = SUPERVISOR if info.role == "supervisor" else agent_identity(info.role)
+        seed = credentials_for(self._config.loaded, identity)
+        if seed is not None:
+            env["CORRAL_CREDS"] = str(seed)  # each process gets its own identity only
         if info.role == "supervisor":
             env["DATABASE_URL"] = self.runtime.database_url
         else:
@@ -213,9 +260,13 @@ class Launcher:
                 with contextlib.suppress(ProcessLookupError):
                     proc.kill()
                 await proc.wait()
+        if self._control is not None:
+            await self._control.shutdown()
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._admin is not None:
+            await self._admin.close()
         if self._nats is not None:
             await asyncio.to_thread(self._nats.stop)
         if self._postgres is not None:

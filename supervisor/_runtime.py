@@ -87,6 +87,21 @@ def topology(loaded: LoadedConfig) -> TopologyConfig:
     return TopologyConfig(replicas=int(replicas) if replicas else loaded.config.nats.stream_replicas)
 
 
+def creds_dir(loaded: LoadedConfig) -> Path:
+    """Where the identities' nkey seeds live."""
+    return state_dir(loaded) / "creds"
+
+
+def credentials_for(loaded: LoadedConfig, identity: str) -> Path | None:
+    """This process's seed: ``CORRAL_CREDS`` if set, else ``<state_dir>/creds/<identity>.nk``
+    if present (the server then requires identities), else None (an open server)."""
+    explicit = os.environ.get("CORRAL_CREDS")
+    if explicit:
+        return Path(explicit)
+    path = creds_dir(loaded) / f"{identity}.nk"
+    return path if path.exists() else None
+
+
 def nats_servers(url: str) -> list[str]:
     """Split a comma-separated list of NATS URLs."""
     return [u.strip() for u in url.split(",") if u.strip()]

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import enum
 import logging
+from collections.abc import Callable
 
 import msgspec
 
@@ -14,13 +16,17 @@ from bus import (
     Bus,
     Consumer,
     ConsumerConfig,
+    ControlWatcher,
     ConversationStart,
     Delivery,
     HandoffProposed,
+    KillSwitch,
+    KillTarget,
     PoisonMessageError,
     SupervisorInput,
     current_traceparent,
     publish,
+    serve_with_control,
     subjects,
 )
 from supervisor import _decide
@@ -72,6 +78,7 @@ class Supervisor:
             msgspec.json.Decoder(SupervisorInput),
             self.handle,
         )
+        self._control = ControlWatcher(bus.js, self._on_control)
         self.state = SupervisorState.NEW
 
     async def __aenter__(self) -> Supervisor:
@@ -85,7 +92,7 @@ class Supervisor:
         self.state = SupervisorState.RUNNING
         logger.info("supervisor serving; entry agent %s", self._graph.entry)
         try:
-            await self._consumer.run()
+            await serve_with_control(self._control, self._consumer)
         finally:
             self.state = SupervisorState.STOPPED
             logger.info("supervisor stopped")
@@ -93,6 +100,7 @@ class Supervisor:
     async def shutdown(self) -> None:
         """Stop taking work; idempotent."""
         await self._consumer.shutdown()
+        await self._control.shutdown()
 
     async def handle(self, message: SupervisorInput, delivery: Delivery) -> None:
         """Decide on one input, commit the decision, then publish what it implies.
@@ -110,12 +118,21 @@ class Supervisor:
                         subject=delivery.subject,
                     )
                 async with self._store.lock(message.conversation) as lock:
-                    decision = _decide.start(message, lock.record, self._graph, current_traceparent(), client)
+                    decision = _decide.start(
+                        message,
+                        lock.record,
+                        self._graph,
+                        current_traceparent(),
+                        client,
+                        self._control.state.agents,
+                    )
                     if decision.record is not None:
                         await lock.save(decision.record, decision.steps)
                     record = lock.record
             case HandoffProposed() | AgentReply() | AgentFailed():
                 sender = subjects.sender(delivery.subject) or ""
+                if await self._dropped(message, sender):
+                    return
                 async with self._store.lock(message.conversation) as lock:
                     if lock.record is None:
                         raise PoisonMessageError(
@@ -128,6 +145,7 @@ class Supervisor:
                         lock.record,
                         self._graph,
                         subjects.handoff_target(delivery.subject),
+                        self._control.state.agents,
                     )
                     if decision.record is not None:
                         await lock.save(decision.record, decision.steps)
@@ -143,6 +161,47 @@ class Supervisor:
         await self._publish([*decision.extra, *_decide.outputs(record)], record)
         if decision.record is not None:
             _log_transition(decision.record)
+
+    async def _dropped(self, message: HandoffProposed | AgentReply | AgentFailed, sender: str) -> bool:
+        """Record and drop what a killed agent sends or what concerns a killed conversation."""
+        state = self._control.state
+        switch = state.conversation_killed(message.conversation)
+        why = f"conversation is killed ({switch.reason})" if switch else None
+        if why is None and (switch := state.agent_killed(sender)) is not None:
+            why = f"agent {sender} is killed ({switch.reason})"
+        if why is None:
+            return False
+        await self._store.record_dropped(
+            message.conversation, sender, message.step, type(message).__name__, why
+        )
+        logger.warning("dropped a message of %s from %s: %s", message.conversation, sender, why)
+        return True
+
+    async def _on_control(self, target: KillTarget, name: str, switch: KillSwitch | None) -> None:
+        """Act on a kill switch: escalate what waits on a killed agent, end a killed conversation."""
+        if switch is None:
+            return
+        if target == "conversation":
+            await self._apply(name, lambda record: _decide.conversation_killed(record, switch))
+            return
+        for conversation in await self._store.waiting_on(name):
+            await self._apply(conversation, lambda record: _decide.agent_killed(record, name, switch))
+        # Tasks already queued for the killed agent must not run when it comes back.
+        with contextlib.suppress(Exception):
+            await self._bus.js.purge_stream(subjects.WORK_STREAM, subject=subjects.agent_inbox(name))
+
+    async def _apply(
+        self, conversation: str, decide: Callable[[ConversationRecord], _decide.Decision]
+    ) -> None:
+        async with self._store.lock(conversation) as lock:
+            if lock.record is None:
+                return
+            decision = decide(lock.record)
+            if decision.record is None:
+                return
+            await lock.save(decision.record, decision.steps)
+        await self._publish(_decide.outputs(decision.record), decision.record)
+        _log_transition(decision.record)
 
     async def _publish(self, messages: list[Outgoing], record: ConversationRecord) -> None:
         await asyncio.gather(

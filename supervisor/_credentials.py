@@ -1,0 +1,161 @@
+"""One NATS identity per agent, one for the supervisor, one for clients, one for operators,
+with permissions compiled from the handoff graph.
+
+Identities are NATS nkeys (Ed25519): the server's configuration holds only public keys,
+and a process proves its identity by signing the server's nonce with its seed, which
+never leaves the process. A leaked server config therefore grants nothing, unlike a
+user/password list. Each seed is written once, with mode 0600, and reused across runs.
+
+Permissions are allow-lists, so anything not listed is denied by the broker:
+
+* agent ``A``: publish only ``corral.from.A.{reply,error,event,dead}`` and
+  ``corral.from.A.handoff.T`` for each ``T`` the graph allows from ``A``; fetch and ack
+  only its own inbox consumer; read the kill switches; subscribe only to ``_INBOX.agent-A.>``.
+* supervisor: publish to every ``corral.agent.*.inbox`` (no one else may) and to
+  ``corral.out.>``; JetStream API.
+* client ``C``: publish only ``corral.in.C.>``; subscribe only ``corral.out.C.>``.
+* admin (the launcher and operator commands): JetStream API and the kill switches.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from bus import subjects
+from supervisor._config import LoadedConfig
+
+Role = Literal["agent", "supervisor", "client", "admin"]
+
+SUPERVISOR = "supervisor"
+ADMIN = "admin"
+
+_KV_STREAM = f"KV_{subjects.CONTROL_BUCKET}"
+
+
+@dataclass(frozen=True, kw_only=True)
+class Identity:
+    """One NATS identity and what it may do."""
+
+    name: str
+    """File stem and inbox token: ``agent-<name>``, ``supervisor``, ``client``, ``admin``."""
+    role: Role
+    agent: str | None
+    publish: list[str]
+    subscribe: list[str]
+    seed_file: Path
+    public_key: str
+
+
+def agent_identity(agent: str) -> str:
+    """Identity name of an agent."""
+    return f"agent-{agent}"
+
+
+def _read_control() -> list[str]:
+    # What kv.watch() needs: stream info, an ordered consumer, flow-control replies.
+    return [
+        f"$JS.API.STREAM.INFO.{_KV_STREAM}",
+        f"$JS.API.CONSUMER.CREATE.{_KV_STREAM}",
+        f"$JS.API.CONSUMER.CREATE.{_KV_STREAM}.>",
+        f"$JS.API.CONSUMER.INFO.{_KV_STREAM}.>",
+        f"$JS.API.CONSUMER.DELETE.{_KV_STREAM}.>",
+        f"$JS.FC.{_KV_STREAM}.>",
+    ]
+
+
+def permissions(loaded: LoadedConfig, role: Role, name: str) -> tuple[list[str], list[str]]:
+    """(publish allow-list, subscribe allow-list) of one identity."""
+    inbox = f"{subjects.inbox_prefix(name)}.>"
+    if role == "agent":
+        agent = name.removeprefix("agent-")
+        consumer = subjects.agent_consumer(agent)
+        publish = [
+            subjects.agent_reply(agent),
+            subjects.agent_error(agent),
+            subjects.agent_event(agent),
+            subjects.agent_dead_letter(agent),
+            *(subjects.agent_handoff(agent, target) for target in loaded.targets(agent)),
+            f"$JS.API.CONSUMER.MSG.NEXT.{subjects.WORK_STREAM}.{consumer}",
+            f"$JS.ACK.{subjects.WORK_STREAM}.{consumer}.>",
+            *_read_control(),
+        ]
+        return publish, [inbox]
+    if role == "supervisor":
+        return [
+            subjects.all_agent_inboxes(),
+            subjects.all_conversation_updates(),
+            "corral.dlq.>",
+            "$JS.API.>",
+            f"$JS.ACK.{subjects.WORK_STREAM}.{subjects.SUPERVISOR_CONSUMER}.>",
+            "$JS.FC.>",
+        ], [inbox]
+    if role == "client":
+        return [subjects.client_starts(name)], [subjects.client_updates(name), inbox]
+    return ["$JS.API.>", f"$KV.{subjects.CONTROL_BUCKET}.>", "$JS.FC.>"], [inbox]
+
+
+def _seed(path: Path) -> str:
+    """The public key of the seed in ``path``, creating the seed (0600) if missing."""
+    import nkeys
+
+    if not path.exists():
+        seed = nkeys.encode_seed(os.urandom(32), nkeys.PREFIX_BYTE_USER)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "wb") as out:
+            out.write(seed)
+    os.chmod(path, 0o600)
+    key: bytes = nkeys.from_seed(bytearray(path.read_bytes().strip())).public_key
+    return key.decode()
+
+
+def identities(loaded: LoadedConfig, creds_dir: Path) -> list[Identity]:
+    """Every identity of the team, generating seeds that do not exist yet."""
+    creds_dir.mkdir(parents=True, exist_ok=True)
+    os.chmod(creds_dir, 0o700)
+    wanted: list[tuple[str, Role, str | None]] = [(agent_identity(a), "agent", a) for a in loaded.agent_names]
+    wanted += [
+        (SUPERVISOR, "supervisor", None),
+        (subjects.DEFAULT_CLIENT, "client", None),
+        (ADMIN, "admin", None),
+    ]
+    out = []
+    for name, role, agent in wanted:
+        seed_file = creds_dir / f"{name}.nk"
+        publish, subscribe = permissions(loaded, role, name)
+        out.append(
+            Identity(
+                name=name,
+                role=role,
+                agent=agent,
+                publish=publish,
+                subscribe=subscribe,
+                seed_file=seed_file,
+                public_key=_seed(seed_file),
+            )
+        )
+    return out
+
+
+def authorization_block(ids: Iterable[Identity], revoked_agents: Iterable[str] = ()) -> str:
+    """The nats-server ``authorization`` block; revoked agents are left out entirely,
+    so a config reload closes their connections and refuses their reconnects."""
+    revoked = set(revoked_agents)
+    users = []
+    for identity in ids:
+        if identity.agent is not None and identity.agent in revoked:
+            continue
+        perms = {"publish": {"allow": identity.publish}, "subscribe": {"allow": identity.subscribe}}
+        users.append(
+            f"    # {identity.name}\n    {{nkey: {identity.public_key}, permissions: {json.dumps(perms)}}}"
+        )
+    return "authorization {\n  users = [\n" + "\n".join(users) + "\n  ]\n}\n"
+
+
+def find(ids: Iterable[Identity], name: str) -> Identity:
+    """The identity called ``name``."""
+    return next(i for i in ids if i.name == name)
