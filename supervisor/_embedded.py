@@ -52,12 +52,18 @@ class EmbeddedNats:
     def __init__(self, directory: Path, port: int | None = None) -> None:
         self.directory = directory
         self.port = port or free_port()
+        self.monitor_port = free_port()
         self.process: subprocess.Popen[bytes] | None = None
 
     @property
     def url(self) -> str:
         """The client URL."""
         return f"nats://127.0.0.1:{self.port}"
+
+    @property
+    def monitor_url(self) -> str:
+        """The HTTP monitoring endpoint (``/connz``, ``/jsz``), loopback only."""
+        return f"http://127.0.0.1:{self.monitor_port}"
 
     @property
     def config_file(self) -> Path:
@@ -92,6 +98,7 @@ class EmbeddedNats:
         self.config_file.write_text(
             f'listen: "127.0.0.1:{self.port}"\n'
             f'pid_file: "{self.pid_file}"\n'
+            f'http: "127.0.0.1:{self.monitor_port}"\n'
             f'jetstream {{\n  store_dir: "{store}"\n  sync_interval: always\n}}\n'
             f"{extra}"
         )

@@ -126,6 +126,7 @@ class Launcher:
             database_url=database_url,
             embedded_nats=self._nats is not None,
             embedded_postgres=self._postgres is not None,
+            nats_monitor_url=self._nats.monitor_url if self._nats else None,
         )
         self._spawn_all()
         return self.runtime

@@ -35,6 +35,7 @@ class Runtime:
     database_url: str
     embedded_nats: bool
     embedded_postgres: bool
+    nats_monitor_url: str | None = None
     children: list[ChildInfo] = field(default_factory=list)
 
     def write(self, state_dir: Path) -> None:

@@ -8,12 +8,7 @@ import json
 import os
 import re
 import signal
-import subprocess
-import sys
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
-from pathlib import Path
-from typing import Any
 
 import asyncpg
 import pytest
@@ -24,72 +19,18 @@ from bus._messages import AgentReply
 from supervisor import EmbeddedNats, send_and_wait
 from supervisor._cli import _check_expectation
 from tests.conftest import SAMPLE_CONFIG, eventually
+from tests.stack import Stack, running_stack
 
 SCENARIOS = yaml.safe_load((SAMPLE_CONFIG.parent / "scenarios.yaml").read_text())["conversations"]
-
-
-@dataclass
-class Stack:
-    process: subprocess.Popen[bytes]
-    state_dir: Path
-    env: dict[str, str]
-    nats_url: str
-    database_url: str
-    log: Path
-
-    def runtime(self) -> dict[str, Any] | None:
-        try:
-            return json.loads((self.state_dir / "runtime.json").read_text())  # type: ignore
-        except (OSError, ValueError):
-            return None
-
-    def child(self, name: str) -> dict[str, Any]:
-        runtime = self.runtime()
-        assert runtime is not None
-        return next(c for c in runtime["children"] if c["name"] == name)
-
-    def corral(self, *args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
-            [sys.executable, "-m", "supervisor", *args, "-c", str(SAMPLE_CONFIG)],
-            env=self.env,
-            capture_output=True,
-            text=True,
-            timeout=120,
-        )
 
 
 @pytest.fixture(scope="module")
 async def stack(
     module_nats: EmbeddedNats, module_database_url: str, tmp_path_factory: pytest.TempPathFactory
 ) -> AsyncIterator[Stack]:
-    state = tmp_path_factory.mktemp("state")
-    env = {
-        **os.environ,
-        "NATS_URL": module_nats.url,
-        "DATABASE_URL": module_database_url,
-        "CORRAL_STATE_DIR": str(state),
-    }
-    log = state / "up.log"
-    with open(log, "wb") as out:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "supervisor", "up", "-c", str(SAMPLE_CONFIG)],
-            env=env,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-        )
-    stack = Stack(process, state, env, module_nats.url, module_database_url, log)
-
-    def _all_started() -> bool:
-        runtime = stack.runtime()
-        return bool(runtime and len(runtime["children"]) == 5 and all(c["pid"] for c in runtime["children"]))
-
-    await eventually(_all_started, timeout=60, message="corral up started five processes")
-    yield stack
-    down = await asyncio.to_thread(stack.corral, "down")
-    assert down.returncode == 0, down.stdout + down.stderr
-    assert "corral stopped" in down.stdout
-    assert process.wait(60) == 0
-    assert not (state / "runtime.json").exists()
+    # An external (open) NATS: the path of a user who brings their own server.
+    async with running_stack(tmp_path_factory.mktemp("state"), module_database_url, module_nats.url) as stack:
+        yield stack
 
 
 @pytest.fixture

@@ -1,0 +1,92 @@
+"""`corral up` as a test runs it: a separate process tree, found through runtime.json."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import subprocess
+import sys
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from tests.conftest import SAMPLE_CONFIG, eventually
+
+TEAM = {"supervisor", "triage", "payments", "tech_support", "account_manager"}
+
+
+@dataclass
+class Stack:
+    process: subprocess.Popen[bytes]
+    state_dir: Path
+    env: dict[str, str]
+    database_url: str
+    log: Path
+
+    def runtime(self) -> dict[str, Any] | None:
+        try:
+            return json.loads((self.state_dir / "runtime.json").read_text())  # type: ignore[no-any-return]
+        except (OSError, ValueError):
+            return None
+
+    @property
+    def nats_url(self) -> str:
+        runtime = self.runtime()
+        assert runtime is not None
+        return str(runtime["nats_url"])
+
+    def child(self, name: str) -> dict[str, Any]:
+        runtime = self.runtime()
+        assert runtime is not None
+        return next(c for c in runtime["children"] if c["name"] == name)
+
+    def seed(self, identity: str) -> str:
+        return str(self.state_dir / "creds" / f"{identity}.nk")
+
+    def corral(self, *args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "supervisor", *args, "-c", str(SAMPLE_CONFIG)],
+            env=self.env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+
+
+@asynccontextmanager
+async def running_stack(state: Path, database_url: str, nats_url: str | None) -> AsyncIterator[Stack]:
+    """`corral up` on the sample team; embedded NATS unless ``nats_url`` is given."""
+    env = {k: v for k, v in os.environ.items() if k not in {"NATS_URL", "CORRAL_CREDS"}}
+    env.update({"DATABASE_URL": database_url, "CORRAL_STATE_DIR": str(state)})
+    if nats_url is not None:
+        env["NATS_URL"] = nats_url
+    log = state / "up.log"
+    with open(log, "wb") as out:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "supervisor", "up", "-c", str(SAMPLE_CONFIG)],
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+    stack = Stack(process, state, env, database_url, log)
+
+    def _all_started() -> bool:
+        assert process.poll() is None, log.read_text()
+        runtime = stack.runtime()
+        return bool(runtime and {c["name"] for c in runtime["children"] if c["pid"]} == TEAM)
+
+    try:
+        await eventually(_all_started, timeout=60, message="corral up started five processes")
+        yield stack
+        down = await asyncio.to_thread(stack.corral, "down")
+        assert down.returncode == 0, down.stdout + down.stderr
+        assert "corral stopped" in down.stdout
+        assert process.wait(60) == 0
+        assert not (state / "runtime.json").exists()
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()

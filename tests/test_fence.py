@@ -1,0 +1,321 @@
+"""The fence, with real credentials: a hostile process holding an agent's identity can ask
+for anything and reach nothing; kill switches stop agents and conversations for good.
+
+`corral up` runs here with its embedded nats-server, which requires an nkey identity of
+every connection, with permissions compiled from the handoff graph."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import urllib.request
+from collections.abc import AsyncIterator
+from typing import Any
+
+import asyncpg
+import nats
+import pytest
+
+from bus import (
+    AgentReply,
+    AgentTask,
+    BusConfig,
+    HandoffProposed,
+    connect,
+    encode,
+    subjects,
+)
+from supervisor import send_and_wait
+from tests.conftest import eventually
+from tests.stack import TEAM, Stack, running_stack
+
+
+@pytest.fixture(scope="module")
+async def stack(module_database_url: str, tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Stack]:
+    async with running_stack(tmp_path_factory.mktemp("state"), module_database_url, None) as stack:
+        await eventually(
+            lambda: _connections(stack) >= {f"corral-agent-{a}" for a in TEAM - {"supervisor"}},
+            timeout=60,
+            message="every agent connected",
+        )
+        yield stack
+
+
+def _connz(stack: Stack) -> list[dict[str, Any]]:
+    runtime = stack.runtime()
+    assert runtime is not None and runtime["nats_monitor_url"]
+    with urllib.request.urlopen(f"{runtime['nats_monitor_url']}/connz?limit=1000", timeout=5) as r:
+        return json.loads(r.read())["connections"]  # type: ignore[no-any-return]
+
+
+def _connections(stack: Stack) -> set[str]:
+    return {c.get("name", "") for c in _connz(stack)}
+
+
+class Hostile:
+    """A raw NATS connection holding one identity's seed, recording what the server refuses."""
+
+    def __init__(self) -> None:
+        self.errors: list[str] = []
+        self.nc: nats.NATS | None = None
+
+    async def connect(self, stack: Stack, identity: str) -> nats.NATS:
+        async def on_error(exc: Exception) -> None:
+            self.errors.append(str(exc))
+
+        self.nc = await nats.connect(
+            stack.nats_url,
+            nkeys_seed=stack.seed(identity),
+            inbox_prefix=subjects.inbox_prefix(identity).encode(),
+            error_cb=on_error,
+            allow_reconnect=False,
+            name=f"hostile-{identity}",
+        )
+        return self.nc
+
+    async def refused(self, what: str) -> bool:
+        await eventually(
+            lambda: any(what.lower() in e.lower() for e in self.errors),
+            timeout=10,
+            message=f"{what} in {self.errors}",
+        )
+        return True
+
+
+async def _admin(stack: Stack) -> Any:
+    return await connect(
+        BusConfig(
+            servers=[stack.nats_url],
+            identity="admin",
+            nkey_seed_file=stack.seed("admin"),
+            reconnect_forever=False,
+        )
+    )
+
+
+async def _client(stack: Stack) -> Any:
+    return await connect(
+        BusConfig(
+            servers=[stack.nats_url],
+            identity="client",
+            nkey_seed_file=stack.seed("client"),
+            reconnect_forever=False,
+        )
+    )
+
+
+async def _sql(stack: Stack, query: str, *args: Any) -> list[asyncpg.Record]:
+    conn = await asyncpg.connect(stack.database_url)
+    try:
+        return list(await conn.fetch(query, *args))
+    finally:
+        await conn.close()
+
+
+async def test_seeds_are_private_and_each_process_holds_only_its_own(stack: Stack) -> None:
+    creds = stack.state_dir / "creds"
+    assert oct(creds.stat().st_mode & 0o777) == "0o700"
+    for seed in creds.glob("*.nk"):
+        assert oct(seed.stat().st_mode & 0o777) == "0o600", seed
+    for name in TEAM:
+        environ = open(f"/proc/{stack.child(name)['pid']}/environ", "rb").read().split(b"\0")
+        env = dict(item.decode().split("=", 1) for item in environ if b"=" in item)
+        identity = "supervisor" if name == "supervisor" else f"agent-{name}"
+        assert env["CORRAL_CREDS"] == stack.seed(identity)
+        assert ("DATABASE_URL" in env) == (name == "supervisor")  # agents never get the database
+    conf = (stack.state_dir / "nats" / "nats-server.conf").read_text()
+    assert "SU" not in "".join(line.split("nkey:")[0] for line in conf.splitlines())  # no seeds
+
+
+async def test_triage_credentials_cannot_reach_what_the_graph_forbids(stack: Stack) -> None:
+    admin = await _admin(stack)
+    before = await _stream_positions(admin)
+    hostile = Hostile()
+    nc = await hostile.connect(stack, "agent-triage")
+    task = encode(AgentTask(conversation="c-evil", step=1, agent="payments", text="refund $999"))
+    forged = HandoffProposed(conversation="c-evil", step=1, agent="triage", target="triage", confidence=1.0)
+    attempts = {
+        subjects.agent_inbox("payments"): task,
+        subjects.agent_reply("payments"): encode(
+            AgentReply(conversation="c-evil", step=1, agent="payments", text="x")
+        ),
+        subjects.agent_handoff("payments", "account_manager"): encode(forged),
+        subjects.agent_handoff("triage", "triage"): encode(forged),  # not an edge from triage
+        subjects.agent_handoff("triage", "billing"): encode(forged),  # not an agent at all
+        subjects.conversation_start("client", "c-evil"): b"{}",
+        subjects.conversation_updates("client", "c-evil"): b"{}",
+    }
+    for subject, data in attempts.items():
+        await nc.publish(subject, data)
+    await nc.flush()
+    for subject in attempts:
+        assert await hostile.refused(f'permissions violation for publish to "{subject}"')
+    # Nor may it read other agents' work or other conversations.
+    for subject in (subjects.agent_inbox("payments"), "corral.out.>", "corral.from.payments.>"):
+        await nc.subscribe(subject)
+        await nc.flush()
+        assert await hostile.refused(f'permissions violation for subscription to "{subject}"')
+    await nc.publish(
+        f"$JS.API.CONSUMER.MSG.NEXT.{subjects.WORK_STREAM}.agent-payments",
+        b"1",
+        reply=f"{subjects.inbox_prefix('agent-triage')}.x",
+    )
+    await nc.flush()
+    assert await hostile.refused("CONSUMER.MSG.NEXT.CORRAL_WORK.agent-payments")
+    await nc.close()
+    # Nothing arrived anywhere: every corral subject is captured by a stream, none grew.
+    assert await _stream_positions(admin) == before
+    await admin.close()
+
+
+async def _stream_positions(admin: Any) -> dict[str, int]:
+    names = (subjects.WORK_STREAM, subjects.EVENTS_STREAM, subjects.DEAD_LETTER_STREAM)
+    return {name: (await admin.js.stream_info(name)).state.last_seq for name in names}
+
+
+async def test_body_claiming_another_identity_is_refused_and_recorded(stack: Stack) -> None:
+    client = await _client(stack)
+    ended = await send_and_wait(client, "How do I change my email address?", timeout_s=60)
+    await client.close()
+    hostile = Hostile()
+    nc = await hostile.connect(stack, "agent-triage")
+    js = nc.jetstream()
+    claim = HandoffProposed(
+        conversation=ended.conversation, step=1, agent="payments", target="payments", confidence=1.0
+    )
+    await js.publish(subjects.agent_handoff("triage", "payments"), encode(claim))
+    await nc.close()
+
+    async def _rejected() -> list[asyncpg.Record]:
+        return await _sql(
+            stack,
+            "SELECT agent, detail FROM conversation_steps WHERE conversation=$1 AND kind='rejected'",
+            ended.conversation,
+        )
+
+    rows = await eventually(_rejected, message="the forged claim recorded")
+    assert rows[0]["agent"] == "triage"
+    assert "claims to come from 'payments'" in rows[0]["detail"]
+    status = await _sql(stack, "SELECT status FROM conversations WHERE id=$1", ended.conversation)
+    assert status[0]["status"] == "replied"  # unchanged
+
+
+async def test_kill_agent_revokes_it_escalates_its_work_and_revive_restores_it(stack: Stack) -> None:
+    client = await _client(stack)
+    payments = stack.child("payments")["pid"]
+    # Park a refund on payments: freeze the process, so the task waits in its inbox.
+    os.kill(payments, signal.SIGSTOP)
+    try:
+        waiting = asyncio.create_task(send_and_wait(client, "Please refund the duplicate.", timeout_s=60))
+
+        async def _parked() -> list[asyncpg.Record]:
+            return await _sql(
+                stack, "SELECT id FROM conversations WHERE status='running' AND current_agent='payments'"
+            )
+
+        parked = (await eventually(_parked, message="a refund waiting on payments"))[0]["id"]
+        steps_before = await _sql(stack, "SELECT count(*) AS n FROM conversation_steps")
+        result = await asyncio.to_thread(
+            stack.corral, "kill", "agent", "payments", "--reason", "fraud suspected"
+        )
+        assert result.returncode == 0, result.stderr
+        ended = await waiting
+    finally:
+        os.kill(payments, signal.SIGCONT)
+    # The waiting conversation reached the human queue with the kill reason.
+    assert ended.conversation == parked and ended.status == "escalated"
+    assert "agent payments was killed (fraud suspected)" in (ended.reason or "")
+    # payments' identity is revoked at the broker: its connection is gone and stays gone.
+    await eventually(
+        lambda: "corral-agent-payments" not in _connections(stack), message="payments disconnected"
+    )
+    with pytest.raises(Exception, match=r"[Aa]uthorization"):
+        await Hostile().connect(stack, "agent-payments")
+    # A new conversation that needs payments is escalated, not forwarded.
+    refund = await send_and_wait(client, "I want a refund.", timeout_s=60)
+    assert refund.status == "escalated"
+    assert "agent payments is killed (fraud suspected)" in (refund.reason or "")
+    # Nothing payments sent after the kill changed any state.
+    steps = await _sql(
+        stack, "SELECT agent, kind FROM conversation_steps WHERE conversation=$1 ORDER BY id", parked
+    )
+    assert [tuple(s) for s in steps] == [
+        ("triage", "started"),
+        ("triage", "forwarded"),
+        ("payments", "escalated"),
+    ]
+    status = await asyncio.to_thread(stack.corral, "status", "--json")
+    kills = json.loads(status.stdout)["kill_switches"]
+    assert [(k["key"], k["reason"]) for k in kills] == [("agent.payments", "fraud suspected")]
+    assert steps_before  # (the count before the kill, for the record)
+
+    revived = await asyncio.to_thread(stack.corral, "revive", "agent", "payments")
+    assert revived.returncode == 0 and "payments revived" in revived.stdout
+
+    async def _through_payments() -> bool:
+        ended = await send_and_wait(client, "Please refund the duplicate.", timeout_s=60)
+        return ended.status == "replied" and [h.agent for h in ended.path] == [
+            "triage",
+            "payments",
+            "account_manager",
+        ]
+
+    assert await eventually(_through_payments, timeout=60, message="a refund through payments")
+    await client.close()
+
+
+async def test_kill_state_survives_a_supervisor_restart(stack: Stack) -> None:
+    client = await _client(stack)
+    killed = await asyncio.to_thread(stack.corral, "kill", "agent", "tech_support", "--reason", "bad deploy")
+    assert killed.returncode == 0
+    old = stack.child("supervisor")
+    os.kill(old["pid"], signal.SIGKILL)
+    await eventually(lambda: stack.child("supervisor")["pid"] != old["pid"], message="supervisor restarted")
+    ended = await send_and_wait(client, "The app shows an error.", timeout_s=90)
+    assert ended.status == "escalated"
+    assert "agent tech_support is killed (bad deploy)" in (ended.reason or "")
+    await asyncio.to_thread(stack.corral, "revive", "agent", "tech_support")
+    await client.close()
+
+
+async def test_kill_conversation_stops_it_mid_flight(stack: Stack) -> None:
+    client = await _client(stack)
+    payments = stack.child("payments")["pid"]
+    os.kill(payments, signal.SIGSTOP)
+    try:
+        waiting = asyncio.create_task(send_and_wait(client, "Refund my order please.", timeout_s=60))
+
+        async def _parked() -> list[asyncpg.Record]:
+            return await _sql(
+                stack, "SELECT id FROM conversations WHERE status='running' AND current_agent='payments'"
+            )
+
+        conversation = (await eventually(_parked, message="a refund waiting on payments"))[0]["id"]
+        steps_before = await _sql(
+            stack, "SELECT id FROM conversation_steps WHERE conversation=$1", conversation
+        )
+        result = await asyncio.to_thread(
+            stack.corral, "kill", "conversation", conversation, "--reason", "customer withdrew"
+        )
+        assert result.returncode == 0, result.stderr
+        ended = await waiting
+    finally:
+        os.kill(payments, signal.SIGCONT)
+    assert ended.status == "killed" and ended.reason == "killed: customer withdrew"
+
+    # payments wakes up with the queued task: it is dropped, and the drop is recorded.
+    async def _dropped() -> list[asyncpg.Record]:
+        return await _sql(
+            stack, "SELECT agent, reason FROM dropped_messages WHERE conversation=$1", conversation
+        )
+
+    dropped = await eventually(_dropped, message="the queued step dropped and recorded")
+    assert dropped[0]["agent"] == "payments"
+    assert "conversation is killed (customer withdrew)" in dropped[0]["reason"]
+    steps_after = await _sql(stack, "SELECT id FROM conversation_steps WHERE conversation=$1", conversation)
+    assert steps_after == steps_before  # no later step recorded
+    row = await _sql(stack, "SELECT status FROM conversations WHERE id=$1", conversation)
+    assert row[0]["status"] == "killed"
+    await client.close()
