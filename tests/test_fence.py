@@ -319,3 +319,54 @@ async def test_kill_conversation_stops_it_mid_flight(stack: Stack) -> None:
     row = await _sql(stack, "SELECT status FROM conversations WHERE id=$1", conversation)
     assert row[0]["status"] == "killed"
     await client.close()
+
+
+async def test_corral_creds_configures_an_external_nats(tmp_path: Any) -> None:
+    """`corral creds` writes seeds and the authorization block to install on your own server."""
+    import subprocess
+    import sys
+
+    from supervisor import EmbeddedNats
+    from tests.conftest import SAMPLE_CONFIG
+
+    out = tmp_path / "creds"
+    result = subprocess.run(
+        [sys.executable, "-m", "supervisor", "creds", "--out", str(out), "-c", str(SAMPLE_CONFIG)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+    assert sorted(p.name for p in out.glob("*.nk")) == sorted(
+        [f"agent-{a}.nk" for a in TEAM - {"supervisor"}] + ["supervisor.nk", "client.nk", "admin.nk"]
+    )
+    server = EmbeddedNats(tmp_path / "external")
+    # nats-server resolves includes relative to the including file.
+    block = os.path.relpath(out / "nats-authorization.conf", server.directory)
+    server.write_config(f'include "{block}"\n')
+    server.start()
+    try:
+        errors: list[str] = []
+
+        async def on_error(exc: Exception) -> None:
+            errors.append(str(exc).lower())
+
+        nc = await nats.connect(
+            server.url,
+            nkeys_seed=str(out / "agent-tech_support.nk"),
+            inbox_prefix=b"_INBOX.agent-tech_support",
+            error_cb=on_error,
+            allow_reconnect=False,
+        )
+        await nc.publish(subjects.agent_handoff("tech_support", "payments"), b"{}")
+        await nc.publish(subjects.agent_handoff("tech_support", "account_manager"), b"{}")
+        await nc.flush()
+        await eventually(lambda: errors, message="a permission error")
+        assert errors == [
+            'nats: permissions violation for publish to "corral.from.tech_support.handoff.payments"'
+        ]
+        await nc.close()
+        with pytest.raises(Exception, match=r"[Aa]uthorization"):
+            await nats.connect(server.url, allow_reconnect=False, max_reconnect_attempts=0)
+    finally:
+        server.stop()
