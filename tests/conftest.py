@@ -42,7 +42,7 @@ async def eventually(
             return result  # type: ignore[return-value]
         if time.monotonic() > deadline:
             raise AssertionError(f"{message} not reached within {timeout}s")
-        await asyncio.sleep(interval)
+        await asyncio.sleep(interval)  # the poll interval of eventually()
 
 
 @pytest.fixture
