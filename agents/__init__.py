@@ -4,10 +4,12 @@ from agents._decision import (
     Decision,
     HandoffDecision,
     ReplyDecision,
+    ToolDecision,
     parse_decision,
     response_format,
 )
 from agents._service import AgentService, AgentSettings, AgentState
+from agents._tools import Resource, Tool, ToolInput
 from agents.errors import AgentError, DecisionError
 
 __all__ = [
@@ -19,6 +21,10 @@ __all__ = [
     "DecisionError",
     "HandoffDecision",
     "ReplyDecision",
+    "Resource",
+    "Tool",
+    "ToolDecision",
+    "ToolInput",
     "parse_decision",
     "response_format",
 ]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from typing import Any
 
 import msgspec
 
@@ -24,7 +25,14 @@ class ReplyDecision(msgspec.Struct, frozen=True, kw_only=True, tag="reply", tag_
     confidence: float = 1.0
 
 
-Decision = HandoffDecision | ReplyDecision
+class ToolDecision(msgspec.Struct, frozen=True, kw_only=True, tag="tool", tag_field="action"):
+    """Call a tool through the gateway, then decide again with its result."""
+
+    tool: str
+    arguments: dict[str, Any] = {}
+
+
+Decision = HandoffDecision | ReplyDecision | ToolDecision
 
 _decoder = msgspec.json.Decoder(Decision)
 
@@ -52,11 +60,21 @@ def parse_decision(text: str, *, agent: str) -> Decision:
         decision: Decision = _decoder.decode(text[start : end + 1])
     except (msgspec.DecodeError, msgspec.ValidationError) as exc:
         raise DecisionError(f"model answer is not a decision ({exc}): {text[:200]!r}", agent=agent) from exc
+    if isinstance(decision, ToolDecision):
+        return decision
     if not 0.0 <= decision.confidence <= 1.0:
         raise DecisionError(f"confidence {decision.confidence} is outside 0..1", agent=agent)
     return decision
 
 
-def response_format(targets: list[str]) -> str:
-    """The instruction telling a model how to answer, listing the allowed targets."""
-    return RESPONSE_FORMAT.replace("{targets}", json.dumps(targets) if targets else "(none)")
+def response_format(targets: list[str], tools: list[dict[str, Any]] | None = None) -> str:
+    """The instruction telling a model how to answer, listing the targets and tools."""
+    text = RESPONSE_FORMAT.replace("{targets}", json.dumps(targets) if targets else "(none)")
+    if tools:
+        text += (
+            "\nor, to use a tool first (you will see its result and answer again):\n"
+            '  {"action": "tool", "tool": "<name>", "arguments": {...}}\n'
+            "Tools (name, what it does, JSON Schema of its arguments):\n"
+            + "\n".join(f"- {t['name']}: {t['description']} {json.dumps(t['schema'])}" for t in tools)
+        )
+    return text

@@ -4,12 +4,21 @@ from __future__ import annotations
 
 import contextlib
 import enum
+import json
 import logging
 from dataclasses import dataclass, field
+from typing import Any
 
 import msgspec
 
-from agents._decision import HandoffDecision, ReplyDecision, parse_decision, response_format
+from agents._decision import (
+    Decision,
+    HandoffDecision,
+    ReplyDecision,
+    ToolDecision,
+    parse_decision,
+    response_format,
+)
 from agents.errors import AgentError
 from bus import (
     TRACEPARENT,
@@ -24,13 +33,17 @@ from bus import (
     Delivery,
     HandoffProposed,
     StepEvent,
+    ToolCall,
+    ToolResult,
     current_traceparent,
     encode,
     publish,
     serve_with_control,
     subjects,
 )
-from router import ChatMessage, CompletionRequest, Model, RouterError
+from router import ChatMessage, Completion, CompletionRequest, Model, RouterError
+
+_tool_decoder = msgspec.json.Decoder(ToolResult)
 
 logger = logging.getLogger(__name__)
 
@@ -48,6 +61,11 @@ class AgentSettings:
     name: str
     instructions: str
     handoff_targets: list[str] = field(default_factory=list)
+    tools: list[dict[str, Any]] = field(default_factory=list)
+    """Tools the model may call: ``name``, ``description``, ``schema`` (JSON Schema)."""
+    max_tool_calls: int = 8
+    """Tool calls allowed in one step before the step fails."""
+    tool_timeout_s: float = 30.0
     max_in_flight: int = 32
     max_deliver: int = 10
 
@@ -89,7 +107,7 @@ class AgentService:
         )
         self._system_prompt = (
             f"You are the {settings.name} agent of a customer support team.\n"
-            f"{settings.instructions.strip()}\n\n{response_format(settings.handoff_targets)}"
+            f"{settings.instructions.strip()}\n\n{response_format(settings.handoff_targets, settings.tools)}"
         )
         self.state = AgentState.NEW
 
@@ -129,17 +147,7 @@ class AgentService:
             await self._publish_failure(task, f"conversation killed ({killed.reason})")
             return
         try:
-            completion = await self._model.complete(
-                CompletionRequest(
-                    agent=name,
-                    conversation=task.conversation,
-                    messages=[
-                        ChatMessage(role="system", content=self._system_prompt),
-                        ChatMessage(role="user", content=_user_prompt(task)),
-                    ],
-                )
-            )
-            decision = parse_decision(completion.text, agent=name)
+            completion, decision = await self._decide(task)
         except (RouterError, AgentError) as exc:
             if exc.retryable and delivery.attempt < self._settings.max_deliver:
                 raise
@@ -165,6 +173,8 @@ class AgentService:
                     msg_id=_output_id(task),
                 )
                 detail = f"handoff -> {target} ({confidence:.2f})"
+            case ToolDecision():  # _decide() never returns one
+                raise AgentError("unreachable: a tool decision ends no step", agent=name)
             case ReplyDecision(text=text, confidence=confidence):
                 await publish(
                     self._bus.js,
@@ -181,6 +191,56 @@ class AgentService:
                 detail = f"reply ({confidence:.2f})"
         await self._emit_event(task, detail, completion.model)
         logger.info("agent %s step %s/%d: %s", name, task.conversation, task.step, detail)
+
+    async def _decide(self, task: AgentTask) -> tuple[Completion, Decision]:
+        """Ask the model, running the tools it asks for through the gateway, until it hands
+        off or replies."""
+        name = self._settings.name
+        messages = [
+            ChatMessage(role="system", content=self._system_prompt),
+            ChatMessage(role="user", content=_user_prompt(task)),
+        ]
+        for index in range(self._settings.max_tool_calls + 1):
+            completion = await self._model.complete(
+                CompletionRequest(agent=name, conversation=task.conversation, messages=messages)
+            )
+            decision = parse_decision(completion.text, agent=name)
+            if not isinstance(decision, ToolDecision):
+                return completion, decision
+            if index == self._settings.max_tool_calls:
+                break
+            result = await self._call_tool(task, index, decision)
+            messages += [
+                ChatMessage(role="assistant", content=completion.text),
+                ChatMessage(role="user", content=_tool_message(result)),
+            ]
+        raise AgentError(f"more than {self._settings.max_tool_calls} tool calls in one step", agent=name)
+
+    async def _call_tool(self, task: AgentTask, index: int, decision: ToolDecision) -> ToolResult:
+        call = ToolCall(
+            conversation=task.conversation,
+            step=task.step,
+            index=index,
+            agent=self._settings.name,
+            tool=decision.tool,
+            arguments=decision.arguments,
+        )
+        try:
+            trace = current_traceparent()
+            reply = await self._bus.nc.request(
+                subjects.agent_tool(self._settings.name),
+                encode(call),
+                timeout=self._settings.tool_timeout_s,
+                headers={TRACEPARENT: trace} if trace else None,
+            )
+        except Exception as exc:
+            # The same call is retried on redelivery; its idempotency key makes that safe.
+            raise AgentError(
+                f"tool gateway did not answer {decision.tool}: {exc}",
+                agent=self._settings.name,
+                retryable=True,
+            ) from exc
+        return _tool_decoder.decode(reply.data)
 
     async def _publish_failure(self, task: AgentTask, reason: str) -> None:
         logger.warning(
@@ -219,6 +279,18 @@ class AgentService:
                 encode(event),
                 headers={TRACEPARENT: trace} if trace else None,
             )
+
+
+def _tool_message(result: ToolResult) -> str:
+    """How a tool's outcome is shown to the model (rules of the scripted model match it)."""
+    text = f"tool {result.tool} -> {result.status}: {json.dumps(result.result, sort_keys=True)}"
+    if result.reason:
+        text += f"\nreason: {result.reason}"
+    if result.policy_ids:
+        text += f"\npolicies: {', '.join(result.policy_ids)}"
+    if result.approval_id:
+        text += f"\napproval: {result.approval_id}"
+    return text
 
 
 def _output_id(task: AgentTask) -> str:

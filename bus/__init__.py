@@ -39,6 +39,10 @@ from bus._messages import (
     Message,
     StepEvent,
     SupervisorInput,
+    ToolCall,
+    ToolDecided,
+    ToolResult,
+    ToolStatus,
     encode,
 )
 from bus._publish import MSG_ID, publish
@@ -94,6 +98,10 @@ __all__ = [
     "PoisonMessageError",
     "StepEvent",
     "SupervisorInput",
+    "ToolCall",
+    "ToolDecided",
+    "ToolResult",
+    "ToolStatus",
     "TopologyConfig",
     "agent_consumer_config",
     "clear_kill",

@@ -6,7 +6,7 @@ old messages across deploys. Unknown fields are ignored so older readers keep wo
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 import msgspec
 
@@ -28,6 +28,8 @@ class ConversationStart(msgspec.Struct, frozen=True, kw_only=True, tag="conversa
     conversation: str
     text: str
     customer: str = ""
+    dry_run: bool = False
+    """Policy-check and simulate every tool call; change nothing."""
 
 
 class AgentTask(msgspec.Struct, frozen=True, kw_only=True, tag="agent.task"):
@@ -109,6 +111,21 @@ class HandoffRefused(msgspec.Struct, frozen=True, kw_only=True, tag="handoff.ref
     reason: str
 
 
+class ToolDecided(msgspec.Struct, frozen=True, kw_only=True, tag="tool.decided"):
+    """The gateway decided a tool call (the client sees it, with the policies behind it)."""
+
+    v: int = 1
+    conversation: str
+    step: int
+    agent: str
+    tool: str
+    status: str
+    reason: str = ""
+    policy_ids: list[str] = []
+    approval_id: str | None = None
+    result: dict[str, Any] = {}
+
+
 ConversationStatus = Literal["running", "replied", "refused", "escalated", "failed", "killed"]
 
 
@@ -123,13 +140,52 @@ class ConversationEnded(msgspec.Struct, frozen=True, kw_only=True, tag="conversa
     reason: str | None = None
 
 
+ToolStatus = Literal["ok", "error", "denied", "approval_required", "invalid", "simulated"]
+"""``error``: the tool ran and reported a business failure (no effect, e.g. nothing left
+to refund); it is recorded like any result, so a retry does not try again."""
+
+
+class ToolCall(msgspec.Struct, frozen=True, kw_only=True, tag="tool.call"):
+    """An agent asks the tool gateway to apply one tool (``corral.from.<agent>.tool``).
+
+    ``index`` numbers the calls within one step; with the conversation and the step it
+    forms the idempotency key, so a repeated call is applied once.
+    """
+
+    v: int = 1
+    conversation: str
+    step: int
+    index: int
+    agent: str
+    """The identity the body claims; the gateway trusts only the subject token."""
+    tool: str
+    arguments: dict[str, Any] = {}
+
+
+class ToolResult(msgspec.Struct, frozen=True, kw_only=True, tag="tool.result"):
+    """The gateway's answer: what was decided, under which policies, and the result."""
+
+    v: int = 1
+    conversation: str
+    step: int
+    index: int
+    tool: str
+    status: ToolStatus
+    result: dict[str, Any] = {}
+    reason: str = ""
+    policy_ids: list[str] = []
+    approval_id: str | None = None
+    replayed: bool = False
+    """True when the ledger answered: the effect happened on an earlier delivery."""
+
+
 SupervisorInput = ConversationStart | HandoffProposed | AgentReply | AgentFailed
 """Everything the supervisor consumes from ``CORRAL_WORK``."""
 
 AgentInput = AgentTask
 """Everything an agent consumes from its inbox."""
 
-ClientUpdate = HandoffForwarded | HandoffRefused | ConversationEnded
+ClientUpdate = HandoffForwarded | HandoffRefused | ConversationEnded | ToolDecided
 """Everything a client may see on ``corral.out.<conversation>``."""
 
 AgentEvent = StepEvent
@@ -145,6 +201,9 @@ Message = (
     | HandoffForwarded
     | HandoffRefused
     | ConversationEnded
+    | ToolCall
+    | ToolResult
+    | ToolDecided
 )
 
 _encoder = msgspec.json.Encoder()

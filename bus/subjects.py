@@ -96,6 +96,16 @@ def agent_error(agent: str) -> str:
     return f"{PREFIX}.from.{agent}.error"
 
 
+def agent_tool(agent: str) -> str:
+    """Subject on which ``agent`` asks the tool gateway for a tool call (request/reply)."""
+    return f"{PREFIX}.from.{agent}.tool"
+
+
+def all_agent_tools() -> str:
+    """Wildcard of every agent's tool requests (the gateway's subscription)."""
+    return f"{PREFIX}.from.*.tool"
+
+
 def agent_event(agent: str) -> str:
     """Subject on which ``agent`` publishes step events."""
     return f"{PREFIX}.from.{agent}.event"

@@ -189,13 +189,65 @@ def supervisor_run(config: ConfigOption = None) -> None:
                 min_confidence=loaded.config.graph.min_confidence,
                 max_steps=loaded.config.conversation.max_steps,
             )
-            await _serve(Supervisor(bus, store, graph))
+            services: list[_Service] = [Supervisor(bus, store, graph)]
+            if loaded.config.tools is not None:
+                services.append(await _gateway(loaded, bus, store))
+            await _serve(_Together(services))
         finally:
             await bus.close()
             await store.close()
         return 0
 
     _run(_main())
+
+
+async def _gateway(loaded: LoadedConfig, bus: Bus, store: Any) -> _Service:
+    """The tool gateway of ``loaded``'s tools, with its backend prepared."""
+    import importlib
+    from datetime import timedelta
+
+    from supervisor._config import load_tools
+    from supervisor._gateway import GatewayConfig, ToolGateway
+    from supervisor._policy import PolicyEngine
+
+    tools_section = loaded.config.tools
+    assert tools_section is not None and loaded.policies_dir is not None
+    module = importlib.import_module(tools_section.module)
+    setup = getattr(module, "setup", None)
+    if setup is not None:
+        async with store.pool.acquire() as conn:
+            await setup(conn)
+    return ToolGateway(
+        bus.nc,
+        store.pool,
+        load_tools(loaded.config).values(),
+        PolicyEngine.load(loaded.policies_dir),
+        GatewayConfig(
+            approval_ttl=timedelta(seconds=tools_section.approval_ttl_s),
+            max_pending_approvals=tools_section.max_pending_approvals,
+        ),
+    )
+
+
+class _Together:
+    """Several services as one: run all, stop all when one stops."""
+
+    def __init__(self, services: list[_Service]) -> None:
+        self._services = services
+
+    async def run(self) -> None:
+        tasks = [asyncio.create_task(s.run()) for s in self._services]
+        try:
+            done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+            for task in done:
+                task.result()
+        finally:
+            await self.shutdown()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def shutdown(self) -> None:
+        for service in self._services:
+            await service.shutdown()
 
 
 @agent_app.command("run")
@@ -212,11 +264,18 @@ def agent_run(
     async def _main() -> int:
         from agents import AgentService, AgentSettings
         from router import model_for_tier
+        from supervisor._config import load_tools
 
         model = model_for_tier(loaded.tier(name), loaded.scripted_rules)
         bus = await _connect(loaded, _nats_url(loaded), agent_identity(name))
         try:
+            tools = load_tools(loaded.config)
+            offered = [
+                {"name": t, "description": tools[t].description, "schema": tools[t].schema()}
+                for t in loaded.config.agents[name].tools
+            ]
             settings = AgentSettings(
+                tools=offered,
                 name=name,
                 instructions=loaded.instructions[name],
                 handoff_targets=loaded.targets(name),
@@ -585,3 +644,51 @@ def creds(
         "Add `include nats-authorization.conf` to the server's config and reload it; give each "
         "process only its own seed (CORRAL_CREDS=path)."
     )
+
+
+# --- audit ----------------------------------------------------------------------------
+
+audit_app = typer.Typer(no_args_is_help=True, help="Inspect the audit log.")
+app.add_typer(audit_app, name="audit")
+
+
+@audit_app.command("verify")
+def audit_verify(config: ConfigOption = None) -> None:
+    """Recompute every audit record's hash and its link to the record before it.
+
+    Exit codes: 0 the chain is intact (the record count is printed), 1 a record is broken (its
+    id and the reason go to stderr).
+    """
+    loaded = _load(config)
+
+    async def _main() -> int:
+        import asyncpg
+
+        from supervisor._audit import verify_audit
+        from supervisor._store import Store
+        from supervisor.errors import StoreError
+
+        url = _database_url(loaded)
+        # Opening the store applies pending migrations, so a fresh database verifies as empty.
+        await (await Store.open(url, min_size=1, max_size=1)).close()
+        try:
+            conn = await asyncpg.connect(url)
+        except (OSError, asyncpg.PostgresError) as exc:
+            raise StoreError(f"cannot connect to PostgreSQL: {exc}") from exc
+        try:
+            result = await verify_audit(conn)
+        finally:
+            await conn.close()
+        if result.first_broken is not None:
+            err_console.print(
+                f"audit log broken at record {result.first_broken}: {result.problem}",
+                highlight=False,
+                soft_wrap=True,
+            )
+            return 1
+        console.print(f"audit log intact: {result.count} records", highlight=False)
+        if result.head is not None:
+            console.print(f"head: {result.head}", highlight=False, soft_wrap=True)
+        return 0
+
+    _run(_main())

@@ -7,6 +7,7 @@ Errors name the file, the line and the field, and say what was expected::
 
 from __future__ import annotations
 
+import importlib
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -68,6 +69,22 @@ class AgentSection(_Strict):
     """The agent's instructions, or a path (relative to this file) to a file holding them."""
     replicas: int = Field(default=1, ge=1)
     """Processes ``corral up`` starts for this agent; they share one durable consumer."""
+    tools: list[str] = Field(default_factory=list)
+    """Tools the agent's model is offered (the policies still decide every call)."""
+
+
+class ToolsSection(_Strict):
+    """Where the tools and the policies that govern them are."""
+
+    module: str
+    """Import path of a module exposing ``TOOLS`` (and optionally ``async setup(conn)``,
+    run once by the gateway to prepare its backend)."""
+    policies: str
+    """Directory of Cedar policies (``*.cedar``), relative to this file."""
+    max_pending_approvals: int = Field(default=100, ge=0)
+    """Past this, calls needing approval are denied instead of queued."""
+    approval_ttl_s: float = Field(default=24 * 3600.0, gt=0)
+    """How long an approval request or a granted approval stays valid."""
 
 
 class GraphSection(_Strict):
@@ -102,6 +119,7 @@ class CorralConfig(_Strict):
     agents: dict[str, AgentSection]
     graph: GraphSection
     conversation: ConversationSection = ConversationSection()
+    tools: ToolsSection | None = None
 
 
 @dataclass(frozen=True)
@@ -112,6 +130,12 @@ class LoadedConfig:
     config: CorralConfig
     instructions: dict[str, str]
     scripted_rules: dict[str, Path]
+
+    @property
+    def policies_dir(self) -> Path | None:
+        """The Cedar policies directory, if tools are configured."""
+        tools = self.config.tools
+        return (self.path.resolve().parent / tools.policies) if tools else None
 
     @property
     def agent_names(self) -> list[str]:
@@ -172,7 +196,7 @@ def load_config(path: Path) -> LoadedConfig:
     except ValidationError as exc:
         problems = [(tuple(err["loc"]), _describe(err)) for err in exc.errors(include_url=False)]
         raise _config_error(path, root, problems) from exc
-    problems = _check_references(config)
+    problems = _check_references(config) + _check_tools(config)
     if problems:
         raise _config_error(path, root, problems)
     base = path.resolve().parent
@@ -249,6 +273,37 @@ def _check_references(config: CorralConfig) -> list[tuple[tuple[Any, ...], str]]
                     where = ("models", tier_name, "model" if index == 0 else "fallbacks")
                     problems.append((where, f"{model!r} needs rules: add `scripted: {{{rules}: FILE}}`"))
     return problems
+
+
+def load_tools(config: CorralConfig) -> dict[str, Any]:
+    """The tools of ``config.tools.module`` by name (empty without a tools section)."""
+    if config.tools is None:
+        return {}
+    module = importlib.import_module(config.tools.module)
+    return {tool.name: tool for tool in getattr(module, "TOOLS", [])}
+
+
+def _check_tools(config: CorralConfig) -> list[tuple[tuple[Any, ...], str]]:
+    wanted = {
+        (name, index, tool) for name, agent in config.agents.items() for index, tool in enumerate(agent.tools)
+    }
+    if config.tools is None:
+        return [
+            (("agents", name, "tools", index), "needs a top-level `tools:` section")
+            for name, index, _ in sorted(wanted)
+        ]
+    try:
+        tools = load_tools(config)
+    except ImportError as exc:
+        return [(("tools", "module"), f"cannot import {config.tools.module!r}: {exc}")]
+    if not tools:
+        return [(("tools", "module"), f"{config.tools.module!r} defines no TOOLS")]
+    known = ", ".join(sorted(tools))
+    return [
+        (("agents", name, "tools", index), f"{tool!r} is not a tool; expected one of: {known}")
+        for name, index, tool in sorted(wanted)
+        if tool not in tools
+    ]
 
 
 def _describe(error: Mapping[str, Any]) -> str:

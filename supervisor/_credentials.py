@@ -24,7 +24,7 @@ import os
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from bus import subjects
 from supervisor._config import LoadedConfig
@@ -79,6 +79,7 @@ def permissions(loaded: LoadedConfig, role: Role, name: str) -> tuple[list[str],
             subjects.agent_error(agent),
             subjects.agent_event(agent),
             subjects.agent_dead_letter(agent),
+            subjects.agent_tool(agent),
             *(subjects.agent_handoff(agent, target) for target in loaded.targets(agent)),
             f"$JS.API.CONSUMER.MSG.NEXT.{subjects.WORK_STREAM}.{consumer}",
             f"$JS.ACK.{subjects.WORK_STREAM}.{consumer}.>",
@@ -86,6 +87,7 @@ def permissions(loaded: LoadedConfig, role: Role, name: str) -> tuple[list[str],
         ]
         return publish, [inbox]
     if role == "supervisor":
+        # It answers tool requests on the agents' own reply inboxes (allow_responses).
         return [
             subjects.all_agent_inboxes(),
             subjects.all_conversation_updates(),
@@ -93,7 +95,7 @@ def permissions(loaded: LoadedConfig, role: Role, name: str) -> tuple[list[str],
             "$JS.API.>",
             f"$JS.ACK.{subjects.WORK_STREAM}.{subjects.SUPERVISOR_CONSUMER}.>",
             "$JS.FC.>",
-        ], [inbox]
+        ], [inbox, subjects.all_agent_tools()]
     if role == "client":
         return [subjects.client_starts(name)], [subjects.client_updates(name), inbox]
     return ["$JS.API.>", f"$KV.{subjects.CONTROL_BUCKET}.>", "$JS.FC.>"], [inbox]
@@ -149,7 +151,12 @@ def authorization_block(ids: Iterable[Identity], revoked_agents: Iterable[str] =
     for identity in ids:
         if identity.agent is not None and identity.agent in revoked:
             continue
-        perms = {"publish": {"allow": identity.publish}, "subscribe": {"allow": identity.subscribe}}
+        perms: dict[str, Any] = {
+            "publish": {"allow": identity.publish},
+            "subscribe": {"allow": identity.subscribe},
+        }
+        if identity.role == "supervisor":
+            perms["allow_responses"] = True
         users.append(
             f"    # {identity.name}\n    {{nkey: {identity.public_key}, permissions: {json.dumps(perms)}}}"
         )

@@ -78,6 +78,7 @@ def start(
         path=[Hop(agent=graph.entry)],
         traceparent=traceparent,
         client=client,
+        dry_run=message.dry_run,
     )
     if killed is not None:
         reason = f"entry agent {graph.entry} is killed ({killed.reason}); escalated to a human"

@@ -42,6 +42,8 @@ class ConversationRecord:
     traceparent: str | None = None
     client: str = subjects.DEFAULT_CLIENT
     """The client identity that started it; its updates go to that client only."""
+    dry_run: bool = False
+    """Tool calls are policy-checked and simulated; nothing changes."""
 
     def evolve(self, **changes: object) -> ConversationRecord:
         """A copy with ``changes`` applied."""
@@ -62,7 +64,8 @@ class StepRecord:
 
 
 _COLUMNS = (
-    "id, customer, text, status, current_agent, step, path::text AS path, reply, reason, traceparent, client"
+    "id, customer, text, status, current_agent, step, path::text AS path, reply, reason, traceparent, client,"
+    " dry_run"
 )
 
 
@@ -83,8 +86,8 @@ class ConversationLock:
         if self.record is None:
             await self._conn.execute(
                 "INSERT INTO conversations (id, customer, text, status, current_agent, step, path,"
-                " reply, reason, traceparent, client)"
-                " VALUES ($1,$2,$3,$4,$5,$6,$7::jsonb,$8,$9,$10,$11)",
+                " reply, reason, traceparent, client, dry_run)"
+                " VALUES ($1,$2,$3,$4,$5,$6,$7::jsonb,$8,$9,$10,$11,$12)",
                 record.id,
                 record.customer,
                 record.text,
@@ -96,6 +99,7 @@ class ConversationLock:
                 record.reason,
                 record.traceparent,
                 record.client,
+                record.dry_run,
             )
         else:
             await self._conn.execute(
@@ -146,6 +150,11 @@ class Store:
             await pool.close()
             raise
         return store
+
+    @property
+    def pool(self) -> asyncpg.Pool:
+        """The connection pool (the tool gateway shares it)."""
+        return self._pool
 
     async def close(self) -> None:
         """Close every connection."""

@@ -49,6 +49,10 @@ def test_bus_exports() -> None:
         "PoisonMessageError",
         "StepEvent",
         "SupervisorInput",
+        "ToolCall",
+        "ToolDecided",
+        "ToolResult",
+        "ToolStatus",
         "TopologyConfig",
         "agent_consumer_config",
         "connect",
@@ -64,7 +68,7 @@ def test_bus_exports() -> None:
         "use_traceparent",
     }
     # Every wire type is exported.
-    assert {n for n in dir(bus._messages) if n[0].isupper()} <= set(bus.__all__) | {"Literal"}
+    assert {n for n in dir(bus._messages) if n[0].isupper()} <= set(bus.__all__) | {"Any", "Literal"}
 
 
 def test_agents_exports() -> None:
@@ -77,6 +81,10 @@ def test_agents_exports() -> None:
         "DecisionError",
         "HandoffDecision",
         "ReplyDecision",
+        "ToolDecision",
+        "ToolInput",
+        "Resource",
+        "Tool",
         "parse_decision",
         "response_format",
     }

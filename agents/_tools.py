@@ -1,0 +1,80 @@
+"""The tool interface: what a tool declares and what the gateway hands it.
+
+Tools run only inside the tool gateway, which holds the backend's credentials; agents
+see a tool's name, description and the JSON Schema of its arguments, nothing more.
+A tool is one class with one required coroutine, ``run``; ``resource`` tells the
+gateway what the call touches and the facts policy needs about it.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Generic, TypeVar
+
+import asyncpg
+from pydantic import BaseModel
+
+A = TypeVar("A", bound=BaseModel)
+
+
+@dataclass(frozen=True, kw_only=True)
+class ToolInput(Generic[A]):
+    """Everything a tool call may use. The acting customer comes from the conversation,
+    never from the model's arguments.
+
+    Attributes:
+        arguments: The validated arguments.
+        customer: On whose behalf the call is made.
+        conversation: The conversation it belongs to.
+        agent: The agent that asked (from its credentials).
+        idempotency_key: ``<conversation>:<step>:<call index>``; stable across retries.
+        conn: A connection inside the gateway's transaction: the effect, the ledger
+            entry and the audit record commit together or not at all.
+    """
+
+    arguments: A
+    customer: str
+    conversation: str
+    agent: str
+    idempotency_key: str
+    conn: asyncpg.Connection
+
+
+@dataclass(frozen=True, kw_only=True)
+class Resource:
+    """What a call touches, and the facts the policy decides on."""
+
+    type: str
+    id: str
+    facts: dict[str, Any] = field(default_factory=dict)
+    """Integers, booleans and strings only (Cedar has no decimals: money is in cents)."""
+
+
+class Tool(ABC, Generic[A]):
+    """A capability the gateway can apply on an agent's behalf."""
+
+    name: ClassVar[str]
+    description: ClassVar[str]
+    arguments: ClassVar[type[BaseModel]]
+    changes_state: ClassVar[bool] = True
+    """False for lookups; True for anything with an effect."""
+    undo: ClassVar[str | None] = None
+    """Name of the tool that compensates this one (``refund`` -> ``reverse_refund``)."""
+
+    @property
+    def irreversible(self) -> bool:
+        """Changes state and has no undo: the sample policies require approval."""
+        return self.changes_state and self.undo is None
+
+    def schema(self) -> dict[str, Any]:
+        """The JSON Schema of the arguments, as the model sees it."""
+        return self.arguments.model_json_schema()
+
+    async def resource(self, call: ToolInput[A]) -> Resource:
+        """What the call touches; by default the acting customer."""
+        return Resource(type="Customer", id=call.customer)
+
+    @abstractmethod
+    async def run(self, call: ToolInput[A]) -> dict[str, Any]:
+        """Apply the call and return a JSON-able result."""

@@ -1,0 +1,298 @@
+"""The sample support team's tools over the ``shop`` schema."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from agents._tools import Resource, Tool, ToolInput
+from agents.support._shop import setup
+
+__all__ = ["TOOLS", "setup"]
+
+
+class _Args(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class NoArgs(_Args):
+    """No arguments: the customer comes from the conversation."""
+
+
+class OrderArgs(_Args):
+    order_id: str = Field(description="The order's id, e.g. '1001'")
+
+
+class RefundArgs(_Args):
+    order_id: str = Field(description="The order to refund")
+    amount_cents: int = Field(gt=0, description="Amount to refund, in cents")
+    reason: str = Field(default="", max_length=500)
+
+
+class ReverseRefundArgs(_Args):
+    refund_id: int = Field(description="The refund to reverse")
+
+
+class SubscriptionArgs(_Args):
+    subscription_id: str
+
+
+class EmailArgs(_Args):
+    email: str = Field(pattern=r"^[^@\s]+@[^@\s]+\.[^@\s]+$", max_length=254)
+
+
+class SendEmailArgs(_Args):
+    subject: str = Field(max_length=200)
+    body: str = Field(max_length=5000)
+
+
+class CorrectionArgs(_Args):
+    email_id: int
+    body: str = Field(max_length=5000)
+
+
+class TicketArgs(_Args):
+    subject: str = Field(max_length=200)
+    body: str = Field(default="", max_length=5000)
+
+
+async def _customer_facts(call: ToolInput[Any]) -> dict[str, Any]:
+    row = await call.conn.fetchrow(
+        "SELECT (extract(epoch FROM now() - created_at) / 86400)::int AS age,"
+        " (SELECT coalesce(sum(amount_cents), 0) FROM shop.refunds r WHERE r.customer_id = c.id"
+        "   AND r.reversed_at IS NULL AND r.created_at >= date_trunc('day', now())) AS today"
+        " FROM shop.customers c WHERE c.id = $1",
+        call.customer,
+    )
+    if row is None:
+        return {"account_age_days": 0, "refunds_today_cents": 0, "known_customer": False}
+    return {"account_age_days": row["age"], "refunds_today_cents": int(row["today"]), "known_customer": True}
+
+
+class LookupCustomer(Tool[NoArgs]):
+    name = "lookup_customer"
+    description = "The acting customer's account: email, tier, age."
+    arguments = NoArgs
+    changes_state = False
+
+    async def run(self, call: ToolInput[NoArgs]) -> dict[str, Any]:
+        row = await call.conn.fetchrow(
+            "SELECT id, email, tier, created_at::date::text AS since FROM shop.customers WHERE id=$1",
+            call.customer,
+        )
+        return dict(row) if row else {"error": "no such customer"}
+
+
+class LookupOrder(Tool[OrderArgs]):
+    name = "lookup_order"
+    description = "One of the acting customer's orders."
+    arguments = OrderArgs
+    changes_state = False
+
+    async def resource(self, call: ToolInput[OrderArgs]) -> Resource:
+        owner = await call.conn.fetchval(
+            "SELECT customer_id FROM shop.orders WHERE id=$1", call.arguments.order_id
+        )
+        return Resource(
+            type="Order", id=call.arguments.order_id, facts={"owns_resource": owner == call.customer}
+        )
+
+    async def run(self, call: ToolInput[OrderArgs]) -> dict[str, Any]:
+        row = await call.conn.fetchrow(
+            "SELECT id, total_cents, payment_method FROM shop.orders WHERE id=$1 AND customer_id=$2",
+            call.arguments.order_id,
+            call.customer,
+        )
+        return dict(row) if row else {"error": "no such order"}
+
+
+class Refund(Tool[RefundArgs]):
+    name = "refund"
+    description = "Refund part or all of one of the acting customer's orders."
+    arguments = RefundArgs
+    undo = "reverse_refund"
+
+    async def resource(self, call: ToolInput[RefundArgs]) -> Resource:
+        order = await call.conn.fetchrow(
+            "SELECT customer_id, total_cents FROM shop.orders WHERE id=$1", call.arguments.order_id
+        )
+        facts = await _customer_facts(call)
+        facts.update(
+            amount_cents=call.arguments.amount_cents,
+            owns_resource=order is not None and order["customer_id"] == call.customer,
+            order_total_cents=int(order["total_cents"]) if order else 0,
+        )
+        return Resource(type="Order", id=call.arguments.order_id, facts=facts)
+
+    async def run(self, call: ToolInput[RefundArgs]) -> dict[str, Any]:
+        refunded = await call.conn.fetchval(
+            "SELECT coalesce(sum(amount_cents), 0) FROM shop.refunds"
+            " WHERE order_id=$1 AND reversed_at IS NULL",
+            call.arguments.order_id,
+        )
+        total = await call.conn.fetchval(
+            "SELECT total_cents FROM shop.orders WHERE id=$1 AND customer_id=$2",
+            call.arguments.order_id,
+            call.customer,
+        )
+        if total is None:
+            return {"error": "no such order"}
+        if refunded + call.arguments.amount_cents > total:
+            return {"error": f"refund exceeds the order's remaining {total - refunded} cents"}
+        refund_id = await call.conn.fetchval(
+            "INSERT INTO shop.refunds (order_id, customer_id, amount_cents, reason, idempotency_key)"
+            " VALUES ($1,$2,$3,$4,$5) RETURNING id",
+            call.arguments.order_id,
+            call.customer,
+            call.arguments.amount_cents,
+            call.arguments.reason,
+            call.idempotency_key,
+        )
+        return {
+            "refund_id": refund_id,
+            "order_id": call.arguments.order_id,
+            "amount_cents": call.arguments.amount_cents,
+        }
+
+
+class ReverseRefund(Tool[ReverseRefundArgs]):
+    name = "reverse_refund"
+    description = "Undo a refund (compensation)."
+    arguments = ReverseRefundArgs
+    changes_state = True
+
+    async def run(self, call: ToolInput[ReverseRefundArgs]) -> dict[str, Any]:
+        done = await call.conn.fetchval(
+            "UPDATE shop.refunds SET reversed_at = now() WHERE id=$1 AND customer_id=$2"
+            " AND reversed_at IS NULL RETURNING id",
+            call.arguments.refund_id,
+            call.customer,
+        )
+        return {"reversed": done is not None, "refund_id": call.arguments.refund_id}
+
+    @property
+    def irreversible(self) -> bool:
+        return False  # it is itself the compensation
+
+
+class CancelSubscription(Tool[SubscriptionArgs]):
+    name = "cancel_subscription"
+    description = "Cancel one of the acting customer's subscriptions."
+    arguments = SubscriptionArgs
+
+    async def resource(self, call: ToolInput[SubscriptionArgs]) -> Resource:
+        owner = await call.conn.fetchval(
+            "SELECT customer_id FROM shop.subscriptions WHERE id=$1", call.arguments.subscription_id
+        )
+        return Resource(
+            type="Subscription",
+            id=call.arguments.subscription_id,
+            facts={"owns_resource": owner == call.customer},
+        )
+
+    async def run(self, call: ToolInput[SubscriptionArgs]) -> dict[str, Any]:
+        done = await call.conn.fetchval(
+            "UPDATE shop.subscriptions SET status='cancelled', cancelled_at=now()"
+            " WHERE id=$1 AND customer_id=$2 AND status='active' RETURNING id",
+            call.arguments.subscription_id,
+            call.customer,
+        )
+        return {"cancelled": done is not None}
+
+
+class UpdateEmail(Tool[EmailArgs]):
+    name = "update_email"
+    description = "Change the acting customer's email address."
+    arguments = EmailArgs
+
+    async def run(self, call: ToolInput[EmailArgs]) -> dict[str, Any]:
+        await call.conn.execute(
+            "UPDATE shop.customers SET email=$2 WHERE id=$1", call.customer, str(call.arguments.email)
+        )
+        return {"email": str(call.arguments.email)}
+
+
+class SendEmail(Tool[SendEmailArgs]):
+    name = "send_email"
+    description = "Email the acting customer (queued in the outbox)."
+    arguments = SendEmailArgs
+    undo = "send_correction"
+
+    async def run(self, call: ToolInput[SendEmailArgs]) -> dict[str, Any]:
+        email_id = await call.conn.fetchval(
+            "INSERT INTO shop.email_outbox (customer_id, to_address, subject, body)"
+            " SELECT id, email, $2, $3 FROM shop.customers WHERE id=$1 RETURNING id",
+            call.customer,
+            call.arguments.subject,
+            call.arguments.body,
+        )
+        return {"email_id": email_id}
+
+
+class SendCorrection(Tool[CorrectionArgs]):
+    name = "send_correction"
+    description = "Send a correction of an earlier email (compensation)."
+    arguments = CorrectionArgs
+
+    async def run(self, call: ToolInput[CorrectionArgs]) -> dict[str, Any]:
+        email_id = await call.conn.fetchval(
+            "INSERT INTO shop.email_outbox (customer_id, to_address, subject, body, corrects)"
+            " SELECT customer_id, to_address, 'Correction: ' || subject, $3, id"
+            " FROM shop.email_outbox WHERE id=$2 AND customer_id=$1 RETURNING id",
+            call.customer,
+            call.arguments.email_id,
+            call.arguments.body,
+        )
+        return {"email_id": email_id}
+
+    @property
+    def irreversible(self) -> bool:
+        return False  # it is itself the compensation
+
+
+class CreateTicket(Tool[TicketArgs]):
+    name = "create_ticket"
+    description = "Open a support ticket for the acting customer."
+    arguments = TicketArgs
+
+    async def run(self, call: ToolInput[TicketArgs]) -> dict[str, Any]:
+        ticket = await call.conn.fetchval(
+            "INSERT INTO shop.tickets (customer_id, subject, body) VALUES ($1,$2,$3) RETURNING id",
+            call.customer,
+            call.arguments.subject,
+            call.arguments.body,
+        )
+        return {"ticket_id": ticket}
+
+    @property
+    def irreversible(self) -> bool:
+        return False  # harmless: a ticket can be closed
+
+
+class ReadServiceLogs(Tool[NoArgs]):
+    name = "read_service_logs"
+    description = "The acting customer's recent service log lines."
+    arguments = NoArgs
+    changes_state = False
+
+    async def run(self, call: ToolInput[NoArgs]) -> dict[str, Any]:
+        rows = await call.conn.fetch(
+            "SELECT level, message FROM shop.service_logs WHERE customer_id=$1 ORDER BY id DESC LIMIT 20",
+            call.customer,
+        )
+        return {"lines": [dict(r) for r in rows]}
+
+
+TOOLS: list[Tool[Any]] = [
+    LookupCustomer(),
+    LookupOrder(),
+    Refund(),
+    ReverseRefund(),
+    CancelSubscription(),
+    UpdateEmail(),
+    SendEmail(),
+    SendCorrection(),
+    CreateTicket(),
+    ReadServiceLogs(),
+]

@@ -1,0 +1,270 @@
+"""The audit log: an append-only, hash-chained record of every decision, in PostgreSQL.
+
+Contract:
+
+* ``append_audit`` adds one record inside the caller's transaction, so the record commits or
+  rolls back with the action it describes. Appends are serialized by a transaction-scoped
+  advisory lock; ids are taken after the lock, so id order is chain order.
+* The table rejects ``UPDATE``, ``DELETE`` and ``TRUNCATE`` with a trigger
+  ("audit_log is append-only"). Whoever owns the table can disable that trigger; the chain is
+  what makes such changes visible: ``verify_audit`` (``corral audit verify``) recomputes every
+  hash and reports the first record that does not match.
+
+The chain. Each record stores ``prev_hash`` (the ``hash`` of the record before it, or 64 zeros
+for the first record) and::
+
+    hash = sha256(bytes.fromhex(prev_hash) + canonical(record)).hexdigest()
+
+``canonical(record)`` is the UTF-8 encoding of a JSON object with exactly these keys, sorted,
+with no whitespace (separators ``,`` and ``:``) and non-ASCII characters written as themselves
+(``ensure_ascii=False``):
+
+====================  ===============================================================================
+``id``                integer
+``created_at``        string, ISO-8601 in UTC with microseconds: ``2025-01-31T12:00:00.000000+00:00``
+``agent``             string
+``credential_id``     string
+``on_behalf_of``      string
+``conversation``      string
+``action``            string
+``arguments_digest``  string (see ``digest_arguments``)
+``decision``          string
+``policy_ids``        array of strings, in the order recorded
+``approval_id``       string or ``null``
+``outcome``           string
+``detail``            string
+====================  ===============================================================================
+
+``prev_hash`` and ``hash`` themselves are not in the object; ``prev_hash`` enters through the
+prefix. Gaps in ids are normal (an append whose transaction rolled back still used its id);
+a missing record shows up as a ``prev_hash`` that does not match the record before it. A chain
+alone cannot reveal that its newest records were removed: keep the head hash
+(``AuditVerification.head``) somewhere else to detect that.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+import asyncpg
+
+from supervisor.errors import StoreError
+
+GENESIS_HASH = "0" * 64
+"""The ``prev_hash`` of the first record."""
+
+_AUDIT_LOCK = 0x61756474  # "audt": serializes appenders across every corral process
+
+_CHAINED_FIELDS = (
+    "id",
+    "created_at",
+    "agent",
+    "credential_id",
+    "on_behalf_of",
+    "conversation",
+    "action",
+    "arguments_digest",
+    "decision",
+    "policy_ids",
+    "approval_id",
+    "outcome",
+    "detail",
+)
+
+_COLUMNS = ", ".join((*_CHAINED_FIELDS, "prev_hash", "hash"))
+
+
+@dataclass(frozen=True, kw_only=True)
+class AuditEntry:
+    """One decision to record: who acted, for whom, what was decided, and what came of it."""
+
+    agent: str
+    """The acting agent's name (and version, if it has one)."""
+    credential_id: str
+    """The identity the agent proved, e.g. its nkey public key."""
+    on_behalf_of: str
+    """The customer or client the action was for."""
+    conversation: str
+    action: str
+    """What was attempted, e.g. ``tool:refund`` or ``handoff:payments``."""
+    arguments_digest: str
+    """``digest_arguments`` of the action's arguments; the arguments themselves are not kept."""
+    decision: str
+    """allowed, denied, approval_required, ..."""
+    policy_ids: tuple[str, ...] = ()
+    """The policies that produced the decision."""
+    approval_id: str | None = None
+    outcome: str
+    """What happened: succeeded, failed, refused, ..."""
+    detail: str = ""
+
+
+@dataclass(frozen=True)
+class AuditVerification:
+    """The result of walking the chain."""
+
+    count: int
+    """Records found intact (all of them when ``first_broken`` is None)."""
+    first_broken: int | None
+    """The id of the first record that fails verification, or None when the chain is intact."""
+    problem: str | None
+    """Why that record fails, or None."""
+    head: str | None = None
+    """The hash of the last intact record (None for an empty log); record it elsewhere to detect
+    the removal of the newest records, which no chain can show by itself."""
+
+    @property
+    def intact(self) -> bool:
+        """True when every record verified."""
+        return self.first_broken is None
+
+
+def digest_arguments(arguments: Mapping[str, Any]) -> str:
+    """The sha256 hex digest of ``arguments`` as canonical JSON.
+
+    Canonical JSON here: keys sorted, no whitespace, non-ASCII characters as themselves, UTF-8.
+
+    Raises:
+        TypeError: if a value is not JSON-serializable.
+    """
+    return hashlib.sha256(_canonical_json(arguments)).hexdigest()
+
+
+def canonical(record: Mapping[str, Any]) -> bytes:
+    """The bytes a record's hash covers (see the module docstring for the encoding).
+
+    Args:
+        record: The record's fields; extra keys (``prev_hash``, ``hash``) are ignored.
+
+    Raises:
+        KeyError: if a chained field is missing.
+        ValueError: if ``created_at`` has no time zone.
+    """
+    created_at: datetime = record["created_at"]
+    if created_at.tzinfo is None:
+        raise ValueError("created_at must be timezone-aware")
+    fields = {name: record[name] for name in _CHAINED_FIELDS}
+    fields["created_at"] = created_at.astimezone(UTC).isoformat(timespec="microseconds")
+    fields["policy_ids"] = list(record["policy_ids"])
+    return _canonical_json(fields)
+
+
+def chain_hash(prev_hash: str, record: Mapping[str, Any]) -> str:
+    """``sha256(bytes.fromhex(prev_hash) + canonical(record))`` as hex.
+
+    Raises:
+        ValueError: if ``prev_hash`` is not hex.
+    """
+    return hashlib.sha256(bytes.fromhex(prev_hash) + canonical(record)).hexdigest()
+
+
+def _canonical_json(value: Mapping[str, Any]) -> bytes:
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+async def append_audit(conn: asyncpg.Connection, entry: AuditEntry) -> int:
+    """Append ``entry`` to the chain, inside the caller's transaction, and return its id.
+
+    Concurrent appenders wait for each other on an advisory lock held until their transactions
+    end, so each one links to the record committed before it. The transaction must run at READ
+    COMMITTED (PostgreSQL's default): a snapshot older than the lock would not see the head.
+
+    Raises:
+        StoreError: if ``conn`` is not in a transaction or not at READ COMMITTED
+            (``retryable=False``), if another appender extended the chain from the same head
+            (``retryable=True``), or if PostgreSQL fails.
+    """
+    if not conn.is_in_transaction():
+        raise StoreError("append_audit must run inside a transaction", retryable=False)
+    try:
+        isolation = await conn.fetchval(
+            "SELECT current_setting('transaction_isolation') FROM pg_advisory_xact_lock($1)", _AUDIT_LOCK
+        )
+        if isolation != "read committed":
+            raise StoreError(f"append_audit needs READ COMMITTED, not {isolation}", retryable=False)
+        # Each statement below takes a fresh snapshot, taken after the lock: it sees the head
+        # committed by whoever held the lock before us.
+        prev_hash = await conn.fetchval("SELECT hash FROM audit_log ORDER BY id DESC LIMIT 1")
+        head = await conn.fetchrow(
+            "SELECT nextval(pg_get_serial_sequence('audit_log', 'id')) AS id, clock_timestamp() AS created_at"
+        )
+        record: dict[str, Any] = {**asdict(entry), "id": head["id"], "created_at": head["created_at"]}
+        prev_hash = prev_hash or GENESIS_HASH
+        await conn.execute(
+            f"INSERT INTO audit_log ({_COLUMNS}) VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9,$10,$11,$12,$13,$14,$15)",
+            *(record[name] for name in _CHAINED_FIELDS),
+            prev_hash,
+            chain_hash(prev_hash, record),
+        )
+    except asyncpg.UniqueViolationError as exc:
+        raise StoreError(f"the audit chain moved concurrently: {exc}", retryable=True) from exc
+    except (OSError, asyncpg.PostgresConnectionError, asyncpg.InterfaceError) as exc:
+        raise StoreError(f"PostgreSQL unavailable: {exc}") from exc
+    except asyncpg.PostgresError as exc:
+        raise StoreError(f"cannot append to the audit log: {exc}", retryable=False) from exc
+    return int(head["id"])
+
+
+async def verify_audit(source: asyncpg.Connection | asyncpg.Pool) -> AuditVerification:
+    """Walk the whole log in id order, recomputing every hash and checking every link.
+
+    Rows are streamed with a cursor, so the table may be larger than memory. Unless ``conn`` is
+    already in a transaction, the walk runs in a read-only REPEATABLE READ transaction: one
+    snapshot, so records appended meanwhile are neither half-seen nor reported.
+
+    Args:
+        source: A connection or a pool to take one from.
+
+    Returns:
+        The number of intact records and, if a record fails, its id and the reason: a
+        ``prev_hash`` that is not the hash of the record before it (a record was removed or
+        changed), or a ``hash`` that does not match the record's content (it was altered).
+
+    Raises:
+        StoreError: if PostgreSQL fails.
+    """
+    try:
+        if isinstance(source, asyncpg.Pool):
+            async with source.acquire() as conn:
+                return await _verify(conn)
+        return await _verify(source)
+    except (OSError, asyncpg.PostgresConnectionError, asyncpg.InterfaceError) as exc:
+        raise StoreError(f"PostgreSQL unavailable: {exc}") from exc
+    except asyncpg.PostgresError as exc:
+        raise StoreError(f"cannot read the audit log: {exc}", retryable=False) from exc
+
+
+async def _verify(conn: asyncpg.Connection) -> AuditVerification:
+    if conn.is_in_transaction():
+        return await _walk(conn)
+    async with conn.transaction(isolation="repeatable_read", readonly=True):
+        return await _walk(conn)
+
+
+async def _walk(conn: asyncpg.Connection) -> AuditVerification:
+    count = 0
+    prev_id: int | None = None
+    prev_hash = GENESIS_HASH
+    async for row in conn.cursor(f"SELECT {_COLUMNS} FROM audit_log ORDER BY id", prefetch=1000):
+        record = dict(row)
+        problem: str | None = None
+        # The link first: once it matches, prev_hash is a hash this walk already trusts.
+        if record["prev_hash"] != prev_hash:
+            problem = (
+                "prev_hash is not the genesis hash: records before it are missing"
+                if prev_id is None
+                else f"prev_hash does not match record {prev_id}: a record between them is missing"
+                " or was altered"
+            )
+        elif chain_hash(prev_hash, record) != record["hash"]:
+            problem = "hash mismatch: row was altered"
+        if problem is not None:
+            return AuditVerification(count, record["id"], problem, prev_hash if prev_id is not None else None)
+        count += 1
+        prev_id, prev_hash = record["id"], record["hash"]
+    return AuditVerification(count, None, None, prev_hash if prev_id is not None else None)

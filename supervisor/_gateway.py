@@ -1,0 +1,379 @@
+"""The tool gateway: every tool call is decided, recorded and applied here, exactly once.
+
+For one ``ToolCall`` from agent ``A`` (identity from the subject, never the body):
+
+1. the conversation must be running, at the call's step, with ``A`` holding the turn;
+   the acting customer and the dry-run flag come from the conversation;
+2. the arguments are validated against the tool's pydantic model;
+3. in one transaction, under a lock on the idempotency key:
+   a. a ledger entry for the key answers a repeated call with the first result;
+   b. the tool names the resource and the facts; Cedar decides allow, deny or approval;
+   c. approval: a granted, unexpired, unused approval of this exact action (same hash)
+      is consumed and the call proceeds; otherwise a pending approval is filed (or the
+      call is denied when the queue is full);
+   d. the effect, the ledger entry and the audit record commit together.
+
+Dry-run conversations stop after the decision: the result says what would have happened.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import json
+import logging
+import secrets
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any
+
+import asyncpg
+import msgspec
+from nats.aio.client import Client
+from nats.aio.msg import Msg
+from pydantic import ValidationError
+
+from agents._tools import Tool, ToolInput
+from bus import (
+    TRACEPARENT,
+    ToolCall,
+    ToolDecided,
+    ToolResult,
+    ToolStatus,
+    current_traceparent,
+    encode,
+    subjects,
+    traceparent_from,
+    use_traceparent,
+)
+from supervisor._audit import AuditEntry, append_audit, digest_arguments
+from supervisor._policy import PolicyDecision, PolicyEngine, PolicyRequest
+
+logger = logging.getLogger(__name__)
+
+_call_decoder = msgspec.json.Decoder(ToolCall)
+_LOCK_NAMESPACE = 0x746F6F6C  # "tool"
+
+
+@dataclass(frozen=True, kw_only=True)
+class GatewayConfig:
+    """Limits of the approval queue."""
+
+    approval_ttl: timedelta = timedelta(hours=24)
+    """How long a pending or granted approval stays valid (database time)."""
+    max_pending_approvals: int = 100
+    """Past this, calls that need approval are denied instead of queued."""
+
+
+def action_hash(conversation: str, customer: str, agent: str, tool: str, arguments: Mapping[str, Any]) -> str:
+    """The identity of one exact action: an approval is bound to it."""
+    canonical = json.dumps(
+        {
+            "conversation": conversation,
+            "customer": customer,
+            "agent": agent,
+            "tool": tool,
+            "arguments": arguments,
+        },
+        sort_keys=True,
+        separators=(",", ":"),
+        ensure_ascii=False,
+    )
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+class ToolGateway:
+    """Decide and apply tool calls; serve them over NATS with ``run()``.
+
+    Args:
+        nc: A NATS connection (the supervisor's identity).
+        pool: PostgreSQL: corral's tables and the tools' backend.
+        tools: The tools by name.
+        policy: The Cedar policies.
+        config: Approval limits.
+    """
+
+    def __init__(
+        self,
+        nc: Client | None,
+        pool: asyncpg.Pool,
+        tools: Iterable[Tool[Any]],
+        policy: PolicyEngine,
+        config: GatewayConfig | None = None,
+    ) -> None:
+        self._nc = nc
+        self._pool = pool
+        self._tools = {tool.name: tool for tool in tools}
+        self._policy = policy
+        self._config = config or GatewayConfig()
+        self._stopping = asyncio.Event()
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    async def run(self) -> None:
+        """Answer tool requests until ``shutdown()``."""
+        assert self._nc is not None
+        sub = await self._nc.subscribe(subjects.all_agent_tools(), queue="gateway", cb=self._on_msg)
+        try:
+            await self._stopping.wait()
+        finally:
+            with contextlib.suppress(Exception):
+                await sub.unsubscribe()
+            if self._tasks:
+                await asyncio.wait(self._tasks, timeout=10)
+
+    async def shutdown(self) -> None:
+        """Stop answering; idempotent."""
+        self._stopping.set()
+
+    async def _on_msg(self, msg: Msg) -> None:
+        # Calls are handled concurrently; the idempotency-key lock serializes duplicates.
+        task = asyncio.create_task(self._answer(msg))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _answer(self, msg: Msg) -> None:
+        sender = subjects.sender(msg.subject) or ""
+        try:
+            call = _call_decoder.decode(msg.data)
+        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+            logger.warning("undecodable tool call from %s: %s", sender, exc)
+            return
+        try:
+            with use_traceparent(traceparent_from(msg.headers)):
+                result = await self.call(call, sender)
+        except Exception:
+            logger.exception("tool call %s failed", call.tool)
+            return  # no reply: the agent retries with the same key
+        if msg.reply:
+            await msg.respond(encode(result))
+
+    async def call(self, call: ToolCall, sender: str) -> ToolResult:
+        """Decide and (maybe) apply one call from ``sender``; tell the conversation's client."""
+        result, client = await self._call(call, sender)
+        if client is not None and self._nc is not None and not result.replayed:
+            update = ToolDecided(
+                conversation=call.conversation,
+                step=call.step,
+                agent=sender,
+                tool=call.tool,
+                status=result.status,
+                reason=result.reason,
+                policy_ids=result.policy_ids,
+                approval_id=result.approval_id,
+                result=result.result,
+            )
+            with contextlib.suppress(Exception):  # an update is news, not state
+                trace = current_traceparent()
+                await self._nc.publish(
+                    subjects.conversation_updates(client, call.conversation),
+                    encode(update),
+                    headers={TRACEPARENT: trace} if trace else None,
+                )
+        return result
+
+    async def _call(self, call: ToolCall, sender: str) -> tuple[ToolResult, str | None]:
+        if call.agent != sender:
+            reason = f"call on {sender}'s subject claims to come from {call.agent!r}"
+            return self._refuse(call, "denied", reason), None
+        tool = self._tools.get(call.tool)
+        if tool is None:
+            return self._refuse(call, "denied", f"no tool named {call.tool!r}"), None
+        async with self._pool.acquire() as conn:
+            conversation = await conn.fetchrow(
+                "SELECT customer, status, current_agent, step, dry_run, client FROM conversations"
+                " WHERE id=$1",
+                call.conversation,
+            )
+            if conversation is None or conversation["status"] != "running":
+                return self._refuse(call, "denied", "the conversation is not running"), None
+            client: str = conversation["client"]
+            if conversation["current_agent"] != sender or conversation["step"] != call.step:
+                return self._refuse(call, "denied", f"step {call.step} is not {sender}'s turn"), None
+            try:
+                arguments = tool.arguments.model_validate(call.arguments)
+            except ValidationError as exc:
+                return (
+                    self._refuse(call, "invalid", f"invalid arguments: {exc.errors(include_url=False)}"),
+                    client,
+                )
+            key = f"{call.conversation}:{call.step}:{call.index}"
+            async with conn.transaction():
+                await conn.execute("SELECT pg_advisory_xact_lock($1, hashtext($2))", _LOCK_NAMESPACE, key)
+                previous = await conn.fetchrow(
+                    "SELECT status, result::text AS result FROM tool_ledger WHERE idempotency_key=$1", key
+                )
+                if previous is not None:
+                    replay = self._result(
+                        call, previous["status"], json.loads(previous["result"]), replayed=True
+                    )
+                    return replay, client
+                ctx = ToolInput(
+                    arguments=arguments,
+                    customer=conversation["customer"],
+                    conversation=call.conversation,
+                    agent=sender,
+                    idempotency_key=key,
+                    conn=conn,
+                )
+                result = await self._decide_and_apply(conn, call, tool, ctx, bool(conversation["dry_run"]))
+                return result, client
+
+    async def _decide_and_apply(
+        self, conn: asyncpg.Connection, call: ToolCall, tool: Tool[Any], ctx: ToolInput[Any], dry_run: bool
+    ) -> ToolResult:
+        resource = await tool.resource(ctx)
+        decision = self._policy.decide(
+            PolicyRequest(
+                principal=call.agent,
+                action=tool.name,
+                resource_type=resource.type,
+                resource_id=resource.id,
+                context={**resource.facts, "irreversible": tool.irreversible},
+            )
+        )
+        arguments = ctx.arguments.model_dump(mode="json")
+        approval_id: str | None = None
+        if decision.outcome == "deny":
+            await self._audit(conn, call, ctx, decision, None, "denied", decision.reason, arguments)
+            return self._result(call, "denied", {}, decision=decision)
+        if decision.outcome == "approval":
+            approval_id, granted = await self._approval(conn, call, ctx, decision, arguments)
+            if approval_id is None:
+                reason = f"{decision.reason}; the approval queue is full (default deny)"
+                await self._audit(conn, call, ctx, decision, None, "denied", reason, arguments)
+                return self._result(call, "denied", {}, decision=decision, reason=reason)
+            if not granted:
+                await self._audit(
+                    conn, call, ctx, decision, approval_id, "approval_required", decision.reason, arguments
+                )
+                return self._result(call, "approval_required", {}, decision=decision, approval_id=approval_id)
+        if dry_run:
+            await self._audit(conn, call, ctx, decision, approval_id, "simulated", decision.reason, arguments)
+            return self._result(
+                call,
+                "simulated",
+                {"would": f"{tool.name}({arguments})"},
+                decision=decision,
+                approval_id=approval_id,
+            )
+        result = await tool.run(ctx)
+        status: ToolStatus = "error" if "error" in result else "ok"
+        await conn.execute(
+            "INSERT INTO tool_ledger (idempotency_key, conversation, agent, tool, arguments, status,"
+            " result, undo) VALUES ($1,$2,$3,$4,$5::jsonb,$6,$7::jsonb,$8)",
+            ctx.idempotency_key,
+            call.conversation,
+            call.agent,
+            tool.name,
+            json.dumps(arguments),
+            status,
+            json.dumps(result),
+            tool.undo,
+        )
+        outcome = "applied" if status == "ok" else f"failed: {result['error']}"
+        await self._audit(conn, call, ctx, decision, approval_id, outcome, decision.reason, arguments)
+        return self._result(call, status, result, decision=decision, approval_id=approval_id)
+
+    async def _approval(
+        self,
+        conn: asyncpg.Connection,
+        call: ToolCall,
+        ctx: ToolInput[Any],
+        decision: PolicyDecision,
+        arguments: dict[str, Any],
+    ) -> tuple[str | None, bool]:
+        """(approval id, granted). A granted one is consumed: approvals are single-use."""
+        digest = action_hash(call.conversation, ctx.customer, call.agent, call.tool, arguments)
+        used = await conn.fetchval(
+            "UPDATE approvals SET status='used', used_at=now() WHERE id = ("
+            " SELECT id FROM approvals WHERE action_hash=$1 AND status='approved' AND expires_at > now()"
+            " ORDER BY decided_at LIMIT 1 FOR UPDATE SKIP LOCKED) RETURNING id",
+            digest,
+        )
+        if used is not None:
+            return used, True
+        pending = await conn.fetchval(
+            "SELECT id FROM approvals WHERE action_hash=$1 AND status='pending' AND expires_at > now()",
+            digest,
+        )
+        if pending is not None:
+            return pending, False
+        queued = await conn.fetchval(
+            "SELECT count(*) FROM approvals WHERE status='pending' AND expires_at > now()"
+        )
+        if queued >= self._config.max_pending_approvals:
+            return None, False
+        approval_id = f"a-{secrets.token_hex(6)}"
+        await conn.execute(
+            "INSERT INTO approvals (id, action_hash, conversation, customer, agent, tool, arguments,"
+            " approver, policy_ids, expires_at) VALUES ($1,$2,$3,$4,$5,$6,$7::jsonb,$8,$9, now() + $10)",
+            approval_id,
+            digest,
+            call.conversation,
+            ctx.customer,
+            call.agent,
+            call.tool,
+            json.dumps(arguments),
+            decision.approver or "human",
+            list(decision.policy_ids),
+            self._config.approval_ttl,
+        )
+        return approval_id, False
+
+    async def _audit(
+        self,
+        conn: asyncpg.Connection,
+        call: ToolCall,
+        ctx: ToolInput[Any],
+        decision: PolicyDecision,
+        approval_id: str | None,
+        outcome: str,
+        detail: str,
+        arguments: Mapping[str, Any],
+    ) -> None:
+        await append_audit(
+            conn,
+            AuditEntry(
+                agent=call.agent,
+                credential_id=f"agent-{call.agent}",
+                on_behalf_of=ctx.customer,
+                conversation=call.conversation,
+                action=call.tool,
+                arguments_digest=digest_arguments(arguments),
+                decision=decision.outcome,
+                policy_ids=tuple(decision.policy_ids),
+                approval_id=approval_id,
+                outcome=outcome,
+                detail=detail,
+            ),
+        )
+
+    def _refuse(self, call: ToolCall, status: ToolStatus, reason: str) -> ToolResult:
+        logger.warning("tool call %s by %s refused: %s", call.tool, call.agent, reason)
+        return self._result(call, status, {}, reason=reason)
+
+    @staticmethod
+    def _result(
+        call: ToolCall,
+        status: ToolStatus,
+        result: dict[str, Any],
+        *,
+        decision: PolicyDecision | None = None,
+        reason: str | None = None,
+        approval_id: str | None = None,
+        replayed: bool = False,
+    ) -> ToolResult:
+        return ToolResult(
+            conversation=call.conversation,
+            step=call.step,
+            index=call.index,
+            tool=call.tool,
+            status=status,
+            result=result,
+            reason=reason if reason is not None else (decision.reason if decision else ""),
+            policy_ids=list(decision.policy_ids) if decision else [],
+            approval_id=approval_id,
+            replayed=replayed,
+        )
