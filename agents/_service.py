@@ -26,6 +26,7 @@ from bus import (
     AgentInput,
     AgentReply,
     AgentTask,
+    AgentWaiting,
     Bus,
     Consumer,
     ConsumerConfig,
@@ -165,6 +166,7 @@ class AgentService:
                     HandoffProposed(
                         conversation=task.conversation,
                         step=task.step,
+                        resume=task.resume,
                         agent=name,
                         target=target,
                         confidence=confidence,
@@ -175,6 +177,24 @@ class AgentService:
                 detail = f"handoff -> {target} ({confidence:.2f})"
             case ToolDecision():  # _decide() never returns one
                 raise AgentError("unreachable: a tool decision ends no step", agent=name)
+            case _Waiting(result=result):
+                # The step cannot go on without a human: the conversation waits durably in
+                # the supervisor, which re-dispatches this step once the approval is decided.
+                await publish(
+                    self._bus.js,
+                    subjects.agent_waiting(name),
+                    AgentWaiting(
+                        conversation=task.conversation,
+                        step=task.step,
+                        resume=task.resume,
+                        agent=name,
+                        approval_id=result.approval_id or "",
+                        tool=result.tool,
+                        reason=result.reason,
+                    ),
+                    msg_id=_output_id(task),
+                )
+                detail = f"waiting for approval {result.approval_id} of {result.tool}"
             case ReplyDecision(text=text, confidence=confidence):
                 await publish(
                     self._bus.js,
@@ -182,6 +202,7 @@ class AgentService:
                     AgentReply(
                         conversation=task.conversation,
                         step=task.step,
+                        resume=task.resume,
                         agent=name,
                         text=text,
                         confidence=confidence,
@@ -192,9 +213,9 @@ class AgentService:
         await self._emit_event(task, detail, completion.model)
         logger.info("agent %s step %s/%d: %s", name, task.conversation, task.step, detail)
 
-    async def _decide(self, task: AgentTask) -> tuple[Completion, Decision]:
+    async def _decide(self, task: AgentTask) -> tuple[Completion, Decision | _Waiting]:
         """Ask the model, running the tools it asks for through the gateway, until it hands
-        off or replies."""
+        off or replies, or a tool call needs an approval."""
         name = self._settings.name
         messages = [
             ChatMessage(role="system", content=self._system_prompt),
@@ -210,6 +231,8 @@ class AgentService:
             if index == self._settings.max_tool_calls:
                 break
             result = await self._call_tool(task, index, decision)
+            if result.status == "approval_required":
+                return completion, _Waiting(result=result)
             messages += [
                 ChatMessage(role="assistant", content=completion.text),
                 ChatMessage(role="user", content=_tool_message(result)),
@@ -256,6 +279,7 @@ class AgentService:
             AgentFailed(
                 conversation=task.conversation,
                 step=task.step,
+                resume=task.resume,
                 agent=self._settings.name,
                 reason=reason,
             ),
@@ -293,8 +317,16 @@ def _tool_message(result: ToolResult) -> str:
     return text
 
 
+@dataclass(frozen=True)
+class _Waiting:
+    """A step that stopped at a tool call needing approval."""
+
+    result: ToolResult
+
+
 def _output_id(task: AgentTask) -> str:
-    return f"{task.conversation}.{task.step}.{task.agent}.out"
+    resumed = f".r{task.resume}" if task.resume else ""
+    return f"{task.conversation}.{task.step}.{task.agent}.out{resumed}"
 
 
 def _user_prompt(task: AgentTask) -> str:

@@ -67,6 +67,10 @@ class Tool(ABC, Generic[A]):
         """Changes state and has no undo: the sample policies require approval."""
         return self.changes_state and self.undo is None
 
+    def undo_arguments(self, arguments: dict[str, Any], result: dict[str, Any]) -> dict[str, Any]:
+        """Arguments of the ``undo`` tool that compensates a call with this result."""
+        return {}
+
     def schema(self) -> dict[str, Any]:
         """The JSON Schema of the arguments, as the model sees it."""
         return self.arguments.model_json_schema()

@@ -42,6 +42,8 @@ class AgentTask(msgspec.Struct, frozen=True, kw_only=True, tag="agent.task"):
     text: str
     customer: str = ""
     path: list[Hop] = []
+    resume: int = 0
+    """How often this step was resumed after an approval; outputs echo it."""
 
 
 class HandoffProposed(msgspec.Struct, frozen=True, kw_only=True, tag="handoff.proposed"):
@@ -50,6 +52,7 @@ class HandoffProposed(msgspec.Struct, frozen=True, kw_only=True, tag="handoff.pr
     v: int = 1
     conversation: str
     step: int
+    resume: int = 0
     agent: str
     """The identity the body claims; the supervisor trusts only the subject token."""
     target: str
@@ -63,6 +66,7 @@ class AgentReply(msgspec.Struct, frozen=True, kw_only=True, tag="agent.reply"):
     v: int = 1
     conversation: str
     step: int
+    resume: int = 0
     agent: str
     text: str
     confidence: float = 1.0
@@ -74,8 +78,30 @@ class AgentFailed(msgspec.Struct, frozen=True, kw_only=True, tag="agent.failed")
     v: int = 1
     conversation: str
     step: int
+    resume: int = 0
     agent: str
     reason: str
+
+
+class AgentWaiting(msgspec.Struct, frozen=True, kw_only=True, tag="agent.waiting"):
+    """An agent's step needs a human's (or a role's) approval before it can go on."""
+
+    v: int = 1
+    conversation: str
+    step: int
+    resume: int = 0
+    agent: str
+    approval_id: str
+    tool: str
+    reason: str = ""
+
+
+class ApprovalDecided(msgspec.Struct, frozen=True, kw_only=True, tag="approval.decided"):
+    """An operator decided an approval (``corral.control.approvals``). The supervisor reads
+    the decision itself from the database; this message only says when to look."""
+
+    v: int = 1
+    approval_id: str
 
 
 class StepEvent(msgspec.Struct, frozen=True, kw_only=True, tag="step.event"):
@@ -126,7 +152,16 @@ class ToolDecided(msgspec.Struct, frozen=True, kw_only=True, tag="tool.decided")
     result: dict[str, Any] = {}
 
 
-ConversationStatus = Literal["running", "replied", "refused", "escalated", "failed", "killed"]
+ConversationStatus = Literal["running", "waiting", "replied", "refused", "escalated", "failed", "killed"]
+
+
+class ConversationWaiting(msgspec.Struct, frozen=True, kw_only=True, tag="conversation.waiting"):
+    """The conversation waits for an approval; it resumes on the decision."""
+
+    v: int = 1
+    conversation: str
+    approval_id: str
+    reason: str = ""
 
 
 class ConversationEnded(msgspec.Struct, frozen=True, kw_only=True, tag="conversation.ended"):
@@ -179,13 +214,15 @@ class ToolResult(msgspec.Struct, frozen=True, kw_only=True, tag="tool.result"):
     """True when the ledger answered: the effect happened on an earlier delivery."""
 
 
-SupervisorInput = ConversationStart | HandoffProposed | AgentReply | AgentFailed
+SupervisorInput = (
+    ConversationStart | HandoffProposed | AgentReply | AgentFailed | AgentWaiting | ApprovalDecided
+)
 """Everything the supervisor consumes from ``CORRAL_WORK``."""
 
 AgentInput = AgentTask
 """Everything an agent consumes from its inbox."""
 
-ClientUpdate = HandoffForwarded | HandoffRefused | ConversationEnded | ToolDecided
+ClientUpdate = HandoffForwarded | HandoffRefused | ConversationEnded | ToolDecided | ConversationWaiting
 """Everything a client may see on ``corral.out.<conversation>``."""
 
 AgentEvent = StepEvent
@@ -197,6 +234,9 @@ Message = (
     | HandoffProposed
     | AgentReply
     | AgentFailed
+    | AgentWaiting
+    | ApprovalDecided
+    | ConversationWaiting
     | StepEvent
     | HandoffForwarded
     | HandoffRefused

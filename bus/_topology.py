@@ -51,6 +51,7 @@ def _streams(config: TopologyConfig) -> list[StreamConfig]:
                 subjects.all_conversation_starts(),
                 subjects.all_agent_inboxes(),
                 *subjects.agent_outputs(),
+                subjects.approval_decisions(),
             ],
             retention=RetentionPolicy.WORK_QUEUE,
             storage=StorageType.FILE,
@@ -95,7 +96,7 @@ def supervisor_consumer_config(config: TopologyConfig) -> ConsumerConfig:
     return _consumer(
         config,
         subjects.SUPERVISOR_CONSUMER,
-        [subjects.all_conversation_starts(), *subjects.agent_outputs()],
+        [subjects.all_conversation_starts(), *subjects.agent_outputs(), subjects.approval_decisions()],
     )
 
 

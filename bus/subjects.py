@@ -106,6 +106,16 @@ def all_agent_tools() -> str:
     return f"{PREFIX}.from.*.tool"
 
 
+def agent_waiting(agent: str) -> str:
+    """Subject on which ``agent`` says its step waits for an approval."""
+    return f"{PREFIX}.from.{agent}.waiting"
+
+
+def approval_decisions() -> str:
+    """Subject on which operators announce approval decisions (only they may publish)."""
+    return f"{PREFIX}.control.approvals"
+
+
 def agent_event(agent: str) -> str:
     """Subject on which ``agent`` publishes step events."""
     return f"{PREFIX}.from.{agent}.event"
@@ -117,6 +127,7 @@ def agent_outputs() -> list[str]:
         f"{PREFIX}.from.*.handoff.*",
         f"{PREFIX}.from.*.reply",
         f"{PREFIX}.from.*.error",
+        f"{PREFIX}.from.*.waiting",
     ]
 
 

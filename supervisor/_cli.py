@@ -22,9 +22,12 @@ from bus import (
     Bus,
     BusConfig,
     BusError,
+    ClientUpdate,
     ConversationEnded,
+    ConversationWaiting,
     CorralError,
     KillTarget,
+    ToolDecided,
     clear_kill,
     connect,
     list_kills,
@@ -70,6 +73,7 @@ ConfigOption = Annotated[
 
 EXIT_NOT_REPLIED = 1
 EXIT_CONFIG = 2
+EXIT_WAITING = 3
 EXIT_TIMEOUT = 4
 
 
@@ -413,6 +417,18 @@ def _check_expectation(ended: ConversationEnded, expect: dict[str, Any]) -> str 
     return None
 
 
+def _print_update(update: ClientUpdate) -> None:
+    """Tool decisions as they happen: the client sees each and the policies behind it."""
+    if isinstance(update, ToolDecided):
+        policies = f" [{', '.join(update.policy_ids)}]" if update.policy_ids else ""
+        line = f"  tool:   {update.agent} {update.tool} -> {update.status}{policies}"
+        if update.reason:
+            line += f": {update.reason}"
+        if update.status == "simulated" and update.result:
+            line += f" (would: {update.result.get('would', '')})"
+        console.print(line, highlight=False)
+
+
 def _print_ended(ended: ConversationEnded) -> None:
     from supervisor._client import format_path
 
@@ -434,30 +450,44 @@ def send(
     customer: Annotated[str, typer.Option(help="Customer id")] = "",
     wait: Annotated[bool, typer.Option("--wait", help="Wait for the outcome")] = False,
     timeout: Annotated[float, typer.Option(help="Seconds to wait")] = 30.0,
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="Policy-check and simulate every tool call; change nothing")
+    ] = False,
 ) -> None:
-    """Start a conversation; with --wait, print its path and reply.
+    """Start a conversation; with --wait, print its tool decisions, path and reply.
 
-    Exit codes with --wait: 0 replied, 1 refused/escalated/failed (reason printed), 4 timeout.
+    Exit codes with --wait: 0 replied, 1 refused/escalated/failed/killed (reason printed),
+    3 waiting for an approval (its id printed), 4 timeout.
     """
     loaded = _load(config)
 
     async def _main() -> int:
-        from supervisor._client import send_and_wait, start_conversation
+        from supervisor._client import send_until_settled, start_conversation
 
         bus = await _connect(loaded, _nats_url(loaded), subjects.DEFAULT_CLIENT, forever=False)
         try:
             if not wait:
-                conversation = await start_conversation(bus, text, customer=customer)
+                conversation = await start_conversation(bus, text, customer=customer, dry_run=dry_run)
                 console.print(conversation)
                 return 0
             try:
-                ended = await send_and_wait(bus, text, customer=customer, timeout_s=timeout)
+                settled = await send_until_settled(
+                    bus, text, customer=customer, timeout_s=timeout, dry_run=dry_run, on_update=_print_update
+                )
             except TimeoutError:
                 err_console.print(f"no outcome within {timeout:.0f}s")
                 return EXIT_TIMEOUT
-            console.print(f"conversation {ended.conversation}", highlight=False)
-            _print_ended(ended)
-            return 0 if ended.status == "replied" else EXIT_NOT_REPLIED
+            console.print(f"conversation {settled.conversation}", highlight=False)
+            if isinstance(settled, ConversationWaiting):
+                console.print(f"  status: waiting for approval {settled.approval_id}", highlight=False)
+                console.print(f"  reason: {settled.reason}", highlight=False)
+                console.print(
+                    f"  decide: corral approve {settled.approval_id}"
+                    f"  |  corral deny {settled.approval_id} --reason TEXT"
+                )
+                return EXIT_WAITING
+            _print_ended(settled)
+            return 0 if settled.status == "replied" else EXIT_NOT_REPLIED
         finally:
             await bus.close()
 
@@ -689,6 +719,146 @@ def audit_verify(config: ConfigOption = None) -> None:
         console.print(f"audit log intact: {result.count} records", highlight=False)
         if result.head is not None:
             console.print(f"head: {result.head}", highlight=False, soft_wrap=True)
+        return 0
+
+    _run(_main())
+
+
+# --- approvals and compensation -------------------------------------------------------
+
+
+async def _operator_pool(loaded: LoadedConfig) -> Any:
+    import asyncpg
+
+    return await asyncpg.create_pool(_database_url(loaded), min_size=1, max_size=2)
+
+
+@app.command()
+def approvals(
+    config: ConfigOption = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable")] = False,
+) -> None:
+    """List the approval requests waiting for a decision."""
+    loaded = _load(config)
+
+    async def _main() -> int:
+        from rich.table import Table
+
+        from supervisor._approvals import pending_approvals
+
+        pool = await _operator_pool(loaded)
+        try:
+            pending = await pending_approvals(pool)
+        finally:
+            await pool.close()
+        if as_json:
+            console.print_json(json.dumps([a.__dict__ for a in pending]))
+            return 0
+        table = Table(
+            "id",
+            "conversation",
+            "agent",
+            "tool",
+            "arguments",
+            "approver",
+            "policies",
+            title="pending approvals",
+        )
+        for a in pending:
+            table.add_row(
+                a.id,
+                a.conversation,
+                a.agent,
+                a.tool,
+                json.dumps(a.arguments),
+                a.approver,
+                ", ".join(a.policy_ids),
+            )
+        console.print(table)
+        return 0
+
+    _run(_main())
+
+
+def _decide_approval(loaded: LoadedConfig, approval_id: str, approve: bool, by: str, reason: str) -> None:
+    async def _main() -> int:
+        from bus import ApprovalDecided, publish
+        from supervisor._approvals import ApprovalError, decide_approval
+
+        pool = await _operator_pool(loaded)
+        try:
+            record = await decide_approval(pool, approval_id, approve=approve, by=by, reason=reason)
+        except ApprovalError as exc:
+            err_console.print(str(exc))
+            return 1
+        finally:
+            await pool.close()
+        bus = await _connect(loaded, _nats_url(loaded), ADMIN, forever=False)
+        try:
+            # Tells the supervisor to resume the conversation; it re-reads the decision.
+            await publish(
+                bus.js,
+                subjects.approval_decisions(),
+                ApprovalDecided(approval_id=approval_id),
+                msg_id=f"approval.{approval_id}",
+            )
+        finally:
+            await bus.close()
+        verb = "approved" if approve else "denied"
+        console.print(
+            f"{approval_id} {verb} by {by}: {record.agent} {record.tool} "
+            f"{json.dumps(record.arguments)} in {record.conversation}",
+            highlight=False,
+        )
+        return 0
+
+    _run(_main())
+
+
+@app.command()
+def approve(
+    approval_id: Annotated[str, typer.Argument(help="The approval's id")],
+    config: ConfigOption = None,
+    by: Annotated[str | None, typer.Option(help="Who approves (a person, or a role)")] = None,
+) -> None:
+    """Grant one pending approval; the waiting conversation resumes and the call goes through."""
+    _decide_approval(_load(config), approval_id, True, by or os.environ.get("USER", "operator"), "")
+
+
+@app.command()
+def deny(
+    approval_id: Annotated[str, typer.Argument(help="The approval's id")],
+    reason: Annotated[str, typer.Option(help="Why; the agent and the client see it")],
+    config: ConfigOption = None,
+    by: Annotated[str | None, typer.Option(help="Who denies")] = None,
+) -> None:
+    """Deny one pending approval; the waiting conversation resumes with the denial."""
+    _decide_approval(_load(config), approval_id, False, by or os.environ.get("USER", "operator"), reason)
+
+
+@app.command()
+def rollback(
+    conversation: Annotated[str, typer.Argument(help="The conversation to compensate")],
+    config: ConfigOption = None,
+) -> None:
+    """Run the undo of every tool call the conversation applied, newest first."""
+    loaded = _load(config)
+
+    async def _main() -> int:
+        from supervisor._config import load_tools
+        from supervisor._gateway import rollback as run_rollback
+
+        pool = await _operator_pool(loaded)
+        try:
+            report = await run_rollback(
+                pool, load_tools(loaded.config), conversation, os.environ.get("USER", "operator")
+            )
+        finally:
+            await pool.close()
+        if not report:
+            console.print(f"nothing to roll back in {conversation}")
+        for entry in report:
+            console.print(f"  {entry['tool']} -> {entry['undo'] or '-'}: {entry['outcome']}", highlight=False)
         return 0
 
     _run(_main())

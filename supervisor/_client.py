@@ -13,6 +13,7 @@ from bus import (
     ClientUpdate,
     ConversationEnded,
     ConversationStart,
+    ConversationWaiting,
     new_traceparent,
     publish,
     subjects,
@@ -33,13 +34,14 @@ async def start_conversation(
     customer: str = "",
     conversation: str | None = None,
     client: str = subjects.DEFAULT_CLIENT,
+    dry_run: bool = False,
 ) -> str:
     """Publish a conversation start as ``client`` and return its id (without waiting)."""
     conversation = conversation or new_conversation_id()
     await publish(
         bus.js,
         subjects.conversation_start(client, conversation),
-        ConversationStart(conversation=conversation, text=text, customer=customer),
+        ConversationStart(conversation=conversation, text=text, customer=customer, dry_run=dry_run),
         msg_id=conversation,
         traceparent=new_traceparent(),
     )
@@ -55,17 +57,69 @@ async def send_and_wait(
     conversation: str | None = None,
     on_update: Callable[[ClientUpdate], None] | None = None,
     client: str = subjects.DEFAULT_CLIENT,
+    dry_run: bool = False,
 ) -> ConversationEnded:
     """Start a conversation and wait for it to end.
-
-    The subscription to the conversation's updates is in place before the start is
-    published, so no update can be missed.
 
     Raises:
         TimeoutError: if the conversation has not ended within ``timeout_s``.
     """
+    update = await _follow(
+        bus, text, customer, timeout_s, conversation, on_update, client, dry_run, settled=(ConversationEnded,)
+    )
+    assert isinstance(update, ConversationEnded)
+    return update
+
+
+async def send_until_settled(
+    bus: Bus,
+    text: str,
+    *,
+    customer: str = "",
+    timeout_s: float = 30.0,
+    on_update: Callable[[ClientUpdate], None] | None = None,
+    client: str = subjects.DEFAULT_CLIENT,
+    dry_run: bool = False,
+) -> ConversationEnded | ConversationWaiting:
+    """Start a conversation and wait until it ends or waits for an approval.
+
+    Raises:
+        TimeoutError: if neither happened within ``timeout_s``.
+    """
+    update = await _follow(
+        bus,
+        text,
+        customer,
+        timeout_s,
+        None,
+        on_update,
+        client,
+        dry_run,
+        settled=(ConversationEnded, ConversationWaiting),
+    )
+    assert isinstance(update, ConversationEnded | ConversationWaiting)
+    return update
+
+
+async def _follow(
+    bus: Bus,
+    text: str,
+    customer: str,
+    timeout_s: float,
+    conversation: str | None,
+    on_update: Callable[[ClientUpdate], None] | None,
+    client: str,
+    dry_run: bool,
+    *,
+    settled: tuple[type[ClientUpdate], ...],
+) -> ClientUpdate:
+    """Start a conversation and return its first update of a ``settled`` kind.
+
+    The subscription to the conversation's updates is in place before the start is
+    published, so no update can be missed.
+    """
     conversation = conversation or new_conversation_id()
-    ended: asyncio.Future[ConversationEnded] = asyncio.get_running_loop().create_future()
+    done: asyncio.Future[ClientUpdate] = asyncio.get_running_loop().create_future()
 
     async def _on_message(msg: object) -> None:
         try:
@@ -74,14 +128,16 @@ async def send_and_wait(
             return
         if on_update is not None:
             on_update(update)
-        if isinstance(update, ConversationEnded) and not ended.done():
-            ended.set_result(update)
+        if isinstance(update, settled) and not done.done():
+            done.set_result(update)
 
     sub = await bus.nc.subscribe(subjects.conversation_updates(client, conversation), cb=_on_message)
     try:
         await bus.nc.flush()
-        await start_conversation(bus, text, customer=customer, conversation=conversation, client=client)
-        return await asyncio.wait_for(ended, timeout_s)
+        await start_conversation(
+            bus, text, customer=customer, conversation=conversation, client=client, dry_run=dry_run
+        )
+        return await asyncio.wait_for(done, timeout_s)
     finally:
         await sub.unsubscribe()
 

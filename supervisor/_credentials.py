@@ -80,6 +80,7 @@ def permissions(loaded: LoadedConfig, role: Role, name: str) -> tuple[list[str],
             subjects.agent_event(agent),
             subjects.agent_dead_letter(agent),
             subjects.agent_tool(agent),
+            subjects.agent_waiting(agent),
             *(subjects.agent_handoff(agent, target) for target in loaded.targets(agent)),
             f"$JS.API.CONSUMER.MSG.NEXT.{subjects.WORK_STREAM}.{consumer}",
             f"$JS.ACK.{subjects.WORK_STREAM}.{consumer}.>",
@@ -98,7 +99,12 @@ def permissions(loaded: LoadedConfig, role: Role, name: str) -> tuple[list[str],
         ], [inbox, subjects.all_agent_tools()]
     if role == "client":
         return [subjects.client_starts(name)], [subjects.client_updates(name), inbox]
-    return ["$JS.API.>", f"$KV.{subjects.CONTROL_BUCKET}.>", "$JS.FC.>"], [inbox]
+    return [
+        "$JS.API.>",
+        f"$KV.{subjects.CONTROL_BUCKET}.>",
+        "$JS.FC.>",
+        subjects.approval_decisions(),
+    ], [inbox]
 
 
 def _seed(path: Path) -> str:

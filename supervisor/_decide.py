@@ -14,8 +14,10 @@ from bus import (
     AgentFailed,
     AgentReply,
     AgentTask,
+    AgentWaiting,
     ConversationEnded,
     ConversationStart,
+    ConversationWaiting,
     HandoffForwarded,
     HandoffProposed,
     HandoffRefused,
@@ -89,7 +91,7 @@ def start(
     return Decision(record=record, steps=[StepRecord(step=1, agent=graph.entry, kind="started")])
 
 
-AgentOutput = HandoffProposed | AgentReply | AgentFailed
+AgentOutput = HandoffProposed | AgentReply | AgentFailed | AgentWaiting
 
 
 def from_agent(
@@ -119,7 +121,7 @@ def from_agent(
             sender,
             f"handoff subject names {subject_target!r} but body names {message.target!r}",
         )
-    if record.status != "running" or message.step < record.step:
+    if record.status != "running" or (message.step, message.resume) < (record.step, record.resume):
         return Decision(record=None)  # late duplicate: republish what was decided
     if message.step > record.step or sender != record.current_agent:
         return _rejected(
@@ -156,6 +158,12 @@ def from_agent(
                         confidence=message.confidence,
                     )
                 ],
+            )
+        case AgentWaiting():
+            reason = f"waiting for approval {message.approval_id} of {message.tool}: {message.reason}"
+            return Decision(
+                record=record.evolve(status="waiting", approval_id=message.approval_id, reason=reason),
+                steps=[StepRecord(step=record.step, agent=sender, kind="waiting", detail=reason)],
             )
         case AgentFailed():
             reason = f"{sender} could not complete step {message.step}: {message.reason}"
@@ -246,8 +254,10 @@ def outputs(record: ConversationRecord) -> list[Outgoing]:
                     text=record.text,
                     customer=record.customer,
                     path=record.path,
+                    resume=record.resume,
                 ),
-                msg_id=f"{record.id}.{record.step}.task",
+                # A resumed step is a new delivery, not a duplicate of the first.
+                msg_id=f"{record.id}.{record.step}.task" + (f".r{record.resume}" if record.resume else ""),
             )
         ]
         if len(record.path) > 1:
@@ -266,6 +276,16 @@ def outputs(record: ConversationRecord) -> list[Outgoing]:
                 )
             )
         return out
+    if record.status == "waiting":
+        return [
+            Outgoing(
+                subject=updates,
+                message=ConversationWaiting(
+                    conversation=record.id, approval_id=record.approval_id or "", reason=record.reason or ""
+                ),
+                msg_id=f"{record.id}.{record.step}.waiting.{record.resume}",
+            )
+        ]
     return [
         Outgoing(
             subject=updates,
@@ -281,6 +301,28 @@ def outputs(record: ConversationRecord) -> list[Outgoing]:
     ]
 
 
+def approval_decided(record: ConversationRecord, approval_id: str, status: str) -> Decision:
+    """An approval the conversation waits on was decided: resume its step (the gateway
+    applies the call if approved, refuses it with the reason if denied)."""
+    if (
+        record.status != "waiting"
+        or record.approval_id != approval_id
+        or status not in ("approved", "denied")
+    ):
+        return Decision(record=None)
+    return Decision(
+        record=record.evolve(status="running", approval_id=None, reason=None, resume=record.resume + 1),
+        steps=[
+            StepRecord(
+                step=record.step,
+                agent=record.current_agent,
+                kind="resumed",
+                detail=f"approval {approval_id} {status}",
+            )
+        ],
+    )
+
+
 def agent_killed(record: ConversationRecord, agent: str, switch: KillSwitch) -> Decision:
     """``agent`` was killed while ``record`` waited on it: escalate to a human."""
     if record.status != "running" or record.current_agent != agent:
@@ -290,7 +332,7 @@ def agent_killed(record: ConversationRecord, agent: str, switch: KillSwitch) -> 
 
 def conversation_killed(record: ConversationRecord, switch: KillSwitch) -> Decision:
     """An operator killed the conversation: it ends here, and no later step is recorded."""
-    if record.status != "running":
+    if record.status not in ("running", "waiting"):
         return Decision(record=None)
     return Decision(record=record.evolve(status="killed", reason=f"killed: {switch.reason}"))
 

@@ -84,6 +84,12 @@ def action_hash(conversation: str, customer: str, agent: str, tool: str, argumen
     return hashlib.sha256(canonical.encode()).hexdigest()
 
 
+class _ApprovalDenied(Exception):
+    def __init__(self, approval_id: str, message: str) -> None:
+        super().__init__(message)
+        self.approval_id = approval_id
+
+
 class ToolGateway:
     """Decide and apply tool calls; serve them over NATS with ``run()``.
 
@@ -239,7 +245,15 @@ class ToolGateway:
             await self._audit(conn, call, ctx, decision, None, "denied", decision.reason, arguments)
             return self._result(call, "denied", {}, decision=decision)
         if decision.outcome == "approval":
-            approval_id, granted = await self._approval(conn, call, ctx, decision, arguments)
+            try:
+                approval_id, granted = await self._approval(conn, call, ctx, decision, arguments)
+            except _ApprovalDenied as denied:
+                await self._audit(
+                    conn, call, ctx, decision, denied.approval_id, "denied", str(denied), arguments
+                )
+                return self._result(
+                    call, "denied", {}, decision=decision, reason=str(denied), approval_id=denied.approval_id
+                )
             if approval_id is None:
                 reason = f"{decision.reason}; the approval queue is full (default deny)"
                 await self._audit(conn, call, ctx, decision, None, "denied", reason, arguments)
@@ -294,6 +308,16 @@ class ToolGateway:
         )
         if used is not None:
             return used, True
+        refused = await conn.fetchrow(
+            "SELECT id, decided_by, reason FROM approvals WHERE action_hash=$1 AND status='denied'"
+            " ORDER BY decided_at DESC LIMIT 1",
+            digest,
+        )
+        if refused is not None:
+            raise _ApprovalDenied(
+                refused["id"],
+                f"approval {refused['id']} was denied by {refused['decided_by']}: {refused['reason']}",
+            )
         pending = await conn.fetchval(
             "SELECT id FROM approvals WHERE action_hash=$1 AND status='pending' AND expires_at > now()",
             digest,
@@ -377,3 +401,72 @@ class ToolGateway:
             approval_id=approval_id,
             replayed=replayed,
         )
+
+
+async def rollback(
+    pool: asyncpg.Pool, tools: Mapping[str, Tool[Any]], conversation: str, operator: str
+) -> list[dict[str, Any]]:
+    """Compensate a conversation's applied tool calls, newest first, each exactly once.
+
+    Each undo runs in its own transaction with its ledger mark and audit record, so an
+    interrupted rollback resumes where it stopped. Calls whose tool has no undo are
+    reported as irreversible and left alone.
+
+    Returns:
+        One entry per applied call: tool, undo, outcome.
+    """
+    report: list[dict[str, Any]] = []
+    rows = await pool.fetch(
+        "SELECT idempotency_key, agent, tool, arguments::text AS arguments, result::text AS result"
+        " FROM tool_ledger WHERE conversation=$1 AND status='ok' AND rolled_back_at IS NULL"
+        " ORDER BY created_at DESC, idempotency_key DESC",
+        conversation,
+    )
+    for row in rows:
+        tool = tools[row["tool"]]
+        if not tool.changes_state:
+            continue
+        if tool.undo is None:
+            report.append({"tool": tool.name, "undo": None, "outcome": "irreversible: left as is"})
+            continue
+        undo = tools[tool.undo]
+        arguments = undo.arguments.model_validate(
+            tool.undo_arguments(json.loads(row["arguments"]), json.loads(row["result"]))
+        )
+        async with pool.acquire() as conn, conn.transaction():
+            locked = await conn.fetchval(
+                "SELECT 1 FROM tool_ledger WHERE idempotency_key=$1 AND rolled_back_at IS NULL FOR UPDATE",
+                row["idempotency_key"],
+            )
+            if locked is None:
+                continue  # another rollback got here first
+            customer = await conn.fetchval("SELECT customer FROM conversations WHERE id=$1", conversation)
+            ctx = ToolInput(
+                arguments=arguments,
+                customer=customer,
+                conversation=conversation,
+                agent=row["agent"],
+                idempotency_key=f"{row['idempotency_key']}:undo",
+                conn=conn,
+            )
+            result = await undo.run(ctx)
+            await conn.execute(
+                "UPDATE tool_ledger SET rolled_back_at=now() WHERE idempotency_key=$1", row["idempotency_key"]
+            )
+            dumped = arguments.model_dump(mode="json")
+            await append_audit(
+                conn,
+                AuditEntry(
+                    agent=operator,
+                    credential_id="admin",
+                    on_behalf_of=customer,
+                    conversation=conversation,
+                    action=undo.name,
+                    arguments_digest=digest_arguments(dumped),
+                    decision="rollback",
+                    outcome="applied" if "error" not in result else f"failed: {result['error']}",
+                    detail=f"compensates {tool.name} {row['idempotency_key']}",
+                ),
+            )
+        report.append({"tool": tool.name, "undo": undo.name, "outcome": result})
+    return report

@@ -44,6 +44,10 @@ class ConversationRecord:
     """The client identity that started it; its updates go to that client only."""
     dry_run: bool = False
     """Tool calls are policy-checked and simulated; nothing changes."""
+    approval_id: str | None = None
+    """The approval a waiting conversation waits on."""
+    resume: int = 0
+    """How often the current step was resumed after an approval decision."""
 
     def evolve(self, **changes: object) -> ConversationRecord:
         """A copy with ``changes`` applied."""
@@ -65,7 +69,7 @@ class StepRecord:
 
 _COLUMNS = (
     "id, customer, text, status, current_agent, step, path::text AS path, reply, reason, traceparent, client,"
-    " dry_run"
+    " dry_run, approval_id, resume"
 )
 
 
@@ -104,7 +108,7 @@ class ConversationLock:
         else:
             await self._conn.execute(
                 "UPDATE conversations SET status=$2, current_agent=$3, step=$4, path=$5::jsonb,"
-                " reply=$6, reason=$7, updated_at=now() WHERE id=$1",
+                " reply=$6, reason=$7, approval_id=$8, resume=$9, updated_at=now() WHERE id=$1",
                 record.id,
                 record.status,
                 record.current_agent,
@@ -112,6 +116,8 @@ class ConversationLock:
                 _encoder.encode(record.path).decode(),
                 record.reply,
                 record.reason,
+                record.approval_id,
+                record.resume,
             )
         await self.record_steps(record.id, steps)
         self.record = record
@@ -223,6 +229,11 @@ class Store:
             kind,
             reason,
         )
+
+    async def waiting_for_approval(self, approval_id: str) -> tuple[str, str] | None:
+        """(conversation, status of the approval) of a decided approval, if any."""
+        row = await self._pool.fetchrow("SELECT conversation, status FROM approvals WHERE id=$1", approval_id)
+        return (row["conversation"], row["status"]) if row else None
 
     async def waiting_on(self, agent: str) -> list[str]:
         """Running conversations whose next step belongs to ``agent``."""

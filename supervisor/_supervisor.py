@@ -13,6 +13,8 @@ import msgspec
 from bus import (
     AgentFailed,
     AgentReply,
+    AgentWaiting,
+    ApprovalDecided,
     Bus,
     Consumer,
     ConsumerConfig,
@@ -30,7 +32,7 @@ from bus import (
     subjects,
 )
 from supervisor import _decide
-from supervisor._decide import Graph, Outgoing
+from supervisor._decide import AgentOutput, Graph, Outgoing
 from supervisor._store import ConversationRecord, Store
 
 logger = logging.getLogger(__name__)
@@ -129,7 +131,10 @@ class Supervisor:
                     if decision.record is not None:
                         await lock.save(decision.record, decision.steps)
                     record = lock.record
-            case HandoffProposed() | AgentReply() | AgentFailed():
+            case ApprovalDecided():
+                await self._approval_decided(message, delivery)
+                return
+            case HandoffProposed() | AgentReply() | AgentFailed() | AgentWaiting():
                 sender = subjects.sender(delivery.subject) or ""
                 if await self._dropped(message, sender):
                     return
@@ -162,7 +167,18 @@ class Supervisor:
         if decision.record is not None:
             _log_transition(decision.record)
 
-    async def _dropped(self, message: HandoffProposed | AgentReply | AgentFailed, sender: str) -> bool:
+    async def _approval_decided(self, message: ApprovalDecided, delivery: Delivery) -> None:
+        """Resume the conversation waiting on a decided approval. Only operators can publish
+        here, and even then the decision is read from the database, never from the message."""
+        if delivery.subject != subjects.approval_decisions():
+            raise PoisonMessageError(f"approval decision on {delivery.subject}", subject=delivery.subject)
+        found = await self._store.waiting_for_approval(message.approval_id)
+        if found is None:
+            raise PoisonMessageError(f"unknown approval {message.approval_id!r}", subject=delivery.subject)
+        conversation, status = found
+        await self._apply(conversation, lambda r: _decide.approval_decided(r, message.approval_id, status))
+
+    async def _dropped(self, message: AgentOutput, sender: str) -> bool:
         """Record and drop what a killed agent sends or what concerns a killed conversation."""
         state = self._control.state
         switch = state.conversation_killed(message.conversation)

@@ -155,6 +155,9 @@ class Refund(Tool[RefundArgs]):
             "amount_cents": call.arguments.amount_cents,
         }
 
+    def undo_arguments(self, arguments: dict[str, Any], result: dict[str, Any]) -> dict[str, Any]:
+        return {"refund_id": result["refund_id"]}
+
 
 class ReverseRefund(Tool[ReverseRefundArgs]):
     name = "reverse_refund"
@@ -228,6 +231,9 @@ class SendEmail(Tool[SendEmailArgs]):
             call.arguments.body,
         )
         return {"email_id": email_id}
+
+    def undo_arguments(self, arguments: dict[str, Any], result: dict[str, Any]) -> dict[str, Any]:
+        return {"email_id": result["email_id"], "body": "Please disregard our previous message."}
 
 
 class SendCorrection(Tool[CorrectionArgs]):
