@@ -55,6 +55,7 @@ logger = logging.getLogger(__name__)
 
 _call_decoder = msgspec.json.Decoder(ToolCall)
 _LOCK_NAMESPACE = 0x746F6F6C  # "tool"
+_CUSTOMER_NAMESPACE = 0x63757374  # "cust"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -182,34 +183,43 @@ class ToolGateway:
     async def _call(self, call: ToolCall, sender: str) -> tuple[ToolResult, str | None]:
         if call.agent != sender:
             reason = f"call on {sender}'s subject claims to come from {call.agent!r}"
-            return self._refuse(call, "denied", reason), None
+            return await self._refuse(call, sender, "", "denied", reason), None
         tool = self._tools.get(call.tool)
         if tool is None:
-            return self._refuse(call, "denied", f"no tool named {call.tool!r}"), None
+            return await self._refuse(call, sender, "", "denied", f"no tool named {call.tool!r}"), None
         async with self._pool.acquire() as conn:
             conversation = await conn.fetchrow(
                 "SELECT customer, status, current_agent, step, dry_run, client FROM conversations"
                 " WHERE id=$1",
                 call.conversation,
             )
+            customer = conversation["customer"] if conversation else ""
             if conversation is None or conversation["status"] != "running":
-                return self._refuse(call, "denied", "the conversation is not running"), None
+                return await self._refuse(
+                    call, sender, customer, "denied", "the conversation is not running"
+                ), None
             client: str = conversation["client"]
             if conversation["current_agent"] != sender or conversation["step"] != call.step:
-                return self._refuse(call, "denied", f"step {call.step} is not {sender}'s turn"), None
+                reason = f"step {call.step} is not {sender}'s turn"
+                return await self._refuse(call, sender, customer, "denied", reason), None
             try:
                 arguments = tool.arguments.model_validate(call.arguments)
             except ValidationError as exc:
-                return (
-                    self._refuse(call, "invalid", f"invalid arguments: {exc.errors(include_url=False)}"),
-                    client,
-                )
+                reason = f"invalid arguments: {exc.errors(include_url=False)}"
+                return await self._refuse(call, sender, customer, "invalid", reason), client
             key = f"{call.conversation}:{call.step}:{call.index}"
             async with conn.transaction():
                 await conn.execute("SELECT pg_advisory_xact_lock($1, hashtext($2))", _LOCK_NAMESPACE, key)
                 previous = await conn.fetchrow(
                     "SELECT status, result::text AS result FROM tool_ledger WHERE idempotency_key=$1", key
                 )
+                if tool.changes_state:
+                    # Facts like "refunds today" must not change between the decision and
+                    # the effect: one state-changing call per customer at a time. (Always
+                    # key first, then customer: no two calls wait on each other in reverse.)
+                    await conn.execute(
+                        "SELECT pg_advisory_xact_lock($1, hashtext($2))", _CUSTOMER_NAMESPACE, customer
+                    )
                 if previous is not None:
                     replay = self._result(
                         call, previous["status"], json.loads(previous["result"]), replayed=True
@@ -244,6 +254,17 @@ class ToolGateway:
         if decision.outcome == "deny":
             await self._audit(conn, call, ctx, decision, None, "denied", decision.reason, arguments)
             return self._result(call, "denied", {}, decision=decision)
+        if decision.outcome == "approval" and dry_run:
+            # A dry run files no approval request: it only says one would be needed.
+            reason = f"would need approval: {decision.reason}"
+            await self._audit(conn, call, ctx, decision, None, "simulated", reason, arguments)
+            return self._result(
+                call,
+                "simulated",
+                {"would": f"ask {decision.approver} to approve {tool.name}"},
+                decision=decision,
+                reason=reason,
+            )
         if decision.outcome == "approval":
             try:
                 approval_id, granted = await self._approval(conn, call, ctx, decision, arguments)
@@ -374,8 +395,27 @@ class ToolGateway:
             ),
         )
 
-    def _refuse(self, call: ToolCall, status: ToolStatus, reason: str) -> ToolResult:
-        logger.warning("tool call %s by %s refused: %s", call.tool, call.agent, reason)
+    async def _refuse(
+        self, call: ToolCall, sender: str, customer: str, status: ToolStatus, reason: str
+    ) -> ToolResult:
+        """Refuse before any policy is consulted (forgery, wrong turn, bad arguments), audited."""
+        logger.warning("tool call %s by %s refused: %s", call.tool, sender, reason)
+        detail = reason if call.agent == sender else f"{reason} (body claims {call.agent!r})"
+        async with self._pool.acquire() as conn, conn.transaction():
+            await append_audit(
+                conn,
+                AuditEntry(
+                    agent=sender,
+                    credential_id=f"agent-{sender}",
+                    on_behalf_of=customer,
+                    conversation=call.conversation,
+                    action=call.tool,
+                    arguments_digest=digest_arguments(call.arguments),
+                    decision="deny" if status == "denied" else status,
+                    outcome=status,
+                    detail=detail,
+                ),
+            )
         return self._result(call, status, {}, reason=reason)
 
     @staticmethod

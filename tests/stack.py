@@ -25,6 +25,7 @@ class Stack:
     env: dict[str, str]
     database_url: str
     log: Path
+    config: Path = SAMPLE_CONFIG
 
     def runtime(self) -> dict[str, Any] | None:
         try:
@@ -48,7 +49,7 @@ class Stack:
 
     def corral(self, *args: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
-            [sys.executable, "-m", "supervisor", *args, "-c", str(SAMPLE_CONFIG)],
+            [sys.executable, "-m", "supervisor", *args, "-c", str(self.config)],
             env=self.env,
             capture_output=True,
             text=True,
@@ -57,8 +58,10 @@ class Stack:
 
 
 @asynccontextmanager
-async def running_stack(state: Path, database_url: str, nats_url: str | None) -> AsyncIterator[Stack]:
-    """`corral up` on the sample team; embedded NATS unless ``nats_url`` is given."""
+async def running_stack(
+    state: Path, database_url: str, nats_url: str | None, config: Path = SAMPLE_CONFIG
+) -> AsyncIterator[Stack]:
+    """`corral up` on ``config`` (the sample team); embedded NATS unless ``nats_url`` is given."""
     env = {k: v for k, v in os.environ.items() if k not in {"NATS_URL", "CORRAL_CREDS"}}
     env.update({"DATABASE_URL": database_url, "CORRAL_STATE_DIR": str(state)})
     if nats_url is not None:
@@ -66,12 +69,12 @@ async def running_stack(state: Path, database_url: str, nats_url: str | None) ->
     log = state / "up.log"
     with open(log, "wb") as out:
         process = subprocess.Popen(
-            [sys.executable, "-m", "supervisor", "up", "-c", str(SAMPLE_CONFIG)],
+            [sys.executable, "-m", "supervisor", "up", "-c", str(config)],
             env=env,
             stdout=out,
             stderr=subprocess.STDOUT,
         )
-    stack = Stack(process, state, env, database_url, log)
+    stack = Stack(process, state, env, database_url, log, config)
 
     def _all_started() -> bool:
         assert process.poll() is None, log.read_text()
