@@ -22,6 +22,7 @@ import pytest
 from bus import (
     AgentReply,
     AgentTask,
+    ApprovalDecided,
     BusConfig,
     ConversationEnded,
     HandoffProposed,
@@ -169,6 +170,8 @@ async def test_triage_credentials_cannot_reach_what_the_graph_forbids(stack: Sta
         subjects.agent_handoff("triage", "billing"): encode(forged),  # not an agent at all
         subjects.conversation_start("client", "c-evil"): b"{}",
         subjects.conversation_updates("client", "c-evil"): b"{}",
+        # A forged approval decision: only operators may announce one.
+        subjects.approval_decisions(): encode(ApprovalDecided(approval_id="a-forged")),
     }
     for subject, data in attempts.items():
         await nc.publish(subject, data)
