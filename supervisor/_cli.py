@@ -372,7 +372,7 @@ def demo(
     samples = yaml.safe_load(scenarios_file.read_text())["conversations"]
 
     async def _samples(runtime: Runtime) -> int:
-        from supervisor._client import send_and_wait
+        from supervisor._client import send_until_settled, watching
 
         bus = await _connect(loaded, runtime.nats_url, subjects.DEFAULT_CLIENT, forever=False)
         failures = 0
@@ -380,9 +380,27 @@ def demo(
             for sample in samples:
                 console.print(f"\n[bold]{sample['name']}[/bold]: {sample['text']}")
                 try:
-                    ended = await send_and_wait(
-                        bus, sample["text"], customer=sample.get("customer", ""), timeout_s=timeout
+                    settled = await send_until_settled(
+                        bus,
+                        sample["text"],
+                        customer=sample.get("customer", ""),
+                        timeout_s=timeout,
+                        on_update=_print_update,
                     )
+                    if isinstance(settled, ConversationWaiting):
+                        # The demo plays the human: it approves, and the conversation resumes.
+                        console.print(
+                            f"  waiting for approval {settled.approval_id}; "
+                            "approving it as the demo operator",
+                            highlight=False,
+                        )
+                        async with watching(bus, settled.conversation, on_update=_print_update) as done:
+                            await _decide(loaded, settled.approval_id, True, "demo", "")
+                            resumed = await asyncio.wait_for(done, timeout)
+                        assert isinstance(resumed, ConversationEnded)
+                        settled = resumed
+                    assert isinstance(settled, ConversationEnded)
+                    ended = settled
                 except TimeoutError:
                     console.print(f"  [red]timed out after {timeout:.0f}s[/red]")
                     failures += 1
@@ -780,30 +798,38 @@ def approvals(
     _run(_main())
 
 
+async def _decide(loaded: LoadedConfig, approval_id: str, approve: bool, by: str, reason: str) -> Any:
+    """Record the decision, then tell the supervisor (it re-reads it from the database)."""
+    from bus import ApprovalDecided, publish
+    from supervisor._approvals import decide_approval
+
+    pool = await _operator_pool(loaded)
+    try:
+        record = await decide_approval(pool, approval_id, approve=approve, by=by, reason=reason)
+    finally:
+        await pool.close()
+    bus = await _connect(loaded, _nats_url(loaded), ADMIN, forever=False)
+    try:
+        await publish(
+            bus.js,
+            subjects.approval_decisions(),
+            ApprovalDecided(approval_id=approval_id),
+            msg_id=f"approval.{approval_id}",
+        )
+    finally:
+        await bus.close()
+    return record
+
+
 def _decide_approval(loaded: LoadedConfig, approval_id: str, approve: bool, by: str, reason: str) -> None:
     async def _main() -> int:
-        from bus import ApprovalDecided, publish
-        from supervisor._approvals import ApprovalError, decide_approval
+        from supervisor._approvals import ApprovalError
 
-        pool = await _operator_pool(loaded)
         try:
-            record = await decide_approval(pool, approval_id, approve=approve, by=by, reason=reason)
+            record = await _decide(loaded, approval_id, approve, by, reason)
         except ApprovalError as exc:
             err_console.print(str(exc))
             return 1
-        finally:
-            await pool.close()
-        bus = await _connect(loaded, _nats_url(loaded), ADMIN, forever=False)
-        try:
-            # Tells the supervisor to resume the conversation; it re-reads the decision.
-            await publish(
-                bus.js,
-                subjects.approval_decisions(),
-                ApprovalDecided(approval_id=approval_id),
-                msg_id=f"approval.{approval_id}",
-            )
-        finally:
-            await bus.close()
         verb = "approved" if approve else "denied"
         console.print(
             f"{approval_id} {verb} by {by}: {record.agent} {record.tool} "

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import uuid
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 
 import msgspec
 
@@ -119,6 +120,27 @@ async def _follow(
     published, so no update can be missed.
     """
     conversation = conversation or new_conversation_id()
+    async with watching(bus, conversation, settled=settled, client=client, on_update=on_update) as done:
+        await start_conversation(
+            bus, text, customer=customer, conversation=conversation, client=client, dry_run=dry_run
+        )
+        return await asyncio.wait_for(done, timeout_s)
+
+
+@contextlib.asynccontextmanager
+async def watching(
+    bus: Bus,
+    conversation: str,
+    *,
+    settled: tuple[type[ClientUpdate], ...] = (ConversationEnded,),
+    client: str = subjects.DEFAULT_CLIENT,
+    on_update: Callable[[ClientUpdate], None] | None = None,
+) -> AsyncIterator[asyncio.Future[ClientUpdate]]:
+    """Watch a conversation's updates; the future resolves with the first ``settled`` one.
+
+    The subscription is in place (flushed) when the block starts, so whatever the block
+    causes next (a start, an approval) cannot be missed.
+    """
     done: asyncio.Future[ClientUpdate] = asyncio.get_running_loop().create_future()
 
     async def _on_message(msg: object) -> None:
@@ -134,10 +156,7 @@ async def _follow(
     sub = await bus.nc.subscribe(subjects.conversation_updates(client, conversation), cb=_on_message)
     try:
         await bus.nc.flush()
-        await start_conversation(
-            bus, text, customer=customer, conversation=conversation, client=client, dry_run=dry_run
-        )
-        return await asyncio.wait_for(done, timeout_s)
+        yield done
     finally:
         await sub.unsubscribe()
 

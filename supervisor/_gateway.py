@@ -309,7 +309,14 @@ class ToolGateway:
         )
         outcome = "applied" if status == "ok" else f"failed: {result['error']}"
         await self._audit(conn, call, ctx, decision, approval_id, outcome, decision.reason, arguments)
-        return self._result(call, status, result, decision=decision, approval_id=approval_id)
+        return self._result(
+            call,
+            status,
+            result,
+            decision=decision,
+            approval_id=approval_id,
+            reason=str(result["error"]) if status == "error" else None,
+        )
 
     async def _approval(
         self,

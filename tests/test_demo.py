@@ -29,7 +29,9 @@ def test_demo_once_runs_the_samples_on_embedded_servers(tmp_path: Path) -> None:
     assert "path:   triage -> payments (0.93) -> account_manager (0.91)" in out
     assert "path:   triage -> tech_support (0.88)" in out
     assert "path:   triage -> account_manager (0.90)" in out
-    assert "5/5 conversations ended as expected" in out
+    assert "waiting for approval a-" in out and "approving it as the demo operator" in out
+    assert "payments refund -> ok [P-45]" in out
+    assert "6/6 conversations ended as expected" in out
     # Everything it started is stopped: no runtime file, PostgreSQL shut down.
     state = tmp_path / ".corral"
     assert not (state / "runtime.json").exists()
