@@ -35,7 +35,7 @@ from bus import (
     subjects,
 )
 from supervisor._config import LoadedConfig, load_config, resolve_config_path
-from supervisor._credentials import ADMIN, SUPERVISOR, agent_identity
+from supervisor._credentials import ADMIN, GATEWAY, SUPERVISOR, agent_identity
 from supervisor._runtime import (
     Runtime,
     configured_database_url,
@@ -58,6 +58,8 @@ agent_app = typer.Typer(no_args_is_help=True, help="Run one agent as a service."
 supervisor_app = typer.Typer(no_args_is_help=True, help="Run the supervisor as a service.")
 app.add_typer(agent_app, name="agent")
 app.add_typer(supervisor_app, name="supervisor")
+gateway_app = typer.Typer(no_args_is_help=True, help="Run the tool gateway as its own service.")
+app.add_typer(gateway_app, name="gateway")
 kill_app = typer.Typer(no_args_is_help=True, help="Kill an agent or a conversation (durable).")
 revive_app = typer.Typer(no_args_is_help=True, help="Undo `corral kill agent`.")
 app.add_typer(kill_app, name="kill")
@@ -194,7 +196,7 @@ def supervisor_run(config: ConfigOption = None) -> None:
                 max_steps=loaded.config.conversation.max_steps,
             )
             services: list[_Service] = [Supervisor(bus, store, graph)]
-            if loaded.config.tools is not None:
+            if loaded.config.tools is not None and not loaded.config.tools.separate_gateway:
                 services.append(await _gateway(loaded, bus, store))
             await _serve(_Together(services))
         finally:
@@ -252,6 +254,30 @@ class _Together:
     async def shutdown(self) -> None:
         for service in self._services:
             await service.shutdown()
+
+
+@gateway_app.command("run")
+def gateway_run(config: ConfigOption = None) -> None:
+    """Run the tool gateway alone (several may run: they share the work)."""
+    loaded = _load(config)
+    if loaded.config.tools is None:
+        err_console.print(f"{loaded.path} configures no tools")
+        raise typer.Exit(EXIT_CONFIG)
+    _setup_logging()
+
+    async def _main() -> int:
+        from supervisor._store import Store
+
+        bus = await _connect(loaded, _nats_url(loaded), GATEWAY)
+        store = await Store.open(_database_url(loaded))
+        try:
+            await _serve(await _gateway(loaded, bus, store))
+        finally:
+            await bus.close()
+            await store.close()
+        return 0
+
+    _run(_main())
 
 
 @agent_app.command("run")

@@ -85,6 +85,9 @@ class ToolsSection(_Strict):
     """Past this, calls needing approval are denied instead of queued."""
     approval_ttl_s: float = Field(default=24 * 3600.0, gt=0)
     """How long an approval request or a granted approval stays valid."""
+    separate_gateway: bool = False
+    """Run the gateway as its own process (`corral gateway run`) instead of inside the
+    supervisor; ``corral up`` then starts it, and it alone holds the backend's access."""
 
 
 class GraphSection(_Strict):

@@ -29,9 +29,10 @@ from typing import Any, Literal
 from bus import subjects
 from supervisor._config import LoadedConfig
 
-Role = Literal["agent", "supervisor", "client", "admin"]
+Role = Literal["agent", "supervisor", "gateway", "client", "admin"]
 
 SUPERVISOR = "supervisor"
+GATEWAY = "gateway"
 ADMIN = "admin"
 
 _KV_STREAM = f"KV_{subjects.CONTROL_BUCKET}"
@@ -97,6 +98,9 @@ def permissions(loaded: LoadedConfig, role: Role, name: str) -> tuple[list[str],
             f"$JS.ACK.{subjects.WORK_STREAM}.{subjects.SUPERVISOR_CONSUMER}.>",
             "$JS.FC.>",
         ], [inbox, subjects.all_agent_tools()]
+    if role == "gateway":
+        # Answers tool requests (allow_responses) and tells clients about decisions.
+        return [subjects.all_conversation_updates()], [inbox, subjects.all_agent_tools()]
     if role == "client":
         return [subjects.client_starts(name)], [subjects.client_updates(name), inbox]
     return [
@@ -128,6 +132,7 @@ def identities(loaded: LoadedConfig, creds_dir: Path) -> list[Identity]:
     wanted: list[tuple[str, Role, str | None]] = [(agent_identity(a), "agent", a) for a in loaded.agent_names]
     wanted += [
         (SUPERVISOR, "supervisor", None),
+        (GATEWAY, "gateway", None),
         (subjects.DEFAULT_CLIENT, "client", None),
         (ADMIN, "admin", None),
     ]
@@ -161,7 +166,7 @@ def authorization_block(ids: Iterable[Identity], revoked_agents: Iterable[str] =
             "publish": {"allow": identity.publish},
             "subscribe": {"allow": identity.subscribe},
         }
-        if identity.role == "supervisor":
+        if identity.role in ("supervisor", "gateway"):
             perms["allow_responses"] = True
         users.append(
             f"    # {identity.name}\n    {{nkey: {identity.public_key}, permissions: {json.dumps(perms)}}}"

@@ -18,6 +18,7 @@ from bus import Bus, BusConfig, ControlWatcher, KillSwitch, KillTarget, connect,
 from supervisor._config import LoadedConfig
 from supervisor._credentials import (
     ADMIN,
+    GATEWAY,
     SUPERVISOR,
     Identity,
     agent_identity,
@@ -159,6 +160,8 @@ class Launcher:
                 ["supervisor", "run", "-c", config_file],
             )
         ]
+        if loaded.config.tools is not None and loaded.config.tools.separate_gateway:
+            specs.append((ChildInfo(name="gateway", role="gateway"), ["gateway", "run", "-c", config_file]))
         for agent in loaded.agent_names:
             count = self._config.replicas.get(agent, loaded.config.agents[agent].replicas)
             for index in range(count):
@@ -189,11 +192,11 @@ class Launcher:
     async def _watch(self, info: ChildInfo, argv: list[str]) -> None:
         assert self.runtime is not None
         env = {**os.environ, "NATS_URL": self.runtime.nats_url, PARENT_PID_ENV: str(os.getpid())}
-        identity = SUPERVISOR if info.role == "supervisor" else agent_identity(info.role)
+        identity = info.role if info.role in (SUPERVISOR, GATEWAY) else agent_identity(info.role)
         seed = credentials_for(self._config.loaded, identity)
         if seed is not None:
             env["CORRAL_CREDS"] = str(seed)  # each process gets its own identity only
-        if info.role == "supervisor":
+        if info.role in (SUPERVISOR, GATEWAY):
             env["DATABASE_URL"] = self.runtime.database_url
         else:
             # Agents never hold the database's credentials.

@@ -223,3 +223,36 @@ async def test_a_hostile_model_reaches_nothing(hostile: Stack) -> None:
         ("tech_support", "read_service_logs", "allow"),
         ("tech_support", "refund", "deny"),
     ]
+
+
+@pytest.fixture(scope="module")
+async def separate(postgres_admin_dsn: str, tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Stack]:
+    from tests.conftest import _fresh_database
+
+    config_dir = tmp_path_factory.mktemp("separate") / "support"
+    shutil.copytree(SAMPLE_CONFIG.parent, config_dir)
+    config = config_dir / "corral.yaml"
+    config.write_text(
+        config.read_text().replace(
+            "  policies: policies\n", "  policies: policies\n  separate_gateway: true\n"
+        )
+    )
+    database = await _fresh_database(postgres_admin_dsn)
+    async with running_stack(tmp_path_factory.mktemp("state"), database, None, config) as stack:
+        yield stack
+
+
+async def test_the_gateway_can_run_as_its_own_process(separate: Stack) -> None:
+    gateway = separate.child("gateway")
+    assert gateway["pid"] and gateway["pid"] != separate.child("supervisor")["pid"]
+    environ = open(f"/proc/{gateway['pid']}/environ", "rb").read().split(b"\0")
+    assert any(item.startswith(b"CORRAL_CREDS=") and item.endswith(b"gateway.nk") for item in environ)
+    client = await _client(separate)
+    seen = Seen()
+    ended = await send_and_wait(
+        client, "I was charged twice, please refund", customer="cus_1001", timeout_s=60, on_update=seen
+    )
+    await client.close()
+    assert ended.status == "replied"
+    assert [(t.tool, t.status, t.policy_ids) for t in seen.tools] == [("refund", "ok", ["P-45"])]
+    assert [tuple(r) for r in await _fetch(separate, "SELECT order_id FROM shop.refunds")] == [("1001",)]
