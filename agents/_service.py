@@ -33,6 +33,9 @@ from bus import (
     ControlWatcher,
     Delivery,
     HandoffProposed,
+    JournalEntry,
+    JournalQuery,
+    JournalReply,
     StepEvent,
     ToolCall,
     ToolResult,
@@ -45,6 +48,7 @@ from bus import (
 from router import ChatMessage, Completion, CompletionRequest, Model, RouterError
 
 _tool_decoder = msgspec.json.Decoder(ToolResult)
+_journal_decoder = msgspec.json.Decoder(JournalReply)
 
 logger = logging.getLogger(__name__)
 
@@ -148,7 +152,7 @@ class AgentService:
             await self._publish_failure(task, f"conversation killed ({killed.reason})")
             return
         try:
-            completion, decision = await self._decide(task)
+            completion, decision = await self._decide(task, delivery.attempt)
         except (RouterError, AgentError) as exc:
             if exc.retryable and delivery.attempt < self._settings.max_deliver:
                 raise
@@ -213,18 +217,54 @@ class AgentService:
         await self._emit_event(task, detail, completion.model)
         logger.info("agent %s step %s/%d: %s", name, task.conversation, task.step, detail)
 
-    async def _decide(self, task: AgentTask) -> tuple[Completion, Decision | _Waiting]:
+    async def _decide(self, task: AgentTask, attempt: int) -> tuple[Completion, Decision | _Waiting]:
         """Ask the model, running the tools it asks for through the gateway, until it hands
-        off or replies, or a tool call needs an approval."""
+        off or replies, or a tool call needs an approval.
+
+        Every model response is journaled before it is used; a redelivered or resumed step
+        replays the journal instead of asking the model again, so a crash anywhere in the
+        step costs no second model call and (with the gateway's ledger) no second effect.
+        """
         name = self._settings.name
+        replay: dict[int, JournalEntry] = {}
+        if attempt > 1 or task.resume > 0:
+            answer = await self._journal(
+                JournalQuery(conversation=task.conversation, step=task.step, agent=name)
+            )
+            replay = {entry.index: entry for entry in answer.entries}
         messages = [
             ChatMessage(role="system", content=self._system_prompt),
             ChatMessage(role="user", content=_user_prompt(task)),
         ]
         for index in range(self._settings.max_tool_calls + 1):
-            completion = await self._model.complete(
-                CompletionRequest(agent=name, conversation=task.conversation, messages=messages)
-            )
+            journaled = replay.get(index)
+            if journaled is not None:
+                completion = Completion(
+                    text=journaled.text,
+                    model=journaled.model,
+                    input_tokens=journaled.input_tokens,
+                    output_tokens=journaled.output_tokens,
+                    cost_usd=journaled.cost_usd,
+                )
+            else:
+                completion = await self._model.complete(
+                    CompletionRequest(agent=name, conversation=task.conversation, messages=messages)
+                )
+                verdict = await self._journal(
+                    JournalEntry(
+                        conversation=task.conversation,
+                        step=task.step,
+                        index=index,
+                        agent=name,
+                        text=completion.text,
+                        model=completion.model,
+                        input_tokens=completion.input_tokens,
+                        output_tokens=completion.output_tokens,
+                        cost_usd=completion.cost_usd,
+                    )
+                )
+                if verdict.verdict == "stop":
+                    raise AgentError(f"stopped: {verdict.reason}", agent=name)
             decision = parse_decision(completion.text, agent=name)
             if not isinstance(decision, ToolDecision):
                 return completion, decision
@@ -233,11 +273,27 @@ class AgentService:
             result = await self._call_tool(task, index, decision)
             if result.status == "approval_required":
                 return completion, _Waiting(result=result)
+            if result.status == "stopped":
+                raise AgentError(f"stopped: {result.reason}", agent=name)
             messages += [
                 ChatMessage(role="assistant", content=completion.text),
                 ChatMessage(role="user", content=_tool_message(result)),
             ]
         raise AgentError(f"more than {self._settings.max_tool_calls} tool calls in one step", agent=name)
+
+    async def _journal(self, request: JournalEntry | JournalQuery) -> JournalReply:
+        try:
+            reply = await self._bus.nc.request(
+                subjects.agent_journal(self._settings.name),
+                encode(request),
+                timeout=self._settings.tool_timeout_s,
+            )
+        except Exception as exc:
+            # Nothing is used before it is journaled: the step is redelivered and retried.
+            raise AgentError(
+                f"journal did not answer: {exc}", agent=self._settings.name, retryable=True
+            ) from exc
+        return _journal_decoder.decode(reply.data)
 
     async def _call_tool(self, task: AgentTask, index: int, decision: ToolDecision) -> ToolResult:
         call = ToolCall(

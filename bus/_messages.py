@@ -175,9 +175,10 @@ class ConversationEnded(msgspec.Struct, frozen=True, kw_only=True, tag="conversa
     reason: str | None = None
 
 
-ToolStatus = Literal["ok", "error", "denied", "approval_required", "invalid", "simulated"]
+ToolStatus = Literal["ok", "error", "denied", "approval_required", "invalid", "simulated", "stopped"]
 """``error``: the tool ran and reported a business failure (no effect, e.g. nothing left
-to refund); it is recorded like any result, so a retry does not try again."""
+to refund); it is recorded like any result, so a retry does not try again.
+``stopped``: a budget or a loop breaker ended the conversation; the agent stops its step."""
 
 
 class ToolCall(msgspec.Struct, frozen=True, kw_only=True, tag="tool.call"):
@@ -214,6 +215,45 @@ class ToolResult(msgspec.Struct, frozen=True, kw_only=True, tag="tool.result"):
     """True when the ledger answered: the effect happened on an earlier delivery."""
 
 
+class JournalEntry(msgspec.Struct, frozen=True, kw_only=True, tag="journal.entry"):
+    """One model response of a step, journaled before the agent acts on it
+    (``corral.from.<agent>.journal``, request/reply)."""
+
+    v: int = 1
+    conversation: str
+    step: int
+    index: int
+    agent: str
+    text: str
+    model: str = ""
+    input_tokens: int = 0
+    output_tokens: int = 0
+    cost_usd: float = 0.0
+
+
+class JournalQuery(msgspec.Struct, frozen=True, kw_only=True, tag="journal.query"):
+    """A redelivered step asks for what was journaled before (its replay)."""
+
+    v: int = 1
+    conversation: str
+    step: int
+    agent: str
+
+
+class JournalReply(msgspec.Struct, frozen=True, kw_only=True, tag="journal.reply"):
+    """The journal's answer: the entries of the step, and whether the step may go on
+    (``stop`` when a budget or a kill switch says no, with the reason)."""
+
+    v: int = 1
+    entries: list[JournalEntry] = []
+    verdict: Literal["continue", "stop"] = "continue"
+    reason: str = ""
+
+
+JournalRequest = JournalEntry | JournalQuery
+"""Everything on ``corral.from.<agent>.journal``."""
+
+
 SupervisorInput = (
     ConversationStart | HandoffProposed | AgentReply | AgentFailed | AgentWaiting | ApprovalDecided
 )
@@ -244,6 +284,9 @@ Message = (
     | ToolCall
     | ToolResult
     | ToolDecided
+    | JournalEntry
+    | JournalQuery
+    | JournalReply
 )
 
 _encoder = msgspec.json.Encoder()

@@ -106,6 +106,16 @@ def all_agent_tools() -> str:
     return f"{PREFIX}.from.*.tool"
 
 
+def agent_journal(agent: str) -> str:
+    """Subject on which ``agent`` journals model responses and asks for replays."""
+    return f"{PREFIX}.from.{agent}.journal"
+
+
+def all_agent_journals() -> str:
+    """Wildcard of every agent's journal requests (the supervisor's subscription)."""
+    return f"{PREFIX}.from.*.journal"
+
+
 def agent_waiting(agent: str) -> str:
     """Subject on which ``agent`` says its step waits for an approval."""
     return f"{PREFIX}.from.{agent}.waiting"

@@ -181,7 +181,9 @@ def supervisor_run(config: ConfigOption = None) -> None:
 
     async def _main() -> int:
         from bus import ensure_topology
+        from supervisor._budgets import Budgets
         from supervisor._decide import Graph
+        from supervisor._journal import JournalService
         from supervisor._store import Store
         from supervisor._supervisor import Supervisor
 
@@ -194,8 +196,12 @@ def supervisor_run(config: ConfigOption = None) -> None:
                 edges={k: list(v) for k, v in loaded.config.graph.edges.items()},
                 min_confidence=loaded.config.graph.min_confidence,
                 max_steps=loaded.config.conversation.max_steps,
+                max_pingpong=loaded.config.conversation.max_pingpong,
             )
-            services: list[_Service] = [Supervisor(bus, store, graph)]
+            services: list[_Service] = [
+                Supervisor(bus, store, graph, budgets=Budgets.from_config(loaded)),
+                JournalService(bus.nc, store.pool, Budgets.from_config(loaded)),
+            ]
             if loaded.config.tools is not None and not loaded.config.tools.separate_gateway:
                 services.append(await _gateway(loaded, bus, store))
             await _serve(_Together(services))
@@ -212,6 +218,7 @@ async def _gateway(loaded: LoadedConfig, bus: Bus, store: Any) -> _Service:
     import importlib
     from datetime import timedelta
 
+    from supervisor._budgets import Budgets
     from supervisor._config import load_tools
     from supervisor._gateway import GatewayConfig, ToolGateway
     from supervisor._policy import PolicyEngine
@@ -229,6 +236,7 @@ async def _gateway(loaded: LoadedConfig, bus: Bus, store: Any) -> _Service:
         load_tools(loaded.config).values(),
         PolicyEngine.load(loaded.policies_dir),
         GatewayConfig(
+            budgets=Budgets.from_config(loaded),
             approval_ttl=timedelta(seconds=tools_section.approval_ttl_s),
             max_pending_approvals=tools_section.max_pending_approvals,
         ),

@@ -71,6 +71,8 @@ class AgentSection(_Strict):
     """Processes ``corral up`` starts for this agent; they share one durable consumer."""
     tools: list[str] = Field(default_factory=list)
     """Tools the agent's model is offered (the policies still decide every call)."""
+    daily_usd: float | None = Field(default=None, ge=0)
+    """Model dollars this agent may spend per day, across all its conversations."""
 
 
 class ToolsSection(_Strict):
@@ -106,6 +108,16 @@ class ConversationSection(_Strict):
 
     max_steps: int = Field(default=10, ge=1)
     """Agent steps before the conversation is escalated instead of handed off again."""
+    max_tokens: int | None = Field(default=None, ge=1)
+    """Model tokens (in + out) one conversation may use."""
+    max_usd: float | None = Field(default=None, ge=0)
+    """Model dollars one conversation may spend."""
+    max_seconds: float | None = Field(default=None, gt=0)
+    """Wall-clock seconds from the conversation's start."""
+    max_same_tool_calls: int = Field(default=5, ge=1)
+    """Calls of one tool with the same arguments in one conversation before it is stopped."""
+    max_pingpong: int = Field(default=3, ge=1)
+    """Handoffs back and forth between the same two agents before it is stopped."""
 
 
 class CorralConfig(_Strict):

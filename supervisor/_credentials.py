@@ -81,6 +81,7 @@ def permissions(loaded: LoadedConfig, role: Role, name: str) -> tuple[list[str],
             subjects.agent_event(agent),
             subjects.agent_dead_letter(agent),
             subjects.agent_tool(agent),
+            subjects.agent_journal(agent),
             subjects.agent_waiting(agent),
             *(subjects.agent_handoff(agent, target) for target in loaded.targets(agent)),
             f"$JS.API.CONSUMER.MSG.NEXT.{subjects.WORK_STREAM}.{consumer}",
@@ -97,7 +98,7 @@ def permissions(loaded: LoadedConfig, role: Role, name: str) -> tuple[list[str],
             "$JS.API.>",
             f"$JS.ACK.{subjects.WORK_STREAM}.{subjects.SUPERVISOR_CONSUMER}.>",
             "$JS.FC.>",
-        ], [inbox, subjects.all_agent_tools()]
+        ], [inbox, subjects.all_agent_tools(), subjects.all_agent_journals()]
     if role == "gateway":
         # Answers tool requests (allow_responses) and tells clients about decisions.
         return [subjects.all_conversation_updates()], [inbox, subjects.all_agent_tools()]

@@ -37,6 +37,8 @@ class Graph:
     edges: dict[str, list[str]]
     min_confidence: float
     max_steps: int
+    max_pingpong: int = 3
+    """Handoffs back and forth between the same two agents before the conversation stops."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -101,6 +103,7 @@ def from_agent(
     graph: Graph,
     subject_target: str | None = None,
     killed_agents: Mapping[str, KillSwitch] | None = None,
+    budget_exceeded: str | None = None,
 ) -> Decision:
     """An agent answered a step. ``sender`` comes from the subject, never from the body."""
     if message.agent != sender:
@@ -146,6 +149,14 @@ def from_agent(
                     message.target,
                     message.confidence,
                 )
+            if budget_exceeded is not None:
+                return _escalate(
+                    record,
+                    sender,
+                    f"stopped: {budget_exceeded}; escalated to a human",
+                    message.target,
+                    message.confidence,
+                )
             return _handoff(message, record, graph)
         case AgentReply():
             return Decision(
@@ -180,6 +191,15 @@ def _handoff(message: HandoffProposed, record: ConversationRecord, graph: Graph)
             source,
             f"handoff {source} -> {target} confidence {message.confidence:.2f} is "
             f"below {graph.min_confidence:.2f}; escalated to a human",
+            target,
+            message.confidence,
+        )
+    bounces = _pingpong(record.path, target)
+    if bounces >= graph.max_pingpong:
+        return _escalate(
+            record,
+            source,
+            f"loop: {bounces} handoffs back and forth between {source} and {target}; escalated to a human",
             target,
             message.confidence,
         )
@@ -368,3 +388,20 @@ def _refuse(message: HandoffProposed, record: ConversationRecord, graph: Graph) 
             )
         ],
     )
+
+
+def _pingpong(path: list[Hop], target: str) -> int:
+    """How many handoffs in a row, ending with one to ``target``, alternate between the
+    same two agents (A -> B -> A -> B ... counts 3 for A B A B)."""
+    agents = [hop.agent for hop in path] + [target]
+    if len(agents) < 3 or agents[-1] != agents[-3]:
+        return 0
+    a, b = agents[-1], agents[-2]
+    run = 1
+    for i in range(len(agents) - 2, 0, -1):
+        expected = b if (len(agents) - 1 - i) % 2 == 1 else a
+        previous = a if expected == b else b
+        if agents[i] != expected or agents[i - 1] != previous:
+            break
+        run += 1
+    return run

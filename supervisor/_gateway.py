@@ -25,7 +25,7 @@ import json
 import logging
 import secrets
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any
 
@@ -49,6 +49,7 @@ from bus import (
     use_traceparent,
 )
 from supervisor._audit import AuditEntry, append_audit, digest_arguments
+from supervisor._budgets import Budgets, exceeded, repeated_call
 from supervisor._policy import PolicyDecision, PolicyEngine, PolicyRequest
 
 logger = logging.getLogger(__name__)
@@ -66,6 +67,8 @@ class GatewayConfig:
     """How long a pending or granted approval stays valid (database time)."""
     max_pending_approvals: int = 100
     """Past this, calls that need approval are denied instead of queued."""
+    budgets: Budgets = field(default_factory=Budgets)
+    """Checked before every call; a call past a budget or in a loop stops the conversation."""
 
 
 def action_hash(conversation: str, customer: str, agent: str, tool: str, arguments: Mapping[str, Any]) -> str:
@@ -239,6 +242,27 @@ class ToolGateway:
     async def _decide_and_apply(
         self, conn: asyncpg.Connection, call: ToolCall, tool: Tool[Any], ctx: ToolInput[Any], dry_run: bool
     ) -> ToolResult:
+        arguments_digest = digest_arguments(ctx.arguments.model_dump(mode="json"))
+        budgets = self._config.budgets
+        stop = await exceeded(conn, budgets, call.conversation, call.agent) or await repeated_call(
+            conn, budgets, call.conversation, tool.name, arguments_digest
+        )
+        if stop is not None:
+            await append_audit(
+                conn,
+                AuditEntry(
+                    agent=call.agent,
+                    credential_id=f"agent-{call.agent}",
+                    on_behalf_of=ctx.customer,
+                    conversation=call.conversation,
+                    action=tool.name,
+                    arguments_digest=arguments_digest,
+                    decision="stop",
+                    outcome="stopped",
+                    detail=stop,
+                ),
+            )
+            return self._result(call, "stopped", {}, reason=stop)
         resource = await tool.resource(ctx)
         decision = self._policy.decide(
             PolicyRequest(

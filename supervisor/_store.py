@@ -85,6 +85,11 @@ class ConversationLock:
         self._conn = conn
         self.record = record
 
+    @property
+    def connection(self) -> asyncpg.Connection:
+        """The connection holding the lock (reads in the same transaction)."""
+        return self._conn
+
     async def save(self, record: ConversationRecord, steps: list[StepRecord]) -> None:
         """Write ``record`` (insert or update) and append ``steps``; commits with the lock."""
         if self.record is None:

@@ -32,6 +32,7 @@ from bus import (
     subjects,
 )
 from supervisor import _decide
+from supervisor._budgets import Budgets, exceeded
 from supervisor._decide import AgentOutput, Graph, Outgoing
 from supervisor._store import ConversationRecord, Store
 
@@ -65,10 +66,12 @@ class Supervisor:
         *,
         max_in_flight: int = 64,
         max_deliver: int = 10,
+        budgets: Budgets | None = None,
     ) -> None:
         self._bus = bus
         self._store = store
         self._graph = graph
+        self._budgets = budgets or Budgets()
         self._consumer: Consumer[SupervisorInput] = Consumer(
             bus.js,
             ConsumerConfig(
@@ -151,6 +154,11 @@ class Supervisor:
                         self._graph,
                         subjects.handoff_target(delivery.subject),
                         self._control.state.agents,
+                        # Budgets are checked before a step is dispatched (and before every
+                        # further model and tool call, by the journal and the gateway).
+                        await exceeded(lock.connection, self._budgets, message.conversation, message.target)
+                        if isinstance(message, HandoffProposed)
+                        else None,
                     )
                     if decision.record is not None:
                         await lock.save(decision.record, decision.steps)

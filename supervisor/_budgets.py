@@ -1,0 +1,98 @@
+"""Budgets and loop breakers, checked against the one spend ledger in PostgreSQL.
+
+Checked when the supervisor dispatches a step, when an agent journals a model response
+(the answer says whether the next call may happen), and by the gateway before a tool
+call. Exceeding one stops the conversation with the reason and escalates it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+import asyncpg
+
+from supervisor._config import LoadedConfig
+
+
+@dataclass(frozen=True, kw_only=True)
+class Budgets:
+    """Limits per conversation and per agent per day (None: unlimited)."""
+
+    max_tokens: int | None = None
+    max_usd: float | None = None
+    max_seconds: float | None = None
+    daily_usd: Mapping[str, float | None] = field(default_factory=dict)
+    max_same_tool_calls: int = 5
+
+    @classmethod
+    def from_config(cls, loaded: LoadedConfig) -> Budgets:
+        """The budgets ``corral.yaml`` declares."""
+        conversation = loaded.config.conversation
+        return cls(
+            max_tokens=conversation.max_tokens,
+            max_usd=conversation.max_usd,
+            max_seconds=conversation.max_seconds,
+            daily_usd={name: agent.daily_usd for name, agent in loaded.config.agents.items()},
+            max_same_tool_calls=conversation.max_same_tool_calls,
+        )
+
+
+async def exceeded(conn: asyncpg.Connection, budgets: Budgets, conversation: str, agent: str) -> str | None:
+    """Why ``agent`` may not spend more on ``conversation`` now, or None if it may."""
+    row = await conn.fetchrow(
+        "SELECT extract(epoch FROM now() - c.created_at) AS age,"
+        " coalesce(s.tokens, 0) AS tokens, coalesce(s.cost_usd, 0) AS usd,"
+        " (SELECT coalesce(sum(cost_usd), 0) FROM agent_spend a WHERE a.agent=$2 AND a.day=current_date)"
+        "   AS agent_usd"
+        " FROM conversations c LEFT JOIN conversation_spend s ON s.conversation = c.id WHERE c.id=$1",
+        conversation,
+        agent,
+    )
+    if row is None:
+        return None
+    if budgets.max_seconds is not None and row["age"] >= budgets.max_seconds:
+        return f"wall-clock budget of {budgets.max_seconds:.0f}s exceeded ({row['age']:.0f}s)"
+    if budgets.max_tokens is not None and row["tokens"] >= budgets.max_tokens:
+        return f"token budget of {budgets.max_tokens} exceeded ({row['tokens']} used)"
+    if budgets.max_usd is not None and row["usd"] >= budgets.max_usd:
+        return f"dollar budget of ${budgets.max_usd:.2f} exceeded (${row['usd']:.4f} spent)"
+    daily = budgets.daily_usd.get(agent)
+    if daily is not None and row["agent_usd"] >= daily:
+        return f"{agent}'s daily budget of ${daily:.2f} exceeded (${row['agent_usd']:.4f} today)"
+    return None
+
+
+async def record_spend(
+    conn: asyncpg.Connection, conversation: str, agent: str, tokens: int, usd: float
+) -> None:
+    """Add one model call's spend to the conversation's and the agent's day."""
+    await conn.execute(
+        "INSERT INTO conversation_spend (conversation, model_calls, tokens, cost_usd) VALUES ($1, 1, $2, $3)"
+        " ON CONFLICT (conversation) DO UPDATE SET model_calls = conversation_spend.model_calls + 1,"
+        " tokens = conversation_spend.tokens + $2, cost_usd = conversation_spend.cost_usd + $3",
+        conversation,
+        tokens,
+        usd,
+    )
+    await conn.execute(
+        "INSERT INTO agent_spend (agent, day, cost_usd) VALUES ($1, current_date, $2)"
+        " ON CONFLICT (agent, day) DO UPDATE SET cost_usd = agent_spend.cost_usd + $2",
+        agent,
+        usd,
+    )
+
+
+async def repeated_call(
+    conn: asyncpg.Connection, budgets: Budgets, conversation: str, tool: str, arguments_digest: str
+) -> str | None:
+    """Why a tool call is a loop (the same tool, same arguments, too often), or None."""
+    count = await conn.fetchval(
+        "SELECT count(*) FROM audit_log WHERE conversation=$1 AND action=$2 AND arguments_digest=$3",
+        conversation,
+        tool,
+        arguments_digest,
+    )
+    if count >= budgets.max_same_tool_calls:
+        return f"loop: {tool} with the same arguments {count} times (limit {budgets.max_same_tool_calls})"
+    return None
