@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import enum
 import json
 import logging
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -71,6 +73,8 @@ class AgentSettings:
     max_tool_calls: int = 8
     """Tool calls allowed in one step before the step fails."""
     tool_timeout_s: float = 30.0
+    heartbeat_s: float = 10.0
+    """How often a long step tells JetStream it is still working (a third of ack_wait)."""
     max_in_flight: int = 32
     max_deliver: int = 10
 
@@ -105,6 +109,7 @@ class AgentService:
                 durable=subjects.agent_consumer(settings.name),
                 max_in_flight=settings.max_in_flight,
                 max_deliver=settings.max_deliver,
+                retry_delay_s=1.0,
                 dead_letter_subject=lambda _: subjects.agent_dead_letter(settings.name),
             ),
             msgspec.json.Decoder(AgentInput),
@@ -152,7 +157,8 @@ class AgentService:
             await self._publish_failure(task, f"conversation killed ({killed.reason})")
             return
         try:
-            completion, decision = await self._decide(task, delivery.attempt)
+            async with _heartbeat(delivery, self._settings.heartbeat_s):
+                completion, decision = await self._decide(task, delivery.attempt)
         except (RouterError, AgentError) as exc:
             if exc.retryable and delivery.attempt < self._settings.max_deliver:
                 raise
@@ -371,6 +377,24 @@ def _tool_message(result: ToolResult) -> str:
     if result.approval_id:
         text += f"\napproval: {result.approval_id}"
     return text
+
+
+@contextlib.asynccontextmanager
+async def _heartbeat(delivery: Delivery, every_s: float) -> AsyncIterator[None]:
+    """Keep a long step's delivery alive (in-progress acks) until the block ends."""
+
+    async def _beat() -> None:
+        while True:
+            await asyncio.sleep(every_s)
+            with contextlib.suppress(Exception):  # a missed beat only risks a redelivery
+                await delivery.in_progress()
+
+    beating = asyncio.create_task(_beat())
+    try:
+        yield
+    finally:
+        beating.cancel()
+        await asyncio.gather(beating, return_exceptions=True)
 
 
 @dataclass(frozen=True)

@@ -49,12 +49,6 @@ def _make_handler(litellm: ModuleType, models: dict[str, ScriptedModel]) -> Any:
 
     class ScriptedHandler(CustomLLM):  # type: ignore[misc]
         async def acompletion(self, *args: Any, **kwargs: Any) -> ModelResponse:
-            return self._answer(kwargs)
-
-        def completion(self, *args: Any, **kwargs: Any) -> ModelResponse:
-            return self._answer(kwargs)
-
-        def _answer(self, kwargs: dict[str, Any]) -> ModelResponse:
             model_name: str = kwargs["model"]
             rules_name = model_name.split("/", 1)[-1]
             scripted = models.get(rules_name)
@@ -62,8 +56,16 @@ def _make_handler(litellm: ModuleType, models: dict[str, ScriptedModel]) -> Any:
                 raise ScriptError(f"no scripted rules named {rules_name!r}", model=model_name)
             params = kwargs.get("litellm_params") or {}
             metadata = params.get("metadata") or {}
-            agent = str(metadata.get("corral_agent", ""))
-            text = scripted.answer(agent, kwargs["messages"])
+            rule = await scripted.respond(
+                str(metadata.get("corral_agent", "")),
+                kwargs["messages"],
+                str(metadata.get("corral_conversation", "")),
+            )
+            return self._response(kwargs, rules_name, scripted.text(rule), rule.cost_usd)
+
+        def _response(
+            self, kwargs: dict[str, Any], rules_name: str, text: str, cost_usd: float
+        ) -> ModelResponse:
             response: ModelResponse = kwargs["model_response"]
             response.choices[0].message.content = text  # type: ignore[union-attr]
             response.model = f"{SCRIPTED_PROVIDER}/{rules_name}"
@@ -73,6 +75,7 @@ def _make_handler(litellm: ModuleType, models: dict[str, ScriptedModel]) -> Any:
                 completion_tokens=len(text) // 4,
                 total_tokens=prompt_chars // 4 + len(text) // 4,
             )
+            response._hidden_params["corral_cost_usd"] = cost_usd
             return response
 
     return ScriptedHandler()
@@ -160,7 +163,9 @@ def _from_response(litellm: ModuleType, response: Any, model: str, elapsed_s: fl
     text = response.choices[0].message.content or ""
     usage = getattr(response, "usage", None)
     cost = 0.0
-    if not model.startswith(f"{SCRIPTED_PROVIDER}/"):
+    if model.startswith(f"{SCRIPTED_PROVIDER}/"):
+        cost = float(getattr(response, "_hidden_params", {}).get("corral_cost_usd", 0.0))
+    else:
         try:
             cost = float(litellm.completion_cost(completion_response=response))
         except Exception:  # unknown prices are not an error; the call still happened

@@ -199,7 +199,13 @@ def supervisor_run(config: ConfigOption = None) -> None:
                 max_pingpong=loaded.config.conversation.max_pingpong,
             )
             services: list[_Service] = [
-                Supervisor(bus, store, graph, budgets=Budgets.from_config(loaded)),
+                Supervisor(
+                    bus,
+                    store,
+                    graph,
+                    budgets=Budgets.from_config(loaded),
+                    max_deliver=loaded.config.nats.max_deliver,
+                ),
                 JournalService(bus.nc, store.pool, Budgets.from_config(loaded)),
             ]
             if loaded.config.tools is not None and not loaded.config.tools.separate_gateway:
@@ -317,6 +323,8 @@ def agent_run(
                 name=name,
                 instructions=loaded.instructions[name],
                 handoff_targets=loaded.targets(name),
+                heartbeat_s=loaded.config.nats.ack_wait_s / 3,
+                max_deliver=loaded.config.nats.max_deliver,
             )
             await _serve(AgentService(settings, bus, model))
         finally:
@@ -329,14 +337,33 @@ def agent_run(
 # --- the stack ------------------------------------------------------------------------
 
 
-def _launcher(loaded: LoadedConfig) -> Any:
+def _launcher(loaded: LoadedConfig, replicas: dict[str, int] | None = None) -> Any:
     from supervisor._launcher import Launcher, LauncherConfig
 
-    return Launcher(LauncherConfig(loaded=loaded, state_dir=state_dir(loaded), replicas={}))
+    return Launcher(LauncherConfig(loaded=loaded, state_dir=state_dir(loaded), replicas=replicas or {}))
 
 
-async def _with_stack(loaded: LoadedConfig, body: Callable[[Runtime], Awaitable[int]] | None) -> int:
-    launcher = _launcher(loaded)
+def _parse_replicas(loaded: LoadedConfig, values: list[str]) -> dict[str, int]:
+    """``["payments=2"]`` -> ``{"payments": 2}``, checked against the config."""
+    out: dict[str, int] = {}
+    for value in values:
+        name, _, count = value.partition("=")
+        if name not in loaded.config.agents or not count.isdigit() or int(count) < 1:
+            err_console.print(
+                f"--replicas {value!r}: expected AGENT=N with N >= 1 and AGENT one of "
+                f"{', '.join(loaded.agent_names)}"
+            )
+            raise typer.Exit(EXIT_CONFIG)
+        out[name] = int(count)
+    return out
+
+
+async def _with_stack(
+    loaded: LoadedConfig,
+    body: Callable[[Runtime], Awaitable[int]] | None,
+    replicas: dict[str, int] | None = None,
+) -> int:
+    launcher = _launcher(loaded, replicas)
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, lambda: asyncio.ensure_future(launcher.shutdown()))
@@ -363,11 +390,18 @@ async def _with_stack(loaded: LoadedConfig, body: Callable[[Runtime], Awaitable[
 
 
 @app.command()
-def up(config: ConfigOption = None) -> None:
+def up(
+    config: ConfigOption = None,
+    replicas: Annotated[
+        list[str] | None,
+        typer.Option("--replicas", help="AGENT=N: run N processes of AGENT (they share its inbox)"),
+    ] = None,
+) -> None:
     """Start NATS and PostgreSQL (embedded unless configured), the supervisor and every agent."""
     loaded = _load(config)
+    counts = _parse_replicas(loaded, replicas or [])
     _setup_logging()
-    _run(_with_stack(loaded, None))
+    _run(_with_stack(loaded, None, counts))
 
 
 @app.command()

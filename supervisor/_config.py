@@ -34,6 +34,11 @@ class NatsSection(_Strict):
 
     url: str | None = None
     """One or more ``nats://`` URLs, comma-separated."""
+    ack_wait_s: float = Field(default=30.0, gt=0)
+    """How long a delivered step may go without an ack or a heartbeat before it is
+    redelivered (agents send a heartbeat every third of it during long steps)."""
+    max_deliver: int = Field(default=10, ge=1)
+    """Deliveries of one message before it is dead-lettered."""
     stream_replicas: int = Field(default=1, ge=1, le=5)
     """Copies of each stream (3 on a 3-node cluster); ``CORRAL_STREAM_REPLICAS`` wins."""
 

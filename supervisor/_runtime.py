@@ -85,7 +85,12 @@ def configured_database_url(loaded: LoadedConfig) -> str | None:
 def topology(loaded: LoadedConfig) -> TopologyConfig:
     """Stream settings: ``CORRAL_STREAM_REPLICAS`` if set, else ``nats.stream_replicas``."""
     replicas = os.environ.get("CORRAL_STREAM_REPLICAS")
-    return TopologyConfig(replicas=int(replicas) if replicas else loaded.config.nats.stream_replicas)
+    nats = loaded.config.nats
+    return TopologyConfig(
+        replicas=int(replicas) if replicas else nats.stream_replicas,
+        ack_wait_s=nats.ack_wait_s,
+        max_deliver=nats.max_deliver,
+    )
 
 
 def creds_dir(loaded: LoadedConfig) -> Path:

@@ -79,7 +79,7 @@ async def running_stack(
     def _all_started() -> bool:
         assert process.poll() is None, log.read_text()
         runtime = stack.runtime()
-        return bool(runtime and {c["name"] for c in runtime["children"] if c["pid"]} >= TEAM)
+        return bool(runtime and {c["role"] for c in runtime["children"] if c["pid"]} >= TEAM)
 
     try:
         await eventually(_all_started, timeout=60, message="corral up started five processes")
