@@ -1,6 +1,7 @@
 """corral's bus: NATS connection, JetStream topology, wire types, publish and consume."""
 
 from bus import subjects
+from bus._advisories import MaxDeliveriesWatcher
 from bus._connection import Bus, BusConfig, connect
 from bus._consumer import (
     DEAD_REASON,
@@ -29,6 +30,7 @@ from bus._messages import (
     AgentReply,
     AgentTask,
     AgentWaiting,
+    Alert,
     ApprovalDecided,
     ClientUpdate,
     ConversationEnded,
@@ -81,6 +83,7 @@ __all__ = [
     "AgentReply",
     "AgentTask",
     "AgentWaiting",
+    "Alert",
     "ApprovalDecided",
     "Bus",
     "BusConfig",
@@ -108,6 +111,7 @@ __all__ = [
     "JournalRequest",
     "KillSwitch",
     "KillTarget",
+    "MaxDeliveriesWatcher",
     "Message",
     "PoisonMessageError",
     "StepEvent",

@@ -80,6 +80,8 @@ async def connect(config: BusConfig) -> Bus:
             allow_reconnect=True,
             max_reconnect_attempts=-1 if config.reconnect_forever else 3,
             reconnect_time_wait=0.5,
+            # A shutdown must not hang on a subscription that cannot drain.
+            drain_timeout=5,
             error_cb=_on_error,
             disconnected_cb=_on_disconnect,
             reconnected_cb=_on_reconnect,

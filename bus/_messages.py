@@ -115,6 +115,16 @@ class StepEvent(msgspec.Struct, frozen=True, kw_only=True, tag="step.event"):
     detail: str = ""
 
 
+class Alert(msgspec.Struct, frozen=True, kw_only=True, tag="alert"):
+    """Something an operator must look at (``corral.alerts``)."""
+
+    v: int = 1
+    kind: str
+    reason: str
+    subject: str = ""
+    consumer: str = ""
+
+
 class HandoffForwarded(msgspec.Struct, frozen=True, kw_only=True, tag="handoff.forwarded"):
     """The supervisor forwarded a handoff (``corral.out.<conversation>``)."""
 
@@ -275,6 +285,7 @@ Message = (
     | AgentReply
     | AgentFailed
     | AgentWaiting
+    | Alert
     | ApprovalDecided
     | ConversationWaiting
     | StepEvent

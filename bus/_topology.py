@@ -60,7 +60,7 @@ def _streams(config: TopologyConfig) -> list[StreamConfig]:
         ),
         StreamConfig(
             name=subjects.EVENTS_STREAM,
-            subjects=[subjects.all_agent_events(), subjects.all_conversation_updates()],
+            subjects=[subjects.all_agent_events(), subjects.all_conversation_updates(), subjects.alerts()],
             retention=RetentionPolicy.LIMITS,
             storage=StorageType.FILE,
             num_replicas=config.replicas,

@@ -161,6 +161,11 @@ def all_conversation_updates() -> str:
     return f"{PREFIX}.out.>"
 
 
+def alerts() -> str:
+    """Subject of operator alerts (stored in ``CORRAL_EVENTS``)."""
+    return f"{PREFIX}.alerts"
+
+
 def dead_letter(subject: str) -> str:
     """Dead-letter subject for a message first published on ``subject``."""
     return f"{PREFIX}.dlq.{subject}"

@@ -180,7 +180,7 @@ def supervisor_run(config: ConfigOption = None) -> None:
     _setup_logging()
 
     async def _main() -> int:
-        from bus import ensure_topology
+        from bus import MaxDeliveriesWatcher, ensure_topology
         from supervisor._budgets import Budgets
         from supervisor._decide import Graph
         from supervisor._journal import JournalService
@@ -198,15 +198,17 @@ def supervisor_run(config: ConfigOption = None) -> None:
                 max_steps=loaded.config.conversation.max_steps,
                 max_pingpong=loaded.config.conversation.max_pingpong,
             )
+            supervisor = Supervisor(
+                bus,
+                store,
+                graph,
+                budgets=Budgets.from_config(loaded),
+                max_deliver=loaded.config.nats.max_deliver,
+            )
             services: list[_Service] = [
-                Supervisor(
-                    bus,
-                    store,
-                    graph,
-                    budgets=Budgets.from_config(loaded),
-                    max_deliver=loaded.config.nats.max_deliver,
-                ),
+                supervisor,
                 JournalService(bus.nc, store.pool, Budgets.from_config(loaded)),
+                MaxDeliveriesWatcher(bus.nc, bus.js, subjects.WORK_STREAM, supervisor.dead_step),
             ]
             if loaded.config.tools is not None and not loaded.config.tools.separate_gateway:
                 services.append(await _gateway(loaded, bus, store))

@@ -98,7 +98,13 @@ def permissions(loaded: LoadedConfig, role: Role, name: str) -> tuple[list[str],
             "$JS.API.>",
             f"$JS.ACK.{subjects.WORK_STREAM}.{subjects.SUPERVISOR_CONSUMER}.>",
             "$JS.FC.>",
-        ], [inbox, subjects.all_agent_tools(), subjects.all_agent_journals()]
+            subjects.alerts(),
+        ], [
+            inbox,
+            subjects.all_agent_tools(),
+            subjects.all_agent_journals(),
+            "$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES.>",
+        ]
     if role == "gateway":
         # Answers tool requests (allow_responses) and tells clients about decisions.
         return [subjects.all_conversation_updates()], [inbox, subjects.all_agent_tools()]

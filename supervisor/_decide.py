@@ -343,6 +343,15 @@ def approval_decided(record: ConversationRecord, approval_id: str, status: str) 
     )
 
 
+def step_dead(record: ConversationRecord, step: int, agent: str, reason: str) -> Decision:
+    """The step was dead-lettered: escalate, so the conversation is not lost in a queue."""
+    if record.status != "running" or record.step != step:
+        return Decision(record=None)
+    return _escalate(
+        record, agent, f"step {step} of {agent} was dead-lettered: {reason}; escalated to a human"
+    )
+
+
 def agent_killed(record: ConversationRecord, agent: str, switch: KillSwitch) -> Decision:
     """``agent`` was killed while ``record`` waited on it: escalate to a human."""
     if record.status != "running" or record.current_agent != agent:

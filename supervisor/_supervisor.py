@@ -13,6 +13,7 @@ import msgspec
 from bus import (
     AgentFailed,
     AgentReply,
+    AgentTask,
     AgentWaiting,
     ApprovalDecided,
     Bus,
@@ -37,6 +38,8 @@ from supervisor._decide import AgentOutput, Graph, Outgoing
 from supervisor._store import ConversationRecord, Store
 
 logger = logging.getLogger(__name__)
+
+_task_decoder = msgspec.json.Decoder(AgentTask)
 
 
 class SupervisorState(enum.Enum):
@@ -185,6 +188,19 @@ class Supervisor:
             raise PoisonMessageError(f"unknown approval {message.approval_id!r}", subject=delivery.subject)
         conversation, status = found
         await self._apply(conversation, lambda r: _decide.approval_decided(r, message.approval_id, status))
+
+    async def dead_step(self, subject: str, data: bytes, reason: str) -> None:
+        """A step JetStream gave up on: escalate its conversation instead of leaving it hanging."""
+        if subjects.sender(subject) is not None or not subject.endswith(".inbox"):
+            return
+        try:
+            task = _task_decoder.decode(data)
+        except (msgspec.DecodeError, msgspec.ValidationError):
+            return
+        await self._apply(
+            task.conversation,
+            lambda record: _decide.step_dead(record, task.step, task.agent, reason),
+        )
 
     async def _dropped(self, message: AgentOutput, sender: str) -> bool:
         """Record and drop what a killed agent sends or what concerns a killed conversation."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
+from typing import Any
 
 import msgspec
 import pytest
@@ -117,3 +118,59 @@ async def test_topology_is_idempotent(bus: Bus) -> None:
     await ensure_topology(bus.js, ["triage", "payments"])
     names = {c.name for c in await bus.js.consumers_info(subjects.WORK_STREAM)}
     assert names == {"supervisor", "agent-triage", "agent-payments"}
+
+
+async def test_a_message_jetstream_gives_up_on_is_dead_lettered_with_an_alert(
+    nats_server: EmbeddedNats,
+) -> None:
+    """A consumer that keeps dying never dead-letters its message itself: the
+    MAX_DELIVERIES advisory does, and raises an alert."""
+    from bus import Alert, MaxDeliveriesWatcher, TopologyConfig
+
+    bus = await connect(BusConfig(servers=[nats_server.url], reconnect_forever=False))
+    await ensure_topology(bus.js, ["triage"], TopologyConfig(ack_wait_s=0.3, max_deliver=2))
+    dead: list[tuple[str, str]] = []
+
+    async def on_dead(subject: str, data: bytes, reason: str) -> None:
+        dead.append((subject, reason))
+
+    alerts: list[bytes] = []
+
+    async def on_alert(msg: Any) -> None:
+        alerts.append(msg.data)
+
+    await bus.nc.subscribe(subjects.alerts(), cb=on_alert)
+    watcher = MaxDeliveriesWatcher(bus.nc, bus.js, subjects.WORK_STREAM, on_dead)
+    watching = asyncio.create_task(watcher.run())
+    inbox = subjects.agent_inbox("triage")
+    await publish(bus.js, inbox, _task("c-crashy"), msg_id="crashy")
+    # A "process" that fetches the step and dies before acking, every time.
+    sub = await bus.js.pull_subscribe_bind(
+        durable=subjects.agent_consumer("triage"), stream=subjects.WORK_STREAM
+    )
+
+    # It keeps asking for work (as a restarted process does); each delivery goes unacked.
+    async def _fetching_until_dead() -> bool:
+        await _fetch_one(sub)
+        return bool(dead)
+
+    await eventually(_fetching_until_dead, message="the dead letter")
+    assert dead[0][0] == inbox and "gave up after 2 deliveries to agent-triage" in dead[0][1]
+    letters = await _dead_letters(bus)
+    assert [(s, h[DEAD_SUBJECT]) for s, h, _ in letters] == [(subjects.dead_letter(inbox), inbox)]
+    assert (await bus.js.stream_info(subjects.WORK_STREAM)).state.messages == 0
+    await eventually(lambda: alerts, message="an alert")
+    alert = msgspec.json.decode(alerts[0], type=Alert)
+    assert alert.kind == "max_deliveries" and alert.subject == inbox
+    await watcher.shutdown()
+    await watching
+    await sub.unsubscribe()
+    await bus.close()
+
+
+async def _fetch_one(sub: Any) -> bool:
+    try:
+        await sub.fetch(1, timeout=0.5)
+    except Exception:
+        pass
+    return True

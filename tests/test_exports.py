@@ -20,6 +20,8 @@ def test_bus_exports() -> None:
         "AgentReply",
         "AgentTask",
         "AgentWaiting",
+        "Alert",
+        "MaxDeliveriesWatcher",
         "ApprovalDecided",
         "Bus",
         "BusConfig",

@@ -1,0 +1,108 @@
+"""Dead letters for messages JetStream gave up on.
+
+A consumer whose process keeps dying never gets to dead-letter the message it dies on;
+after ``max_deliver`` attempts JetStream simply stops delivering it and says so in a
+``MAX_DELIVERIES`` advisory. This watcher turns each advisory into a dead letter (the
+original message, with the reason), removes the message from the work stream, raises
+an alert event, and lets the caller act on it (e.g. escalate the conversation).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Awaitable, Callable
+
+import msgspec
+from nats.aio.client import Client
+from nats.aio.msg import Msg
+from nats.js import JetStreamContext
+
+from bus import subjects
+from bus._consumer import DEAD_REASON, DEAD_STREAM_SEQ, DEAD_SUBJECT
+from bus._messages import Alert, encode
+
+logger = logging.getLogger(__name__)
+
+ADVISORY = "$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES"
+
+
+class MaxDeliveries(msgspec.Struct, frozen=True):
+    """The fields of JetStream's advisory we use (converted once, at the edge)."""
+
+    stream: str
+    consumer: str
+    stream_seq: int
+    deliveries: int
+
+
+_decoder = msgspec.json.Decoder(MaxDeliveries)
+
+OnDead = Callable[[str, bytes, str], Awaitable[None]]
+"""Called with (original subject, original data, reason) after the dead letter is stored."""
+
+
+class MaxDeliveriesWatcher:
+    """Watch ``stream``'s consumers for messages JetStream gave up on.
+
+    Args:
+        nc: NATS connection (needs subscribe on the advisory subject).
+        js: JetStream context (reads, dead-letters and deletes the message).
+        stream: The stream to watch.
+        on_dead: Optional follow-up for each dead letter.
+    """
+
+    def __init__(self, nc: Client, js: JetStreamContext, stream: str, on_dead: OnDead | None = None) -> None:
+        self._nc = nc
+        self._js = js
+        self._stream = stream
+        self._on_dead = on_dead
+        self._stopping = asyncio.Event()
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    async def run(self) -> None:
+        """Watch until ``shutdown()``."""
+        sub = await self._nc.subscribe(f"{ADVISORY}.{self._stream}.*", cb=self._on_msg)
+        try:
+            await self._stopping.wait()
+        finally:
+            with contextlib.suppress(Exception):
+                await sub.unsubscribe()
+            if self._tasks:
+                await asyncio.wait(self._tasks, timeout=10)
+
+    async def shutdown(self) -> None:
+        """Stop watching; idempotent."""
+        self._stopping.set()
+
+    async def _on_msg(self, msg: Msg) -> None:
+        task = asyncio.create_task(self._dead_letter(msg))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _dead_letter(self, msg: Msg) -> None:
+        try:
+            advisory = _decoder.decode(msg.data)
+        except (msgspec.DecodeError, msgspec.ValidationError):
+            logger.warning("unreadable advisory on %s", msg.subject)
+            return
+        try:
+            original = await self._js.get_msg(advisory.stream, advisory.stream_seq)
+        except Exception:
+            return  # already dead-lettered by its consumer, or removed
+        subject = original.subject or ""
+        reason = (
+            f"JetStream gave up after {advisory.deliveries} deliveries to {advisory.consumer} "
+            "(its process kept failing)"
+        )
+        headers = {DEAD_REASON: reason, DEAD_SUBJECT: subject, DEAD_STREAM_SEQ: str(advisory.stream_seq)}
+        await self._js.publish(subjects.dead_letter(subject), original.data or b"", headers=headers)
+        with contextlib.suppress(Exception):
+            await self._js.delete_msg(advisory.stream, advisory.stream_seq)
+        alert = Alert(kind="max_deliveries", subject=subject, consumer=advisory.consumer, reason=reason)
+        with contextlib.suppress(Exception):
+            await self._nc.publish(subjects.alerts(), encode(alert))
+        logger.error("dead-lettered %s: %s", subject, reason)
+        if self._on_dead is not None:
+            await self._on_dead(subject, original.data or b"", reason)
