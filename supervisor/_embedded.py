@@ -190,6 +190,8 @@ class EmbeddedPostgres:
         Raises:
             LauncherError: if pgserver cannot start the server.
         """
+        if self._uri is not None:
+            return self._restart()
         with warnings.catch_warnings():
             # platformdirs warns when XDG_RUNTIME_DIR is unset (containers, CI); harmless.
             warnings.simplefilter("ignore")
@@ -207,6 +209,29 @@ class EmbeddedPostgres:
         self._uri = str(server.get_uri())
         return self._uri
 
+    def _restart(self) -> str:
+        # pgserver keeps one handle per directory for the life of the process and will not
+        # start a server it believes it started: start it again with the same socket
+        # directory, so every client's URI stays valid across the restart.
+        import os
+        from urllib.parse import parse_qs, urlsplit
+
+        from pgserver._commands import pg_ctl  # type: ignore[attr-defined]
+
+        assert self._uri is not None
+        socket_dir = parse_qs(urlsplit(self._uri).query)["host"][0]
+        user = "pgserver" if os.geteuid() == 0 else None
+        try:
+            pg_ctl(
+                ["-w", "-o", '-h ""', "-o", f"-k {socket_dir}", "-l", str(self.directory / "log"), "start"],
+                pgdata=self.directory,
+                user=user,
+                timeout=30,
+            )
+        except (subprocess.CalledProcessError, subprocess.TimeoutExpired) as exc:
+            raise LauncherError(f"embedded PostgreSQL did not restart in {self.directory}: {exc}") from exc
+        return self._uri
+
     @property
     def uri(self) -> str:
         """The connection URI (after ``start``)."""
@@ -214,8 +239,9 @@ class EmbeddedPostgres:
             raise LauncherError("embedded PostgreSQL is not started")
         return self._uri
 
-    def stop(self) -> None:
-        """Stop the server (fast shutdown: sessions end, data is flushed)."""
+    def stop(self, *, crash: bool = False) -> None:
+        """Stop the server: a fast shutdown (sessions end, data is flushed), or with
+        ``crash`` an immediate one, as a power loss would (recovery replays the WAL)."""
         import os
 
         from pgserver._commands import pg_ctl  # type: ignore[attr-defined]
@@ -224,6 +250,6 @@ class EmbeddedPostgres:
             return
         user = "pgserver" if os.geteuid() == 0 else None
         try:
-            pg_ctl(["-w", "-m", "fast", "stop"], pgdata=self.directory, user=user)
+            pg_ctl(["-w", "-m", "immediate" if crash else "fast", "stop"], pgdata=self.directory, user=user)
         except subprocess.CalledProcessError as exc:
             logger.warning("stopping embedded PostgreSQL failed: %s", exc)
