@@ -26,7 +26,14 @@ def _chaos_module():  # type: ignore[no-untyped-def]
 async def test_sixty_conversations_survive_kills_and_restarts(tmp_path: Path) -> None:
     chaos = _chaos_module()
     report = await chaos.run_chaos(
-        60, tmp_path, concurrency=12, seed=7, kill_every_s=(1.0, 2.0), max_kills=8, deadline_s=240.0, log=lambda *_: None
+        60,
+        tmp_path,
+        concurrency=12,
+        seed=7,
+        kill_every_s=(1.0, 2.0),
+        max_kills=8,
+        deadline_s=240.0,
+        log=lambda *_: None,
     )
     faults = " | ".join(report.faults)
     assert "nats-server: SIGKILL and restart" in faults
