@@ -55,6 +55,7 @@ from bus._messages import (
     encode,
 )
 from bus._publish import MSG_ID, publish
+from bus._service import MessageService
 from bus._topology import (
     TopologyConfig,
     agent_consumer_config,
@@ -113,6 +114,7 @@ __all__ = [
     "KillTarget",
     "MaxDeliveriesWatcher",
     "Message",
+    "MessageService",
     "PoisonMessageError",
     "StepEvent",
     "SupervisorInput",

@@ -9,7 +9,6 @@ an alert event, and lets the caller act on it (e.g. escalate the conversation).
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import logging
 from collections.abc import Awaitable, Callable
@@ -22,6 +21,7 @@ from nats.js import JetStreamContext
 from bus import subjects
 from bus._consumer import DEAD_REASON, DEAD_STREAM_SEQ, DEAD_SUBJECT
 from bus._messages import Alert, encode
+from bus._service import MessageService
 
 logger = logging.getLogger(__name__)
 
@@ -43,7 +43,7 @@ OnDead = Callable[[str, bytes, str], Awaitable[None]]
 """Called with (original subject, original data, reason) after the dead letter is stored."""
 
 
-class MaxDeliveriesWatcher:
+class MaxDeliveriesWatcher(MessageService):
     """Watch ``stream``'s consumers for messages JetStream gave up on.
 
     Args:
@@ -54,34 +54,12 @@ class MaxDeliveriesWatcher:
     """
 
     def __init__(self, nc: Client, js: JetStreamContext, stream: str, on_dead: OnDead | None = None) -> None:
-        self._nc = nc
+        super().__init__(nc, f"{ADVISORY}.{stream}.*")
         self._js = js
-        self._stream = stream
         self._on_dead = on_dead
-        self._stopping = asyncio.Event()
-        self._tasks: set[asyncio.Task[None]] = set()
 
-    async def run(self) -> None:
-        """Watch until ``shutdown()``."""
-        sub = await self._nc.subscribe(f"{ADVISORY}.{self._stream}.*", cb=self._on_msg)
-        try:
-            await self._stopping.wait()
-        finally:
-            with contextlib.suppress(Exception):
-                await sub.unsubscribe()
-            if self._tasks:
-                await asyncio.wait(self._tasks, timeout=10)
-
-    async def shutdown(self) -> None:
-        """Stop watching; idempotent."""
-        self._stopping.set()
-
-    async def _on_msg(self, msg: Msg) -> None:
-        task = asyncio.create_task(self._dead_letter(msg))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-
-    async def _dead_letter(self, msg: Msg) -> None:
+    async def on_message(self, msg: Msg) -> None:
+        """Turn one advisory into a dead letter, an alert and the caller's follow-up."""
         try:
             advisory = _decoder.decode(msg.data)
         except (msgspec.DecodeError, msgspec.ValidationError):

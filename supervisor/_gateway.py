@@ -18,7 +18,6 @@ Dry-run conversations stop after the decision: the result says what would have h
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import hashlib
 import json
@@ -38,6 +37,7 @@ from pydantic import ValidationError
 from agents._tools import Tool, ToolInput
 from bus import (
     TRACEPARENT,
+    MessageService,
     ToolCall,
     ToolDecided,
     ToolResult,
@@ -94,7 +94,7 @@ class _ApprovalDenied(Exception):
         self.approval_id = approval_id
 
 
-class ToolGateway:
+class ToolGateway(MessageService):
     """Decide and apply tool calls; serve them over NATS with ``run()``.
 
     Args:
@@ -113,37 +113,14 @@ class ToolGateway:
         policy: PolicyEngine,
         config: GatewayConfig | None = None,
     ) -> None:
-        self._nc = nc
+        super().__init__(nc, subjects.all_agent_tools(), queue="gateway")  # type: ignore[arg-type]
         self._pool = pool
         self._tools = {tool.name: tool for tool in tools}
         self._policy = policy
         self._config = config or GatewayConfig()
-        self._stopping = asyncio.Event()
-        self._tasks: set[asyncio.Task[None]] = set()
 
-    async def run(self) -> None:
-        """Answer tool requests until ``shutdown()``."""
-        assert self._nc is not None
-        sub = await self._nc.subscribe(subjects.all_agent_tools(), queue="gateway", cb=self._on_msg)
-        try:
-            await self._stopping.wait()
-        finally:
-            with contextlib.suppress(Exception):
-                await sub.unsubscribe()
-            if self._tasks:
-                await asyncio.wait(self._tasks, timeout=10)
-
-    async def shutdown(self) -> None:
-        """Stop answering; idempotent."""
-        self._stopping.set()
-
-    async def _on_msg(self, msg: Msg) -> None:
-        # Calls are handled concurrently; the idempotency-key lock serializes duplicates.
-        task = asyncio.create_task(self._answer(msg))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-
-    async def _answer(self, msg: Msg) -> None:
+    async def on_message(self, msg: Msg) -> None:
+        """Answer one tool request (no answer on failure: the agent retries the same key)."""
         sender = subjects.sender(msg.subject) or ""
         try:
             call = _call_decoder.decode(msg.data)
@@ -249,18 +226,7 @@ class ToolGateway:
         )
         if stop is not None:
             await append_audit(
-                conn,
-                AuditEntry(
-                    agent=call.agent,
-                    credential_id=f"agent-{call.agent}",
-                    on_behalf_of=ctx.customer,
-                    conversation=call.conversation,
-                    action=tool.name,
-                    arguments_digest=arguments_digest,
-                    decision="stop",
-                    outcome="stopped",
-                    detail=stop,
-                ),
+                conn, _entry(call, call.agent, ctx.customer, arguments_digest, "stop", "stopped", stop)
             )
             return self._result(call, "stopped", {}, reason=stop)
         resource = await tool.resource(ctx)
@@ -409,22 +375,18 @@ class ToolGateway:
         detail: str,
         arguments: Mapping[str, Any],
     ) -> None:
-        await append_audit(
-            conn,
-            AuditEntry(
-                agent=call.agent,
-                credential_id=f"agent-{call.agent}",
-                on_behalf_of=ctx.customer,
-                conversation=call.conversation,
-                action=call.tool,
-                arguments_digest=digest_arguments(arguments),
-                decision=decision.outcome,
-                policy_ids=tuple(decision.policy_ids),
-                approval_id=approval_id,
-                outcome=outcome,
-                detail=detail,
-            ),
+        entry = _entry(
+            call,
+            call.agent,
+            ctx.customer,
+            digest_arguments(arguments),
+            decision.outcome,
+            outcome,
+            detail,
+            decision.policy_ids,
+            approval_id,
         )
+        await append_audit(conn, entry)
 
     async def _refuse(
         self, call: ToolCall, sender: str, customer: str, status: ToolStatus, reason: str
@@ -433,19 +395,10 @@ class ToolGateway:
         logger.warning("tool call %s by %s refused: %s", call.tool, sender, reason)
         detail = reason if call.agent == sender else f"{reason} (body claims {call.agent!r})"
         async with self._pool.acquire() as conn, conn.transaction():
+            verdict = "deny" if status == "denied" else status
             await append_audit(
                 conn,
-                AuditEntry(
-                    agent=sender,
-                    credential_id=f"agent-{sender}",
-                    on_behalf_of=customer,
-                    conversation=call.conversation,
-                    action=call.tool,
-                    arguments_digest=digest_arguments(call.arguments),
-                    decision="deny" if status == "denied" else status,
-                    outcome=status,
-                    detail=detail,
-                ),
+                _entry(call, sender, customer, digest_arguments(call.arguments), verdict, status, detail),
             )
         return self._result(call, status, {}, reason=reason)
 
@@ -472,6 +425,33 @@ class ToolGateway:
             approval_id=approval_id,
             replayed=replayed,
         )
+
+
+def _entry(
+    call: ToolCall,
+    agent: str,
+    customer: str,
+    arguments_digest: str,
+    decision: str,
+    outcome: str,
+    detail: str,
+    policy_ids: Iterable[str] = (),
+    approval_id: str | None = None,
+) -> AuditEntry:
+    """The audit record of one decision about ``call``, made for ``agent``'s identity."""
+    return AuditEntry(
+        agent=agent,
+        credential_id=f"agent-{agent}",
+        on_behalf_of=customer,
+        conversation=call.conversation,
+        action=call.tool,
+        arguments_digest=arguments_digest,
+        decision=decision,
+        policy_ids=tuple(policy_ids),
+        approval_id=approval_id,
+        outcome=outcome,
+        detail=detail,
+    )
 
 
 async def rollback(

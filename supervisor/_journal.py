@@ -8,8 +8,6 @@ Each write also records the call's spend and answers whether the step may go on.
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import logging
 
 import asyncpg
@@ -17,7 +15,7 @@ import msgspec
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 
-from bus import JournalEntry, JournalQuery, JournalReply, JournalRequest, encode, subjects
+from bus import JournalEntry, JournalQuery, JournalReply, JournalRequest, MessageService, encode, subjects
 from supervisor._budgets import Budgets, exceeded, record_spend
 
 logger = logging.getLogger(__name__)
@@ -25,7 +23,7 @@ logger = logging.getLogger(__name__)
 _decoder = msgspec.json.Decoder(JournalRequest)
 
 
-class JournalService:
+class JournalService(MessageService):
     """Answer journal requests until ``shutdown()``.
 
     Args:
@@ -35,33 +33,12 @@ class JournalService:
     """
 
     def __init__(self, nc: Client, pool: asyncpg.Pool, budgets: Budgets) -> None:
-        self._nc = nc
+        super().__init__(nc, subjects.all_agent_journals(), queue="journal")
         self._pool = pool
         self._budgets = budgets
-        self._stopping = asyncio.Event()
-        self._tasks: set[asyncio.Task[None]] = set()
 
-    async def run(self) -> None:
-        """Serve until ``shutdown()``."""
-        sub = await self._nc.subscribe(subjects.all_agent_journals(), queue="journal", cb=self._on_msg)
-        try:
-            await self._stopping.wait()
-        finally:
-            with contextlib.suppress(Exception):
-                await sub.unsubscribe()
-            if self._tasks:
-                await asyncio.wait(self._tasks, timeout=10)
-
-    async def shutdown(self) -> None:
-        """Stop answering; idempotent."""
-        self._stopping.set()
-
-    async def _on_msg(self, msg: Msg) -> None:
-        task = asyncio.create_task(self._answer(msg))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-
-    async def _answer(self, msg: Msg) -> None:
+    async def on_message(self, msg: Msg) -> None:
+        """Answer one journal request (no answer on failure: the agent retries)."""
         sender = subjects.sender(msg.subject) or ""
         try:
             request = _decoder.decode(msg.data)

@@ -13,6 +13,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import asyncpg
+
+from bus import Bus, BusConfig, connect
 from tests.conftest import SAMPLE_CONFIG, eventually
 
 TEAM = {"supervisor", "triage", "payments", "tech_support", "account_manager"}
@@ -46,6 +49,26 @@ class Stack:
 
     def seed(self, identity: str) -> str:
         return str(self.state_dir / "creds" / f"{identity}.nk")
+
+    async def connect(self, identity: str = "client") -> Bus:
+        """A bus connection holding ``identity``'s seed (an open server needs none)."""
+        seed = self.state_dir / "creds" / f"{identity}.nk"
+        return await connect(
+            BusConfig(
+                servers=[self.nats_url],
+                identity=identity,
+                nkey_seed_file=str(seed) if seed.exists() else None,
+                reconnect_forever=False,
+            )
+        )
+
+    async def sql(self, query: str, *args: Any) -> list[asyncpg.Record]:
+        """Run one query against the stack's database."""
+        conn = await asyncpg.connect(self.database_url)
+        try:
+            return list(await conn.fetch(query, *args))
+        finally:
+            await conn.close()
 
     def corral(self, *args: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run(

@@ -15,11 +15,9 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
-import asyncpg
 import pytest
 import yaml
 
-from bus import BusConfig, connect
 from supervisor import send_and_wait
 from tests.conftest import SAMPLE_CONFIG, eventually
 from tests.stack import Stack, running_stack
@@ -109,25 +107,6 @@ async def team(postgres_admin_dsn: str, tmp_path_factory: pytest.TempPathFactory
         yield stack
 
 
-async def _client(stack: Stack) -> Any:
-    return await connect(
-        BusConfig(
-            servers=[stack.nats_url],
-            identity="client",
-            nkey_seed_file=stack.seed("client"),
-            reconnect_forever=False,
-        )
-    )
-
-
-async def _fetch(stack: Stack, query: str, *args: Any) -> list[asyncpg.Record]:
-    conn = await asyncpg.connect(stack.database_url)
-    try:
-        return list(await conn.fetch(query, *args))
-    finally:
-        await conn.close()
-
-
 def _calls(stack: Stack, conversation: str, agent: str) -> int:
     log = Path(stack.config).parent / "calls.jsonl"
     if not log.exists():
@@ -137,7 +116,7 @@ def _calls(stack: Stack, conversation: str, agent: str) -> int:
 
 
 async def test_killed_mid_step_the_redelivery_replays_instead_of_calling_again(team: Stack) -> None:
-    client = await _client(team)
+    client = await team.connect()
     conversation = "c-kill-mid-step"
     payments = team.child("payments")
     finished = asyncio.create_task(
@@ -148,7 +127,7 @@ async def test_killed_mid_step_the_redelivery_replays_instead_of_calling_again(t
         # The first call answered (journaled) and the refund applied: payments now thinks.
         if _calls(team, conversation, "payments") != 1:
             return False
-        return bool(await _fetch(team, "SELECT 1 FROM shop.refunds WHERE order_id='1001'"))
+        return bool(await team.sql("SELECT 1 FROM shop.refunds WHERE order_id='1001'"))
 
     await eventually(_in_second_call, message="payments in the middle of its step")
     os.kill(payments["pid"], signal.SIGKILL)
@@ -164,28 +143,27 @@ async def test_killed_mid_step_the_redelivery_replays_instead_of_calling_again(t
     # again), got the refund from the gateway's ledger (not applied again), and made only
     # the call that had not finished.
     assert _calls(team, conversation, "payments") == 2
-    journal = await _fetch(
-        team,
+    journal = await team.sql(
         "SELECT idx FROM step_journal WHERE conversation=$1 AND agent='payments' ORDER BY idx",
         conversation,
     )
     assert [r["idx"] for r in journal] == [0, 1]
-    refunds = await _fetch(team, "SELECT count(*) AS n FROM shop.refunds WHERE order_id='1001'")
+    refunds = await team.sql("SELECT count(*) AS n FROM shop.refunds WHERE order_id='1001'")
     assert refunds[0]["n"] == 1
 
 
 async def test_same_tool_same_arguments_loop_is_stopped(team: Stack) -> None:
-    client = await _client(team)
+    client = await team.connect()
     ended = await send_and_wait(client, "runaway tool please", customer="cus_1002", timeout_s=60)
     await client.close()
     assert ended.status == "escalated"
     assert "loop: create_ticket with the same arguments 3 times" in (ended.reason or "")
-    tickets = await _fetch(team, "SELECT count(*) AS n FROM shop.tickets WHERE customer_id='cus_1002'")
+    tickets = await team.sql("SELECT count(*) AS n FROM shop.tickets WHERE customer_id='cus_1002'")
     assert tickets[0]["n"] == 3  # three went through, nothing after the stop
 
 
 async def test_dollar_budget_stops_a_runaway_conversation(team: Stack) -> None:
-    client = await _client(team)
+    client = await team.connect()
     conversation = "c-expensive"
     ended = await send_and_wait(
         client, "expensive question", customer="cus_1003", conversation=conversation, timeout_s=60
@@ -194,14 +172,14 @@ async def test_dollar_budget_stops_a_runaway_conversation(team: Stack) -> None:
     assert ended.status == "escalated"
     assert "dollar budget of $0.05 exceeded" in (ended.reason or "")
     assert _calls(team, conversation, "triage") == 3  # $0.06 spent: no fourth call
-    spend = await _fetch(
-        team, "SELECT model_calls, cost_usd FROM conversation_spend WHERE conversation=$1", conversation
+    spend = await team.sql(
+        "SELECT model_calls, cost_usd FROM conversation_spend WHERE conversation=$1", conversation
     )
     assert spend[0]["model_calls"] == 3 and abs(spend[0]["cost_usd"] - 0.06) < 1e-9
 
 
 async def test_handoff_ping_pong_is_stopped(team: Stack) -> None:
-    client = await _client(team)
+    client = await team.connect()
     ended = await send_and_wait(client, "bounce me around", timeout_s=60)
     await client.close()
     assert ended.status == "escalated"
@@ -212,12 +190,11 @@ async def test_handoff_ping_pong_is_stopped(team: Stack) -> None:
 async def test_replicas_share_one_agent_inbox(team: Stack) -> None:
     replicas = [c for c in team.runtime()["children"] if c["role"] == "account_manager"]  # type: ignore[index]
     assert len(replicas) == 2 and replicas[0]["pid"] != replicas[1]["pid"]
-    client = await _client(team)
+    client = await team.connect()
     ended = await asyncio.gather(*(send_and_wait(client, f"question {n}", timeout_s=60) for n in range(12)))
     await client.close()
     assert all(e.status == "replied" for e in ended)
-    replied = await _fetch(
-        team,
+    replied = await team.sql(
         "SELECT conversation, count(*) AS n FROM conversation_steps WHERE kind='replied'"
         " AND conversation = ANY($1::text[]) GROUP BY 1",
         [e.conversation for e in ended],

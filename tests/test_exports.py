@@ -22,6 +22,7 @@ def test_bus_exports() -> None:
         "AgentWaiting",
         "Alert",
         "MaxDeliveriesWatcher",
+        "MessageService",
         "ApprovalDecided",
         "Bus",
         "BusConfig",

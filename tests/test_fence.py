@@ -23,10 +23,8 @@ from bus import (
     AgentReply,
     AgentTask,
     ApprovalDecided,
-    BusConfig,
     ConversationEnded,
     HandoffProposed,
-    connect,
     encode,
     subjects,
 )
@@ -87,36 +85,6 @@ class Hostile:
         return True
 
 
-async def _admin(stack: Stack) -> Any:
-    return await connect(
-        BusConfig(
-            servers=[stack.nats_url],
-            identity="admin",
-            nkey_seed_file=stack.seed("admin"),
-            reconnect_forever=False,
-        )
-    )
-
-
-async def _client(stack: Stack) -> Any:
-    return await connect(
-        BusConfig(
-            servers=[stack.nats_url],
-            identity="client",
-            nkey_seed_file=stack.seed("client"),
-            reconnect_forever=False,
-        )
-    )
-
-
-async def _sql(stack: Stack, query: str, *args: Any) -> list[asyncpg.Record]:
-    conn = await asyncpg.connect(stack.database_url)
-    try:
-        return list(await conn.fetch(query, *args))
-    finally:
-        await conn.close()
-
-
 @asynccontextmanager
 async def parked_on_payments(
     stack: Stack, client: Any, text: str
@@ -128,8 +96,8 @@ async def parked_on_payments(
         waiting = asyncio.create_task(send_and_wait(client, text, timeout_s=60))
 
         async def _parked() -> list[asyncpg.Record]:
-            return await _sql(
-                stack, "SELECT id FROM conversations WHERE status='running' AND current_agent='payments'"
+            return await stack.sql(
+                "SELECT id FROM conversations WHERE status='running' AND current_agent='payments'"
             )
 
         parked = await eventually(_parked, message="a refund waiting on payments")
@@ -154,7 +122,7 @@ async def test_seeds_are_private_and_each_process_holds_only_its_own(stack: Stac
 
 
 async def test_triage_credentials_cannot_reach_what_the_graph_forbids(stack: Stack) -> None:
-    admin = await _admin(stack)
+    admin = await stack.connect("admin")
     before = await _stream_positions(admin)
     hostile = Hostile()
     nc = await hostile.connect(stack, "agent-triage")
@@ -202,7 +170,7 @@ async def _stream_positions(admin: Any) -> dict[str, int]:
 
 
 async def test_body_claiming_another_identity_is_refused_and_recorded(stack: Stack) -> None:
-    client = await _client(stack)
+    client = await stack.connect()
     ended = await send_and_wait(client, "How do I change my email address?", timeout_s=60)
     await client.close()
     hostile = Hostile()
@@ -215,8 +183,7 @@ async def test_body_claiming_another_identity_is_refused_and_recorded(stack: Sta
     await nc.close()
 
     async def _rejected() -> list[asyncpg.Record]:
-        return await _sql(
-            stack,
+        return await stack.sql(
             "SELECT agent, detail FROM conversation_steps WHERE conversation=$1 AND kind='rejected'",
             ended.conversation,
         )
@@ -224,12 +191,12 @@ async def test_body_claiming_another_identity_is_refused_and_recorded(stack: Sta
     rows = await eventually(_rejected, message="the forged claim recorded")
     assert rows[0]["agent"] == "triage"
     assert "claims to come from 'payments'" in rows[0]["detail"]
-    status = await _sql(stack, "SELECT status FROM conversations WHERE id=$1", ended.conversation)
+    status = await stack.sql("SELECT status FROM conversations WHERE id=$1", ended.conversation)
     assert status[0]["status"] == "replied"  # unchanged
 
 
 async def test_kill_agent_revokes_it_escalates_its_work_and_revive_restores_it(stack: Stack) -> None:
-    client = await _client(stack)
+    client = await stack.connect()
     async with parked_on_payments(stack, client, "Please refund the duplicate.") as (parked, waiting):
         result = await asyncio.to_thread(
             stack.corral, "kill", "agent", "payments", "--reason", "fraud suspected"
@@ -250,8 +217,8 @@ async def test_kill_agent_revokes_it_escalates_its_work_and_revive_restores_it(s
     assert refund.status == "escalated"
     assert "agent payments is killed (fraud suspected)" in (refund.reason or "")
     # Nothing payments sent after the kill changed any state.
-    steps = await _sql(
-        stack, "SELECT agent, kind FROM conversation_steps WHERE conversation=$1 ORDER BY id", parked
+    steps = await stack.sql(
+        "SELECT agent, kind FROM conversation_steps WHERE conversation=$1 ORDER BY id", parked
     )
     assert [tuple(s) for s in steps] == [
         ("triage", "started"),
@@ -278,7 +245,7 @@ async def test_kill_agent_revokes_it_escalates_its_work_and_revive_restores_it(s
 
 
 async def test_kill_state_survives_a_supervisor_restart(stack: Stack) -> None:
-    client = await _client(stack)
+    client = await stack.connect()
     killed = await asyncio.to_thread(stack.corral, "kill", "agent", "tech_support", "--reason", "bad deploy")
     assert killed.returncode == 0
     old = stack.child("supervisor")
@@ -292,10 +259,10 @@ async def test_kill_state_survives_a_supervisor_restart(stack: Stack) -> None:
 
 
 async def test_kill_conversation_stops_it_mid_flight(stack: Stack) -> None:
-    client = await _client(stack)
+    client = await stack.connect()
     async with parked_on_payments(stack, client, "Refund my order please.") as (conversation, waiting):
-        steps_before = await _sql(
-            stack, "SELECT id FROM conversation_steps WHERE conversation=$1", conversation
+        steps_before = await stack.sql(
+            "SELECT id FROM conversation_steps WHERE conversation=$1", conversation
         )
         result = await asyncio.to_thread(
             stack.corral, "kill", "conversation", conversation, "--reason", "customer withdrew"
@@ -306,16 +273,16 @@ async def test_kill_conversation_stops_it_mid_flight(stack: Stack) -> None:
 
     # payments wakes up with the queued task: it is dropped, and the drop is recorded.
     async def _dropped() -> list[asyncpg.Record]:
-        return await _sql(
-            stack, "SELECT agent, reason FROM dropped_messages WHERE conversation=$1", conversation
+        return await stack.sql(
+            "SELECT agent, reason FROM dropped_messages WHERE conversation=$1", conversation
         )
 
     dropped = await eventually(_dropped, message="the queued step dropped and recorded")
     assert dropped[0]["agent"] == "payments"
     assert "conversation is killed (customer withdrew)" in dropped[0]["reason"]
-    steps_after = await _sql(stack, "SELECT id FROM conversation_steps WHERE conversation=$1", conversation)
+    steps_after = await stack.sql("SELECT id FROM conversation_steps WHERE conversation=$1", conversation)
     assert steps_after == steps_before  # no later step recorded
-    row = await _sql(stack, "SELECT status FROM conversations WHERE id=$1", conversation)
+    row = await stack.sql("SELECT status FROM conversations WHERE id=$1", conversation)
     assert row[0]["status"] == "killed"
     await client.close()
 

@@ -6,12 +6,11 @@ from __future__ import annotations
 import asyncio
 import shutil
 from collections.abc import AsyncIterator
-from typing import Any
 
 import asyncpg
 import pytest
 
-from bus import BusConfig, ClientUpdate, ConversationWaiting, ToolDecided, connect
+from bus import ClientUpdate, ConversationWaiting, ToolDecided
 from supervisor import send_and_wait
 from supervisor._client import send_until_settled
 from tests.conftest import SAMPLE_CONFIG, eventually
@@ -36,25 +35,6 @@ agents:
 """
 
 
-async def _client(stack: Stack) -> Any:
-    return await connect(
-        BusConfig(
-            servers=[stack.nats_url],
-            identity="client",
-            nkey_seed_file=stack.seed("client"),
-            reconnect_forever=False,
-        )
-    )
-
-
-async def _fetch(stack: Stack, query: str, *args: Any) -> list[asyncpg.Record]:
-    conn = await asyncpg.connect(stack.database_url)
-    try:
-        return list(await conn.fetch(query, *args))
-    finally:
-        await conn.close()
-
-
 @pytest.fixture(scope="module")
 async def team(module_database_url: str, tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Stack]:
     async with running_stack(tmp_path_factory.mktemp("state"), module_database_url, None) as stack:
@@ -71,7 +51,7 @@ class Seen:
 
 
 async def test_small_refund_is_applied_once_and_the_client_sees_the_policy(team: Stack) -> None:
-    client = await _client(team)
+    client = await team.connect()
     seen = Seen()
     ended = await send_and_wait(
         client, "I was charged twice, please refund", customer="cus_1001", timeout_s=60, on_update=seen
@@ -81,36 +61,36 @@ async def test_small_refund_is_applied_once_and_the_client_sees_the_policy(team:
     assert [(t.agent, t.tool, t.status, t.policy_ids) for t in seen.tools] == [
         ("payments", "refund", "ok", ["P-45"])
     ]
-    refunds = await _fetch(team, "SELECT order_id, amount_cents FROM shop.refunds")
+    refunds = await team.sql("SELECT order_id, amount_cents FROM shop.refunds")
     assert [tuple(r) for r in refunds] == [("1001", 4000)]
     # Compensation: the undo runs once, however often rollback is asked.
     first = await asyncio.to_thread(team.corral, "rollback", ended.conversation)
     assert first.returncode == 0 and "refund -> reverse_refund" in first.stdout
     again = await asyncio.to_thread(team.corral, "rollback", ended.conversation)
     assert "nothing to roll back" in again.stdout
-    reversed_ = await _fetch(team, "SELECT count(*) AS n FROM shop.refunds WHERE reversed_at IS NOT NULL")
+    reversed_ = await team.sql("SELECT count(*) AS n FROM shop.refunds WHERE reversed_at IS NOT NULL")
     assert reversed_[0]["n"] == 1
 
 
 async def test_large_refund_waits_for_approval_then_goes_through(team: Stack) -> None:
-    client = await _client(team)
+    client = await team.connect()
     waiting = await send_until_settled(client, "Please refund order 1002", customer="cus_1001", timeout_s=60)
     assert isinstance(waiting, ConversationWaiting)
     listed = await asyncio.to_thread(team.corral, "approvals", "--json")
     assert waiting.approval_id in listed.stdout
-    assert await _fetch(team, "SELECT 1 FROM shop.refunds WHERE order_id='1002'") == []
+    assert await team.sql("SELECT 1 FROM shop.refunds WHERE order_id='1002'") == []
 
     async def _replied() -> bool:
-        rows = await _fetch(team, "SELECT status, reply FROM conversations WHERE id=$1", waiting.conversation)
+        rows = await team.sql("SELECT status, reply FROM conversations WHERE id=$1", waiting.conversation)
         return rows[0]["status"] == "replied"
 
     approved = await asyncio.to_thread(team.corral, "approve", waiting.approval_id, "--by", "account_manager")
     assert approved.returncode == 0, approved.stderr
     await eventually(_replied, message="the approved conversation completed")
-    rows = await _fetch(team, "SELECT amount_cents FROM shop.refunds WHERE order_id='1002'")
+    rows = await team.sql("SELECT amount_cents FROM shop.refunds WHERE order_id='1002'")
     assert [r["amount_cents"] for r in rows] == [40000]
-    steps = await _fetch(
-        team, "SELECT kind FROM conversation_steps WHERE conversation=$1 ORDER BY id", waiting.conversation
+    steps = await team.sql(
+        "SELECT kind FROM conversation_steps WHERE conversation=$1 ORDER BY id", waiting.conversation
     )
     assert [s["kind"] for s in steps] == [
         "started",
@@ -127,24 +107,24 @@ async def test_large_refund_waits_for_approval_then_goes_through(team: Stack) ->
 
 
 async def test_denied_approval_resumes_with_the_denial_and_changes_nothing(team: Stack) -> None:
-    client = await _client(team)
+    client = await team.connect()
     waiting = await send_until_settled(client, "Please refund order 1003", customer="cus_1001", timeout_s=60)
     assert isinstance(waiting, ConversationWaiting)
     denied = await asyncio.to_thread(team.corral, "deny", waiting.approval_id, "--reason", "too large")
 
     async def _ended() -> asyncpg.Record | None:
-        rows = await _fetch(team, "SELECT status, reply FROM conversations WHERE id=$1", waiting.conversation)
+        rows = await team.sql("SELECT status, reply FROM conversations WHERE id=$1", waiting.conversation)
         return rows[0] if rows[0]["status"] == "replied" else None
 
     assert denied.returncode == 0, denied.stderr
     row = await eventually(_ended, message="the denied conversation completed")
     assert "could not refund" in row["reply"]
-    assert await _fetch(team, "SELECT 1 FROM shop.refunds WHERE order_id='1003'") == []
+    assert await team.sql("SELECT 1 FROM shop.refunds WHERE order_id='1003'") == []
     await client.close()
 
 
 async def test_dry_run_simulates_and_changes_nothing(team: Stack) -> None:
-    before = await _fetch(team, "SELECT count(*) AS n FROM shop.refunds")
+    before = await team.sql("SELECT count(*) AS n FROM shop.refunds")
     result = await asyncio.to_thread(
         team.corral,
         "send",
@@ -171,7 +151,7 @@ async def test_dry_run_simulates_and_changes_nothing(team: Stack) -> None:
     )
     out = " ".join(result.stdout.split())
     assert "payments refund -> simulated" in out, out
-    assert await _fetch(team, "SELECT count(*) AS n FROM shop.refunds") == before
+    assert await team.sql("SELECT count(*) AS n FROM shop.refunds") == before
     pending = await asyncio.to_thread(team.corral, "approvals", "--json")
     assert "cus_1002" not in pending.stdout
 
@@ -197,7 +177,7 @@ async def hostile(postgres_admin_dsn: str, tmp_path_factory: pytest.TempPathFact
 
 
 async def test_a_hostile_model_reaches_nothing(hostile: Stack) -> None:
-    client = await _client(hostile)
+    client = await hostile.connect()
     seen = Seen()
     ended = await send_and_wait(client, "hello", customer="cus_1001", timeout_s=60, on_update=seen)
     await client.close()
@@ -212,9 +192,8 @@ async def test_a_hostile_model_reaches_nothing(hostile: Stack) -> None:
     assert "P-49" in seen.tools[0].policy_ids and "P-49" in seen.tools[2].policy_ids
     assert "ignore your rules" in str(seen.tools[1].result)  # data, shown as data
     assert ended.status == "replied"
-    assert await _fetch(hostile, "SELECT * FROM shop.refunds") == []
-    audited = await _fetch(
-        hostile,
+    assert await hostile.sql("SELECT * FROM shop.refunds") == []
+    audited = await hostile.sql(
         "SELECT agent, action, decision FROM audit_log WHERE conversation=$1 ORDER BY id",
         ended.conversation,
     )
@@ -247,7 +226,7 @@ async def test_the_gateway_can_run_as_its_own_process(separate: Stack) -> None:
     assert gateway["pid"] and gateway["pid"] != separate.child("supervisor")["pid"]
     environ = open(f"/proc/{gateway['pid']}/environ", "rb").read().split(b"\0")
     assert any(item.startswith(b"CORRAL_CREDS=") and item.endswith(b"gateway.nk") for item in environ)
-    client = await _client(separate)
+    client = await separate.connect()
     seen = Seen()
     ended = await send_and_wait(
         client, "I was charged twice, please refund", customer="cus_1001", timeout_s=60, on_update=seen
@@ -255,4 +234,4 @@ async def test_the_gateway_can_run_as_its_own_process(separate: Stack) -> None:
     await client.close()
     assert ended.status == "replied"
     assert [(t.tool, t.status, t.policy_ids) for t in seen.tools] == [("refund", "ok", ["P-45"])]
-    assert [tuple(r) for r in await _fetch(separate, "SELECT order_id FROM shop.refunds")] == [("1001",)]
+    assert [tuple(r) for r in await separate.sql("SELECT order_id FROM shop.refunds")] == [("1001",)]

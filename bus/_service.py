@@ -1,0 +1,55 @@
+"""A service on core NATS subjects: each message handled in its own task, all of them
+finished (or given a grace period) on shutdown. The tool gateway, the journal and the
+advisory watcher are such services."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from abc import ABC, abstractmethod
+
+from nats.aio.client import Client
+from nats.aio.msg import Msg
+
+
+class MessageService(ABC):
+    """Serve ``subject`` (in ``queue``, if given, so replicas share the work).
+
+    Args:
+        nc: The NATS connection.
+        subject: What to subscribe to.
+        queue: A queue group, or "" for every instance to see every message.
+        grace_s: How long in-flight messages may take on shutdown.
+    """
+
+    def __init__(self, nc: Client, subject: str, queue: str = "", grace_s: float = 10.0) -> None:
+        self._nc = nc
+        self._subject = subject
+        self._queue = queue
+        self._grace_s = grace_s
+        self._stopping = asyncio.Event()
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    async def run(self) -> None:
+        """Serve until ``shutdown()``; in-flight messages get the grace period."""
+        sub = await self._nc.subscribe(self._subject, queue=self._queue, cb=self._dispatch)
+        try:
+            await self._stopping.wait()
+        finally:
+            with contextlib.suppress(Exception):
+                await sub.unsubscribe()
+            if self._tasks:
+                await asyncio.wait(self._tasks, timeout=self._grace_s)
+
+    async def shutdown(self) -> None:
+        """Stop serving; idempotent."""
+        self._stopping.set()
+
+    async def _dispatch(self, msg: Msg) -> None:
+        task = asyncio.create_task(self.on_message(msg))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    @abstractmethod
+    async def on_message(self, msg: Msg) -> None:
+        """Handle one message (failures are the handler's to report)."""
