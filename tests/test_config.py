@@ -102,3 +102,16 @@ def test_cli_rejects_bad_config_before_starting(tmp_path: Path) -> None:
     assert f"{_line_of(text, 'entry: nobody')}: graph.entry: 'nobody' is not an agent" in (
         result.stderr.replace("\n", "")
     )
+
+
+def test_up_rejects_bad_replicas_before_starting_anything(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "supervisor", "up", "--replicas", "payments=0", "-c", str(SAMPLE_CONFIG)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=tmp_path,
+    )
+    assert result.returncode == 2
+    assert "--replicas 'payments=0': expected AGENT=N with N >= 1" in " ".join(result.stderr.split())
+    assert not (tmp_path / ".corral").exists()
