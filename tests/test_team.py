@@ -17,7 +17,7 @@ import yaml
 from bus import DEAD_REASON, Bus, BusConfig, connect, encode, subjects
 from bus._messages import AgentReply
 from supervisor import EmbeddedNats, send_and_wait
-from supervisor._cli import _check_expectation
+from supervisor._cli_stack import _check_expectation
 from tests.conftest import SAMPLE_CONFIG, eventually
 from tests.stack import Stack, running_stack
 

@@ -1,0 +1,308 @@
+"""Operator commands: kill switches, credentials, audit, approvals, rollback."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from bus import (
+    KillTarget,
+    clear_kill,
+    set_kill,
+    subjects,
+)
+from supervisor._cli import (
+    EXIT_CONFIG,
+    ConfigOption,
+    _connect,
+    _database_url,
+    _load,
+    _nats_url,
+    _run,
+    app,
+    console,
+    err_console,
+    kill_app,
+    revive_app,
+)
+from supervisor._config import LoadedConfig
+from supervisor._credentials import ADMIN
+from supervisor._runtime import (
+    creds_dir,
+)
+
+# --- kill switches and credentials ----------------------------------------------------
+
+
+def _switch(loaded: LoadedConfig, target: KillTarget, name: str, reason: str | None) -> None:
+    async def _main() -> int:
+        bus = await _connect(loaded, _nats_url(loaded), ADMIN, forever=False)
+        try:
+            by = os.environ.get("USER", "")
+            if reason is None:
+                changed = await clear_kill(bus.js, target, name)
+                console.print(f"{target} {name} revived" if changed else f"{target} {name} was not killed")
+            else:
+                await set_kill(bus.js, target, name, reason, by=by)
+                console.print(f"{target} {name} killed: {reason}")
+        finally:
+            await bus.close()
+        return 0
+
+    _run(_main())
+
+
+@kill_app.command("agent")
+def kill_agent(
+    name: Annotated[str, typer.Argument(help="The agent to kill")],
+    config: ConfigOption = None,
+    reason: Annotated[str, typer.Option(help="Why; shown to everyone it affects")] = "killed by an operator",
+) -> None:
+    """Stop forwarding to NAME, refuse what it sends, revoke its identity, escalate its
+    waiting conversations to a human."""
+    loaded = _load(config)
+    if name not in loaded.config.agents:
+        err_console.print(f"unknown agent {name!r}; defined: {', '.join(loaded.agent_names)}")
+        raise typer.Exit(EXIT_CONFIG)
+    _switch(loaded, "agent", name, reason)
+
+
+@kill_app.command("conversation")
+def kill_conversation(
+    conversation: Annotated[str, typer.Argument(help="The conversation id")],
+    config: ConfigOption = None,
+    reason: Annotated[str, typer.Option(help="Why")] = "killed by an operator",
+) -> None:
+    """End a conversation now: no further step of it runs anywhere."""
+    _switch(_load(config), "conversation", conversation, reason)
+
+
+@revive_app.command("agent")
+def revive_agent(
+    name: Annotated[str, typer.Argument(help="The agent to revive")], config: ConfigOption = None
+) -> None:
+    """Restore a killed agent: its identity is accepted again and work flows to it."""
+    _switch(_load(config), "agent", name, None)
+
+
+@app.command()
+def creds(
+    config: ConfigOption = None,
+    out: Annotated[str | None, typer.Option(help="Directory (default: <state_dir>/creds)")] = None,
+) -> None:
+    """Write one nkey identity per agent, supervisor, client and admin, and the nats-server
+    authorization block that grants each exactly its permissions (for an external NATS)."""
+    from supervisor._credentials import authorization_block, identities
+
+    loaded = _load(config)
+    directory = Path(out) if out else creds_dir(loaded)
+    ids = identities(loaded, directory)
+    block = directory / "nats-authorization.conf"
+    block.write_text(authorization_block(ids))
+    console.print(f"wrote {len(ids)} identities (mode 0600) and {block}", highlight=False)
+    for identity in ids:
+        console.print(f"  {identity.name:<24} {identity.seed_file}", highlight=False)
+    console.print(
+        "Add `include nats-authorization.conf` to the server's config and reload it; give each "
+        "process only its own seed (CORRAL_CREDS=path)."
+    )
+
+
+# --- audit ----------------------------------------------------------------------------
+
+audit_app = typer.Typer(no_args_is_help=True, help="Inspect the audit log.")
+app.add_typer(audit_app, name="audit")
+
+
+@audit_app.command("verify")
+def audit_verify(config: ConfigOption = None) -> None:
+    """Recompute every audit record's hash and its link to the record before it.
+
+    Exit codes: 0 the chain is intact (the record count is printed), 1 a record is broken (its
+    id and the reason go to stderr).
+    """
+    loaded = _load(config)
+
+    async def _main() -> int:
+        import asyncpg
+
+        from supervisor._audit import verify_audit
+        from supervisor._store import Store
+        from supervisor.errors import StoreError
+
+        url = _database_url(loaded)
+        # Opening the store applies pending migrations, so a fresh database verifies as empty.
+        await (await Store.open(url, min_size=1, max_size=1)).close()
+        try:
+            conn = await asyncpg.connect(url)
+        except (OSError, asyncpg.PostgresError) as exc:
+            raise StoreError(f"cannot connect to PostgreSQL: {exc}") from exc
+        try:
+            result = await verify_audit(conn)
+        finally:
+            await conn.close()
+        if result.first_broken is not None:
+            err_console.print(
+                f"audit log broken at record {result.first_broken}: {result.problem}",
+                highlight=False,
+                soft_wrap=True,
+            )
+            return 1
+        console.print(f"audit log intact: {result.count} records", highlight=False)
+        if result.head is not None:
+            console.print(f"head: {result.head}", highlight=False, soft_wrap=True)
+        return 0
+
+    _run(_main())
+
+
+# --- approvals and compensation -------------------------------------------------------
+
+
+async def _operator_pool(loaded: LoadedConfig) -> Any:
+    import asyncpg
+
+    return await asyncpg.create_pool(_database_url(loaded), min_size=1, max_size=2)
+
+
+@app.command()
+def approvals(
+    config: ConfigOption = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable")] = False,
+) -> None:
+    """List the approval requests waiting for a decision."""
+    loaded = _load(config)
+
+    async def _main() -> int:
+        from rich.table import Table
+
+        from supervisor._approvals import pending_approvals
+
+        pool = await _operator_pool(loaded)
+        try:
+            pending = await pending_approvals(pool)
+        finally:
+            await pool.close()
+        if as_json:
+            console.print_json(json.dumps([a.__dict__ for a in pending]))
+            return 0
+        table = Table(
+            "id",
+            "conversation",
+            "agent",
+            "tool",
+            "arguments",
+            "approver",
+            "policies",
+            title="pending approvals",
+        )
+        for a in pending:
+            table.add_row(
+                a.id,
+                a.conversation,
+                a.agent,
+                a.tool,
+                json.dumps(a.arguments),
+                a.approver,
+                ", ".join(a.policy_ids),
+            )
+        console.print(table)
+        return 0
+
+    _run(_main())
+
+
+async def _decide(loaded: LoadedConfig, approval_id: str, approve: bool, by: str, reason: str) -> Any:
+    """Record the decision, then tell the supervisor (it re-reads it from the database)."""
+    from bus import ApprovalDecided, publish
+    from supervisor._approvals import decide_approval
+
+    pool = await _operator_pool(loaded)
+    try:
+        record = await decide_approval(pool, approval_id, approve=approve, by=by, reason=reason)
+    finally:
+        await pool.close()
+    bus = await _connect(loaded, _nats_url(loaded), ADMIN, forever=False)
+    try:
+        await publish(
+            bus.js,
+            subjects.approval_decisions(),
+            ApprovalDecided(approval_id=approval_id),
+            msg_id=f"approval.{approval_id}",
+        )
+    finally:
+        await bus.close()
+    return record
+
+
+def _decide_approval(loaded: LoadedConfig, approval_id: str, approve: bool, by: str, reason: str) -> None:
+    async def _main() -> int:
+        from supervisor._approvals import ApprovalError
+
+        try:
+            record = await _decide(loaded, approval_id, approve, by, reason)
+        except ApprovalError as exc:
+            err_console.print(str(exc))
+            return 1
+        verb = "approved" if approve else "denied"
+        console.print(
+            f"{approval_id} {verb} by {by}: {record.agent} {record.tool} "
+            f"{json.dumps(record.arguments)} in {record.conversation}",
+            highlight=False,
+        )
+        return 0
+
+    _run(_main())
+
+
+@app.command()
+def approve(
+    approval_id: Annotated[str, typer.Argument(help="The approval's id")],
+    config: ConfigOption = None,
+    by: Annotated[str | None, typer.Option(help="Who approves (a person, or a role)")] = None,
+) -> None:
+    """Grant one pending approval; the waiting conversation resumes and the call goes through."""
+    _decide_approval(_load(config), approval_id, True, by or os.environ.get("USER", "operator"), "")
+
+
+@app.command()
+def deny(
+    approval_id: Annotated[str, typer.Argument(help="The approval's id")],
+    reason: Annotated[str, typer.Option(help="Why; the agent and the client see it")],
+    config: ConfigOption = None,
+    by: Annotated[str | None, typer.Option(help="Who denies")] = None,
+) -> None:
+    """Deny one pending approval; the waiting conversation resumes with the denial."""
+    _decide_approval(_load(config), approval_id, False, by or os.environ.get("USER", "operator"), reason)
+
+
+@app.command()
+def rollback(
+    conversation: Annotated[str, typer.Argument(help="The conversation to compensate")],
+    config: ConfigOption = None,
+) -> None:
+    """Run the undo of every tool call the conversation applied, newest first."""
+    loaded = _load(config)
+
+    async def _main() -> int:
+        from supervisor._config import load_tools
+        from supervisor._gateway import rollback as run_rollback
+
+        pool = await _operator_pool(loaded)
+        try:
+            report = await run_rollback(
+                pool, load_tools(loaded.config), conversation, os.environ.get("USER", "operator")
+            )
+        finally:
+            await pool.close()
+        if not report:
+            console.print(f"nothing to roll back in {conversation}")
+        for entry in report:
+            console.print(f"  {entry['tool']} -> {entry['undo'] or '-'}: {entry['outcome']}", highlight=False)
+        return 0
+
+    _run(_main())

@@ -1,0 +1,199 @@
+"""`corral supervisor run`, `corral gateway run`, `corral agent run`: the services."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Annotated, Any
+
+import typer
+
+from bus import (
+    Bus,
+    subjects,
+)
+from supervisor._cli import (
+    EXIT_CONFIG,
+    ConfigOption,
+    _connect,
+    _database_url,
+    _load,
+    _nats_url,
+    _run,
+    _serve,
+    _Service,
+    _setup_logging,
+    agent_app,
+    err_console,
+    gateway_app,
+    supervisor_app,
+)
+from supervisor._config import LoadedConfig
+from supervisor._credentials import GATEWAY, SUPERVISOR, agent_identity
+from supervisor._runtime import (
+    topology,
+)
+
+# --- services -------------------------------------------------------------------------
+
+
+@supervisor_app.command("run")
+def supervisor_run(config: ConfigOption = None) -> None:
+    """Run the supervisor: enforce the handoff graph and record conversations."""
+    loaded = _load(config)
+    _setup_logging()
+
+    async def _main() -> int:
+        from bus import MaxDeliveriesWatcher, ensure_topology
+        from supervisor._budgets import Budgets
+        from supervisor._decide import Graph
+        from supervisor._journal import JournalService
+        from supervisor._store import Store
+        from supervisor._supervisor import Supervisor
+
+        bus = await _connect(loaded, _nats_url(loaded), SUPERVISOR)
+        store = await Store.open(_database_url(loaded))
+        try:
+            await ensure_topology(bus.js, loaded.agent_names, topology(loaded))
+            graph = Graph(
+                entry=loaded.config.graph.entry,
+                edges={k: list(v) for k, v in loaded.config.graph.edges.items()},
+                min_confidence=loaded.config.graph.min_confidence,
+                max_steps=loaded.config.conversation.max_steps,
+                max_pingpong=loaded.config.conversation.max_pingpong,
+            )
+            supervisor = Supervisor(
+                bus,
+                store,
+                graph,
+                budgets=Budgets.from_config(loaded),
+                max_deliver=loaded.config.nats.max_deliver,
+            )
+            services: list[_Service] = [
+                supervisor,
+                JournalService(bus.nc, store.pool, Budgets.from_config(loaded)),
+                MaxDeliveriesWatcher(bus.nc, bus.js, subjects.WORK_STREAM, supervisor.dead_step),
+            ]
+            if loaded.config.tools is not None and not loaded.config.tools.separate_gateway:
+                services.append(await _gateway(loaded, bus, store))
+            await _serve(_Together(services))
+        finally:
+            await bus.close()
+            await store.close()
+        return 0
+
+    _run(_main())
+
+
+async def _gateway(loaded: LoadedConfig, bus: Bus, store: Any) -> _Service:
+    """The tool gateway of ``loaded``'s tools, with its backend prepared."""
+    import importlib
+    from datetime import timedelta
+
+    from supervisor._budgets import Budgets
+    from supervisor._config import load_tools
+    from supervisor._gateway import GatewayConfig, ToolGateway
+    from supervisor._policy import PolicyEngine
+
+    tools_section = loaded.config.tools
+    assert tools_section is not None and loaded.policies_dir is not None
+    module = importlib.import_module(tools_section.module)
+    setup = getattr(module, "setup", None)
+    if setup is not None:
+        async with store.pool.acquire() as conn:
+            await setup(conn)
+    return ToolGateway(
+        bus.nc,
+        store.pool,
+        load_tools(loaded.config).values(),
+        PolicyEngine.load(loaded.policies_dir),
+        GatewayConfig(
+            budgets=Budgets.from_config(loaded),
+            approval_ttl=timedelta(seconds=tools_section.approval_ttl_s),
+            max_pending_approvals=tools_section.max_pending_approvals,
+        ),
+    )
+
+
+class _Together:
+    """Several services as one: run all, stop all when one stops."""
+
+    def __init__(self, services: list[_Service]) -> None:
+        self._services = services
+
+    async def run(self) -> None:
+        tasks = [asyncio.create_task(s.run()) for s in self._services]
+        try:
+            done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+            for task in done:
+                task.result()
+        finally:
+            await self.shutdown()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def shutdown(self) -> None:
+        for service in self._services:
+            await service.shutdown()
+
+
+@gateway_app.command("run")
+def gateway_run(config: ConfigOption = None) -> None:
+    """Run the tool gateway alone (several may run: they share the work)."""
+    loaded = _load(config)
+    if loaded.config.tools is None:
+        err_console.print(f"{loaded.path} configures no tools")
+        raise typer.Exit(EXIT_CONFIG)
+    _setup_logging()
+
+    async def _main() -> int:
+        from supervisor._store import Store
+
+        bus = await _connect(loaded, _nats_url(loaded), GATEWAY)
+        store = await Store.open(_database_url(loaded))
+        try:
+            await _serve(await _gateway(loaded, bus, store))
+        finally:
+            await bus.close()
+            await store.close()
+        return 0
+
+    _run(_main())
+
+
+@agent_app.command("run")
+def agent_run(
+    name: Annotated[str, typer.Argument(help="The agent to run")], config: ConfigOption = None
+) -> None:
+    """Run one agent: consume its inbox, call its model, propose handoffs or reply."""
+    loaded = _load(config)
+    if name not in loaded.config.agents:
+        err_console.print(f"unknown agent {name!r}; {loaded.path} defines: {', '.join(loaded.agent_names)}")
+        raise typer.Exit(EXIT_CONFIG)
+    _setup_logging()
+
+    async def _main() -> int:
+        from agents import AgentService, AgentSettings
+        from router import model_for_tier
+        from supervisor._config import load_tools
+
+        model = model_for_tier(loaded.tier(name), loaded.scripted_rules)
+        bus = await _connect(loaded, _nats_url(loaded), agent_identity(name))
+        try:
+            tools = load_tools(loaded.config)
+            offered = [
+                {"name": t, "description": tools[t].description, "schema": tools[t].schema()}
+                for t in loaded.config.agents[name].tools
+            ]
+            settings = AgentSettings(
+                tools=offered,
+                name=name,
+                instructions=loaded.instructions[name],
+                handoff_targets=loaded.targets(name),
+                heartbeat_s=loaded.config.nats.ack_wait_s / 3,
+                max_deliver=loaded.config.nats.max_deliver,
+            )
+            await _serve(AgentService(settings, bus, model))
+        finally:
+            await bus.close()
+        return 0
+
+    _run(_main())
