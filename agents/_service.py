@@ -9,7 +9,7 @@ import json
 import logging
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypedDict
 
 import msgspec
 
@@ -38,6 +38,7 @@ from bus import (
     JournalEntry,
     JournalQuery,
     JournalReply,
+    Message,
     StepEvent,
     ToolCall,
     ToolResult,
@@ -164,62 +165,32 @@ class AgentService:
                 raise
             await self._publish_failure(task, str(exc))
             return
+        common = _StepFields(conversation=task.conversation, step=task.step, resume=task.resume, agent=name)
+        output: Message
         match decision:
             case HandoffDecision(target=target, confidence=confidence, reason=reason):
                 # The broker lets this agent publish handoffs only toward the targets the
                 # graph allows; a model that asks for another target is reported on the
                 # error subject, where the supervisor refuses it and tells the client.
                 allowed = target in self._settings.handoff_targets
-                await publish(
-                    self._bus.js,
-                    subjects.agent_handoff(name, target) if allowed else subjects.agent_error(name),
-                    HandoffProposed(
-                        conversation=task.conversation,
-                        step=task.step,
-                        resume=task.resume,
-                        agent=name,
-                        target=target,
-                        confidence=confidence,
-                        reason=reason,
-                    ),
-                    msg_id=_output_id(task),
-                )
+                subject = subjects.agent_handoff(name, target) if allowed else subjects.agent_error(name)
+                output = HandoffProposed(**common, target=target, confidence=confidence, reason=reason)
                 detail = f"handoff -> {target} ({confidence:.2f})"
             case ToolDecision():  # _decide() never returns one
                 raise AgentError("unreachable: a tool decision ends no step", agent=name)
             case _Waiting(result=result):
                 # The step cannot go on without a human: the conversation waits durably in
                 # the supervisor, which re-dispatches this step once the approval is decided.
-                await publish(
-                    self._bus.js,
-                    subjects.agent_waiting(name),
-                    AgentWaiting(
-                        conversation=task.conversation,
-                        step=task.step,
-                        resume=task.resume,
-                        agent=name,
-                        approval_id=result.approval_id or "",
-                        tool=result.tool,
-                        reason=result.reason,
-                    ),
-                    msg_id=_output_id(task),
+                subject = subjects.agent_waiting(name)
+                output = AgentWaiting(
+                    **common, approval_id=result.approval_id or "", tool=result.tool, reason=result.reason
                 )
                 detail = f"waiting for approval {result.approval_id} of {result.tool}"
             case ReplyDecision(text=text, confidence=confidence):
-                await publish(
-                    self._bus.js,
-                    subjects.agent_reply(name),
-                    AgentReply(
-                        conversation=task.conversation,
-                        step=task.step,
-                        resume=task.resume,
-                        agent=name,
-                        text=text,
-                        confidence=confidence,
-                    ),
-                    msg_id=_output_id(task),
-                )
+                subject = subjects.agent_reply(name)
+                output = AgentReply(**common, text=text, confidence=confidence)
                 detail = f"reply ({confidence:.2f})"
+        await publish(self._bus.js, subject, output, msg_id=_output_id(task))
         await self._emit_event(task, detail, completion.model)
         logger.info("agent %s step %s/%d: %s", name, task.conversation, task.step, detail)
 
@@ -395,6 +366,15 @@ async def _heartbeat(delivery: Delivery, every_s: float) -> AsyncIterator[None]:
     finally:
         beating.cancel()
         await asyncio.gather(beating, return_exceptions=True)
+
+
+class _StepFields(TypedDict):
+    """What every output of a step repeats from its task."""
+
+    conversation: str
+    step: int
+    resume: int
+    agent: str
 
 
 @dataclass(frozen=True)
