@@ -56,12 +56,12 @@ def _make_handler(litellm: ModuleType, models: dict[str, ScriptedModel]) -> Any:
                 raise ScriptError(f"no scripted rules named {rules_name!r}", model=model_name)
             params = kwargs.get("litellm_params") or {}
             metadata = params.get("metadata") or {}
-            rule = await scripted.respond(
+            answer = await scripted.respond(
                 str(metadata.get("corral_agent", "")),
                 kwargs["messages"],
                 str(metadata.get("corral_conversation", "")),
             )
-            return self._response(kwargs, rules_name, scripted.text(rule), rule.cost_usd)
+            return self._response(kwargs, rules_name, answer.text, answer.rule.cost_usd)
 
         def _response(
             self, kwargs: dict[str, Any], rules_name: str, text: str, cost_usd: float
@@ -195,8 +195,12 @@ def _caused_by(exc: BaseException | None, kind: type[BaseException]) -> bool:
     return False
 
 
-def model_for_tier(tier: ModelTier, scripted_rules: dict[str, Path]) -> LiteLLMModel:
-    """The litellm-backed model of a tier, registering the scripted provider if it needs it."""
+def model_for_tier(tier: ModelTier, scripted_rules: dict[str, Path]) -> LiteLLMModel | ScriptedModel:
+    """The model of a tier: litellm-backed (registering the scripted provider if the tier
+    needs it), or for ``via: direct`` the scripted model itself, without litellm."""
+    if tier.via == "direct":
+        name = tier.model.split("/", 1)[1]
+        return ScriptedModel(load_rules(scripted_rules[name]), name=tier.model)
     if any(m.startswith(f"{SCRIPTED_PROVIDER}/") for m in [tier.model, *tier.fallbacks]):
         register_scripted(scripted_rules)
     return LiteLLMModel(tier)

@@ -57,6 +57,8 @@ class ModelTier:
     max_tokens: int | None = None
     timeout_s: float = 60.0
     retries: int = 2
+    via: Literal["litellm", "direct"] = "litellm"
+    """``direct``: a scripted model answers without litellm."""
 
 
 class Model(Protocol):

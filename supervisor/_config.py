@@ -63,6 +63,9 @@ class ModelTierSection(_Strict):
     max_tokens: int | None = None
     timeout_s: float = Field(default=60.0, gt=0)
     retries: int = Field(default=2, ge=0)
+    via: Literal["litellm", "direct"] = "litellm"
+    """``litellm`` (every model) or ``direct``: a ``scripted/<rules>`` model answers at
+    corral's own model interface, without litellm (the benchmark measures both)."""
 
 
 class AgentSection(_Strict):
@@ -176,6 +179,7 @@ class LoadedConfig:
             max_tokens=section.max_tokens,
             timeout_s=section.timeout_s,
             retries=section.retries,
+            via=section.via,
         )
 
     def targets(self, agent: str) -> list[str]:
@@ -286,6 +290,10 @@ def _check_references(config: CorralConfig) -> list[tuple[tuple[Any, ...], str]]
                     )
                 )
     for tier_name, tier in config.models.items():
+        if tier.via == "direct" and (not tier.model.startswith(f"{SCRIPTED_PROVIDER}/") or tier.fallbacks):
+            problems.append(
+                (("models", tier_name, "via"), "`direct` takes one scripted/<rules> model and no fallbacks")
+            )
         for index, model in enumerate([tier.model, *tier.fallbacks]):
             if model.startswith(f"{SCRIPTED_PROVIDER}/"):
                 rules = model.split("/", 1)[1]

@@ -1,0 +1,88 @@
+"""The CS-4 method, for any system: warm up, then a sequential and a concurrent phase.
+
+A system under test is a coroutine function ``converse(n)`` that runs conversation ``n``
+end to end (submit, wait for the verified final reply) and raises if it did not end as
+expected; and a ``ProcessGroup`` of every process serving it. The load generator (this
+process) is not counted: it is the same code for corral and for the floor.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+from bench._measure import PhaseFigures, ProcessGroup, cpu_spent, summarize
+
+Converse = Callable[[int], Awaitable[None]]
+
+
+@dataclass(frozen=True, kw_only=True)
+class Sizes:
+    """How many conversations each phase runs (CS-4's defaults)."""
+
+    warmup: int = 50
+    warmup_in_flight: int = 10
+    sequential: int = 300
+    concurrent: int = 2000
+    concurrent_in_flight: int = 200
+
+    @property
+    def total(self) -> int:
+        return self.warmup + self.sequential + self.concurrent
+
+
+@dataclass(frozen=True, kw_only=True)
+class RunFigures:
+    """One run of one system."""
+
+    sequential: PhaseFigures
+    concurrent: PhaseFigures
+
+
+async def _bounded(converse: Converse, numbers: range, in_flight: int) -> list[float]:
+    """Run ``numbers`` with at most ``in_flight`` at once; each one's latency in seconds."""
+    latencies: list[float] = []
+    queue = iter(numbers)
+
+    async def worker() -> None:
+        for n in queue:
+            started = time.perf_counter()
+            await converse(n)
+            latencies.append(time.perf_counter() - started)
+
+    await asyncio.gather(*(worker() for _ in range(min(in_flight, len(numbers)))))
+    return latencies
+
+
+async def run_phases(converse: Converse, group: ProcessGroup, sizes: Sizes, first: int = 0) -> RunFigures:
+    """Warm-up, sequential, concurrent; conversations are numbered from ``first``."""
+    n = first
+    await _bounded(converse, range(n, n + sizes.warmup), sizes.warmup_in_flight)
+    n += sizes.warmup
+
+    before, started = group.cpu(), time.perf_counter()
+    latencies = await _bounded(converse, range(n, n + sizes.sequential), 1)
+    seconds = time.perf_counter() - started
+    sequential = summarize(latencies, seconds, cpu_spent(before, group.cpu()), group.pss_mb())
+    n += sizes.sequential
+
+    pss: list[float] = []
+
+    async def sample_memory() -> None:
+        while True:
+            await asyncio.sleep(0.5)
+            pss.append(await asyncio.to_thread(group.pss_mb))
+
+    sampler = asyncio.create_task(sample_memory())
+    before, started = group.cpu(), time.perf_counter()
+    try:
+        latencies = await _bounded(converse, range(n, n + sizes.concurrent), sizes.concurrent_in_flight)
+    finally:
+        sampler.cancel()
+    seconds = time.perf_counter() - started
+    concurrent = summarize(
+        latencies, seconds, cpu_spent(before, group.cpu()), max(pss) if pss else group.pss_mb()
+    )
+    return RunFigures(sequential=sequential, concurrent=concurrent)
