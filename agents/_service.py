@@ -21,7 +21,7 @@ from agents._decision import (
     parse_decision,
     response_format,
 )
-from agents.errors import AgentError
+from agents.errors import AgentError, DecisionError
 from bus import (
     TRACEPARENT,
     AgentFailed,
@@ -159,12 +159,17 @@ class AgentService:
             return
         try:
             async with _heartbeat(delivery, self._settings.heartbeat_s):
-                completion, decision = await self._decide(task, delivery.attempt)
+                step = await self._decide(task, delivery.attempt)
         except (RouterError, AgentError) as exc:
             if exc.retryable and delivery.attempt < self._settings.max_deliver:
                 raise
-            await self._publish_failure(task, str(exc))
+            await self._publish_failure(
+                task, str(exc), exc.response if isinstance(exc, DecisionError) else None
+            )
             return
+        if step is None:
+            return  # the step was over already (a late redelivery): nothing to tell
+        completion, decision, response = step
         common = _StepFields(conversation=task.conversation, step=task.step, resume=task.resume, agent=name)
         output: Message
         match decision:
@@ -174,7 +179,9 @@ class AgentService:
                 # error subject, where the supervisor refuses it and tells the client.
                 allowed = target in self._settings.handoff_targets
                 subject = subjects.agent_handoff(name, target) if allowed else subjects.agent_error(name)
-                output = HandoffProposed(**common, target=target, confidence=confidence, reason=reason)
+                output = HandoffProposed(
+                    **common, target=target, confidence=confidence, reason=reason, response=response
+                )
                 detail = f"handoff -> {target} ({confidence:.2f})"
             case ToolDecision():  # _decide() never returns one
                 raise AgentError("unreachable: a tool decision ends no step", agent=name)
@@ -188,19 +195,25 @@ class AgentService:
                 detail = f"waiting for approval {result.approval_id} of {result.tool}"
             case ReplyDecision(text=text, confidence=confidence):
                 subject = subjects.agent_reply(name)
-                output = AgentReply(**common, text=text, confidence=confidence)
+                output = AgentReply(**common, text=text, confidence=confidence, response=response)
                 detail = f"reply ({confidence:.2f})"
         await publish(self._bus.js, subject, output, msg_id=_output_id(task))
         await self._emit_event(task, detail, completion.model)
         logger.info("agent %s step %s/%d: %s", name, task.conversation, task.step, detail)
 
-    async def _decide(self, task: AgentTask, attempt: int) -> tuple[Completion, Decision | _Waiting]:
+    async def _decide(
+        self, task: AgentTask, attempt: int
+    ) -> tuple[Completion, Decision | _Waiting, JournalEntry | None] | None:
         """Ask the model, running the tools it asks for through the gateway, until it hands
         off or replies, or a tool call needs an approval.
 
-        Every model response is journaled before it is used; a redelivered or resumed step
-        replays the journal instead of asking the model again, so a crash anywhere in the
-        step costs no second model call and (with the gateway's ledger) no second effect.
+        No model response is acted on before it is journaled: a response that calls a tool
+        travels with the call and the gateway journals it with the call's effect; the one
+        that ends the step is returned, to travel with the step's output, which the
+        supervisor journals with its decision. A redelivered or resumed step replays the
+        journal instead of asking the model again, so a crash anywhere in the step costs no
+        second call for a journaled response and (with the gateway's ledger) no second
+        effect. Returns None when the journal says the step is over already.
         """
         name = self._settings.name
         replay: dict[int, JournalEntry] = {}
@@ -208,48 +221,53 @@ class AgentService:
             answer = await self._journal(
                 JournalQuery(conversation=task.conversation, step=task.step, agent=name)
             )
+            if answer.verdict == "stop":
+                logger.info("agent %s step %s/%d: %s", name, task.conversation, task.step, answer.reason)
+                return None
             replay = {entry.index: entry for entry in answer.entries}
         messages = [
             ChatMessage(role="system", content=self._system_prompt),
             ChatMessage(role="user", content=_user_prompt(task)),
         ]
         for index in range(self._settings.max_tool_calls + 1):
-            journaled = replay.get(index)
-            if journaled is not None:
-                completion = Completion(
-                    text=journaled.text,
-                    model=journaled.model,
-                    input_tokens=journaled.input_tokens,
-                    output_tokens=journaled.output_tokens,
-                    cost_usd=journaled.cost_usd,
-                )
-            else:
+            response = replay.get(index)
+            fresh = response is None
+            if response is None:
                 completion = await self._model.complete(
                     CompletionRequest(agent=name, conversation=task.conversation, messages=messages)
                 )
-                verdict = await self._journal(
-                    JournalEntry(
-                        conversation=task.conversation,
-                        step=task.step,
-                        index=index,
-                        agent=name,
-                        text=completion.text,
-                        model=completion.model,
-                        input_tokens=completion.input_tokens,
-                        output_tokens=completion.output_tokens,
-                        cost_usd=completion.cost_usd,
-                    )
+                response = JournalEntry(
+                    conversation=task.conversation,
+                    step=task.step,
+                    index=index,
+                    agent=name,
+                    text=completion.text,
+                    model=completion.model,
+                    input_tokens=completion.input_tokens,
+                    output_tokens=completion.output_tokens,
+                    cost_usd=completion.cost_usd,
                 )
-                if verdict.verdict == "stop":
-                    raise AgentError(f"stopped: {verdict.reason}", agent=name)
-            decision = parse_decision(completion.text, agent=name)
+            else:
+                completion = Completion(
+                    text=response.text,
+                    model=response.model,
+                    input_tokens=response.input_tokens,
+                    output_tokens=response.output_tokens,
+                    cost_usd=response.cost_usd,
+                )
+            unjournaled = response if fresh else None
+            try:
+                decision = parse_decision(completion.text, agent=name)
+            except DecisionError as exc:
+                exc.response = unjournaled
+                raise
             if not isinstance(decision, ToolDecision):
-                return completion, decision
+                return completion, decision, unjournaled
             if index == self._settings.max_tool_calls:
                 break
-            result = await self._call_tool(task, index, decision)
+            result = await self._call_tool(task, index, decision, unjournaled)
             if result.status == "approval_required":
-                return completion, _Waiting(result=result)
+                return completion, _Waiting(result=result), None
             if result.status == "stopped":
                 raise AgentError(f"stopped: {result.reason}", agent=name)
             messages += [
@@ -258,7 +276,7 @@ class AgentService:
             ]
         raise AgentError(f"more than {self._settings.max_tool_calls} tool calls in one step", agent=name)
 
-    async def _journal(self, request: JournalEntry | JournalQuery) -> JournalReply:
+    async def _journal(self, request: JournalQuery) -> JournalReply:
         try:
             reply = await self._bus.nc.request(
                 subjects.agent_journal(self._settings.name),
@@ -272,7 +290,9 @@ class AgentService:
             ) from exc
         return _journal_decoder.decode(reply.data)
 
-    async def _call_tool(self, task: AgentTask, index: int, decision: ToolDecision) -> ToolResult:
+    async def _call_tool(
+        self, task: AgentTask, index: int, decision: ToolDecision, response: JournalEntry | None
+    ) -> ToolResult:
         call = ToolCall(
             conversation=task.conversation,
             step=task.step,
@@ -280,6 +300,7 @@ class AgentService:
             agent=self._settings.name,
             tool=decision.tool,
             arguments=decision.arguments,
+            response=response,
         )
         try:
             trace = current_traceparent()
@@ -298,7 +319,9 @@ class AgentService:
             ) from exc
         return _tool_decoder.decode(reply.data)
 
-    async def _publish_failure(self, task: AgentTask, reason: str) -> None:
+    async def _publish_failure(
+        self, task: AgentTask, reason: str, response: JournalEntry | None = None
+    ) -> None:
         logger.warning(
             "agent %s cannot complete %s/%d: %s",
             self._settings.name,
@@ -315,6 +338,7 @@ class AgentService:
                 resume=task.resume,
                 agent=self._settings.name,
                 reason=reason,
+                response=response,
             ),
             msg_id=_output_id(task),
         )

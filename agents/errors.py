@@ -9,7 +9,12 @@ The tree::
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from bus.errors import CorralError
+
+if TYPE_CHECKING:
+    from bus import JournalEntry
 
 
 class AgentError(CorralError):
@@ -28,4 +33,10 @@ class AgentError(CorralError):
 
 
 class DecisionError(AgentError):
-    """The model's answer is not a handoff or reply corral understands."""
+    """The model's answer is not a handoff or reply corral understands.
+
+    ``response`` is the answer as it is to be journaled (it was asked for, and paid for),
+    or None if it was journaled before.
+    """
+
+    response: JournalEntry | None = None

@@ -86,6 +86,8 @@ class ProcessGroup:
 def _label(root: str, process: psutil.Process) -> str:
     """Group PostgreSQL backends and corral's children under readable names."""
     with contextlib.suppress(psutil.Error):
+        if process.name() in {"nats-server", "postgres"}:
+            return process.name()
         cmdline = process.cmdline()
         if "supervisor" in cmdline and "agent" in cmdline:
             return f"agent {cmdline[cmdline.index('agent') + 2]}" if "run" in cmdline else root

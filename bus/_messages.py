@@ -58,6 +58,9 @@ class HandoffProposed(msgspec.Struct, frozen=True, kw_only=True, tag="handoff.pr
     target: str
     confidence: float
     reason: str = ""
+    response: JournalEntry | None = None
+    """The model response that ended the step, journaled by the supervisor in the same
+    transaction as its decision (None: it was journaled before, e.g. on a replay)."""
 
 
 class AgentReply(msgspec.Struct, frozen=True, kw_only=True, tag="agent.reply"):
@@ -70,6 +73,9 @@ class AgentReply(msgspec.Struct, frozen=True, kw_only=True, tag="agent.reply"):
     agent: str
     text: str
     confidence: float = 1.0
+    response: JournalEntry | None = None
+    """The model response that ended the step, journaled by the supervisor in the same
+    transaction as its decision (None: it was journaled before, e.g. on a replay)."""
 
 
 class AgentFailed(msgspec.Struct, frozen=True, kw_only=True, tag="agent.failed"):
@@ -81,6 +87,9 @@ class AgentFailed(msgspec.Struct, frozen=True, kw_only=True, tag="agent.failed")
     resume: int = 0
     agent: str
     reason: str
+    response: JournalEntry | None = None
+    """The model response that ended the step, journaled by the supervisor in the same
+    transaction as its decision (None: it was journaled before, e.g. on a replay)."""
 
 
 class AgentWaiting(msgspec.Struct, frozen=True, kw_only=True, tag="agent.waiting"):
@@ -206,6 +215,9 @@ class ToolCall(msgspec.Struct, frozen=True, kw_only=True, tag="tool.call"):
     """The identity the body claims; the gateway trusts only the subject token."""
     tool: str
     arguments: dict[str, Any] = {}
+    response: JournalEntry | None = None
+    """The model response that asked for this call, journaled by the gateway in the same
+    transaction as the call's decision and effect (None: journaled before)."""
 
 
 class ToolResult(msgspec.Struct, frozen=True, kw_only=True, tag="tool.result"):
@@ -226,8 +238,10 @@ class ToolResult(msgspec.Struct, frozen=True, kw_only=True, tag="tool.result"):
 
 
 class JournalEntry(msgspec.Struct, frozen=True, kw_only=True, tag="journal.entry"):
-    """One model response of a step, journaled before the agent acts on it
-    (``corral.from.<agent>.journal``, request/reply)."""
+    """One model response of a step. It travels with what it caused (the tool call, or the
+    step's output) and is written to the journal in the same transaction as that call's
+    effect or that output's decision: nothing a response causes happens before it is
+    journaled, and a journaled response is never asked for again."""
 
     v: int = 1
     conversation: str
@@ -260,7 +274,7 @@ class JournalReply(msgspec.Struct, frozen=True, kw_only=True, tag="journal.reply
     reason: str = ""
 
 
-JournalRequest = JournalEntry | JournalQuery
+JournalRequest = JournalQuery
 """Everything on ``corral.from.<agent>.journal``."""
 
 

@@ -60,7 +60,9 @@ def _streams(config: TopologyConfig) -> list[StreamConfig]:
         ),
         StreamConfig(
             name=subjects.EVENTS_STREAM,
-            subjects=[subjects.all_agent_events(), subjects.all_conversation_updates(), subjects.alerts()],
+            # Agents' step events are live only (traces, the UI): the supervisor records
+            # every step in PostgreSQL, so storing them too would cost a write each.
+            subjects=[subjects.all_conversation_updates(), subjects.alerts()],
             retention=RetentionPolicy.LIMITS,
             storage=StorageType.FILE,
             num_replicas=config.replicas,

@@ -1,8 +1,9 @@
 """Budgets and loop breakers, checked against the one spend ledger in PostgreSQL.
 
-Checked when the supervisor dispatches a step, when an agent journals a model response
-(the answer says whether the next call may happen), and by the gateway before a tool
-call. Exceeding one stops the conversation with the reason and escalates it.
+Checked when the supervisor dispatches a step, by the gateway before a tool call (after
+journaling the response that asked for it, with its spend), and when a resumed step reads
+its journal. Spend is written only with a journaled response (``supervisor._journal``).
+Exceeding one stops the conversation with the reason and escalates it.
 """
 
 from __future__ import annotations
@@ -25,6 +26,15 @@ class Budgets:
     daily_usd: Mapping[str, float | None] = field(default_factory=dict)
     max_same_tool_calls: int = 5
 
+    def limits(self, agent: str) -> bool:
+        """Whether any budget applies to ``agent``'s spending (else nothing needs reading)."""
+        return (
+            self.max_tokens is not None
+            or self.max_usd is not None
+            or self.max_seconds is not None
+            or self.daily_usd.get(agent) is not None
+        )
+
     @classmethod
     def from_config(cls, loaded: LoadedConfig) -> Budgets:
         """The budgets ``corral.yaml`` declares."""
@@ -40,6 +50,8 @@ class Budgets:
 
 async def exceeded(conn: asyncpg.Connection, budgets: Budgets, conversation: str, agent: str) -> str | None:
     """Why ``agent`` may not spend more on ``conversation`` now, or None if it may."""
+    if not budgets.limits(agent):
+        return None
     row = await conn.fetchrow(
         "SELECT extract(epoch FROM now() - c.created_at) AS age,"
         " coalesce(s.tokens, 0) AS tokens, coalesce(s.cost_usd, 0) AS usd,"
@@ -61,26 +73,6 @@ async def exceeded(conn: asyncpg.Connection, budgets: Budgets, conversation: str
     if daily is not None and row["agent_usd"] >= daily:
         return f"{agent}'s daily budget of ${daily:.2f} exceeded (${row['agent_usd']:.4f} today)"
     return None
-
-
-async def record_spend(
-    conn: asyncpg.Connection, conversation: str, agent: str, tokens: int, usd: float
-) -> None:
-    """Add one model call's spend to the conversation's and the agent's day."""
-    await conn.execute(
-        "INSERT INTO conversation_spend (conversation, model_calls, tokens, cost_usd) VALUES ($1, 1, $2, $3)"
-        " ON CONFLICT (conversation) DO UPDATE SET model_calls = conversation_spend.model_calls + 1,"
-        " tokens = conversation_spend.tokens + $2, cost_usd = conversation_spend.cost_usd + $3",
-        conversation,
-        tokens,
-        usd,
-    )
-    await conn.execute(
-        "INSERT INTO agent_spend (agent, day, cost_usd) VALUES ($1, current_date, $2)"
-        " ON CONFLICT (agent, day) DO UPDATE SET cost_usd = agent_spend.cost_usd + $2",
-        agent,
-        usd,
-    )
 
 
 async def repeated_call(

@@ -50,6 +50,7 @@ from bus import (
 )
 from supervisor._audit import AuditEntry, append_audit, digest_arguments
 from supervisor._budgets import Budgets, exceeded, repeated_call
+from supervisor._journal import journal_response
 from supervisor._policy import PolicyDecision, PolicyEngine, PolicyRequest
 
 logger = logging.getLogger(__name__)
@@ -185,10 +186,15 @@ class ToolGateway(MessageService):
             try:
                 arguments = tool.arguments.model_validate(call.arguments)
             except ValidationError as exc:
+                if call.response is not None:
+                    await journal_response(conn, call.response, sender)
                 reason = f"invalid arguments: {exc.errors(include_url=False)}"
                 return await self._refuse(call, sender, customer, "invalid", reason), client
             key = f"{call.conversation}:{call.step}:{call.index}"
             async with conn.transaction():
+                if call.response is not None:
+                    # The response that asked for this call commits with its outcome.
+                    await journal_response(conn, call.response, sender)
                 await conn.execute("SELECT pg_advisory_xact_lock($1, hashtext($2))", _LOCK_NAMESPACE, key)
                 previous = await conn.fetchrow(
                     "SELECT status, result::text AS result FROM tool_ledger WHERE idempotency_key=$1", key

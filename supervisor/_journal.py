@@ -1,9 +1,13 @@
-"""The step journal service: agents journal each model response here before using it,
-and a redelivered step reads back what was journaled instead of asking the model again.
+"""The step journal: every model response, written before anything it causes happens.
 
-Agents hold no database credentials, so they reach the journal over NATS
+A response travels with what it causes, and is journaled in that thing's transaction:
+the gateway journals a response that calls a tool together with the call's decision and
+effect; the supervisor journals a response that ends a step together with its decision
+on the step's output. Each write also records the call's spend in the ledger.
+
+A redelivered or resumed step reads back what was journaled instead of asking the model
+again. Agents hold no database credentials, so they ask over NATS
 (``corral.from.<agent>.journal``, request/reply); the sender is the subject's token.
-Each write also records the call's spend and answers whether the step may go on.
 """
 
 from __future__ import annotations
@@ -16,11 +20,67 @@ from nats.aio.client import Client
 from nats.aio.msg import Msg
 
 from bus import JournalEntry, JournalQuery, JournalReply, JournalRequest, MessageService, encode, subjects
-from supervisor._budgets import Budgets, exceeded, record_spend
+from supervisor._budgets import Budgets, exceeded
 
 logger = logging.getLogger(__name__)
 
-_decoder = msgspec.json.Decoder(JournalRequest)
+_decoder: msgspec.json.Decoder[JournalQuery] = msgspec.json.Decoder(JournalQuery)
+
+# The turn check, the entry and the spend in one statement. Data-modifying CTEs run to
+# completion whether or not the outer query reads them, all on one snapshot; the spend
+# counts only an entry this statement inserted (a replayed write adds nothing).
+_WRITE = """
+WITH owner AS (
+    SELECT status, current_agent, step FROM conversations WHERE id = $1
+), entry AS (
+    INSERT INTO step_journal
+        (conversation, step, idx, agent, text, model, input_tokens, output_tokens, cost_usd)
+    SELECT $1, $2, $3, $4, $5, $6, $7, $8, $9 FROM owner
+    WHERE owner.status = 'running' AND owner.current_agent = $4 AND owner.step = $2
+    ON CONFLICT DO NOTHING
+    RETURNING 1
+), conversation_spent AS (
+    INSERT INTO conversation_spend (conversation, model_calls, tokens, cost_usd)
+    SELECT $1, 1, $7 + $8, $9 FROM entry
+    ON CONFLICT (conversation) DO UPDATE SET model_calls = conversation_spend.model_calls + 1,
+        tokens = conversation_spend.tokens + excluded.tokens,
+        cost_usd = conversation_spend.cost_usd + excluded.cost_usd
+    RETURNING 1
+), agent_spent AS (
+    -- only when dollars change: (agent, day) is one row every call of the agent would lock
+    INSERT INTO agent_spend (agent, day, cost_usd)
+    SELECT $4, current_date, $9 FROM entry WHERE $9 > 0
+    ON CONFLICT (agent, day) DO UPDATE SET cost_usd = agent_spend.cost_usd + excluded.cost_usd
+    RETURNING 1
+)
+SELECT status, current_agent, step FROM owner
+"""
+
+
+async def journal_response(conn: asyncpg.Connection, entry: JournalEntry, sender: str) -> bool:
+    """Journal ``entry`` of ``sender`` (first write wins) and record its spend, if the step
+    is ``sender``'s running turn; one statement. Whether it is ``sender``'s turn."""
+    owner = await conn.fetchrow(
+        _WRITE,
+        entry.conversation,
+        entry.step,
+        entry.index,
+        sender,
+        entry.text,
+        entry.model,
+        entry.input_tokens,
+        entry.output_tokens,
+        entry.cost_usd,
+    )
+    return _not_your_turn(owner, sender, entry.step) is None
+
+
+def _not_your_turn(owner: asyncpg.Record | None, sender: str, step: int) -> JournalReply | None:
+    if owner is None or owner["current_agent"] != sender or owner["step"] != step:
+        return JournalReply(verdict="stop", reason=f"step {step} is not {sender}'s turn")
+    if owner["status"] != "running":
+        return JournalReply(verdict="stop", reason=f"the conversation is {owner['status']}")
+    return None
 
 
 class JournalService(MessageService):
@@ -55,63 +115,36 @@ class JournalService(MessageService):
             await msg.respond(encode(reply))
 
     async def handle(self, request: JournalRequest, sender: str) -> JournalReply:
-        """Write an entry (first write wins) or read a step's entries; check the budgets."""
+        """A step's entries, and whether the step may go on (its turn, the budgets)."""
         if request.agent != sender:
             return JournalReply(verdict="stop", reason=f"request claims to come from {request.agent!r}")
         async with self._pool.acquire() as conn, conn.transaction():
             owner = await conn.fetchrow(
                 "SELECT status, current_agent, step FROM conversations WHERE id=$1", request.conversation
             )
-            if owner is None or owner["current_agent"] != sender or owner["step"] != request.step:
-                return JournalReply(verdict="stop", reason=f"step {request.step} is not {sender}'s turn")
-            if owner["status"] != "running":
-                return JournalReply(verdict="stop", reason=f"the conversation is {owner['status']}")
-            match request:
-                case JournalEntry():
-                    inserted = await conn.fetchval(
-                        "INSERT INTO step_journal (conversation, step, idx, agent, text, model,"
-                        " input_tokens, output_tokens, cost_usd) VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9)"
-                        " ON CONFLICT DO NOTHING RETURNING 1",
-                        request.conversation,
-                        request.step,
-                        request.index,
-                        sender,
-                        request.text,
-                        request.model,
-                        request.input_tokens,
-                        request.output_tokens,
-                        request.cost_usd,
-                    )
-                    if inserted:
-                        await record_spend(
-                            conn,
-                            request.conversation,
-                            sender,
-                            request.input_tokens + request.output_tokens,
-                            request.cost_usd,
-                        )
-                    entries: list[JournalEntry] = []
-                case JournalQuery():
-                    rows = await conn.fetch(
-                        "SELECT idx, text, model, input_tokens, output_tokens, cost_usd FROM step_journal"
-                        " WHERE conversation=$1 AND step=$2 ORDER BY idx",
-                        request.conversation,
-                        request.step,
-                    )
-                    entries = [
-                        JournalEntry(
-                            conversation=request.conversation,
-                            step=request.step,
-                            index=r["idx"],
-                            agent=sender,
-                            text=r["text"],
-                            model=r["model"],
-                            input_tokens=r["input_tokens"],
-                            output_tokens=r["output_tokens"],
-                            cost_usd=r["cost_usd"],
-                        )
-                        for r in rows
-                    ]
+            refusal = _not_your_turn(owner, sender, request.step)
+            if refusal is not None:
+                return refusal
+            rows = await conn.fetch(
+                "SELECT idx, text, model, input_tokens, output_tokens, cost_usd FROM step_journal"
+                " WHERE conversation=$1 AND step=$2 ORDER BY idx",
+                request.conversation,
+                request.step,
+            )
+            entries = [
+                JournalEntry(
+                    conversation=request.conversation,
+                    step=request.step,
+                    index=r["idx"],
+                    agent=sender,
+                    text=r["text"],
+                    model=r["model"],
+                    input_tokens=r["input_tokens"],
+                    output_tokens=r["output_tokens"],
+                    cost_usd=r["cost_usd"],
+                )
+                for r in rows
+            ]
             reason = await exceeded(conn, self._budgets, request.conversation, sender)
         if reason is not None:
             return JournalReply(entries=entries, verdict="stop", reason=reason)

@@ -16,7 +16,7 @@ import asyncpg
 import msgspec
 
 from bus import ConversationStatus, Hop, subjects
-from supervisor.errors import StoreError
+from supervisor.errors import ConcurrentChange, StoreError
 
 logger = logging.getLogger(__name__)
 
@@ -24,6 +24,18 @@ _MIGRATION_LOCK = 0x636F7272  # "corr": one advisory lock id for every corral pr
 
 _path_decoder = msgspec.json.Decoder(list[Hop])
 _encoder = msgspec.json.Encoder()
+
+
+class _Connection(asyncpg.Connection):  # type: ignore[misc]
+    """A pooled connection returned without a reset query.
+
+    corral keeps no session state (advisory locks are transaction-scoped; no LISTEN, no
+    SET), so the default reset (``RESET ALL``, ``UNLISTEN *``, ...) would only cost a
+    round trip per release; an open transaction is still rolled back by asyncpg.
+    """
+
+    def get_reset_query(self) -> str:
+        return ""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -48,6 +60,8 @@ class ConversationRecord:
     """The approval a waiting conversation waits on."""
     resume: int = 0
     """How often the current step was resumed after an approval decision."""
+    version: int = 0
+    """Bumped by every save; a save applies only to the version its decision read."""
 
     def evolve(self, **changes: object) -> ConversationRecord:
         """A copy with ``changes`` applied."""
@@ -69,7 +83,7 @@ class StepRecord:
 
 _COLUMNS = (
     "id, customer, text, status, current_agent, step, path::text AS path, reply, reason, traceparent, client,"
-    " dry_run, approval_id, resume"
+    " dry_run, approval_id, resume, version"
 )
 
 
@@ -78,8 +92,39 @@ def _from_row(row: asyncpg.Record) -> ConversationRecord:
     return ConversationRecord(**{**dict(row), "path": _path_decoder.decode(row["path"])})
 
 
-class ConversationLock:
-    """A conversation row held ``FOR UPDATE`` inside a transaction."""
+_STEPS = (
+    "steps AS (INSERT INTO conversation_steps (conversation, step, agent, kind, target, confidence, detail)"
+    " SELECT saved.id, s.step, s.agent, s.kind, s.target, s.confidence, s.detail FROM saved,"
+    " unnest({}::integer[], {}::text[], {}::text[], {}::text[], {}::double precision[], {}::text[])"
+    " WITH ORDINALITY AS s(step, agent, kind, target, confidence, detail, n) ORDER BY s.n)"
+)
+
+# The conversation and its new steps in one statement: inserted only if it is new,
+# updated only if nobody saved it since it was read. No row ends up saved: a conflict.
+_INSERT = (
+    "WITH saved AS (INSERT INTO conversations (id, customer, text, status, current_agent, step, path,"
+    " reply, reason, traceparent, client, dry_run, approval_id, resume)"
+    " VALUES ($1,$2,$3,$4,$5,$6,$7::jsonb,$8,$9,$10,$11,$12,$13,$14) ON CONFLICT (id) DO NOTHING"
+    " RETURNING id), "
+    + _STEPS.format("$15", "$16", "$17", "$18", "$19", "$20")
+    + " SELECT count(*) FROM saved"
+)
+_UPDATE = (
+    "WITH saved AS (UPDATE conversations SET status=$2, current_agent=$3, step=$4, path=$5::jsonb,"
+    " reply=$6, reason=$7, approval_id=$8, resume=$9, version=version + 1, updated_at=now()"
+    " WHERE id=$1 AND version=$10 RETURNING id), "
+    + _STEPS.format("$11", "$12", "$13", "$14", "$15", "$16")
+    + " SELECT count(*) FROM saved"
+)
+
+
+class ConversationSnapshot:
+    """A conversation as read for one decision, and how to save what was decided.
+
+    Nothing is locked while the decision is made: ``save`` writes only if the conversation
+    is still the version that was read, in one statement, and raises ``ConcurrentChange``
+    otherwise (the caller decides again on a fresh snapshot).
+    """
 
     def __init__(self, conn: asyncpg.Connection, record: ConversationRecord | None) -> None:
         self._conn = conn
@@ -87,54 +132,76 @@ class ConversationLock:
 
     @property
     def connection(self) -> asyncpg.Connection:
-        """The connection holding the lock (reads in the same transaction)."""
+        """A connection for further reads while deciding."""
         return self._conn
 
     async def save(self, record: ConversationRecord, steps: list[StepRecord]) -> None:
-        """Write ``record`` (insert or update) and append ``steps``; commits with the lock."""
-        if self.record is None:
-            await self._conn.execute(
-                "INSERT INTO conversations (id, customer, text, status, current_agent, step, path,"
-                " reply, reason, traceparent, client, dry_run)"
-                " VALUES ($1,$2,$3,$4,$5,$6,$7::jsonb,$8,$9,$10,$11,$12)",
+        """Write ``record`` (insert or update) with ``steps``, atomically.
+
+        Raises:
+            ConcurrentChange: the conversation was saved by someone else since it was read.
+        """
+        base = self.record
+        path = _encoder.encode(record.path).decode()
+        if base is None:
+            saved = await self._conn.fetchval(
+                _INSERT,
                 record.id,
                 record.customer,
                 record.text,
                 record.status,
                 record.current_agent,
                 record.step,
-                _encoder.encode(record.path).decode(),
+                path,
                 record.reply,
                 record.reason,
                 record.traceparent,
                 record.client,
                 record.dry_run,
+                record.approval_id,
+                record.resume,
+                *_step_columns(steps),
             )
         else:
-            await self._conn.execute(
-                "UPDATE conversations SET status=$2, current_agent=$3, step=$4, path=$5::jsonb,"
-                " reply=$6, reason=$7, approval_id=$8, resume=$9, updated_at=now() WHERE id=$1",
+            saved = await self._conn.fetchval(
+                _UPDATE,
                 record.id,
                 record.status,
                 record.current_agent,
                 record.step,
-                _encoder.encode(record.path).decode(),
+                path,
                 record.reply,
                 record.reason,
                 record.approval_id,
                 record.resume,
+                base.version,
+                *_step_columns(steps),
             )
-        await self.record_steps(record.id, steps)
-        self.record = record
+        if not saved:
+            raise ConcurrentChange(f"conversation {record.id} changed while a decision was made")
+        self.record = record.evolve(version=0 if base is None else base.version + 1)
 
     async def record_steps(self, conversation: str, steps: list[StepRecord]) -> None:
         """Append ``steps`` without changing the conversation (e.g. a rejected message)."""
         if steps:
-            await self._conn.executemany(
-                "INSERT INTO conversation_steps (conversation, step, agent, kind, target,"
-                " confidence, detail) VALUES ($1,$2,$3,$4,$5,$6,$7)",
-                [(conversation, s.step, s.agent, s.kind, s.target, s.confidence, s.detail) for s in steps],
+            await self._conn.execute(
+                "WITH saved AS (SELECT $1::text AS id), "
+                + _STEPS.format("$2", "$3", "$4", "$5", "$6", "$7")
+                + " SELECT 1",
+                conversation,
+                *_step_columns(steps),
             )
+
+
+def _step_columns(steps: list[StepRecord]) -> list[list[object]]:
+    return [
+        [s.step for s in steps],
+        [s.agent for s in steps],
+        [s.kind for s in steps],
+        [s.target for s in steps],
+        [s.confidence for s in steps],
+        [s.detail for s in steps],
+    ]
 
 
 class Store:
@@ -151,7 +218,9 @@ class Store:
             StoreError: if PostgreSQL cannot be reached or a migration fails.
         """
         try:
-            pool = await asyncpg.create_pool(dsn, min_size=min_size, max_size=max_size)
+            pool = await asyncpg.create_pool(
+                dsn, min_size=min_size, max_size=max_size, connection_class=_Connection
+            )
         except (OSError, asyncpg.PostgresError) as exc:
             raise StoreError(f"cannot connect to PostgreSQL: {exc}") from exc
         store = cls(pool)
@@ -199,14 +268,12 @@ class Store:
         return applied
 
     @contextlib.asynccontextmanager
-    async def lock(self, conversation: str) -> AsyncIterator[ConversationLock]:
-        """Hold one conversation's row for update; everything saved commits together."""
+    async def snapshot(self, conversation: str) -> AsyncIterator[ConversationSnapshot]:
+        """Read one conversation for a decision; ``save`` commits what was decided."""
         try:
-            async with self._pool.acquire() as conn, conn.transaction():
-                row = await conn.fetchrow(
-                    f"SELECT {_COLUMNS} FROM conversations WHERE id=$1 FOR UPDATE", conversation
-                )
-                yield ConversationLock(conn, _from_row(row) if row else None)
+            async with self._pool.acquire() as conn:
+                row = await conn.fetchrow(f"SELECT {_COLUMNS} FROM conversations WHERE id=$1", conversation)
+                yield ConversationSnapshot(conn, _from_row(row) if row else None)
         except (OSError, asyncpg.PostgresConnectionError, asyncpg.InterfaceError) as exc:
             raise StoreError(f"PostgreSQL unavailable: {exc}") from exc
 

@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 import enum
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 import msgspec
 
@@ -23,6 +23,7 @@ from bus import (
     ConversationStart,
     Delivery,
     HandoffProposed,
+    JournalEntry,
     KillSwitch,
     KillTarget,
     PoisonMessageError,
@@ -35,11 +36,15 @@ from bus import (
 from supervisor import _decide
 from supervisor._budgets import Budgets, exceeded
 from supervisor._decide import AgentOutput, Graph, Outgoing
-from supervisor._store import ConversationRecord, Store
+from supervisor._journal import journal_response
+from supervisor._store import ConversationRecord, ConversationSnapshot, Store
+from supervisor.errors import ConcurrentChange
 
 logger = logging.getLogger(__name__)
 
 _task_decoder = msgspec.json.Decoder(AgentTask)
+_MAX_CONFLICTS = 5
+"""Decisions made again on a fresh snapshot before the input is left to redelivery."""
 
 
 class SupervisorState(enum.Enum):
@@ -125,18 +130,13 @@ class Supervisor:
                         f"conversation {message.conversation!r} started on {delivery.subject}",
                         subject=delivery.subject,
                     )
-                async with self._store.lock(message.conversation) as lock:
-                    decision = _decide.start(
-                        message,
-                        lock.record,
-                        self._graph,
-                        current_traceparent(),
-                        client,
-                        self._control.state.agents,
+                trace = current_traceparent()
+
+                async def decide(snapshot: ConversationSnapshot) -> _decide.Decision:
+                    return _decide.start(
+                        message, snapshot.record, self._graph, trace, client, self._control.state.agents
                     )
-                    if decision.record is not None:
-                        await lock.save(decision.record, decision.steps)
-                    record = lock.record
+
             case ApprovalDecided():
                 await self._approval_decided(message, delivery)
                 return
@@ -144,39 +144,76 @@ class Supervisor:
                 sender = subjects.sender(delivery.subject) or ""
                 if await self._dropped(message, sender):
                     return
-                async with self._store.lock(message.conversation) as lock:
-                    if lock.record is None:
+
+                async def decide(snapshot: ConversationSnapshot) -> _decide.Decision:
+                    if snapshot.record is None:
                         raise PoisonMessageError(
-                            f"unknown conversation {message.conversation!r}",
-                            subject=delivery.subject,
+                            f"unknown conversation {message.conversation!r}", subject=delivery.subject
                         )
-                    decision = _decide.from_agent(
+                    return _decide.from_agent(
                         message,
                         sender,
-                        lock.record,
+                        snapshot.record,
                         self._graph,
                         subjects.handoff_target(delivery.subject),
                         self._control.state.agents,
                         # Budgets are checked before a step is dispatched (and before every
                         # further model and tool call, by the journal and the gateway).
-                        await exceeded(lock.connection, self._budgets, message.conversation, message.target)
+                        await exceeded(
+                            snapshot.connection, self._budgets, message.conversation, message.target
+                        )
                         if isinstance(message, HandoffProposed)
                         else None,
                     )
-                    if decision.record is not None:
-                        await lock.save(decision.record, decision.steps)
-                    elif decision.steps:
-                        await lock.record_steps(message.conversation, decision.steps)
-                        for step in decision.steps:
-                            logger.warning(
-                                "rejected %s from %s: %s", message.conversation, sender, step.detail
-                            )
-                        return
-                    record = lock.record
-        assert record is not None
+
+        response = (
+            message.response if isinstance(message, HandoffProposed | AgentReply | AgentFailed) else None
+        )
+        decision, record = await self._transition(
+            message.conversation, decide, (response, sender) if response is not None else None
+        )
+        if decision.record is None and decision.steps:
+            for step in decision.steps:
+                logger.warning("rejected %s: %s", message.conversation, step.detail)
+            return
+        if record is None:
+            return
         await self._publish([*decision.extra, *_decide.outputs(record)], record)
         if decision.record is not None:
             _log_transition(decision.record)
+
+    async def _transition(
+        self,
+        conversation: str,
+        decide: Callable[[ConversationSnapshot], Awaitable[_decide.Decision]],
+        response: tuple[JournalEntry, str] | None = None,
+    ) -> tuple[_decide.Decision, ConversationRecord | None]:
+        """Decide on a snapshot of ``conversation`` and save the decision; decide again on a
+        fresh snapshot if another decision saved the conversation in between.
+
+        ``response`` (the model response that ended the step, and its sender) is journaled
+        in the same transaction as a decision that moves the conversation on.
+
+        Returns the decision and the conversation after it (None: there is none).
+        """
+        for attempt in range(1, _MAX_CONFLICTS + 1):
+            try:
+                async with self._store.snapshot(conversation) as snapshot:
+                    decision = await decide(snapshot)
+                    if decision.record is not None and response is not None:
+                        async with snapshot.connection.transaction():
+                            await journal_response(snapshot.connection, *response)
+                            await snapshot.save(decision.record, decision.steps)
+                    elif decision.record is not None:
+                        await snapshot.save(decision.record, decision.steps)
+                    elif decision.steps:
+                        await snapshot.record_steps(conversation, decision.steps)
+                    return decision, snapshot.record
+            except ConcurrentChange:
+                if attempt == _MAX_CONFLICTS:
+                    raise
+                logger.info("conversation %s changed while deciding; deciding again", conversation)
+        raise AssertionError("unreachable")
 
     async def _approval_decided(self, message: ApprovalDecided, delivery: Delivery) -> None:
         """Resume the conversation waiting on a decided approval. Only operators can publish
@@ -233,13 +270,12 @@ class Supervisor:
     async def _apply(
         self, conversation: str, decide: Callable[[ConversationRecord], _decide.Decision]
     ) -> None:
-        async with self._store.lock(conversation) as lock:
-            if lock.record is None:
-                return
-            decision = decide(lock.record)
-            if decision.record is None:
-                return
-            await lock.save(decision.record, decision.steps)
+        async def on_snapshot(snapshot: ConversationSnapshot) -> _decide.Decision:
+            return decide(snapshot.record) if snapshot.record is not None else _decide.Decision(record=None)
+
+        decision, _ = await self._transition(conversation, on_snapshot)
+        if decision.record is None:
+            return
         await self._publish(_decide.outputs(decision.record), decision.record)
         _log_transition(decision.record)
 

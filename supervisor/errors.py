@@ -5,6 +5,7 @@ The tree::
     CorralError                 (bus.errors)
     ├── ConfigError             corral.yaml is invalid (``path``, ``line``, ``field``)
     ├── StoreError              PostgreSQL failed (``retryable``)
+    │   └── ConcurrentChange    a conversation was saved by someone else mid-decision
     └── LauncherError           an embedded server or child process could not start
 """
 
@@ -36,6 +37,10 @@ class StoreError(CorralError):
     def __init__(self, message: str, *, retryable: bool = True) -> None:
         super().__init__(message)
         self.retryable = retryable
+
+
+class ConcurrentChange(StoreError):
+    """A conversation was saved by another decision since it was read; decide again."""
 
 
 class LauncherError(CorralError):

@@ -5,8 +5,28 @@ from __future__ import annotations
 import asyncpg
 import pytest
 
-from supervisor._budgets import Budgets, exceeded, record_spend
+from bus import JournalEntry
+from supervisor._budgets import Budgets, exceeded
+from supervisor._journal import journal_response
 from supervisor._store import Store
+
+_calls = iter(range(1_000_000))
+
+
+async def record_spend(
+    conn: asyncpg.Connection, conversation: str, agent: str, tokens: int, usd: float
+) -> None:
+    """One journaled model call of ``agent`` at step 1: the ledger's only writer."""
+    entry = JournalEntry(
+        conversation=conversation,
+        step=1,
+        index=next(_calls),
+        agent=agent,
+        text="{}",
+        input_tokens=tokens,
+        cost_usd=usd,
+    )
+    assert await journal_response(conn, entry, agent)
 
 
 @pytest.fixture
@@ -55,3 +75,21 @@ async def test_the_daily_budget_spans_conversations(conn: asyncpg.Connection) ->
     assert await exceeded(conn, budgets, "c2", "payments") is None
     await record_spend(conn, "c1", "payments", 10, 0.2)
     assert "daily budget" in (await exceeded(conn, budgets, "c2", "payments") or "")
+
+
+async def test_a_replayed_response_is_spent_once(conn: asyncpg.Connection) -> None:
+    entry = JournalEntry(conversation="c1", step=1, index=0, agent="payments", text="{}", cost_usd=0.25)
+    for _ in range(3):
+        await journal_response(conn, entry, "payments")
+    spend = await conn.fetchrow(
+        "SELECT model_calls, cost_usd FROM conversation_spend WHERE conversation='c1'"
+    )
+    assert (spend["model_calls"], spend["cost_usd"]) == (1, 0.25)
+    assert await conn.fetchval("SELECT cost_usd FROM agent_spend WHERE agent='payments'") == 0.25
+
+
+async def test_a_response_out_of_turn_is_not_journaled(conn: asyncpg.Connection) -> None:
+    entry = JournalEntry(conversation="c1", step=1, index=0, agent="triage", text="{}", cost_usd=0.25)
+    assert not await journal_response(conn, entry, "triage")
+    assert await conn.fetchval("SELECT count(*) FROM step_journal") == 0
+    assert await conn.fetchval("SELECT count(*) FROM conversation_spend") == 0
