@@ -187,14 +187,14 @@ async def append_audit(conn: asyncpg.Connection, entry: AuditEntry) -> int:
         )
         if isolation != "read committed":
             raise StoreError(f"append_audit needs READ COMMITTED, not {isolation}", retryable=False)
-        # Each statement below takes a fresh snapshot, taken after the lock: it sees the head
+        # The statements below take fresh snapshots, after the lock: they see the head
         # committed by whoever held the lock before us.
-        prev_hash = await conn.fetchval("SELECT hash FROM audit_log ORDER BY id DESC LIMIT 1")
         head = await conn.fetchrow(
-            "SELECT nextval(pg_get_serial_sequence('audit_log', 'id')) AS id, clock_timestamp() AS created_at"
+            "SELECT (SELECT hash FROM audit_log ORDER BY id DESC LIMIT 1) AS prev_hash,"
+            " nextval(pg_get_serial_sequence('audit_log', 'id')) AS id, clock_timestamp() AS created_at"
         )
         record: dict[str, Any] = {**asdict(entry), "id": head["id"], "created_at": head["created_at"]}
-        prev_hash = prev_hash or GENESIS_HASH
+        prev_hash = head["prev_hash"] or GENESIS_HASH
         await conn.execute(
             f"INSERT INTO audit_log ({_COLUMNS}) VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9,$10,$11,$12,$13,$14,$15)",
             *(record[name] for name in _CHAINED_FIELDS),

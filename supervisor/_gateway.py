@@ -180,32 +180,42 @@ class ToolGateway(MessageService):
                     call, sender, customer, "denied", "the conversation is not running"
                 ), None
             client: str = conversation["client"]
+            # Journaled under this call's step and index, whatever the body says.
+            response = call.response and msgspec.structs.replace(
+                call.response, conversation=call.conversation, step=call.step, index=call.index
+            )
             if conversation["current_agent"] != sender or conversation["step"] != call.step:
                 reason = f"step {call.step} is not {sender}'s turn"
                 return await self._refuse(call, sender, customer, "denied", reason), None
             try:
                 arguments = tool.arguments.model_validate(call.arguments)
             except ValidationError as exc:
-                if call.response is not None:
-                    await journal_response(conn, call.response, sender)
+                if response is not None:
+                    await journal_response(conn, response, sender)
                 reason = f"invalid arguments: {exc.errors(include_url=False)}"
                 return await self._refuse(call, sender, customer, "invalid", reason), client
             key = f"{call.conversation}:{call.step}:{call.index}"
             async with conn.transaction():
-                if call.response is not None:
+                if response is not None:
                     # The response that asked for this call commits with its outcome.
-                    await journal_response(conn, call.response, sender)
-                await conn.execute("SELECT pg_advisory_xact_lock($1, hashtext($2))", _LOCK_NAMESPACE, key)
+                    await journal_response(conn, response, sender)
+                # One call per key at a time, and for a call that changes state one per
+                # customer: facts like "refunds today" must not change between the decision
+                # and the effect. (Always key first, then customer, in one statement: no two
+                # calls wait on each other in reverse.)
+                await conn.execute(
+                    "SELECT pg_advisory_xact_lock($1, hashtext($2)),"
+                    " CASE WHEN $3 THEN pg_advisory_xact_lock($4, hashtext($5)) END",
+                    _LOCK_NAMESPACE,
+                    key,
+                    tool.changes_state,
+                    _CUSTOMER_NAMESPACE,
+                    customer,
+                )
+                # A fresh snapshot, after the locks: it sees a call that committed before.
                 previous = await conn.fetchrow(
                     "SELECT status, result::text AS result FROM tool_ledger WHERE idempotency_key=$1", key
                 )
-                if tool.changes_state:
-                    # Facts like "refunds today" must not change between the decision and
-                    # the effect: one state-changing call per customer at a time. (Always
-                    # key first, then customer: no two calls wait on each other in reverse.)
-                    await conn.execute(
-                        "SELECT pg_advisory_xact_lock($1, hashtext($2))", _CUSTOMER_NAMESPACE, customer
-                    )
                 if previous is not None:
                     replay = self._result(
                         call, previous["status"], json.loads(previous["result"]), replayed=True

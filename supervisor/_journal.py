@@ -26,22 +26,31 @@ logger = logging.getLogger(__name__)
 
 _decoder: msgspec.json.Decoder[JournalQuery] = msgspec.json.Decoder(JournalQuery)
 
-# The turn check, the entry and the spend in one statement. Data-modifying CTEs run to
-# completion whether or not the outer query reads them, all on one snapshot; the spend
-# counts only an entry this statement inserted (a replayed write adds nothing).
-_WRITE = """
-WITH owner AS (
-    SELECT status, current_agent, step FROM conversations WHERE id = $1
-), entry AS (
+
+def journal_ctes(first: int, source: str) -> str:
+    """SQL common table expressions that journal one response and record its spend.
+
+    The response's fields are parameters ``$first`` .. ``$first+8`` in the order of
+    ``journal_parameters``; a row of ``source`` (a FROM clause) must exist for anything to
+    be written. Data-modifying CTEs run to completion whether or not the outer query reads
+    them, all on one snapshot; the spend counts only an entry this statement inserted, so
+    a replayed write adds nothing.
+    """
+    conversation, step, idx, agent, text, model, tokens_in, tokens_out, usd = (
+        f"${n}" for n in range(first, first + 9)
+    )
+    return f"""
+entry AS (
     INSERT INTO step_journal
         (conversation, step, idx, agent, text, model, input_tokens, output_tokens, cost_usd)
-    SELECT $1, $2, $3, $4, $5, $6, $7, $8, $9 FROM owner
-    WHERE owner.status = 'running' AND owner.current_agent = $4 AND owner.step = $2
+    SELECT {conversation}::text, {step}::integer, {idx}::integer, {agent}::text, {text}::text,
+        {model}::text, {tokens_in}::integer, {tokens_out}::integer, {usd}::double precision
+    FROM {source}
     ON CONFLICT DO NOTHING
     RETURNING 1
 ), conversation_spent AS (
     INSERT INTO conversation_spend (conversation, model_calls, tokens, cost_usd)
-    SELECT $1, 1, $7 + $8, $9 FROM entry
+    SELECT {conversation}, 1, {tokens_in} + {tokens_out}, {usd} FROM entry
     ON CONFLICT (conversation) DO UPDATE SET model_calls = conversation_spend.model_calls + 1,
         tokens = conversation_spend.tokens + excluded.tokens,
         cost_usd = conversation_spend.cost_usd + excluded.cost_usd
@@ -49,19 +58,15 @@ WITH owner AS (
 ), agent_spent AS (
     -- only when dollars change: (agent, day) is one row every call of the agent would lock
     INSERT INTO agent_spend (agent, day, cost_usd)
-    SELECT $4, current_date, $9 FROM entry WHERE $9 > 0
+    SELECT {agent}, current_date, {usd} FROM entry WHERE {usd} > 0
     ON CONFLICT (agent, day) DO UPDATE SET cost_usd = agent_spend.cost_usd + excluded.cost_usd
     RETURNING 1
-)
-SELECT status, current_agent, step FROM owner
-"""
+)"""
 
 
-async def journal_response(conn: asyncpg.Connection, entry: JournalEntry, sender: str) -> bool:
-    """Journal ``entry`` of ``sender`` (first write wins) and record its spend, if the step
-    is ``sender``'s running turn; one statement. Whether it is ``sender``'s turn."""
-    owner = await conn.fetchrow(
-        _WRITE,
+def journal_parameters(entry: JournalEntry, sender: str) -> list[object]:
+    """The parameters of ``journal_ctes``; the agent is the subject's sender, not the body's."""
+    return [
         entry.conversation,
         entry.step,
         entry.index,
@@ -71,7 +76,21 @@ async def journal_response(conn: asyncpg.Connection, entry: JournalEntry, sender
         entry.input_tokens,
         entry.output_tokens,
         entry.cost_usd,
-    )
+    ]
+
+
+# The turn check, the entry and the spend in one statement.
+_WRITE = (
+    "WITH owner AS (SELECT status, current_agent, step FROM conversations WHERE id = $1), "
+    + journal_ctes(1, "owner WHERE owner.status = 'running' AND owner.current_agent = $4 AND owner.step = $2")
+    + " SELECT status, current_agent, step FROM owner"
+)
+
+
+async def journal_response(conn: asyncpg.Connection, entry: JournalEntry, sender: str) -> bool:
+    """Journal ``entry`` of ``sender`` (first write wins) and record its spend, if the step
+    is ``sender``'s running turn; one statement. Whether it is ``sender``'s turn."""
+    owner = await conn.fetchrow(_WRITE, *journal_parameters(entry, sender))
     return _not_your_turn(owner, sender, entry.step) is None
 
 

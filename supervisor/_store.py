@@ -15,7 +15,8 @@ from importlib import resources
 import asyncpg
 import msgspec
 
-from bus import ConversationStatus, Hop, subjects
+from bus import ConversationStatus, Hop, JournalEntry, subjects
+from supervisor._journal import journal_ctes, journal_parameters
 from supervisor.errors import ConcurrentChange, StoreError
 
 logger = logging.getLogger(__name__)
@@ -109,13 +110,14 @@ _INSERT = (
     + _STEPS.format("$15", "$16", "$17", "$18", "$19", "$20")
     + " SELECT count(*) FROM saved"
 )
-_UPDATE = (
+_SAVE = (
     "WITH saved AS (UPDATE conversations SET status=$2, current_agent=$3, step=$4, path=$5::jsonb,"
     " reply=$6, reason=$7, approval_id=$8, resume=$9, version=version + 1, updated_at=now()"
-    " WHERE id=$1 AND version=$10 RETURNING id), "
-    + _STEPS.format("$11", "$12", "$13", "$14", "$15", "$16")
-    + " SELECT count(*) FROM saved"
+    " WHERE id=$1 AND version=$10 RETURNING id), " + _STEPS.format("$11", "$12", "$13", "$14", "$15", "$16")
 )
+_UPDATE = _SAVE + " SELECT count(*) FROM saved"
+# The model response that ended the step is journaled only if the decision is saved.
+_UPDATE_WITH_RESPONSE = _SAVE + ", " + journal_ctes(17, "saved") + " SELECT count(*) FROM saved"
 
 
 class ConversationSnapshot:
@@ -135,8 +137,14 @@ class ConversationSnapshot:
         """A connection for further reads while deciding."""
         return self._conn
 
-    async def save(self, record: ConversationRecord, steps: list[StepRecord]) -> None:
-        """Write ``record`` (insert or update) with ``steps``, atomically.
+    async def save(
+        self,
+        record: ConversationRecord,
+        steps: list[StepRecord],
+        response: tuple[JournalEntry, str] | None = None,
+    ) -> None:
+        """Write ``record`` (insert or update) with ``steps`` and, for an update, journal the
+        model ``response`` (entry, sender) that ended the step; one statement.
 
         Raises:
             ConcurrentChange: the conversation was saved by someone else since it was read.
@@ -163,8 +171,9 @@ class ConversationSnapshot:
                 *_step_columns(steps),
             )
         else:
+            journal = journal_parameters(*response) if response is not None else []
             saved = await self._conn.fetchval(
-                _UPDATE,
+                _UPDATE_WITH_RESPONSE if response is not None else _UPDATE,
                 record.id,
                 record.status,
                 record.current_agent,
@@ -176,6 +185,7 @@ class ConversationSnapshot:
                 record.resume,
                 base.version,
                 *_step_columns(steps),
+                *journal,
             )
         if not saved:
             raise ConcurrentChange(f"conversation {record.id} changed while a decision was made")

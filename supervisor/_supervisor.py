@@ -36,7 +36,6 @@ from bus import (
 from supervisor import _decide
 from supervisor._budgets import Budgets, exceeded
 from supervisor._decide import AgentOutput, Graph, Outgoing
-from supervisor._journal import journal_response
 from supervisor._store import ConversationRecord, ConversationSnapshot, Store
 from supervisor.errors import ConcurrentChange
 
@@ -122,6 +121,7 @@ class Supervisor:
         redelivers the input, which finds the decision made and republishes its messages
         under the same ids, so nothing is lost and nothing is done twice.
         """
+        response: tuple[JournalEntry, str] | None = None
         match message:
             case ConversationStart():
                 client = subjects.starter(delivery.subject) or ""
@@ -144,6 +144,15 @@ class Supervisor:
                 sender = subjects.sender(delivery.subject) or ""
                 if await self._dropped(message, sender):
                     return
+                if not isinstance(message, AgentWaiting) and message.response is not None:
+                    # Journaled under the step decided on and the subject's sender, whatever
+                    # the body says.
+                    response = (
+                        msgspec.structs.replace(
+                            message.response, conversation=message.conversation, step=message.step
+                        ),
+                        sender,
+                    )
 
                 async def decide(snapshot: ConversationSnapshot) -> _decide.Decision:
                     if snapshot.record is None:
@@ -166,12 +175,7 @@ class Supervisor:
                         else None,
                     )
 
-        response = (
-            message.response if isinstance(message, HandoffProposed | AgentReply | AgentFailed) else None
-        )
-        decision, record = await self._transition(
-            message.conversation, decide, (response, sender) if response is not None else None
-        )
+        decision, record = await self._transition(message.conversation, decide, response)
         if decision.record is None and decision.steps:
             for step in decision.steps:
                 logger.warning("rejected %s: %s", message.conversation, step.detail)
@@ -200,12 +204,8 @@ class Supervisor:
             try:
                 async with self._store.snapshot(conversation) as snapshot:
                     decision = await decide(snapshot)
-                    if decision.record is not None and response is not None:
-                        async with snapshot.connection.transaction():
-                            await journal_response(snapshot.connection, *response)
-                            await snapshot.save(decision.record, decision.steps)
-                    elif decision.record is not None:
-                        await snapshot.save(decision.record, decision.steps)
+                    if decision.record is not None:
+                        await snapshot.save(decision.record, decision.steps, response)
                     elif decision.steps:
                         await snapshot.record_steps(conversation, decision.steps)
                     return decision, snapshot.record
