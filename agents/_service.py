@@ -199,7 +199,7 @@ class AgentService:
                 detail = f"reply ({confidence:.2f})"
         await publish(self._bus.js, subject, output, msg_id=_output_id(task))
         await self._emit_event(task, detail, completion.model)
-        logger.info("agent %s step %s/%d: %s", name, task.conversation, task.step, detail)
+        logger.debug("agent %s step %s/%d: %s", name, task.conversation, task.step, detail)
 
     async def _decide(
         self, task: AgentTask, attempt: int

@@ -7,7 +7,7 @@ import logging
 import os
 import signal
 import sys
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from typing import Annotated, Any, Protocol
 
 import typer
@@ -103,13 +103,24 @@ def _running(loaded: LoadedConfig, what: str, variable: str) -> Runtime:
 
 def _run(coro: Coroutine[Any, Any, int]) -> None:
     try:
-        code = asyncio.run(coro)
+        # uvloop (libuv) where it is installed: the same asyncio, with less overhead per
+        # message; the standard loop otherwise (e.g. on Windows).
+        with asyncio.Runner(loop_factory=_loop_factory()) as runner:
+            code = runner.run(coro)
     except CorralError as exc:
         err_console.print(f"[red]error:[/red] {exc}", highlight=False)
         raise typer.Exit(1) from exc
     except KeyboardInterrupt:
         code = 130
     raise typer.Exit(code)
+
+
+def _loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
+    try:
+        import uvloop
+    except ImportError:
+        return None
+    return uvloop.new_event_loop  # type: ignore[no-any-return]
 
 
 class _Service(Protocol):

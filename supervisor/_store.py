@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import AsyncIterator
+from collections import OrderedDict
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field, replace
 from importlib import resources
 
@@ -128,9 +129,15 @@ class ConversationSnapshot:
     otherwise (the caller decides again on a fresh snapshot).
     """
 
-    def __init__(self, conn: asyncpg.Connection, record: ConversationRecord | None) -> None:
+    def __init__(
+        self,
+        conn: asyncpg.Connection,
+        record: ConversationRecord | None,
+        on_saved: Callable[[ConversationRecord], None] | None = None,
+    ) -> None:
         self._conn = conn
         self.record = record
+        self._on_saved = on_saved
 
     @property
     def connection(self) -> asyncpg.Connection:
@@ -190,6 +197,8 @@ class ConversationSnapshot:
         if not saved:
             raise ConcurrentChange(f"conversation {record.id} changed while a decision was made")
         self.record = record.evolve(version=0 if base is None else base.version + 1)
+        if self._on_saved is not None:
+            self._on_saved(self.record)
 
     async def record_steps(self, conversation: str, steps: list[StepRecord]) -> None:
         """Append ``steps`` without changing the conversation (e.g. a rejected message)."""
@@ -217,8 +226,10 @@ def _step_columns(steps: list[StepRecord]) -> list[list[object]]:
 class Store:
     """Conversations in PostgreSQL. Open with ``await Store.open(dsn)``."""
 
-    def __init__(self, pool: asyncpg.Pool) -> None:
+    def __init__(self, pool: asyncpg.Pool, *, cache_size: int = 10_000) -> None:
         self._pool = pool
+        self._cache: OrderedDict[str, ConversationRecord] = OrderedDict()
+        self._cache_size = cache_size
 
     @classmethod
     async def open(cls, dsn: str, *, min_size: int = 2, max_size: int = 10) -> Store:
@@ -278,14 +289,35 @@ class Store:
         return applied
 
     @contextlib.asynccontextmanager
-    async def snapshot(self, conversation: str) -> AsyncIterator[ConversationSnapshot]:
-        """Read one conversation for a decision; ``save`` commits what was decided."""
+    async def snapshot(
+        self, conversation: str, *, fresh: bool = False, expect_new: bool = False
+    ) -> AsyncIterator[ConversationSnapshot]:
+        """One conversation for a decision; ``save`` commits what was decided.
+
+        The conversation as this store last saved it is taken from memory unless ``fresh``
+        (saves are conditional on the version, so a stale copy only costs a conflict and a
+        fresh decision). With ``expect_new`` a conversation not in memory is taken to be new
+        without asking PostgreSQL; if it exists after all, the insert conflicts.
+        """
+        record = None if fresh else self._cache.get(conversation)
+        if fresh:
+            self._cache.pop(conversation, None)
         try:
             async with self._pool.acquire() as conn:
-                row = await conn.fetchrow(f"SELECT {_COLUMNS} FROM conversations WHERE id=$1", conversation)
-                yield ConversationSnapshot(conn, _from_row(row) if row else None)
+                if record is None and not expect_new:
+                    row = await conn.fetchrow(
+                        f"SELECT {_COLUMNS} FROM conversations WHERE id=$1", conversation
+                    )
+                    record = _from_row(row) if row else None
+                yield ConversationSnapshot(conn, record, self._remember)
         except (OSError, asyncpg.PostgresConnectionError, asyncpg.InterfaceError) as exc:
             raise StoreError(f"PostgreSQL unavailable: {exc}") from exc
+
+    def _remember(self, record: ConversationRecord) -> None:
+        self._cache[record.id] = record
+        self._cache.move_to_end(record.id)
+        if len(self._cache) > self._cache_size:
+            self._cache.popitem(last=False)
 
     async def get(self, conversation: str) -> ConversationRecord | None:
         """One conversation, or None."""

@@ -175,7 +175,9 @@ class Supervisor:
                         else None,
                     )
 
-        decision, record = await self._transition(message.conversation, decide, response)
+        decision, record = await self._transition(
+            message.conversation, decide, response, expect_new=isinstance(message, ConversationStart)
+        )
         if decision.record is None and decision.steps:
             for step in decision.steps:
                 logger.warning("rejected %s: %s", message.conversation, step.detail)
@@ -191,6 +193,8 @@ class Supervisor:
         conversation: str,
         decide: Callable[[ConversationSnapshot], Awaitable[_decide.Decision]],
         response: tuple[JournalEntry, str] | None = None,
+        *,
+        expect_new: bool = False,
     ) -> tuple[_decide.Decision, ConversationRecord | None]:
         """Decide on a snapshot of ``conversation`` and save the decision; decide again on a
         fresh snapshot if another decision saved the conversation in between.
@@ -202,7 +206,10 @@ class Supervisor:
         """
         for attempt in range(1, _MAX_CONFLICTS + 1):
             try:
-                async with self._store.snapshot(conversation) as snapshot:
+                # First from memory (a start as new); after a conflict, as PostgreSQL has it.
+                async with self._store.snapshot(
+                    conversation, fresh=attempt > 1, expect_new=expect_new and attempt == 1
+                ) as snapshot:
                     decision = await decide(snapshot)
                     if decision.record is not None:
                         await snapshot.save(decision.record, decision.steps, response)
