@@ -592,7 +592,14 @@ def main(argv: list[str] | None = None) -> None:
 
     if args.command == "serve":
         logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-        asyncio.run(serve(args.role, args.name, args.url))
+        # The event loop corral's processes run on (uvloop where installed), so the two
+        # differ only in what corral does, not in how it waits.
+        try:
+            import uvloop
+        except ImportError:
+            asyncio.run(serve(args.role, args.name, args.url))
+        else:
+            uvloop.run(serve(args.role, args.name, args.url))
         return
 
     from bench._phases import Sizes

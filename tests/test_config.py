@@ -115,3 +115,15 @@ def test_up_rejects_bad_replicas_before_starting_anything(tmp_path: Path) -> Non
     assert result.returncode == 2
     assert "--replicas 'payments=0': expected AGENT=N with N >= 1" in " ".join(result.stderr.split())
     assert not (tmp_path / ".corral").exists()
+
+
+def test_direct_models_must_be_scripted(tmp_path: Path) -> None:
+    text = _sample_with(
+        "  fast:\n    model: scripted/support\n", "  fast:\n    model: openai/gpt-4o-mini\n    via: direct\n"
+    )
+    path = _write(tmp_path, text)
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert info.value.field == "models.fast.via"
+    assert info.value.line == _line_of(text, "via: direct")
+    assert "`direct` takes one scripted/<rules> model and no fallbacks" in str(info.value)

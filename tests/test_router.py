@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import pytest
 
 from agents import HandoffDecision, ReplyDecision, parse_decision
@@ -11,6 +14,7 @@ from router import (
     CompletionRequest,
     ModelTier,
     RouterError,
+    ScriptedModel,
     load_rules,
     model_for_tier,
 )
@@ -76,3 +80,42 @@ def test_rules_file_is_validated(tmp_path: object) -> None:
     path.write_text("agents:\n  triage:\n    - wen: [x]\n      answer: hi\n")
     with pytest.raises(RouterError, match="wen"):
         load_rules(path)
+
+
+async def test_a_pattern_rule_answers_with_what_it_matched(tmp_path: Path) -> None:
+    path = tmp_path / "rules.yaml"
+    path.write_text(
+        "agents:\n"
+        "  payments:\n"
+        "    - when: [refund]\n"
+        "      pattern: 'order (?P<order>\\d+)'\n"
+        "      answer: {action: tool, tool: refund, arguments: {order_id: '{order}', note: '{kept}'}}\n"
+        "    - answer: no order named\n"
+    )
+    model = ScriptedModel(load_rules(path))
+    completion = await model.complete(_request("payments", "Refund ORDER 4711 please"))
+    assert json.loads(completion.text) == {
+        "action": "tool",
+        "tool": "refund",
+        "arguments": {"order_id": "4711", "note": "{kept}"},
+    }
+    # `when` matched but the pattern did not: the next rule answers.
+    assert (await model.complete(_request("payments", "a refund, please"))).text == "no order named"
+
+
+def test_a_bad_pattern_is_refused_when_the_rules_load(tmp_path: Path) -> None:
+    path = tmp_path / "rules.yaml"
+    path.write_text("agents:\n  triage:\n    - pattern: 'order (\\d+'\n      answer: hi\n")
+    with pytest.raises(RouterError, match="is not a regular expression"):
+        load_rules(path)
+
+
+async def test_direct_tiers_answer_at_corrals_model_interface_without_litellm() -> None:
+    loaded = load_config(SAMPLE_CONFIG)
+    tier = ModelTier(name="fast", model="scripted/support", via="direct")
+    model = model_for_tier(tier, loaded.scripted_rules)
+    assert isinstance(model, ScriptedModel)
+    completion = await model.complete(_request("triage", "Please REFUND me"))
+    assert completion.model == "scripted/support"
+    decision = parse_decision(completion.text, agent="triage")
+    assert decision == HandoffDecision(target="payments", confidence=0.93, reason="billing question")
