@@ -75,16 +75,9 @@ async def exceeded(conn: asyncpg.Connection, budgets: Budgets, conversation: str
     return None
 
 
-async def repeated_call(
-    conn: asyncpg.Connection, budgets: Budgets, conversation: str, tool: str, arguments_digest: str
-) -> str | None:
-    """Why a tool call is a loop (the same tool, same arguments, too often), or None."""
-    count = await conn.fetchval(
-        "SELECT count(*) FROM audit_log WHERE conversation=$1 AND action=$2 AND arguments_digest=$3",
-        conversation,
-        tool,
-        arguments_digest,
-    )
-    if count >= budgets.max_same_tool_calls:
-        return f"loop: {tool} with the same arguments {count} times (limit {budgets.max_same_tool_calls})"
+def repeated_call(budgets: Budgets, tool: str, repeats: int) -> str | None:
+    """Why a tool call is a loop (the same tool with the same arguments ``repeats`` times
+    before in the conversation, as the audit log counts them), or None."""
+    if repeats >= budgets.max_same_tool_calls:
+        return f"loop: {tool} with the same arguments {repeats} times (limit {budgets.max_same_tool_calls})"
     return None

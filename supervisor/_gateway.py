@@ -128,38 +128,43 @@ class ToolGateway(MessageService):
         except (msgspec.DecodeError, msgspec.ValidationError) as exc:
             logger.warning("undecodable tool call from %s: %s", sender, exc)
             return
-        try:
-            with use_traceparent(traceparent_from(msg.headers)):
-                result = await self.call(call, sender)
-        except Exception:
-            logger.exception("tool call %s failed", call.tool)
-            return  # no reply: the agent retries with the same key
-        if msg.reply:
-            await msg.respond(encode(result))
+        with use_traceparent(traceparent_from(msg.headers)):
+            try:
+                result, client = await self._call(call, sender)
+            except Exception:
+                logger.exception("tool call %s failed", call.tool)
+                return  # no reply: the agent retries with the same key
+            if msg.reply:
+                await msg.respond(encode(result))  # the agent first, the client's news after
+            await self._tell(client, call, sender, result)
 
     async def call(self, call: ToolCall, sender: str) -> ToolResult:
         """Decide and (maybe) apply one call from ``sender``; tell the conversation's client."""
         result, client = await self._call(call, sender)
-        if client is not None and self._nc is not None and not result.replayed:
-            update = ToolDecided(
-                conversation=call.conversation,
-                step=call.step,
-                agent=sender,
-                tool=call.tool,
-                status=result.status,
-                reason=result.reason,
-                policy_ids=result.policy_ids,
-                approval_id=result.approval_id,
-                result=result.result,
-            )
-            with contextlib.suppress(Exception):  # an update is news, not state
-                trace = current_traceparent()
-                await self._nc.publish(
-                    subjects.conversation_updates(client, call.conversation),
-                    encode(update),
-                    headers={TRACEPARENT: trace} if trace else None,
-                )
+        await self._tell(client, call, sender, result)
         return result
+
+    async def _tell(self, client: str | None, call: ToolCall, sender: str, result: ToolResult) -> None:
+        if client is None or self._nc is None or result.replayed:
+            return
+        update = ToolDecided(
+            conversation=call.conversation,
+            step=call.step,
+            agent=sender,
+            tool=call.tool,
+            status=result.status,
+            reason=result.reason,
+            policy_ids=result.policy_ids,
+            approval_id=result.approval_id,
+            result=result.result,
+        )
+        with contextlib.suppress(Exception):  # an update is news, not state
+            trace = current_traceparent()
+            await self._nc.publish(
+                subjects.conversation_updates(client, call.conversation),
+                encode(update),
+                headers={TRACEPARENT: trace} if trace else None,
+            )
 
     async def _call(self, call: ToolCall, sender: str) -> tuple[ToolResult, str | None]:
         if call.agent != sender:
@@ -168,77 +173,84 @@ class ToolGateway(MessageService):
         tool = self._tools.get(call.tool)
         if tool is None:
             return await self._refuse(call, sender, "", "denied", f"no tool named {call.tool!r}"), None
-        async with self._pool.acquire() as conn:
-            conversation = await conn.fetchrow(
-                "SELECT customer, status, current_agent, step, dry_run, client FROM conversations"
-                " WHERE id=$1",
-                call.conversation,
-            )
+        # Journaled under this call's step and index, whatever the body says.
+        response = call.response and msgspec.structs.replace(
+            call.response, conversation=call.conversation, step=call.step, index=call.index
+        )
+        async with self._pool.acquire() as conn, conn.transaction():
+            # The response that asked for this call commits with the call's outcome (or
+            # its refusal), in the statement that reads the conversation.
+            conversation = await journal_response(conn, call.conversation, response, sender)
             customer = conversation["customer"] if conversation else ""
             if conversation is None or conversation["status"] != "running":
                 return await self._refuse(
                     call, sender, customer, "denied", "the conversation is not running"
                 ), None
             client: str = conversation["client"]
-            # Journaled under this call's step and index, whatever the body says.
-            response = call.response and msgspec.structs.replace(
-                call.response, conversation=call.conversation, step=call.step, index=call.index
-            )
             if conversation["current_agent"] != sender or conversation["step"] != call.step:
                 reason = f"step {call.step} is not {sender}'s turn"
                 return await self._refuse(call, sender, customer, "denied", reason), None
             try:
                 arguments = tool.arguments.model_validate(call.arguments)
             except ValidationError as exc:
-                if response is not None:
-                    await journal_response(conn, response, sender)
                 reason = f"invalid arguments: {exc.errors(include_url=False)}"
                 return await self._refuse(call, sender, customer, "invalid", reason), client
             key = f"{call.conversation}:{call.step}:{call.index}"
-            async with conn.transaction():
-                if response is not None:
-                    # The response that asked for this call commits with its outcome.
-                    await journal_response(conn, response, sender)
-                # One call per key at a time, and for a call that changes state one per
-                # customer: facts like "refunds today" must not change between the decision
-                # and the effect. (Always key first, then customer, in one statement: no two
-                # calls wait on each other in reverse.)
-                await conn.execute(
-                    "SELECT pg_advisory_xact_lock($1, hashtext($2)),"
-                    " CASE WHEN $3 THEN pg_advisory_xact_lock($4, hashtext($5)) END",
-                    _LOCK_NAMESPACE,
-                    key,
-                    tool.changes_state,
-                    _CUSTOMER_NAMESPACE,
-                    customer,
-                )
-                # A fresh snapshot, after the locks: it sees a call that committed before.
-                previous = await conn.fetchrow(
-                    "SELECT status, result::text AS result FROM tool_ledger WHERE idempotency_key=$1", key
-                )
-                if previous is not None:
-                    replay = self._result(
-                        call, previous["status"], json.loads(previous["result"]), replayed=True
-                    )
-                    return replay, client
-                ctx = ToolInput(
-                    arguments=arguments,
-                    customer=conversation["customer"],
-                    conversation=call.conversation,
-                    agent=sender,
-                    idempotency_key=key,
-                    conn=conn,
-                )
-                result = await self._decide_and_apply(conn, call, tool, ctx, bool(conversation["dry_run"]))
-                return result, client
+            # One call per key at a time, and for a call that changes state one per
+            # customer: facts like "refunds today" must not change between the decision
+            # and the effect. (Always key first, then customer, in one statement: no two
+            # calls wait on each other in reverse.)
+            await conn.execute(
+                "SELECT pg_advisory_xact_lock($1, hashtext($2)),"
+                " CASE WHEN $3 THEN pg_advisory_xact_lock($4, hashtext($5)) END",
+                _LOCK_NAMESPACE,
+                key,
+                tool.changes_state,
+                _CUSTOMER_NAMESPACE,
+                customer,
+            )
+            # A fresh snapshot, after the locks: it sees a call that committed before; and
+            # how often this very call (tool and arguments) was made in the conversation.
+            arguments_digest = digest_arguments(arguments.model_dump(mode="json"))
+            previous = await conn.fetchrow(
+                "SELECT l.status, l.result::text AS result,"
+                " (SELECT count(*) FROM audit_log WHERE conversation=$2 AND action=$3"
+                "  AND arguments_digest=$4) AS repeats"
+                " FROM (SELECT 1) AS one LEFT JOIN tool_ledger l ON l.idempotency_key=$1",
+                key,
+                call.conversation,
+                tool.name,
+                arguments_digest,
+            )
+            if previous["status"] is not None:
+                replay = self._result(call, previous["status"], json.loads(previous["result"]), replayed=True)
+                return replay, client
+            ctx = ToolInput(
+                arguments=arguments,
+                customer=conversation["customer"],
+                conversation=call.conversation,
+                agent=sender,
+                idempotency_key=key,
+                conn=conn,
+            )
+            result = await self._decide_and_apply(
+                conn, call, tool, ctx, bool(conversation["dry_run"]), arguments_digest, previous["repeats"]
+            )
+            return result, client
 
     async def _decide_and_apply(
-        self, conn: asyncpg.Connection, call: ToolCall, tool: Tool[Any], ctx: ToolInput[Any], dry_run: bool
+        self,
+        conn: asyncpg.Connection,
+        call: ToolCall,
+        tool: Tool[Any],
+        ctx: ToolInput[Any],
+        dry_run: bool,
+        arguments_digest: str,
+        repeats: int,
     ) -> ToolResult:
-        arguments_digest = digest_arguments(ctx.arguments.model_dump(mode="json"))
         budgets = self._config.budgets
-        stop = await exceeded(conn, budgets, call.conversation, call.agent) or await repeated_call(
-            conn, budgets, call.conversation, tool.name, arguments_digest
+        stop = await exceeded(conn, budgets, call.conversation, call.agent) or repeated_call(
+            budgets, tool.name, repeats
         )
         if stop is not None:
             await append_audit(

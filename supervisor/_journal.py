@@ -79,19 +79,28 @@ def journal_parameters(entry: JournalEntry, sender: str) -> list[object]:
     ]
 
 
-# The turn check, the entry and the spend in one statement.
+_CONVERSATION = (
+    "SELECT status, current_agent, step, customer, dry_run, client FROM conversations WHERE id = $1"
+)
+
+# The conversation, and (if it is the sender's running turn) the entry and its spend, in
+# one statement.
 _WRITE = (
-    "WITH owner AS (SELECT status, current_agent, step FROM conversations WHERE id = $1), "
+    f"WITH owner AS ({_CONVERSATION}), "
     + journal_ctes(1, "owner WHERE owner.status = 'running' AND owner.current_agent = $4 AND owner.step = $2")
-    + " SELECT status, current_agent, step FROM owner"
+    + " SELECT * FROM owner"
 )
 
 
-async def journal_response(conn: asyncpg.Connection, entry: JournalEntry, sender: str) -> bool:
-    """Journal ``entry`` of ``sender`` (first write wins) and record its spend, if the step
-    is ``sender``'s running turn; one statement. Whether it is ``sender``'s turn."""
-    owner = await conn.fetchrow(_WRITE, *journal_parameters(entry, sender))
-    return _not_your_turn(owner, sender, entry.step) is None
+async def journal_response(
+    conn: asyncpg.Connection, conversation: str, entry: JournalEntry | None, sender: str
+) -> asyncpg.Record | None:
+    """The conversation (status, current agent, step, customer, dry run, client), having
+    journaled ``entry`` of ``sender`` with its spend if the step is ``sender``'s running
+    turn (first write wins); one statement. None if there is no such conversation."""
+    if entry is None:
+        return await conn.fetchrow(_CONVERSATION, conversation)
+    return await conn.fetchrow(_WRITE, *journal_parameters(entry, sender))
 
 
 def _not_your_turn(owner: asyncpg.Record | None, sender: str, step: int) -> JournalReply | None:

@@ -26,7 +26,8 @@ async def record_spend(
         input_tokens=tokens,
         cost_usd=usd,
     )
-    assert await journal_response(conn, entry, agent)
+    owner = await journal_response(conn, conversation, entry, agent)
+    assert owner is not None and owner["current_agent"] == agent
 
 
 @pytest.fixture
@@ -80,7 +81,7 @@ async def test_the_daily_budget_spans_conversations(conn: asyncpg.Connection) ->
 async def test_a_replayed_response_is_spent_once(conn: asyncpg.Connection) -> None:
     entry = JournalEntry(conversation="c1", step=1, index=0, agent="payments", text="{}", cost_usd=0.25)
     for _ in range(3):
-        await journal_response(conn, entry, "payments")
+        await journal_response(conn, "c1", entry, "payments")
     spend = await conn.fetchrow(
         "SELECT model_calls, cost_usd FROM conversation_spend WHERE conversation='c1'"
     )
@@ -90,6 +91,7 @@ async def test_a_replayed_response_is_spent_once(conn: asyncpg.Connection) -> No
 
 async def test_a_response_out_of_turn_is_not_journaled(conn: asyncpg.Connection) -> None:
     entry = JournalEntry(conversation="c1", step=1, index=0, agent="triage", text="{}", cost_usd=0.25)
-    assert not await journal_response(conn, entry, "triage")
+    owner = await journal_response(conn, "c1", entry, "triage")
+    assert owner is not None and owner["current_agent"] == "payments"
     assert await conn.fetchval("SELECT count(*) FROM step_journal") == 0
     assert await conn.fetchval("SELECT count(*) FROM conversation_spend") == 0

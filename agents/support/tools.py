@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import asyncpg
 from pydantic import BaseModel, ConfigDict, Field
 
 from agents._tools import Resource, Tool, ToolInput
@@ -57,15 +58,16 @@ class TicketArgs(_Args):
     body: str = Field(default="", max_length=5000)
 
 
-async def _customer_facts(call: ToolInput[Any]) -> dict[str, Any]:
-    row = await call.conn.fetchrow(
-        "SELECT (extract(epoch FROM now() - created_at) / 86400)::int AS age,"
-        " (SELECT coalesce(sum(amount_cents), 0) FROM shop.refunds r WHERE r.customer_id = c.id"
-        "   AND r.reversed_at IS NULL AND r.created_at >= date_trunc('day', now())) AS today"
-        " FROM shop.customers c WHERE c.id = $1",
-        call.customer,
-    )
-    if row is None:
+# What policies know about the acting customer: account age and today's refunds.
+_CUSTOMER_FACTS = (
+    "c.id IS NOT NULL AS known, (extract(epoch FROM now() - c.created_at) / 86400)::int AS age,"
+    " (SELECT coalesce(sum(amount_cents), 0) FROM shop.refunds r WHERE r.customer_id = c.id"
+    "   AND r.reversed_at IS NULL AND r.created_at >= date_trunc('day', now())) AS today"
+)
+
+
+def _customer_facts(row: asyncpg.Record) -> dict[str, Any]:
+    if not row["known"]:
         return {"account_age_days": 0, "refunds_today_cents": 0, "known_customer": False}
     return {"account_age_days": row["age"], "refunds_today_cents": int(row["today"]), "known_customer": True}
 
@@ -114,43 +116,46 @@ class Refund(Tool[RefundArgs]):
     undo = "reverse_refund"
 
     async def resource(self, call: ToolInput[RefundArgs]) -> Resource:
-        order = await call.conn.fetchrow(
-            "SELECT customer_id, total_cents FROM shop.orders WHERE id=$1", call.arguments.order_id
+        row = await call.conn.fetchrow(
+            f"SELECT o.customer_id, o.total_cents, {_CUSTOMER_FACTS} FROM (SELECT 1) AS one"
+            " LEFT JOIN shop.customers c ON c.id = $1 LEFT JOIN shop.orders o ON o.id = $2",
+            call.customer,
+            call.arguments.order_id,
         )
-        facts = await _customer_facts(call)
+        facts = _customer_facts(row)
         facts.update(
             amount_cents=call.arguments.amount_cents,
-            owns_resource=order is not None and order["customer_id"] == call.customer,
-            order_total_cents=int(order["total_cents"]) if order else 0,
+            owns_resource=row["customer_id"] is not None and row["customer_id"] == call.customer,
+            order_total_cents=int(row["total_cents"] or 0),
         )
         return Resource(type="Order", id=call.arguments.order_id, facts=facts)
 
     async def run(self, call: ToolInput[RefundArgs]) -> dict[str, Any]:
-        refunded = await call.conn.fetchval(
-            "SELECT coalesce(sum(amount_cents), 0) FROM shop.refunds"
-            " WHERE order_id=$1 AND reversed_at IS NULL",
-            call.arguments.order_id,
-        )
-        total = await call.conn.fetchval(
-            "SELECT total_cents FROM shop.orders WHERE id=$1 AND customer_id=$2",
-            call.arguments.order_id,
-            call.customer,
-        )
-        if total is None:
-            return {"error": "no such order"}
-        if refunded + call.arguments.amount_cents > total:
-            return {"error": f"refund exceeds the order's remaining {total - refunded} cents"}
-        refund_id = await call.conn.fetchval(
-            "INSERT INTO shop.refunds (order_id, customer_id, amount_cents, reason, idempotency_key)"
-            " VALUES ($1,$2,$3,$4,$5) RETURNING id",
+        # One statement: the order's remaining amount and, if it covers the refund, the refund.
+        row = await call.conn.fetchrow(
+            "WITH o AS (SELECT total_cents FROM shop.orders WHERE id=$1 AND customer_id=$2),"
+            " r AS (SELECT coalesce(sum(amount_cents), 0) AS refunded FROM shop.refunds"
+            "   WHERE order_id=$1 AND reversed_at IS NULL),"
+            " refund AS (INSERT INTO shop.refunds"
+            "   (order_id, customer_id, amount_cents, reason, idempotency_key)"
+            "   SELECT $1, $2, $3::bigint, $4, $5 FROM o, r"
+            "   WHERE r.refunded + $3::bigint <= o.total_cents RETURNING id)"
+            " SELECT o.total_cents, r.refunded, (SELECT id FROM refund) AS refund_id"
+            " FROM r LEFT JOIN o ON true",
             call.arguments.order_id,
             call.customer,
             call.arguments.amount_cents,
             call.arguments.reason,
             call.idempotency_key,
         )
+        if row["total_cents"] is None:
+            return {"error": "no such order"}
+        if row["refund_id"] is None:
+            return {
+                "error": f"refund exceeds the order's remaining {row['total_cents'] - row['refunded']} cents"
+            }
         return {
-            "refund_id": refund_id,
+            "refund_id": row["refund_id"],
             "order_id": call.arguments.order_id,
             "amount_cents": call.arguments.amount_cents,
         }
