@@ -45,6 +45,7 @@ from bus import (
     current_traceparent,
     encode,
     publish,
+    publish_live,
     serve_with_control,
     subjects,
 )
@@ -344,8 +345,8 @@ class AgentService:
         )
 
     async def _emit_event(self, task: AgentTask, detail: str, model: str) -> None:
-        # Events feed traces and the UI; they are stored by CORRAL_EVENTS but a lost one
-        # must never hold up a step, so they are published without waiting for an ack.
+        # Events feed traces and the UI, live: a lost one must never hold up a step, and the
+        # step itself is recorded by the supervisor.
         event = StepEvent(
             conversation=task.conversation,
             step=task.step,
@@ -353,13 +354,7 @@ class AgentService:
             kind="decided",
             detail=f"{detail} via {model}",
         )
-        trace = current_traceparent()
-        with contextlib.suppress(Exception):
-            await self._bus.nc.publish(
-                subjects.agent_event(self._settings.name),
-                encode(event),
-                headers={TRACEPARENT: trace} if trace else None,
-            )
+        await publish_live(self._bus.nc, subjects.agent_event(self._settings.name), event)
 
 
 def _tool_message(result: ToolResult) -> str:

@@ -50,10 +50,9 @@ import yaml
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from bench.floor import HOP_NAMES, HOPS, Floor
-
 from bench._measure import PhaseFigures, ProcessGroup
 from bench._phases import RunFigures, Sizes, run_phases
+from bench.floor import HOP_NAMES, HOPS, Floor
 from bus import Bus, BusConfig, ClientUpdate, ConversationEnded, connect, subjects
 from supervisor import EmbeddedNats, start_conversation
 

@@ -54,7 +54,7 @@ from bus._messages import (
     ToolStatus,
     encode,
 )
-from bus._publish import MSG_ID, publish
+from bus._publish import MSG_ID, publish, publish_live
 from bus._service import MessageService
 from bus._topology import (
     TopologyConfig,
@@ -133,6 +133,7 @@ __all__ = [
     "list_kills",
     "new_traceparent",
     "publish",
+    "publish_live",
     "serve_with_control",
     "set_kill",
     "subjects",

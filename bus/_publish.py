@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+
+from nats.aio.client import Client
 from nats.js import JetStreamContext
 
 from bus._messages import Message, encode
@@ -41,3 +44,13 @@ async def publish(
         await js.publish(subject, encode(message), timeout=timeout_s, headers=headers)
     except Exception as exc:
         raise BusError(f"publish to {subject} failed: {exc}", subject=subject) from exc
+
+
+async def publish_live(nc: Client, subject: str, message: Message, *, traceparent: str | None = None) -> None:
+    """Publish ``message`` to whoever listens now, without storing it or waiting.
+
+    For news (progress, step events), never for state: a failure is swallowed.
+    """
+    trace = traceparent or current_traceparent()
+    with contextlib.suppress(Exception):
+        await nc.publish(subject, encode(message), headers={TRACEPARENT: trace} if trace else None)

@@ -60,9 +60,10 @@ def _streams(config: TopologyConfig) -> list[StreamConfig]:
         ),
         StreamConfig(
             name=subjects.EVENTS_STREAM,
-            # Agents' step events are live only (traces, the UI): the supervisor records
-            # every step in PostgreSQL, so storing them too would cost a write each.
-            subjects=[subjects.all_conversation_updates(), subjects.alerts()],
+            # Outcomes for clients, and alerts. Agents' step events and conversations'
+            # progress are live only (traces, the UI, a watching client): the supervisor
+            # records every step in PostgreSQL, so storing them too would cost a write each.
+            subjects=[subjects.all_conversation_outcomes(), subjects.alerts()],
             retention=RetentionPolicy.LIMITS,
             storage=StorageType.FILE,
             num_replicas=config.replicas,

@@ -147,8 +147,16 @@ def all_agent_events() -> str:
 
 
 def conversation_updates(client: str, conversation: str) -> str:
-    """Subject the supervisor tells a conversation's client about progress on."""
+    """Subject a conversation's client is told its outcome on (ended, waiting, refused);
+    stored, so a client that was away can read it later."""
     return f"{PREFIX}.out.{client}.{conversation}"
+
+
+def conversation_progress(client: str, conversation: str) -> str:
+    """Subject a conversation's client is told its progress on (forwards, tool decisions):
+    live only; every step is recorded in PostgreSQL, so storing these too would cost a
+    write each."""
+    return f"{PREFIX}.out.{client}.{conversation}.progress"
 
 
 def client_updates(client: str) -> str:
@@ -157,8 +165,13 @@ def client_updates(client: str) -> str:
 
 
 def all_conversation_updates() -> str:
-    """Wildcard of every conversation update."""
+    """Wildcard of every conversation update, outcome or progress."""
     return f"{PREFIX}.out.>"
+
+
+def all_conversation_outcomes() -> str:
+    """Wildcard of every conversation's outcome subject (the stored updates)."""
+    return f"{PREFIX}.out.*.*"
 
 
 def alerts() -> str:

@@ -153,12 +153,19 @@ async def watching(
         if isinstance(update, settled) and not done.done():
             done.set_result(update)
 
-    sub = await bus.nc.subscribe(subjects.conversation_updates(client, conversation), cb=_on_message)
+    subs = [
+        await bus.nc.subscribe(subject, cb=_on_message)
+        for subject in (
+            subjects.conversation_updates(client, conversation),
+            subjects.conversation_progress(client, conversation),
+        )
+    ]
     try:
         await bus.nc.flush()
         yield done
     finally:
-        await sub.unsubscribe()
+        for sub in subs:
+            await sub.unsubscribe()
 
 
 def format_path(ended: ConversationEnded) -> str:

@@ -48,6 +48,8 @@ class Outgoing:
     subject: str
     message: Message
     msg_id: str
+    stored: bool = True
+    """False: news for whoever listens (progress), published without storing."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -284,7 +286,7 @@ def outputs(record: ConversationRecord) -> list[Outgoing]:
             last, before = record.path[-1], record.path[-2]
             out.append(
                 Outgoing(
-                    subject=updates,
+                    subject=subjects.conversation_progress(record.client, record.id),
                     message=HandoffForwarded(
                         conversation=record.id,
                         step=record.step,
@@ -293,6 +295,7 @@ def outputs(record: ConversationRecord) -> list[Outgoing]:
                         confidence=last.confidence or 0.0,
                     ),
                     msg_id=f"{record.id}.{record.step}.forwarded",
+                    stored=False,
                 )
             )
         return out

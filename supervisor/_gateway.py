@@ -18,7 +18,6 @@ Dry-run conversations stop after the decision: the result says what would have h
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import logging
@@ -36,14 +35,13 @@ from pydantic import ValidationError
 
 from agents._tools import Tool, ToolInput
 from bus import (
-    TRACEPARENT,
     MessageService,
     ToolCall,
     ToolDecided,
     ToolResult,
     ToolStatus,
-    current_traceparent,
     encode,
+    publish_live,
     subjects,
     traceparent_from,
     use_traceparent,
@@ -158,13 +156,7 @@ class ToolGateway(MessageService):
             approval_id=result.approval_id,
             result=result.result,
         )
-        with contextlib.suppress(Exception):  # an update is news, not state
-            trace = current_traceparent()
-            await self._nc.publish(
-                subjects.conversation_updates(client, call.conversation),
-                encode(update),
-                headers={TRACEPARENT: trace} if trace else None,
-            )
+        await publish_live(self._nc, subjects.conversation_progress(client, call.conversation), update)
 
     async def _call(self, call: ToolCall, sender: str) -> tuple[ToolResult, str | None]:
         if call.agent != sender:

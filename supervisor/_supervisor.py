@@ -30,6 +30,7 @@ from bus import (
     SupervisorInput,
     current_traceparent,
     publish,
+    publish_live,
     serve_with_control,
     subjects,
 )
@@ -296,6 +297,8 @@ class Supervisor:
                     msg_id=out.msg_id,
                     traceparent=record.traceparent,
                 )
+                if out.stored
+                else publish_live(self._bus.nc, out.subject, out.message, traceparent=record.traceparent)
                 for out in messages
             )
         )

@@ -71,6 +71,7 @@ def test_bus_exports() -> None:
         "ensure_topology",
         "new_traceparent",
         "publish",
+        "publish_live",
         "subjects",
         "supervisor_consumer_config",
         "trace_id",
