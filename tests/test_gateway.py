@@ -14,11 +14,12 @@ from datetime import timedelta
 from typing import Any
 
 import asyncpg
+import msgspec
 import pytest
 
 from agents._tools import Tool, ToolInput
 from agents.support.tools import TOOLS, Refund, RefundArgs, setup
-from bus import ToolCall, ToolResult
+from bus import JournalEntry, ToolCall, ToolResult
 from supervisor._approvals import ApprovalError, decide_approval, pending_approvals
 from supervisor._audit import verify_audit
 from supervisor._gateway import GatewayConfig, ToolGateway
@@ -628,3 +629,34 @@ async def test_tampered_audit_row_is_named(shop: Shop) -> None:
     assert verification.first_broken == ids[1]
     assert verification.count == 1
     assert verification.problem is not None and "altered" in verification.problem
+
+
+# --- the response that asked for a call is journaled with it ----------------------------------
+
+
+async def test_the_asking_response_commits_with_the_call_under_the_calls_own_step(shop: Shop) -> None:
+    await open_conversation(shop.pool, "c-journal", "cus_1001", "payments")
+    await open_conversation(shop.pool, "c-victim", "cus_1002", "payments")
+    # The body claims the response belongs to another conversation's step: it is
+    # journaled under the call's own conversation, step and index all the same.
+    forged = JournalEntry(
+        conversation="c-victim", step=7, index=3, agent="triage", text='{"action": "tool"}', cost_usd=0.5
+    )
+    call = msgspec.structs.replace(refund("c-journal", "1001", 4000), response=forged)
+    assert (await shop.gateway.call(call, "payments")).status == "ok"
+    rows = await shop.pool.fetch("SELECT conversation, step, idx, agent, cost_usd FROM step_journal")
+    assert [tuple(r) for r in rows] == [("c-journal", 1, 0, "payments", 0.5)]
+    spend = await shop.pool.fetchval("SELECT cost_usd FROM conversation_spend WHERE conversation='c-journal'")
+    assert spend == 0.5
+    # Repeated (a redelivered step), the call is answered from the ledger; nothing is added.
+    assert (await shop.gateway.call(call, "payments")).replayed
+    assert await shop.pool.fetchval("SELECT count(*) FROM step_journal") == 1
+    assert await refunds(shop.pool) == [("1001", 4000)]
+
+
+async def test_a_response_out_of_turn_is_not_journaled(shop: Shop) -> None:
+    await open_conversation(shop.pool, "c-late", "cus_1001", "account_manager", step=2)
+    entry = JournalEntry(conversation="c-late", step=1, index=0, agent="payments", text="{}")
+    call = msgspec.structs.replace(refund("c-late", "1001", 4000), response=entry)
+    assert (await shop.gateway.call(call, "payments")).status == "denied"
+    assert await shop.pool.fetchval("SELECT count(*) FROM step_journal") == 0
