@@ -222,9 +222,11 @@ class AgentService:
             answer = await self._journal(
                 JournalQuery(conversation=task.conversation, step=task.step, agent=name)
             )
-            if answer.verdict == "stop":
+            if answer.verdict == "over":
                 logger.info("agent %s step %s/%d: %s", name, task.conversation, task.step, answer.reason)
                 return None
+            if answer.verdict == "stop":
+                raise AgentError(f"stopped: {answer.reason}", agent=name)
             replay = {entry.index: entry for entry in answer.entries}
         messages = [
             ChatMessage(role="system", content=self._system_prompt),

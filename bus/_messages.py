@@ -270,7 +270,8 @@ class JournalReply(msgspec.Struct, frozen=True, kw_only=True, tag="journal.reply
 
     v: int = 1
     entries: list[JournalEntry] = []
-    verdict: Literal["continue", "stop"] = "continue"
+    verdict: Literal["continue", "stop", "over"] = "continue"
+    """``over``: the step is no longer the asker's (it ended, or the conversation did)."""
     reason: str = ""
 
 

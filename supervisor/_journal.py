@@ -105,9 +105,9 @@ async def journal_response(
 
 def _not_your_turn(owner: asyncpg.Record | None, sender: str, step: int) -> JournalReply | None:
     if owner is None or owner["current_agent"] != sender or owner["step"] != step:
-        return JournalReply(verdict="stop", reason=f"step {step} is not {sender}'s turn")
+        return JournalReply(verdict="over", reason=f"step {step} is not {sender}'s turn")
     if owner["status"] != "running":
-        return JournalReply(verdict="stop", reason=f"the conversation is {owner['status']}")
+        return JournalReply(verdict="over", reason=f"the conversation is {owner['status']}")
     return None
 
 

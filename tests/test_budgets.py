@@ -5,9 +5,9 @@ from __future__ import annotations
 import asyncpg
 import pytest
 
-from bus import JournalEntry
+from bus import JournalEntry, JournalQuery
 from supervisor._budgets import Budgets, exceeded
-from supervisor._journal import journal_response
+from supervisor._journal import JournalService, journal_response
 from supervisor._store import Store
 
 _calls = iter(range(1_000_000))
@@ -95,3 +95,23 @@ async def test_a_response_out_of_turn_is_not_journaled(conn: asyncpg.Connection)
     assert owner is not None and owner["current_agent"] == "payments"
     assert await conn.fetchval("SELECT count(*) FROM step_journal") == 0
     assert await conn.fetchval("SELECT count(*) FROM conversation_spend") == 0
+
+
+async def test_a_redelivered_step_learns_whether_it_is_over_or_stopped(
+    conn: asyncpg.Connection, database_url: str
+) -> None:
+    store = await Store.open(database_url)
+    try:
+        journal = JournalService(None, store.pool, Budgets(max_usd=0.5))  # type: ignore[arg-type]
+        await record_spend(conn, "c1", "payments", 10, 0.1)
+        answer = await journal.handle(JournalQuery(conversation="c1", step=1, agent="payments"), "payments")
+        assert answer.verdict == "continue" and len(answer.entries) == 1
+        # Over budget: the step must stop (and its conversation be escalated), not vanish.
+        await record_spend(conn, "c1", "payments", 10, 0.5)
+        answer = await journal.handle(JournalQuery(conversation="c1", step=1, agent="payments"), "payments")
+        assert answer.verdict == "stop" and "dollar budget" in answer.reason
+        # Someone else's turn now: the step is over; nothing is left to do.
+        answer = await journal.handle(JournalQuery(conversation="c1", step=1, agent="triage"), "triage")
+        assert answer.verdict == "over"
+    finally:
+        await store.close()
