@@ -248,23 +248,15 @@ class Corral:
             roots["postgres"] = int(postmaster.read_text().split()[0])
         return roots
 
-    async def refunds(self) -> int:
-        """Refunds of the CS-4 orders in the shop."""
+    async def refunds(self) -> tuple[int, int]:
+        """Refunds of the CS-4 orders in the shop, and the distinct orders they refund."""
         conn = await asyncpg.connect(self.database_url)
         try:
-            return int(await conn.fetchval("SELECT count(*) FROM shop.refunds WHERE order_id LIKE 'b%'"))
-        finally:
-            await conn.close()
-
-    async def refunded_orders(self) -> int:
-        """Distinct CS-4 orders refunded."""
-        conn = await asyncpg.connect(self.database_url)
-        try:
-            return int(
-                await conn.fetchval(
-                    "SELECT count(DISTINCT order_id) FROM shop.refunds WHERE order_id LIKE 'b%'"
-                )
+            row = await conn.fetchrow(
+                "SELECT count(*) AS n, count(DISTINCT order_id) AS orders FROM shop.refunds"
+                " WHERE order_id LIKE 'b%'"
             )
+            return int(row["n"]), int(row["orders"])
         finally:
             await conn.close()
 
@@ -308,12 +300,8 @@ async def run_corral(depth: str, workdir: Path, sizes: Sizes) -> CorralRun:
     try:
         await corral.start(sizes.total)
         figures = await run_phases(corral.converse, ProcessGroup(corral.pids()), sizes)
-        return CorralRun(
-            figures=figures,
-            conversations=sizes.total,
-            refunds=await corral.refunds(),
-            refunded_orders=await corral.refunded_orders(),
-        )
+        refunds, orders = await corral.refunds()
+        return CorralRun(figures=figures, conversations=sizes.total, refunds=refunds, refunded_orders=orders)
     finally:
         await corral.stop()
 
