@@ -46,8 +46,8 @@ class AgentTask(msgspec.Struct, frozen=True, kw_only=True, tag="agent.task"):
     """How often this step was resumed after an approval; outputs echo it."""
 
 
-class HandoffProposed(msgspec.Struct, frozen=True, kw_only=True, tag="handoff.proposed"):
-    """An agent proposes handing the conversation to ``target``."""
+class _StepOutput(msgspec.Struct, frozen=True, kw_only=True):
+    """What every output of an agent's step says about the step it ends."""
 
     v: int = 1
     conversation: str
@@ -55,51 +55,40 @@ class HandoffProposed(msgspec.Struct, frozen=True, kw_only=True, tag="handoff.pr
     resume: int = 0
     agent: str
     """The identity the body claims; the supervisor trusts only the subject token."""
+
+
+class _StepEnd(_StepOutput, frozen=True, kw_only=True):
+    """An output that ends the step with the model's last response."""
+
+    response: JournalEntry | None = None
+    """The model response that ended the step, journaled by the supervisor in the same
+    transaction as its decision (None: it was journaled before, e.g. on a replay)."""
+
+
+class HandoffProposed(_StepEnd, frozen=True, kw_only=True, tag="handoff.proposed"):
+    """An agent proposes handing the conversation to ``target``."""
+
     target: str
     confidence: float
     reason: str = ""
-    response: JournalEntry | None = None
-    """The model response that ended the step, journaled by the supervisor in the same
-    transaction as its decision (None: it was journaled before, e.g. on a replay)."""
 
 
-class AgentReply(msgspec.Struct, frozen=True, kw_only=True, tag="agent.reply"):
+class AgentReply(_StepEnd, frozen=True, kw_only=True, tag="agent.reply"):
     """An agent answers the customer; this ends the conversation."""
 
-    v: int = 1
-    conversation: str
-    step: int
-    resume: int = 0
-    agent: str
     text: str
     confidence: float = 1.0
-    response: JournalEntry | None = None
-    """The model response that ended the step, journaled by the supervisor in the same
-    transaction as its decision (None: it was journaled before, e.g. on a replay)."""
 
 
-class AgentFailed(msgspec.Struct, frozen=True, kw_only=True, tag="agent.failed"):
+class AgentFailed(_StepEnd, frozen=True, kw_only=True, tag="agent.failed"):
     """An agent could not complete its step (e.g. the model's answer made no sense)."""
 
-    v: int = 1
-    conversation: str
-    step: int
-    resume: int = 0
-    agent: str
     reason: str
-    response: JournalEntry | None = None
-    """The model response that ended the step, journaled by the supervisor in the same
-    transaction as its decision (None: it was journaled before, e.g. on a replay)."""
 
 
-class AgentWaiting(msgspec.Struct, frozen=True, kw_only=True, tag="agent.waiting"):
+class AgentWaiting(_StepOutput, frozen=True, kw_only=True, tag="agent.waiting"):
     """An agent's step needs a human's (or a role's) approval before it can go on."""
 
-    v: int = 1
-    conversation: str
-    step: int
-    resume: int = 0
-    agent: str
     approval_id: str
     tool: str
     reason: str = ""
