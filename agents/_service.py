@@ -23,9 +23,12 @@ from agents._decision import (
 )
 from agents.errors import AgentError, DecisionError
 from bus import (
+    ATTEMPT,
+    MSG_ID,
     TRACEPARENT,
     AgentFailed,
     AgentInput,
+    AgentOutput,
     AgentReply,
     AgentTask,
     AgentWaiting,
@@ -38,13 +41,12 @@ from bus import (
     JournalEntry,
     JournalQuery,
     JournalReply,
-    Message,
+    OutputTaken,
     StepEvent,
     ToolCall,
     ToolResult,
     current_traceparent,
     encode,
-    publish,
     publish_live,
     serve_with_control,
     subjects,
@@ -52,6 +54,9 @@ from bus import (
 from router import ChatMessage, Completion, CompletionRequest, Model, RouterError
 
 _tool_decoder = msgspec.json.Decoder(ToolResult)
+_taken_decoder = msgspec.json.Decoder(OutputTaken)
+_HANDOVER_PAUSE_S = 0.05
+_HANDOVER_MAX_PAUSE_S = 2.0
 _journal_decoder = msgspec.json.Decoder(JournalReply)
 
 logger = logging.getLogger(__name__)
@@ -145,7 +150,8 @@ class AgentService:
         await self._control.shutdown()
 
     async def handle(self, task: AgentTask, delivery: Delivery) -> None:
-        """Run one step: model call, then publish the decision to the supervisor.
+        """Run one step: model and tool calls, then hand the output to the supervisor; the
+        task is acknowledged once the supervisor has taken it.
 
         A step the model cannot complete is reported as ``AgentFailed`` so the supervisor
         escalates the conversation, instead of being retried forever.
@@ -153,16 +159,22 @@ class AgentService:
         name = self._settings.name
         if task.agent != name:
             raise AgentError(f"task for {task.agent!r} arrived in {name}'s inbox", agent=name)
+        # The task is held (in-progress acks) until its output is taken, however long the
+        # model, the tools or a supervisor restart take.
+        async with _heartbeat(delivery, self._settings.heartbeat_s):
+            await self._step(task, delivery.attempt)
+
+    async def _step(self, task: AgentTask, attempt: int) -> None:
+        name = self._settings.name
         killed = self._control.state.conversation_killed(task.conversation)
         if killed is not None:
             # No step of a killed conversation runs; the supervisor records the drop.
             await self._publish_failure(task, f"conversation killed ({killed.reason})")
             return
         try:
-            async with _heartbeat(delivery, self._settings.heartbeat_s):
-                step = await self._decide(task, delivery.attempt)
+            step = await self._decide(task, attempt)
         except (RouterError, AgentError) as exc:
-            if exc.retryable and delivery.attempt < self._settings.max_deliver:
+            if exc.retryable and attempt < self._settings.max_deliver:
                 raise
             await self._publish_failure(
                 task, str(exc), exc.response if isinstance(exc, DecisionError) else None
@@ -172,7 +184,7 @@ class AgentService:
             return  # the step was over already (a late redelivery): nothing to tell
         completion, decision, response = step
         common = _StepFields(conversation=task.conversation, step=task.step, resume=task.resume, agent=name)
-        output: Message
+        output: AgentOutput
         match decision:
             case HandoffDecision(target=target, confidence=confidence, reason=reason):
                 # The broker lets this agent publish handoffs only toward the targets the
@@ -198,7 +210,7 @@ class AgentService:
                 subject = subjects.agent_reply(name)
                 output = AgentReply(**common, text=text, confidence=confidence, response=response)
                 detail = f"reply ({confidence:.2f})"
-        await publish(self._bus.js, subject, output, msg_id=_output_id(task))
+        await self._hand_over(subject, output, task)
         await self._emit_event(task, detail, completion.model)
         logger.debug("agent %s step %s/%d: %s", name, task.conversation, task.step, detail)
 
@@ -332,8 +344,7 @@ class AgentService:
             task.step,
             reason,
         )
-        await publish(
-            self._bus.js,
+        await self._hand_over(
             subjects.agent_error(self._settings.name),
             AgentFailed(
                 conversation=task.conversation,
@@ -343,8 +354,42 @@ class AgentService:
                 reason=reason,
                 response=response,
             ),
-            msg_id=_output_id(task),
+            task,
         )
+
+    async def _hand_over(self, subject: str, output: AgentOutput, task: AgentTask) -> None:
+        """Hand the step's output to the supervisor; return once it is taken (committed,
+        and what it implies published), so the task is acknowledged only after. Sent again,
+        with the same id, while the supervisor is away or asks for it again; a refused
+        output was dead-lettered by the supervisor, with the reason."""
+        name = self._settings.name
+        data = encode(output)
+        headers = {MSG_ID: _output_id(task)}
+        trace = current_traceparent()
+        if trace:
+            headers[TRACEPARENT] = trace
+        attempt, pause_s = 1, _HANDOVER_PAUSE_S
+        while True:
+            headers[ATTEMPT] = str(attempt)
+            try:
+                reply = await self._bus.nc.request(
+                    subject, data, timeout=self._settings.tool_timeout_s, headers=headers
+                )
+                answer = _taken_decoder.decode(reply.data)
+            except Exception as exc:
+                # The supervisor is restarting, or the connection is: the task stays held.
+                logger.warning(
+                    "agent %s: supervisor did not take %s (%s); sending it again", name, subject, exc
+                )
+            else:
+                if answer.status == "taken":
+                    return
+                if answer.status == "refused":
+                    logger.error("agent %s: the supervisor refused %s: %s", name, subject, answer.reason)
+                    return
+                attempt += 1
+            await asyncio.sleep(pause_s)
+            pause_s = min(pause_s * 2, _HANDOVER_MAX_PAUSE_S)
 
     async def _emit_event(self, task: AgentTask, detail: str, model: str) -> None:
         # Events feed traces and the UI, live: a lost one must never hold up a step, and the

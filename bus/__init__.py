@@ -11,6 +11,7 @@ from bus._consumer import (
     ConsumerConfig,
     ConsumerState,
     Delivery,
+    dead_letter,
 )
 from bus._control import (
     ControlState,
@@ -27,6 +28,7 @@ from bus._messages import (
     AgentEvent,
     AgentFailed,
     AgentInput,
+    AgentOutput,
     AgentReply,
     AgentTask,
     AgentWaiting,
@@ -46,6 +48,7 @@ from bus._messages import (
     JournalReply,
     JournalRequest,
     Message,
+    OutputTaken,
     StepEvent,
     SupervisorInput,
     ToolCall,
@@ -54,7 +57,7 @@ from bus._messages import (
     ToolStatus,
     encode,
 )
-from bus._publish import MSG_ID, publish, publish_live
+from bus._publish import ATTEMPT, MSG_ID, publish, publish_live
 from bus._service import MessageService
 from bus._topology import (
     TopologyConfig,
@@ -73,6 +76,7 @@ from bus._trace import (
 from bus.errors import BusConnectError, BusError, CorralError, PoisonMessageError
 
 __all__ = [
+    "ATTEMPT",
     "DEAD_REASON",
     "DEAD_STREAM_SEQ",
     "DEAD_SUBJECT",
@@ -81,6 +85,7 @@ __all__ = [
     "AgentEvent",
     "AgentFailed",
     "AgentInput",
+    "AgentOutput",
     "AgentReply",
     "AgentTask",
     "AgentWaiting",
@@ -115,6 +120,7 @@ __all__ = [
     "MaxDeliveriesWatcher",
     "Message",
     "MessageService",
+    "OutputTaken",
     "PoisonMessageError",
     "StepEvent",
     "SupervisorInput",
@@ -127,6 +133,7 @@ __all__ = [
     "clear_kill",
     "connect",
     "current_traceparent",
+    "dead_letter",
     "encode",
     "ensure_control_bucket",
     "ensure_topology",

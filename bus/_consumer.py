@@ -205,15 +205,32 @@ class Consumer(Generic[T]):
         The copy happens first: if it fails the message is left unacked and redelivered,
         so a dead letter is never lost between the two.
         """
-        headers = {DEAD_REASON: reason[:4000], DEAD_SUBJECT: msg.subject}
+        stream_seq = None
         with contextlib.suppress(Exception):
-            headers[DEAD_STREAM_SEQ] = str(msg.metadata.sequence.stream)
-        trace = traceparent_from(msg.headers)
-        if trace:
-            headers[TRACEPARENT] = trace
-        await self._js.publish(self._config.dead_letter_subject(msg.subject), msg.data, headers=headers)
+            stream_seq = msg.metadata.sequence.stream
+        await dead_letter(
+            self._js,
+            self._config.dead_letter_subject(msg.subject),
+            msg,
+            reason,
+            stream_seq=stream_seq,
+        )
         await msg.term()
-        logger.warning("dead-lettered a message from %s: %s", msg.subject, reason)
+
+
+async def dead_letter(
+    js: JetStreamContext, dead_subject: str, msg: Msg, reason: str, *, stream_seq: int | None = None
+) -> None:
+    """Store a copy of ``msg`` on ``dead_subject`` with why it died, where it came from and
+    its trace; returns once the copy is stored."""
+    headers = {DEAD_REASON: reason[:4000], DEAD_SUBJECT: msg.subject}
+    if stream_seq is not None:
+        headers[DEAD_STREAM_SEQ] = str(stream_seq)
+    trace = traceparent_from(msg.headers)
+    if trace:
+        headers[TRACEPARENT] = trace
+    await js.publish(dead_subject, msg.data, headers=headers)
+    logger.warning("dead-lettered a message from %s: %s", msg.subject, reason)
 
 
 async def _wait_or(event: asyncio.Event, timeout_s: float) -> None:

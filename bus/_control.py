@@ -13,7 +13,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Literal, Protocol
 
 import msgspec
 from nats.js import JetStreamContext
@@ -22,7 +22,6 @@ from nats.js.errors import BucketNotFoundError, KeyNotFoundError
 from nats.js.kv import KeyValue
 
 from bus import subjects
-from bus._consumer import Consumer
 from bus.errors import BusError
 
 logger = logging.getLogger(__name__)
@@ -187,26 +186,36 @@ class ControlWatcher:
             await self._on_change(target, name, switch)
 
 
-async def serve_with_control(control: ControlWatcher, consumer: Consumer[Any]) -> None:
-    """Run ``consumer`` once ``control`` has loaded the kill switches; stop both together.
+async def serve_with_control(control: ControlWatcher, *services: Serving) -> None:
+    """Run ``services`` once ``control`` has loaded the kill switches; stop all together
+    when any of them stops.
 
     Raises:
         BusError: if the kill switches cannot be read.
     """
     watcher = asyncio.create_task(control.run(), name="control")
     ready = asyncio.create_task(control.wait_ready(timeout_s=30.0), name="control-ready")
-    serving: asyncio.Task[None] | None = None
+    serving: list[asyncio.Task[None]] = []
     try:
         await asyncio.wait({watcher, ready}, return_when=asyncio.FIRST_COMPLETED)
         if watcher.done():
             await watcher  # raises why the kill switches cannot be read
         await ready
-        serving = asyncio.create_task(consumer.run(), name="consumer")
-        done, _ = await asyncio.wait({watcher, serving}, return_when=asyncio.FIRST_COMPLETED)
+        serving = [asyncio.create_task(service.run(), name=type(service).__name__) for service in services]
+        done, _ = await asyncio.wait({watcher, *serving}, return_when=asyncio.FIRST_COMPLETED)
         for task in done:
             task.result()
     finally:
-        await consumer.shutdown()
+        for service in services:
+            await service.shutdown()
         await control.shutdown()
         ready.cancel()
-        await asyncio.gather(*(t for t in (watcher, ready, serving) if t), return_exceptions=True)
+        await asyncio.gather(watcher, ready, *serving, return_exceptions=True)
+
+
+class Serving(Protocol):
+    """Anything served until ``shutdown()``: a consumer, a message service."""
+
+    async def run(self) -> None: ...
+
+    async def shutdown(self) -> None: ...

@@ -264,14 +264,29 @@ class JournalReply(msgspec.Struct, frozen=True, kw_only=True, tag="journal.reply
     reason: str = ""
 
 
+class OutputTaken(msgspec.Struct, frozen=True, kw_only=True, tag="output.taken"):
+    """The supervisor's answer to a step's output.
+
+    ``taken``: decided, committed and the next messages published; the agent may let go
+    of its task. ``retry``: not taken this time; send it again. ``refused``: it can never
+    be taken (it was dead-lettered, with ``reason``).
+    """
+
+    v: int = 1
+    status: Literal["taken", "retry", "refused"]
+    reason: str = ""
+
+
 JournalRequest = JournalQuery
 """Everything on ``corral.from.<agent>.journal``."""
 
 
-SupervisorInput = (
-    ConversationStart | HandoffProposed | AgentReply | AgentFailed | AgentWaiting | ApprovalDecided
-)
+SupervisorInput = ConversationStart | ApprovalDecided
 """Everything the supervisor consumes from ``CORRAL_WORK``."""
+
+AgentOutput = HandoffProposed | AgentReply | AgentFailed | AgentWaiting
+"""Everything an agent hands the supervisor at the end of a step (request/reply on
+``corral.from.<agent>.{handoff.<target>,reply,error,waiting}``)."""
 
 AgentInput = AgentTask
 """Everything an agent consumes from its inbox."""
@@ -302,6 +317,7 @@ Message = (
     | JournalEntry
     | JournalQuery
     | JournalReply
+    | OutputTaken
 )
 
 _encoder = msgspec.json.Encoder()

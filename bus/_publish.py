@@ -12,6 +12,8 @@ from bus._trace import TRACEPARENT, current_traceparent
 from bus.errors import BusError
 
 MSG_ID = "Nats-Msg-Id"
+ATTEMPT = "Corral-Attempt"
+"""Header of a request sent again: how many times it was sent (1 the first time)."""
 
 
 async def publish(

@@ -1,12 +1,13 @@
 """A service on core NATS subjects: each message handled in its own task, all of them
 finished (or given a grace period) on shutdown. The tool gateway, the journal and the
-advisory watcher are such services."""
+advisory watcher and the supervisor's output desk are such services."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 from abc import ABC, abstractmethod
+from collections.abc import Sequence
 
 from nats.aio.client import Client
 from nats.aio.msg import Msg
@@ -17,14 +18,16 @@ class MessageService(ABC):
 
     Args:
         nc: The NATS connection.
-        subject: What to subscribe to.
+        subject: What to subscribe to (one subject or several).
         queue: A queue group, or "" for every instance to see every message.
         grace_s: How long in-flight messages may take on shutdown.
     """
 
-    def __init__(self, nc: Client, subject: str, queue: str = "", grace_s: float = 10.0) -> None:
+    def __init__(
+        self, nc: Client, subject: str | Sequence[str], queue: str = "", grace_s: float = 10.0
+    ) -> None:
         self._nc = nc
-        self._subject = subject
+        self._subjects = [subject] if isinstance(subject, str) else list(subject)
         self._queue = queue
         self._grace_s = grace_s
         self._stopping = asyncio.Event()
@@ -32,12 +35,13 @@ class MessageService(ABC):
 
     async def run(self) -> None:
         """Serve until ``shutdown()``; in-flight messages get the grace period."""
-        sub = await self._nc.subscribe(self._subject, queue=self._queue, cb=self._dispatch)
+        subs = [await self._nc.subscribe(s, queue=self._queue, cb=self._dispatch) for s in self._subjects]
         try:
             await self._stopping.wait()
         finally:
-            with contextlib.suppress(Exception):
-                await sub.unsubscribe()
+            for sub in subs:
+                with contextlib.suppress(Exception):
+                    await sub.unsubscribe()
             if self._tasks:
                 await asyncio.wait(self._tasks, timeout=self._grace_s)
 

@@ -2,7 +2,7 @@
 
 ``CORRAL_WORK`` is a work queue: each message is removed once its one consumer acks it.
 Consumers on it must have disjoint filters, which the subject layout guarantees (the
-supervisor reads client starts and agent outputs; each agent reads its own inbox).
+supervisor reads client starts and approval decisions; each agent reads its own inbox).
 """
 
 from __future__ import annotations
@@ -50,7 +50,6 @@ def _streams(config: TopologyConfig) -> list[StreamConfig]:
             subjects=[
                 subjects.all_conversation_starts(),
                 subjects.all_agent_inboxes(),
-                *subjects.agent_outputs(),
                 subjects.approval_decisions(),
             ],
             retention=RetentionPolicy.WORK_QUEUE,
@@ -95,11 +94,13 @@ def _consumer(config: TopologyConfig, durable: str, filters: list[str]) -> Consu
 
 
 def supervisor_consumer_config(config: TopologyConfig) -> ConsumerConfig:
-    """The supervisor's durable consumer: client starts and every agent output."""
+    """The supervisor's durable consumer: client starts and approval decisions. (Agents
+    hand their outputs over as requests, which the supervisor answers once it has committed
+    them: see ``supervisor.OutputDesk``.)"""
     return _consumer(
         config,
         subjects.SUPERVISOR_CONSUMER,
-        [subjects.all_conversation_starts(), *subjects.agent_outputs(), subjects.approval_decisions()],
+        [subjects.all_conversation_starts(), subjects.approval_decisions()],
     )
 
 

@@ -4,9 +4,12 @@ Subject families::
 
     corral.in.<client>.<conversation>        client -> supervisor: start a conversation
     corral.agent.<agent>.inbox               supervisor -> agent: a task (only the supervisor publishes)
-    corral.from.<agent>.handoff.<target>     agent -> supervisor: proposed handoff
-    corral.from.<agent>.reply                agent -> supervisor: final reply
+    corral.from.<agent>.handoff.<target>     agent -> supervisor: proposed handoff (request)
+    corral.from.<agent>.reply                agent -> supervisor: final reply (request)
     corral.from.<agent>.error                agent -> supervisor: the agent could not do its step
+    corral.from.<agent>.waiting              agent -> supervisor: the step waits for an approval
+    corral.from.<agent>.tool                 agent -> tool gateway: a tool call (request)
+    corral.from.<agent>.journal              agent -> supervisor: a step's replay (request)
     corral.from.<agent>.event                agent -> anyone: step events (trace, UI)
     corral.from.<agent>.dead                 agent: messages its consumer dead-lettered
     corral.out.<client>.<conversation>       supervisor -> client: progress and outcome
@@ -132,7 +135,8 @@ def agent_event(agent: str) -> str:
 
 
 def agent_outputs() -> list[str]:
-    """Wildcards of every agent output the supervisor consumes."""
+    """Wildcards of every step output the supervisor answers (requests: an agent lets go
+    of its task only once the supervisor has committed the output)."""
     return [
         f"{PREFIX}.from.*.handoff.*",
         f"{PREFIX}.from.*.reply",
@@ -197,6 +201,18 @@ def agent_dead_letter(agent: str) -> str:
 def inbox_prefix(identity: str) -> str:
     """Reply-inbox prefix of an identity; it may subscribe only below it."""
     return f"_INBOX.{identity}"
+
+
+def agent_identity(agent: str) -> str:
+    """NATS identity (and credentials file stem) of an agent."""
+    return f"agent-{agent}"
+
+
+def is_agent_inbox(agent: str, subject: str) -> bool:
+    """Whether ``subject`` is under ``agent``'s own reply inbox: the only place an answer
+    to ``agent``'s request may go (the request names its reply subject, so a hostile agent
+    could otherwise have the supervisor publish wherever the supervisor may)."""
+    return subject.startswith(f"{inbox_prefix(agent_identity(agent))}.")
 
 
 def agent_control_key(agent: str) -> str:

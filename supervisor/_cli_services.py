@@ -70,7 +70,7 @@ def supervisor_run(config: ConfigOption = None) -> None:
             )
             services: list[_Service] = [
                 supervisor,
-                JournalService(bus.nc, store.pool, Budgets.from_config(loaded)),
+                JournalService(bus.nc, store.pool, Budgets.from_config(loaded), on_over=supervisor.republish),
                 MaxDeliveriesWatcher(bus.nc, bus.js, subjects.WORK_STREAM, supervisor.dead_step),
             ]
             if loaded.config.tools is not None and not loaded.config.tools.separate_gateway:

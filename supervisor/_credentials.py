@@ -12,7 +12,8 @@ Permissions are allow-lists, so anything not listed is denied by the broker:
   ``corral.from.A.handoff.T`` for each ``T`` the graph allows from ``A``; fetch and ack
   only its own inbox consumer; read the kill switches; subscribe only to ``_INBOX.agent-A.>``.
 * supervisor: publish to every ``corral.agent.*.inbox`` (no one else may) and to
-  ``corral.out.>``; JetStream API.
+  ``corral.out.>``; JetStream API; answer the agents' step outputs, journal and tool
+  requests.
 * client ``C``: publish only ``corral.in.C.>``; subscribe only ``corral.out.C.>``.
 * admin (the launcher and operator commands): JetStream API and the kill switches.
 """
@@ -28,6 +29,8 @@ from typing import Any, Literal
 
 from bus import subjects
 from supervisor._config import LoadedConfig
+
+agent_identity = subjects.agent_identity
 
 Role = Literal["agent", "supervisor", "gateway", "client", "admin"]
 
@@ -50,11 +53,6 @@ class Identity:
     subscribe: list[str]
     seed_file: Path
     public_key: str
-
-
-def agent_identity(agent: str) -> str:
-    """Identity name of an agent."""
-    return f"agent-{agent}"
 
 
 def _read_control() -> list[str]:
@@ -90,7 +88,8 @@ def permissions(loaded: LoadedConfig, role: Role, name: str) -> tuple[list[str],
         ]
         return publish, [inbox]
     if role == "supervisor":
-        # It answers tool requests on the agents' own reply inboxes (allow_responses).
+        # It answers step outputs, journal and tool requests on the agents' own reply
+        # inboxes (allow_responses), and checks that they are the senders' own.
         return [
             subjects.all_agent_inboxes(),
             subjects.all_conversation_updates(),
@@ -101,6 +100,7 @@ def permissions(loaded: LoadedConfig, role: Role, name: str) -> tuple[list[str],
             subjects.alerts(),
         ], [
             inbox,
+            *subjects.agent_outputs(),
             subjects.all_agent_tools(),
             subjects.all_agent_journals(),
             "$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES.>",

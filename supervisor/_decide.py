@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 
 from bus import (
     AgentFailed,
+    AgentOutput,
     AgentReply,
     AgentTask,
     AgentWaiting,
@@ -93,9 +94,6 @@ def start(
             steps=[StepRecord(step=1, agent=graph.entry, kind="escalated", detail=reason)],
         )
     return Decision(record=record, steps=[StepRecord(step=1, agent=graph.entry, kind="started")])
-
-
-AgentOutput = HandoffProposed | AgentReply | AgentFailed | AgentWaiting
 
 
 def from_agent(

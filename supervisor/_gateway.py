@@ -121,6 +121,9 @@ class ToolGateway(MessageService):
     async def on_message(self, msg: Msg) -> None:
         """Answer one tool request (no answer on failure: the agent retries the same key)."""
         sender = subjects.sender(msg.subject) or ""
+        if not subjects.is_agent_inbox(sender, msg.reply):
+            logger.warning("tool call from %s ignored: it asks for its answer on %r", sender, msg.reply)
+            return
         try:
             call = _call_decoder.decode(msg.data)
         except (msgspec.DecodeError, msgspec.ValidationError) as exc:
@@ -132,8 +135,7 @@ class ToolGateway(MessageService):
             except Exception:
                 logger.exception("tool call %s failed", call.tool)
                 return  # no reply: the agent retries with the same key
-            if msg.reply:
-                await msg.respond(encode(result))  # the agent first, the client's news after
+            await msg.respond(encode(result))  # the agent first, the client's news after
             await self._tell(client, call, sender, result)
 
     async def call(self, call: ToolCall, sender: str) -> ToolResult:

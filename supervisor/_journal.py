@@ -13,6 +13,7 @@ again. Agents hold no database credentials, so they ask over NATS
 from __future__ import annotations
 
 import logging
+from collections.abc import Awaitable, Callable
 
 import asyncpg
 import msgspec
@@ -111,6 +112,29 @@ def _not_your_turn(owner: asyncpg.Record | None, sender: str, step: int) -> Jour
     return None
 
 
+async def _entries(conn: asyncpg.Connection, request: JournalRequest, sender: str) -> list[JournalEntry]:
+    rows = await conn.fetch(
+        "SELECT idx, text, model, input_tokens, output_tokens, cost_usd FROM step_journal"
+        " WHERE conversation=$1 AND step=$2 ORDER BY idx",
+        request.conversation,
+        request.step,
+    )
+    return [
+        JournalEntry(
+            conversation=request.conversation,
+            step=request.step,
+            index=r["idx"],
+            agent=sender,
+            text=r["text"],
+            model=r["model"],
+            input_tokens=r["input_tokens"],
+            output_tokens=r["output_tokens"],
+            cost_usd=r["cost_usd"],
+        )
+        for r in rows
+    ]
+
+
 class JournalService(MessageService):
     """Answer journal requests until ``shutdown()``.
 
@@ -118,16 +142,30 @@ class JournalService(MessageService):
         nc: A NATS connection (the supervisor's identity).
         pool: PostgreSQL.
         budgets: The limits every answer checks.
+        on_over: Called with the conversation when a step is found over, i.e. decided
+            while its agent still held the task: the publishes after that decision may
+            have been lost (``Supervisor.republish``).
     """
 
-    def __init__(self, nc: Client, pool: asyncpg.Pool, budgets: Budgets) -> None:
+    def __init__(
+        self,
+        nc: Client,
+        pool: asyncpg.Pool,
+        budgets: Budgets,
+        *,
+        on_over: Callable[[str], Awaitable[None]] | None = None,
+    ) -> None:
         super().__init__(nc, subjects.all_agent_journals(), queue="journal")
         self._pool = pool
         self._budgets = budgets
+        self._on_over = on_over
 
     async def on_message(self, msg: Msg) -> None:
         """Answer one journal request (no answer on failure: the agent retries)."""
         sender = subjects.sender(msg.subject) or ""
+        if not subjects.is_agent_inbox(sender, msg.reply):
+            logger.warning("journal request from %s ignored: it asks for its answer on %r", sender, msg.reply)
+            return
         try:
             request = _decoder.decode(msg.data)
         except (msgspec.DecodeError, msgspec.ValidationError) as exc:
@@ -139,8 +177,7 @@ class JournalService(MessageService):
             # No answer: the agent's step fails retryably and is redelivered.
             logger.exception("journal request from %s failed", sender)
             return
-        if msg.reply:
-            await msg.respond(encode(reply))
+        await msg.respond(encode(reply))
 
     async def handle(self, request: JournalRequest, sender: str) -> JournalReply:
         """A step's entries, and whether the step may go on (its turn, the budgets)."""
@@ -151,29 +188,13 @@ class JournalService(MessageService):
                 "SELECT status, current_agent, step FROM conversations WHERE id=$1", request.conversation
             )
             refusal = _not_your_turn(owner, sender, request.step)
-            if refusal is not None:
-                return refusal
-            rows = await conn.fetch(
-                "SELECT idx, text, model, input_tokens, output_tokens, cost_usd FROM step_journal"
-                " WHERE conversation=$1 AND step=$2 ORDER BY idx",
-                request.conversation,
-                request.step,
-            )
-            entries = [
-                JournalEntry(
-                    conversation=request.conversation,
-                    step=request.step,
-                    index=r["idx"],
-                    agent=sender,
-                    text=r["text"],
-                    model=r["model"],
-                    input_tokens=r["input_tokens"],
-                    output_tokens=r["output_tokens"],
-                    cost_usd=r["cost_usd"],
-                )
-                for r in rows
-            ]
-            reason = await exceeded(conn, self._budgets, request.conversation, sender)
+            if refusal is None:
+                entries = await _entries(conn, request, sender)
+                reason = await exceeded(conn, self._budgets, request.conversation, sender)
+        if refusal is not None:
+            if owner is not None and self._on_over is not None:
+                await self._on_over(request.conversation)
+            return refusal
         if reason is not None:
             return JournalReply(entries=entries, verdict="stop", reason=reason)
         return JournalReply(entries=entries)

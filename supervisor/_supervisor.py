@@ -11,8 +11,7 @@ from collections.abc import Awaitable, Callable
 import msgspec
 
 from bus import (
-    AgentFailed,
-    AgentReply,
+    AgentOutput,
     AgentTask,
     AgentWaiting,
     ApprovalDecided,
@@ -36,7 +35,8 @@ from bus import (
 )
 from supervisor import _decide
 from supervisor._budgets import Budgets, exceeded
-from supervisor._decide import AgentOutput, Graph, Outgoing
+from supervisor._decide import Graph, Outgoing
+from supervisor._outputs import OutputDesk
 from supervisor._store import ConversationRecord, ConversationSnapshot, Store
 from supervisor.errors import ConcurrentChange
 
@@ -91,6 +91,7 @@ class Supervisor:
             msgspec.json.Decoder(SupervisorInput),
             self.handle,
         )
+        self._desk = OutputDesk(bus.nc, bus.js, self.take, max_deliver=max_deliver)
         self._control = ControlWatcher(bus.js, self._on_control)
         self.state = SupervisorState.NEW
 
@@ -105,7 +106,7 @@ class Supervisor:
         self.state = SupervisorState.RUNNING
         logger.info("supervisor serving; entry agent %s", self._graph.entry)
         try:
-            await serve_with_control(self._control, self._consumer)
+            await serve_with_control(self._control, self._consumer, self._desk)
         finally:
             self.state = SupervisorState.STOPPED
             logger.info("supervisor stopped")
@@ -113,75 +114,99 @@ class Supervisor:
     async def shutdown(self) -> None:
         """Stop taking work; idempotent."""
         await self._consumer.shutdown()
+        await self._desk.shutdown()
         await self._control.shutdown()
 
     async def handle(self, message: SupervisorInput, delivery: Delivery) -> None:
-        """Decide on one input, commit the decision, then publish what it implies.
-
-        The commit comes before the publishes and the ack after them: a crash in between
-        redelivers the input, which finds the decision made and republishes its messages
-        under the same ids, so nothing is lost and nothing is done twice.
-        """
-        response: tuple[JournalEntry, str] | None = None
+        """Act on one message from ``CORRAL_WORK``: a conversation start or an approval."""
         match message:
             case ConversationStart():
-                client = subjects.starter(delivery.subject) or ""
-                if delivery.subject != subjects.conversation_start(client, message.conversation):
-                    raise PoisonMessageError(
-                        f"conversation {message.conversation!r} started on {delivery.subject}",
-                        subject=delivery.subject,
-                    )
-                trace = current_traceparent()
-
-                async def decide(snapshot: ConversationSnapshot) -> _decide.Decision:
-                    return _decide.start(
-                        message, snapshot.record, self._graph, trace, client, self._control.state.agents
-                    )
-
+                await self._start(message, delivery.subject)
             case ApprovalDecided():
                 await self._approval_decided(message, delivery)
-                return
-            case HandoffProposed() | AgentReply() | AgentFailed() | AgentWaiting():
-                sender = subjects.sender(delivery.subject) or ""
-                if await self._dropped(message, sender):
-                    return
-                if not isinstance(message, AgentWaiting) and message.response is not None:
-                    # Journaled under the step decided on and the subject's sender, whatever
-                    # the body says.
-                    response = (
-                        msgspec.structs.replace(
-                            message.response, conversation=message.conversation, step=message.step
-                        ),
-                        sender,
-                    )
 
-                async def decide(snapshot: ConversationSnapshot) -> _decide.Decision:
-                    if snapshot.record is None:
-                        raise PoisonMessageError(
-                            f"unknown conversation {message.conversation!r}", subject=delivery.subject
-                        )
-                    return _decide.from_agent(
-                        message,
-                        sender,
-                        snapshot.record,
-                        self._graph,
-                        subjects.handoff_target(delivery.subject),
-                        self._control.state.agents,
-                        # Budgets are checked before a step is dispatched (and before every
-                        # further model and tool call, by the journal and the gateway).
-                        await exceeded(
-                            snapshot.connection, self._budgets, message.conversation, message.target
-                        )
-                        if isinstance(message, HandoffProposed)
-                        else None,
-                    )
+    async def _start(self, message: ConversationStart, subject: str) -> None:
+        client = subjects.starter(subject) or ""
+        if subject != subjects.conversation_start(client, message.conversation):
+            raise PoisonMessageError(
+                f"conversation {message.conversation!r} started on {subject}", subject=subject
+            )
+        trace = current_traceparent()
 
-        decision, record = await self._transition(
-            message.conversation, decide, response, expect_new=isinstance(message, ConversationStart)
-        )
+        async def decide(snapshot: ConversationSnapshot) -> _decide.Decision:
+            return _decide.start(
+                message, snapshot.record, self._graph, trace, client, self._control.state.agents
+            )
+
+        await self._decide_and_publish(message.conversation, decide, expect_new=True)
+
+    async def take(self, message: AgentOutput, subject: str) -> None:
+        """Decide on the output of an agent's step, commit the decision (with the model
+        response that ended the step), then publish what it implies.
+
+        The commit comes before the publishes, and the agent lets go of its task only after
+        both: an output that arrives again (the answer was lost) finds the decision made and
+        republishes its messages under the same ids, so nothing is lost and nothing is done
+        twice.
+
+        Raises:
+            PoisonMessageError: it concerns no known conversation.
+        """
+        sender = subjects.sender(subject) or ""
+        if await self._dropped(message, sender):
+            return
+        response: tuple[JournalEntry, str] | None = None
+        if not isinstance(message, AgentWaiting) and message.response is not None:
+            # Journaled under the step decided on and the subject's sender, whatever the
+            # body says.
+            response = (
+                msgspec.structs.replace(
+                    message.response, conversation=message.conversation, step=message.step
+                ),
+                sender,
+            )
+
+        async def decide(snapshot: ConversationSnapshot) -> _decide.Decision:
+            if snapshot.record is None:
+                raise PoisonMessageError(f"unknown conversation {message.conversation!r}", subject=subject)
+            return _decide.from_agent(
+                message,
+                sender,
+                snapshot.record,
+                self._graph,
+                subjects.handoff_target(subject),
+                self._control.state.agents,
+                # Budgets are checked before a step is dispatched (and before every further
+                # model and tool call, by the journal and the gateway).
+                await exceeded(snapshot.connection, self._budgets, message.conversation, message.target)
+                if isinstance(message, HandoffProposed)
+                else None,
+            )
+
+        await self._decide_and_publish(message.conversation, decide, response)
+
+    async def republish(self, conversation: str) -> None:
+        """Publish again what the conversation's last decision implies (the same ids, so
+        JetStream drops what it has already): for a step redelivered to its agent after
+        the supervisor decided on its output, in case the publishes after that decision
+        were lost."""
+        async with self._store.snapshot(conversation, fresh=True) as snapshot:
+            record = snapshot.record
+        if record is not None:
+            await self._publish(_decide.outputs(record), record)
+
+    async def _decide_and_publish(
+        self,
+        conversation: str,
+        decide: Callable[[ConversationSnapshot], Awaitable[_decide.Decision]],
+        response: tuple[JournalEntry, str] | None = None,
+        *,
+        expect_new: bool = False,
+    ) -> None:
+        decision, record = await self._transition(conversation, decide, response, expect_new=expect_new)
         if decision.record is None and decision.steps:
             for step in decision.steps:
-                logger.warning("rejected %s: %s", message.conversation, step.detail)
+                logger.warning("rejected %s: %s", conversation, step.detail)
             return
         if record is None:
             return

@@ -102,7 +102,17 @@ async def test_a_redelivered_step_learns_whether_it_is_over_or_stopped(
 ) -> None:
     store = await Store.open(database_url)
     try:
-        journal = JournalService(None, store.pool, Budgets(max_usd=0.5))  # type: ignore[arg-type]
+        republished: list[str] = []
+
+        async def _republish(conversation: str) -> None:
+            republished.append(conversation)
+
+        journal = JournalService(
+            None,  # type: ignore[arg-type]
+            store.pool,
+            Budgets(max_usd=0.5),
+            on_over=_republish,
+        )
         await record_spend(conn, "c1", "payments", 10, 0.1)
         answer = await journal.handle(JournalQuery(conversation="c1", step=1, agent="payments"), "payments")
         assert answer.verdict == "continue" and len(answer.entries) == 1
@@ -111,7 +121,13 @@ async def test_a_redelivered_step_learns_whether_it_is_over_or_stopped(
         answer = await journal.handle(JournalQuery(conversation="c1", step=1, agent="payments"), "payments")
         assert answer.verdict == "stop" and "dollar budget" in answer.reason
         # Someone else's turn now: the step is over; nothing is left to do.
+        assert republished == []
         answer = await journal.handle(JournalQuery(conversation="c1", step=1, agent="triage"), "triage")
         assert answer.verdict == "over"
+        # Its output was decided, but what the decision published may have been lost with
+        # the answer: the conversation's messages go out again (deduplicated by id).
+        assert republished == ["c1"]
+        answer = await journal.handle(JournalQuery(conversation="nope", step=1, agent="triage"), "triage")
+        assert answer.verdict == "over" and republished == ["c1"]
     finally:
         await store.close()

@@ -16,15 +16,20 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 import asyncpg
+import msgspec
 import nats
 import pytest
 
 from bus import (
+    DEAD_REASON,
     AgentReply,
     AgentTask,
     ApprovalDecided,
     ConversationEnded,
     HandoffProposed,
+    JournalQuery,
+    OutputTaken,
+    ToolCall,
     encode,
     subjects,
 )
@@ -169,18 +174,57 @@ async def _stream_positions(admin: Any) -> dict[str, int]:
     return {name: (await admin.js.stream_info(name)).state.last_seq for name in names}
 
 
+async def test_answers_go_only_to_the_asking_agents_own_inbox(stack: Stack) -> None:
+    """A request names its reply subject. The supervisor may publish to every agent inbox,
+    so a hostile agent asking for answers there would forge tasks if anyone obeyed."""
+    admin = await stack.connect("admin")
+    before = await _stream_positions(admin)
+    hostile = Hostile()
+    nc = await hostile.connect(stack, "agent-triage")
+    output = encode(AgentReply(conversation="c-evil", step=1, agent="triage", text="x"))
+    call = encode(ToolCall(conversation="c-evil", step=1, index=0, agent="triage", tool="lookup_order"))
+    journal = encode(JournalQuery(conversation="c-evil", step=1, agent="triage"))
+    elsewhere = subjects.agent_inbox("payments")
+    await nc.publish(subjects.agent_reply("triage"), output, reply=elsewhere)
+    await nc.publish(subjects.agent_tool("triage"), call, reply=elsewhere)
+    await nc.publish(subjects.agent_journal("triage"), journal, reply=elsewhere)
+    # The same requests asking on triage's own inbox are answered, after those before them.
+    assert (await nc.request(subjects.agent_tool("triage"), call, timeout=30)).data
+    assert (await nc.request(subjects.agent_journal("triage"), journal, timeout=30)).data
+    await nc.close()
+    dead_subject = subjects.dead_letter(subjects.agent_reply("triage"))
+
+    async def _dead_letter() -> str | None:
+        if (await admin.js.stream_info(subjects.DEAD_LETTER_STREAM)).state.last_seq == before[
+            subjects.DEAD_LETTER_STREAM
+        ]:
+            return None
+        dead = await admin.js.get_last_msg(subjects.DEAD_LETTER_STREAM, dead_subject)
+        return (dead.headers or {}).get(DEAD_REASON)
+
+    reason = await eventually(_dead_letter, message="the hijacking output dead-lettered")
+    assert reason == f"answer subject {elsewhere!r} is not triage's inbox"
+    # The output was kept with its reason; nothing reached payments' inbox or any client.
+    after = await _stream_positions(admin)
+    assert after[subjects.WORK_STREAM] == before[subjects.WORK_STREAM]
+    assert after[subjects.EVENTS_STREAM] == before[subjects.EVENTS_STREAM]
+    assert after[subjects.DEAD_LETTER_STREAM] == before[subjects.DEAD_LETTER_STREAM] + 1
+    await admin.close()
+
+
 async def test_body_claiming_another_identity_is_refused_and_recorded(stack: Stack) -> None:
     client = await stack.connect()
     ended = await send_and_wait(client, "How do I change my email address?", timeout_s=60)
     await client.close()
     hostile = Hostile()
     nc = await hostile.connect(stack, "agent-triage")
-    js = nc.jetstream()
     claim = HandoffProposed(
         conversation=ended.conversation, step=1, agent="payments", target="payments", confidence=1.0
     )
-    await js.publish(subjects.agent_handoff("triage", "payments"), encode(claim))
+    answer = await nc.request(subjects.agent_handoff("triage", "payments"), encode(claim), timeout=30)
     await nc.close()
+    # Taken (so the agent lets go of its task), and recorded as rejected.
+    assert msgspec.json.decode(answer.data, type=OutputTaken).status == "taken"
 
     async def _rejected() -> list[asyncpg.Record]:
         return await stack.sql(

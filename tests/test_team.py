@@ -12,11 +12,12 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import asyncpg
+import msgspec
 import pytest
 import yaml
 
 from bus import DEAD_REASON, Bus, BusConfig, connect, encode, subjects
-from bus._messages import AgentReply
+from bus._messages import AgentReply, OutputTaken
 from supervisor import EmbeddedNats, send_and_wait
 from supervisor._cli_stack import _check_expectation
 from tests.conftest import SAMPLE_CONFIG, eventually
@@ -120,10 +121,18 @@ async def test_send_wait_replies_with_exit_zero(stack: Stack) -> None:
 async def test_poison_messages_on_supervisor_subjects_are_dead_lettered(stack: Stack, client: Bus) -> None:
     before = (await client.js.stream_info(subjects.DEAD_LETTER_STREAM)).state.last_seq
     await client.js.publish(subjects.conversation_start("client", "poison1"), b"\xff\x00 not json")
-    await client.js.publish(
-        subjects.agent_reply("triage"),
-        encode(AgentReply(conversation="no-such-conversation", step=1, agent="triage", text="hi")),
-    )
+    # An agent's output is a request: the supervisor answers why it refused it.
+    triage = await stack.connect(subjects.agent_identity("triage"))
+    try:
+        answer = await triage.nc.request(
+            subjects.agent_reply("triage"),
+            encode(AgentReply(conversation="no-such-conversation", step=1, agent="triage", text="hi")),
+            timeout=30,
+        )
+    finally:
+        await triage.close()
+    taken = msgspec.json.decode(answer.data, type=OutputTaken)
+    assert taken.status == "refused" and "unknown conversation 'no-such-conversation'" in taken.reason
     ended = await send_and_wait(client, "How do I change my email address?", timeout_s=90)
     assert ended.status == "replied"
 
@@ -202,22 +211,23 @@ async def test_one_trace_follows_the_conversation_across_processes(stack: Stack,
         ended = await send_and_wait(client, "Please refund the duplicate charge.", timeout_s=90)
         conversation = ended.conversation.encode()
 
+        wanted = {
+            subjects.agent_event("triage"),
+            subjects.agent_event("payments"),
+            subjects.agent_event("account_manager"),
+            subjects.conversation_updates("client", ended.conversation),
+            subjects.conversation_progress("client", ended.conversation),
+        }
+
         def _events() -> list[tuple[str, str | None]] | None:
-            # triage, payments, account_manager events; two forwards; the end.
+            # The three agents' step events, the progress (forwards, the tool decision), the end.
             found = [
                 (s, t) for s, data, t in seen if conversation in data and (".event" in s or ".out." in s)
             ]
-            return found if len(found) >= 6 else None
+            return found if wanted <= {s for s, _ in found} else None
 
-        found = await eventually(_events, message="six trace-carrying events")
+        found = await eventually(_events, message="the agents' events, the progress and the end")
     finally:
         await sub.unsubscribe()
-    subjects_seen = {s for s, _ in found}
-    assert {
-        subjects.agent_event("triage"),
-        subjects.agent_event("payments"),
-        subjects.agent_event("account_manager"),
-        subjects.conversation_updates("client", ended.conversation),
-    } <= subjects_seen
     trace_ids = {t for _, t in found}
     assert len(trace_ids) == 1 and None not in trace_ids

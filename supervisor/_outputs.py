@@ -1,0 +1,112 @@
+"""The supervisor's desk for step outputs.
+
+An agent hands the output of a step (a proposed handoff, a reply, a failure, a wait for
+approval) to the supervisor as a request and keeps its task unacknowledged until the
+answer. The supervisor answers ``taken`` only once the decision is committed in
+PostgreSQL and the messages it implies are stored in JetStream; so the output is as
+durable as a stored message, at the cost of one commit instead of a stored message plus
+a commit. Outcomes of one request:
+
+* taken: decided (or found decided before: a repeat changes nothing), committed, published;
+* the body does not decode, or the decision refuses it for good (``PoisonMessageError``):
+  copied to ``corral.dlq.<subject>`` with the reason, and answered ``refused``;
+* anything else fails: answered ``retry``; the agent sends it again, and once it has sent
+  it ``max_deliver`` times the output is dead-lettered and refused instead;
+* the supervisor is down or does not answer: the agent sends it again until it answers.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable
+
+import msgspec
+from nats.aio.client import Client
+from nats.aio.msg import Msg
+from nats.js import JetStreamContext
+
+from bus import (
+    ATTEMPT,
+    AgentOutput,
+    CorralError,
+    MessageService,
+    OutputTaken,
+    dead_letter,
+    encode,
+    subjects,
+    traceparent_from,
+    use_traceparent,
+)
+
+logger = logging.getLogger(__name__)
+
+_decoder = msgspec.json.Decoder(AgentOutput)
+
+Take = Callable[[AgentOutput, str], Awaitable[None]]
+"""Decide on an output (from the subject it came on), commit, publish what it implies."""
+
+
+class OutputDesk(MessageService):
+    """Answer agents' step outputs until ``shutdown()``.
+
+    Args:
+        nc: The supervisor's NATS connection.
+        js: Its JetStream context (for dead letters).
+        take: What to do with each output.
+        max_deliver: Failed attempts before an output is dead-lettered.
+    """
+
+    def __init__(self, nc: Client, js: JetStreamContext, take: Take, *, max_deliver: int = 10) -> None:
+        super().__init__(nc, subjects.agent_outputs(), queue="supervisor")
+        self._js = js
+        self._take = take
+        self._max_deliver = max_deliver
+
+    async def on_message(self, msg: Msg) -> None:
+        """Take one output and answer it (no answer if even that fails: the agent retries)."""
+        try:
+            await self._answer(msg)
+        except Exception:
+            logger.exception("could not answer an output on %s; the agent will send it again", msg.subject)
+
+    async def _answer(self, msg: Msg) -> None:
+        sender = subjects.sender(msg.subject) or ""
+        if not subjects.is_agent_inbox(sender, msg.reply):
+            why = f"answer subject {msg.reply!r} is not {sender}'s inbox" if msg.reply else "not a request"
+            await self._refuse(msg, why, answer=False)
+            return
+        try:
+            output = _decoder.decode(msg.data)
+        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+            await self._refuse(msg, f"decode error: {exc}")
+            return
+        headers = msg.headers or {}
+        with use_traceparent(traceparent_from(headers)):
+            try:
+                await self._take(output, msg.subject)
+            except Exception as exc:
+                if isinstance(exc, CorralError) and not exc.retryable:
+                    await self._refuse(msg, f"{type(exc).__name__}: {exc}")
+                    return
+                attempt = _attempt(headers)
+                logger.warning("output on %s failed (attempt %d): %s", msg.subject, attempt, exc)
+                if attempt >= self._max_deliver:
+                    await self._refuse(
+                        msg, f"gave up after {attempt} deliveries: {type(exc).__name__}: {exc}"
+                    )
+                else:
+                    await msg.respond(encode(OutputTaken(status="retry", reason=str(exc))))
+                return
+        await msg.respond(encode(OutputTaken(status="taken")))
+
+    async def _refuse(self, msg: Msg, reason: str, *, answer: bool = True) -> None:
+        await dead_letter(self._js, subjects.dead_letter(msg.subject), msg, reason)
+        if answer:
+            await msg.respond(encode(OutputTaken(status="refused", reason=reason)))
+
+
+def _attempt(headers: dict[str, str]) -> int:
+    try:
+        return max(1, int(headers.get(ATTEMPT, "1")))
+    except ValueError:
+        return 1
