@@ -271,6 +271,7 @@ async def _consume(
     sub = await js.pull_subscribe_bind(durable=durable, stream=WORK_STREAM)
     await ready()
     tasks: set[asyncio.Task[None]] = set()
+    refill_at = max(1, max_in_flight // 4)
 
     async def deliver(msg: Msg) -> None:
         try:
@@ -282,7 +283,7 @@ async def _consume(
     try:
         while not stopping.is_set():
             free = max_in_flight - len(tasks)
-            if free <= 0:
+            if free < refill_at and tasks:
                 await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
                 continue
             try:

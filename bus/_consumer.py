@@ -105,6 +105,7 @@ class Consumer(Generic[T]):
         self._handler = handler
         self._stopping = asyncio.Event()
         self._tasks: set[asyncio.Task[None]] = set()
+        self._refill_at = max(1, config.max_in_flight // 4)
         self.state = ConsumerState.NEW
 
     async def run(self) -> None:
@@ -119,7 +120,9 @@ class Consumer(Generic[T]):
         try:
             while not self._stopping.is_set():
                 free = self._config.max_in_flight - len(self._tasks)
-                if free <= 0:
+                if free < self._refill_at and self._tasks:
+                    # Busy: fetch again once a quarter of the slots are free, not after
+                    # every message (each fetch is a round trip to the server).
                     await asyncio.wait(self._tasks, return_when=asyncio.FIRST_COMPLETED)
                     continue
                 try:

@@ -21,10 +21,17 @@ class MessageService(ABC):
         subject: What to subscribe to (one subject or several).
         queue: A queue group, or "" for every instance to see every message.
         grace_s: How long in-flight messages may take on shutdown.
+        max_in_flight: Messages handled at once (None: no limit); the rest wait in the
+            subscription's queue, so a busy service does not take on more than it can do.
     """
 
     def __init__(
-        self, nc: Client, subject: str | Sequence[str], queue: str = "", grace_s: float = 10.0
+        self,
+        nc: Client,
+        subject: str | Sequence[str],
+        queue: str = "",
+        grace_s: float = 10.0,
+        max_in_flight: int | None = None,
     ) -> None:
         self._nc = nc
         self._subjects = [subject] if isinstance(subject, str) else list(subject)
@@ -32,6 +39,7 @@ class MessageService(ABC):
         self._grace_s = grace_s
         self._stopping = asyncio.Event()
         self._tasks: set[asyncio.Task[None]] = set()
+        self._slots = asyncio.Semaphore(max_in_flight) if max_in_flight else None
 
     async def run(self) -> None:
         """Serve until ``shutdown()``; in-flight messages get the grace period."""
@@ -50,9 +58,16 @@ class MessageService(ABC):
         self._stopping.set()
 
     async def _dispatch(self, msg: Msg) -> None:
+        if self._slots is not None:
+            await self._slots.acquire()
         task = asyncio.create_task(self.on_message(msg))
         self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        task.add_done_callback(self._done)
+
+    def _done(self, task: asyncio.Task[None]) -> None:
+        self._tasks.discard(task)
+        if self._slots is not None:
+            self._slots.release()
 
     @abstractmethod
     async def on_message(self, msg: Msg) -> None:

@@ -53,11 +53,14 @@ class OutputDesk(MessageService):
         nc: The supervisor's NATS connection.
         js: Its JetStream context (for dead letters).
         take: What to do with each output.
+        max_in_flight: Outputs handled at once; the rest wait in the subscription's queue.
         max_deliver: Failed attempts before an output is dead-lettered.
     """
 
-    def __init__(self, nc: Client, js: JetStreamContext, take: Take, *, max_deliver: int = 10) -> None:
-        super().__init__(nc, subjects.agent_outputs(), queue="supervisor")
+    def __init__(
+        self, nc: Client, js: JetStreamContext, take: Take, *, max_in_flight: int = 64, max_deliver: int = 10
+    ) -> None:
+        super().__init__(nc, subjects.agent_outputs(), queue="supervisor", max_in_flight=max_in_flight)
         self._js = js
         self._take = take
         self._max_deliver = max_deliver

@@ -91,7 +91,9 @@ class Supervisor:
             msgspec.json.Decoder(SupervisorInput),
             self.handle,
         )
-        self._desk = OutputDesk(bus.nc, bus.js, self.take, max_deliver=max_deliver)
+        self._desk = OutputDesk(
+            bus.nc, bus.js, self.take, max_in_flight=max_in_flight, max_deliver=max_deliver
+        )
         self._control = ControlWatcher(bus.js, self._on_control)
         self.state = SupervisorState.NEW
 
@@ -331,6 +333,6 @@ class Supervisor:
 
 def _log_transition(record: ConversationRecord) -> None:
     if record.status == "running":
-        logger.info("conversation %s step %d -> %s", record.id, record.step, record.current_agent)
+        logger.debug("conversation %s step %d -> %s", record.id, record.step, record.current_agent)
     else:
         logger.info("conversation %s %s: %s", record.id, record.status, record.reason or "replied")
