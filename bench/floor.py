@@ -16,7 +16,10 @@ and acked after the next hop's publish was acknowledged::
     7 reply c    agent c -> router      floor.from.c.out
     8 end        router -> client       floor.out.<conv> (stored; read by core NATS)
 
-The floor runs exactly these hops between the same kinds of separate OS processes (one
+(corral makes the same eight: hops 3, 5 and 7 are requests the supervisor answers once
+it has committed them in PostgreSQL, the agent holding its task until then; the floor
+stores them in JetStream instead.) The floor runs exactly these hops between the same
+kinds of separate OS processes (one
 router standing in for the supervisor, three agents) with corral's stream and consumer
 settings, on a nats-server configured like corral's embedded one, and does nothing else:
 no model, no policy, no PostgreSQL, no tracing. Whatever corral spends beyond the floor
@@ -68,7 +71,9 @@ if TYPE_CHECKING:
 logger = logging.getLogger("floor")
 
 HOPS = 8
-"""Durable hops on a conversation's critical path, as in corral's benchmark workload."""
+"""Durable hops on a conversation's critical path, as in corral's benchmark workload
+(each stored before its sender lets go: in JetStream, or for corral's outputs in
+PostgreSQL)."""
 HOP_NAMES: tuple[str, ...] = (
     "start",
     "task a",
