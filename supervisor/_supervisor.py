@@ -128,6 +128,12 @@ class Supervisor:
                 await self._approval_decided(message, delivery)
 
     async def _start(self, message: ConversationStart, subject: str) -> None:
+        """Record a new conversation and give its entry agent the first task.
+
+        The commit comes before the publishes and the ack after them: a crash in between
+        redelivers the start, which finds the conversation recorded and republishes its
+        task under the same id, so nothing is lost and nothing is done twice.
+        """
         client = subjects.starter(subject) or ""
         if subject != subjects.conversation_start(client, message.conversation):
             raise PoisonMessageError(
