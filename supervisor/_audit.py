@@ -4,7 +4,9 @@ Contract:
 
 * ``append_audit`` adds one record inside the caller's transaction, so the record commits or
   rolls back with the action it describes. Appends are serialized by a transaction-scoped
-  advisory lock; ids are taken after the lock, so id order is chain order.
+  advisory lock; ids are taken after the lock, so id order is chain order. The database
+  does the append in one round trip (``corral_audit_append``, migration 0008), computing
+  the same hash as ``chain_hash``.
 * The table rejects ``UPDATE``, ``DELETE`` and ``TRUNCATE`` with a trigger
   ("audit_log is append-only"). Whoever owns the table can disable that trigger; the chain is
   what makes such changes visible: ``verify_audit`` (``corral audit verify``) recomputes every
@@ -46,7 +48,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -57,8 +59,6 @@ from supervisor.errors import StoreError
 
 GENESIS_HASH = "0" * 64
 """The ``prev_hash`` of the first record."""
-
-_AUDIT_LOCK = 0x61756474  # "audt": serializes appenders across every corral process
 
 _CHAINED_FIELDS = (
     "id",
@@ -167,47 +167,84 @@ def _canonical_json(value: Mapping[str, Any]) -> bytes:
     return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
 
 
-async def append_audit(conn: asyncpg.Connection, entry: AuditEntry) -> int:
+def _pieces(entry: AuditEntry) -> tuple[bytes, bytes, bytes]:
+    """``canonical(record)`` around the two items only the database knows: everything
+    before ``"created_at"``, between it and ``"id"``, and after ``"id"`` (each with the
+    commas that join it to them)."""
+    fields: dict[str, Any] = asdict(entry)
+    fields["policy_ids"] = list(entry.policy_ids)
+    pieces: list[list[bytes]] = [[]]
+    for name in sorted(_CHAINED_FIELDS):
+        if name in ("created_at", "id"):
+            pieces.append([])
+        else:
+            pieces[-1].append(_canonical_json({name: fields[name]})[1:-1])
+    before, between, after = (b",".join(items) for items in pieces)
+    return b"{" + before + b",", b"," + between + b",", b"," + after + b"}"
+
+
+def _append_call(first: int) -> str:
+    return "corral_audit_append(" + ",".join(f"${n}" for n in range(first, first + 14)) + ")"
+
+
+def _append_parameters(entry: AuditEntry) -> list[object]:
+    return [
+        entry.agent,
+        entry.credential_id,
+        entry.on_behalf_of,
+        entry.conversation,
+        entry.action,
+        entry.arguments_digest,
+        entry.decision,
+        list(entry.policy_ids),
+        entry.approval_id,
+        entry.outcome,
+        entry.detail,
+        *_pieces(entry),
+    ]
+
+
+async def append_audit(
+    conn: asyncpg.Connection,
+    entry: AuditEntry,
+    *,
+    along: tuple[str, Sequence[object]] | None = None,
+) -> int:
     """Append ``entry`` to the chain, inside the caller's transaction, and return its id.
 
-    Concurrent appenders wait for each other on an advisory lock held until their transactions
-    end, so each one links to the record committed before it. The transaction must run at READ
-    COMMITTED (PostgreSQL's default): a snapshot older than the lock would not see the head.
+    One round trip: the database function ``corral_audit_append`` takes the chain's lock
+    (held until the transaction ends, so concurrent appenders queue and each links to the
+    record committed before it), reads the head, numbers and times the record, hashes it
+    as ``chain_hash`` does and inserts it. The transaction must run at READ COMMITTED
+    (PostgreSQL's default): a snapshot older than the lock would not see the head.
+
+    Args:
+        along: A data-modifying statement (``INSERT``/``UPDATE``, parameters from ``$1``)
+            and its parameters, run in the same statement: what the record describes,
+            written in the same round trip.
 
     Raises:
         StoreError: if ``conn`` is not in a transaction or not at READ COMMITTED
             (``retryable=False``), if another appender extended the chain from the same head
-            (``retryable=True``), or if PostgreSQL fails.
+            or ``along`` hit a row written concurrently (``retryable=True``), or if
+            PostgreSQL fails.
     """
     if not conn.is_in_transaction():
         raise StoreError("append_audit must run inside a transaction", retryable=False)
+    statement, parameters = along or ("", ())
+    call = _append_call(len(parameters) + 1)
+    query = f"WITH along AS ({statement}) SELECT {call}" if statement else f"SELECT {call}"
     try:
-        isolation = await conn.fetchval(
-            "SELECT current_setting('transaction_isolation') FROM pg_advisory_xact_lock($1)", _AUDIT_LOCK
-        )
-        if isolation != "read committed":
-            raise StoreError(f"append_audit needs READ COMMITTED, not {isolation}", retryable=False)
-        # The statements below take fresh snapshots, after the lock: they see the head
-        # committed by whoever held the lock before us.
-        head = await conn.fetchrow(
-            "SELECT (SELECT hash FROM audit_log ORDER BY id DESC LIMIT 1) AS prev_hash,"
-            " nextval(pg_get_serial_sequence('audit_log', 'id')) AS id, clock_timestamp() AS created_at"
-        )
-        record: dict[str, Any] = {**asdict(entry), "id": head["id"], "created_at": head["created_at"]}
-        prev_hash = head["prev_hash"] or GENESIS_HASH
-        await conn.execute(
-            f"INSERT INTO audit_log ({_COLUMNS}) VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9,$10,$11,$12,$13,$14,$15)",
-            *(record[name] for name in _CHAINED_FIELDS),
-            prev_hash,
-            chain_hash(prev_hash, record),
-        )
+        return int(await conn.fetchval(query, *parameters, *_append_parameters(entry)))
+    except asyncpg.InvalidTransactionStateError as exc:
+        raise StoreError(str(exc), retryable=False) from exc
     except asyncpg.UniqueViolationError as exc:
-        raise StoreError(f"the audit chain moved concurrently: {exc}", retryable=True) from exc
+        # The chain's head or ``along``'s row was written concurrently: a retry reads it.
+        raise StoreError(f"{exc.table_name} changed concurrently: {exc}", retryable=True) from exc
     except (OSError, asyncpg.PostgresConnectionError, asyncpg.InterfaceError) as exc:
         raise StoreError(f"PostgreSQL unavailable: {exc}") from exc
     except asyncpg.PostgresError as exc:
         raise StoreError(f"cannot append to the audit log: {exc}", retryable=False) from exc
-    return int(head["id"])
 
 
 async def verify_audit(source: asyncpg.Connection | asyncpg.Pool) -> AuditVerification:

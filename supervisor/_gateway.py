@@ -22,7 +22,7 @@ import hashlib
 import json
 import logging
 import secrets
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any
@@ -56,6 +56,16 @@ logger = logging.getLogger(__name__)
 _call_decoder = msgspec.json.Decoder(ToolCall)
 _LOCK_NAMESPACE = 0x746F6F6C  # "tool"
 _CUSTOMER_NAMESPACE = 0x63757374  # "cust"
+# Evaluated on the conversation's row: {0} the call's key, {1} whether the tool changes state.
+_LOCKS = (
+    f"pg_advisory_xact_lock({_LOCK_NAMESPACE}, hashtext({{0}})) AS key_lock,"
+    f" CASE WHEN {{1}}::boolean THEN pg_advisory_xact_lock({_CUSTOMER_NAMESPACE}, hashtext(owner.customer))"
+    " END AS customer_lock"
+)
+_LEDGER = (
+    "INSERT INTO tool_ledger (idempotency_key, conversation, agent, tool, arguments, status,"
+    " result, undo) VALUES ($1,$2,$3,$4,$5::jsonb,$6,$7::jsonb,$8)"
+)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -171,10 +181,22 @@ class ToolGateway(MessageService):
         response = call.response and msgspec.structs.replace(
             call.response, conversation=call.conversation, step=call.step, index=call.index
         )
+        key = f"{call.conversation}:{call.step}:{call.index}"
         async with self._pool.acquire() as conn, conn.transaction():
             # The response that asked for this call commits with the call's outcome (or
-            # its refusal), in the statement that reads the conversation.
-            conversation = await journal_response(conn, call.conversation, response, sender)
+            # its refusal), in the statement that reads the conversation. The same
+            # statement takes the call's locks: one call per key at a time, and for a call
+            # that changes state one per customer, so facts like "refunds today" cannot
+            # change between the decision and the effect. (Always key, then customer, then
+            # the audit chain's lock at the end: no two calls wait on each other in reverse.)
+            conversation = await journal_response(
+                conn,
+                call.conversation,
+                response,
+                sender,
+                also=_LOCKS,
+                also_parameters=(key, tool.changes_state),
+            )
             customer = conversation["customer"] if conversation else ""
             if conversation is None or conversation["status"] != "running":
                 return await self._refuse(
@@ -189,20 +211,6 @@ class ToolGateway(MessageService):
             except ValidationError as exc:
                 reason = f"invalid arguments: {exc.errors(include_url=False)}"
                 return await self._refuse(call, sender, customer, "invalid", reason), client
-            key = f"{call.conversation}:{call.step}:{call.index}"
-            # One call per key at a time, and for a call that changes state one per
-            # customer: facts like "refunds today" must not change between the decision
-            # and the effect. (Always key first, then customer, in one statement: no two
-            # calls wait on each other in reverse.)
-            await conn.execute(
-                "SELECT pg_advisory_xact_lock($1, hashtext($2)),"
-                " CASE WHEN $3 THEN pg_advisory_xact_lock($4, hashtext($5)) END",
-                _LOCK_NAMESPACE,
-                key,
-                tool.changes_state,
-                _CUSTOMER_NAMESPACE,
-                customer,
-            )
             # A fresh snapshot, after the locks: it sees a call that committed before; and
             # how often this very call (tool and arguments) was made in the conversation.
             arguments_digest = digest_arguments(arguments.model_dump(mode="json"))
@@ -307,20 +315,21 @@ class ToolGateway(MessageService):
             )
         result = await tool.run(ctx)
         status: ToolStatus = "error" if "error" in result else "ok"
-        await conn.execute(
-            "INSERT INTO tool_ledger (idempotency_key, conversation, agent, tool, arguments, status,"
-            " result, undo) VALUES ($1,$2,$3,$4,$5::jsonb,$6,$7::jsonb,$8)",
-            ctx.idempotency_key,
-            call.conversation,
-            call.agent,
-            tool.name,
-            json.dumps(arguments),
-            status,
-            json.dumps(result),
-            tool.undo,
+        ledger = (
+            _LEDGER,
+            (
+                ctx.idempotency_key,
+                call.conversation,
+                call.agent,
+                tool.name,
+                json.dumps(arguments),
+                status,
+                json.dumps(result),
+                tool.undo,
+            ),
         )
         outcome = "applied" if status == "ok" else f"failed: {result['error']}"
-        await self._audit(conn, call, ctx, decision, approval_id, outcome, decision.reason, arguments)
+        await self._audit(conn, call, ctx, decision, approval_id, outcome, decision.reason, arguments, ledger)
         return self._result(
             call,
             status,
@@ -396,6 +405,7 @@ class ToolGateway(MessageService):
         outcome: str,
         detail: str,
         arguments: Mapping[str, Any],
+        along: tuple[str, Sequence[object]] | None = None,
     ) -> None:
         entry = _entry(
             call,
@@ -408,7 +418,7 @@ class ToolGateway(MessageService):
             decision.policy_ids,
             approval_id,
         )
-        await append_audit(conn, entry)
+        await append_audit(conn, entry, along=along)
 
     async def _refuse(
         self, call: ToolCall, sender: str, customer: str, status: ToolStatus, reason: str

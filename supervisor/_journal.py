@@ -12,8 +12,9 @@ again. Agents hold no database credentials, so they ask over NATS
 
 from __future__ import annotations
 
+import functools
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 
 import asyncpg
 import msgspec
@@ -84,24 +85,41 @@ _CONVERSATION = (
     "SELECT status, current_agent, step, customer, dry_run, client FROM conversations WHERE id = $1"
 )
 
-# The conversation, and (if it is the sender's running turn) the entry and its spend, in
-# one statement.
-_WRITE = (
-    f"WITH owner AS ({_CONVERSATION}), "
-    + journal_ctes(1, "owner WHERE owner.status = 'running' AND owner.current_agent = $4 AND owner.step = $2")
-    + " SELECT * FROM owner"
-)
+
+@functools.cache
+def _statement(with_entry: bool, also: str, first_also: int) -> str:
+    expressions = ", " + also.format(*(f"${n}" for n in range(first_also, first_also + 10))) if also else ""
+    if not with_entry:
+        return f"SELECT owner.*{expressions} FROM ({_CONVERSATION}) AS owner"
+    # The conversation, and (if it is the sender's running turn) the entry and its spend.
+    return (
+        f"WITH owner AS ({_CONVERSATION}), "
+        + journal_ctes(1, "owner WHERE owner.status='running' AND owner.current_agent=$4 AND owner.step=$2")
+        + f" SELECT owner.*{expressions} FROM owner"
+    )
 
 
 async def journal_response(
-    conn: asyncpg.Connection, conversation: str, entry: JournalEntry | None, sender: str
+    conn: asyncpg.Connection,
+    conversation: str,
+    entry: JournalEntry | None,
+    sender: str,
+    *,
+    also: str = "",
+    also_parameters: Sequence[object] = (),
 ) -> asyncpg.Record | None:
     """The conversation (status, current agent, step, customer, dry run, client), having
     journaled ``entry`` of ``sender`` with its spend if the step is ``sender``'s running
-    turn (first write wins); one statement. None if there is no such conversation."""
+    turn (first write wins); one statement. None if there is no such conversation.
+
+    Args:
+        also: More expressions evaluated on the conversation's row (``owner``) in the same
+            statement (say, taking locks), with ``{0}``, ``{1}``, ... for ``also_parameters``.
+    """
     if entry is None:
-        return await conn.fetchrow(_CONVERSATION, conversation)
-    return await conn.fetchrow(_WRITE, *journal_parameters(entry, sender))
+        return await conn.fetchrow(_statement(False, also, 2), conversation, *also_parameters)
+    parameters = journal_parameters(entry, sender)
+    return await conn.fetchrow(_statement(True, also, len(parameters) + 1), *parameters, *also_parameters)
 
 
 def _not_your_turn(owner: asyncpg.Record | None, sender: str, step: int) -> JournalReply | None:

@@ -132,6 +132,20 @@ async def test_appends_chain_and_verify(conn: asyncpg.Connection, database_url: 
         assert (await verify_audit(conn)).count == 6
 
 
+async def test_the_databases_hash_is_the_one_verify_computes(conn: asyncpg.Connection) -> None:
+    """The database hashes what it appends; every character JSON escapes must come out as
+    ``canonical`` writes it, or verification would call an untouched record altered."""
+    awkward = 'quote " backslash \\ newline \n tab \t nul-ish \x01 line-sep \u2028 emoji \U0001f980 é'
+    entry = replace(ENTRY, detail=awkward, agent=awkward, policy_ids=(awkward, ""), approval_id=None)
+    async with conn.transaction():
+        appended = await append_audit(conn, entry)
+    row = await conn.fetchrow("SELECT * FROM audit_log WHERE id=$1", appended)
+    assert row["detail"] == awkward and row["policy_ids"] == [awkward, ""]
+    expected = hashlib.sha256(bytes.fromhex(GENESIS_HASH) + canonical(dict(row))).hexdigest()
+    assert row["hash"] == expected
+    assert (await verify_audit(conn)).intact
+
+
 async def test_a_rolled_back_append_leaves_no_trace(conn: asyncpg.Connection) -> None:
     await _append(conn, 2)
     with pytest.raises(RuntimeError, match="the action failed"):
