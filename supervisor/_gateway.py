@@ -31,7 +31,7 @@ import asyncpg
 import msgspec
 from nats.aio.client import Client
 from nats.aio.msg import Msg
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 
 from agents._tools import Tool, ToolInput
 from bus import (
@@ -50,17 +50,25 @@ from supervisor._audit import AuditEntry, append_audit, digest_arguments
 from supervisor._budgets import Budgets, exceeded, repeated_call
 from supervisor._journal import journal_response
 from supervisor._policy import PolicyDecision, PolicyEngine, PolicyRequest
+from supervisor.errors import StoreError
 
 logger = logging.getLogger(__name__)
 
 _call_decoder = msgspec.json.Decoder(ToolCall)
 _LOCK_NAMESPACE = 0x746F6F6C  # "tool"
 _CUSTOMER_NAMESPACE = 0x63757374  # "cust"
-# Evaluated on the conversation's row: {0} the call's key, {1} whether the tool changes state.
-_LOCKS = (
+# Evaluated on the conversation's row in the statement that journals the call's response:
+# the call's locks ({0} its key; {1} whether the tool changes state), then what the ledger
+# has for the key and how often this very call ({2} tool, {3} arguments' digest) was made
+# in the conversation.
+_LOCKS_AND_LEDGER = (
     f"pg_advisory_xact_lock({_LOCK_NAMESPACE}, hashtext({{0}})) AS key_lock,"
     f" CASE WHEN {{1}}::boolean THEN pg_advisory_xact_lock({_CUSTOMER_NAMESPACE}, hashtext(owner.customer))"
-    " END AS customer_lock"
+    " END AS customer_lock,"
+    " (SELECT l.status FROM tool_ledger l WHERE l.idempotency_key={0}) AS ledger_status,"
+    " (SELECT l.result::text FROM tool_ledger l WHERE l.idempotency_key={0}) AS ledger_result,"
+    " (SELECT count(*) FROM audit_log a WHERE a.conversation=owner.id AND a.action={2}"
+    "  AND a.arguments_digest={3}) AS repeats"
 )
 _LEDGER = (
     "INSERT INTO tool_ledger (idempotency_key, conversation, agent, tool, arguments, status,"
@@ -171,6 +179,18 @@ class ToolGateway(MessageService):
         await publish_live(self._nc, subjects.conversation_progress(client, call.conversation), update)
 
     async def _call(self, call: ToolCall, sender: str) -> tuple[ToolResult, str | None]:
+        try:
+            return await self._call_once(call, sender)
+        except (StoreError, asyncpg.UniqueViolationError) as exc:
+            if isinstance(exc, StoreError) and not exc.retryable:
+                raise
+            # A call with the same key committed while this one waited for its lock (the
+            # ledger's key, or the tool's own, refused the second effect and everything
+            # rolled back): this time the ledger answers.
+            logger.info("tool call %s raced a duplicate (%s); answering from the ledger", call.tool, exc)
+            return await self._call_once(call, sender)
+
+    async def _call_once(self, call: ToolCall, sender: str) -> tuple[ToolResult, str | None]:
         if call.agent != sender:
             reason = f"call on {sender}'s subject claims to come from {call.agent!r}"
             return await self._refuse(call, sender, "", "denied", reason), None
@@ -181,6 +201,12 @@ class ToolGateway(MessageService):
         response = call.response and msgspec.structs.replace(
             call.response, conversation=call.conversation, step=call.step, index=call.index
         )
+        try:
+            arguments: BaseModel | None = tool.arguments.model_validate(call.arguments)
+            invalid = ""
+        except ValidationError as exc:
+            arguments, invalid = None, f"invalid arguments: {exc.errors(include_url=False)}"
+        arguments_digest = digest_arguments(arguments.model_dump(mode="json")) if arguments else ""
         key = f"{call.conversation}:{call.step}:{call.index}"
         async with self._pool.acquire() as conn, conn.transaction():
             # The response that asked for this call commits with the call's outcome (or
@@ -189,13 +215,16 @@ class ToolGateway(MessageService):
             # that changes state one per customer, so facts like "refunds today" cannot
             # change between the decision and the effect. (Always key, then customer, then
             # the audit chain's lock at the end: no two calls wait on each other in reverse.)
+            # It reads the ledger too, on a snapshot taken before the locks: a duplicate
+            # that commits meanwhile makes this call's ledger entry collide, and the
+            # retry in ``_call`` answers from the ledger.
             conversation = await journal_response(
                 conn,
                 call.conversation,
                 response,
                 sender,
-                also=_LOCKS,
-                also_parameters=(key, tool.changes_state),
+                also=_LOCKS_AND_LEDGER,
+                also_parameters=(key, tool.changes_state, tool.name, arguments_digest),
             )
             customer = conversation["customer"] if conversation else ""
             if conversation is None or conversation["status"] != "running":
@@ -206,27 +235,11 @@ class ToolGateway(MessageService):
             if conversation["current_agent"] != sender or conversation["step"] != call.step:
                 reason = f"step {call.step} is not {sender}'s turn"
                 return await self._refuse(call, sender, customer, "denied", reason), None
-            try:
-                arguments = tool.arguments.model_validate(call.arguments)
-            except ValidationError as exc:
-                reason = f"invalid arguments: {exc.errors(include_url=False)}"
-                return await self._refuse(call, sender, customer, "invalid", reason), client
-            # A fresh snapshot, after the locks: it sees a call that committed before; and
-            # how often this very call (tool and arguments) was made in the conversation.
-            arguments_digest = digest_arguments(arguments.model_dump(mode="json"))
-            previous = await conn.fetchrow(
-                "SELECT l.status, l.result::text AS result,"
-                " (SELECT count(*) FROM audit_log WHERE conversation=$2 AND action=$3"
-                "  AND arguments_digest=$4) AS repeats"
-                " FROM (SELECT 1) AS one LEFT JOIN tool_ledger l ON l.idempotency_key=$1",
-                key,
-                call.conversation,
-                tool.name,
-                arguments_digest,
-            )
-            if previous["status"] is not None:
-                replay = self._result(call, previous["status"], json.loads(previous["result"]), replayed=True)
-                return replay, client
+            if arguments is None:
+                return await self._refuse(call, sender, customer, "invalid", invalid), client
+            if conversation["ledger_status"] is not None:
+                result = json.loads(conversation["ledger_result"])
+                return self._result(call, conversation["ledger_status"], result, replayed=True), client
             ctx = ToolInput(
                 arguments=arguments,
                 customer=conversation["customer"],
@@ -235,9 +248,8 @@ class ToolGateway(MessageService):
                 idempotency_key=key,
                 conn=conn,
             )
-            result = await self._decide_and_apply(
-                conn, call, tool, ctx, bool(conversation["dry_run"]), arguments_digest, previous["repeats"]
-            )
+            dry_run, repeats = bool(conversation["dry_run"]), conversation["repeats"]
+            result = await self._decide_and_apply(conn, call, tool, ctx, dry_run, arguments_digest, repeats)
             return result, client
 
     async def _decide_and_apply(

@@ -82,7 +82,7 @@ def journal_parameters(entry: JournalEntry, sender: str) -> list[object]:
 
 
 _CONVERSATION = (
-    "SELECT status, current_agent, step, customer, dry_run, client FROM conversations WHERE id = $1"
+    "SELECT id, status, current_agent, step, customer, dry_run, client FROM conversations WHERE id = $1"
 )
 
 
@@ -108,7 +108,7 @@ async def journal_response(
     also: str = "",
     also_parameters: Sequence[object] = (),
 ) -> asyncpg.Record | None:
-    """The conversation (status, current agent, step, customer, dry run, client), having
+    """The conversation (id, status, current agent, step, customer, dry run, client), having
     journaled ``entry`` of ``sender`` with its spend if the step is ``sender``'s running
     turn (first write wins); one statement. None if there is no such conversation.
 
