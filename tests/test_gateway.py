@@ -8,6 +8,7 @@ agent token of the subject the call arrived on.
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
@@ -22,7 +23,7 @@ from agents.support.tools import TOOLS, Refund, RefundArgs, setup
 from bus import JournalEntry, ToolCall, ToolResult
 from supervisor._approvals import ApprovalError, decide_approval, pending_approvals
 from supervisor._audit import verify_audit
-from supervisor._gateway import GatewayConfig, ToolGateway
+from supervisor._gateway import _LOCK_NAMESPACE, GatewayConfig, ToolGateway
 from supervisor._policy import PolicyEngine
 from supervisor._store import Store
 from tests.conftest import REPO, eventually
@@ -549,6 +550,40 @@ async def test_concurrent_duplicates_apply_once(shop: Shop) -> None:
     assert len({r.result["refund_id"] for r in results}) == 1
     assert await refunds(shop.pool) == [("1001", 4_000)]
     assert await ledger_count(shop.pool, "c-dup") == 1
+    await assert_audit_intact(shop.pool)
+
+
+async def test_a_duplicate_that_commits_while_the_call_waits_is_answered_from_the_ledger(
+    shop: Shop, database_url: str
+) -> None:
+    """The call reads the ledger before it holds its lock; a duplicate committed meanwhile
+    makes its ledger entry collide, everything it did rolls back, and the ledger answers."""
+    await open_conversation(shop.pool, "c-race", "cus_1001", "payments")
+    first = {"refund_id": 777, "order_id": "1001", "amount_cents": 4_000}
+    other = await asyncpg.connect(database_url)
+    try:
+        async with other.transaction():
+            await other.execute("SELECT pg_advisory_xact_lock($1, hashtext('c-race:1:0'))", _LOCK_NAMESPACE)
+            call = asyncio.create_task(shop.gateway.call(refund("c-race", "1001", 4_000), "payments"))
+            await eventually(
+                lambda: other.fetchval(
+                    "SELECT count(*) FROM pg_locks WHERE locktype='advisory' AND NOT granted"
+                ),
+                message="the call waiting for its key",
+            )
+            await other.execute(
+                "INSERT INTO tool_ledger (idempotency_key, conversation, agent, tool, arguments, status,"
+                " result) VALUES ('c-race:1:0', 'c-race', 'payments', 'refund', '{}', 'ok', $1::jsonb)",
+                json.dumps(first),
+            )
+        result = await call
+    finally:
+        await other.close()
+
+    assert (result.status, result.replayed, result.result) == ("ok", True, first)
+    assert await refunds(shop.pool) == []  # the second effect rolled back with its ledger entry
+    assert await ledger_count(shop.pool, "c-race") == 1
+    assert await audit_rows(shop.pool, "c-race") == []
     await assert_audit_intact(shop.pool)
 
 
