@@ -48,7 +48,9 @@ class Budgets:
         )
 
 
-async def exceeded(conn: asyncpg.Connection, budgets: Budgets, conversation: str, agent: str) -> str | None:
+async def exceeded(
+    conn: asyncpg.Connection | asyncpg.Pool, budgets: Budgets, conversation: str, agent: str
+) -> str | None:
     """Why ``agent`` may not spend more on ``conversation`` now, or None if it may."""
     if not budgets.limits(agent):
         return None

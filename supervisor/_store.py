@@ -17,6 +17,7 @@ import asyncpg
 import msgspec
 
 from bus import ConversationStatus, Hop, JournalEntry, subjects
+from supervisor._batch import Batcher
 from supervisor._journal import journal_ctes, journal_parameters
 from supervisor.errors import ConcurrentChange, StoreError
 
@@ -131,18 +132,20 @@ class ConversationSnapshot:
 
     def __init__(
         self,
-        conn: asyncpg.Connection,
+        db: asyncpg.Pool,
+        batcher: Batcher,
         record: ConversationRecord | None,
         on_saved: Callable[[ConversationRecord], None] | None = None,
     ) -> None:
-        self._conn = conn
+        self._db = db
+        self._batcher = batcher
         self.record = record
         self._on_saved = on_saved
 
     @property
-    def connection(self) -> asyncpg.Connection:
-        """A connection for further reads while deciding."""
-        return self._conn
+    def connection(self) -> asyncpg.Pool:
+        """Where to read further while deciding (a pool: nothing is held while deciding)."""
+        return self._db
 
     async def save(
         self,
@@ -151,7 +154,8 @@ class ConversationSnapshot:
         response: tuple[JournalEntry, str] | None = None,
     ) -> None:
         """Write ``record`` (insert or update) with ``steps`` and, for an update, journal the
-        model ``response`` (entry, sender) that ended the step; one statement.
+        model ``response`` (entry, sender) that ended the step; one statement, committed
+        in a batch with other conversations' saves (see ``supervisor._batch``).
 
         Raises:
             ConcurrentChange: the conversation was saved by someone else since it was read.
@@ -159,7 +163,7 @@ class ConversationSnapshot:
         base = self.record
         path = _encoder.encode(record.path).decode()
         if base is None:
-            saved = await self._conn.fetchval(
+            saved = await self._batcher.fetchval(
                 _INSERT,
                 record.id,
                 record.customer,
@@ -179,7 +183,7 @@ class ConversationSnapshot:
             )
         else:
             journal = journal_parameters(*response) if response is not None else []
-            saved = await self._conn.fetchval(
+            saved = await self._batcher.fetchval(
                 _UPDATE_WITH_RESPONSE if response is not None else _UPDATE,
                 record.id,
                 record.status,
@@ -203,7 +207,7 @@ class ConversationSnapshot:
     async def record_steps(self, conversation: str, steps: list[StepRecord]) -> None:
         """Append ``steps`` without changing the conversation (e.g. a rejected message)."""
         if steps:
-            await self._conn.execute(
+            await self._db.execute(
                 "WITH saved AS (SELECT $1::text AS id), "
                 + _STEPS.format("$2", "$3", "$4", "$5", "$6", "$7")
                 + " SELECT 1",
@@ -228,6 +232,7 @@ class Store:
 
     def __init__(self, pool: asyncpg.Pool, *, cache_size: int = 10_000) -> None:
         self._pool = pool
+        self._batcher = Batcher(pool)
         self._cache: OrderedDict[str, ConversationRecord] = OrderedDict()
         self._cache_size = cache_size
 
@@ -253,12 +258,18 @@ class Store:
         return store
 
     @property
+    def batches(self) -> int:
+        """Batches of saves written so far (see ``supervisor._batch``)."""
+        return self._batcher.batches
+
+    @property
     def pool(self) -> asyncpg.Pool:
         """The connection pool (the tool gateway shares it)."""
         return self._pool
 
     async def close(self) -> None:
         """Close every connection."""
+        await self._batcher.close()
         await self._pool.close()
 
     async def migrate(self) -> list[str]:
@@ -303,13 +314,12 @@ class Store:
         if fresh:
             self._cache.pop(conversation, None)
         try:
-            async with self._pool.acquire() as conn:
-                if record is None and not expect_new:
-                    row = await conn.fetchrow(
-                        f"SELECT {_COLUMNS} FROM conversations WHERE id=$1", conversation
-                    )
-                    record = _from_row(row) if row else None
-                yield ConversationSnapshot(conn, record, self._remember)
+            if record is None and not expect_new:
+                row = await self._pool.fetchrow(
+                    f"SELECT {_COLUMNS} FROM conversations WHERE id=$1", conversation
+                )
+                record = _from_row(row) if row else None
+            yield ConversationSnapshot(self._pool, self._batcher, record, self._remember)
         except (OSError, asyncpg.PostgresConnectionError, asyncpg.InterfaceError) as exc:
             raise StoreError(f"PostgreSQL unavailable: {exc}") from exc
 
