@@ -1,10 +1,10 @@
 """Group commit for the supervisor's saves: many conversations' statements in one round trip.
 
-A save waits for no timer: when no batch is in PostgreSQL it goes at once, alone; while a
-batch is in PostgreSQL, the saves that arrive meanwhile gather and go together next, the
-statements of each kind pipelined in one round trip and one commit (asyncpg's
-``fetchmany``, atomic). Under load that is one commit for many decisions instead of one
-each; one at a time it costs nothing.
+A save waits for no timer: when nothing is being written it goes at once, alone, on the
+caller's own turn; while something is being written, the saves that arrive meanwhile
+gather and go together next, the statements of each kind pipelined in one round trip and
+one commit (asyncpg's ``fetchmany``, atomic). Under load that is one commit for many
+decisions instead of one each; one at a time it costs nothing.
 
 Each statement must return one row whose first column is its answer (for a save, how
 many conversations it wrote). A statement that fails takes its batch down with it, so
@@ -25,6 +25,8 @@ from supervisor.errors import StoreError
 
 logger = logging.getLogger(__name__)
 
+_UNAVAILABLE = (OSError, asyncpg.PostgresConnectionError, asyncpg.InterfaceError)
+
 
 @dataclass
 class _Pending:
@@ -34,10 +36,10 @@ class _Pending:
 
 
 class Batcher:
-    """Write single-row statements in batches on one pooled connection at a time.
+    """Write single-row statements, batched while PostgreSQL is busy with earlier ones.
 
     Args:
-        pool: Where the connection comes from (held only while a batch is written).
+        pool: Where connections come from (one held only while something is written).
         max_batch: Statements per round trip at most.
     """
 
@@ -45,9 +47,10 @@ class Batcher:
         self._pool = pool
         self._max_batch = max_batch
         self._queue: list[_Pending] = []
+        self._writing = False
         self._writer: asyncio.Task[None] | None = None
         self.batches = 0
-        """Batches written so far (each one connection, one commit per kind of statement)."""
+        """Batches written so far (a lone statement is a batch of one)."""
 
     async def fetchval(self, query: str, *arguments: object) -> object:
         """The first column of the statement's one row, once it is committed.
@@ -55,10 +58,21 @@ class Batcher:
         Raises:
             StoreError: PostgreSQL is unavailable (retryable) or refused the statement.
         """
+        if not self._writing:
+            # Nothing in PostgreSQL: write it now, on this turn; whatever arrives
+            # meanwhile gathers for the writer.
+            self._writing = True
+            self.batches += 1
+            try:
+                async with self._pool.acquire() as conn:
+                    return await _write_one(conn, query, arguments)
+            except _UNAVAILABLE as exc:
+                raise StoreError(f"PostgreSQL unavailable: {exc}") from exc
+            finally:
+                self._writing = False
+                self._start_writer()
         pending = _Pending(query, arguments)
         self._queue.append(pending)
-        if self._writer is None or self._writer.done():
-            self._writer = asyncio.create_task(self._write_all(), name="corral-batch-writer")
         return await pending.answer
 
     async def close(self) -> None:
@@ -67,24 +81,32 @@ class Batcher:
             self._writer.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._writer
-        for pending in self._queue:
-            if not pending.answer.done():
-                pending.answer.set_exception(StoreError("the store is closed", retryable=True))
+        _fail(self._queue, StoreError("the store is closed", retryable=True))
         self._queue.clear()
 
+    def _start_writer(self) -> None:
+        if self._queue and not self._writing:
+            self._writing = True
+            self._writer = asyncio.create_task(self._write_all(), name="corral-batch-writer")
+
     async def _write_all(self) -> None:
-        while self._queue:
-            batch, self._queue = self._queue[: self._max_batch], self._queue[self._max_batch :]
-            self.batches += 1
-            try:
-                async with self._pool.acquire() as conn:
-                    for query, group in _by_query(batch).items():
-                        await _write(conn, query, group)
-            except (OSError, asyncpg.PostgresConnectionError, asyncpg.InterfaceError) as exc:
-                _fail(batch, StoreError(f"PostgreSQL unavailable: {exc}"))
-            except BaseException as exc:
-                _fail(batch, StoreError(f"could not write a batch: {exc}", retryable=True))
-                raise
+        try:
+            while self._queue:
+                batch, self._queue = self._queue[: self._max_batch], self._queue[self._max_batch :]
+                self.batches += 1
+                try:
+                    async with self._pool.acquire() as conn:
+                        for query, group in _by_query(batch).items():
+                            await _write_group(conn, query, group)
+                except _UNAVAILABLE as exc:
+                    _fail(batch, StoreError(f"PostgreSQL unavailable: {exc}"))
+                except asyncio.CancelledError:
+                    _fail(batch, StoreError("the store is closed", retryable=True))
+                    raise
+                except Exception as exc:
+                    _fail(batch, StoreError(f"could not write a batch: {exc}", retryable=True))
+        finally:
+            self._writing = False
 
 
 def _by_query(batch: list[_Pending]) -> dict[str, list[_Pending]]:
@@ -94,7 +116,7 @@ def _by_query(batch: list[_Pending]) -> dict[str, list[_Pending]]:
     return groups
 
 
-async def _write(conn: asyncpg.Connection, query: str, group: list[_Pending]) -> None:
+async def _write_group(conn: asyncpg.Connection, query: str, group: list[_Pending]) -> None:
     if len(group) > 1:
         try:
             rows = await conn.fetchmany(query, [pending.arguments for pending in group])
@@ -108,14 +130,19 @@ async def _write(conn: asyncpg.Connection, query: str, group: list[_Pending]) ->
             return
     for pending in group:
         try:
-            value = await conn.fetchval(query, *pending.arguments)
-        except asyncpg.PostgresConnectionError:
-            raise
-        except asyncpg.PostgresError as exc:
+            _answer(pending, await _write_one(conn, query, pending.arguments))
+        except StoreError as exc:
             if not pending.answer.done():
-                pending.answer.set_exception(StoreError(f"PostgreSQL refused a save: {exc}", retryable=False))
-        else:
-            _answer(pending, value)
+                pending.answer.set_exception(exc)
+
+
+async def _write_one(conn: asyncpg.Connection, query: str, arguments: Sequence[object]) -> object:
+    try:
+        return await conn.fetchval(query, *arguments)
+    except asyncpg.PostgresConnectionError:
+        raise
+    except asyncpg.PostgresError as exc:
+        raise StoreError(f"PostgreSQL refused a save: {exc}", retryable=False) from exc
 
 
 def _answer(pending: _Pending, value: object) -> None:
