@@ -229,14 +229,14 @@ class ToolGateway(MessageService):
             customer = conversation["customer"] if conversation else ""
             if conversation is None or conversation["status"] != "running":
                 return await self._refuse(
-                    call, sender, customer, "denied", "the conversation is not running"
+                    call, sender, customer, "denied", "the conversation is not running", conn
                 ), None
             client: str = conversation["client"]
             if conversation["current_agent"] != sender or conversation["step"] != call.step:
                 reason = f"step {call.step} is not {sender}'s turn"
-                return await self._refuse(call, sender, customer, "denied", reason), None
+                return await self._refuse(call, sender, customer, "denied", reason, conn), None
             if arguments is None:
-                return await self._refuse(call, sender, customer, "invalid", invalid), client
+                return await self._refuse(call, sender, customer, "invalid", invalid, conn), client
             if conversation["ledger_status"] is not None:
                 result = json.loads(conversation["ledger_result"])
                 return self._result(call, conversation["ledger_status"], result, replayed=True), client
@@ -433,17 +433,25 @@ class ToolGateway(MessageService):
         await append_audit(conn, entry, along=along)
 
     async def _refuse(
-        self, call: ToolCall, sender: str, customer: str, status: ToolStatus, reason: str
+        self,
+        call: ToolCall,
+        sender: str,
+        customer: str,
+        status: ToolStatus,
+        reason: str,
+        conn: asyncpg.Connection | None = None,
     ) -> ToolResult:
-        """Refuse before any policy is consulted (forgery, wrong turn, bad arguments), audited."""
+        """Refuse before any policy is consulted (forgery, wrong turn, bad arguments), audited
+        in the call's transaction ``conn`` if it has one, else in a transaction of its own."""
         logger.warning("tool call %s by %s refused: %s", call.tool, sender, reason)
         detail = reason if call.agent == sender else f"{reason} (body claims {call.agent!r})"
-        async with self._pool.acquire() as conn, conn.transaction():
-            verdict = "deny" if status == "denied" else status
-            await append_audit(
-                conn,
-                _entry(call, sender, customer, digest_arguments(call.arguments), verdict, status, detail),
-            )
+        verdict = "deny" if status == "denied" else status
+        entry = _entry(call, sender, customer, digest_arguments(call.arguments), verdict, status, detail)
+        if conn is not None:
+            await append_audit(conn, entry)
+        else:
+            async with self._pool.acquire() as own, own.transaction():
+                await append_audit(own, entry)
         return self._result(call, status, {}, reason=reason)
 
     @staticmethod

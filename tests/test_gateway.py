@@ -695,3 +695,27 @@ async def test_a_response_out_of_turn_is_not_journaled(shop: Shop) -> None:
     call = msgspec.structs.replace(refund("c-late", "1001", 4000), response=entry)
     assert (await shop.gateway.call(call, "payments")).status == "denied"
     assert await shop.pool.fetchval("SELECT count(*) FROM step_journal") == 0
+
+
+async def test_a_refusal_is_audited_in_the_calls_own_transaction(shop: Shop, database_url: str) -> None:
+    """A refused call holds one connection, not two: one gateway on a pool of one still
+    answers (and audits) refusals of every kind."""
+    await open_conversation(shop.pool, "c-one", "cus_1001", "account_manager", step=2)
+    pool = await asyncpg.create_pool(database_url, min_size=1, max_size=1)
+    try:
+        gateway = ToolGateway(None, pool, TOOLS, shop.policy, GatewayConfig())
+        calls = [
+            refund("c-one", "1001", 4_000, step=2),  # not payments' turn
+            refund("c-none", "1001", 4_000),  # no such conversation
+            refund("c-one", "1001", 4_000, step=2, agent="account_manager", bogus=1),  # invalid
+        ]
+        senders = ["payments", "payments", "account_manager"]
+        results = [
+            await asyncio.wait_for(gateway.call(call, sender), 10)
+            for call, sender in zip(calls, senders, strict=True)
+        ]
+    finally:
+        await pool.close()
+    assert [r.status for r in results] == ["denied", "denied", "invalid"]
+    assert [r["outcome"] for r in await audit_rows(shop.pool, "c-one")] == ["denied", "invalid"]
+    await assert_audit_intact(shop.pool)
