@@ -171,15 +171,12 @@ def _pieces(entry: AuditEntry) -> tuple[bytes, bytes, bytes]:
     """``canonical(record)`` around the two items only the database knows: everything
     before ``"created_at"``, between it and ``"id"``, and after ``"id"`` (each with the
     commas that join it to them)."""
-    fields: dict[str, Any] = asdict(entry)
-    fields["policy_ids"] = list(entry.policy_ids)
-    pieces: list[list[bytes]] = [[]]
-    for name in sorted(_CHAINED_FIELDS):
-        if name in ("created_at", "id"):
-            pieces.append([])
-        else:
-            pieces[-1].append(_canonical_json({name: fields[name]})[1:-1])
-    before, between, after = (b",".join(items) for items in pieces)
+    fields: dict[str, Any] = {**asdict(entry), "policy_ids": list(entry.policy_ids)}
+    groups: tuple[dict[str, Any], ...] = ({}, {}, {})
+    for name in _CHAINED_FIELDS:
+        if name not in ("created_at", "id"):
+            groups[(name > "created_at") + (name > "id")][name] = fields[name]
+    before, between, after = (_canonical_json(group)[1:-1] for group in groups)
     return b"{" + before + b",", b"," + between + b",", b"," + after + b"}"
 
 
