@@ -55,11 +55,12 @@ async def exceeded(
     if not budgets.limits(agent):
         return None
     row = await conn.fetchrow(
-        "SELECT extract(epoch FROM now() - c.created_at) AS age,"
-        " coalesce(s.tokens, 0) AS tokens, coalesce(s.cost_usd, 0) AS usd,"
+        "SELECT extract(epoch FROM now() - c.created_at) AS age, s.tokens, s.usd,"
         " (SELECT coalesce(sum(cost_usd), 0) FROM agent_spend a WHERE a.agent=$2 AND a.day=current_date)"
         "   AS agent_usd"
-        " FROM conversations c LEFT JOIN conversation_spend s ON s.conversation = c.id WHERE c.id=$1",
+        " FROM conversations c, LATERAL (SELECT coalesce(sum(j.input_tokens + j.output_tokens), 0) AS tokens,"
+        "   coalesce(sum(j.cost_usd), 0) AS usd FROM step_journal j WHERE j.conversation = c.id) AS s"
+        " WHERE c.id=$1",
         conversation,
         agent,
     )

@@ -30,13 +30,14 @@ _decoder: msgspec.json.Decoder[JournalQuery] = msgspec.json.Decoder(JournalQuery
 
 
 def journal_ctes(first: int, source: str) -> str:
-    """SQL common table expressions that journal one response and record its spend.
+    """SQL common table expressions that journal one response and record its agent's spend.
 
     The response's fields are parameters ``$first`` .. ``$first+8`` in the order of
     ``journal_parameters``; a row of ``source`` (a FROM clause) must exist for anything to
     be written. Data-modifying CTEs run to completion whether or not the outer query reads
-    them, all on one snapshot; the spend counts only an entry this statement inserted, so
-    a replayed write adds nothing.
+    them, all on one snapshot; the agent's spend counts only an entry this statement
+    inserted, so a replayed write adds nothing. (A conversation's spend is the view
+    ``conversation_spend`` over the journal.)
     """
     conversation, step, idx, agent, text, model, tokens_in, tokens_out, usd = (
         f"${n}" for n in range(first, first + 9)
@@ -49,13 +50,6 @@ entry AS (
         {model}::text, {tokens_in}::integer, {tokens_out}::integer, {usd}::double precision
     FROM {source}
     ON CONFLICT DO NOTHING
-    RETURNING 1
-), conversation_spent AS (
-    INSERT INTO conversation_spend (conversation, model_calls, tokens, cost_usd)
-    SELECT {conversation}, 1, {tokens_in} + {tokens_out}, {usd} FROM entry
-    ON CONFLICT (conversation) DO UPDATE SET model_calls = conversation_spend.model_calls + 1,
-        tokens = conversation_spend.tokens + excluded.tokens,
-        cost_usd = conversation_spend.cost_usd + excluded.cost_usd
     RETURNING 1
 ), agent_spent AS (
     -- only when dollars change: (agent, day) is one row every call of the agent would lock
