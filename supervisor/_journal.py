@@ -81,8 +81,9 @@ _CONVERSATION = (
 
 
 @functools.cache
-def _statement(with_entry: bool, also: str, first_also: int) -> str:
-    expressions = ", " + also.format(*(f"${n}" for n in range(first_also, first_also + 10))) if also else ""
+def _statement(with_entry: bool, also: str, first_also: int, also_count: int) -> str:
+    placeholders = (f"${n}" for n in range(first_also, first_also + also_count))
+    expressions = ", " + also.format(*placeholders) if also else ""
     if not with_entry:
         return f"SELECT owner.*{expressions} FROM ({_CONVERSATION}) AS owner"
     # The conversation, and (if it is the sender's running turn) the entry and its spend.
@@ -110,10 +111,9 @@ async def journal_response(
         also: More expressions evaluated on the conversation's row (``owner``) in the same
             statement (say, taking locks), with ``{0}``, ``{1}``, ... for ``also_parameters``.
     """
-    if entry is None:
-        return await conn.fetchrow(_statement(False, also, 2), conversation, *also_parameters)
-    parameters = journal_parameters(entry, sender)
-    return await conn.fetchrow(_statement(True, also, len(parameters) + 1), *parameters, *also_parameters)
+    parameters = [conversation] if entry is None else journal_parameters(entry, sender)
+    query = _statement(entry is not None, also, len(parameters) + 1, len(also_parameters))
+    return await conn.fetchrow(query, *parameters, *also_parameters)
 
 
 def _not_your_turn(owner: asyncpg.Record | None, sender: str, step: int) -> JournalReply | None:

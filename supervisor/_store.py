@@ -143,8 +143,8 @@ class ConversationSnapshot:
         self._on_saved = on_saved
 
     @property
-    def connection(self) -> asyncpg.Pool:
-        """Where to read further while deciding (a pool: nothing is held while deciding)."""
+    def db(self) -> asyncpg.Pool:
+        """Where to read further while deciding (the pool: nothing is held while deciding)."""
         return self._db
 
     async def save(

@@ -186,7 +186,7 @@ class Supervisor:
                 self._control.state.agents,
                 # Budgets are checked before a step is dispatched (and before every further
                 # model and tool call, by the journal and the gateway).
-                await exceeded(snapshot.connection, self._budgets, message.conversation, message.target)
+                await exceeded(snapshot.db, self._budgets, message.conversation, message.target)
                 if isinstance(message, HandoffProposed)
                 else None,
             )
