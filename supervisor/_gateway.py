@@ -105,6 +105,15 @@ def action_hash(conversation: str, customer: str, agent: str, tool: str, argumen
     return hashlib.sha256(canonical.encode()).hexdigest()
 
 
+@dataclass(frozen=True)
+class _Arguments:
+    """A call's validated arguments as JSON, and their digest (what the audit records and
+    the loop breaker counts by)."""
+
+    json: dict[str, Any]
+    digest: str
+
+
 class _ApprovalDenied(Exception):
     def __init__(self, approval_id: str, message: str) -> None:
         super().__init__(message)
@@ -206,7 +215,8 @@ class ToolGateway(MessageService):
             invalid = ""
         except ValidationError as exc:
             arguments, invalid = None, f"invalid arguments: {exc.errors(include_url=False)}"
-        arguments_digest = digest_arguments(arguments.model_dump(mode="json")) if arguments else ""
+        dumped = arguments.model_dump(mode="json") if arguments else {}
+        arguments_digest = digest_arguments(dumped) if arguments else ""
         key = f"{call.conversation}:{call.step}:{call.index}"
         async with self._pool.acquire() as conn, conn.transaction():
             # The response that asked for this call commits with the call's outcome (or
@@ -249,7 +259,9 @@ class ToolGateway(MessageService):
                 conn=conn,
             )
             dry_run, repeats = bool(conversation["dry_run"]), conversation["repeats"]
-            result = await self._decide_and_apply(conn, call, tool, ctx, dry_run, arguments_digest, repeats)
+            result = await self._decide_and_apply(
+                conn, call, tool, ctx, dry_run, _Arguments(dumped, arguments_digest), repeats
+            )
             return result, client
 
     async def _decide_and_apply(
@@ -259,7 +271,7 @@ class ToolGateway(MessageService):
         tool: Tool[Any],
         ctx: ToolInput[Any],
         dry_run: bool,
-        arguments_digest: str,
+        arguments: _Arguments,
         repeats: int,
     ) -> ToolResult:
         budgets = self._config.budgets
@@ -268,7 +280,7 @@ class ToolGateway(MessageService):
         )
         if stop is not None:
             await append_audit(
-                conn, _entry(call, call.agent, ctx.customer, arguments_digest, "stop", "stopped", stop)
+                conn, _entry(call, call.agent, ctx.customer, arguments.digest, "stop", "stopped", stop)
             )
             return self._result(call, "stopped", {}, reason=stop)
         resource = await tool.resource(ctx)
@@ -281,7 +293,6 @@ class ToolGateway(MessageService):
                 context={**resource.facts, "irreversible": tool.irreversible},
             )
         )
-        arguments = ctx.arguments.model_dump(mode="json")
         approval_id: str | None = None
         if decision.outcome == "deny":
             await self._audit(conn, call, ctx, decision, None, "denied", decision.reason, arguments)
@@ -299,7 +310,7 @@ class ToolGateway(MessageService):
             )
         if decision.outcome == "approval":
             try:
-                approval_id, granted = await self._approval(conn, call, ctx, decision, arguments)
+                approval_id, granted = await self._approval(conn, call, ctx, decision, arguments.json)
             except _ApprovalDenied as denied:
                 await self._audit(
                     conn, call, ctx, decision, denied.approval_id, "denied", str(denied), arguments
@@ -321,7 +332,7 @@ class ToolGateway(MessageService):
             return self._result(
                 call,
                 "simulated",
-                {"would": f"{tool.name}({arguments})"},
+                {"would": f"{tool.name}({arguments.json})"},
                 decision=decision,
                 approval_id=approval_id,
             )
@@ -334,7 +345,7 @@ class ToolGateway(MessageService):
                 call.conversation,
                 call.agent,
                 tool.name,
-                json.dumps(arguments),
+                json.dumps(arguments.json),
                 status,
                 json.dumps(result),
                 tool.undo,
@@ -416,14 +427,14 @@ class ToolGateway(MessageService):
         approval_id: str | None,
         outcome: str,
         detail: str,
-        arguments: Mapping[str, Any],
+        arguments: _Arguments,
         along: tuple[str, Sequence[object]] | None = None,
     ) -> None:
         entry = _entry(
             call,
             call.agent,
             ctx.customer,
-            digest_arguments(arguments),
+            arguments.digest,
             decision.outcome,
             outcome,
             detail,
