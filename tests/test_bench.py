@@ -42,4 +42,6 @@ def test_a_small_cs4_run_completes_every_conversation_and_refunds_each_once(tmp_
         }
     assert report["per_run"]["floor"][0]["concurrent"]["conversations"] == 12
     assert report["ratios"]["throughput"] > 0 and report["ratios"]["seq_p50"] > 0
+    assert report["ratios"]["cpu_vs_floor"] > 0
+    assert [r.keys() for r in report["ratios_per_run"]] == [report["ratios"].keys()]
     assert "8 durable hops" in run.stdout and "corral, scripted direct" in run.stdout
