@@ -35,7 +35,6 @@ from bus import (
     Bus,
     Consumer,
     ConsumerConfig,
-    ControlWatcher,
     Delivery,
     HandoffProposed,
     JournalEntry,
@@ -48,7 +47,6 @@ from bus import (
     current_traceparent,
     encode,
     publish_live,
-    serve_with_control,
     subjects,
 )
 from router import ChatMessage, Completion, CompletionRequest, Model, RouterError
@@ -107,8 +105,6 @@ class AgentService:
         self._settings = settings
         self._bus = bus
         self._model = model
-        # Agents read conversation kill switches only, to skip steps of killed conversations.
-        self._control = ControlWatcher(bus.js, keys="conversation.>")
         self._consumer: Consumer[AgentTask] = Consumer(
             bus.js,
             ConsumerConfig(
@@ -139,7 +135,7 @@ class AgentService:
         self.state = AgentState.RUNNING
         logger.info("agent %s serving %s", self._settings.name, subjects.agent_inbox(self._settings.name))
         try:
-            await serve_with_control(self._control, self._consumer)
+            await self._consumer.run()
         finally:
             self.state = AgentState.STOPPED
             logger.info("agent %s stopped", self._settings.name)
@@ -147,7 +143,6 @@ class AgentService:
     async def shutdown(self) -> None:
         """Stop taking work; idempotent."""
         await self._consumer.shutdown()
-        await self._control.shutdown()
 
     async def handle(self, task: AgentTask, delivery: Delivery) -> None:
         """Run one step: model and tool calls, then hand the output to the supervisor; the
@@ -166,11 +161,6 @@ class AgentService:
 
     async def _step(self, task: AgentTask, attempt: int) -> None:
         name = self._settings.name
-        killed = self._control.state.conversation_killed(task.conversation)
-        if killed is not None:
-            # No step of a killed conversation runs; the supervisor records the drop.
-            await self._publish_failure(task, f"conversation killed ({killed.reason})")
-            return
         try:
             step = await self._decide(task, attempt)
         except (RouterError, AgentError) as exc:

@@ -10,7 +10,10 @@ Permissions are allow-lists, so anything not listed is denied by the broker:
 
 * agent ``A``: publish only ``corral.from.A.{reply,error,event,dead}`` and
   ``corral.from.A.handoff.T`` for each ``T`` the graph allows from ``A``; fetch and ack
-  only its own inbox consumer; read the kill switches; subscribe only to ``_INBOX.agent-A.>``.
+  only its own inbox consumer; subscribe only to ``_INBOX.agent-A.>``. Agents have no
+  access to the kill-switch bucket or any other JetStream API: they cannot create, delete
+  or aim consumers, so they cannot blind the watchers of the processes that enforce kills
+  (the supervisor and the gateway), which alone need to know them.
 * supervisor: publish to every ``corral.agent.*.inbox`` (no one else may) and to
   ``corral.out.>``; JetStream API; answer the agents' step outputs, journal and tool
   requests.
@@ -38,8 +41,6 @@ SUPERVISOR = "supervisor"
 GATEWAY = "gateway"
 ADMIN = "admin"
 
-_KV_STREAM = f"KV_{subjects.CONTROL_BUCKET}"
-
 
 @dataclass(frozen=True, kw_only=True)
 class Identity:
@@ -53,18 +54,6 @@ class Identity:
     subscribe: list[str]
     seed_file: Path
     public_key: str
-
-
-def _read_control() -> list[str]:
-    # What kv.watch() needs: stream info, an ordered consumer, flow-control replies.
-    return [
-        f"$JS.API.STREAM.INFO.{_KV_STREAM}",
-        f"$JS.API.CONSUMER.CREATE.{_KV_STREAM}",
-        f"$JS.API.CONSUMER.CREATE.{_KV_STREAM}.>",
-        f"$JS.API.CONSUMER.INFO.{_KV_STREAM}.>",
-        f"$JS.API.CONSUMER.DELETE.{_KV_STREAM}.>",
-        f"$JS.FC.{_KV_STREAM}.>",
-    ]
 
 
 def permissions(loaded: LoadedConfig, role: Role, name: str) -> tuple[list[str], list[str]]:
@@ -84,7 +73,6 @@ def permissions(loaded: LoadedConfig, role: Role, name: str) -> tuple[list[str],
             *(subjects.agent_handoff(agent, target) for target in loaded.targets(agent)),
             f"$JS.API.CONSUMER.MSG.NEXT.{subjects.WORK_STREAM}.{consumer}",
             f"$JS.ACK.{subjects.WORK_STREAM}.{consumer}.>",
-            *_read_control(),
         ]
         return publish, [inbox]
     if role == "supervisor":
