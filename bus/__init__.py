@@ -2,11 +2,13 @@
 
 from bus import subjects
 from bus._advisories import MaxDeliveriesWatcher
-from bus._connection import Bus, BusConfig, connect
+from bus._connection import Bus, BusConfig, ConnectionGuard, connect
 from bus._consumer import (
     DEAD_REASON,
     DEAD_STREAM_SEQ,
     DEAD_SUBJECT,
+    DEAD_TRUNCATED,
+    DECODE_ERRORS,
     Consumer,
     ConsumerConfig,
     ConsumerState,
@@ -57,8 +59,17 @@ from bus._messages import (
     ToolStatus,
     encode,
 )
-from bus._publish import ATTEMPT, MSG_ID, publish, publish_live
-from bus._service import MessageService
+from bus._publish import (
+    ATTEMPT,
+    MSG_ID,
+    Limits,
+    check_payload,
+    payload_size,
+    publish,
+    publish_live,
+    request,
+)
+from bus._service import MessageService, serve_together
 from bus._topology import (
     TopologyConfig,
     agent_consumer_config,
@@ -73,13 +84,23 @@ from bus._trace import (
     traceparent_from,
     use_traceparent,
 )
-from bus.errors import BusConnectError, BusError, CorralError, PoisonMessageError
+from bus.errors import (
+    BusConnectError,
+    BusError,
+    ConnectionClosedError,
+    CorralError,
+    PayloadTooLargeError,
+    PoisonMessageError,
+    is_retryable,
+)
 
 __all__ = [
     "ATTEMPT",
     "DEAD_REASON",
     "DEAD_STREAM_SEQ",
     "DEAD_SUBJECT",
+    "DEAD_TRUNCATED",
+    "DECODE_ERRORS",
     "MSG_ID",
     "TRACEPARENT",
     "AgentEvent",
@@ -96,6 +117,8 @@ __all__ = [
     "BusConnectError",
     "BusError",
     "ClientUpdate",
+    "ConnectionClosedError",
+    "ConnectionGuard",
     "Consumer",
     "ConsumerConfig",
     "ConsumerState",
@@ -117,10 +140,12 @@ __all__ = [
     "JournalRequest",
     "KillSwitch",
     "KillTarget",
+    "Limits",
     "MaxDeliveriesWatcher",
     "Message",
     "MessageService",
     "OutputTaken",
+    "PayloadTooLargeError",
     "PoisonMessageError",
     "StepEvent",
     "SupervisorInput",
@@ -130,6 +155,7 @@ __all__ = [
     "ToolStatus",
     "TopologyConfig",
     "agent_consumer_config",
+    "check_payload",
     "clear_kill",
     "connect",
     "current_traceparent",
@@ -137,10 +163,14 @@ __all__ = [
     "encode",
     "ensure_control_bucket",
     "ensure_topology",
+    "is_retryable",
     "list_kills",
     "new_traceparent",
+    "payload_size",
     "publish",
     "publish_live",
+    "request",
+    "serve_together",
     "serve_with_control",
     "set_kill",
     "subjects",

@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import nats
 from nats.aio.client import Client
 from nats.js import JetStreamContext
 
 from bus import subjects
-from bus.errors import BusConnectError
+from bus.errors import BusConnectError, ConnectionClosedError
 
 logger = logging.getLogger(__name__)
 
@@ -33,15 +35,40 @@ class BusConfig:
     """Long-running services ride out server restarts; one-shot clients should not."""
 
 
+class _Lifeline:
+    """Whether the connection was closed, and whether on purpose."""
+
+    def __init__(self) -> None:
+        self.closed = asyncio.Event()
+        self.closing = False
+
+
 @dataclass(frozen=True)
 class Bus:
     """An open NATS connection and its JetStream context."""
 
     nc: Client
     js: JetStreamContext
+    _lifeline: _Lifeline = field(default_factory=_Lifeline, repr=False, compare=False)
+
+    @property
+    def lost(self) -> bool:
+        """Whether the connection was closed for good without ``close()``: by the server
+        (e.g. a protocol violation), or because reconnecting gave up."""
+        return self._lifeline.closed.is_set() and not self._lifeline.closing
+
+    async def wait_lost(self) -> None:
+        """Return once the connection was closed for good without ``close()`` (never, if
+        it is closed on purpose)."""
+        while True:
+            await self._lifeline.closed.wait()
+            if not self._lifeline.closing:
+                return
+            await asyncio.Event().wait()  # closed on purpose: nothing is lost
 
     async def close(self) -> None:
         """Drain subscriptions and close the connection; safe to call twice."""
+        self._lifeline.closing = True
         if self.nc.is_closed:
             return
         try:
@@ -70,6 +97,13 @@ async def connect(config: BusConfig) -> Bus:
     async def _on_reconnect() -> None:
         logger.info("NATS connection %s restored", config.name)
 
+    lifeline = _Lifeline()
+
+    async def _on_closed() -> None:
+        if not lifeline.closing:
+            logger.error("NATS connection %s closed for good", config.name)
+        lifeline.closed.set()
+
     try:
         nc = await nats.connect(
             servers=config.servers,
@@ -85,9 +119,50 @@ async def connect(config: BusConfig) -> Bus:
             error_cb=_on_error,
             disconnected_cb=_on_disconnect,
             reconnected_cb=_on_reconnect,
+            closed_cb=_on_closed,
         )
     except Exception as exc:
         raise BusConnectError(
             f"cannot connect to NATS at {', '.join(config.servers)}: {exc}", retryable=True
         ) from exc
-    return Bus(nc=nc, js=nc.jetstream())
+    return Bus(nc=nc, js=nc.jetstream(), _lifeline=lifeline)
+
+
+class ConnectionGuard:
+    """A service that fails once its connection is closed for good, so that whatever it
+    is served with stops and the process exits non-zero (a launcher, compose or systemd
+    then starts it again); nats-py itself would leave the process alive, unable to do
+    anything.
+
+    Args:
+        bus: The connection to watch.
+    """
+
+    def __init__(self, bus: Bus) -> None:
+        self._bus = bus
+        self._stopping = asyncio.Event()
+
+    async def run(self) -> None:
+        """Return on ``shutdown()``.
+
+        Raises:
+            ConnectionClosedError: the connection was closed for good.
+        """
+        lost = asyncio.create_task(self._bus.wait_lost())
+        stopping = asyncio.create_task(self._stopping.wait())
+        try:
+            await asyncio.wait({lost, stopping}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for task in (lost, stopping):
+                task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await asyncio.gather(lost, stopping, return_exceptions=True)
+        if lost.done() and not lost.cancelled() and not self._stopping.is_set():
+            error = self._bus.nc.last_error
+            raise ConnectionClosedError(
+                "the NATS connection was closed for good" + (f": {error}" if error else "")
+            )
+
+    async def shutdown(self) -> None:
+        """Stop watching; idempotent."""
+        self._stopping.set()

@@ -3,11 +3,15 @@
 Outcomes of one delivery:
 
 * the handler returns: ack;
-* the message does not decode, or the handler raises a non-retryable ``CorralError``:
-  copy it to ``corral.dlq.<subject>`` with the reason, then terminate it;
+* the message does not decode (nesting too deep included), or the handler raises what
+  ``is_retryable`` says is not retryable: copy it to ``corral.dlq.<subject>`` with the
+  reason, then terminate it;
 * the handler raises anything else: nak with a delay, and dead-letter it once it has
   been delivered ``max_deliver`` times (JetStream has no dead-letter queue of its own);
 * cancellation: nothing; JetStream redelivers after ``ack_wait``.
+
+A decoded message that is dead-lettered is also handed to ``on_dead`` (the supervisor ends
+its conversation with the reason), so an input never ends in the dead-letter queue alone.
 """
 
 from __future__ import annotations
@@ -26,8 +30,9 @@ from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 
 from bus import subjects
+from bus._publish import KiB, check_payload, payload_size
 from bus._trace import TRACEPARENT, traceparent_from, use_traceparent
-from bus.errors import BusError, CorralError
+from bus.errors import BusError, is_retryable
 
 logger = logging.getLogger(__name__)
 
@@ -36,6 +41,15 @@ T = TypeVar("T")
 DEAD_REASON = "Corral-Dead-Reason"
 DEAD_SUBJECT = "Corral-Dead-Subject"
 DEAD_STREAM_SEQ = "Corral-Dead-Stream-Seq"
+DEAD_TRUNCATED = "Corral-Dead-Truncated"
+"""Set on a dead letter whose body was cut to the bound: the original body's size."""
+DEAD_LETTER_BODY_BYTES = 64 * KiB
+"""The default bound of a dead letter's copied body."""
+_REASON_CHARS = 4000
+
+DECODE_ERRORS = (msgspec.DecodeError, msgspec.ValidationError, RecursionError)
+"""What a decoder raises on bad input: msgspec raises RecursionError, not DecodeError, on
+nesting too deep (even in a field it would ignore)."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -54,6 +68,8 @@ class Delivery:
 
 
 Handler = Callable[[T, Delivery], Awaitable[None]]
+OnDead = Callable[[T, Delivery, str], Awaitable[None]]
+"""Told of a decoded message that was dead-lettered, with the reason."""
 
 
 class ConsumerState(enum.Enum):
@@ -80,6 +96,8 @@ class ConsumerConfig:
     dead_letter_subject: Callable[[str], str] = subjects.dead_letter
     """Maps a subject to its dead-letter subject (agents keep to their own namespace)."""
     shutdown_grace_s: float = 10.0
+    dead_letter_body_bytes: int = DEAD_LETTER_BODY_BYTES
+    """A dead letter keeps at most this much of the body (``limits.dead_letter_body_bytes``)."""
 
 
 class Consumer(Generic[T]):
@@ -90,6 +108,7 @@ class Consumer(Generic[T]):
         config: Which consumer, and how many messages at once.
         decoder: Decoder of the subject family's union.
         handler: Coroutine called with each decoded message.
+        on_dead: Coroutine told of each decoded message that was dead-lettered.
     """
 
     def __init__(
@@ -98,11 +117,13 @@ class Consumer(Generic[T]):
         config: ConsumerConfig,
         decoder: msgspec.json.Decoder[T],
         handler: Handler[T],
+        on_dead: OnDead[T] | None = None,
     ) -> None:
         self._js = js
         self._config = config
         self._decoder = decoder
         self._handler = handler
+        self._on_dead = on_dead
         self._stopping = asyncio.Event()
         self._tasks: set[asyncio.Task[None]] = set()
         self._refill_at = max(1, config.max_in_flight // 4)
@@ -176,31 +197,40 @@ class Consumer(Generic[T]):
             attempt = 1
         try:
             message = self._decoder.decode(msg.data)
-        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+        except DECODE_ERRORS as exc:
             await self._dead_letter(msg, f"decode error: {exc}")
             return
         delivery = Delivery(subject=msg.subject, headers=headers, attempt=attempt, msg=msg)
         with use_traceparent(traceparent_from(headers)):
             try:
                 await self._handler(message, delivery)
-            except CorralError as exc:
-                if not exc.retryable:
-                    logger.warning("dead-lettering %s: %s", msg.subject, exc)
-                    await self._dead_letter(msg, f"{type(exc).__name__}: {exc}")
-                    return
-                await self._retry(msg, attempt, exc)
-                return
             except Exception as exc:
-                logger.exception("handler failed on %s (attempt %d)", msg.subject, attempt)
-                await self._retry(msg, attempt, exc)
+                if not is_retryable(exc):
+                    logger.warning("dead-lettering %s: %s: %s", msg.subject, type(exc).__name__, exc)
+                    await self._give_up(message, delivery, f"{type(exc).__name__}: {exc}")
+                    return
+                if attempt >= self._config.max_deliver:
+                    logger.warning("giving up on %s after %d deliveries: %s", msg.subject, attempt, exc)
+                    await self._give_up(
+                        message, delivery, f"gave up after {attempt} deliveries: {type(exc).__name__}: {exc}"
+                    )
+                    return
+                logger.warning(
+                    "handler failed on %s (attempt %d): %s", msg.subject, attempt, exc, exc_info=exc
+                )
+                await msg.nak(delay=self._config.retry_delay_s * attempt)
                 return
         await msg.ack()
 
-    async def _retry(self, msg: Msg, attempt: int, exc: BaseException) -> None:
-        if attempt >= self._config.max_deliver:
-            await self._dead_letter(msg, f"gave up after {attempt} deliveries: {type(exc).__name__}: {exc}")
+    async def _give_up(self, message: T, delivery: Delivery, reason: str) -> None:
+        await self._dead_letter(delivery.msg, reason)
+        if self._on_dead is None:
             return
-        await msg.nak(delay=self._config.retry_delay_s * attempt)
+        try:
+            await self._on_dead(message, delivery, reason)
+        except Exception:
+            # The dead letter is kept, with its reason; the conversation is the operator's.
+            logger.exception("could not act on the dead letter from %s", delivery.subject)
 
     async def _dead_letter(self, msg: Msg, reason: str) -> None:
         """Copy ``msg`` to the dead-letter subject, then terminate it.
@@ -217,23 +247,51 @@ class Consumer(Generic[T]):
             msg,
             reason,
             stream_seq=stream_seq,
+            max_body_bytes=self._config.dead_letter_body_bytes,
         )
         await msg.term()
 
 
 async def dead_letter(
-    js: JetStreamContext, dead_subject: str, msg: Msg, reason: str, *, stream_seq: int | None = None
+    js: JetStreamContext,
+    dead_subject: str,
+    msg: Msg,
+    reason: str,
+    *,
+    stream_seq: int | None = None,
+    max_body_bytes: int = DEAD_LETTER_BODY_BYTES,
 ) -> None:
     """Store a copy of ``msg`` on ``dead_subject`` with why it died, where it came from and
-    its trace; returns once the copy is stored."""
-    headers = {DEAD_REASON: reason[:4000], DEAD_SUBJECT: msg.subject}
+    its trace; returns once the copy is stored.
+
+    The copy keeps at most ``max_body_bytes`` of the body (and never more than the server's
+    ``max_payload`` leaves room for beside the headers); a cut body says so in
+    ``Corral-Dead-Truncated``, with the original size.
+    """
+    headers = {DEAD_REASON: _header_value(reason)[:_REASON_CHARS], DEAD_SUBJECT: _header_value(msg.subject)}
     if stream_seq is not None:
         headers[DEAD_STREAM_SEQ] = str(stream_seq)
     trace = traceparent_from(msg.headers)
     if trace:
         headers[TRACEPARENT] = trace
-    await js.publish(dead_subject, msg.data, headers=headers)
+    data = msg.data
+    nc = getattr(js, "_nc", None)  # the context's connection (nats-py keeps it there)
+    room = max_body_bytes
+    if nc is not None and nc.max_payload:
+        # Leave room for the header that says the body was cut.
+        room = min(room, nc.max_payload - payload_size(b"", {**headers, DEAD_TRUNCATED: str(len(data))}))
+    if len(data) > room:
+        headers[DEAD_TRUNCATED] = str(len(data))
+        data = data[: max(room, 0)]
+    if nc is not None:
+        check_payload(nc, dead_subject, data, headers)
+    await js.publish(dead_subject, data, headers=headers)
     logger.warning("dead-lettered a message from %s: %s", msg.subject, reason)
+
+
+def _header_value(value: str) -> str:
+    """A header value that cannot break the header block (nats-py strips CR and LF only)."""
+    return "".join(ch if ch.isprintable() else " " for ch in value)
 
 
 async def _wait_or(event: asyncio.Event, timeout_s: float) -> None:

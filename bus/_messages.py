@@ -6,9 +6,17 @@ old messages across deploys. Unknown fields are ignored so older readers keep wo
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import msgspec
+
+_INT32_MAX = 2**31 - 1
+
+_Count = Annotated[int, msgspec.Meta(ge=0, le=_INT32_MAX)]
+"""A step, an index, a resume count, tokens: what PostgreSQL stores as ``integer``; a value
+outside it fails to decode (a poison message) instead of failing the save."""
+_Confidence = Annotated[float, msgspec.Meta(ge=0.0, le=1.0)]
+_Usd = Annotated[float, msgspec.Meta(ge=0.0, le=1e6)]
 
 
 class Hop(msgspec.Struct, frozen=True, kw_only=True):
@@ -37,12 +45,12 @@ class AgentTask(msgspec.Struct, frozen=True, kw_only=True, tag="agent.task"):
 
     v: int = 1
     conversation: str
-    step: int
+    step: _Count
     agent: str
     text: str
     customer: str = ""
     path: list[Hop] = []
-    resume: int = 0
+    resume: _Count = 0
     """How often this step was resumed after an approval; outputs echo it."""
 
 
@@ -51,8 +59,8 @@ class _StepOutput(msgspec.Struct, frozen=True, kw_only=True):
 
     v: int = 1
     conversation: str
-    step: int
-    resume: int = 0
+    step: _Count
+    resume: _Count = 0
     agent: str
     """The identity the body claims; the supervisor trusts only the subject token."""
 
@@ -69,7 +77,7 @@ class HandoffProposed(_StepEnd, frozen=True, kw_only=True, tag="handoff.proposed
     """An agent proposes handing the conversation to ``target``."""
 
     target: str
-    confidence: float
+    confidence: _Confidence
     reason: str = ""
 
 
@@ -77,7 +85,7 @@ class AgentReply(_StepEnd, frozen=True, kw_only=True, tag="agent.reply"):
     """An agent answers the customer; this ends the conversation."""
 
     text: str
-    confidence: float = 1.0
+    confidence: _Confidence = 1.0
 
 
 class AgentFailed(_StepEnd, frozen=True, kw_only=True, tag="agent.failed"):
@@ -107,7 +115,7 @@ class StepEvent(msgspec.Struct, frozen=True, kw_only=True, tag="step.event"):
 
     v: int = 1
     conversation: str
-    step: int
+    step: _Count
     agent: str
     kind: str
     detail: str = ""
@@ -128,7 +136,7 @@ class HandoffForwarded(msgspec.Struct, frozen=True, kw_only=True, tag="handoff.f
 
     v: int = 1
     conversation: str
-    step: int
+    step: _Count
     source: str
     target: str
     confidence: float
@@ -139,7 +147,7 @@ class HandoffRefused(msgspec.Struct, frozen=True, kw_only=True, tag="handoff.ref
 
     v: int = 1
     conversation: str
-    step: int
+    step: _Count
     source: str
     target: str
     reason: str
@@ -150,7 +158,7 @@ class ToolDecided(msgspec.Struct, frozen=True, kw_only=True, tag="tool.decided")
 
     v: int = 1
     conversation: str
-    step: int
+    step: _Count
     agent: str
     tool: str
     status: str
@@ -198,8 +206,8 @@ class ToolCall(msgspec.Struct, frozen=True, kw_only=True, tag="tool.call"):
 
     v: int = 1
     conversation: str
-    step: int
-    index: int
+    step: _Count
+    index: _Count
     agent: str
     """The identity the body claims; the gateway trusts only the subject token."""
     tool: str
@@ -214,8 +222,8 @@ class ToolResult(msgspec.Struct, frozen=True, kw_only=True, tag="tool.result"):
 
     v: int = 1
     conversation: str
-    step: int
-    index: int
+    step: _Count
+    index: _Count
     tool: str
     status: ToolStatus
     result: dict[str, Any] = {}
@@ -234,14 +242,14 @@ class JournalEntry(msgspec.Struct, frozen=True, kw_only=True, tag="journal.entry
 
     v: int = 1
     conversation: str
-    step: int
-    index: int
+    step: _Count
+    index: _Count
     agent: str
     text: str
     model: str = ""
-    input_tokens: int = 0
-    output_tokens: int = 0
-    cost_usd: float = 0.0
+    input_tokens: _Count = 0
+    output_tokens: _Count = 0
+    cost_usd: _Usd = 0.0
 
 
 class JournalQuery(msgspec.Struct, frozen=True, kw_only=True, tag="journal.query"):
@@ -249,7 +257,7 @@ class JournalQuery(msgspec.Struct, frozen=True, kw_only=True, tag="journal.query
 
     v: int = 1
     conversation: str
-    step: int
+    step: _Count
     agent: str
 
 

@@ -1,19 +1,98 @@
-"""Publishing wire messages to JetStream with dedup ids and trace context."""
+"""Publishing wire messages to JetStream with dedup ids and trace context, and sending
+requests; every message is checked against the server's ``max_payload``, headers
+included, before it is sent (nats-py checks the body alone, and a message whose headers
+take it over the limit makes the server close the connection)."""
 
 from __future__ import annotations
 
 import contextlib
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass
 
+import nats.errors
 from nats.aio.client import Client
+from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 
 from bus._messages import Message, encode
 from bus._trace import TRACEPARENT, current_traceparent
-from bus.errors import BusError
+from bus.errors import BusError, ConnectionClosedError, PayloadTooLargeError
+
+logger = logging.getLogger(__name__)
 
 MSG_ID = "Nats-Msg-Id"
 ATTEMPT = "Corral-Attempt"
 """Header of a request sent again: how many times it was sent (1 the first time)."""
+
+KiB = 1024
+
+
+@dataclass(frozen=True, kw_only=True)
+class Limits:
+    """How big what arrives at corral's edges may be, in bytes of UTF-8 (``limits:`` in
+    ``corral.yaml``). Whatever corral derives from an input (a task, an outcome, a journaled
+    response) is built from parts bounded by these, and checked against the server's
+    ``max_payload`` before it is sent."""
+
+    customer_text_bytes: int = 16 * KiB
+    """A conversation start's text."""
+    customer_id_bytes: int = 256
+    """A conversation start's customer id."""
+    reply_text_bytes: int = 32 * KiB
+    """An agent's reply to the customer."""
+    reason_bytes: int = 4 * KiB
+    """A handoff's, a failure's or a wait's reason."""
+    response_text_bytes: int = 64 * KiB
+    """A model response as journaled (the agent keeps its start if the model said more)."""
+    tool_arguments_bytes: int = 16 * KiB
+    """A tool call's arguments, encoded."""
+    tool_result_bytes: int = 64 * KiB
+    """A tool call's result, encoded."""
+    dead_letter_body_bytes: int = 64 * KiB
+    """The copy of a message kept in ``CORRAL_DLQ``; a longer body is cut, and its
+    ``Corral-Dead-Truncated`` header gives the original size."""
+
+
+def payload_size(data: bytes, headers: Mapping[str, str] | None = None) -> int:
+    """Bytes the server counts against ``max_payload``: the body and the header block
+    (``NATS/1.0``, one ``key: value`` line per header, a blank line)."""
+    if not headers:
+        return len(data)
+    block = len(b"NATS/1.0\r\n\r\n")
+    for key, value in headers.items():
+        block += len(key.strip().encode()) + len(value.strip().encode()) + 4
+    return block + len(data)
+
+
+def check_payload(nc: Client, subject: str, data: bytes, headers: Mapping[str, str] | None = None) -> None:
+    """Refuse a message the server would not take.
+
+    Raises:
+        PayloadTooLargeError: body and headers together exceed ``nc.max_payload``.
+    """
+    size = payload_size(data, headers)
+    limit = nc.max_payload
+    if limit and size > limit:
+        raise PayloadTooLargeError(
+            f"message to {subject} is {size} bytes with its headers, over the server's"
+            f" max_payload of {limit}",
+            size=size,
+            limit=limit,
+            subject=subject,
+        )
+
+
+def translate(exc: Exception, what: str, subject: str) -> BusError:
+    """nats-py's failure of ``what`` on ``subject`` as a ``BusError`` that says whether
+    trying again may help (a size error never does; a closed connection never will)."""
+    if isinstance(exc, BusError):
+        return exc
+    if isinstance(exc, nats.errors.MaxPayloadError):
+        return PayloadTooLargeError(f"{what} to {subject}: {exc}", size=0, limit=0, subject=subject)
+    if isinstance(exc, nats.errors.ConnectionClosedError):
+        return ConnectionClosedError(f"{what} to {subject}: the connection is closed", subject=subject)
+    return BusError(f"{what} to {subject} failed: {exc!r}", subject=subject)
 
 
 async def publish(
@@ -36,23 +115,58 @@ async def publish(
         timeout_s: How long to wait for the acknowledgement.
 
     Raises:
+        PayloadTooLargeError: the message with its headers is over ``max_payload``.
         BusError: if the server refuses or does not acknowledge (``retryable``).
     """
     headers = {MSG_ID: msg_id}
     trace = traceparent or current_traceparent()
     if trace:
         headers[TRACEPARENT] = trace
+    data = encode(message)
+    nc: Client | None = getattr(js, "_nc", None)  # the context's connection (nats-py keeps it there)
+    if nc is not None:
+        check_payload(nc, subject, data, headers)
     try:
-        await js.publish(subject, encode(message), timeout=timeout_s, headers=headers)
+        await js.publish(subject, data, timeout=timeout_s, headers=headers)
     except Exception as exc:
-        raise BusError(f"publish to {subject} failed: {exc}", subject=subject) from exc
+        raise translate(exc, "publish", subject) from exc
+
+
+async def request(
+    nc: Client,
+    subject: str,
+    data: bytes,
+    *,
+    timeout_s: float,
+    headers: Mapping[str, str] | None = None,
+) -> Msg:
+    """Send a request and return its answer, checked for size first.
+
+    Raises:
+        PayloadTooLargeError: the request with its headers is over ``max_payload``.
+        ConnectionClosedError: the connection is closed for good.
+        BusError: no answer in time, or nobody listening (``retryable``).
+    """
+    check_payload(nc, subject, data, headers)
+    try:
+        return await nc.request(subject, data, timeout=timeout_s, headers=dict(headers) if headers else None)
+    except Exception as exc:
+        raise translate(exc, "request", subject) from exc
 
 
 async def publish_live(nc: Client, subject: str, message: Message, *, traceparent: str | None = None) -> None:
     """Publish ``message`` to whoever listens now, without storing it or waiting.
 
-    For news (progress, step events), never for state: a failure is swallowed.
+    For news (progress, step events), never for state: a failure is swallowed, and a
+    message too big to send is not sent.
     """
     trace = traceparent or current_traceparent()
+    headers = {TRACEPARENT: trace} if trace else None
+    data = encode(message)
+    try:
+        check_payload(nc, subject, data, headers)
+    except PayloadTooLargeError as exc:
+        logger.debug("not sent: %s", exc)
+        return
     with contextlib.suppress(Exception):
-        await nc.publish(subject, encode(message), headers={TRACEPARENT: trace} if trace else None)
+        await nc.publish(subject, data, headers=headers)

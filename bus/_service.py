@@ -6,11 +6,37 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
+from typing import Protocol
 
 from nats.aio.client import Client
 from nats.aio.msg import Msg
+
+logger = logging.getLogger(__name__)
+
+
+class Serving(Protocol):
+    """Anything served until ``shutdown()``."""
+
+    async def run(self) -> None: ...
+
+    async def shutdown(self) -> None: ...
+
+
+async def serve_together(*services: Serving) -> None:
+    """Run ``services``; when any of them stops, stop them all, and raise what it raised
+    (e.g. ``ConnectionClosedError`` from a ``ConnectionGuard``)."""
+    tasks = [asyncio.create_task(service.run(), name=type(service).__name__) for service in services]
+    try:
+        done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+        for task in done:
+            task.result()
+    finally:
+        for service in services:
+            await service.shutdown()
+        await asyncio.gather(*tasks, return_exceptions=True)
 
 
 class MessageService(ABC):
@@ -60,7 +86,7 @@ class MessageService(ABC):
     async def _dispatch(self, msg: Msg) -> None:
         if self._slots is not None:
             await self._slots.acquire()
-        task = asyncio.create_task(self.on_message(msg))
+        task = asyncio.create_task(self._handle(msg))
         self._tasks.add(task)
         task.add_done_callback(self._done)
 
@@ -68,6 +94,14 @@ class MessageService(ABC):
         self._tasks.discard(task)
         if self._slots is not None:
             self._slots.release()
+
+    async def _handle(self, msg: Msg) -> None:
+        # The boundary: whatever a handler lets escape is logged here, never lost in a
+        # task nobody awaits; cancellation (shutdown) passes.
+        try:
+            await self.on_message(msg)
+        except Exception:
+            logger.exception("%s failed on a message from %s", type(self).__name__, msg.subject)
 
     @abstractmethod
     async def on_message(self, msg: Msg) -> None:

@@ -41,6 +41,12 @@ class TopologyConfig:
     max_ack_pending: int = 1000
     events_max_age_s: float = 7 * 24 * 3600.0
     dead_letter_max_age_s: float = 30 * 24 * 3600.0
+    """How long ``CORRAL_DLQ`` keeps a dead letter."""
+    dead_letter_max_bytes: int = 256 * 1024 * 1024
+    """What ``CORRAL_DLQ`` holds at most; past it the oldest dead letters go first."""
+    dead_letter_max_msg_bytes: int = 128 * 1024
+    """The biggest message ``CORRAL_DLQ`` takes (corral cuts the bodies it copies to
+    ``limits.dead_letter_body_bytes``; anyone else's bigger message is refused)."""
 
 
 def _streams(config: TopologyConfig) -> list[StreamConfig]:
@@ -76,6 +82,8 @@ def _streams(config: TopologyConfig) -> list[StreamConfig]:
             storage=StorageType.FILE,
             num_replicas=config.replicas,
             max_age=config.dead_letter_max_age_s,
+            max_bytes=config.dead_letter_max_bytes,
+            max_msg_size=config.dead_letter_max_msg_bytes,
         ),
     ]
 

@@ -37,7 +37,12 @@ SUPERVISOR_CONSUMER = "supervisor"
 DEFAULT_CLIENT = "client"
 """The client identity the CLI uses."""
 
-_TOKEN = re.compile(r"^[A-Za-z0-9_-]+$")
+_TOKEN = re.compile(r"[A-Za-z0-9_-]+")
+
+ID_PATTERN = r"^[A-Za-z0-9_-]{1,64}$"
+"""What every id that arrives from outside (a conversation, a client) must match: one
+subject token, a JetStream KV key part and a file name on every system."""
+_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
 
 
 def check_token(value: str, what: str = "token") -> str:
@@ -46,8 +51,21 @@ def check_token(value: str, what: str = "token") -> str:
     Raises:
         ValueError: if it is empty or contains ``.``, ``*``, ``>`` or white space.
     """
-    if not _TOKEN.match(value):
+    if not _TOKEN.fullmatch(value):
         raise ValueError(f"{what} {value!r} must match [A-Za-z0-9_-]+ to be a subject token")
+    return value
+
+
+def check_id(value: str, what: str = "id") -> str:
+    """Return ``value`` if it matches ``ID_PATTERN`` (ASCII letters, digits, ``_`` and ``-``,
+    1 to 64 of them).
+
+    Raises:
+        ValueError: naming ``what`` and the pattern.
+    """
+    if not _ID.fullmatch(value):
+        shown = value if len(value) <= 80 else f"{value[:80]}..."
+        raise ValueError(f"{what} {shown!r} must match {ID_PATTERN}")
     return value
 
 

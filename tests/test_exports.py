@@ -12,6 +12,8 @@ def test_bus_exports() -> None:
         "DEAD_REASON",
         "DEAD_STREAM_SEQ",
         "DEAD_SUBJECT",
+        "DEAD_TRUNCATED",
+        "DECODE_ERRORS",
         "ATTEMPT",
         "MSG_ID",
         "TRACEPARENT",
@@ -31,6 +33,8 @@ def test_bus_exports() -> None:
         "BusConnectError",
         "BusError",
         "ClientUpdate",
+        "ConnectionClosedError",
+        "ConnectionGuard",
         "Consumer",
         "ConsumerConfig",
         "ConsumerState",
@@ -38,6 +42,13 @@ def test_bus_exports() -> None:
         "ControlWatcher",
         "KillSwitch",
         "KillTarget",
+        "Limits",
+        "PayloadTooLargeError",
+        "check_payload",
+        "is_retryable",
+        "payload_size",
+        "request",
+        "serve_together",
         "clear_kill",
         "ensure_control_bucket",
         "list_kills",
@@ -83,7 +94,8 @@ def test_bus_exports() -> None:
         "use_traceparent",
     }
     # Every wire type is exported.
-    assert {n for n in dir(bus._messages) if n[0].isupper()} <= set(bus.__all__) | {"Any", "Literal"}
+    typing_names = {"Annotated", "Any", "Literal"}
+    assert {n for n in dir(bus._messages) if n[0].isupper()} <= set(bus.__all__) | typing_names
 
 
 def test_agents_exports() -> None:
