@@ -8,6 +8,7 @@ gateway what the call touches and the facts policy needs about it.
 
 from __future__ import annotations
 
+import json
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Generic, TypeVar
@@ -30,7 +31,10 @@ class ToolInput(Generic[A]):
         agent: The agent that asked (from its credentials).
         idempotency_key: ``<conversation>:<step>:<call index>``; stable across retries.
         conn: A connection inside the gateway's transaction: the effect, the ledger
-            entry and the audit record commit together or not at all.
+            entry and the audit record commit together or not at all. In the gateway it
+            is a proxy (``fetch``, ``fetchrow``, ``fetchval``, ``execute``,
+            ``executemany``) whose statements run as the role ``corral_tools``, which
+            reaches only the schemas the tools module grants it (``SCHEMAS``).
     """
 
     arguments: A
@@ -61,6 +65,11 @@ class Tool(ABC, Generic[A]):
     """False for lookups; True for anything with an effect."""
     undo: ClassVar[str | None] = None
     """Name of the tool that compensates this one (``refund`` -> ``reverse_refund``)."""
+    resource_fields: ClassVar[tuple[str, ...]] = ()
+    """The arguments that name what a call touches (``("order_id",)``). The gateway's loop
+    breaker counts a conversation's calls by tool and these, so free text such as a reason
+    cannot make the same call look new; none: every call of the tool counts as one
+    resource (the acting customer)."""
 
     @property
     def irreversible(self) -> bool:
@@ -70,6 +79,11 @@ class Tool(ABC, Generic[A]):
     def undo_arguments(self, arguments: dict[str, Any], result: dict[str, Any]) -> dict[str, Any]:
         """Arguments of the ``undo`` tool that compensates a call with this result."""
         return {}
+
+    def resource_key(self, arguments: dict[str, Any]) -> str:
+        """The resource a call with these (validated, JSON) arguments touches, as the loop
+        breaker counts it."""
+        return json.dumps([arguments.get(name) for name in self.resource_fields], sort_keys=True)
 
     def schema(self) -> dict[str, Any]:
         """The JSON Schema of the arguments, as the model sees it."""

@@ -18,7 +18,12 @@ from bus.errors import CorralError
 
 
 class ApprovalError(CorralError):
-    """An approval cannot be decided (unknown, already decided, or expired)."""
+    """An approval cannot be decided (unknown, already decided, expired, or its
+    conversation or agent is no longer alive)."""
+
+
+_ALIVE = ("running", "waiting")
+"""Conversation states in which a granted approval can still be used."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -64,22 +69,49 @@ async def decide_approval(
 ) -> ApprovalRecord:
     """Grant or deny a pending approval.
 
+    A grant needs its conversation alive (running, or waiting on it) and its agent not
+    killed: an approval of a dead conversation is refused, and stays pending until it
+    expires. A denial is always recorded.
+
     Raises:
-        ApprovalError: if it does not exist, was decided already, or expired.
+        ApprovalError: if it does not exist, was decided already, or expired, or (to grant)
+            its conversation ended or was killed, or its agent was killed.
     """
     row = await pool.fetchrow(
         "UPDATE approvals SET status=$2, decided_by=$3, reason=$4, decided_at=now()"
-        f" WHERE id=$1 AND status='pending' AND expires_at > now() RETURNING {_COLUMNS}",
+        " WHERE id=$1 AND status='pending' AND expires_at > now()"
+        " AND (NOT $5 OR (EXISTS (SELECT 1 FROM conversations c WHERE c.id=approvals.conversation"
+        "  AND c.status = ANY($6::text[]))"
+        "  AND NOT EXISTS (SELECT 1 FROM agent_controls k WHERE k.agent=approvals.agent"
+        "  AND k.killed_at IS NOT NULL)))"
+        f" RETURNING {_COLUMNS}",
         approval_id,
         "approved" if approve else "denied",
         by,
         reason,
+        approve,
+        list(_ALIVE),
     )
     if row is not None:
         return _from_row(row)
-    existing = await pool.fetchrow(f"SELECT {_COLUMNS} FROM approvals WHERE id=$1", approval_id)
+    existing = await pool.fetchrow(
+        f"SELECT {_COLUMNS}, (SELECT c.status FROM conversations c WHERE c.id=a.conversation)"
+        " AS conversation_status, (SELECT k.reason FROM agent_controls k WHERE k.agent=a.agent"
+        " AND k.killed_at IS NOT NULL) AS agent_killed FROM approvals a WHERE id=$1",
+        approval_id,
+    )
     if existing is None:
         raise ApprovalError(f"no approval {approval_id!r}")
     if existing["expired"]:
         raise ApprovalError(f"approval {approval_id} expired")
-    raise ApprovalError(f"approval {approval_id} is already {existing['status']}")
+    if existing["status"] != "pending":
+        raise ApprovalError(f"approval {approval_id} is already {existing['status']}")
+    if existing["conversation_status"] not in _ALIVE:
+        state = existing["conversation_status"] or "gone"
+        raise ApprovalError(
+            f"approval {approval_id} cannot be granted: conversation {existing['conversation']} is {state}"
+        )
+    raise ApprovalError(
+        f"approval {approval_id} cannot be granted: agent {existing['agent']} is killed"
+        f" ({existing['agent_killed']})"
+    )

@@ -40,9 +40,23 @@ from supervisor._runtime import (
 
 def _switch(loaded: LoadedConfig, target: KillTarget, name: str, reason: str | None) -> None:
     async def _main() -> int:
+        from supervisor._agent_controls import kill_agent, revive_agent
+        from supervisor._store import Store
+
+        by = os.environ.get("USER", "")
+        if target == "agent":
+            # The gateway's own view first: this returns once no call of the agent is in
+            # flight, and every call after it is refused, whatever the agent does to the bus.
+            store = await Store.open(_database_url(loaded), min_size=1, max_size=1)
+            try:
+                if reason is None:
+                    await revive_agent(store.pool, name)
+                else:
+                    await kill_agent(store.pool, name, reason, by)
+            finally:
+                await store.close()
         bus = await _connect(loaded, _nats_url(loaded), ADMIN, forever=False)
         try:
-            by = os.environ.get("USER", "")
             if reason is None:
                 changed = await clear_kill(bus.js, target, name)
                 console.print(f"{target} {name} revived" if changed else f"{target} {name} was not killed")
@@ -217,15 +231,14 @@ def approvals(
 
 
 async def _decide(loaded: LoadedConfig, approval_id: str, approve: bool, by: str, reason: str) -> Any:
-    """Record the decision, then tell the supervisor (it re-reads it from the database)."""
-    from bus import ApprovalDecided, publish
-    from supervisor._approvals import decide_approval
+    """Record the decision, then tell the supervisor (it re-reads it from the database).
 
-    pool = await _operator_pool(loaded)
-    try:
-        record = await decide_approval(pool, approval_id, approve=approve, by=by, reason=reason)
-    finally:
-        await pool.close()
+    A grant is refused when the approval's conversation was killed (the switch may not have
+    reached the database yet), ended, or its agent was killed.
+    """
+    from bus import ApprovalDecided, list_kills, publish
+    from supervisor._approvals import ApprovalError, decide_approval
+
     bus = await _connect(loaded, _nats_url(loaded), ADMIN, forever=False)
     try:
         await publish(
@@ -276,6 +289,22 @@ def deny(
     config: ConfigOption = None,
     by: Annotated[str | None, typer.Option(help="Who denies")] = None,
 ) -> None:
+        pool = await _operator_pool(loaded)
+        try:
+            if approve:
+                conversation = await pool.fetchval(
+                    "SELECT conversation FROM approvals WHERE id=$1", approval_id
+                )
+                kills = await list_kills(bus.js) if conversation is not None else {}
+                switch = kills.get(subjects.conversation_control_key(conversation or ""))
+                if switch is not None:
+                    raise ApprovalError(
+                        f"approval {approval_id} cannot be granted: conversation {conversation} is killed"
+                        f" ({switch.reason})"
+                    )
+            record = await decide_approval(pool, approval_id, approve=approve, by=by, reason=reason)
+        finally:
+            await pool.close()
     """Deny one pending approval; the waiting conversation resumes with the denial."""
     _decide_approval(_load(config), approval_id, False, by or os.environ.get("USER", "operator"), reason)
 

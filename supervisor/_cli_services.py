@@ -89,18 +89,24 @@ async def _gateway(loaded: LoadedConfig, bus: Bus, store: Any) -> _Service:
     import importlib
     from datetime import timedelta
 
+    from supervisor._agent_controls import ensure_agent_controls
     from supervisor._budgets import Budgets
     from supervisor._config import load_tools
-    from supervisor._gateway import GatewayConfig, ToolGateway
+    from supervisor._gateway import GatewayConfig, ToolGateway, grant_tool_role
     from supervisor._policy import PolicyEngine
 
     tools_section = loaded.config.tools
     assert tools_section is not None and loaded.policies_dir is not None
     module = importlib.import_module(tools_section.module)
     setup = getattr(module, "setup", None)
-    if setup is not None:
-        async with store.pool.acquire() as conn:
+    async with store.pool.acquire() as conn:
+        if setup is not None:
             await setup(conn)
+        # Tool statements run as corral_tools: it reaches the schemas the module declares.
+        await grant_tool_role(conn, getattr(module, "SCHEMAS", ()))
+        # Every agent has a kill row before its first call (a kill waits on it).
+        await ensure_agent_controls(conn, loaded.agent_names)
+    agents = loaded.config.agents
     return ToolGateway(
         bus.nc,
         store.pool,
@@ -110,6 +116,9 @@ async def _gateway(loaded: LoadedConfig, bus: Bus, store: Any) -> _Service:
             budgets=Budgets.from_config(loaded),
             approval_ttl=timedelta(seconds=tools_section.approval_ttl_s),
             max_pending_approvals=tools_section.max_pending_approvals,
+            grants={name: frozenset(agent.tools) for name, agent in agents.items()},
+            max_calls_per_step={name: agent.max_tool_calls for name, agent in agents.items()},
+            call_timeout_s=tools_section.call_timeout_s,
         ),
     )
 
@@ -189,6 +198,7 @@ def agent_run(
                 instructions=loaded.instructions[name],
                 handoff_targets=loaded.targets(name),
                 heartbeat_s=loaded.config.nats.ack_wait_s / 3,
+                max_tool_calls=loaded.config.agents[name].max_tool_calls,
                 max_deliver=loaded.config.nats.max_deliver,
             )
             await _serve(AgentService(settings, bus, model))

@@ -41,12 +41,31 @@ class NatsSection(_Strict):
     """Deliveries of one message before it is dead-lettered."""
     stream_replicas: int = Field(default=1, ge=1, le=5)
     """Copies of each stream (3 on a 3-node cluster); ``CORRAL_STREAM_REPLICAS`` wins."""
+    monitor_port: int | None = Field(default=None, ge=0, le=65535)
+    """The embedded nats-server's HTTP monitoring port (``/connz``, ``/jsz``), on loopback
+    only; unset (the default) serves none, 0 picks a free port. ``CORRAL_NATS_MONITOR_PORT``
+    wins. The endpoint is unauthenticated: it names every connection and consumer."""
 
 
 class DatabaseSection(_Strict):
     """Where PostgreSQL is; unset means an embedded server (``DATABASE_URL`` overrides)."""
 
     url: str | None = None
+    """The owner's DSN: migrations (and tool modules' ``setup``) run as this role."""
+    supervisor_url: str | None = None
+    """The DSN the supervisor (and a separate gateway) connect with: a role that may append
+    to ``audit_log`` only through ``corral_audit_append`` (see the README).
+    ``CORRAL_SUPERVISOR_DATABASE_URL`` wins. Unset: ``corral up`` derives it from ``url``
+    for the role ``corral_supervisor``, which it creates (and gives a fresh password) when
+    ``url``'s role may; otherwise the services use ``url`` itself."""
+
+
+class AuditSection(_Strict):
+    """The audit chain's anchors outside PostgreSQL."""
+
+    anchor_interval_s: float = Field(default=10.0, gt=0)
+    """How often the supervisor signs and publishes ``(count, head hash)`` of ``audit_log``
+    (it also does at start and on shutdown)."""
 
 
 class ModelTierSection(_Strict):
@@ -136,6 +155,7 @@ class CorralConfig(_Strict):
     """Where embedded servers keep their data, relative to the working directory."""
     nats: NatsSection = NatsSection()
     database: DatabaseSection = DatabaseSection()
+    audit: AuditSection = AuditSection()
     models: dict[str, ModelTierSection]
     scripted: dict[str, str] = Field(default_factory=dict)
     """Rules files of the scripted provider: ``scripted/<name>`` -> path (relative to this file)."""

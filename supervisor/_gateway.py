@@ -6,26 +6,38 @@ For one ``ToolCall`` from agent ``A`` (identity from the subject, never the body
    the acting customer and the dry-run flag come from the conversation;
 2. the arguments are validated against the tool's pydantic model;
 3. in one transaction, under a lock on the idempotency key:
-   a. a ledger entry for the key answers a repeated call with the first result;
-   b. the tool names the resource and the facts; Cedar decides allow, deny or approval;
-   c. approval: a granted, unexpired, unused approval of this exact action (same hash)
+   a. a killed agent's call is refused (its kill row is read ``FOR SHARE``: a kill waits
+      for the calls in flight, and every call after it sees it);
+   b. a ledger entry for the key answers a repeated call with the first decision: every
+      decision is final for its key, a denial too (only a call waiting for approval is
+      decided again, so that a granted approval can be consumed);
+   c. the tool must be granted to ``A`` by config, the call's index under the per-step
+      cap, the arguments valid, the budgets unspent and the tool not looping on the same
+      resource;
+   d. the tool names the resource and the facts; Cedar decides allow, deny or approval;
+   e. approval: a granted, unexpired, unused approval of this exact action (same hash)
       is consumed and the call proceeds; otherwise a pending approval is filed (or the
       call is denied when the queue is full);
-   d. the effect, the ledger entry and the audit record commit together.
+   f. the effect, the ledger entry and the audit record commit together.
 
-Dry-run conversations stop after the decision: the result says what would have happened.
+Tool bodies run in worker threads under a deadline (``supervisor._tool_runner``), their
+statements under ``SET LOCAL ROLE corral_tools`` in a savepoint of the call's transaction:
+a timed-out or refused body is rolled back to it and the call answered ``error``.
+Dry-run conversations run read-only tools for real and stop every other call after the
+decision: the result says what would have happened.
 """
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import logging
 import secrets
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import timedelta
-from typing import Any
+from typing import Any, TypeVar
 
 import asyncpg
 import msgspec
@@ -46,34 +58,48 @@ from bus import (
     traceparent_from,
     use_traceparent,
 )
+from supervisor._agent_controls import KILLED_SQL
 from supervisor._audit import AuditEntry, append_audit, digest_arguments
 from supervisor._budgets import Budgets, exceeded, repeated_call
-from supervisor._journal import journal_response
+from supervisor._journal import entry_problem, journal_response
 from supervisor._policy import PolicyDecision, PolicyEngine, PolicyRequest
+from supervisor._tool_runner import ToolRunner, ToolStatementError, ToolTimeoutError
 from supervisor.errors import StoreError
 
 logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 _call_decoder = msgspec.json.Decoder(ToolCall)
 _LOCK_NAMESPACE = 0x746F6F6C  # "tool"
 _CUSTOMER_NAMESPACE = 0x63757374  # "cust"
 # Evaluated on the conversation's row in the statement that journals the call's response:
-# the call's locks ({0} its key; {1} whether the tool changes state), then what the ledger
-# has for the key and how often this very call ({2} tool, {3} arguments' digest) was made
-# in the conversation.
+# the call's locks ({0} its key; {1} whether the tool changes state), what the ledger has
+# for the key, how often the tool ({2}) was called on the same resource ({3}) in the
+# conversation, and whether the agent ({4}) is killed (locking its row, share).
 _LOCKS_AND_LEDGER = (
     f"pg_advisory_xact_lock({_LOCK_NAMESPACE}, hashtext({{0}})) AS key_lock,"
     f" CASE WHEN {{1}}::boolean THEN pg_advisory_xact_lock({_CUSTOMER_NAMESPACE}, hashtext(owner.customer))"
     " END AS customer_lock,"
-    " (SELECT l.status FROM tool_ledger l WHERE l.idempotency_key={0}) AS ledger_status,"
-    " (SELECT l.result::text FROM tool_ledger l WHERE l.idempotency_key={0}) AS ledger_result,"
-    " (SELECT count(*) FROM audit_log a WHERE a.conversation=owner.id AND a.action={2}"
-    "  AND a.arguments_digest={3}) AS repeats"
+    " (SELECT jsonb_build_object('status', l.status, 'result', l.result, 'reason', l.reason,"
+    "  'policy_ids', l.policy_ids, 'approval_id', l.approval_id)::text"
+    "  FROM tool_ledger l WHERE l.idempotency_key={0}) AS ledger,"
+    " (SELECT count(*) FROM tool_ledger l WHERE l.conversation=owner.id AND l.tool={2}"
+    "  AND l.resource_key={3}) AS repeats,"
+    f" {KILLED_SQL.format('{4}')} AS agent_killed"
 )
 _LEDGER = (
     "INSERT INTO tool_ledger (idempotency_key, conversation, agent, tool, arguments, status,"
-    " result, undo) VALUES ($1,$2,$3,$4,$5::jsonb,$6,$7::jsonb,$8)"
+    " result, undo, reason, policy_ids, approval_id, resource_key)"
+    " VALUES ($1,$2,$3,$4,$5::jsonb,$6,$7::jsonb,$8,$9,$10,$11,$12)"
 )
+# A tool body's statements run in a savepoint, as the tools' role; a body that times out or
+# is refused is rolled back to it (the role change with it).
+TOOLS_ROLE = "corral_tools"
+_ENTER_TOOLS = f"SAVEPOINT corral_tool; SET LOCAL ROLE {TOOLS_ROLE}"
+_ROLLBACK_TOOLS = "ROLLBACK TO SAVEPOINT corral_tool"
+_LEAVE_TOOLS = "SET LOCAL ROLE NONE"
+"""The NOLOGIN role tool statements run under (``grant_tool_role`` gives it a schema)."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -86,6 +112,16 @@ class GatewayConfig:
     """Past this, calls that need approval are denied instead of queued."""
     budgets: Budgets = field(default_factory=Budgets)
     """Checked before every call; a call past a budget or in a loop stops the conversation."""
+    grants: Mapping[str, Collection[str]] | None = None
+    """The tools config grants each agent (``agents.<name>.tools``); any other tool is denied
+    before policy. None: every tool is granted (policy alone decides)."""
+    max_calls_per_step: Mapping[str, int] = field(default_factory=dict)
+    """Per agent (``agents.<name>.max_tool_calls``): a call whose index is past it is refused
+    and stops the conversation."""
+    default_max_calls_per_step: int = 8
+    """The cap for agents ``max_calls_per_step`` does not name."""
+    call_timeout_s: float = 10.0
+    """How long a tool body (``resource()`` and ``run()`` together) may take."""
 
 
 def action_hash(conversation: str, customer: str, agent: str, tool: str, arguments: Mapping[str, Any]) -> str:
@@ -107,11 +143,116 @@ def action_hash(conversation: str, customer: str, agent: str, tool: str, argumen
 
 @dataclass(frozen=True)
 class _Arguments:
-    """A call's validated arguments as JSON, and their digest (what the audit records and
-    the loop breaker counts by)."""
+    """A call's validated arguments as JSON, their digest (what the audit records) and the
+    resource they name (what the loop breaker counts by, with the tool)."""
 
     json: dict[str, Any]
     digest: str
+    resource_key: str
+
+
+@dataclass(frozen=True)
+class _Record:
+    """What the ledger records for a call's key, whatever the decision."""
+
+    key: str
+    tool: Tool[Any]
+    arguments: _Arguments
+
+    def ledger(
+        self,
+        call: ToolCall,
+        status: ToolStatus,
+        result: dict[str, Any],
+        reason: str,
+        decision: PolicyDecision | None = None,
+        approval_id: str | None = None,
+    ) -> tuple[str, Sequence[object]]:
+        """The ledger's INSERT of this decision (written along with its audit record)."""
+        return (
+            _LEDGER,
+            (
+                self.key,
+                call.conversation,
+                call.agent,
+                self.tool.name,
+                json.dumps(self.arguments.json),
+                status,
+                json.dumps(result),
+                self.tool.undo,
+                reason,
+                list(decision.policy_ids) if decision else [],
+                approval_id,
+                self.arguments.resource_key,
+            ),
+        )
+
+
+def _replay(call: ToolCall, recorded: dict[str, Any]) -> ToolResult:
+    """The answer the ledger holds for ``call``'s key."""
+    return ToolResult(
+        conversation=call.conversation,
+        step=call.step,
+        index=call.index,
+        tool=call.tool,
+        status=recorded["status"],
+        result=recorded["result"],
+        reason=recorded["reason"],
+        policy_ids=list(recorded["policy_ids"]),
+        approval_id=recorded["approval_id"],
+        replayed=True,
+    )
+
+
+class _BodyFailed(Exception):
+    """A tool body timed out or was refused; it was rolled back to its savepoint."""
+
+
+class _Body:
+    """Tool bodies of one call: run in a worker (``ToolRunner``) under one deadline, their
+    statements as the tools' role inside a savepoint of the call's transaction."""
+
+    def __init__(
+        self, conn: asyncpg.Connection, runner: ToolRunner, tool: Tool[Any], timeout_s: float
+    ) -> None:
+        self._conn = conn
+        self._runner = runner
+        self._tool = tool
+        self._loop = asyncio.get_running_loop()
+        self._deadline = self._loop.time() + timeout_s
+        self._timeout_s = timeout_s
+        self._inside = False
+
+    async def run(self, body: Callable[[ToolInput[Any]], Awaitable[T]], ctx: ToolInput[Any]) -> T:
+        """``body(ctx)`` as the tools' role; raises ``_BodyFailed`` if it timed out or was refused."""
+        if not self._inside:
+            await self._conn.execute(_ENTER_TOOLS)
+            self._inside = True
+        remaining = self._deadline - self._loop.time()
+        try:
+            return await self._runner.run(self._tool.name, body, ctx, remaining)
+        except ToolTimeoutError as exc:
+            await self._rollback()
+            raise _BodyFailed(f"tool {self._tool.name} timed out after {self._timeout_s:g}s") from exc
+        except (ToolStatementError, asyncpg.InsufficientPrivilegeError) as exc:
+            await self._rollback()
+            raise _BodyFailed(f"tool {self._tool.name} was refused: {exc}") from exc
+
+    async def leave(self) -> None:
+        """Back to the gateway's own role, for corral's statements (audit, ledger, approvals)."""
+        if not self._inside:
+            return
+        try:
+            await self._conn.execute(_LEAVE_TOOLS)
+        except asyncpg.InFailedSQLTransactionError as exc:
+            # The tool swallowed the error of one of its statements: undo what it did.
+            await self._rollback()
+            raise _BodyFailed(f"tool {self._tool.name} failed: one of its statements failed") from exc
+        self._inside = False
+
+    async def _rollback(self) -> None:
+        self._inside = False
+        await self._conn.execute(_ROLLBACK_TOOLS)  # the role change is undone with it
 
 
 class _ApprovalDenied(Exception):
@@ -128,7 +269,7 @@ class ToolGateway(MessageService):
         pool: PostgreSQL: corral's tables and the tools' backend.
         tools: The tools by name.
         policy: The Cedar policies.
-        config: Approval limits.
+        config: Approval limits, grants, caps and the tool timeout.
     """
 
     def __init__(
@@ -144,6 +285,14 @@ class ToolGateway(MessageService):
         self._tools = {tool.name: tool for tool in tools}
         self._policy = policy
         self._config = config or GatewayConfig()
+        self._runner = ToolRunner()
+
+    async def run(self) -> None:
+        """Serve until ``shutdown()``; then stop the idle tool workers."""
+        try:
+            await super().run()
+        finally:
+            self._runner.close()
 
     async def on_message(self, msg: Msg) -> None:
         """Answer one tool request (no answer on failure: the agent retries the same key)."""
@@ -206,6 +355,10 @@ class ToolGateway(MessageService):
         tool = self._tools.get(call.tool)
         if tool is None:
             return await self._refuse(call, sender, "", "denied", f"no tool named {call.tool!r}"), None
+        problem = entry_problem(call.response) if call.response is not None else None
+        if problem is not None:
+            # Never journaled, never counted: spend the budgets would believe.
+            return await self._refuse(call, sender, "", "denied", f"response refused: {problem}"), None
         # Journaled under this call's step and index, whatever the body says.
         response = call.response and msgspec.structs.replace(
             call.response, conversation=call.conversation, step=call.step, index=call.index
@@ -216,7 +369,11 @@ class ToolGateway(MessageService):
         except ValidationError as exc:
             arguments, invalid = None, f"invalid arguments: {exc.errors(include_url=False)}"
         dumped = arguments.model_dump(mode="json") if arguments else {}
-        arguments_digest = digest_arguments(dumped) if arguments else ""
+        checked = _Arguments(
+            dumped,
+            digest_arguments(dumped) if arguments else "",
+            tool.resource_key(dumped) if arguments else "",
+        )
         key = f"{call.conversation}:{call.step}:{call.index}"
         async with self._pool.acquire() as conn, conn.transaction():
             # The response that asked for this call commits with the call's outcome (or
@@ -227,16 +384,20 @@ class ToolGateway(MessageService):
             # the audit chain's lock at the end: no two calls wait on each other in reverse.)
             # It reads the ledger too, on a snapshot taken before the locks: a duplicate
             # that commits meanwhile makes this call's ledger entry collide, and the
-            # retry in ``_call`` answers from the ledger.
+            # retry in ``_call`` answers from the ledger. And it reads the agent's kill row
+            # FOR SHARE, which re-reads it if a kill is committing: no call runs after one.
             conversation = await journal_response(
                 conn,
                 call.conversation,
                 response,
                 sender,
                 also=_LOCKS_AND_LEDGER,
-                also_parameters=(key, tool.changes_state, tool.name, arguments_digest),
+                also_parameters=(key, tool.changes_state, tool.name, checked.resource_key, sender),
             )
             customer = conversation["customer"] if conversation else ""
+            if conversation is not None and conversation["agent_killed"] is not None:
+                reason = f"agent {sender} is killed ({conversation['agent_killed']})"
+                return await self._refuse(call, sender, customer, "stopped", reason, conn), None
             if conversation is None or conversation["status"] != "running":
                 return await self._refuse(
                     call, sender, customer, "denied", "the conversation is not running", conn
@@ -245,11 +406,16 @@ class ToolGateway(MessageService):
             if conversation["current_agent"] != sender or conversation["step"] != call.step:
                 reason = f"step {call.step} is not {sender}'s turn"
                 return await self._refuse(call, sender, customer, "denied", reason, conn), None
-            if arguments is None:
-                return await self._refuse(call, sender, customer, "invalid", invalid, conn), client
-            if conversation["ledger_status"] is not None:
-                result = json.loads(conversation["ledger_result"])
-                return self._result(call, conversation["ledger_status"], result, replayed=True), client
+            if conversation["ledger"] is not None:
+                return _replay(call, json.loads(conversation["ledger"])), client
+            # From here on the call is the key's owner's: every decision is recorded for the key.
+            record = _Record(key, tool, checked)
+            refusal = self._before_policy(call, sender, arguments is None, invalid)
+            if refusal is not None:
+                status, reason = refusal
+                along = record.ledger(call, status, {}, reason)
+                return await self._refuse(call, sender, customer, status, reason, conn, along), client
+            assert arguments is not None
             ctx = ToolInput(
                 arguments=arguments,
                 customer=conversation["customer"],
@@ -259,10 +425,22 @@ class ToolGateway(MessageService):
                 conn=conn,
             )
             dry_run, repeats = bool(conversation["dry_run"]), conversation["repeats"]
-            result = await self._decide_and_apply(
-                conn, call, tool, ctx, dry_run, _Arguments(dumped, arguments_digest), repeats
-            )
+            result = await self._decide_and_apply(conn, call, tool, ctx, dry_run, record, repeats)
             return result, client
+
+    def _before_policy(
+        self, call: ToolCall, sender: str, invalid: bool, why_invalid: str
+    ) -> tuple[ToolStatus, str] | None:
+        """A refusal config and the call's shape decide alone: (status, reason), or None."""
+        grants = self._config.grants
+        if grants is not None and call.tool not in grants.get(sender, ()):
+            return "denied", f"tool {call.tool} is not granted to agent {sender} (agents.{sender}.tools)"
+        cap = self._config.max_calls_per_step.get(sender, self._config.default_max_calls_per_step)
+        if not 0 <= call.index < cap:
+            return "stopped", f"call {call.index} of step {call.step}: at most {cap} tool calls per step"
+        if invalid:
+            return "invalid", why_invalid
+        return None
 
     async def _decide_and_apply(
         self,
@@ -271,88 +449,189 @@ class ToolGateway(MessageService):
         tool: Tool[Any],
         ctx: ToolInput[Any],
         dry_run: bool,
-        arguments: _Arguments,
+        record: _Record,
         repeats: int,
     ) -> ToolResult:
         budgets = self._config.budgets
+        arguments = record.arguments
         stop = await exceeded(conn, budgets, call.conversation, call.agent) or repeated_call(
             budgets, tool.name, repeats
         )
         if stop is not None:
             await append_audit(
-                conn, _entry(call, call.agent, ctx.customer, arguments.digest, "stop", "stopped", stop)
+                conn,
+                _entry(call, call.agent, ctx.customer, arguments.digest, "stop", "stopped", stop),
+                along=record.ledger(call, "stopped", {}, stop),
             )
             return self._result(call, "stopped", {}, reason=stop)
-        resource = await tool.resource(ctx)
-        decision = self._policy.decide(
-            PolicyRequest(
-                principal=call.agent,
-                action=tool.name,
-                resource_type=resource.type,
-                resource_id=resource.id,
-                context={**resource.facts, "irreversible": tool.irreversible},
+        body = _Body(conn, self._runner, tool, self._config.call_timeout_s)
+        decision: PolicyDecision | None = None
+        try:
+            resource = await body.run(tool.resource, ctx)
+            decision = self._policy.decide(
+                PolicyRequest(
+                    principal=call.agent,
+                    action=tool.name,
+                    resource_type=resource.type,
+                    resource_id=resource.id,
+                    context={**resource.facts, "irreversible": tool.irreversible},
+                )
             )
-        )
+            if decision.outcome == "allow" and not (dry_run and tool.changes_state):
+                # The common path: the tool's role and savepoint carry on into run(). (A
+                # read-only tool runs for real in a dry run too: lookups bind the facts
+                # later decisions depend on, so a dry run decides like a real one.)
+                result = await body.run(tool.run, ctx)
+                await body.leave()
+                return await self._applied(conn, call, tool, ctx, decision, None, record, result)
+            await body.leave()
+        except _BodyFailed as failed:
+            return await self._failed(conn, call, ctx, record, decision, None, str(failed))
+        return await self._decided(conn, call, tool, ctx, dry_run, record, decision, body)
+
+    async def _decided(
+        self,
+        conn: asyncpg.Connection,
+        call: ToolCall,
+        tool: Tool[Any],
+        ctx: ToolInput[Any],
+        dry_run: bool,
+        record: _Record,
+        decision: PolicyDecision,
+        body: _Body,
+    ) -> ToolResult:
+        """A call that is not simply allowed: denied, simulated, or waiting for approval."""
+        arguments = record.arguments
         approval_id: str | None = None
         if decision.outcome == "deny":
-            await self._audit(conn, call, ctx, decision, None, "denied", decision.reason, arguments)
+            await self._audit(
+                conn,
+                call,
+                ctx,
+                decision,
+                None,
+                "denied",
+                decision.reason,
+                record,
+                record.ledger(call, "denied", {}, decision.reason, decision),
+            )
             return self._result(call, "denied", {}, decision=decision)
         if decision.outcome == "approval" and dry_run:
             # A dry run files no approval request: it only says one would be needed.
             reason = f"would need approval: {decision.reason}"
-            await self._audit(conn, call, ctx, decision, None, "simulated", reason, arguments)
-            return self._result(
+            would = {"would": f"ask {decision.approver} to approve {tool.name}"}
+            await self._audit(
+                conn,
                 call,
+                ctx,
+                decision,
+                None,
                 "simulated",
-                {"would": f"ask {decision.approver} to approve {tool.name}"},
-                decision=decision,
-                reason=reason,
+                reason,
+                record,
+                record.ledger(call, "simulated", would, reason, decision),
             )
+            return self._result(call, "simulated", would, decision=decision, reason=reason)
         if decision.outcome == "approval":
             try:
                 approval_id, granted = await self._approval(conn, call, ctx, decision, arguments.json)
             except _ApprovalDenied as denied:
+                reason = str(denied)
+                along = record.ledger(call, "denied", {}, reason, decision, denied.approval_id)
                 await self._audit(
-                    conn, call, ctx, decision, denied.approval_id, "denied", str(denied), arguments
+                    conn, call, ctx, decision, denied.approval_id, "denied", reason, record, along
                 )
                 return self._result(
-                    call, "denied", {}, decision=decision, reason=str(denied), approval_id=denied.approval_id
+                    call, "denied", {}, decision=decision, reason=reason, approval_id=denied.approval_id
                 )
             if approval_id is None:
                 reason = f"{decision.reason}; the approval queue is full (default deny)"
-                await self._audit(conn, call, ctx, decision, None, "denied", reason, arguments)
+                await self._audit(
+                    conn,
+                    call,
+                    ctx,
+                    decision,
+                    None,
+                    "denied",
+                    reason,
+                    record,
+                    record.ledger(call, "denied", {}, reason, decision),
+                )
                 return self._result(call, "denied", {}, decision=decision, reason=reason)
             if not granted:
+                # Not final: the key is decided again when the step resumes, so that a
+                # granted approval is consumed then.
                 await self._audit(
-                    conn, call, ctx, decision, approval_id, "approval_required", decision.reason, arguments
+                    conn, call, ctx, decision, approval_id, "approval_required", decision.reason, record
                 )
                 return self._result(call, "approval_required", {}, decision=decision, approval_id=approval_id)
         if dry_run:
-            await self._audit(conn, call, ctx, decision, approval_id, "simulated", decision.reason, arguments)
-            return self._result(
+            would = {"would": f"{tool.name}({arguments.json})"}
+            await self._audit(
+                conn,
                 call,
+                ctx,
+                decision,
+                approval_id,
                 "simulated",
-                {"would": f"{tool.name}({arguments.json})"},
-                decision=decision,
-                approval_id=approval_id,
+                decision.reason,
+                record,
+                record.ledger(call, "simulated", would, decision.reason, decision, approval_id),
             )
-        result = await tool.run(ctx)
-        status: ToolStatus = "error" if "error" in result else "ok"
-        ledger = (
-            _LEDGER,
-            (
-                ctx.idempotency_key,
-                call.conversation,
-                call.agent,
-                tool.name,
-                json.dumps(arguments.json),
-                status,
-                json.dumps(result),
-                tool.undo,
-            ),
+            return self._result(call, "simulated", would, decision=decision, approval_id=approval_id)
+        try:
+            result = await body.run(tool.run, ctx)
+            await body.leave()
+        except _BodyFailed as failed:
+            return await self._failed(conn, call, ctx, record, decision, approval_id, str(failed))
+        return await self._applied(conn, call, tool, ctx, decision, approval_id, record, result)
+
+    async def _failed(
+        self,
+        conn: asyncpg.Connection,
+        call: ToolCall,
+        ctx: ToolInput[Any],
+        record: _Record,
+        decision: PolicyDecision | None,
+        approval_id: str | None,
+        reason: str,
+    ) -> ToolResult:
+        """A body that timed out or was refused: rolled back, answered ``error``, recorded (a
+        retry of the key does not run it again)."""
+        error = {"error": reason}
+        entry = _entry(
+            call,
+            call.agent,
+            ctx.customer,
+            record.arguments.digest,
+            decision.outcome if decision else "error",
+            f"failed: {reason}",
+            reason,
+            decision.policy_ids if decision else (),
+            approval_id,
         )
+        await append_audit(
+            conn, entry, along=record.ledger(call, "error", error, reason, decision, approval_id)
+        )
+        return self._result(call, "error", error, decision=decision, reason=reason, approval_id=approval_id)
+
+    async def _applied(
+        self,
+        conn: asyncpg.Connection,
+        call: ToolCall,
+        tool: Tool[Any],
+        ctx: ToolInput[Any],
+        decision: PolicyDecision,
+        approval_id: str | None,
+        record: _Record,
+        result: dict[str, Any],
+    ) -> ToolResult:
+        """A body that ran: its result, ledger entry and audit record commit with its effect."""
+        status: ToolStatus = "error" if "error" in result else "ok"
+        reason = str(result["error"]) if status == "error" else decision.reason
+        along = record.ledger(call, status, result, reason, decision, approval_id)
         outcome = "applied" if status == "ok" else f"failed: {result['error']}"
-        await self._audit(conn, call, ctx, decision, approval_id, outcome, decision.reason, arguments, ledger)
+        await self._audit(conn, call, ctx, decision, approval_id, outcome, decision.reason, record, along)
         return self._result(
             call,
             status,
@@ -427,14 +706,14 @@ class ToolGateway(MessageService):
         approval_id: str | None,
         outcome: str,
         detail: str,
-        arguments: _Arguments,
+        record: _Record,
         along: tuple[str, Sequence[object]] | None = None,
     ) -> None:
         entry = _entry(
             call,
             call.agent,
             ctx.customer,
-            arguments.digest,
+            record.arguments.digest,
             decision.outcome,
             outcome,
             detail,
@@ -451,15 +730,17 @@ class ToolGateway(MessageService):
         status: ToolStatus,
         reason: str,
         conn: asyncpg.Connection | None = None,
+        along: tuple[str, Sequence[object]] | None = None,
     ) -> ToolResult:
-        """Refuse before any policy is consulted (forgery, wrong turn, bad arguments), audited
-        in the call's transaction ``conn`` if it has one, else in a transaction of its own."""
+        """Refuse before any policy is consulted (forgery, wrong turn, a killed agent, a tool
+        not granted, bad arguments), audited in the call's transaction ``conn`` if it has
+        one, else in a transaction of its own; ``along`` records the refusal for the key."""
         logger.warning("tool call %s by %s refused: %s", call.tool, sender, reason)
         detail = reason if call.agent == sender else f"{reason} (body claims {call.agent!r})"
-        verdict = "deny" if status == "denied" else status
+        verdict = {"denied": "deny", "stopped": "stop"}.get(status, status)
         entry = _entry(call, sender, customer, digest_arguments(call.arguments), verdict, status, detail)
         if conn is not None:
-            await append_audit(conn, entry)
+            await append_audit(conn, entry, along=along)
         else:
             async with self._pool.acquire() as own, own.transaction():
                 await append_audit(own, entry)
@@ -515,6 +796,44 @@ def _entry(
         outcome=outcome,
         detail=detail,
     )
+
+
+async def grant_tool_role(conn: asyncpg.Connection, schemas: Iterable[str]) -> list[str]:
+    """Let ``corral_tools`` (the role tool statements run under) use ``schemas``: their
+    tables (read and write) and sequences, today's and those created later by the role
+    running this. Nothing else: corral's own tables stay out of a tool's reach.
+
+    Run it where the tools module's ``setup(conn)`` runs, with the schemas the module
+    declares (``SCHEMAS = ["shop"]``). Only schemas the current role owns (or may act for)
+    are granted; the others are left to their owner (``corral up`` grants as the owner).
+
+    Returns:
+        The schemas granted.
+    """
+    owned = await conn.fetch(
+        "SELECT nspname FROM pg_namespace WHERE nspname = ANY($1::text[])"
+        " AND pg_has_role(current_user, nspowner, 'MEMBER') ORDER BY nspname",
+        [_identifier(schema) and schema for schema in schemas],
+    )
+    granted = [row["nspname"] for row in owned]
+    for schema in granted:
+        name = _identifier(schema)
+        await conn.execute(
+            f"GRANT USAGE ON SCHEMA {name} TO {TOOLS_ROLE};"
+            f" GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA {name} TO {TOOLS_ROLE};"
+            f" GRANT USAGE, SELECT, UPDATE ON ALL SEQUENCES IN SCHEMA {name} TO {TOOLS_ROLE};"
+            f" ALTER DEFAULT PRIVILEGES IN SCHEMA {name}"
+            f" GRANT SELECT, INSERT, UPDATE, DELETE ON TABLES TO {TOOLS_ROLE};"
+            f" ALTER DEFAULT PRIVILEGES IN SCHEMA {name}"
+            f" GRANT USAGE, SELECT, UPDATE ON SEQUENCES TO {TOOLS_ROLE}"
+        )
+    return granted
+
+
+def _identifier(name: str) -> str:
+    if not name.replace("_", "").isalnum() or not name.isascii() or name[0].isdigit():
+        raise ValueError(f"not a plain schema name: {name!r}")
+    return f'"{name}"'
 
 
 async def rollback(

@@ -22,11 +22,39 @@ from nats.aio.client import Client
 from nats.aio.msg import Msg
 
 from bus import JournalEntry, JournalQuery, JournalReply, JournalRequest, MessageService, encode, subjects
+from supervisor._agent_controls import agent_killed
 from supervisor._budgets import Budgets, exceeded
+from supervisor.errors import StoreError
 
 logger = logging.getLogger(__name__)
 
 _decoder: msgspec.json.Decoder[JournalQuery] = msgspec.json.Decoder(JournalQuery)
+
+MAX_TOKENS_PER_RESPONSE = 10_000_000
+"""More input or output tokens than this in one model response is not a real figure."""
+MAX_USD_PER_RESPONSE = 1_000.0
+"""More dollars than this for one model response is not a real figure."""
+
+
+class JournalEntryError(StoreError):
+    """A response's figures are negative or absurd: it is refused, never journaled or
+    counted (budgets would believe them). Never retryable."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, retryable=False)
+
+
+def entry_problem(entry: JournalEntry) -> str | None:
+    """Why ``entry``'s spend cannot be believed (negative, not finite, or past sane bounds),
+    or None."""
+    for name in ("input_tokens", "output_tokens"):
+        tokens = getattr(entry, name)
+        if not 0 <= tokens <= MAX_TOKENS_PER_RESPONSE:
+            return f"{name} {tokens} is outside 0..{MAX_TOKENS_PER_RESPONSE}"
+    cost = entry.cost_usd
+    if not 0.0 <= cost <= MAX_USD_PER_RESPONSE:  # NaN fails both comparisons
+        return f"cost_usd {cost} is outside 0..{MAX_USD_PER_RESPONSE:g}"
+    return None
 
 
 def journal_ctes(first: int, source: str) -> str:
@@ -110,7 +138,14 @@ async def journal_response(
     Args:
         also: More expressions evaluated on the conversation's row (``owner``) in the same
             statement (say, taking locks), with ``{0}``, ``{1}``, ... for ``also_parameters``.
+
+    Raises:
+        JournalEntryError: if ``entry`` claims negative or absurd spend (nothing is written).
     """
+    if entry is not None and (problem := entry_problem(entry)) is not None:
+        raise JournalEntryError(
+            f"response {entry.conversation}/{entry.step}/{entry.index} refused: {problem}"
+        )
     parameters = [conversation] if entry is None else journal_parameters(entry, sender)
     query = _statement(entry is not None, also, len(parameters) + 1, len(also_parameters))
     return await conn.fetchrow(query, *parameters, *also_parameters)
@@ -202,7 +237,13 @@ class JournalService(MessageService):
             refusal = _not_your_turn(owner, sender, request.step)
             if refusal is None:
                 entries = await _entries(conn, request, sender)
-                reason = await exceeded(conn, self._budgets, request.conversation, sender)
+                # The gateway's own view of the kill switch, not the agent's watcher.
+                killed = await agent_killed(conn, sender)
+                reason = (
+                    f"agent {sender} is killed ({killed})"
+                    if killed is not None
+                    else await exceeded(conn, self._budgets, request.conversation, sender)
+                )
         if refusal is not None:
             if owner is not None and self._on_over is not None:
                 await self._on_over(request.conversation)

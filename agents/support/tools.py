@@ -10,7 +10,10 @@ from pydantic import BaseModel, ConfigDict, Field
 from agents._tools import Resource, Tool, ToolInput
 from agents.support._shop import setup
 
-__all__ = ["TOOLS", "setup"]
+__all__ = ["SCHEMAS", "TOOLS", "setup"]
+
+SCHEMAS = ["shop"]
+"""The schemas the tools use: the gateway grants its tools' role these, and nothing else."""
 
 
 class _Args(BaseModel):
@@ -90,6 +93,7 @@ class LookupOrder(Tool[OrderArgs]):
     name = "lookup_order"
     description = "One of the acting customer's orders."
     arguments = OrderArgs
+    resource_fields = ("order_id",)
     changes_state = False
 
     async def resource(self, call: ToolInput[OrderArgs]) -> Resource:
@@ -113,6 +117,7 @@ class Refund(Tool[RefundArgs]):
     name = "refund"
     description = "Refund part or all of one of the acting customer's orders."
     arguments = RefundArgs
+    resource_fields = ("order_id",)
     undo = "reverse_refund"
 
     async def resource(self, call: ToolInput[RefundArgs]) -> Resource:
@@ -168,6 +173,7 @@ class ReverseRefund(Tool[ReverseRefundArgs]):
     name = "reverse_refund"
     description = "Undo a refund (compensation)."
     arguments = ReverseRefundArgs
+    resource_fields = ("refund_id",)
     changes_state = True
 
     async def run(self, call: ToolInput[ReverseRefundArgs]) -> dict[str, Any]:
@@ -188,6 +194,7 @@ class CancelSubscription(Tool[SubscriptionArgs]):
     name = "cancel_subscription"
     description = "Cancel one of the acting customer's subscriptions."
     arguments = SubscriptionArgs
+    resource_fields = ("subscription_id",)
 
     async def resource(self, call: ToolInput[SubscriptionArgs]) -> Resource:
         owner = await call.conn.fetchval(
@@ -245,6 +252,7 @@ class SendCorrection(Tool[CorrectionArgs]):
     name = "send_correction"
     description = "Send a correction of an earlier email (compensation)."
     arguments = CorrectionArgs
+    resource_fields = ("email_id",)
 
     async def run(self, call: ToolInput[CorrectionArgs]) -> dict[str, Any]:
         email_id = await call.conn.fetchval(
