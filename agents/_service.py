@@ -8,7 +8,7 @@ import enum
 import json
 import logging
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, TypedDict
 
 import msgspec
@@ -24,6 +24,7 @@ from agents._decision import (
 from agents.errors import AgentError, DecisionError
 from bus import (
     ATTEMPT,
+    DECODE_ERRORS,
     MSG_ID,
     TRACEPARENT,
     AgentFailed,
@@ -33,6 +34,8 @@ from bus import (
     AgentTask,
     AgentWaiting,
     Bus,
+    BusError,
+    ConnectionGuard,
     Consumer,
     ConsumerConfig,
     Delivery,
@@ -40,13 +43,19 @@ from bus import (
     JournalEntry,
     JournalQuery,
     JournalReply,
+    Limits,
     OutputTaken,
+    PayloadTooLargeError,
     StepEvent,
     ToolCall,
     ToolResult,
     current_traceparent,
     encode,
+    limit_problem,
+    output_problem,
     publish_live,
+    request,
+    serve_together,
     subjects,
 )
 from router import ChatMessage, Completion, CompletionRequest, Model, RouterError
@@ -82,6 +91,8 @@ class AgentSettings:
     """How often a long step tells JetStream it is still working (a third of ack_wait)."""
     max_in_flight: int = 32
     max_deliver: int = 10
+    limits: Limits = field(default_factory=Limits)
+    """How big a step's outputs, tool arguments and journaled responses may be."""
 
 
 class AgentState(enum.Enum):
@@ -114,6 +125,7 @@ class AgentService:
                 max_deliver=settings.max_deliver,
                 retry_delay_s=1.0,
                 dead_letter_subject=lambda _: subjects.agent_dead_letter(settings.name),
+                dead_letter_body_bytes=settings.limits.dead_letter_body_bytes,
             ),
             msgspec.json.Decoder(AgentInput),
             self.handle,
@@ -135,7 +147,9 @@ class AgentService:
         self.state = AgentState.RUNNING
         logger.info("agent %s serving %s", self._settings.name, subjects.agent_inbox(self._settings.name))
         try:
-            await self._consumer.run()
+            # The guard ends the service (and the process, non-zero) once the connection is
+            # closed for good: nats-py would leave it alive and deaf.
+            await serve_together(self._consumer, ConnectionGuard(self._bus))
         finally:
             self.state = AgentState.STOPPED
             logger.info("agent %s stopped", self._settings.name)
@@ -169,6 +183,9 @@ class AgentService:
             await self._publish_failure(
                 task, str(exc), exc.response if isinstance(exc, DecisionError) else None
             )
+            return
+        except PayloadTooLargeError as exc:
+            await self._publish_failure(task, str(exc))
             return
         if step is None:
             return  # the step was over already (a late redelivery): nothing to tell
@@ -241,6 +258,10 @@ class AgentService:
                 completion = await self._model.complete(
                     CompletionRequest(agent=name, conversation=task.conversation, messages=messages)
                 )
+                if "\x00" in completion.text:
+                    # PostgreSQL stores no NUL in text: the model's text is journaled, and
+                    # acted on, with U+FFFD in its place.
+                    completion = replace(completion, text=completion.text.replace("\x00", "\ufffd"))
                 response = JournalEntry(
                     conversation=task.conversation,
                     step=task.step,
@@ -281,48 +302,64 @@ class AgentService:
             ]
         raise AgentError(f"more than {self._settings.max_tool_calls} tool calls in one step", agent=name)
 
-    async def _journal(self, request: JournalQuery) -> JournalReply:
+    async def _journal(self, query: JournalQuery) -> JournalReply:
         try:
-            reply = await self._bus.nc.request(
+            reply = await request(
+                self._bus.nc,
                 subjects.agent_journal(self._settings.name),
-                encode(request),
-                timeout=self._settings.tool_timeout_s,
+                encode(query),
+                timeout_s=self._settings.tool_timeout_s,
             )
-        except Exception as exc:
+            return _journal_decoder.decode(reply.data)
+        except DECODE_ERRORS as exc:
+            raise AgentError(f"journal answered nonsense: {exc}", agent=self._settings.name) from exc
+        except BusError as exc:
             # Nothing is used before it is journaled: the step is redelivered and retried.
             raise AgentError(
-                f"journal did not answer: {exc}", agent=self._settings.name, retryable=True
+                f"journal did not answer: {exc}", agent=self._settings.name, retryable=exc.retryable
             ) from exc
-        return _journal_decoder.decode(reply.data)
 
     async def _call_tool(
         self, task: AgentTask, index: int, decision: ToolDecision, response: JournalEntry | None
     ) -> ToolResult:
+        name, limits = self._settings.name, self._settings.limits
+        arguments = _encode_arguments(decision.arguments)
+        why = limit_problem(
+            f"arguments of {decision.tool}", arguments, limits.tool_arguments_bytes, "tool_arguments_bytes"
+        )
+        if why is not None:
+            failed = DecisionError(f"tool call refused: {why}", agent=name)
+            failed.response = response
+            raise failed
         call = ToolCall(
             conversation=task.conversation,
             step=task.step,
             index=index,
-            agent=self._settings.name,
+            agent=name,
             tool=decision.tool,
             arguments=decision.arguments,
-            response=response,
+            response=_bounded(response, limits),
         )
         try:
             trace = current_traceparent()
-            reply = await self._bus.nc.request(
-                subjects.agent_tool(self._settings.name),
+            reply = await request(
+                self._bus.nc,
+                subjects.agent_tool(name),
                 encode(call),
-                timeout=self._settings.tool_timeout_s,
+                timeout_s=self._settings.tool_timeout_s,
                 headers={TRACEPARENT: trace} if trace else None,
             )
-        except Exception as exc:
-            # The same call is retried on redelivery; its idempotency key makes that safe.
+            return _tool_decoder.decode(reply.data)
+        except DECODE_ERRORS as exc:
             raise AgentError(
-                f"tool gateway did not answer {decision.tool}: {exc}",
-                agent=self._settings.name,
-                retryable=True,
+                f"tool gateway answered {decision.tool} with nonsense: {exc}", agent=name
             ) from exc
-        return _tool_decoder.decode(reply.data)
+        except BusError as exc:
+            # The same call is retried on redelivery; its idempotency key makes that safe. A
+            # call too big to send never will be.
+            raise AgentError(
+                f"tool gateway did not answer {decision.tool}: {exc}", agent=name, retryable=exc.retryable
+            ) from exc
 
     async def _publish_failure(
         self, task: AgentTask, reason: str, response: JournalEntry | None = None
@@ -336,23 +373,38 @@ class AgentService:
         )
         await self._hand_over(
             subjects.agent_error(self._settings.name),
-            AgentFailed(
-                conversation=task.conversation,
-                step=task.step,
-                resume=task.resume,
-                agent=self._settings.name,
-                reason=reason,
-                response=response,
-            ),
+            self._failure(task, reason, response),
             task,
+        )
+
+    def _failure(self, task: AgentTask, reason: str, response: JournalEntry | None) -> AgentFailed:
+        """The step's failure, with a reason that fits its limit."""
+        limit = self._settings.limits.reason_bytes
+        return AgentFailed(
+            conversation=task.conversation,
+            step=task.step,
+            resume=task.resume,
+            agent=self._settings.name,
+            reason=_clip(reason.replace("\x00", "\ufffd"), limit),
+            response=response,
         )
 
     async def _hand_over(self, subject: str, output: AgentOutput, task: AgentTask) -> None:
         """Hand the step's output to the supervisor; return once it is taken (committed,
         and what it implies published), so the task is acknowledged only after. Sent again,
-        with the same id, while the supervisor is away or asks for it again; a refused
-        output was dead-lettered by the supervisor, with the reason."""
-        name = self._settings.name
+        with the same id, while the supervisor is away or asks for it again.
+
+        An output that cannot be taken (over a limit, too big to send, or refused by the
+        supervisor, which dead-lettered it with the reason) is replaced once by the step's
+        failure, with the reason, so the conversation ends with it; it is never sent
+        again and again. A failure that is refused too is given up on (and logged)."""
+        name, limits = self._settings.name, self._settings.limits
+        if not isinstance(output, AgentWaiting) and output.response is not None:
+            output = msgspec.structs.replace(output, response=_bounded(output.response, limits))
+        why = output_problem(output, limits)
+        if why is not None and not isinstance(output, AgentFailed):
+            await self._give_up(task, output, why)
+            return
         data = encode(output)
         headers = {MSG_ID: _output_id(task)}
         trace = current_traceparent()
@@ -362,10 +414,13 @@ class AgentService:
         while True:
             headers[ATTEMPT] = str(attempt)
             try:
-                reply = await self._bus.nc.request(
-                    subject, data, timeout=self._settings.tool_timeout_s, headers=headers
+                reply = await request(
+                    self._bus.nc, subject, data, timeout_s=self._settings.tool_timeout_s, headers=headers
                 )
                 answer = _taken_decoder.decode(reply.data)
+            except PayloadTooLargeError as exc:
+                await self._give_up(task, output, str(exc))
+                return
             except Exception as exc:
                 # The supervisor is restarting, or the connection is: the task stays held.
                 logger.warning(
@@ -376,10 +431,33 @@ class AgentService:
                     return
                 if answer.status == "refused":
                     logger.error("agent %s: the supervisor refused %s: %s", name, subject, answer.reason)
+                    await self._give_up(task, output, f"the supervisor refused it: {answer.reason}")
                     return
                 attempt += 1
             await asyncio.sleep(pause_s)
             pause_s = min(pause_s * 2, _HANDOVER_MAX_PAUSE_S)
+
+    async def _give_up(self, task: AgentTask, output: AgentOutput, why: str) -> None:
+        """``output`` can never be taken: report the step as failed, with why, instead (once;
+        a failure that cannot be taken either is only logged)."""
+        name = self._settings.name
+        if isinstance(output, AgentFailed):
+            logger.error(
+                "agent %s: gave up on the failure of %s/%d: %s", name, task.conversation, task.step, why
+            )
+            return
+        kind = {AgentReply: "reply", HandoffProposed: "handoff", AgentWaiting: "wait"}.get(
+            type(output), "output"
+        )
+        logger.warning(
+            "agent %s: the %s of %s/%d cannot be taken: %s", name, kind, task.conversation, task.step, why
+        )
+        response = None if isinstance(output, AgentWaiting) else output.response
+        await self._hand_over(
+            subjects.agent_error(name),
+            self._failure(task, f"its {kind} cannot be taken: {why}", response),
+            task,
+        )
 
     async def _emit_event(self, task: AgentTask, detail: str, model: str) -> None:
         # Events feed traces and the UI, live: a lost one must never hold up a step, and the
@@ -392,6 +470,36 @@ class AgentService:
             detail=f"{detail} via {model}",
         )
         await publish_live(self._bus.nc, subjects.agent_event(self._settings.name), event)
+
+
+def _encode_arguments(arguments: dict[str, Any]) -> str:
+    """A tool call's arguments as they are sent (for their size)."""
+    return msgspec.json.encode(arguments).decode()
+
+
+def _clip(text: str, limit_bytes: int) -> str:
+    """``text`` cut to at most ``limit_bytes`` of UTF-8."""
+    data = text.encode()
+    if len(data) <= limit_bytes:
+        return text
+    return data[: max(limit_bytes - 3, 0)].decode(errors="ignore") + "..."
+
+
+_CUT = "\n[cut by corral: the response was {size} bytes, over limits.response_text_bytes]"
+
+
+def _bounded(response: JournalEntry | None, limits: Limits) -> JournalEntry | None:
+    """A model response as it may be journaled: its text cut to ``limits.response_text_bytes``
+    (what it cost is kept whole), so that it fits beside what it caused."""
+    if response is None:
+        return None
+    limit = limits.response_text_bytes
+    text = response.text.replace("\x00", "\ufffd")
+    size = len(text.encode())
+    if size > limit:
+        note = _CUT.format(size=size)
+        text = _clip(text, max(limit - len(note.encode()), 0)) + note
+    return response if text == response.text else msgspec.structs.replace(response, text=text)
 
 
 def _tool_message(result: ToolResult) -> str:

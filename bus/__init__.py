@@ -64,10 +64,13 @@ from bus._publish import (
     MSG_ID,
     Limits,
     check_payload,
+    limit_problem,
+    output_problem,
     payload_size,
     publish,
     publish_live,
     request,
+    start_problem,
 )
 from bus._service import MessageService, serve_together
 from bus._topology import (
@@ -164,8 +167,10 @@ __all__ = [
     "ensure_control_bucket",
     "ensure_topology",
     "is_retryable",
+    "limit_problem",
     "list_kills",
     "new_traceparent",
+    "output_problem",
     "payload_size",
     "publish",
     "publish_live",
@@ -173,6 +178,7 @@ __all__ = [
     "serve_together",
     "serve_with_control",
     "set_kill",
+    "start_problem",
     "subjects",
     "supervisor_consumer_config",
     "trace_id",

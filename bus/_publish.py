@@ -15,7 +15,18 @@ from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 
-from bus._messages import Message, encode
+from bus import subjects
+from bus._messages import (
+    AgentFailed,
+    AgentOutput,
+    AgentReply,
+    AgentWaiting,
+    ConversationStart,
+    HandoffProposed,
+    JournalEntry,
+    Message,
+    encode,
+)
 from bus._trace import TRACEPARENT, current_traceparent
 from bus.errors import BusError, ConnectionClosedError, PayloadTooLargeError
 
@@ -52,6 +63,64 @@ class Limits:
     dead_letter_body_bytes: int = 64 * KiB
     """The copy of a message kept in ``CORRAL_DLQ``; a longer body is cut, and its
     ``Corral-Dead-Truncated`` header gives the original size."""
+
+
+def start_problem(message: ConversationStart, client: str, limits: Limits) -> str | None:
+    """Why a conversation start cannot be taken (None: it can): an id outside
+    ``subjects.ID_PATTERN``, text or a customer id over its limit, a NUL character
+    (PostgreSQL stores none in text)."""
+    for what, value in (("conversation id", message.conversation), ("client id", client)):
+        try:
+            subjects.check_id(value, what)
+        except ValueError as exc:
+            return str(exc)
+    return limit_problem(
+        "text", message.text, limits.customer_text_bytes, "customer_text_bytes"
+    ) or limit_problem("customer id", message.customer, limits.customer_id_bytes, "customer_id_bytes")
+
+
+def output_problem(message: AgentOutput, limits: Limits) -> str | None:
+    """Why an agent's output cannot be taken (None: it can): a text over its limit, or a
+    NUL character anywhere (PostgreSQL stores none in text)."""
+    fields: list[tuple[str, str, int, str]] = [
+        ("conversation id", message.conversation, 256, ""),
+        ("agent", message.agent, 256, ""),
+    ]
+    match message:
+        case AgentReply():
+            fields.append(("reply", message.text, limits.reply_text_bytes, "reply_text_bytes"))
+        case HandoffProposed():
+            fields.append(("target", message.target, 256, ""))
+            fields.append(("handoff reason", message.reason, limits.reason_bytes, "reason_bytes"))
+        case AgentFailed():
+            fields.append(("failure reason", message.reason, limits.reason_bytes, "reason_bytes"))
+        case AgentWaiting():
+            fields.append(("approval id", message.approval_id, 256, ""))
+            fields.append(("tool", message.tool, 256, ""))
+            fields.append(("waiting reason", message.reason, limits.reason_bytes, "reason_bytes"))
+    response: JournalEntry | None = None if isinstance(message, AgentWaiting) else message.response
+    if response is not None:
+        fields.append(("model response", response.text, limits.response_text_bytes, "response_text_bytes"))
+        fields.append(("model name", response.model, 256, ""))
+    for what, value, limit, setting in fields:
+        why = limit_problem(what, value, limit, setting)
+        if why is not None:
+            return why
+    return None
+
+
+def limit_problem(what: str, value: str, limit: int, setting: str = "") -> str | None:
+    """Why ``value`` (``what``) cannot be taken: a NUL character (PostgreSQL stores none in
+    text), or more than ``limit`` bytes of UTF-8 (``limits.<setting>``); None if it can."""
+    if "\x00" in value:
+        return f"{what} contains a NUL character"
+    if len(value) * 4 <= limit:  # UTF-8 takes at most 4 bytes a character: no need to count
+        return None
+    size = len(value.encode("utf-8", "surrogatepass"))
+    if size <= limit:
+        return None
+    where = f"limits.{setting}" if setting else "the limit"
+    return f"{what} of {size} bytes exceeds {where} ({limit})"
 
 
 def payload_size(data: bytes, headers: Mapping[str, str] | None = None) -> int:

@@ -17,7 +17,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from bus import subjects
+from bus import Limits, subjects
 from router import SCRIPTED_PROVIDER, ModelTier
 from supervisor.errors import ConfigError
 
@@ -147,6 +147,49 @@ class ConversationSection(_Strict):
     """Handoffs back and forth between the same two agents before it is stopped."""
 
 
+class LimitsSection(_Strict):
+    """How big what arrives at corral's edges may be, in bytes of UTF-8. What is bigger is
+    refused with the reason (the client sees it) and dead-lettered; whatever corral derives
+    from an input is built from parts within these, and checked against the NATS server's
+    ``max_payload`` (1 MiB by default) before it is sent."""
+
+    customer_text_bytes: int = Field(default=16 * 1024, ge=1)
+    """A conversation start's text."""
+    customer_id_bytes: int = Field(default=256, ge=1)
+    """A conversation start's customer id."""
+    reply_text_bytes: int = Field(default=32 * 1024, ge=1)
+    """An agent's reply to the customer; a longer one fails the step with the reason."""
+    reason_bytes: int = Field(default=4 * 1024, ge=64)
+    """A handoff's, a failure's or a wait's reason."""
+    response_text_bytes: int = Field(default=64 * 1024, ge=1024)
+    """A model response as journaled; the agent cuts a longer one (saying so) and keeps
+    what it cost."""
+    tool_arguments_bytes: int = Field(default=16 * 1024, ge=1)
+    """A tool call's arguments, encoded as JSON."""
+    tool_result_bytes: int = Field(default=64 * 1024, ge=1)
+    """A tool call's result, encoded as JSON."""
+    dead_letter_body_bytes: int = Field(default=64 * 1024, ge=1024, le=96 * 1024)
+    """How much of a message's body its dead letter keeps (the rest is cut, and the
+    ``Corral-Dead-Truncated`` header gives the original size)."""
+    dead_letter_max_bytes: int = Field(default=256 * 1024 * 1024, ge=1024 * 1024)
+    """What ``CORRAL_DLQ`` holds at most; past it the oldest dead letters go first."""
+    dead_letter_max_age_s: float = Field(default=30 * 24 * 3600.0, gt=0)
+    """How long ``CORRAL_DLQ`` keeps a dead letter."""
+
+    def to_limits(self) -> Limits:
+        """The limits as the bus, the supervisor and the agents take them."""
+        return Limits(
+            customer_text_bytes=self.customer_text_bytes,
+            customer_id_bytes=self.customer_id_bytes,
+            reply_text_bytes=self.reply_text_bytes,
+            reason_bytes=self.reason_bytes,
+            response_text_bytes=self.response_text_bytes,
+            tool_arguments_bytes=self.tool_arguments_bytes,
+            tool_result_bytes=self.tool_result_bytes,
+            dead_letter_body_bytes=self.dead_letter_body_bytes,
+        )
+
+
 class CorralConfig(_Strict):
     """The whole ``corral.yaml``."""
 
@@ -162,6 +205,7 @@ class CorralConfig(_Strict):
     agents: dict[str, AgentSection]
     graph: GraphSection
     conversation: ConversationSection = ConversationSection()
+    limits: LimitsSection = LimitsSection()
     tools: ToolsSection | None = None
 
 

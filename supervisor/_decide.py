@@ -24,7 +24,10 @@ from bus import (
     HandoffRefused,
     Hop,
     KillSwitch,
+    Limits,
     Message,
+    output_problem,
+    start_problem,
     subjects,
 )
 from supervisor._store import ConversationRecord, StepRecord
@@ -415,3 +418,59 @@ def _pingpong(path: list[Hop], target: str) -> int:
             break
         run += 1
     return run
+
+
+def check_start(message: ConversationStart, client: str, limits: Limits) -> str | None:
+    """Why a conversation start cannot be taken (None: it can); see ``bus.start_problem``."""
+    return start_problem(message, client, limits)
+
+
+def check_output(message: AgentOutput, limits: Limits) -> str | None:
+    """Why an agent's output cannot be taken (None: it can); see ``bus.output_problem``."""
+    return output_problem(message, limits)
+
+
+def refused_start(client: str, conversation: str, reason: str) -> Outgoing:
+    """What tells a client its start was refused (it is not recorded: nothing was taken)."""
+    return Outgoing(
+        subject=subjects.conversation_updates(client, conversation),
+        message=ConversationEnded(conversation=conversation, status="refused", reason=reason),
+        # Not "<conversation>.ended": a start refused on one client's subject must never
+        # be taken for the outcome of another client's conversation of the same id.
+        msg_id=f"{client}.{conversation}.refused",
+    )
+
+
+def output_refused(record: ConversationRecord, sender: str, step: int, resume: int, reason: str) -> Decision:
+    """An output of the conversation's current step was refused for good: escalate, so the
+    conversation is neither left running nor ended in silence. Only the step's own agent
+    ends it this way, at the step and resume it is at."""
+    if (
+        record.status != "running"
+        or sender != record.current_agent
+        or (step, resume)
+        != (
+            record.step,
+            record.resume,
+        )
+    ):
+        return Decision(record=None)
+    return _escalate(
+        record, sender, f"output of {sender} at step {step} refused: {reason}; escalated to a human"
+    )
+
+
+def input_dead(record: ConversationRecord, reason: str) -> Decision:
+    """An input of the conversation was dead-lettered: escalate what was still open."""
+    if record.status not in ("running", "waiting"):
+        return Decision(record=None)
+    return _escalate(record, record.current_agent, f"{reason}; escalated to a human")
+
+
+def too_big(record: ConversationRecord, agent: str, reason: str) -> Decision:
+    """What a decision implies cannot be sent (over the server's ``max_payload``):
+    escalate instead, without the part that did not fit."""
+    return Decision(
+        record=record.evolve(status="escalated", reply=None, reason=f"{reason}; escalated to a human"),
+        steps=[StepRecord(step=record.step, agent=agent, kind="escalated", detail=reason)],
+    )

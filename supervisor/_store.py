@@ -359,6 +359,17 @@ class Store:
         row = await self._pool.fetchrow("SELECT conversation, status FROM approvals WHERE id=$1", approval_id)
         return (row["conversation"], row["status"]) if row else None
 
+    async def approval_exists(self, approval_id: str, conversation: str, agent: str) -> bool:
+        """Whether the gateway filed approval ``approval_id`` for ``agent`` in
+        ``conversation`` and it was not used yet (a step may wait only on such a one)."""
+        row = await self._pool.fetchrow(
+            "SELECT 1 FROM approvals WHERE id=$1 AND conversation=$2 AND agent=$3 AND status <> 'used'",
+            approval_id,
+            conversation,
+            agent,
+        )
+        return row is not None
+
     async def waiting_on(self, agent: str) -> list[str]:
         """Running conversations whose next step belongs to ``agent``."""
         rows = await self._pool.fetch(

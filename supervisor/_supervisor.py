@@ -11,11 +11,15 @@ from collections.abc import Awaitable, Callable
 import msgspec
 
 from bus import (
+    DECODE_ERRORS,
+    MSG_ID,
+    TRACEPARENT,
     AgentOutput,
     AgentTask,
     AgentWaiting,
     ApprovalDecided,
     Bus,
+    ConnectionGuard,
     Consumer,
     ConsumerConfig,
     ControlWatcher,
@@ -25,9 +29,12 @@ from bus import (
     JournalEntry,
     KillSwitch,
     KillTarget,
+    Limits,
     PoisonMessageError,
     SupervisorInput,
     current_traceparent,
+    encode,
+    payload_size,
     publish,
     publish_live,
     serve_with_control,
@@ -64,6 +71,8 @@ class Supervisor:
         graph: The handoff graph and limits.
         max_in_flight: Messages handled concurrently.
         max_deliver: Deliveries before a failing message is dead-lettered.
+        budgets: The conversation budgets.
+        limits: How big inputs may be (``limits:``).
     """
 
     def __init__(
@@ -75,11 +84,13 @@ class Supervisor:
         max_in_flight: int = 64,
         max_deliver: int = 10,
         budgets: Budgets | None = None,
+        limits: Limits | None = None,
     ) -> None:
         self._bus = bus
         self._store = store
         self._graph = graph
         self._budgets = budgets or Budgets()
+        self._limits = limits or Limits()
         self._consumer: Consumer[SupervisorInput] = Consumer(
             bus.js,
             ConsumerConfig(
@@ -87,12 +98,20 @@ class Supervisor:
                 durable=subjects.SUPERVISOR_CONSUMER,
                 max_in_flight=max_in_flight,
                 max_deliver=max_deliver,
+                dead_letter_body_bytes=self._limits.dead_letter_body_bytes,
             ),
             msgspec.json.Decoder(SupervisorInput),
             self.handle,
+            self.input_dead,
         )
         self._desk = OutputDesk(
-            bus.nc, bus.js, self.take, max_in_flight=max_in_flight, max_deliver=max_deliver
+            bus.nc,
+            bus.js,
+            self.take,
+            max_in_flight=max_in_flight,
+            max_deliver=max_deliver,
+            refused=self.output_refused,
+            limits=self._limits,
         )
         self._control = ControlWatcher(bus.js, self._on_control)
         self.state = SupervisorState.NEW
@@ -108,7 +127,9 @@ class Supervisor:
         self.state = SupervisorState.RUNNING
         logger.info("supervisor serving; entry agent %s", self._graph.entry)
         try:
-            await serve_with_control(self._control, self._consumer, self._desk)
+            # The guard ends the service (and the process, non-zero) once the connection is
+            # closed for good: nats-py would leave it alive and deaf.
+            await serve_with_control(self._control, self._consumer, self._desk, ConnectionGuard(self._bus))
         finally:
             self.state = SupervisorState.STOPPED
             logger.info("supervisor stopped")
@@ -139,7 +160,14 @@ class Supervisor:
             raise PoisonMessageError(
                 f"conversation {message.conversation!r} started on {subject}", subject=subject
             )
+        why = _decide.check_start(message, client, self._limits)
         trace = current_traceparent()
+        if why is None:
+            # What the start implies (its first task) must fit in a message too.
+            first = _decide.start(message, None, self._graph, trace, client)
+            why = self._oversized(first)
+        if why is not None:
+            raise PoisonMessageError(f"conversation start refused: {why}", subject=subject)
 
         async def decide(snapshot: ConversationSnapshot) -> _decide.Decision:
             return _decide.start(
@@ -163,6 +191,15 @@ class Supervisor:
         sender = subjects.sender(subject) or ""
         if await self._dropped(message, sender):
             return
+        why = _decide.check_output(message, self._limits)
+        if why is None and isinstance(message, AgentWaiting):
+            if not await self._store.approval_exists(message.approval_id, message.conversation, sender):
+                why = (
+                    f"approval {message.approval_id!r} was never requested for {sender} in "
+                    f"conversation {message.conversation}"
+                )
+        if why is not None:
+            raise PoisonMessageError(why, subject=subject)
         response: tuple[JournalEntry, str] | None = None
         if not isinstance(message, AgentWaiting) and message.response is not None:
             # Journaled under the step decided on and the subject's sender, whatever the
@@ -177,7 +214,7 @@ class Supervisor:
         async def decide(snapshot: ConversationSnapshot) -> _decide.Decision:
             if snapshot.record is None:
                 raise PoisonMessageError(f"unknown conversation {message.conversation!r}", subject=subject)
-            return _decide.from_agent(
+            decision = _decide.from_agent(
                 message,
                 sender,
                 snapshot.record,
@@ -190,8 +227,62 @@ class Supervisor:
                 if isinstance(message, HandoffProposed)
                 else None,
             )
+            too_big = self._oversized(decision)
+            if too_big is not None:
+                return _decide.too_big(snapshot.record, sender, too_big)
+            return decision
 
         await self._decide_and_publish(message.conversation, decide, response)
+
+    async def output_refused(self, message: AgentOutput, subject: str, reason: str) -> None:
+        """An output was refused for good (and dead-lettered): end its conversation with the
+        reason, if it is the current step's (see ``_decide.output_refused``)."""
+        sender = subjects.sender(subject) or ""
+        if not _is_id(message.conversation):
+            return
+        await self._apply(
+            message.conversation,
+            lambda record: _decide.output_refused(
+                record, sender, message.step, message.resume, _clip(reason, self._limits.reason_bytes)
+            ),
+        )
+
+    async def input_dead(self, message: SupervisorInput, delivery: Delivery, reason: str) -> None:
+        """An input from ``CORRAL_WORK`` was dead-lettered: tell the client of a start that
+        was refused why, or escalate a conversation that was taken but cannot go on."""
+        if not isinstance(message, ConversationStart):
+            return  # an approval decision stays in the database; the dead letter says why
+        reason = _clip(reason, self._limits.reason_bytes)
+        client = subjects.starter(delivery.subject)
+        conversation = delivery.subject.rsplit(".", 1)[-1]
+        if client is None:
+            return
+        record = await self._store.get(conversation) if _is_id(conversation) else None
+        if record is not None and record.client == client:
+            # Taken once, and now it cannot go on (its task cannot be published, say).
+            await self._apply(conversation, lambda r: _decide.input_dead(r, reason))
+            return
+        # Never recorded (or recorded for another client, which must not be touched).
+        refusal = _decide.refused_start(client, conversation, reason)
+        await publish(self._bus.js, refusal.subject, refusal.message, msg_id=refusal.msg_id)
+
+    def _oversized(self, decision: _decide.Decision) -> str | None:
+        """Why a message the decision implies could not be sent (None: all fit)."""
+        record = decision.record
+        if record is None:
+            return None
+        limit = self._bus.nc.max_payload
+        if not limit:
+            return None
+        for out in [*decision.extra, *_decide.outputs(record)]:
+            headers = {MSG_ID: out.msg_id}
+            if record.traceparent:
+                headers[TRACEPARENT] = record.traceparent
+            size = payload_size(encode(out.message), headers)
+            if size > limit:
+                kind = type(out.message).__name__
+                return f"the {kind} it implies would be {size} bytes, over the server's max_payload ({limit})"
+        return None
 
     async def republish(self, conversation: str) -> None:
         """Publish again what the conversation's last decision implies (the same ids, so
@@ -273,7 +364,7 @@ class Supervisor:
             return
         try:
             task = _task_decoder.decode(data)
-        except (msgspec.DecodeError, msgspec.ValidationError):
+        except DECODE_ERRORS:
             return
         await self._apply(
             task.conversation,
@@ -335,6 +426,22 @@ class Supervisor:
                 for out in messages
             )
         )
+
+
+def _is_id(value: str) -> bool:
+    try:
+        subjects.check_id(value)
+    except ValueError:
+        return False
+    return True
+
+
+def _clip(text: str, limit_bytes: int) -> str:
+    """``text`` cut to at most ``limit_bytes`` of UTF-8 (a reason shown to the client)."""
+    data = text.encode()
+    if len(data) <= limit_bytes:
+        return text
+    return data[: max(limit_bytes - 3, 0)].decode(errors="ignore") + "..."
 
 
 def _log_transition(record: ConversationRecord) -> None:
