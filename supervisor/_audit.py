@@ -40,8 +40,9 @@ with no whitespace (separators ``,`` and ``:``) and non-ASCII characters written
 ``prev_hash`` and ``hash`` themselves are not in the object; ``prev_hash`` enters through the
 prefix. Gaps in ids are normal (an append whose transaction rolled back still used its id);
 a missing record shows up as a ``prev_hash`` that does not match the record before it. A chain
-alone cannot reveal that its newest records were removed: keep the head hash
-(``AuditVerification.head``) somewhere else to detect that.
+alone cannot reveal that its newest records were removed, nor a chain rewritten from some
+record on: the supervisor keeps signed anchors of it outside PostgreSQL (``supervisor._anchors``),
+and ``corral audit verify`` checks the chain against them.
 """
 
 from __future__ import annotations
@@ -117,6 +118,12 @@ class AuditVerification:
     head: str | None = None
     """The hash of the last intact record (None for an empty log); record it elsewhere to detect
     the removal of the newest records, which no chain can show by itself."""
+    anchors: int = 0
+    """Signed anchors the chain was checked against (``supervisor._anchors``)."""
+    anchored: int = 0
+    """Records confirmed by an anchor (the newest anchored count that matches)."""
+    position: int | None = None
+    """The 1-based position in the chain of the first bad record, when anchors found it."""
 
     @property
     def intact(self) -> bool:
@@ -273,14 +280,43 @@ async def verify_audit(source: asyncpg.Connection | asyncpg.Pool) -> AuditVerifi
         raise StoreError(f"cannot read the audit log: {exc}", retryable=False) from exc
 
 
-async def _verify(conn: asyncpg.Connection) -> AuditVerification:
+async def walk_positions(
+    source: asyncpg.Connection | asyncpg.Pool, wanted: set[int]
+) -> tuple[AuditVerification, dict[int, tuple[int, str]]]:
+    """``verify_audit``, also returning ``position -> (id, hash)`` for the 1-based chain
+    positions in ``wanted`` (of intact records), to compare with anchors.
+
+    Raises:
+        StoreError: if PostgreSQL fails.
+    """
+    positions: dict[int, tuple[int, str]] = {}
+    try:
+        if isinstance(source, asyncpg.Pool):
+            async with source.acquire() as conn:
+                result = await _verify(conn, wanted, positions)
+        else:
+            result = await _verify(source, wanted, positions)
+    except (OSError, asyncpg.PostgresConnectionError, asyncpg.InterfaceError) as exc:
+        raise StoreError(f"PostgreSQL unavailable: {exc}") from exc
+    except asyncpg.PostgresError as exc:
+        raise StoreError(f"cannot read the audit log: {exc}", retryable=False) from exc
+    return result, positions
+
+
+async def _verify(
+    conn: asyncpg.Connection,
+    wanted: set[int] | None = None,
+    positions: dict[int, tuple[int, str]] | None = None,
+) -> AuditVerification:
     if conn.is_in_transaction():
-        return await _walk(conn)
+        return await _walk(conn, wanted or set(), positions if positions is not None else {})
     async with conn.transaction(isolation="repeatable_read", readonly=True):
-        return await _walk(conn)
+        return await _walk(conn, wanted or set(), positions if positions is not None else {})
 
 
-async def _walk(conn: asyncpg.Connection) -> AuditVerification:
+async def _walk(
+    conn: asyncpg.Connection, wanted: set[int], positions: dict[int, tuple[int, str]]
+) -> AuditVerification:
     count = 0
     prev_id: int | None = None
     prev_hash = GENESIS_HASH
@@ -301,4 +337,6 @@ async def _walk(conn: asyncpg.Connection) -> AuditVerification:
             return AuditVerification(count, record["id"], problem, prev_hash if prev_id is not None else None)
         count += 1
         prev_id, prev_hash = record["id"], record["hash"]
+        if count in wanted:
+            positions[count] = (record["id"], record["hash"])
     return AuditVerification(count, None, None, prev_hash if prev_id is not None else None)

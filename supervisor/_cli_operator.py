@@ -166,12 +166,51 @@ def audit_verify(config: ConfigOption = None) -> None:
                 soft_wrap=True,
             )
             return 1
+        if forged:
+            err_console.print(
+                f"{forged} anchors in the audit stream are not signed by the supervisor: forged",
+                highlight=False,
+            )
+            return 1
         console.print(f"audit log intact: {result.count} records", highlight=False)
+        if result.anchors:
+            console.print(
+                f"anchored: {result.anchored} records confirmed by {result.anchors} signed anchors",
+                highlight=False,
+            )
         if result.head is not None:
             console.print(f"head: {result.head}", highlight=False, soft_wrap=True)
         return 0
 
     _run(_main())
+
+
+async def _audit_anchors(loaded: LoadedConfig) -> tuple[list[Any], int, str]:
+    """(valid anchors, forged ones, a note when they could not be read)."""
+    from bus import BusError
+    from supervisor._anchors import read_anchors, trusted_keys_from
+    from supervisor._runtime import Runtime, configured_nats_url, state_dir
+
+    keys = trusted_keys_from(
+        [creds_dir(loaded) / "supervisor.nk"], os.environ.get("CORRAL_AUDIT_PUBLIC_KEYS", "")
+    )
+    running = Runtime.read(state_dir(loaded))
+    url = configured_nats_url(loaded) or (running.nats_url if running else None)
+    if url is None:
+        return [], 0, "no NATS (set NATS_URL or start the team): anchors not checked"
+    if not keys:
+        return [], 0, "no trusted key (CORRAL_AUDIT_PUBLIC_KEYS or creds/supervisor.nk): anchors not checked"
+    try:
+        bus = await _connect(loaded, url, ADMIN, forever=False)
+    except BusError as exc:
+        return [], 0, f"cannot reach NATS ({exc}): anchors not checked"
+    try:
+        anchors, forged = await read_anchors(bus.js, keys)
+    finally:
+        await bus.close()
+    if not anchors:
+        return [], forged, "no anchors yet: a rewritten or truncated log would not show"
+    return anchors, forged, ""
 
 
 # --- approvals and compensation -------------------------------------------------------
@@ -241,6 +280,22 @@ async def _decide(loaded: LoadedConfig, approval_id: str, approve: bool, by: str
 
     bus = await _connect(loaded, _nats_url(loaded), ADMIN, forever=False)
     try:
+        pool = await _operator_pool(loaded)
+        try:
+            if approve:
+                conversation = await pool.fetchval(
+                    "SELECT conversation FROM approvals WHERE id=$1", approval_id
+                )
+                kills = await list_kills(bus.js) if conversation is not None else {}
+                switch = kills.get(subjects.conversation_control_key(conversation or ""))
+                if switch is not None:
+                    raise ApprovalError(
+                        f"approval {approval_id} cannot be granted: conversation {conversation} is killed"
+                        f" ({switch.reason})"
+                    )
+            record = await decide_approval(pool, approval_id, approve=approve, by=by, reason=reason)
+        finally:
+            await pool.close()
         await publish(
             bus.js,
             subjects.approval_decisions(),

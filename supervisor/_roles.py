@@ -1,0 +1,134 @@
+"""The database roles of a stack: migrations as the owner, the supervisor as ``corral_supervisor``.
+
+``corral up`` (and ``corral migrate``) run ``prepare_database`` with the owner's DSN: the
+migrations (0012 creates the roles ``corral_supervisor`` and ``corral_tools`` and grants them
+what they need), then the tool module's ``setup(conn)``, whose schemas ``corral_tools`` may
+then use. ``supervisor_login`` gives ``corral_supervisor`` a fresh password, when the owner
+may, and returns its DSN: that is what the supervisor connects with.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import secrets
+from collections.abc import Awaitable, Callable
+from typing import Any
+from urllib.parse import quote, urlsplit, urlunsplit
+
+import asyncpg
+
+from supervisor.errors import StoreError
+
+logger = logging.getLogger(__name__)
+
+SUPERVISOR_ROLE = "corral_supervisor"
+"""May append to ``audit_log`` only through ``corral_audit_append``."""
+TOOLS_ROLE = "corral_tools"
+"""What tool statements run as: the tool module's schemas only."""
+
+
+async def prepare_database(owner_dsn: str, tools_module: str | None) -> None:
+    """As the owner: apply the migrations, run the tools' ``setup(conn)``, and let
+    ``corral_tools`` use the schemas the owner has besides corral's own.
+
+    Raises:
+        StoreError: if PostgreSQL refuses.
+    """
+    from supervisor._store import Store
+
+    await (await Store.open(owner_dsn, min_size=1, max_size=1)).close()
+    conn = await _connect(owner_dsn)
+    try:
+        if tools_module is not None:
+            setup = getattr(importlib.import_module(tools_module), "setup", None)
+            if setup is not None:
+                await setup(conn)
+        await _grant_tool_schemas(conn)
+    except asyncpg.PostgresError as exc:
+        raise StoreError(f"cannot prepare the tools' schema: {exc}", retryable=False) from exc
+    finally:
+        await conn.close()
+
+
+async def _grant_tool_schemas(conn: asyncpg.Connection) -> None:
+    schemas = await conn.fetch(
+        "SELECT nspname FROM pg_namespace"
+        " WHERE nspowner = (SELECT oid FROM pg_roles WHERE rolname = current_user)"
+        " AND nspname <> current_schema() AND nspname NOT LIKE 'pg\\_%' AND nspname <> 'information_schema'"
+    )
+    for row in schemas:
+        schema = '"' + row["nspname"].replace('"', '""') + '"'
+        await conn.execute(
+            f"GRANT USAGE ON SCHEMA {schema} TO {TOOLS_ROLE};"
+            f" GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA {schema} TO {TOOLS_ROLE};"
+            f" GRANT USAGE, SELECT, UPDATE ON ALL SEQUENCES IN SCHEMA {schema} TO {TOOLS_ROLE}"
+        )
+
+
+async def supervisor_login(owner_dsn: str) -> str | None:
+    """Give ``corral_supervisor`` a fresh random password and return a DSN for it, or None
+    when the owner may not (then set ``database.supervisor_url``), or ``owner_dsn`` is not
+    a URL.
+
+    The password is never written down: the launcher hands the DSN to the supervisor's
+    environment only. Roles belong to the cluster: two stacks on one cluster that both
+    derive it take turns (the earlier one's new connections are refused); give such
+    stacks ``database.supervisor_url`` instead.
+    """
+    parts = urlsplit(owner_dsn)
+    if parts.scheme not in ("postgres", "postgresql"):
+        return None
+    password = secrets.token_urlsafe(24)
+    conn = await _connect(owner_dsn)
+    try:
+        await conn.execute(f"ALTER ROLE {SUPERVISOR_ROLE} LOGIN PASSWORD '{password}'")
+    except asyncpg.PostgresError as exc:
+        logger.warning("cannot give %s a password (%s): set database.supervisor_url", SUPERVISOR_ROLE, exc)
+        return None
+    finally:
+        await conn.close()
+    host = parts.netloc.rpartition("@")[2]
+    netloc = f"{SUPERVISOR_ROLE}:{quote(password, safe='')}@{host}"
+    return urlunsplit(parts._replace(netloc=netloc))
+
+
+async def can_serve(dsn: str, tools_module: str | None) -> str | None:
+    """Why a service connecting with ``dsn`` would fail at start, or None if it would not.
+
+    It opens the store (which applies pending migrations) and runs the tools' ``setup`` in a
+    transaction it rolls back, as ``corral supervisor run`` does.
+    """
+    from supervisor._store import Store
+
+    try:
+        await (await Store.open(dsn, min_size=1, max_size=1)).close()
+    except StoreError as exc:
+        return f"the store does not open: {exc}"
+    if tools_module is None:
+        return None
+    setup: Callable[[Any], Awaitable[None]] | None = getattr(
+        importlib.import_module(tools_module), "setup", None
+    )
+    if setup is None:
+        return None
+    conn = await _connect(dsn)
+    try:
+        tx = conn.transaction()
+        await tx.start()
+        try:
+            await setup(conn)
+        except asyncpg.PostgresError as exc:
+            return f"the tools' setup fails: {exc}"
+        finally:
+            await tx.rollback()
+    finally:
+        await conn.close()
+    return None
+
+
+async def _connect(dsn: str) -> asyncpg.Connection:
+    try:
+        return await asyncpg.connect(dsn)
+    except (OSError, asyncpg.PostgresError) as exc:
+        raise StoreError(f"cannot connect to PostgreSQL: {exc}") from exc
