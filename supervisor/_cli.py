@@ -25,6 +25,7 @@ from supervisor._runtime import (
     configured_database_url,
     configured_nats_url,
     credentials_for,
+    embedded_database_url,
     nats_servers,
     state_dir,
 )
@@ -90,7 +91,20 @@ def _nats_url(loaded: LoadedConfig) -> str:
 
 
 def _database_url(loaded: LoadedConfig) -> str:
-    return configured_database_url(loaded) or _running(loaded, "database", "DATABASE_URL").database_url
+    """The configured DSN, else the embedded PostgreSQL's, found through the state directory
+    (``runtime.json`` holds no DSN)."""
+    url = configured_database_url(loaded)
+    if url:
+        return url
+    _running(loaded, "database", "DATABASE_URL")
+    embedded = embedded_database_url(state_dir(loaded))
+    if embedded is None:
+        err_console.print(
+            f"no database: the stack in {state_dir(loaded)} uses no embedded PostgreSQL "
+            "that this user can reach; set DATABASE_URL"
+        )
+        raise typer.Exit(1)
+    return embedded
 
 
 def _running(loaded: LoadedConfig, what: str, variable: str) -> Runtime:

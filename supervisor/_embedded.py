@@ -47,12 +47,15 @@ class EmbeddedNats:
     Args:
         directory: Holds the config, the JetStream store and the log.
         port: Client port; a free one if not given. Kept across restarts.
+        monitor_port: The HTTP monitoring port (loopback only); 0 picks a free one, None
+            (the default) serves no monitoring endpoint: it is unauthenticated, and names
+            every connection and consumer.
     """
 
-    def __init__(self, directory: Path, port: int | None = None) -> None:
+    def __init__(self, directory: Path, port: int | None = None, monitor_port: int | None = None) -> None:
         self.directory = directory
         self.port = port or free_port()
-        self.monitor_port = free_port()
+        self.monitor_port = None if monitor_port is None else monitor_port or free_port()
         self.process: subprocess.Popen[bytes] | None = None
 
     @property
@@ -61,9 +64,9 @@ class EmbeddedNats:
         return f"nats://127.0.0.1:{self.port}"
 
     @property
-    def monitor_url(self) -> str:
-        """The HTTP monitoring endpoint (``/connz``, ``/jsz``), loopback only."""
-        return f"http://127.0.0.1:{self.monitor_port}"
+    def monitor_url(self) -> str | None:
+        """The HTTP monitoring endpoint (``/connz``, ``/jsz``), loopback only, if it is on."""
+        return None if self.monitor_port is None else f"http://127.0.0.1:{self.monitor_port}"
 
     @property
     def config_file(self) -> Path:
@@ -95,10 +98,11 @@ class EmbeddedNats:
         """Write the server config; ``extra`` is appended (e.g. an authorization block)."""
         self.directory.mkdir(parents=True, exist_ok=True)
         store = self.directory / "jetstream"
+        http = "" if self.monitor_port is None else f'http: "127.0.0.1:{self.monitor_port}"\n'
         self.config_file.write_text(
             f'listen: "127.0.0.1:{self.port}"\n'
             f'pid_file: "{self.pid_file}"\n'
-            f'http: "127.0.0.1:{self.monitor_port}"\n'
+            f"{http}"
             f'jetstream {{\n  store_dir: "{store}"\n  sync_interval: always\n}}\n'
             f"{extra}"
         )

@@ -31,11 +31,15 @@ from supervisor._runtime import (
     Runtime,
     configured_database_url,
     configured_nats_url,
+    configured_supervisor_database_url,
     credentials_for,
     creds_dir,
+    embedded_postgres_dir,
+    monitor_port,
     nats_servers,
     topology,
 )
+from supervisor._sandbox import ChildUser, child_user
 from supervisor.errors import LauncherError
 
 logger = logging.getLogger(__name__)
@@ -78,6 +82,8 @@ class Launcher:
         self._admin: Bus | None = None
         self._control: ControlWatcher | None = None
         self._revoked: set[str] = set()
+        self._service_dsn: str | None = None
+        """What the supervisor (and a separate gateway) connect with; never in runtime.json."""
 
     async def start(self) -> Runtime:
         """Start servers (embedded unless configured), set up streams, spawn children.
@@ -92,12 +98,14 @@ class Launcher:
                 f"corral is already running from {state} (pid {existing.pid}); stop it with `corral down`"
             )
         loaded = self._config.loaded
+        state.mkdir(parents=True, exist_ok=True)
+        os.chmod(state, 0o700)  # seeds, logs, stores: the launcher's user only
         nats_url = configured_nats_url(loaded)
         if nats_url is None:
             # The embedded server requires an identity of every connection, with
             # permissions compiled from the graph; agents killed earlier stay revoked.
             self._identities = identities(loaded, creds_dir(loaded))
-            self._nats = EmbeddedNats(state / "nats")
+            self._nats = EmbeddedNats(state / "nats", monitor_port=monitor_port(loaded))
             self._nats.stop_stale()
             self._nats.write_config(authorization_block(self._identities, self._revoked_cache()))
             await asyncio.to_thread(self._nats.start)
@@ -105,9 +113,10 @@ class Launcher:
             logger.info("embedded nats-server (JetStream, sync always, nkey identities) at %s", nats_url)
         database_url = configured_database_url(loaded)
         if database_url is None:
-            self._postgres = EmbeddedPostgres(state / "postgres")
+            self._postgres = EmbeddedPostgres(embedded_postgres_dir(state))
             database_url = await asyncio.to_thread(self._postgres.start)
-            logger.info("embedded PostgreSQL in %s", state / "postgres")
+            logger.info("embedded PostgreSQL in %s", embedded_postgres_dir(state))
+        self._service_dsn = await self._prepare_database(database_url)
         seed = credentials_for(loaded, ADMIN)
         self._admin = await connect(
             BusConfig(
@@ -124,13 +133,37 @@ class Launcher:
         self.runtime = Runtime(
             pid=os.getpid(),
             nats_url=nats_url,
-            database_url=database_url,
             embedded_nats=self._nats is not None,
             embedded_postgres=self._postgres is not None,
             nats_monitor_url=self._nats.monitor_url if self._nats else None,
         )
         self._spawn_all()
         return self.runtime
+
+    async def _prepare_database(self, owner_dsn: str) -> str:
+        """Migrate as the owner, then choose the DSN the services connect with: the
+        configured supervisor DSN, else ``corral_supervisor`` with a fresh password; the
+        owner's own only if that role cannot serve (a warning says why)."""
+        from supervisor._roles import SUPERVISOR_ROLE, can_serve, prepare_database, supervisor_login
+
+        tools = self._config.loaded.config.tools
+        module = tools.module if tools is not None else None
+        await prepare_database(owner_dsn, module)
+        configured = configured_supervisor_database_url(self._config.loaded)
+        if configured is not None:
+            return configured
+        derived = await supervisor_login(owner_dsn)
+        if derived is None:
+            logger.warning("the supervisor connects as the database's owner: set database.supervisor_url")
+            return owner_dsn
+        problem = await can_serve(derived, module)
+        if problem is not None:
+            logger.warning(
+                "the supervisor connects as the database's owner, not %s: %s", SUPERVISOR_ROLE, problem
+            )
+            return owner_dsn
+        logger.info("the supervisor connects as %s", SUPERVISOR_ROLE)
+        return derived
 
     def _revoked_cache(self) -> set[str]:
         """Agents revoked when the launcher last ran (the KV is read once NATS is up)."""
@@ -196,26 +229,52 @@ class Launcher:
         seed = credentials_for(self._config.loaded, identity)
         if seed is not None:
             env["CORRAL_CREDS"] = str(seed)  # each process gets its own identity only
+        for name in ("DATABASE_URL", "CORRAL_SUPERVISOR_DATABASE_URL"):
+            env.pop(name, None)  # agents never hold the database's credentials
         if info.role in (SUPERVISOR, GATEWAY):
-            env["DATABASE_URL"] = self.runtime.database_url
-        else:
-            # Agents never hold the database's credentials.
-            env.pop("DATABASE_URL", None)
+            assert self._service_dsn is not None
+            env["DATABASE_URL"] = self._service_dsn
+        sandbox: ChildUser | None = None
+        if info.role not in (SUPERVISOR, GATEWAY) and os.geteuid() == 0:
+            # As root, an agent runs as a user of its own, which can read no seed on disk: it
+            # gets its own through an inherited memory file (see supervisor._sandbox).
+            sandbox = await asyncio.to_thread(child_user, identity, seed)
+            env.update(sandbox.env)
+            info.uid = sandbox.uid
         logs = self._config.state_dir / "logs"
         logs.mkdir(parents=True, exist_ok=True)
         backoff = self._config.backoff_initial_s
+        try:
+            await self._keep_running(info, argv, env, logs, backoff, sandbox)
+        except Exception:
+            # A child that cannot even be started stops the whole stack, loudly.
+            logger.exception("cannot run %s; stopping corral", info.name)
+            self._stopping.set()
+            raise
+        finally:
+            if sandbox is not None:
+                sandbox.close()
+
+    async def _keep_running(
+        self,
+        info: ChildInfo,
+        argv: list[str],
+        env: dict[str, str],
+        logs: Path,
+        backoff: float,
+        sandbox: ChildUser | None,
+    ) -> None:
         while not self._stopping.is_set():
             with open(logs / f"{info.name}.log", "ab") as log:  # noqa: ASYNC230 - a local append
+                command = [sys.executable, "-m", "supervisor", *argv]
                 proc = await asyncio.create_subprocess_exec(
-                    sys.executable,
-                    "-m",
-                    "supervisor",
-                    *argv,
+                    *(sandbox.argv(command) if sandbox is not None else command),
                     env=env,
                     stdin=asyncio.subprocess.DEVNULL,
                     stdout=log,
                     stderr=log,
                     start_new_session=True,  # Ctrl-C reaches only the launcher
+                    **(sandbox.popen_kwargs() if sandbox is not None else {}),
                 )
             self._procs[info.name] = proc
             info.pid = proc.pid

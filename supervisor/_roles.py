@@ -30,40 +30,28 @@ TOOLS_ROLE = "corral_tools"
 
 async def prepare_database(owner_dsn: str, tools_module: str | None) -> None:
     """As the owner: apply the migrations, run the tools' ``setup(conn)``, and let
-    ``corral_tools`` use the schemas the owner has besides corral's own.
+    ``corral_tools`` use the schemas the module declares (``SCHEMAS``).
 
     Raises:
         StoreError: if PostgreSQL refuses.
     """
+    from supervisor._gateway import grant_tool_role
     from supervisor._store import Store
 
     await (await Store.open(owner_dsn, min_size=1, max_size=1)).close()
+    if tools_module is None:
+        return
+    module = importlib.import_module(tools_module)
     conn = await _connect(owner_dsn)
     try:
-        if tools_module is not None:
-            setup = getattr(importlib.import_module(tools_module), "setup", None)
-            if setup is not None:
-                await setup(conn)
-        await _grant_tool_schemas(conn)
+        setup = getattr(module, "setup", None)
+        if setup is not None:
+            await setup(conn)
+        await grant_tool_role(conn, getattr(module, "SCHEMAS", ()))
     except asyncpg.PostgresError as exc:
         raise StoreError(f"cannot prepare the tools' schema: {exc}", retryable=False) from exc
     finally:
         await conn.close()
-
-
-async def _grant_tool_schemas(conn: asyncpg.Connection) -> None:
-    schemas = await conn.fetch(
-        "SELECT nspname FROM pg_namespace"
-        " WHERE nspowner = (SELECT oid FROM pg_roles WHERE rolname = current_user)"
-        " AND nspname <> current_schema() AND nspname NOT LIKE 'pg\\_%' AND nspname <> 'information_schema'"
-    )
-    for row in schemas:
-        schema = '"' + row["nspname"].replace('"', '""') + '"'
-        await conn.execute(
-            f"GRANT USAGE ON SCHEMA {schema} TO {TOOLS_ROLE};"
-            f" GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA {schema} TO {TOOLS_ROLE};"
-            f" GRANT USAGE, SELECT, UPDATE ON ALL SEQUENCES IN SCHEMA {schema} TO {TOOLS_ROLE}"
-        )
 
 
 async def supervisor_login(owner_dsn: str) -> str | None:
@@ -103,7 +91,7 @@ async def can_serve(dsn: str, tools_module: str | None) -> str | None:
 
     try:
         await (await Store.open(dsn, min_size=1, max_size=1)).close()
-    except StoreError as exc:
+    except (StoreError, asyncpg.PostgresError) as exc:
         return f"the store does not open: {exc}"
     if tools_module is None:
         return None

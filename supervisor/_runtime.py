@@ -1,11 +1,15 @@
 """Where a running stack is: the state directory and its ``runtime.json``.
 
-``corral up`` writes ``runtime.json`` (its pid, the NATS and PostgreSQL URLs, the child
-processes); ``corral send``, ``status`` and ``down`` read it to find the stack.
+``corral up`` writes ``runtime.json`` (its pid, the NATS URL, the child processes), mode
+0600; ``corral send``, ``status`` and ``down`` read it to find the stack. It holds no
+database DSN: the operator commands find an embedded PostgreSQL through its data directory
+(``embedded_database_url``), which only the user who runs ``corral up`` can read, and a
+configured one through ``DATABASE_URL`` / ``database.url``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from dataclasses import asdict, dataclass, field
@@ -24,6 +28,8 @@ class ChildInfo:
     pid: int | None = None
     restarts: int = 0
     last_exit: int | None = None
+    uid: int | None = None
+    """The user it runs as, when ``corral up`` (as root) gave it one of its own."""
 
 
 @dataclass(kw_only=True)
@@ -32,17 +38,21 @@ class Runtime:
 
     pid: int
     nats_url: str
-    database_url: str
     embedded_nats: bool
     embedded_postgres: bool
     nats_monitor_url: str | None = None
+    """The embedded server's monitoring endpoint, only when configured (``nats.monitor_port``)."""
     children: list[ChildInfo] = field(default_factory=list)
 
     def write(self, state_dir: Path) -> None:
-        """Atomically replace ``runtime.json``."""
+        """Atomically replace ``runtime.json`` (mode 0600)."""
         state_dir.mkdir(parents=True, exist_ok=True)
         tmp = state_dir / "runtime.json.tmp"
-        tmp.write_text(json.dumps(asdict(self), indent=2))
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as out:
+            out.write(json.dumps(asdict(self), indent=2))
         tmp.replace(state_dir / "runtime.json")
 
     @classmethod
@@ -52,7 +62,8 @@ class Runtime:
             raw = json.loads((state_dir / "runtime.json").read_text())
         except (OSError, ValueError):
             return None
-        runtime = cls(**{**raw, "children": [ChildInfo(**c) for c in raw.get("children", [])]})
+        known = {name: raw[name] for name in cls.__dataclass_fields__ if name in raw}
+        runtime = cls(**{**known, "children": [ChildInfo(**c) for c in raw.get("children", [])]})
         return runtime if pid_alive(runtime.pid) else None
 
 
@@ -80,6 +91,39 @@ def configured_nats_url(loaded: LoadedConfig) -> str | None:
 def configured_database_url(loaded: LoadedConfig) -> str | None:
     """``DATABASE_URL`` if set, else the config's ``database.url``."""
     return os.environ.get("DATABASE_URL") or loaded.config.database.url
+
+
+def embedded_postgres_dir(state: Path) -> Path:
+    """The embedded PostgreSQL's data directory under a state directory."""
+    return state / "postgres"
+
+
+def embedded_database_url(state: Path) -> str | None:
+    """The superuser DSN of the embedded PostgreSQL running from ``state``, if one runs.
+
+    Read from its ``postmaster.pid`` (the socket directory is line 5), which only the user
+    that runs ``corral up`` (and PostgreSQL's own) can read: the DSN is never written down.
+    """
+    try:
+        lines = (embedded_postgres_dir(state) / "postmaster.pid").read_text().splitlines()
+    except OSError:
+        return None
+    if len(lines) < 5 or not lines[4].strip():
+        return None
+    return f"postgresql://postgres:@/postgres?host={lines[4].strip()}"
+
+
+def configured_supervisor_database_url(loaded: LoadedConfig) -> str | None:
+    """``CORRAL_SUPERVISOR_DATABASE_URL`` if set, else the config's ``database.supervisor_url``."""
+    return os.environ.get("CORRAL_SUPERVISOR_DATABASE_URL") or loaded.config.database.supervisor_url
+
+
+def monitor_port(loaded: LoadedConfig) -> int | None:
+    """``CORRAL_NATS_MONITOR_PORT`` if set (empty: off), else ``nats.monitor_port``."""
+    value = os.environ.get("CORRAL_NATS_MONITOR_PORT")
+    if value is None:
+        return loaded.config.nats.monitor_port
+    return int(value) if value.strip() else None
 
 
 def topology(loaded: LoadedConfig) -> TopologyConfig:

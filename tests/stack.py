@@ -16,6 +16,7 @@ from typing import Any
 import asyncpg
 
 from bus import Bus, BusConfig, connect
+from supervisor._runtime import embedded_database_url
 from tests.conftest import SAMPLE_CONFIG, eventually
 
 TEAM = {"supervisor", "triage", "payments", "tech_support", "account_manager"}
@@ -26,7 +27,7 @@ class Stack:
     process: subprocess.Popen[bytes]
     state_dir: Path
     env: dict[str, str]
-    database_url: str
+    configured_database_url: str | None
     log: Path
     config: Path = SAMPLE_CONFIG
 
@@ -62,6 +63,15 @@ class Stack:
             )
         )
 
+    @property
+    def database_url(self) -> str:
+        """The owner's DSN: the one the test gave, else the embedded PostgreSQL's."""
+        if self.configured_database_url is not None:
+            return self.configured_database_url
+        url = embedded_database_url(self.state_dir)
+        assert url is not None, "the embedded PostgreSQL is not running"
+        return url
+
     async def sql(self, query: str, *args: Any) -> list[asyncpg.Record]:
         """Run one query against the stack's database."""
         conn = await asyncpg.connect(self.database_url)
@@ -82,11 +92,29 @@ class Stack:
 
 @asynccontextmanager
 async def running_stack(
-    state: Path, database_url: str, nats_url: str | None, config: Path = SAMPLE_CONFIG
+    state: Path,
+    database_url: str | None,
+    nats_url: str | None,
+    config: Path = SAMPLE_CONFIG,
+    *,
+    monitor: bool = True,
 ) -> AsyncIterator[Stack]:
-    """`corral up` on ``config`` (the sample team); embedded NATS unless ``nats_url`` is given."""
-    env = {k: v for k, v in os.environ.items() if k not in {"NATS_URL", "CORRAL_CREDS"}}
-    env.update({"DATABASE_URL": database_url, "CORRAL_STATE_DIR": str(state)})
+    """`corral up` on ``config`` (the sample team); embedded NATS unless ``nats_url`` is given,
+    embedded PostgreSQL if ``database_url`` is None.
+
+    With ``monitor`` (the tests' default, not corral's) the embedded nats-server serves its
+    monitoring endpoint on a free loopback port (``runtime.json``'s ``nats_monitor_url``).
+    """
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in {"NATS_URL", "DATABASE_URL", "CORRAL_CREDS", "CORRAL_NATS_MONITOR_PORT"}
+    }
+    env["CORRAL_STATE_DIR"] = str(state)
+    if database_url is not None:
+        env["DATABASE_URL"] = database_url
+    if monitor:
+        env["CORRAL_NATS_MONITOR_PORT"] = "0"
     if nats_url is not None:
         env["NATS_URL"] = nats_url
     log = state / "up.log"
