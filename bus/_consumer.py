@@ -290,8 +290,10 @@ async def dead_letter(
 
 
 def _header_value(value: str) -> str:
-    """A header value that cannot break the header block (nats-py strips CR and LF only)."""
-    return "".join(ch if ch.isprintable() else " " for ch in value)
+    """A header value that cannot break the header block (nats-py strips CR and LF only)
+    and reads back as the same text: printable ASCII, anything else escaped (``\\xfc``)."""
+    text = value.encode("ascii", "backslashreplace").decode("ascii")
+    return "".join(ch if ch.isprintable() else f"\\x{ord(ch):02x}" for ch in text)
 
 
 async def _wait_or(event: asyncio.Event, timeout_s: float) -> None:

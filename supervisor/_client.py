@@ -10,6 +10,7 @@ from collections.abc import AsyncIterator, Callable
 import msgspec
 
 from bus import (
+    DECODE_ERRORS,
     Bus,
     ClientUpdate,
     ConversationEnded,
@@ -146,7 +147,7 @@ async def watching(
     async def _on_message(msg: object) -> None:
         try:
             update = _decoder.decode(msg.data)  # type: ignore[attr-defined]
-        except msgspec.DecodeError:
+        except DECODE_ERRORS:
             return
         if on_update is not None:
             on_update(update)

@@ -437,7 +437,7 @@ def refused_start(client: str, conversation: str, reason: str) -> Outgoing:
         message=ConversationEnded(conversation=conversation, status="refused", reason=reason),
         # Not "<conversation>.ended": a start refused on one client's subject must never
         # be taken for the outcome of another client's conversation of the same id.
-        msg_id=f"{client}.{conversation}.refused",
+        msg_id=f"{client}.{conversation}.refused".encode("ascii", "backslashreplace").decode(),
     )
 
 
