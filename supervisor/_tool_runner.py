@@ -37,8 +37,8 @@ T = TypeVar("T")
 # undone by any of these). Defence in depth for a tool that runs SQL it was given; a tool
 # module itself is trusted code in the gateway's process.
 _ROLE_CHANGE = re.compile(
-    r"\b(reset\s+(role|all|session)|set\s+(local\s+|session\s+)?(role|session\s+authorization)"
-    r"|session_authorization|set_config\s*\(|discard\s+all)\b",
+    r"\b(reset\s+(role|all|session)\b|set\s+(local\s+|session\s+)?(role|session\s+authorization)\b"
+    r"|session_authorization\b|set_config\s*\(|discard\s+all\b)",
     re.IGNORECASE,
 )
 
