@@ -179,16 +179,24 @@ class AuditAnchorer:
         pool: The supervisor's database (its role may read ``audit_log``).
         seed_file: The supervisor's nkey seed; the key never leaves this process.
         interval_s: Seconds between anchors.
+        replicas: Copies of ``CORRAL_AUDIT`` if this creates it (3 on a 3-node cluster).
     """
 
     def __init__(
-        self, js: JetStreamContext, pool: asyncpg.Pool, seed_file: Path, *, interval_s: float = 10.0
+        self,
+        js: JetStreamContext,
+        pool: asyncpg.Pool,
+        seed_file: Path,
+        *,
+        interval_s: float = 10.0,
+        replicas: int = 1,
     ) -> None:
         self._js = js
         self._pool = pool
         self._keys = nkeys.from_seed(bytearray(seed_file.read_bytes().strip()))
         self._public_key: str = self._keys.public_key.decode()
         self._interval_s = interval_s
+        self._replicas = replicas
         self._instance = secrets.token_hex(8)
         self._stopping = asyncio.Event()
         self._lock = asyncio.Lock()
@@ -205,7 +213,7 @@ class AuditAnchorer:
         return self._last
 
     async def __aenter__(self) -> AuditAnchorer:
-        await ensure_anchor_stream(self._js)
+        await ensure_anchor_stream(self._js, replicas=self._replicas)
         await self.anchor("start")
         return self
 

@@ -121,6 +121,32 @@ def up(
 
 
 @app.command()
+def migrate(config: ConfigOption = None) -> None:
+    """As the database's owner (``DATABASE_URL``): apply corral's migrations, which create the
+    roles ``corral_supervisor`` and ``corral_tools`` if this role may, and run the tools'
+    ``setup``. With ``CORRAL_SUPERVISOR_PASSWORD`` set, it also becomes
+    ``corral_supervisor``'s password (the supervisor's DSN then names that role).
+    ``corral up`` does all of this itself."""
+    loaded = _load(config)
+
+    async def _main() -> int:
+        from supervisor._cli import _database_url
+        from supervisor._roles import SUPERVISOR_ROLE, prepare_database, set_password
+
+        url = _database_url(loaded)
+        tools = loaded.config.tools
+        await prepare_database(url, tools.module if tools is not None else None)
+        password = os.environ.get("CORRAL_SUPERVISOR_PASSWORD")
+        if password:
+            await set_password(url, password)
+            console.print(f"{SUPERVISOR_ROLE}'s password set", highlight=False)
+        console.print("database migrated", highlight=False)
+        return 0
+
+    _run(_main())
+
+
+@app.command()
 def down(
     config: ConfigOption = None,
     timeout: Annotated[float, typer.Option(help="Seconds to wait")] = 30.0,

@@ -68,17 +68,31 @@ async def supervisor_login(owner_dsn: str) -> str | None:
     if parts.scheme not in ("postgres", "postgresql"):
         return None
     password = secrets.token_urlsafe(24)
-    conn = await _connect(owner_dsn)
     try:
-        await conn.execute(f"ALTER ROLE {SUPERVISOR_ROLE} LOGIN PASSWORD '{password}'")
-    except asyncpg.PostgresError as exc:
+        await set_password(owner_dsn, password)
+    except StoreError as exc:
         logger.warning("cannot give %s a password (%s): set database.supervisor_url", SUPERVISOR_ROLE, exc)
         return None
-    finally:
-        await conn.close()
     host = parts.netloc.rpartition("@")[2]
     netloc = f"{SUPERVISOR_ROLE}:{quote(password, safe='')}@{host}"
     return urlunsplit(parts._replace(netloc=netloc))
+
+
+async def set_password(owner_dsn: str, password: str) -> None:
+    """Make ``password`` ``corral_supervisor``'s (and let it log in).
+
+    Raises:
+        StoreError: if the owner may not.
+    """
+    conn = await _connect(owner_dsn)
+    try:
+        # ALTER ROLE takes no parameters: quote the literal in the database.
+        literal = await conn.fetchval("SELECT quote_literal($1::text)", password)
+        await conn.execute(f"ALTER ROLE {SUPERVISOR_ROLE} LOGIN PASSWORD {literal}")
+    except asyncpg.PostgresError as exc:
+        raise StoreError(f"cannot set {SUPERVISOR_ROLE}'s password: {exc}", retryable=False) from exc
+    finally:
+        await conn.close()
 
 
 async def can_serve(dsn: str, tools_module: str | None) -> str | None:

@@ -149,7 +149,10 @@ def credentials_for(loaded: LoadedConfig, identity: str) -> Path | None:
     if explicit:
         return Path(explicit)
     path = creds_dir(loaded) / f"{identity}.nk"
-    return path if path.exists() else None
+    try:
+        return path if path.exists() else None
+    except PermissionError:
+        return None  # an agent run as its own user cannot look into the state directory
 
 
 def nats_servers(url: str) -> list[str]:
