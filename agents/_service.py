@@ -129,6 +129,7 @@ class AgentService:
             ),
             msgspec.json.Decoder(AgentInput),
             self.handle,
+            self.task_dead,
         )
         self._system_prompt = (
             f"You are the {settings.name} agent of a customer support team.\n"
@@ -172,6 +173,14 @@ class AgentService:
         # model, the tools or a supervisor restart take.
         async with _heartbeat(delivery, self._settings.heartbeat_s):
             await self._step(task, delivery.attempt)
+
+    async def task_dead(self, task: AgentTask, delivery: Delivery, reason: str) -> None:
+        """A task this agent's consumer dead-lettered (its step failed in a way that cannot
+        change, or kept failing): report the step as failed, with the reason, so that the
+        supervisor ends the conversation instead of leaving it running."""
+        if task.agent != self._settings.name:
+            return  # not this agent's step to report
+        await self._publish_failure(task, f"step dead-lettered: {reason}")
 
     async def _step(self, task: AgentTask, attempt: int) -> None:
         name = self._settings.name
