@@ -344,22 +344,6 @@ def deny(
     config: ConfigOption = None,
     by: Annotated[str | None, typer.Option(help="Who denies")] = None,
 ) -> None:
-        pool = await _operator_pool(loaded)
-        try:
-            if approve:
-                conversation = await pool.fetchval(
-                    "SELECT conversation FROM approvals WHERE id=$1", approval_id
-                )
-                kills = await list_kills(bus.js) if conversation is not None else {}
-                switch = kills.get(subjects.conversation_control_key(conversation or ""))
-                if switch is not None:
-                    raise ApprovalError(
-                        f"approval {approval_id} cannot be granted: conversation {conversation} is killed"
-                        f" ({switch.reason})"
-                    )
-            record = await decide_approval(pool, approval_id, approve=approve, by=by, reason=reason)
-        finally:
-            await pool.close()
     """Deny one pending approval; the waiting conversation resumes with the denial."""
     _decide_approval(_load(config), approval_id, False, by or os.environ.get("USER", "operator"), reason)
 

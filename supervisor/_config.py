@@ -97,7 +97,10 @@ class AgentSection(_Strict):
     replicas: int = Field(default=1, ge=1)
     """Processes ``corral up`` starts for this agent; they share one durable consumer."""
     tools: list[str] = Field(default_factory=list)
-    """Tools the agent's model is offered (the policies still decide every call)."""
+    """Tools the agent's model is offered (the policies still decide every call). The
+    gateway denies any other tool the agent calls, before policy."""
+    max_tool_calls: int = Field(default=8, ge=1, le=1000)
+    """Tool calls per step. The gateway refuses a call past it and stops the conversation."""
     daily_usd: float | None = Field(default=None, ge=0)
     """Model dollars this agent may spend per day, across all its conversations."""
 
@@ -117,6 +120,9 @@ class ToolsSection(_Strict):
     separate_gateway: bool = False
     """Run the gateway as its own process (`corral gateway run`) instead of inside the
     supervisor; ``corral up`` then starts it, and it alone holds the backend's access."""
+    call_timeout_s: float = Field(default=10.0, gt=0)
+    """How long one tool call's body (``resource()`` and ``run()``) may take; past it the
+    call is rolled back and answered ``error``."""
 
 
 class GraphSection(_Strict):
