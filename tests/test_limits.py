@@ -104,11 +104,22 @@ async def test_a_guard_on_a_connection_closed_on_purpose_just_stops(nats_server:
     await asyncio.wait_for(watching, timeout=5)
 
 
-async def test_an_agent_process_whose_connection_is_closed_exits_non_zero(tmp_path: Path) -> None:
-    """`corral agent run` against a server that closes its connection for good: the server
-    reloads with a smaller ``max_payload``, the agent's next fetch is over it, and the
-    server closes the connection for the violation (nats-py does not reconnect after it).
-    The process exits 1, so a launcher restarts it."""
+@pytest.mark.parametrize(
+    ("service", "serving"),
+    [
+        (["agent", "run", "triage"], "serving corral.agent.triage.inbox"),
+        (["supervisor", "run"], "supervisor serving"),
+    ],
+    ids=["agent", "supervisor"],
+)
+async def test_a_process_whose_connection_is_closed_exits_non_zero(
+    tmp_path: Path, database_url: str, service: list[str], serving: str
+) -> None:
+    """`corral agent run` / `corral supervisor run` against a server that closes its
+    connection for good: the server reloads with a smaller ``max_payload``, the process's
+    next fetch is over it, and the server closes the connection for the violation (nats-py
+    does not reconnect after it). The process exits 1, so a launcher restarts it; before,
+    it stayed alive, logging ``connection closed; retrying`` forever."""
     server = EmbeddedNats(tmp_path / "nats")
     server.start()
     try:
@@ -116,31 +127,31 @@ async def test_an_agent_process_whose_connection_is_closed_exits_non_zero(tmp_pa
         await ensure_topology(admin.js, ["triage"])
         await admin.close()
         env = {k: v for k, v in os.environ.items() if k not in {"CORRAL_CREDS", "CORRAL_PARENT_PID"}}
-        env.update(NATS_URL=server.url, CORRAL_STATE_DIR=str(tmp_path / "state"))
-        log = tmp_path / "agent.log"
+        env.update(NATS_URL=server.url, DATABASE_URL=database_url, CORRAL_STATE_DIR=str(tmp_path / "state"))
+        log = tmp_path / "service.log"
         with open(log, "wb") as out:
-            agent = subprocess.Popen(
-                [sys.executable, "-m", "supervisor", "agent", "run", "triage", "-c", str(SAMPLE_CONFIG)],
+            process = subprocess.Popen(
+                [sys.executable, "-m", "supervisor", *service, "-c", str(SAMPLE_CONFIG)],
                 env=env,
                 stdout=out,
                 stderr=subprocess.STDOUT,
             )
         try:
             await eventually(
-                lambda: "serving corral.agent.triage.inbox" in log.read_text() or agent.poll() is not None,
+                lambda: serving in log.read_text() or process.poll() is not None,
                 timeout=60,
-                message="the agent process serving its inbox",
+                message="the process serving",
             )
-            assert agent.poll() is None, log.read_text()
+            assert process.poll() is None, log.read_text()
             server.write_config("max_payload: 16\n")
             server.reload()
-            code = await eventually(lambda: agent.poll(), timeout=30, message="the agent process exited")
+            code = await eventually(lambda: process.poll(), timeout=30, message="the process exited")
             assert code == 1, log.read_text()
             assert "closed for good" in log.read_text()
         finally:
-            if agent.poll() is None:
-                agent.kill()
-                agent.wait()
+            if process.poll() is None:
+                process.kill()
+                process.wait()
     finally:
         server.stop()
 
