@@ -39,7 +39,7 @@ from supervisor._runtime import (
     nats_servers,
     topology,
 )
-from supervisor._sandbox import ChildUser, child_user
+from supervisor._sandbox import ChildUser, can_read, child_user, config_files
 from supervisor.errors import LauncherError
 
 logger = logging.getLogger(__name__)
@@ -239,8 +239,19 @@ class Launcher:
             # As root, an agent runs as a user of its own, which can read no seed on disk: it
             # gets its own through an inherited memory file (see supervisor._sandbox).
             sandbox = await asyncio.to_thread(child_user, identity, seed)
-            env.update(sandbox.env)
-            info.uid = sandbox.uid
+            if await asyncio.to_thread(can_read, sandbox, self._agent_files(info.role)):
+                env.update(sandbox.env)
+                info.uid = sandbox.uid
+            else:
+                logger.warning(
+                    "%s runs as root: its user %s cannot read %s (make the config's directory "
+                    "readable by others to run agents unprivileged)",
+                    info.name,
+                    sandbox.env.get("USER"),
+                    self._config.loaded.path,
+                )
+                sandbox.close()
+                sandbox = None
         logs = self._config.state_dir / "logs"
         logs.mkdir(parents=True, exist_ok=True)
         backoff = self._config.backoff_initial_s
@@ -254,6 +265,12 @@ class Launcher:
         finally:
             if sandbox is not None:
                 sandbox.close()
+
+    def _agent_files(self, agent: str) -> list[Path]:
+        """What an agent process reads at start: the config and the files it names."""
+        loaded = self._config.loaded
+        named = [*loaded.config.scripted.values(), loaded.config.agents[agent].instructions]
+        return config_files(loaded.path.resolve(), named)
 
     async def _keep_running(
         self,

@@ -15,6 +15,7 @@ user who runs ``corral up`` can read them, and every child runs as that user and
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
@@ -119,6 +120,30 @@ def ensure_user(name: str) -> pwd.struct_passwd:
         return pwd.getpwnam(_FALLBACK_USER)
     except KeyError as exc:
         raise LauncherError(f"no user {name} and no {_FALLBACK_USER} to run agents as") from exc
+
+
+def can_read(user: ChildUser, paths: Sequence[Path]) -> bool:
+    """Whether ``user`` can read every file of ``paths`` (asked of the kernel, as that user)."""
+    probe = "import sys\nfor p in sys.argv[1:]:\n    open(p, 'rb').close()\n"
+    result = subprocess.run(
+        user.argv([sys.executable, "-I", "-c", probe, *map(str, paths)]),
+        capture_output=True,
+        cwd="/",
+        timeout=30,
+        check=False,
+    )
+    return result.returncode == 0
+
+
+def config_files(config: Path, relative: Sequence[str]) -> list[Path]:
+    """The config file and the files it names relative to itself that exist."""
+    found = [config]
+    for name in relative:
+        path = config.parent / name
+        with contextlib.suppress(OSError):
+            if path.is_file():
+                found.append(path)
+    return found
 
 
 def child_user(identity: str, seed: Path | None) -> ChildUser:
