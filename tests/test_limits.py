@@ -29,6 +29,9 @@ from bus import (
     BusConfig,
     ConnectionClosedError,
     ConnectionGuard,
+    ConversationEnded,
+    ConversationStart,
+    Limits,
     OutputTaken,
     PayloadTooLargeError,
     connect,
@@ -39,6 +42,7 @@ from bus import (
     subjects,
 )
 from router import ScriptedModel, ScriptRule, ScriptRules
+from supervisor._client import watching
 from supervisor._embedded import EmbeddedNats
 from supervisor._outputs import OutputDesk
 from tests.conftest import SAMPLE_CONFIG, eventually
@@ -238,3 +242,66 @@ async def test_dead_letters_are_bounded_and_say_they_were_cut(nats_server: Embed
     # The stream refuses anyone else's oversized dead letter outright.
     with pytest.raises(Exception, match=r"(?i)message size"):
         await admin.js.publish(subjects.agent_dead_letter("triage"), b"d" * (200 * 1024))
+
+
+async def test_what_a_decision_implies_must_fit_or_the_conversation_is_escalated(
+    nats_server: EmbeddedNats, admin: Bus, database_url: str
+) -> None:
+    """Even with limits set past the server's max_payload, nothing corral derives from an
+    input is sent over it: a start whose task would not fit is refused, a reply whose
+    outcome would not fit escalates its conversation (the client hears why), and the
+    supervisor stays connected."""
+    from supervisor._decide import Graph
+    from supervisor._store import Store
+    from supervisor._supervisor import Supervisor
+
+    store = await Store.open(database_url)
+    bus = await connect(BusConfig(servers=[nats_server.url], identity="supervisor", reconnect_forever=False))
+    big = Limits(customer_text_bytes=4 * 1024 * 1024, reply_text_bytes=4 * 1024 * 1024)
+    graph = Graph(entry="triage", edges={"triage": []}, min_confidence=0.5, max_steps=5)
+    supervisor = Supervisor(bus, store, graph, limits=big)
+    serving = asyncio.create_task(supervisor.run())
+    client = await connect(BusConfig(servers=[nats_server.url], identity="client", reconnect_forever=False))
+    limit = admin.nc.max_payload
+    try:
+        # A start that fits, whose task (the text, the path, the headers) would not.
+        start = ConversationStart(conversation="c-big", text="")
+        start = ConversationStart(conversation="c-big", text="s" * (limit - len(encode(start)) - 8))
+        async with watching(client, "c-big") as done:
+            await client.js.publish(subjects.conversation_start("client", "c-big"), encode(start))
+            ended = await asyncio.wait_for(done, 30)
+        assert isinstance(ended, ConversationEnded) and ended.status == "refused"
+        assert "the AgentTask it implies would be" in (ended.reason or "")
+        assert f"over the server's max_payload ({limit})" in (ended.reason or "")
+        # A reply that fits, whose outcome (the reply, the path, the headers) would not.
+        async with watching(client, "c-small") as done:
+            await client.js.publish(
+                subjects.conversation_start("client", "c-small"),
+                encode(ConversationStart(conversation="c-small", text="hello")),
+            )
+
+            async def _running() -> bool:
+                record = await store.get("c-small")
+                return record is not None and record.status == "running"
+
+            await eventually(_running, message="the conversation running at triage")
+            triage = await connect(
+                BusConfig(servers=[nats_server.url], identity="agent-triage", reconnect_forever=False)
+            )
+            reply = AgentReply(conversation="c-small", step=1, agent="triage", text="")
+            text = "r" * (limit - len(encode(reply)) - 8)
+            reply = AgentReply(conversation="c-small", step=1, agent="triage", text=text)
+            answer = await triage.nc.request(subjects.agent_reply("triage"), encode(reply), timeout=30)
+            await triage.close()
+            ended = await asyncio.wait_for(done, 30)
+        assert msgspec.json.decode(answer.data, type=OutputTaken).status == "taken"
+        assert isinstance(ended, ConversationEnded) and ended.status == "escalated"
+        assert ended.reply is None
+        assert "the ConversationEnded it implies would be" in (ended.reason or "")
+        assert bus.nc.is_connected and not serving.done()
+    finally:
+        await client.close()
+        await supervisor.shutdown()
+        await serving
+        await bus.close()
+        await store.close()
