@@ -126,6 +126,14 @@ class Supervisor:
         """Serve until ``shutdown()``; in-flight messages finish first."""
         self.state = SupervisorState.RUNNING
         logger.info("supervisor serving; entry agent %s", self._graph.entry)
+        worst, limit = _worst_case(self._limits, self._graph), self._bus.nc.max_payload
+        if limit and worst > limit:
+            logger.warning(
+                "limits allow a task or an outcome of up to %d bytes, over the server's max_payload of"
+                " %d: a conversation that grows past it is refused or escalated",
+                worst,
+                limit,
+            )
         try:
             # The guard ends the service (and the process, non-zero) once the connection is
             # closed for good: nats-py would leave it alive and deaf.
@@ -426,6 +434,14 @@ class Supervisor:
                 for out in messages
             )
         )
+
+
+def _worst_case(limits: Limits, graph: Graph) -> int:
+    """The biggest task or outcome the limits allow, with room for ids, names and headers."""
+    path = graph.max_steps * (limits.reason_bytes + 256)
+    task = limits.customer_text_bytes + limits.customer_id_bytes + path
+    outcome = limits.reply_text_bytes + limits.reason_bytes + path
+    return max(task, outcome) + 1024
 
 
 def _is_id(value: str) -> bool:
