@@ -134,31 +134,40 @@ app.add_typer(audit_app, name="audit")
 
 @audit_app.command("verify")
 def audit_verify(config: ConfigOption = None) -> None:
-    """Recompute every audit record's hash and its link to the record before it.
+    """Recompute every audit record's hash and its link to the record before it, and check
+    the chain against the supervisor's signed anchors (stream ``CORRAL_AUDIT``).
 
-    Exit codes: 0 the chain is intact (the record count is printed), 1 a record is broken (its
-    id and the reason go to stderr).
+    Anchors are trusted when signed by the key of ``<state_dir>/creds/supervisor.nk`` or one
+    of ``CORRAL_AUDIT_PUBLIC_KEYS`` (comma-separated nkeys). Without NATS or a trusted key,
+    only the chain is checked, and a note says so.
+
+    Exit codes: 0 the chain is intact (the record count is printed), 1 a record is broken,
+    rewritten, forged or missing, or an anchor is forged (the first bad record and the
+    reason go to stderr).
     """
     loaded = _load(config)
 
     async def _main() -> int:
         import asyncpg
 
-        from supervisor._audit import verify_audit
+        from supervisor._anchors import verify_anchored
         from supervisor._store import Store
         from supervisor.errors import StoreError
 
         url = _database_url(loaded)
         # Opening the store applies pending migrations, so a fresh database verifies as empty.
         await (await Store.open(url, min_size=1, max_size=1)).close()
+        anchors, forged, note = await _audit_anchors(loaded)
         try:
             conn = await asyncpg.connect(url)
         except (OSError, asyncpg.PostgresError) as exc:
             raise StoreError(f"cannot connect to PostgreSQL: {exc}") from exc
         try:
-            result = await verify_audit(conn)
+            result = await verify_anchored(conn, anchors)
         finally:
             await conn.close()
+        if note:
+            err_console.print(f"note: {note}", highlight=False, soft_wrap=True)
         if result.first_broken is not None:
             err_console.print(
                 f"audit log broken at record {result.first_broken}: {result.problem}",
