@@ -45,6 +45,8 @@ from supervisor.errors import LauncherError
 logger = logging.getLogger(__name__)
 
 PARENT_PID_ENV = "CORRAL_PARENT_PID"
+DATABASE_PREPARED_ENV = "CORRAL_DATABASE_PREPARED"
+"""Set for the services ``corral up`` starts: their database is migrated and set up."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -229,11 +231,13 @@ class Launcher:
         seed = credentials_for(self._config.loaded, identity)
         if seed is not None:
             env["CORRAL_CREDS"] = str(seed)  # each process gets its own identity only
-        for name in ("DATABASE_URL", "CORRAL_SUPERVISOR_DATABASE_URL"):
+        for name in ("DATABASE_URL", "CORRAL_SUPERVISOR_DATABASE_URL", DATABASE_PREPARED_ENV):
             env.pop(name, None)  # agents never hold the database's credentials
         if info.role in (SUPERVISOR, GATEWAY):
             assert self._service_dsn is not None
             env["DATABASE_URL"] = self._service_dsn
+            # Migrations and the tools' setup ran as the owner: the service runs no DDL.
+            env[DATABASE_PREPARED_ENV] = "1"
         sandbox: ChildUser | None = None
         if info.role not in (SUPERVISOR, GATEWAY) and os.geteuid() == 0:
             # As root, an agent runs as a user of its own, which can read no seed on disk: it

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shutil
 import sys
 from collections.abc import AsyncIterator
 from dataclasses import replace
@@ -16,8 +17,10 @@ import asyncpg
 import msgspec
 import nkeys
 import pytest
+import yaml
 
 from bus import Bus, BusConfig, connect
+from supervisor import send_and_wait
 from supervisor._anchors import (
     ANCHOR_STREAM,
     ANCHOR_SUBJECT,
@@ -31,6 +34,7 @@ from supervisor._embedded import EmbeddedNats
 from supervisor._roles import SUPERVISOR_ROLE, supervisor_login
 from supervisor._store import Store
 from tests.conftest import REPO, SAMPLE_CONFIG, eventually
+from tests.stack import running_stack
 
 ENTRY = AuditEntry(
     agent="payments@1",
@@ -275,3 +279,43 @@ async def _corral(env: dict[str, str], *args: str) -> tuple[int, str, str]:
     out, err = await asyncio.wait_for(proc.communicate(), 60)
     assert proc.returncode is not None
     return proc.returncode, out.decode(), err.decode()
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="needs the anchorer in `corral supervisor run` and corral.audit.anchor in the "
+    "supervisor's permissions (see the STACK report)",
+)
+async def test_a_running_stack_anchors_its_log_and_verify_names_deleted_records(
+    database_url: str, tmp_path: Path
+) -> None:
+    directory = tmp_path / "support"
+    shutil.copytree(SAMPLE_CONFIG.parent, directory)
+    config = yaml.safe_load((directory / "corral.yaml").read_text())
+    config["audit"] = {"anchor_interval_s": 0.2}
+    (directory / "corral.yaml").write_text(yaml.safe_dump(config))
+    (tmp_path / "state").mkdir()
+    async with running_stack(tmp_path / "state", database_url, None, directory / "corral.yaml") as stack:
+        client = await stack.connect("client")
+        try:
+            ended = await send_and_wait(
+                client,
+                "I was charged twice for order 1001, please refund the duplicate.",
+                customer="cus_1001",
+            )
+        finally:
+            await client.close()
+        assert ended.status == "replied", ended
+        records = await stack.sql("SELECT id FROM audit_log ORDER BY id")
+        assert records
+
+        async def _anchored() -> bool:
+            done = await asyncio.to_thread(stack.corral, "audit", "verify")
+            return done.returncode == 0 and f"anchored: {len(records)} records" in done.stdout
+
+        await eventually(_anchored, message="every record anchored")
+        await stack.sql("ALTER TABLE audit_log DISABLE TRIGGER audit_log_append_only")
+        await stack.sql("DELETE FROM audit_log WHERE id = $1", records[-1]["id"])
+        done = await asyncio.to_thread(stack.corral, "audit", "verify")
+        assert done.returncode == 1
+        assert f"audit log broken at record {records[-1]['id']}: truncated" in done.stderr
