@@ -305,3 +305,20 @@ async def test_what_a_decision_implies_must_fit_or_the_conversation_is_escalated
         await serving
         await bus.close()
         await store.close()
+
+
+def test_limits_are_configured_with_documented_defaults(tmp_path: Path) -> None:
+    from supervisor import ConfigError, load_config
+    from tests.test_config import _write
+
+    defaults = load_config(SAMPLE_CONFIG).config.limits
+    assert defaults.to_limits() == Limits()
+    assert (defaults.dead_letter_max_bytes, defaults.dead_letter_max_age_s) == (
+        256 * 1024 * 1024,
+        30 * 24 * 3600,
+    )
+    text = SAMPLE_CONFIG.read_text() + "\nlimits:\n  customer_text_bytes: 2048\n  reply_text_bytes: 4096\n"
+    limits = load_config(_write(tmp_path, text)).config.limits.to_limits()
+    assert (limits.customer_text_bytes, limits.reply_text_bytes) == (2048, 4096)
+    with pytest.raises(ConfigError, match=r"limits\.dead_letter_body_bytes"):
+        load_config(_write(tmp_path, SAMPLE_CONFIG.read_text() + "\nlimits:\n  dead_letter_body_bytes: 10\n"))
