@@ -3,25 +3,15 @@
 A hash chain shows a record that was changed, but not a chain that was rewritten from that
 record on, nor its newest records removed: whoever controls the database can recompute it.
 So the supervisor signs what the chain is, with a key the database never holds (its NATS
-nkey, Ed25519), and publishes it to a file-backed stream, ``CORRAL_AUDIT``:
+nkey, Ed25519), and publishes it to a file-backed stream, ``CORRAL_AUDIT``.
 
-* ``AuditAnchorer`` signs ``(count, head id, head hash)`` when it starts, every
-  ``audit.anchor_interval_s`` when the chain grew, and when it stops (after every service
-  that appends has stopped). Counts are its own: each anchor adds the records appended
-  after the head it anchored before, so records removed later are never counted again.
-* ``check_anchored`` (``corral audit verify``) recomputes the chain and compares it with
-  anchors whose signature verifies against the supervisor's public key (taken from the
-  operator's side, never from the anchor). It names the first bad record:
+``AuditAnchorer`` signs ``(count, head id, head hash)`` when it starts, every
+``audit.anchor_interval_s`` when the chain grew, and when it stops (after every service
+that appends has stopped). Counts are its own: each anchor adds the records appended after
+the head it anchored before, so records removed later are never counted again. With
+``witnessing``, each anchor also lists the ids its process appended since the one before.
 
-  - the chain's hash at an anchored count differs from the anchor's: the records after
-    the last matching anchor were rewritten, or forged records were inserted;
-  - fewer records than the newest anchor counted: the newest records were removed;
-  - records appended while no supervisor ran (after the shutdown anchor of the last one
-    running, before the next one started): forged.
-
-What anchors cannot show: a record appended through ``corral_audit_append`` while a
-supervisor runs is anchored like any other. The supervisor's role may append only through
-that function (migration 0012), so this takes the database's owner or a superuser.
+``supervisor._anchor_check`` compares the chain with the anchors (``corral audit verify``).
 """
 
 from __future__ import annotations
@@ -32,8 +22,7 @@ import binascii
 import contextlib
 import logging
 import secrets
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from collections.abc import Iterable
 from datetime import UTC, datetime
 from pathlib import Path
 from types import TracebackType
@@ -48,7 +37,7 @@ from nats.js import JetStreamContext
 from nats.js.api import DeliverPolicy, StorageType, StreamConfig
 from nats.js.errors import NotFoundError
 
-from supervisor._audit import GENESIS_HASH, AuditVerification, walk_positions
+from supervisor._audit import GENESIS_HASH
 from supervisor.errors import StoreError
 
 logger = logging.getLogger(__name__)
@@ -80,6 +69,10 @@ class AuditAnchor(msgspec.Struct, frozen=True, kw_only=True, tag="audit.anchor")
     """One anchorer's run: its start and shutdown anchors bound when it appended."""
     public_key: str
     """The signer's nkey (checked against the key the verifier trusts, not trusted itself)."""
+    witnessing: bool = False
+    """Whether every record its process appends is witnessed (``AuditAnchorer.witness``)."""
+    witnessed: list[tuple[int, int]] = msgspec.field(default_factory=list)
+    """The ids its process appended since its previous anchor, as inclusive ranges."""
     signature: str = ""
     """Ed25519 over ``signed_bytes``, base64."""
 
@@ -180,6 +173,10 @@ class AuditAnchorer:
         seed_file: The supervisor's nkey seed; the key never leaves this process.
         interval_s: Seconds between anchors.
         replicas: Copies of ``CORRAL_AUDIT`` if this creates it (3 on a 3-node cluster).
+        witnessing: Every append of this process is reported to ``witness`` (pass it as
+            ``append_audit(..., witness=anchorer.witness)``): anchors then list the ids this
+            process appended, and a record appended by anyone else while it ran is named
+            as forged. Give every appending process its own anchorer before turning it on.
     """
 
     def __init__(
@@ -190,6 +187,7 @@ class AuditAnchorer:
         *,
         interval_s: float = 10.0,
         replicas: int = 1,
+        witnessing: bool = False,
     ) -> None:
         self._js = js
         self._pool = pool
@@ -201,6 +199,12 @@ class AuditAnchorer:
         self._stopping = asyncio.Event()
         self._lock = asyncio.Lock()
         self._last: AuditAnchor | None = None
+        self._witnessing = witnessing
+        self._witnessed: list[int] = []
+
+    def witness(self, record_id: int) -> None:
+        """Note that this process appended ``record_id`` (before its transaction commits)."""
+        self._witnessed.append(record_id)
 
     @property
     def public_key(self) -> str:
@@ -259,6 +263,8 @@ class AuditAnchorer:
             assert row is not None
             if reason == "interval" and previous is not None and row["n"] == 0:
                 return previous
+            # Taken after the read: a record it counted was witnessed before it committed.
+            witnessed, self._witnessed = self._witnessed, []
             count = (previous.count if previous is not None else 0) + int(row["n"])
             head_id = row["head_id"] if row["n"] else (previous.head_id if previous else None)
             head = row["head"] if row["n"] else (previous.head if previous else GENESIS_HASH)
@@ -270,6 +276,8 @@ class AuditAnchorer:
                 reason=reason,
                 instance=self._instance,
                 public_key=self._public_key,
+                witnessing=self._witnessing,
+                witnessed=id_ranges(witnessed),
             )
             signature = base64.b64encode(self._keys.sign(signed_bytes(unsigned))).decode()
             anchor = msgspec.structs.replace(unsigned, signature=signature)
@@ -279,137 +287,15 @@ class AuditAnchorer:
             return anchor
 
 
-@dataclass(frozen=True)
-class _Finding:
-    position: int
-    """1-based position in the chain of the first bad record."""
-    problem: str
-    record_id: int | None = None
-
-
-def check_anchored(
-    walked: AuditVerification, positions: dict[int, tuple[int, str]], anchors: Sequence[AuditAnchor]
-) -> AuditVerification:
-    """Compare a walked chain with its anchors; the earliest problem wins.
-
-    Args:
-        walked: The walk of the chain (``walk_positions``): intact records, first break.
-        positions: ``position -> (id, hash)`` for the positions the anchors ask about.
-        anchors: Valid anchors, in publication order.
-    """
-    intact = walked.count
-    findings: list[_Finding] = []
-    if walked.first_broken is not None:
-        findings.append(_Finding(intact + 1, walked.problem or "broken", walked.first_broken))
-    matching = sorted({a.count for a in anchors if a.count <= intact and _at(positions, a.count) == a.head})
-    for anchor in sorted(anchors, key=lambda a: a.count):
-        if anchor.count > intact:
-            continue
-        if _at(positions, anchor.count) != anchor.head:
-            before = max((c for c in matching if c < anchor.count), default=0)
-            findings.append(
-                _Finding(
-                    before + 1,
-                    f"rewritten: the chain at record {anchor.count} does not match the anchor signed at "
-                    f"{anchor.at}; records after {_describe(positions, before)} were changed, removed "
-                    "or forged and the chain recomputed",
-                )
-            )
-            break
-    total = intact if walked.first_broken is None else None
-    newest = max(anchors, key=lambda a: a.count, default=None)
-    if total is not None and newest is not None and newest.count > total:
-        # The earliest missing record an anchor names: exact when anchors are dense.
-        missing = min((a for a in anchors if a.count > total), key=lambda a: a.count)
-        last = f"after record {positions[total][0]}" if total else "from the start"
-        findings.append(
-            _Finding(
-                total + 1,
-                f"truncated: the anchor signed at {newest.at} counted {newest.count} records, the log "
-                f"holds {total}: the records {last} were deleted (record {missing.head_id} among them)",
-                missing.head_id if missing.count == total + 1 else None,
-            )
-        )
-    unattended = _unattended(anchors)
-    if unattended is not None and total is not None:
-        after, upto = unattended
-        if (upto or total) > after and total > after:
-            findings.append(
-                _Finding(
-                    after + 1,
-                    f"forged: appended after every supervisor had stopped (the shutdown anchor counted "
-                    f"{after} records)",
-                )
-            )
-    if not findings:
-        return AuditVerification(
-            walked.count, None, None, walked.head, anchors=len(anchors), anchored=max(matching, default=0)
-        )
-    first = min(findings, key=lambda f: f.position)
-    first_id = first.record_id
-    if first_id is None and first.position in positions:
-        first_id = positions[first.position][0]
-    if first_id is None:
-        # A deleted record no anchor names: the first one after the last record kept.
-        first_id = (positions[first.position - 1][0] + 1) if first.position > 1 else 1
-    return AuditVerification(
-        min(walked.count, first.position - 1),
-        first_id,
-        first.problem,
-        walked.head,
-        anchors=len(anchors),
-        anchored=max((c for c in matching if c < first.position), default=0),
-        position=first.position,
-    )
-
-
-def anchored_positions(anchors: Sequence[AuditAnchor]) -> set[int]:
-    """The chain positions ``check_anchored`` needs: each anchored count and the one after."""
-    wanted = {1}
-    for anchor in anchors:
-        wanted.update((anchor.count, anchor.count + 1))
-    return wanted
-
-
-async def verify_anchored(
-    source: asyncpg.Connection | asyncpg.Pool, anchors: Sequence[AuditAnchor]
-) -> AuditVerification:
-    """``verify_audit`` and then ``check_anchored``: the chain against its anchors.
-
-    Raises:
-        StoreError: if PostgreSQL fails.
-    """
-    walked, positions = await walk_positions(source, anchored_positions(anchors))
-    return check_anchored(walked, positions, anchors)
-
-
-def _at(positions: dict[int, tuple[int, str]], count: int) -> str:
-    return GENESIS_HASH if count == 0 else positions.get(count, (0, ""))[1]
-
-
-def _describe(positions: dict[int, tuple[int, str]], count: int) -> str:
-    if count == 0:
-        return "the start of the log"
-    return f"record {positions[count][0]} (the last one an anchor confirms)"
-
-
-def _unattended(anchors: Sequence[AuditAnchor]) -> tuple[int, int | None] | None:
-    """The first stretch in which no anchorer ran: (count at the last shutdown, count at the
-    next start, or None if none started again)."""
-    live: set[str] = set()
-    stopped_at: int | None = None
-    for anchor in anchors:
-        if stopped_at is not None:
-            if anchor.count > stopped_at:
-                return stopped_at, anchor.count
-            stopped_at = None
-        if anchor.reason == "shutdown":
-            live.discard(anchor.instance)
-            if not live:
-                stopped_at = anchor.count
+def id_ranges(ids: Iterable[int]) -> list[tuple[int, int]]:
+    """Sorted ids as inclusive ranges: ``[1, 2, 3, 7]`` -> ``[(1, 3), (7, 7)]``."""
+    ranges: list[tuple[int, int]] = []
+    for record_id in sorted(set(ids)):
+        if ranges and ranges[-1][1] == record_id - 1:
+            ranges[-1] = (ranges[-1][0], record_id)
         else:
-            live.add(anchor.instance)
-    return (stopped_at, None) if stopped_at is not None else None
+            ranges.append((record_id, record_id))
+    return ranges
 
 
 def trusted_keys_from(seed_files: Iterable[Path], extra: str = "") -> list[str]:

@@ -49,7 +49,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -213,6 +213,7 @@ async def append_audit(
     entry: AuditEntry,
     *,
     along: tuple[str, Sequence[object]] | None = None,
+    witness: Callable[[int], None] | None = None,
 ) -> int:
     """Append ``entry`` to the chain, inside the caller's transaction, and return its id.
 
@@ -226,6 +227,9 @@ async def append_audit(
         along: A data-modifying statement (``INSERT``/``UPDATE``, parameters from ``$1``)
             and its parameters, run in the same statement: what the record describes,
             written in the same round trip.
+        witness: Told the new record's id once it is appended (before the transaction
+            commits): ``AuditAnchorer.witness``, so that anchors vouch for this process's
+            records and a record appended by anyone else is named as forged.
 
     Raises:
         StoreError: if ``conn`` is not in a transaction or not at READ COMMITTED
@@ -239,7 +243,7 @@ async def append_audit(
     call = _append_call(len(parameters) + 1)
     query = f"WITH along AS ({statement}) SELECT {call}" if statement else f"SELECT {call}"
     try:
-        return int(await conn.fetchval(query, *parameters, *_append_parameters(entry)))
+        record_id = int(await conn.fetchval(query, *parameters, *_append_parameters(entry)))
     except asyncpg.InvalidTransactionStateError as exc:
         raise StoreError(str(exc), retryable=False) from exc
     except asyncpg.UniqueViolationError as exc:
@@ -249,6 +253,9 @@ async def append_audit(
         raise StoreError(f"PostgreSQL unavailable: {exc}") from exc
     except asyncpg.PostgresError as exc:
         raise StoreError(f"cannot append to the audit log: {exc}", retryable=False) from exc
+    if witness is not None:
+        witness(record_id)
+    return record_id
 
 
 async def verify_audit(source: asyncpg.Connection | asyncpg.Pool) -> AuditVerification:
@@ -281,42 +288,35 @@ async def verify_audit(source: asyncpg.Connection | asyncpg.Pool) -> AuditVerifi
 
 
 async def walk_positions(
-    source: asyncpg.Connection | asyncpg.Pool, wanted: set[int]
-) -> tuple[AuditVerification, dict[int, tuple[int, str]]]:
-    """``verify_audit``, also returning ``position -> (id, hash)`` for the 1-based chain
-    positions in ``wanted`` (of intact records), to compare with anchors.
+    source: asyncpg.Connection | asyncpg.Pool, visit: Callable[[int, int, str], None]
+) -> AuditVerification:
+    """``verify_audit``, calling ``visit(position, id, hash)`` for every intact record
+    (positions from 1, in chain order), to compare the chain with its anchors.
 
     Raises:
         StoreError: if PostgreSQL fails.
     """
-    positions: dict[int, tuple[int, str]] = {}
     try:
         if isinstance(source, asyncpg.Pool):
             async with source.acquire() as conn:
-                result = await _verify(conn, wanted, positions)
-        else:
-            result = await _verify(source, wanted, positions)
+                return await _verify(conn, visit)
+        return await _verify(source, visit)
     except (OSError, asyncpg.PostgresConnectionError, asyncpg.InterfaceError) as exc:
         raise StoreError(f"PostgreSQL unavailable: {exc}") from exc
     except asyncpg.PostgresError as exc:
         raise StoreError(f"cannot read the audit log: {exc}", retryable=False) from exc
-    return result, positions
 
 
 async def _verify(
-    conn: asyncpg.Connection,
-    wanted: set[int] | None = None,
-    positions: dict[int, tuple[int, str]] | None = None,
+    conn: asyncpg.Connection, visit: Callable[[int, int, str], None] | None = None
 ) -> AuditVerification:
     if conn.is_in_transaction():
-        return await _walk(conn, wanted or set(), positions if positions is not None else {})
+        return await _walk(conn, visit)
     async with conn.transaction(isolation="repeatable_read", readonly=True):
-        return await _walk(conn, wanted or set(), positions if positions is not None else {})
+        return await _walk(conn, visit)
 
 
-async def _walk(
-    conn: asyncpg.Connection, wanted: set[int], positions: dict[int, tuple[int, str]]
-) -> AuditVerification:
+async def _walk(conn: asyncpg.Connection, visit: Callable[[int, int, str], None] | None) -> AuditVerification:
     count = 0
     prev_id: int | None = None
     prev_hash = GENESIS_HASH
@@ -337,6 +337,6 @@ async def _walk(
             return AuditVerification(count, record["id"], problem, prev_hash if prev_id is not None else None)
         count += 1
         prev_id, prev_hash = record["id"], record["hash"]
-        if count in wanted:
-            positions[count] = (record["id"], record["hash"])
+        if visit is not None:
+            visit(count, record["id"], record["hash"])
     return AuditVerification(count, None, None, prev_hash if prev_id is not None else None)

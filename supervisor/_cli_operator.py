@@ -150,7 +150,7 @@ def audit_verify(config: ConfigOption = None) -> None:
     async def _main() -> int:
         import asyncpg
 
-        from supervisor._anchors import verify_anchored
+        from supervisor._anchor_check import verify_anchored
         from supervisor._store import Store
         from supervisor.errors import StoreError
 

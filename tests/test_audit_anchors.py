@@ -21,13 +21,13 @@ import yaml
 
 from bus import Bus, BusConfig, connect
 from supervisor import send_and_wait
+from supervisor._anchor_check import verify_anchored
 from supervisor._anchors import (
     ANCHOR_STREAM,
     ANCHOR_SUBJECT,
     AuditAnchor,
     AuditAnchorer,
     read_anchors,
-    verify_anchored,
 )
 from supervisor._audit import AuditEntry, append_audit, chain_hash, digest_arguments, verify_audit
 from supervisor._embedded import EmbeddedNats
@@ -80,12 +80,15 @@ async def bus(nats_server: EmbeddedNats) -> AsyncIterator[Bus]:
     await bus.close()
 
 
-async def _append(pool: asyncpg.Pool, n: int, anchorer: AuditAnchorer | None = None) -> list[int]:
+async def _append(
+    pool: asyncpg.Pool, n: int, anchorer: AuditAnchorer | None = None, *, witness: AuditAnchorer | None = None
+) -> list[int]:
     """``n`` legitimate records, each anchored right away (as if the interval were short)."""
     ids = []
     for i in range(n):
         async with pool.acquire() as conn, conn.transaction():
-            ids.append(await append_audit(conn, replace(ENTRY, outcome=f"ok {i}")))
+            entry = replace(ENTRY, outcome=f"ok {i}")
+            ids.append(await append_audit(conn, entry, witness=witness.witness if witness else None))
         if anchorer is not None:
             await anchorer.anchor("interval")
     return ids
@@ -168,6 +171,45 @@ async def test_the_newest_three_records_deleted_are_named(
     first, problem = await _verify(bus, owner, anchorer.public_key)
     assert first == ids[3]
     assert problem.startswith("truncated"), problem
+
+
+async def test_a_record_forged_while_the_supervisor_runs_is_named_when_its_appends_are_witnessed(
+    owner: asyncpg.Connection, supervisor_pool: asyncpg.Pool, bus: Bus, tmp_path: Path
+) -> None:
+    seed = _seed(tmp_path / "supervisor.nk")
+    async with AuditAnchorer(bus.js, supervisor_pool, seed, witnessing=True) as anchorer:
+        await _append(supervisor_pool, 3, witness=anchorer)
+        await anchorer.anchor("interval")
+        async with owner.transaction():
+            forged = await append_audit(owner, replace(ENTRY, detail="refund 900"))
+        await _append(supervisor_pool, 2, witness=anchorer)
+        await anchorer.anchor("interval")  # it counts the forged record, and does not vouch for it
+    assert (await verify_audit(owner)).intact  # the chain alone cannot tell
+    first, problem = await _verify(bus, owner, anchorer.public_key)
+    assert first == forged
+    assert problem.startswith("forged: appended while the supervisor ran"), problem
+
+
+async def test_a_supervisor_that_died_unannounced_is_not_taken_for_a_forger(
+    owner: asyncpg.Connection, supervisor_pool: asyncpg.Pool, bus: Bus, tmp_path: Path
+) -> None:
+    seed = _seed(tmp_path / "supervisor.nk")
+    crashed = AuditAnchorer(bus.js, supervisor_pool, seed, witnessing=True)
+    await crashed.__aenter__()
+    await _append(supervisor_pool, 2, crashed, witness=crashed)
+    await _append(supervisor_pool, 2, witness=crashed)  # appended, then SIGKILL: never anchored
+    async with AuditAnchorer(bus.js, supervisor_pool, seed, witnessing=True) as restarted:
+        await _append(supervisor_pool, 2, restarted, witness=restarted)
+    anchors, _ = await read_anchors(bus.js, [restarted.public_key])
+    result = await verify_anchored(owner, anchors)
+    assert result.intact and result.count == 6, result
+    # But a record forged after the restart is not excused by the old crash.
+    async with AuditAnchorer(bus.js, supervisor_pool, seed, witnessing=True) as again:
+        async with owner.transaction():
+            forged = await append_audit(owner, replace(ENTRY, detail="forged"))
+        await again.anchor("interval")
+    first, problem = await _verify(bus, owner, again.public_key)
+    assert first == forged and problem.startswith("forged"), problem
 
 
 async def test_sparse_anchors_name_the_first_record_after_the_last_that_matches(
