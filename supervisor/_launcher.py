@@ -100,8 +100,14 @@ class Launcher:
                 f"corral is already running from {state} (pid {existing.pid}); stop it with `corral down`"
             )
         loaded = self._config.loaded
-        state.mkdir(parents=True, exist_ok=True)
-        os.chmod(state, 0o700)  # seeds, logs, stores: the launcher's user only
+        if not state.exists():
+            state.mkdir(parents=True)
+            os.chmod(state, 0o700)
+        for private in ("nats", "logs"):
+            # The JetStream store holds every conversation; the logs name them. The seeds
+            # (creds/) and PostgreSQL's directory are private already.
+            (state / private).mkdir(exist_ok=True)
+            os.chmod(state / private, 0o700)
         nats_url = configured_nats_url(loaded)
         if nats_url is None:
             # The embedded server requires an identity of every connection, with

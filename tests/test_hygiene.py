@@ -53,6 +53,8 @@ async def test_a_default_corral_up_serves_no_monitoring_port(stack: Stack) -> No
 async def test_runtime_json_is_private_and_holds_no_database_dsn(stack: Stack) -> None:
     path = stack.state_dir / "runtime.json"
     assert oct(path.stat().st_mode & 0o777) == "0o600"
+    for private in ("nats", "logs", "creds"):  # the JetStream store, the logs, the seeds
+        assert oct((stack.state_dir / private).stat().st_mode & 0o777) == "0o700", private
     text = path.read_text()
     assert "postgresql:" not in text and "database_url" not in text and "host=" not in text
     # The operator commands still reach the embedded database, through its data directory.
