@@ -79,8 +79,12 @@ async def exceeded(
 
 
 def repeated_call(budgets: Budgets, tool: str, repeats: int) -> str | None:
-    """Why a tool call is a loop (the same tool with the same arguments ``repeats`` times
-    before in the conversation, as the audit log counts them), or None."""
+    """Why a tool call is a loop (the same tool on the same resource ``repeats`` times before
+    in the conversation, as the gateway's ledger counts them: free text such as a reason does
+    not make a call new), or None."""
     if repeats >= budgets.max_same_tool_calls:
-        return f"loop: {tool} with the same arguments {repeats} times (limit {budgets.max_same_tool_calls})"
+        return (
+            f"loop: {tool} with the same arguments {repeats} times"
+            f" (counted by tool and resource; limit {budgets.max_same_tool_calls})"
+        )
     return None
