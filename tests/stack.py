@@ -142,5 +142,11 @@ async def running_stack(
         assert not (state / "runtime.json").exists()
     finally:
         if process.poll() is None:
-            process.kill()
-            process.wait()
+            # A failed test: stop the stack as `corral down` would (its servers with it), and
+            # kill it only if it does not stop.
+            process.terminate()
+            try:
+                process.wait(30)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
