@@ -65,6 +65,12 @@ class Tool(ABC, Generic[A]):
     """False for lookups; True for anything with an effect."""
     undo: ClassVar[str | None] = None
     """Name of the tool that compensates this one (``refund`` -> ``reverse_refund``)."""
+    isolated: ClassVar[bool] = True
+    """Run ``resource()`` and ``run()`` in a worker thread of the gateway, so that a slow or
+    CPU-bound body cannot stall it (every statement hops to the gateway's loop: about half
+    a millisecond per call). False, for bodies that only await their SQL: on the gateway's
+    loop, still under the call's deadline for what they await, but not for what they
+    compute."""
     resource_fields: ClassVar[tuple[str, ...]] = ()
     """The arguments that name what a call touches (``("order_id",)``). The gateway's loop
     breaker counts a conversation's calls by tool and these, so free text such as a reason

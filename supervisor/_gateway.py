@@ -230,7 +230,7 @@ class _Body:
             self._inside = True
         remaining = self._deadline - self._loop.time()
         try:
-            return await self._runner.run(self._tool.name, body, ctx, remaining)
+            return await self._runner.run(self._tool.name, body, ctx, remaining, isolated=self._tool.isolated)
         except ToolTimeoutError as exc:
             await self._rollback()
             raise _BodyFailed(f"tool {self._tool.name} timed out after {self._timeout_s:g}s") from exc
@@ -465,9 +465,14 @@ class ToolGateway(MessageService):
             )
             return self._result(call, "stopped", {}, reason=stop)
         body = _Body(conn, self._runner, tool, self._config.call_timeout_s)
-        decision: PolicyDecision | None = None
-        try:
-            resource = await body.run(tool.resource, ctx)
+        decided: list[PolicyDecision] = []  # written in the worker, read here (also on a timeout)
+
+        async def decide_then_run(tool_ctx: ToolInput[Any]) -> dict[str, Any] | None:
+            # In the tool's worker, in one hop: what the call touches, Cedar's decision
+            # (thread-safe), and for an allowed call the effect itself. (A read-only tool
+            # runs for real in a dry run too: lookups bind the facts later decisions
+            # depend on, so a dry run decides like a real one.)
+            resource = await tool.resource(tool_ctx)
             decision = self._policy.decide(
                 PolicyRequest(
                     principal=call.agent,
@@ -477,16 +482,21 @@ class ToolGateway(MessageService):
                     context={**resource.facts, "irreversible": tool.irreversible},
                 )
             )
+            decided.append(decision)
             if decision.outcome == "allow" and not (dry_run and tool.changes_state):
-                # The common path: the tool's role and savepoint carry on into run(). (A
-                # read-only tool runs for real in a dry run too: lookups bind the facts
-                # later decisions depend on, so a dry run decides like a real one.)
-                result = await body.run(tool.run, ctx)
-                await body.leave()
-                return await self._applied(conn, call, tool, ctx, decision, None, record, result)
+                return await tool.run(tool_ctx)
+            return None
+
+        try:
+            result = await body.run(decide_then_run, ctx)
             await body.leave()
         except _BodyFailed as failed:
-            return await self._failed(conn, call, ctx, record, decision, None, str(failed))
+            return await self._failed(
+                conn, call, ctx, record, decided[0] if decided else None, None, str(failed)
+            )
+        decision = decided[0]
+        if result is not None:
+            return await self._applied(conn, call, tool, ctx, decision, None, record, result)
         return await self._decided(conn, call, tool, ctx, dry_run, record, decision, body)
 
     async def _decided(

@@ -16,13 +16,12 @@ separate process could bound that; pure-Python loops and awaits are bounded here
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import dataclasses
 import logging
 import re
 import threading
 from collections.abc import Awaitable, Callable
-from typing import Any, TypeVar
+from typing import Any, Generic, TypeVar
 
 import asyncpg
 
@@ -68,9 +67,9 @@ class ToolConnection:
     the gateway's loop, on the call's connection. After ``close()`` every statement fails.
     """
 
-    def __init__(self, conn: asyncpg.Connection, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(self, conn: asyncpg.Connection, loop: asyncio.AbstractEventLoop | None) -> None:
         self._conn = conn
-        self._loop = loop
+        self._loop = loop  # None: the body runs on the gateway's loop itself
         self._closed: str | None = None
         self._running: set[asyncio.Task[Any]] = set()  # touched on the gateway's loop only
 
@@ -92,20 +91,19 @@ class ToolConnection:
     async def _marshal(self, method: str, query: str, args: tuple[Any, ...], **kwargs: Any) -> Any:
         if _ROLE_CHANGE.search(query):
             raise ToolStatementError(f"a tool may not change its database role: {query[:80]!r}")
-        future = asyncio.run_coroutine_threadsafe(self._run(method, query, args, kwargs), self._loop)
-        return await asyncio.wrap_future(future)
 
-    async def _run(self, method: str, query: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-        # On the gateway's loop: serialized with close(), so nothing starts after it.
-        if self._closed is not None:
-            raise ToolStatementError(self._closed)
-        task = asyncio.current_task()
-        assert task is not None
-        self._running.add(task)
-        try:
+        if self._loop is None:
+            if self._closed is not None:
+                raise ToolStatementError(self._closed)
             return await getattr(self._conn, method)(query, *args, **kwargs)
-        finally:
-            self._running.discard(task)
+
+        def statement() -> Awaitable[Any]:
+            # On the gateway's loop: serialized with close(), so nothing starts after it.
+            if self._closed is not None:
+                raise ToolStatementError(self._closed)
+            return getattr(self._conn, method)(query, *args, **kwargs)  # type: ignore[no-any-return]
+
+        return await _hand_over(self._loop, statement, self._running).result
 
     async def close(self, reason: str) -> None:
         """Refuse every further statement and cancel the one in flight (on the gateway's loop)."""
@@ -154,42 +152,69 @@ class ToolRunner:
         body: Callable[[ToolInput[Any]], Awaitable[T]],
         ctx: ToolInput[Any],
         timeout_s: float,
+        *,
+        isolated: bool = True,
     ) -> T:
         """``body(ctx)`` in a worker, its statements on ``ctx.conn``; at most ``timeout_s``.
+        Not ``isolated``: on the calling loop, bounded only in what it awaits.
 
         Raises:
             ToolTimeoutError: past the deadline (the caller rolls back what the tool did).
             Exception: whatever the body raised.
         """
+        if not isolated:
+            return await self._run_inline(tool, body, ctx, timeout_s)
         loop = asyncio.get_running_loop()
         proxy = ToolConnection(ctx.conn, loop)
         worker = self._idle.pop() if self._idle else self._start()
-        future: concurrent.futures.Future[T] = asyncio.run_coroutine_threadsafe(
-            _call(body, dataclasses.replace(ctx, conn=proxy)), worker.loop
-        )
-        wrapped = asyncio.wrap_future(future)
+        handed = _hand_over(worker.loop, lambda: body(dataclasses.replace(ctx, conn=proxy)))
         try:
-            done, _ = await asyncio.wait({wrapped}, timeout=max(timeout_s, 0.0))
+            async with asyncio.timeout(max(timeout_s, 0.0)) as deadline:
+                result = await handed.result
         except asyncio.CancelledError:
-            await self._abandon(tool, future, proxy, worker)
+            await self._abandon(tool, handed, proxy, worker)
             raise
-        if not done:
+        except TimeoutError:
+            if not deadline.expired():
+                raise  # the body's own TimeoutError
             logger.warning("tool %s timed out after %ss", tool, timeout_s)
-            await self._abandon(tool, future, proxy, worker)
-            raise ToolTimeoutError(tool, timeout_s)
+            await self._abandon(tool, handed, proxy, worker)
+            raise ToolTimeoutError(tool, timeout_s) from None
+        except BaseException:
+            self._release(worker)
+            raise  # the body's own exception
+        self._release(worker)
+        return result
+
+    @staticmethod
+    async def _run_inline(
+        tool: str, body: Callable[[ToolInput[Any]], Awaitable[T]], ctx: ToolInput[Any], timeout_s: float
+    ) -> T:
+        # On the gateway's loop: what the body awaits is bounded (a statement in flight is
+        # cancelled), what it computes is not.
+        proxy = ToolConnection(ctx.conn, None)
+        try:
+            async with asyncio.timeout(max(timeout_s, 0.0)) as deadline:
+                return await body(dataclasses.replace(ctx, conn=proxy))
+        except TimeoutError:
+            if not deadline.expired():
+                raise
+            logger.warning("tool %s timed out after %ss", tool, timeout_s)
+            raise ToolTimeoutError(tool, timeout_s) from None
+        finally:
+            proxy._closed = f"tool {tool} has returned; its connection is closed"
+
+    def _release(self, worker: _Worker) -> None:
         if len(self._idle) < self._max_idle:
             self._idle.append(worker)
         else:
             worker.stop()
-        return wrapped.result()  # the body's own exception, if it raised
 
     @staticmethod
-    async def _abandon(
-        tool: str, future: concurrent.futures.Future[Any], proxy: ToolConnection, worker: _Worker
-    ) -> None:
+    async def _abandon(tool: str, handed: _Handed[Any], proxy: ToolConnection, worker: _Worker) -> None:
         # Timed out, or the gateway is stopping: nothing more of this body may reach the
         # connection. A body stuck in the CPU keeps its thread; the worker is not reused.
-        future.cancel()
+        handed.cancel()
         await proxy.close(f"tool {tool} was abandoned past its deadline; its connection is closed")
         worker.stop()
 
@@ -203,5 +228,68 @@ class ToolRunner:
             self._idle.pop().stop()
 
 
-async def _call(body: Callable[[ToolInput[Any]], Awaitable[T]], ctx: ToolInput[Any]) -> T:
-    return await body(ctx)
+class _Handed(Generic[T]):
+    """Work handed to another thread's loop: its result as a future of the caller's loop."""
+
+    def __init__(self, there: asyncio.AbstractEventLoop) -> None:
+        self.here = asyncio.get_running_loop()
+        self.there = there
+        self.result: asyncio.Future[T] = self.here.create_future()
+        self.task: asyncio.Task[T] | None = None  # on ``there``
+        self.cancelled = False
+
+    def cancel(self) -> None:
+        """Cancel the work on its loop (from the caller's loop)."""
+        self.cancelled = True
+        self.there.call_soon_threadsafe(self._cancel_there)
+
+    def _cancel_there(self) -> None:
+        if self.task is not None:
+            self.task.cancel()
+
+
+def _hand_over(
+    there: asyncio.AbstractEventLoop,
+    start: Callable[[], Awaitable[T]],
+    running: set[asyncio.Task[Any]] | None = None,
+) -> _Handed[T]:
+    """Run ``start()``'s awaitable as a task on ``there`` (another thread's loop); its outcome
+    settles ``.result`` on the calling loop. One wake-up each way, no concurrent.futures: the
+    hot path of every tool statement. ``running`` (touched on ``there`` only) holds the task
+    while it runs."""
+    handed: _Handed[T] = _Handed(there)
+
+    def settle(outcome: asyncio.Task[T] | BaseException) -> None:  # on the caller's loop
+        if handed.result.done():
+            return
+        if isinstance(outcome, BaseException):
+            handed.result.set_exception(outcome)
+        elif outcome.cancelled():
+            handed.result.cancel()
+        elif (exc := outcome.exception()) is not None:
+            handed.result.set_exception(exc)
+        else:
+            handed.result.set_result(outcome.result())
+
+    def finished(task: asyncio.Task[T]) -> None:  # on ``there``
+        if running is not None:
+            running.discard(task)
+        handed.here.call_soon_threadsafe(settle, task)
+
+    def begin() -> None:  # on ``there``
+        if handed.cancelled:
+            handed.here.call_soon_threadsafe(settle, asyncio.CancelledError())
+            return
+        try:
+            awaitable = start()
+        except BaseException as exc:
+            handed.here.call_soon_threadsafe(settle, exc)
+            return
+        task = asyncio.ensure_future(awaitable)
+        handed.task = task
+        if running is not None:
+            running.add(task)
+        task.add_done_callback(finished)
+
+    there.call_soon_threadsafe(begin)
+    return handed

@@ -317,8 +317,13 @@ class SlowRefund(Refund):
         return result
 
 
-async def test_a_slow_tool_times_out_rolls_back_and_is_not_run_again(shop: Shop) -> None:
-    gateway = shop.new_gateway([SlowRefund()], GatewayConfig(call_timeout_s=0.5))
+class IsolatedSlowRefund(SlowRefund):
+    isolated = True
+
+
+@pytest.mark.parametrize("slow", [SlowRefund(), IsolatedSlowRefund()], ids=["inline", "isolated"])
+async def test_a_slow_tool_times_out_rolls_back_and_is_not_run_again(shop: Shop, slow: Refund) -> None:
+    gateway = shop.new_gateway([slow], GatewayConfig(call_timeout_s=0.5))
     await open_conversation(shop.pool, "c-slow", "cus_1001", "payments")
     slow = refund("c-slow", "1001", 4_000)
 
@@ -337,7 +342,10 @@ async def test_a_slow_tool_times_out_rolls_back_and_is_not_run_again(shop: Shop)
 
 
 class SpinningLookup(LookupOrder):
-    """A lookup whose body spins the CPU in pure Python until released (or for 20 s at most)."""
+    """A lookup whose body spins the CPU in pure Python until released (or for 20 s at most),
+    as a tool that evaluates what it is given might; not trusted to run on the gateway's loop."""
+
+    isolated = True
 
     def __init__(self) -> None:
         self.spinning = threading.Event()
@@ -411,10 +419,16 @@ INTRUSIONS = [
 ]
 
 
+class InlineIntruder(Intruder):
+    isolated = False
+
+
+@pytest.mark.parametrize("isolated", [True, False], ids=["isolated", "inline"])
 @pytest.mark.parametrize("statement", INTRUSIONS)
-async def test_a_tool_cannot_reach_corrals_own_tables(shop: Shop, statement: str) -> None:
+async def test_a_tool_cannot_reach_corrals_own_tables(shop: Shop, statement: str, isolated: bool) -> None:
     approval_id = await _waiting_approval(shop, "c-victim")
-    gateway = shop.new_gateway([*TOOLS, Intruder(statement)], GatewayConfig())
+    intruder = Intruder(statement) if isolated else InlineIntruder(statement)
+    gateway = shop.new_gateway([*TOOLS, intruder], GatewayConfig())
     await open_conversation(shop.pool, "c-intrude", "cus_1001", "intruder")
     audit_before = await shop.pool.fetchval("SELECT count(*) FROM audit_log")
     ledger_before = await shop.pool.fetchval("SELECT count(*) FROM tool_ledger")

@@ -7,13 +7,19 @@ from typing import Any
 import asyncpg
 from pydantic import BaseModel, ConfigDict, Field
 
-from agents._tools import Resource, Tool, ToolInput
+from agents._tools import A, Resource, Tool, ToolInput
 from agents.support._shop import setup
 
 __all__ = ["SCHEMAS", "TOOLS", "setup"]
 
 SCHEMAS = ["shop"]
 """The schemas the tools use: the gateway grants its tools' role these, and nothing else."""
+
+
+class _ShopTool(Tool[A]):
+    """The sample's tools only await their SQL: they run on the gateway's own loop."""
+
+    isolated = False
 
 
 class _Args(BaseModel):
@@ -75,7 +81,7 @@ def _customer_facts(row: asyncpg.Record) -> dict[str, Any]:
     return {"account_age_days": row["age"], "refunds_today_cents": int(row["today"]), "known_customer": True}
 
 
-class LookupCustomer(Tool[NoArgs]):
+class LookupCustomer(_ShopTool[NoArgs]):
     name = "lookup_customer"
     description = "The acting customer's account: email, tier, age."
     arguments = NoArgs
@@ -89,7 +95,7 @@ class LookupCustomer(Tool[NoArgs]):
         return dict(row) if row else {"error": "no such customer"}
 
 
-class LookupOrder(Tool[OrderArgs]):
+class LookupOrder(_ShopTool[OrderArgs]):
     name = "lookup_order"
     description = "One of the acting customer's orders."
     arguments = OrderArgs
@@ -113,7 +119,7 @@ class LookupOrder(Tool[OrderArgs]):
         return dict(row) if row else {"error": "no such order"}
 
 
-class Refund(Tool[RefundArgs]):
+class Refund(_ShopTool[RefundArgs]):
     name = "refund"
     description = "Refund part or all of one of the acting customer's orders."
     arguments = RefundArgs
@@ -169,7 +175,7 @@ class Refund(Tool[RefundArgs]):
         return {"refund_id": result["refund_id"]}
 
 
-class ReverseRefund(Tool[ReverseRefundArgs]):
+class ReverseRefund(_ShopTool[ReverseRefundArgs]):
     name = "reverse_refund"
     description = "Undo a refund (compensation)."
     arguments = ReverseRefundArgs
@@ -190,7 +196,7 @@ class ReverseRefund(Tool[ReverseRefundArgs]):
         return False  # it is itself the compensation
 
 
-class CancelSubscription(Tool[SubscriptionArgs]):
+class CancelSubscription(_ShopTool[SubscriptionArgs]):
     name = "cancel_subscription"
     description = "Cancel one of the acting customer's subscriptions."
     arguments = SubscriptionArgs
@@ -216,7 +222,7 @@ class CancelSubscription(Tool[SubscriptionArgs]):
         return {"cancelled": done is not None}
 
 
-class UpdateEmail(Tool[EmailArgs]):
+class UpdateEmail(_ShopTool[EmailArgs]):
     name = "update_email"
     description = "Change the acting customer's email address."
     arguments = EmailArgs
@@ -228,7 +234,7 @@ class UpdateEmail(Tool[EmailArgs]):
         return {"email": str(call.arguments.email)}
 
 
-class SendEmail(Tool[SendEmailArgs]):
+class SendEmail(_ShopTool[SendEmailArgs]):
     name = "send_email"
     description = "Email the acting customer (queued in the outbox)."
     arguments = SendEmailArgs
@@ -248,7 +254,7 @@ class SendEmail(Tool[SendEmailArgs]):
         return {"email_id": result["email_id"], "body": "Please disregard our previous message."}
 
 
-class SendCorrection(Tool[CorrectionArgs]):
+class SendCorrection(_ShopTool[CorrectionArgs]):
     name = "send_correction"
     description = "Send a correction of an earlier email (compensation)."
     arguments = CorrectionArgs
@@ -270,7 +276,7 @@ class SendCorrection(Tool[CorrectionArgs]):
         return False  # it is itself the compensation
 
 
-class CreateTicket(Tool[TicketArgs]):
+class CreateTicket(_ShopTool[TicketArgs]):
     name = "create_ticket"
     description = "Open a support ticket for the acting customer."
     arguments = TicketArgs
@@ -289,7 +295,7 @@ class CreateTicket(Tool[TicketArgs]):
         return False  # harmless: a ticket can be closed
 
 
-class ReadServiceLogs(Tool[NoArgs]):
+class ReadServiceLogs(_ShopTool[NoArgs]):
     name = "read_service_logs"
     description = "The acting customer's recent service log lines."
     arguments = NoArgs
