@@ -55,6 +55,7 @@ from bench._phases import RunFigures, Sizes, run_phases
 from bench.floor import HOP_NAMES, HOPS, Floor
 from bus import Bus, BusConfig, ClientUpdate, ConversationEnded, connect, subjects
 from supervisor import EmbeddedNats, start_conversation
+from supervisor._runtime import embedded_database_url
 
 DEPTHS = ("direct", "litellm")
 TEAM = ("triage", "payments", "account_manager")
@@ -178,7 +179,9 @@ class Corral:
                 cwd=REPO,
             )
         runtime = await self._ready()
-        self.database_url = runtime["database_url"]
+        url = embedded_database_url(self.state)
+        assert url is not None  # _ready() saw it
+        self.database_url = url
         await seed(self.database_url, conversations)
         seed_file = self.state / "creds" / "client.nk"
         self._bus = await connect(
@@ -203,7 +206,8 @@ class Corral:
             with contextlib.suppress(OSError, ValueError):
                 runtime: dict[str, Any] = json.loads((self.state / "runtime.json").read_text())
                 roles = {c["role"] for c in runtime["children"] if c["pid"]}
-                if roles >= {"supervisor", *TEAM} and await _shop_ready(runtime["database_url"]):
+                url = embedded_database_url(self.state)
+                if roles >= {"supervisor", *TEAM} and url and await _shop_ready(url):
                     return runtime
             await asyncio.sleep(0.1)
         raise RuntimeError(f"corral up did not get ready within {timeout_s:.0f} s")

@@ -164,7 +164,7 @@ class Launcher:
         if derived is None:
             logger.warning("the supervisor connects as the database's owner: set database.supervisor_url")
             return owner_dsn
-        problem = await can_serve(derived, module)
+        problem = await can_serve(derived, None)
         if problem is not None:
             logger.warning(
                 "the supervisor connects as the database's owner, not %s: %s", SUPERVISOR_ROLE, problem

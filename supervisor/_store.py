@@ -281,10 +281,12 @@ class Store:
         applied: list[str] = []
         async with self._pool.acquire() as conn, conn.transaction():
             await conn.execute("SELECT pg_advisory_xact_lock($1)", _MIGRATION_LOCK)
-            await conn.execute(
-                "CREATE TABLE IF NOT EXISTS corral_migrations ("
-                " version text PRIMARY KEY, applied_at timestamptz NOT NULL DEFAULT now())"
-            )
+            # No DDL unless needed: the supervisor's role may not create tables.
+            if await conn.fetchval("SELECT to_regclass('corral_migrations')") is None:
+                await conn.execute(
+                    "CREATE TABLE corral_migrations ("
+                    " version text PRIMARY KEY, applied_at timestamptz NOT NULL DEFAULT now())"
+                )
             done = {r["version"] for r in await conn.fetch("SELECT version FROM corral_migrations")}
             for file in files:
                 version = file.name.removesuffix(".sql")
