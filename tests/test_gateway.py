@@ -21,9 +21,9 @@ import pytest
 from agents._tools import Tool, ToolInput
 from agents.support.tools import SCHEMAS, TOOLS, Refund, RefundArgs, setup
 from bus import JournalEntry, ToolCall, ToolResult
+from supervisor._agent_controls import ensure_agent_controls
 from supervisor._approvals import ApprovalError, decide_approval, pending_approvals
 from supervisor._audit import verify_audit
-from supervisor._agent_controls import ensure_agent_controls
 from supervisor._gateway import _LOCK_NAMESPACE, GatewayConfig, ToolGateway, grant_tool_role
 from supervisor._policy import PolicyEngine
 from supervisor._store import Store
