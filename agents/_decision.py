@@ -8,6 +8,7 @@ from typing import Any
 import msgspec
 
 from agents.errors import DecisionError
+from bus import DECODE_ERRORS
 
 
 class HandoffDecision(msgspec.Struct, frozen=True, kw_only=True, tag="handoff", tag_field="action"):
@@ -58,7 +59,7 @@ def parse_decision(text: str, *, agent: str) -> Decision:
         raise DecisionError(f"model answer is not JSON: {text[:200]!r}", agent=agent)
     try:
         decision: Decision = _decoder.decode(text[start : end + 1])
-    except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+    except DECODE_ERRORS as exc:
         raise DecisionError(f"model answer is not a decision ({exc}): {text[:200]!r}", agent=agent) from exc
     if isinstance(decision, ToolDecision):
         return decision

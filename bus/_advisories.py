@@ -19,7 +19,7 @@ from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 
 from bus import subjects
-from bus._consumer import DEAD_REASON, DEAD_STREAM_SEQ, DEAD_SUBJECT
+from bus._consumer import DEAD_REASON, DEAD_STREAM_SEQ, DEAD_SUBJECT, DECODE_ERRORS
 from bus._messages import Alert, encode
 from bus._service import MessageService
 
@@ -62,7 +62,7 @@ class MaxDeliveriesWatcher(MessageService):
         """Turn one advisory into a dead letter, an alert and the caller's follow-up."""
         try:
             advisory = _decoder.decode(msg.data)
-        except (msgspec.DecodeError, msgspec.ValidationError):
+        except DECODE_ERRORS:
             logger.warning("unreadable advisory on %s", msg.subject)
             return
         try:

@@ -134,6 +134,8 @@ def topology(loaded: LoadedConfig) -> TopologyConfig:
         replicas=int(replicas) if replicas else nats.stream_replicas,
         ack_wait_s=nats.ack_wait_s,
         max_deliver=nats.max_deliver,
+        dead_letter_max_bytes=loaded.config.limits.dead_letter_max_bytes,
+        dead_letter_max_age_s=loaded.config.limits.dead_letter_max_age_s,
     )
 
 
