@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 from typing import Annotated, Any
 
 import typer
@@ -93,17 +94,23 @@ async def _gateway(loaded: LoadedConfig, bus: Bus, store: Any) -> _Service:
     from supervisor._budgets import Budgets
     from supervisor._config import load_tools
     from supervisor._gateway import GatewayConfig, ToolGateway, grant_tool_role
+    from supervisor._launcher import DATABASE_PREPARED_ENV
     from supervisor._policy import PolicyEngine
 
     tools_section = loaded.config.tools
     assert tools_section is not None and loaded.policies_dir is not None
     module = importlib.import_module(tools_section.module)
     setup = getattr(module, "setup", None)
+    # Under `corral up` the owner ran the tools' setup and granted corral_tools their schemas
+    # (supervisor._roles.prepare_database): the service, connected as corral_supervisor,
+    # runs no DDL.
+    prepared = os.environ.get(DATABASE_PREPARED_ENV) == "1"
     async with store.pool.acquire() as conn:
-        if setup is not None:
+        if setup is not None and not prepared:
             await setup(conn)
-        # Tool statements run as corral_tools: it reaches the schemas the module declares.
-        await grant_tool_role(conn, getattr(module, "SCHEMAS", ()))
+        if not prepared:
+            # Tool statements run as corral_tools: it reaches the schemas the module declares.
+            await grant_tool_role(conn, getattr(module, "SCHEMAS", ()))
         # Every agent has a kill row before its first call (a kill waits on it).
         await ensure_agent_controls(conn, loaded.agent_names)
     agents = loaded.config.agents

@@ -9,14 +9,17 @@ is seen waiting for it in ``pg_locks``; once the kill commits, every call is ref
 from __future__ import annotations
 
 import asyncio
+from pathlib import Path
 
 import asyncpg
 
-from bus import JournalQuery
+from bus import ConversationWaiting, JournalQuery
 from supervisor._agent_controls import agent_killed, kill_agent, revive_agent
 from supervisor._budgets import Budgets
+from supervisor._client import send_until_settled
 from supervisor._journal import JournalService
 from tests.conftest import eventually
+from tests.stack import running_stack
 from tests.test_gateway import (
     GatedRefund,
     Shop,
@@ -115,3 +118,42 @@ async def test_the_journal_answers_stop_to_a_killed_agent_and_revive_restores_it
     assert not await revive_agent(shop.pool, "payments")
     assert (await journal.handle(query, "payments")).verdict == "continue"
     assert (await shop.gateway.call(refund("c-journal-kill", "1001", 4_000), "payments")).status == "ok"
+
+
+# --- on a running stack: `corral kill agent` and `corral approve` -----------------------------------
+
+
+async def test_on_a_stack_corral_kill_marks_the_agent_for_the_gateway_and_a_dead_approval_is_refused(
+    database_url: str, tmp_path: Path
+) -> None:
+    (tmp_path / "state").mkdir()
+    async with running_stack(tmp_path / "state", database_url, None) as stack:
+        client = await stack.connect()
+        try:
+            waiting = await send_until_settled(
+                client, "Please refund order 1002", customer="cus_1001", timeout_s=60
+            )
+        finally:
+            await client.close()
+        assert isinstance(waiting, ConversationWaiting)
+        # Every configured agent has its row from the gateway's start (a kill waits on it).
+        rows = await stack.sql("SELECT agent FROM agent_controls ORDER BY agent")
+        assert [r["agent"] for r in rows] == sorted(["triage", "payments", "tech_support", "account_manager"])
+
+        killed = await asyncio.to_thread(stack.corral, "kill", "conversation", waiting.conversation)
+        assert killed.returncode == 0, killed.stderr
+        approved = await asyncio.to_thread(stack.corral, "approve", waiting.approval_id)
+        assert approved.returncode == 1
+        said = " ".join(approved.stderr.split())  # the console wraps long lines
+        assert f"cannot be granted: conversation {waiting.conversation} is killed" in said
+
+        killed = await asyncio.to_thread(stack.corral, "kill", "agent", "payments", "--reason", "fraud")
+        assert killed.returncode == 0, killed.stderr
+        rows = await stack.sql(
+            "SELECT reason FROM agent_controls WHERE agent='payments' AND killed_at IS NOT NULL"
+        )
+        assert [r["reason"] for r in rows] == ["fraud"]
+        revived = await asyncio.to_thread(stack.corral, "revive", "agent", "payments")
+        assert revived.returncode == 0, revived.stderr
+        assert await stack.sql("SELECT 1 FROM agent_controls WHERE killed_at IS NOT NULL") == []
+        assert await stack.sql("SELECT 1 FROM shop.refunds WHERE order_id='1002'") == []
