@@ -92,7 +92,13 @@ def kill_conversation(
     reason: Annotated[str, typer.Option(help="Why")] = "killed by an operator",
 ) -> None:
     """End a conversation now: no further step of it runs anywhere."""
-    _switch(_load(config), "conversation", conversation, reason)
+    loaded = _load(config)
+    try:
+        subjects.check_id(conversation, "conversation id")
+    except ValueError as exc:
+        err_console.print(str(exc))
+        raise typer.Exit(EXIT_CONFIG) from None
+    _switch(loaded, "conversation", conversation, reason)
 
 
 @revive_app.command("agent")

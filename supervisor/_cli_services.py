@@ -31,6 +31,7 @@ from supervisor._cli import (
 from supervisor._config import LoadedConfig
 from supervisor._credentials import GATEWAY, SUPERVISOR, agent_identity
 from supervisor._runtime import (
+    credentials_for,
     topology,
 )
 
@@ -45,6 +46,7 @@ def supervisor_run(config: ConfigOption = None) -> None:
 
     async def _main() -> int:
         from bus import MaxDeliveriesWatcher, ensure_topology
+        from supervisor._anchors import AuditAnchorer
         from supervisor._budgets import Budgets
         from supervisor._decide import Graph
         from supervisor._journal import JournalService
@@ -68,6 +70,7 @@ def supervisor_run(config: ConfigOption = None) -> None:
                 graph,
                 budgets=Budgets.from_config(loaded),
                 max_deliver=loaded.config.nats.max_deliver,
+                limits=loaded.config.limits.to_limits(),
             )
             services: list[_Service] = [
                 supervisor,
@@ -76,7 +79,20 @@ def supervisor_run(config: ConfigOption = None) -> None:
             ]
             if loaded.config.tools is not None and not loaded.config.tools.separate_gateway:
                 services.append(await _gateway(loaded, bus, store))
-            await _serve(_Together(services))
+            seed = credentials_for(loaded, SUPERVISOR)
+            if seed is None:
+                await _serve(_Together(services))
+            else:
+                # Anchors of the audit chain: one at start before anything appends, one per
+                # interval, and one at shutdown once every service has stopped.
+                async with AuditAnchorer(
+                    bus.js,
+                    store.pool,
+                    seed,
+                    interval_s=loaded.config.audit.anchor_interval_s,
+                    replicas=topology(loaded).replicas,
+                ) as anchorer:
+                    await _serve(_Together([*services, anchorer]))
         finally:
             await bus.close()
             await store.close()
@@ -161,12 +177,14 @@ def gateway_run(config: ConfigOption = None) -> None:
     _setup_logging()
 
     async def _main() -> int:
+        from bus import ConnectionGuard
         from supervisor._store import Store
 
         bus = await _connect(loaded, _nats_url(loaded), GATEWAY)
         store = await Store.open(_database_url(loaded))
         try:
-            await _serve(await _gateway(loaded, bus, store))
+            # A connection closed for good ends the process (so whatever started it restarts it).
+            await _serve(_Together([await _gateway(loaded, bus, store), ConnectionGuard(bus)]))
         finally:
             await bus.close()
             await store.close()
@@ -207,6 +225,7 @@ def agent_run(
                 heartbeat_s=loaded.config.nats.ack_wait_s / 3,
                 max_tool_calls=loaded.config.agents[name].max_tool_calls,
                 max_deliver=loaded.config.nats.max_deliver,
+                limits=loaded.config.limits.to_limits(),
             )
             await _serve(AgentService(settings, bus, model))
         finally:

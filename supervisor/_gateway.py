@@ -47,6 +47,7 @@ from pydantic import BaseModel, ValidationError
 
 from agents._tools import Tool, ToolInput
 from bus import (
+    DECODE_ERRORS,
     MessageService,
     ToolCall,
     ToolDecided,
@@ -302,7 +303,7 @@ class ToolGateway(MessageService):
             return
         try:
             call = _call_decoder.decode(msg.data)
-        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+        except DECODE_ERRORS as exc:
             logger.warning("undecodable tool call from %s: %s", sender, exc)
             return
         with use_traceparent(traceparent_from(msg.headers)):

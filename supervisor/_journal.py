@@ -21,7 +21,16 @@ import msgspec
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 
-from bus import JournalEntry, JournalQuery, JournalReply, JournalRequest, MessageService, encode, subjects
+from bus import (
+    DECODE_ERRORS,
+    JournalEntry,
+    JournalQuery,
+    JournalReply,
+    JournalRequest,
+    MessageService,
+    encode,
+    subjects,
+)
 from supervisor._agent_controls import agent_killed
 from supervisor._budgets import Budgets, exceeded
 from supervisor.errors import StoreError
@@ -215,7 +224,7 @@ class JournalService(MessageService):
             return
         try:
             request = _decoder.decode(msg.data)
-        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+        except DECODE_ERRORS as exc:
             logger.warning("undecodable journal request from %s: %s", sender, exc)
             return
         try:

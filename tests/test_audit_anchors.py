@@ -323,11 +323,6 @@ async def _corral(env: dict[str, str], *args: str) -> tuple[int, str, str]:
     return proc.returncode, out.decode(), err.decode()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="needs the anchorer in `corral supervisor run` and corral.audit.anchor in the "
-    "supervisor's permissions (see the STACK report)",
-)
 async def test_a_running_stack_anchors_its_log_and_verify_names_deleted_records(
     database_url: str, tmp_path: Path
 ) -> None:

@@ -120,11 +120,6 @@ async def test_agents_run_as_users_of_their_own_that_read_no_other_seed(stack: S
     assert ended.status in ("replied", "escalated"), ended
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="needs Store.migrate to run no DDL when nothing is pending and the gateway to leave "
-    "the tools' setup to the launcher (see the STACK report)",
-)
 async def test_the_supervisor_connects_as_the_restricted_role(stack: Stack) -> None:
     rows = await eventually(
         lambda: stack.sql("SELECT DISTINCT usename FROM pg_stat_activity WHERE application_name = ''"),

@@ -158,6 +158,10 @@ async def test_an_id_outside_the_pattern_is_refused_at_the_edge(
     reason, _ = await _dead_letter(admin, subject)
     assert reason == ended.reason.replace("ü", "\\xfc")  # headers are ASCII
     assert await stack.sql("SELECT id FROM conversations WHERE id='ü'") == []
+    # The operator's command says why instead of failing on the kill-switch key.
+    killed = await asyncio.to_thread(stack.corral, "kill", "conversation", "ü")
+    assert killed.returncode == 2, killed.stdout + killed.stderr
+    assert "conversation id 'ü' must match ^[A-Za-z0-9_-]{1,64}$" in killed.stderr
 
 
 async def test_a_reply_with_a_nul_character_escalates_its_conversation(

@@ -189,7 +189,11 @@ async def test_a_hostile_model_reaches_nothing(hostile: Stack) -> None:
         ("tech_support", "read_service_logs", "ok"),
         ("tech_support", "refund", "denied"),
     ]
-    assert "P-49" in seen.tools[0].policy_ids and "P-49" in seen.tools[2].policy_ids
+    # Neither agent is granted refund in config: denied before any policy is asked.
+    assert seen.tools[0].reason == "tool refund is not granted to agent triage (agents.triage.tools)"
+    assert seen.tools[2].reason == (
+        "tool refund is not granted to agent tech_support (agents.tech_support.tools)"
+    )
     assert "ignore your rules" in str(seen.tools[1].result)  # data, shown as data
     assert ended.status == "replied"
     assert await hostile.sql("SELECT * FROM shop.refunds") == []
