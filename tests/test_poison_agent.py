@@ -22,9 +22,18 @@ from bus import (
     publish,
     subjects,
 )
-from router import ScriptedModel, ScriptRule, ScriptRules
+from router import Completion, CompletionRequest, ScriptedModel, ScriptRule, ScriptRules
 from supervisor._embedded import EmbeddedNats
 from tests.conftest import eventually
+
+
+class Poisoned(ScriptedModel):
+    """The scripted model, except that "poison" makes it fail as no retry can change."""
+
+    async def complete(self, request: CompletionRequest) -> Completion:
+        if "poison" in (request.messages[-1].content or ""):
+            raise ValueError("a poisoned model")
+        return await super().complete(request)
 
 
 async def test_a_step_that_fails_for_good_is_reported_as_failed(nats_server: EmbeddedNats) -> None:
@@ -37,7 +46,7 @@ async def test_a_step_that_fails_for_good_is_reported_as_failed(nats_server: Emb
     bus = await connect(
         BusConfig(servers=[nats_server.url], identity="agent-triage", reconnect_forever=False)
     )
-    agent = AgentService(AgentSettings(name="triage", instructions="Answer."), bus, ScriptedModel(rules))
+    agent = AgentService(AgentSettings(name="triage", instructions="Answer."), bus, Poisoned(rules))
     seen: list[AgentOutput] = []
     decoder = msgspec.json.Decoder(AgentOutput)
 
@@ -53,15 +62,28 @@ async def test_a_step_that_fails_for_good_is_reported_as_failed(nats_server: Emb
         AgentTask(conversation="c7", step=1, agent="triage", text="hello"),
         msg_id="c7.1.task",
     )
-    failed = await eventually(lambda: seen, message="the step reported as failed")
+    # A step that fails in a way no retry changes, outside what the step itself reports,
+    # is dead-lettered by the consumer: that too is reported as the step's failure.
+    await publish(
+        admin.js,
+        subjects.agent_inbox("triage"),
+        AgentTask(conversation="c8", step=1, agent="triage", text="poison"),
+        msg_id="c8.1.task",
+    )
+    failed = await eventually(lambda: len(seen) >= 2 and seen, message="both steps reported as failed")
     await agent.shutdown()
     await serving
     await sub.unsubscribe()
     await bus.close()
-    # The task was dead-lettered in the agent's own namespace, with the same reason.
+    # Only the poisoned step was dead-lettered (in the agent's own namespace): the
+    # nested answer failed its step as a decision error, with the reason.
     info = await admin.js.stream_info(subjects.DEAD_LETTER_STREAM)
     assert info.state.messages == 1
     await admin.close()
-    assert len(failed) == 1 and isinstance(failed[0], AgentFailed)
-    assert failed[0].conversation == "c7" and failed[0].step == 1
-    assert failed[0].reason.startswith("step dead-lettered: RecursionError: maximum recursion depth")
+    by_conversation = {f.conversation: f for f in failed}
+    assert len(failed) == 2 and all(isinstance(f, AgentFailed) for f in failed)
+    nested_failure, poisoned = by_conversation["c7"], by_conversation["c8"]
+    assert isinstance(nested_failure, AgentFailed) and isinstance(poisoned, AgentFailed)
+    assert nested_failure.step == 1
+    assert nested_failure.reason.startswith("model answer is not a decision (maximum recursion depth")
+    assert poisoned.reason == "step dead-lettered: ValueError: a poisoned model"
