@@ -142,6 +142,7 @@ async def _gateway(loaded: LoadedConfig, bus: Bus, store: Any) -> _Service:
             grants={name: frozenset(agent.tools) for name, agent in agents.items()},
             max_calls_per_step={name: agent.max_tool_calls for name, agent in agents.items()},
             call_timeout_s=tools_section.call_timeout_s,
+            limits=loaded.config.limits.to_limits(),
         ),
     )
 

@@ -48,6 +48,7 @@ from pydantic import BaseModel, ValidationError
 from agents._tools import Tool, ToolInput
 from bus import (
     DECODE_ERRORS,
+    Limits,
     MessageService,
     ToolCall,
     ToolDecided,
@@ -72,6 +73,7 @@ logger = logging.getLogger(__name__)
 T = TypeVar("T")
 
 _call_decoder = msgspec.json.Decoder(ToolCall)
+_json = msgspec.json.Encoder()
 _LOCK_NAMESPACE = 0x746F6F6C  # "tool"
 _CUSTOMER_NAMESPACE = 0x63757374  # "cust"
 # Evaluated on the conversation's row in the statement that journals the call's response:
@@ -122,6 +124,9 @@ class GatewayConfig:
     default_max_calls_per_step: int = 8
     """The cap for agents ``max_calls_per_step`` does not name."""
     call_timeout_s: float = 10.0
+    limits: Limits = field(default_factory=Limits)
+    """``tool_arguments_bytes`` and ``tool_result_bytes``: a call's arguments over it are
+    invalid; a body whose result is over it is rolled back and the call answered error."""
     """How long a tool body (``resource()`` and ``run()`` together) may take."""
 
 
@@ -214,7 +219,12 @@ class _Body:
     statements as the tools' role inside a savepoint of the call's transaction."""
 
     def __init__(
-        self, conn: asyncpg.Connection, runner: ToolRunner, tool: Tool[Any], timeout_s: float
+        self,
+        conn: asyncpg.Connection,
+        runner: ToolRunner,
+        tool: Tool[Any],
+        timeout_s: float,
+        result_bytes: int,
     ) -> None:
         self._conn = conn
         self._runner = runner
@@ -222,6 +232,7 @@ class _Body:
         self._loop = asyncio.get_running_loop()
         self._deadline = self._loop.time() + timeout_s
         self._timeout_s = timeout_s
+        self._result_bytes = result_bytes
         self._inside = False
 
     async def run(self, body: Callable[[ToolInput[Any]], Awaitable[T]], ctx: ToolInput[Any]) -> T:
@@ -231,13 +242,23 @@ class _Body:
             self._inside = True
         remaining = self._deadline - self._loop.time()
         try:
-            return await self._runner.run(self._tool.name, body, ctx, remaining, isolated=self._tool.isolated)
+            result = await self._runner.run(
+                self._tool.name, body, ctx, remaining, isolated=self._tool.isolated
+            )
         except ToolTimeoutError as exc:
             await self._rollback()
             raise _BodyFailed(f"tool {self._tool.name} timed out after {self._timeout_s:g}s") from exc
         except (ToolStatementError, asyncpg.InsufficientPrivilegeError) as exc:
             await self._rollback()
             raise _BodyFailed(f"tool {self._tool.name} was refused: {exc}") from exc
+        if isinstance(result, dict) and (size := len(_json.encode(result))) > self._result_bytes:
+            # Its answer could not reach the agent: what it did must not stand either.
+            await self._rollback()
+            raise _BodyFailed(
+                f"tool {self._tool.name} returned {size} bytes, over limits.tool_result_bytes"
+                f" ({self._result_bytes}); nothing it did was kept"
+            )
+        return result
 
     async def leave(self) -> None:
         """Back to the gateway's own role, for corral's statements (audit, ledger, approvals)."""
@@ -364,11 +385,15 @@ class ToolGateway(MessageService):
         response = call.response and msgspec.structs.replace(
             call.response, conversation=call.conversation, step=call.step, index=call.index
         )
-        try:
-            arguments: BaseModel | None = tool.arguments.model_validate(call.arguments)
-            invalid = ""
-        except ValidationError as exc:
-            arguments, invalid = None, f"invalid arguments: {exc.errors(include_url=False)}"
+        arguments: BaseModel | None = None
+        limit = self._config.limits.tool_arguments_bytes
+        if (size := len(_json.encode(call.arguments))) > limit:
+            invalid = f"invalid arguments: {size} bytes, over limits.tool_arguments_bytes ({limit})"
+        else:
+            try:
+                arguments, invalid = tool.arguments.model_validate(call.arguments), ""
+            except ValidationError as exc:
+                invalid = f"invalid arguments: {exc.errors(include_url=False)}"
         dumped = arguments.model_dump(mode="json") if arguments else {}
         checked = _Arguments(
             dumped,
@@ -465,7 +490,9 @@ class ToolGateway(MessageService):
                 along=record.ledger(call, "stopped", {}, stop),
             )
             return self._result(call, "stopped", {}, reason=stop)
-        body = _Body(conn, self._runner, tool, self._config.call_timeout_s)
+        body = _Body(
+            conn, self._runner, tool, self._config.call_timeout_s, self._config.limits.tool_result_bytes
+        )
         decided: list[PolicyDecision] = []  # written in the worker, read here (also on a timeout)
 
         async def decide_then_run(tool_ctx: ToolInput[Any]) -> dict[str, Any] | None:

@@ -19,7 +19,7 @@ import pytest
 
 from agents._tools import Resource, Tool, ToolInput
 from agents.support.tools import TOOLS, LookupOrder, NoArgs, OrderArgs, Refund, RefundArgs
-from bus import JournalEntry, ToolCall
+from bus import JournalEntry, Limits, ToolCall
 from supervisor._approvals import ApprovalError, decide_approval, pending_approvals
 from supervisor._budgets import Budgets
 from supervisor._config import load_config
@@ -498,3 +498,36 @@ async def test_a_tool_body_that_raises_still_fails_the_call_without_an_answer(sh
         await shop.new_gateway([Crashing()]).call(refund("c-crash2", "1001", 4_000), "payments")
     assert await ledger(shop.pool, "c-crash2") == []
     assert (await shop.gateway.call(refund("c-crash2", "1001", 4_000), "payments")).status == "ok"
+
+
+# --- what a call carries in and out is bounded --------------------------------------------------
+
+
+class ChattyRefund(Refund):
+    """A refund whose backend answers with far more than any agent could be sent."""
+
+    async def run(self, call: ToolInput[RefundArgs]) -> dict[str, Any]:
+        result = await super().run(call)
+        return {**result, "log": "x" * 200_000}
+
+
+async def test_a_call_over_the_argument_or_result_limits_changes_nothing(shop: Shop) -> None:
+    gateway = shop.new_gateway([ChattyRefund()], GatewayConfig(limits=Limits(tool_arguments_bytes=1024)))
+    await open_conversation(shop.pool, "c-big", "cus_1001", "payments")
+
+    # Arguments over the limit are invalid (and the decision is final for the key).
+    big = call("c-big", "refund", 0, order_id="1001", amount_cents=1, reason="r" * 2000)
+    refused = await gateway.call(big, "payments")
+    assert refused.status == "invalid"
+    assert (
+        refused.reason.startswith("invalid arguments: ")
+        and "limits.tool_arguments_bytes (1024)" in refused.reason
+    )
+
+    # A result over the limit could never reach the agent: the effect is rolled back.
+    chatty = await gateway.call(refund("c-big", "1001", 100, index=1), "payments")
+    assert chatty.status == "error"
+    assert "over limits.tool_result_bytes (65536); nothing it did was kept" in chatty.reason
+    assert await refunds(shop.pool) == []
+    assert await ledger(shop.pool, "c-big") == [("c-big:1:0", "invalid"), ("c-big:1:1", "error")]
+    await assert_audit_intact(shop.pool)
