@@ -29,24 +29,13 @@ from supervisor._anchors import (
     AuditAnchorer,
     read_anchors,
 )
-from supervisor._audit import AuditEntry, append_audit, chain_hash, digest_arguments, verify_audit
+from supervisor._audit import append_audit, chain_hash, verify_audit
 from supervisor._embedded import EmbeddedNats
 from supervisor._roles import SUPERVISOR_ROLE, supervisor_login
 from supervisor._store import Store
 from tests.conftest import REPO, SAMPLE_CONFIG, eventually
 from tests.stack import running_stack
-
-ENTRY = AuditEntry(
-    agent="payments@1",
-    credential_id="UAGENTPAYMENTS",
-    on_behalf_of="customer-42",
-    conversation="c-1",
-    action="tool:refund",
-    arguments_digest=digest_arguments({"order": "A-1", "amount": 12.5}),
-    decision="allowed",
-    policy_ids=("refunds-under-50",),
-    outcome="succeeded",
-)
+from tests.test_audit import ENTRY
 
 
 def _seed(path: Path) -> Path:
