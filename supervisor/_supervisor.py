@@ -241,6 +241,18 @@ class Supervisor:
             return decision
 
         await self._decide_and_publish(message.conversation, decide, response)
+        if isinstance(message, AgentWaiting):
+            await self._decided_before_waiting(message.approval_id)
+
+    async def _decided_before_waiting(self, approval_id: str) -> None:
+        """An operator may decide an approval before the step's wait for it is recorded: its
+        ``ApprovalDecided`` then found nothing waiting. Resume now (a no-op if the
+        conversation is not waiting on it, so a repeat changes nothing)."""
+        found = await self._store.waiting_for_approval(approval_id)
+        if found is None or found[1] not in ("approved", "denied"):
+            return
+        conversation, status = found
+        await self._apply(conversation, lambda r: _decide.approval_decided(r, approval_id, status))
 
     async def output_refused(self, message: AgentOutput, subject: str, reason: str) -> None:
         """An output was refused for good (and dead-lettered): end its conversation with the

@@ -11,6 +11,7 @@ import signal
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager, contextmanager
 
+import asyncpg
 import msgspec
 import nats
 import pytest
@@ -220,6 +221,34 @@ async def test_an_invented_approval_escalates_instead_of_waiting_forever(
     assert ended.status == "escalated" and why in (ended.reason or "")
     rows = await stack.sql("SELECT status, approval_id FROM conversations WHERE id=$1", conversation)
     assert rows[0]["status"] == "escalated" and rows[0]["approval_id"] is None
+
+
+async def test_an_approval_decided_before_the_wait_arrives_resumes_the_step(
+    stack: Stack, client: Bus, triage_seed: nats.NATS
+) -> None:
+    """The operator approves before the step's AgentWaiting is taken: the ApprovalDecided
+    found nothing waiting, and the wait recorded after it waited forever."""
+    async with at_triage(stack, client, "How do I change my email address?") as (conversation, _):
+        await stack.sql(
+            "INSERT INTO approvals (id, action_hash, conversation, customer, agent, tool, arguments,"
+            " approver, status, decided_by, decided_at, expires_at) VALUES ('a-early', 'h', $1, '',"
+            " 'triage', 'lookup_order', '{}', 'human', 'approved', 'alice', now(), now() + interval '1 h')",
+            conversation,
+        )
+        waiting = AgentWaiting(
+            conversation=conversation, step=1, agent="triage", approval_id="a-early", tool="lookup_order"
+        )
+        answer = await triage_seed.request(subjects.agent_waiting("triage"), encode(waiting), timeout=30)
+        assert msgspec.json.decode(answer.data, type=OutputTaken).status == "taken"
+
+        async def _resumed() -> list[asyncpg.Record]:
+            return await stack.sql(
+                "SELECT detail FROM conversation_steps WHERE conversation=$1 AND kind='resumed'",
+                conversation,
+            )
+
+        resumed = await eventually(_resumed, message="the step resumed on the earlier decision")
+    assert resumed[0]["detail"] == "approval a-early approved"
 
 
 async def test_undecodable_outputs_are_refused_at_once_and_dead_lettered(
