@@ -387,8 +387,11 @@ class ToolGateway(MessageService):
         )
         arguments: BaseModel | None = None
         limit = self._config.limits.tool_arguments_bytes
-        if (size := len(_json.encode(call.arguments))) > limit:
+        encoded = _json.encode(call.arguments)
+        if (size := len(encoded)) > limit:
             invalid = f"invalid arguments: {size} bytes, over limits.tool_arguments_bytes ({limit})"
+        elif b"\\u0000" in encoded:  # PostgreSQL stores no NUL: the call could never be recorded
+            invalid = "invalid arguments: they contain a NUL character"
         else:
             try:
                 arguments, invalid = tool.arguments.model_validate(call.arguments), ""

@@ -42,6 +42,11 @@ _ROLE_CHANGE = re.compile(
 )
 
 
+_COMMENTS = re.compile(r"/\*.*?\*/|--[^\n]*", re.DOTALL)
+"""SQL comments, which would otherwise hide a role change from ``_ROLE_CHANGE``
+(``SET/**/ROLE``); quoted identifiers are unquoted too (``"set_config"(...)``)."""
+
+
 class ToolTimeoutError(CorralError):
     """A tool body ran past its deadline; what it did is rolled back."""
 
@@ -89,7 +94,7 @@ class ToolConnection:
         await self._marshal("executemany", command, (args,))
 
     async def _marshal(self, method: str, query: str, args: tuple[Any, ...], **kwargs: Any) -> Any:
-        if _ROLE_CHANGE.search(query):
+        if _ROLE_CHANGE.search(_COMMENTS.sub(" ", query).replace('"', "")):
             raise ToolStatementError(f"a tool may not change its database role: {query[:80]!r}")
 
         if self._loop is None:

@@ -416,6 +416,8 @@ INTRUSIONS = [
     "RESET ROLE; UPDATE approvals SET status='approved'",
     "SET ROLE NONE",
     "SELECT set_config('role', 'none', true)",
+    "SET/**/ROLE NONE",  # comments and quotes do not hide a role change
+    "SELECT \"set_config\"('role', 'none', true)",
 ]
 
 
@@ -524,10 +526,20 @@ async def test_a_call_over_the_argument_or_result_limits_changes_nothing(shop: S
         and "limits.tool_arguments_bytes (1024)" in refused.reason
     )
 
+    # Nor can arguments PostgreSQL would refuse to record.
+    nul = await gateway.call(
+        call("c-big", "refund", 2, order_id="1001", amount_cents=1, reason="a\x00b"), "payments"
+    )
+    assert (nul.status, nul.reason) == ("invalid", "invalid arguments: they contain a NUL character")
+
     # A result over the limit could never reach the agent: the effect is rolled back.
     chatty = await gateway.call(refund("c-big", "1001", 100, index=1), "payments")
     assert chatty.status == "error"
     assert "over limits.tool_result_bytes (65536); nothing it did was kept" in chatty.reason
     assert await refunds(shop.pool) == []
-    assert await ledger(shop.pool, "c-big") == [("c-big:1:0", "invalid"), ("c-big:1:1", "error")]
+    assert await ledger(shop.pool, "c-big") == [
+        ("c-big:1:0", "invalid"),
+        ("c-big:1:1", "error"),
+        ("c-big:1:2", "invalid"),
+    ]
     await assert_audit_intact(shop.pool)
