@@ -226,18 +226,30 @@ async def test_no_side_effect_after_kill_returns_while_the_agent_fights_it(stack
         assert killed.returncode == 0, killed.stdout + killed.stderr
         at_kill = await _effects(stack)
 
-        await asyncio.wait_for(attacker.closed.wait(), timeout=30)
+        # The attack goes on until the broker closes the connection, or for a good while
+        # after the kill: everything it still sends must change nothing.
+        await eventually(
+            lambda: attacker.closed.is_set() or len([t for t in attempts if t > returned]) >= 50,
+            message="the broker closing the connection, or the attack going on after the kill",
+        )
+        closed = attacker.closed.is_set()
+        if not closed:
+            await nc.close()
         await asyncio.gather(*attack, return_exceptions=True)
         await eventually(lambda: _quiet(stack), message="no tool call in flight")
         assert await _effects(stack) == at_kill, "a refund committed after `corral kill agent` returned"
         assert not [t for t in applied if t > returned], "a call was answered ok after the kill returned"
         assert [t for t in attempts if t > started], "the attack had ended before the kill"
-        # The connection is refused at the broker: measured for the record.
+        # How long the broker took to close the connection: measured for the record.
         print(
-            f"\nkill: command {returned - started:.2f} s; connection closed "
-            f"{attacker.closed_at - started:.2f} s after the command started, "
-            f"{attacker.closed_at - returned:.2f} s after it returned; "
-            f"{len(applied)} refunds before the kill"
+            f"\nkill: command {returned - started:.2f} s; "
+            + (
+                f"connection closed {attacker.closed_at - started:.2f} s after the command started, "
+                f"{attacker.closed_at - returned:.2f} s after it returned; "
+                if closed
+                else "the broker had not closed the connection after 50 more calls; "
+            )
+            + f"{len(applied)} refunds before the kill"
         )
         # Its reconnects are refused too.
         with pytest.raises(Exception):  # noqa: B017 - any refusal; the server closes it
