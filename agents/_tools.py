@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Generic, TypeVar
+from typing import Any, ClassVar, Generic, Literal, TypeVar
 
 import asyncpg
 from pydantic import BaseModel
@@ -65,12 +65,20 @@ class Tool(ABC, Generic[A]):
     """False for lookups; True for anything with an effect."""
     undo: ClassVar[str | None] = None
     """Name of the tool that compensates this one (``refund`` -> ``reverse_refund``)."""
-    isolated: ClassVar[bool] = True
-    """Run ``resource()`` and ``run()`` in a worker thread of the gateway, so that a slow or
-    CPU-bound body cannot stall it (every statement hops to the gateway's loop: about half
-    a millisecond per call). False, for bodies that only await their SQL: on the gateway's
-    loop, still under the call's deadline for what they await, but not for what they
-    compute."""
+    isolation: ClassVar[Literal["loop", "thread", "process"]] = "thread"
+    """Where the gateway runs ``resource()`` and ``run()``, and what the call's deadline
+    bounds there:
+
+    - ``"loop"``: on the gateway's own event loop, at no cost; bounded only in what the body
+      awaits (its statements), not in what it computes. For bodies that only await SQL.
+    - ``"thread"``: in a worker thread with an event loop of its own (every statement hops
+      to the gateway's loop: about half a millisecond per call); bounds pure-Python loops
+      and awaits, but not one C-level operation (``9**9**9``), which holds the interpreter
+      lock and stalls every thread, the gateway's loop with them.
+    - ``"process"``: in a child Python process (``supervisor._tool_process``), killed at the
+      deadline; bounds everything, at the cost of a pipe round trip per statement and per
+      body. The tool instance is pickled into the child: its class, and its arguments
+      model, must be defined at module level."""
     resource_fields: ClassVar[tuple[str, ...]] = ()
     """The arguments that name what a call touches (``("order_id",)``). The gateway's loop
     breaker counts a conversation's calls by tool and these, so free text such as a reason

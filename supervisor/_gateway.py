@@ -243,7 +243,7 @@ class _Body:
         remaining = self._deadline - self._loop.time()
         try:
             result = await self._runner.run(
-                self._tool.name, body, ctx, remaining, isolated=self._tool.isolated
+                self._tool.name, body, ctx, remaining, isolation=self._tool.isolation
             )
         except ToolTimeoutError as exc:
             await self._rollback()

@@ -10,7 +10,10 @@ cancelled, and the caller rolls back what the tool did.
 
 A thread cannot stop a body that never yields the interpreter lock: a single C-level
 operation such as ``9**9**9`` holds it until it finishes, and stalls every thread. Only a
-separate process could bound that; pure-Python loops and awaits are bounded here.
+separate process can bound that: a tool declaring ``isolation = "process"`` is wrapped in a
+``supervisor._tool_process.ProcessTool``, whose bodies run in a child process killed at the
+deadline, and the wrapper runs here on the calling loop. Pure-Python loops and awaits are
+bounded here.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ import logging
 import re
 import threading
 from collections.abc import Awaitable, Callable
-from typing import Any, Generic, TypeVar
+from typing import Any, Generic, Literal, TypeVar
 
 import asyncpg
 
@@ -158,17 +161,24 @@ class ToolRunner:
         ctx: ToolInput[Any],
         timeout_s: float,
         *,
-        isolated: bool = True,
+        isolation: Literal["loop", "thread", "process"] = "thread",
     ) -> T:
-        """``body(ctx)`` in a worker, its statements on ``ctx.conn``; at most ``timeout_s``.
-        Not ``isolated``: on the calling loop, bounded only in what it awaits.
+        """``body(ctx)`` in a worker thread, its statements on ``ctx.conn``; at most ``timeout_s``.
+        ``"loop"``: on the calling loop, bounded only in what it awaits.
 
         Raises:
             ToolTimeoutError: past the deadline (the caller rolls back what the tool did).
+            ValueError: ``"process"``: ``body`` is a closure, which cannot cross to another
+                process; wrap the tool in ``ProcessTool`` and run the wrapper on the loop.
             Exception: whatever the body raised.
         """
-        if not isolated:
+        if isolation == "loop":
             return await self._run_inline(tool, body, ctx, timeout_s)
+        if isolation == "process":
+            raise ValueError(
+                f"tool {tool} declares isolation 'process': run it wrapped in"
+                " supervisor._tool_process.ProcessTool, with isolation 'loop'"
+            )
         loop = asyncio.get_running_loop()
         proxy = ToolConnection(ctx.conn, loop)
         worker = self._idle.pop() if self._idle else self._start()

@@ -318,7 +318,7 @@ class SlowRefund(Refund):
 
 
 class IsolatedSlowRefund(SlowRefund):
-    isolated = True
+    isolation = "thread"
 
 
 @pytest.mark.parametrize("slow", [SlowRefund(), IsolatedSlowRefund()], ids=["inline", "isolated"])
@@ -345,7 +345,7 @@ class SpinningLookup(LookupOrder):
     """A lookup whose body spins the CPU in pure Python until released (or for 20 s at most),
     as a tool that evaluates what it is given might; not trusted to run on the gateway's loop."""
 
-    isolated = True
+    isolation = "thread"
 
     def __init__(self) -> None:
         self.spinning = threading.Event()
@@ -422,14 +422,14 @@ INTRUSIONS = [
 
 
 class InlineIntruder(Intruder):
-    isolated = False
+    isolation = "loop"
 
 
-@pytest.mark.parametrize("isolated", [True, False], ids=["isolated", "inline"])
+@pytest.mark.parametrize("isolation", ["thread", "loop"], ids=["isolated", "inline"])
 @pytest.mark.parametrize("statement", INTRUSIONS)
-async def test_a_tool_cannot_reach_corrals_own_tables(shop: Shop, statement: str, isolated: bool) -> None:
+async def test_a_tool_cannot_reach_corrals_own_tables(shop: Shop, statement: str, isolation: str) -> None:
     approval_id = await _waiting_approval(shop, "c-victim")
-    intruder = Intruder(statement) if isolated else InlineIntruder(statement)
+    intruder = Intruder(statement) if isolation == "thread" else InlineIntruder(statement)
     gateway = shop.new_gateway([*TOOLS, intruder], GatewayConfig())
     await open_conversation(shop.pool, "c-intrude", "cus_1001", "intruder")
     audit_before = await shop.pool.fetchval("SELECT count(*) FROM audit_log")

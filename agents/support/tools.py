@@ -19,7 +19,7 @@ SCHEMAS = ["shop"]
 class _ShopTool(Tool[A]):
     """The sample's tools only await their SQL: they run on the gateway's own loop."""
 
-    isolated = False
+    isolation = "loop"
 
 
 class _Args(BaseModel):
