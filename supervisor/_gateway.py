@@ -20,9 +20,11 @@ For one ``ToolCall`` from agent ``A`` (identity from the subject, never the body
       call is denied when the queue is full);
    f. the effect, the ledger entry and the audit record commit together.
 
-Tool bodies run in worker threads under a deadline (``supervisor._tool_runner``), their
-statements under ``SET LOCAL ROLE corral_tools`` in a savepoint of the call's transaction:
-a timed-out or refused body is rolled back to it and the call answered ``error``.
+Tool bodies run under a deadline (``supervisor._tool_runner``), their statements as the
+role ``corral_tools`` in the call's transaction (the statement that takes the call's locks
+also enters the role). A body that times out, is refused or raises makes the whole
+transaction roll back; a second one records the failure for the key (the call's locks
+taken again, the response journaled again) and the call is answered ``error``.
 Dry-run conversations run read-only tools for real and stop every other call after the
 decision: the result says what would have happened.
 """
@@ -55,6 +57,7 @@ from bus import (
     ToolResult,
     ToolStatus,
     encode,
+    is_retryable,
     publish_live,
     subjects,
     traceparent_from,
@@ -74,12 +77,17 @@ T = TypeVar("T")
 
 _call_decoder = msgspec.json.Decoder(ToolCall)
 _json = msgspec.json.Encoder()
+TOOLS_ROLE = "corral_tools"
+"""The NOLOGIN role tool statements run under (``grant_tool_role`` gives it a schema)."""
 _LOCK_NAMESPACE = 0x746F6F6C  # "tool"
 _CUSTOMER_NAMESPACE = 0x63757374  # "cust"
 # Evaluated on the conversation's row in the statement that journals the call's response:
 # the call's locks ({0} its key; {1} whether the tool changes state), what the ledger has
 # for the key, how often the tool ({2}) was called on the same resource ({3}) in the
-# conversation, and whether the agent ({4}) is killed (locking its row, share).
+# conversation, whether the agent ({4}) is killed (locking its row, share), and, when the
+# call may run a tool body ({5}: nothing refuses it before policy, no budget reads the
+# database) at step {6}, the tools' role entered for the statements that follow (once the
+# lock, the kill and the ledger are read: it is the statement's last expression).
 _LOCKS_AND_LEDGER = (
     f"pg_advisory_xact_lock({_LOCK_NAMESPACE}, hashtext({{0}})) AS key_lock,"
     f" CASE WHEN {{1}}::boolean THEN pg_advisory_xact_lock({_CUSTOMER_NAMESPACE}, hashtext(owner.customer))"
@@ -89,20 +97,20 @@ _LOCKS_AND_LEDGER = (
     "  FROM tool_ledger l WHERE l.idempotency_key={0}) AS ledger,"
     " (SELECT count(*) FROM tool_ledger l WHERE l.conversation=owner.id AND l.tool={2}"
     "  AND l.resource_key={3}) AS repeats,"
-    f" {KILLED_SQL.format('{4}')} AS agent_killed"
+    f" {KILLED_SQL.format('{4}')} AS agent_killed,"
+    " CASE WHEN {5}::boolean AND owner.status = 'running' AND owner.current_agent = {4}"
+    "  AND owner.step = {6}::integer"
+    f"  AND {KILLED_SQL.format('{4}')} IS NULL"
+    "  AND NOT EXISTS (SELECT 1 FROM tool_ledger l WHERE l.idempotency_key={0})"
+    f" THEN set_config('role', '{TOOLS_ROLE}', true) END AS tools_role"
 )
 _LEDGER = (
     "INSERT INTO tool_ledger (idempotency_key, conversation, agent, tool, arguments, status,"
     " result, undo, reason, policy_ids, approval_id, resource_key)"
     " VALUES ($1,$2,$3,$4,$5::jsonb,$6,$7::jsonb,$8,$9,$10,$11,$12)"
 )
-# A tool body's statements run in a savepoint, as the tools' role; a body that times out or
-# is refused is rolled back to it (the role change with it).
-TOOLS_ROLE = "corral_tools"
-_ENTER_TOOLS = f"SAVEPOINT corral_tool; SET LOCAL ROLE {TOOLS_ROLE}"
-_ROLLBACK_TOOLS = "ROLLBACK TO SAVEPOINT corral_tool"
+_ENTER_TOOLS = f"SET LOCAL ROLE {TOOLS_ROLE}"
 _LEAVE_TOOLS = "SET LOCAL ROLE NONE"
-"""The NOLOGIN role tool statements run under (``grant_tool_role`` gives it a schema)."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -211,12 +219,23 @@ def _replay(call: ToolCall, recorded: dict[str, Any]) -> ToolResult:
 
 
 class _BodyFailed(Exception):
-    """A tool body timed out or was refused; it was rolled back to its savepoint."""
+    """A tool body timed out, was refused or raised: the call's transaction is rolled back,
+    and the failure recorded for its key in another (``decision`` and ``approval_id`` say
+    what had been decided)."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.decision: PolicyDecision | None = None
+        self.approval_id: str | None = None
 
 
 class _Body:
-    """Tool bodies of one call: run in a worker (``ToolRunner``) under one deadline, their
-    statements as the tools' role inside a savepoint of the call's transaction."""
+    """Tool bodies of one call: run by the ``ToolRunner`` under one deadline, their
+    statements as the tools' role in the call's transaction.
+
+    Args:
+        inside: The call's first statement already entered the tools' role.
+    """
 
     def __init__(
         self,
@@ -225,6 +244,8 @@ class _Body:
         tool: Tool[Any],
         timeout_s: float,
         result_bytes: int,
+        *,
+        inside: bool,
     ) -> None:
         self._conn = conn
         self._runner = runner
@@ -233,48 +254,56 @@ class _Body:
         self._deadline = self._loop.time() + timeout_s
         self._timeout_s = timeout_s
         self._result_bytes = result_bytes
-        self._inside = False
+        self._inside = inside
 
     async def run(self, body: Callable[[ToolInput[Any]], Awaitable[T]], ctx: ToolInput[Any]) -> T:
-        """``body(ctx)`` as the tools' role; raises ``_BodyFailed`` if it timed out or was refused."""
+        """``body(ctx)`` as the tools' role.
+
+        Raises:
+            _BodyFailed: it timed out, was refused, raised what trying again cannot mend
+                (``bus.is_retryable``), or returned too much.
+            Exception: what it raised that trying again may mend (a backend's hiccup, or a
+                duplicate of the call that committed meanwhile): no decision; the agent
+                asks again, as often as its task may be delivered.
+        """
         if not self._inside:
             await self._conn.execute(_ENTER_TOOLS)
             self._inside = True
         remaining = self._deadline - self._loop.time()
+        name = self._tool.name
         try:
             result = await self._runner.run(
                 self._tool.name, body, ctx, remaining, isolation=self._tool.isolation
             )
         except ToolTimeoutError as exc:
-            await self._rollback()
-            raise _BodyFailed(f"tool {self._tool.name} timed out after {self._timeout_s:g}s") from exc
+            raise _BodyFailed(f"tool {name} timed out after {self._timeout_s:g}s") from exc
         except (ToolStatementError, asyncpg.InsufficientPrivilegeError) as exc:
-            await self._rollback()
-            raise _BodyFailed(f"tool {self._tool.name} was refused: {exc}") from exc
+            raise _BodyFailed(f"tool {name} was refused: {exc}") from exc
+        except Exception as exc:
+            if is_retryable(exc):
+                raise
+            raise _BodyFailed(f"tool {name} raised {type(exc).__name__}: {exc}") from exc
         if isinstance(result, dict) and (size := len(_json.encode(result))) > self._result_bytes:
             # Its answer could not reach the agent: what it did must not stand either.
-            await self._rollback()
             raise _BodyFailed(
-                f"tool {self._tool.name} returned {size} bytes, over limits.tool_result_bytes"
+                f"tool {name} returned {size} bytes, over limits.tool_result_bytes"
                 f" ({self._result_bytes}); nothing it did was kept"
             )
         return result
 
     async def leave(self) -> None:
-        """Back to the gateway's own role, for corral's statements (audit, ledger, approvals)."""
+        """Back to the gateway's own role, for corral's statements (audit, ledger, approvals).
+
+        Raises:
+            _BodyFailed: the tool swallowed the error of one of its statements.
+        """
         if not self._inside:
             return
         try:
             await self._conn.execute(_LEAVE_TOOLS)
         except asyncpg.InFailedSQLTransactionError as exc:
-            # The tool swallowed the error of one of its statements: undo what it did.
-            await self._rollback()
             raise _BodyFailed(f"tool {self._tool.name} failed: one of its statements failed") from exc
         self._inside = False
-
-    async def _rollback(self) -> None:
-        self._inside = False
-        await self._conn.execute(_ROLLBACK_TOOLS)  # the role change is undone with it
 
 
 class _ApprovalDenied(Exception):
@@ -359,18 +388,31 @@ class ToolGateway(MessageService):
         await publish_live(self._nc, subjects.conversation_progress(client, call.conversation), update)
 
     async def _call(self, call: ToolCall, sender: str) -> tuple[ToolResult, str | None]:
-        try:
-            return await self._call_once(call, sender)
-        except (StoreError, asyncpg.UniqueViolationError) as exc:
-            if isinstance(exc, StoreError) and not exc.retryable:
-                raise
-            # A call with the same key committed while this one waited for its lock (the
-            # ledger's key, or the tool's own, refused the second effect and everything
-            # rolled back): this time the ledger answers.
-            logger.info("tool call %s raced a duplicate (%s); answering from the ledger", call.tool, exc)
-            return await self._call_once(call, sender)
+        failed: _BodyFailed | None = None
+        raced = False
+        while True:
+            try:
+                return await self._call_once(call, sender, failed)
+            except _BodyFailed as exc:
+                if failed is not None:
+                    raise  # cannot happen: recording a failure runs no body
+                # Everything the body did rolled back with the call's transaction; the next
+                # one records the failure for the key.
+                failed = exc
+            except (StoreError, asyncpg.UniqueViolationError) as exc:
+                if raced or (isinstance(exc, StoreError) and not exc.retryable):
+                    raise
+                # A call with the same key committed while this one waited for its lock (the
+                # ledger's key, or the tool's own, refused the second effect and everything
+                # rolled back): this time the ledger answers.
+                logger.info("tool call %s raced a duplicate (%s); answering from the ledger", call.tool, exc)
+                raced = True
 
-    async def _call_once(self, call: ToolCall, sender: str) -> tuple[ToolResult, str | None]:
+    async def _call_once(
+        self, call: ToolCall, sender: str, failed: _BodyFailed | None
+    ) -> tuple[ToolResult, str | None]:
+        """One try at ``call``; ``failed``: the failure of a body in the try before, which
+        this one records instead of running anything."""
         if call.agent != sender:
             reason = f"call on {sender}'s subject claims to come from {call.agent!r}"
             return await self._refuse(call, sender, "", "denied", reason), None
@@ -404,6 +446,8 @@ class ToolGateway(MessageService):
             tool.resource_key(dumped) if arguments else "",
         )
         key = f"{call.conversation}:{call.step}:{call.index}"
+        refusal = self._before_policy(call, sender, arguments is None, invalid)
+        may_run = refusal is None and failed is None and not self._config.budgets.limits(sender)
         async with self._pool.acquire() as conn, conn.transaction():
             # The response that asked for this call commits with the call's outcome (or
             # its refusal), in the statement that reads the conversation. The same
@@ -415,35 +459,51 @@ class ToolGateway(MessageService):
             # that commits meanwhile makes this call's ledger entry collide, and the
             # retry in ``_call`` answers from the ledger. And it reads the agent's kill row
             # FOR SHARE, which re-reads it if a kill is committing: no call runs after one.
+            # When nothing refuses the call, it enters the tools' role for the body.
             conversation = await journal_response(
                 conn,
                 call.conversation,
                 response,
                 sender,
                 also=_LOCKS_AND_LEDGER,
-                also_parameters=(key, tool.changes_state, tool.name, checked.resource_key, sender),
+                also_parameters=(
+                    key,
+                    tool.changes_state,
+                    tool.name,
+                    checked.resource_key,
+                    sender,
+                    may_run,
+                    call.step,
+                ),
+            )
+            body = _Body(
+                conn,
+                self._runner,
+                tool,
+                self._config.call_timeout_s,
+                self._config.limits.tool_result_bytes,
+                inside=conversation is not None and conversation["tools_role"] is not None,
             )
             customer = conversation["customer"] if conversation else ""
-            if conversation is not None and conversation["agent_killed"] is not None:
-                reason = f"agent {sender} is killed ({conversation['agent_killed']})"
-                return await self._refuse(call, sender, customer, "stopped", reason, conn), None
-            if conversation is None or conversation["status"] != "running":
-                return await self._refuse(
-                    call, sender, customer, "denied", "the conversation is not running", conn
-                ), None
+            turn = _not_callable(conversation, sender, call.step)
+            if conversation is None or turn is not None:
+                await body.leave()  # (never inside: the statement enters only on the turn)
+                status, reason = turn or ("denied", "the conversation is not running")
+                return await self._refuse(call, sender, customer, status, reason, conn), None
             client: str = conversation["client"]
-            if conversation["current_agent"] != sender or conversation["step"] != call.step:
-                reason = f"step {call.step} is not {sender}'s turn"
-                return await self._refuse(call, sender, customer, "denied", reason, conn), None
             if conversation["ledger"] is not None:
+                await body.leave()
                 return _replay(call, json.loads(conversation["ledger"])), client
             # From here on the call is the key's owner's: every decision is recorded for the key.
             record = _Record(key, tool, checked)
-            refusal = self._before_policy(call, sender, arguments is None, invalid)
             if refusal is not None:
+                await body.leave()
                 status, reason = refusal
                 along = record.ledger(call, status, {}, reason)
                 return await self._refuse(call, sender, customer, status, reason, conn, along), client
+            if failed is not None:
+                await body.leave()
+                return await self._failed(conn, call, customer, record, failed), client
             assert arguments is not None
             ctx = ToolInput(
                 arguments=arguments,
@@ -454,7 +514,7 @@ class ToolGateway(MessageService):
                 conn=conn,
             )
             dry_run, repeats = bool(conversation["dry_run"]), conversation["repeats"]
-            result = await self._decide_and_apply(conn, call, tool, ctx, dry_run, record, repeats)
+            result = await self._decide_and_apply(conn, call, tool, ctx, dry_run, record, repeats, body)
             return result, client
 
     def _before_policy(
@@ -480,6 +540,7 @@ class ToolGateway(MessageService):
         dry_run: bool,
         record: _Record,
         repeats: int,
+        body: _Body,
     ) -> ToolResult:
         budgets = self._config.budgets
         arguments = record.arguments
@@ -487,15 +548,13 @@ class ToolGateway(MessageService):
             budgets, tool.name, repeats
         )
         if stop is not None:
+            await body.leave()
             await append_audit(
                 conn,
                 _entry(call, call.agent, ctx.customer, arguments.digest, "stop", "stopped", stop),
                 along=record.ledger(call, "stopped", {}, stop),
             )
             return self._result(call, "stopped", {}, reason=stop)
-        body = _Body(
-            conn, self._runner, tool, self._config.call_timeout_s, self._config.limits.tool_result_bytes
-        )
         decided: list[PolicyDecision] = []  # written in the worker, read here (also on a timeout)
 
         async def decide_then_run(tool_ctx: ToolInput[Any]) -> dict[str, Any] | None:
@@ -522,9 +581,8 @@ class ToolGateway(MessageService):
             result = await body.run(decide_then_run, ctx)
             await body.leave()
         except _BodyFailed as failed:
-            return await self._failed(
-                conn, call, ctx, record, decided[0] if decided else None, None, str(failed)
-            )
+            failed.decision = decided[0] if decided else None
+            raise
         decision = decided[0]
         if result is not None:
             return await self._applied(conn, call, tool, ctx, decision, None, record, result)
@@ -624,26 +682,32 @@ class ToolGateway(MessageService):
             result = await body.run(tool.run, ctx)
             await body.leave()
         except _BodyFailed as failed:
-            return await self._failed(conn, call, ctx, record, decision, approval_id, str(failed))
+            failed.decision, failed.approval_id = decision, approval_id
+            raise
         return await self._applied(conn, call, tool, ctx, decision, approval_id, record, result)
 
     async def _failed(
         self,
         conn: asyncpg.Connection,
         call: ToolCall,
-        ctx: ToolInput[Any],
+        customer: str,
         record: _Record,
-        decision: PolicyDecision | None,
-        approval_id: str | None,
-        reason: str,
+        failed: _BodyFailed,
     ) -> ToolResult:
-        """A body that timed out or was refused: rolled back, answered ``error``, recorded (a
-        retry of the key does not run it again)."""
+        """A body that timed out, was refused or raised: what it did was rolled back with the
+        call's first transaction; in this one the call is answered ``error`` and recorded (a
+        retry of the key does not run it again). A granted approval it consumed stays used."""
+        decision, approval_id, reason = failed.decision, failed.approval_id, str(failed)
+        if approval_id is not None:
+            await conn.execute(
+                "UPDATE approvals SET status='used', used_at=now() WHERE id=$1 AND status='approved'",
+                approval_id,
+            )
         error = {"error": reason}
         entry = _entry(
             call,
             call.agent,
-            ctx.customer,
+            customer,
             record.arguments.digest,
             decision.outcome if decision else "error",
             f"failed: {reason}",
@@ -810,6 +874,23 @@ class ToolGateway(MessageService):
             approval_id=approval_id,
             replayed=replayed,
         )
+
+
+def _not_callable(
+    conversation: asyncpg.Record | None, sender: str, step: int
+) -> tuple[ToolStatus, str] | None:
+    """Why the conversation's state refuses ``sender``'s call at ``step`` (None: it does not):
+    the agent is killed, the conversation is not running, or it is not the agent's turn. The
+    statement that journals the call enters the tools' role on the same conditions."""
+    if conversation is None:
+        return "denied", "the conversation is not running"
+    if conversation["agent_killed"] is not None:
+        return "stopped", f"agent {sender} is killed ({conversation['agent_killed']})"
+    if conversation["status"] != "running":
+        return "denied", "the conversation is not running"
+    if conversation["current_agent"] != sender or conversation["step"] != step:
+        return "denied", f"step {step} is not {sender}'s turn"
+    return None
 
 
 def _entry(

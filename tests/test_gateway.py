@@ -623,12 +623,17 @@ async def test_restarted_gateway_answers_from_the_ledger(shop: Shop) -> None:
     assert await refunds(shop.pool) == [("1001", 4_000)]
 
 
+class GatewayKilled(BaseException):
+    """Stands for the gateway's process dying: not an exception a tool raises (the gateway
+    records those as the call's failure), so nothing handles it."""
+
+
 class CrashingRefund(Refund):
     """A refund whose process dies after the effect, before the commit."""
 
     async def run(self, call: ToolInput[RefundArgs]) -> dict[str, Any]:
         await super().run(call)
-        raise RuntimeError("gateway killed mid-call")
+        raise GatewayKilled("gateway killed mid-call")
 
 
 async def test_crash_before_commit_leaves_nothing_and_the_retry_applies_once(shop: Shop) -> None:
@@ -636,7 +641,7 @@ async def test_crash_before_commit_leaves_nothing_and_the_retry_applies_once(sho
     call = refund("c-crash", "1001", 4_000)
     before = await shop_snapshot(shop.pool)
 
-    with pytest.raises(RuntimeError, match="killed"):
+    with pytest.raises(GatewayKilled, match="killed"):
         await shop.new_gateway([CrashingRefund()]).call(call, "payments")
 
     assert await shop_snapshot(shop.pool) == before

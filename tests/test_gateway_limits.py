@@ -502,6 +502,58 @@ async def test_a_tool_body_that_raises_still_fails_the_call_without_an_answer(sh
     assert (await shop.gateway.call(refund("c-crash2", "1001", 4_000), "payments")).status == "ok"
 
 
+class BrokenRefund(Refund):
+    """A refund whose backend writes, then fails in a way no retry can mend (a bug, bad data)."""
+
+    async def run(self, call: ToolInput[RefundArgs]) -> dict[str, Any]:
+        await super().run(call)
+        raise KeyError("order_total")
+
+
+async def test_a_tool_body_raising_what_no_retry_mends_is_answered_error_and_final(shop: Shop) -> None:
+    gateway = shop.new_gateway([BrokenRefund()])
+    await open_conversation(shop.pool, "c-broken", "cus_1001", "payments")
+
+    response = JournalEntry(
+        conversation="c-broken", step=1, index=0, agent="payments", text="refund it", model="scripted"
+    )
+    asked = msgspec.structs.replace(refund("c-broken", "1001", 4_000), response=response)
+    result = await gateway.call(asked, "payments")
+
+    reason = "tool refund raised KeyError: 'order_total'"
+    assert (result.status, result.reason, result.result) == ("error", reason, {"error": reason})
+    assert await refunds(shop.pool) == []  # its write rolled back with the call's transaction
+    assert await ledger(shop.pool, "c-broken") == [("c-broken:1:0", "error")]
+    [row] = await audit_rows(shop.pool, "c-broken")
+    assert row["outcome"] == f"failed: {reason}"
+    # The response that asked for the call is journaled with the failure.
+    assert await shop.pool.fetchval("SELECT count(*) FROM step_journal WHERE conversation='c-broken'") == 1
+    # Final for its key: the same call is answered from the ledger, and nothing runs again.
+    retried = await shop.gateway.call(refund("c-broken", "1001", 4_000), "payments")
+    assert (retried.status, retried.reason, retried.replayed) == ("error", reason, True)
+    assert await refunds(shop.pool) == []
+    await assert_audit_intact(shop.pool)
+
+
+async def test_an_approved_call_whose_body_fails_keeps_its_approval_used(shop: Shop) -> None:
+    await open_conversation(shop.pool, "c-broken-approved", "cus_1003", "payments")
+    asked = await shop.gateway.call(refund("c-broken-approved", "1004", 2_000), "payments")
+    assert asked.status == "approval_required" and asked.approval_id is not None
+    await decide_approval(shop.pool, asked.approval_id, approve=True, by="account_manager")
+
+    failed = await shop.new_gateway([BrokenRefund()]).call(
+        refund("c-broken-approved", "1004", 2_000), "payments"
+    )
+
+    assert (failed.status, failed.approval_id) == ("error", asked.approval_id)
+    assert await refunds(shop.pool) == []
+    status = await shop.pool.fetchval("SELECT status FROM approvals WHERE id=$1", asked.approval_id)
+    assert status == "used"  # spent on the call that failed: a later call asks again
+    again = await shop.gateway.call(refund("c-broken-approved", "1004", 2_000, index=1), "payments")
+    assert again.status == "approval_required" and again.approval_id != asked.approval_id
+    await assert_audit_intact(shop.pool)
+
+
 # --- what a call carries in and out is bounded --------------------------------------------------
 
 
