@@ -139,7 +139,17 @@ app.add_typer(audit_app, name="audit")
 
 
 @audit_app.command("verify")
-def audit_verify(config: ConfigOption = None) -> None:
+def audit_verify(
+    config: ConfigOption = None,
+    require_anchors: Annotated[
+        bool,
+        typer.Option(
+            "--require-anchors",
+            help="Fail (exit 3) unless signed anchors confirm the chain: without them, a"
+            " truncated or rewritten log would not show.",
+        ),
+    ] = False,
+) -> None:
     """Recompute every audit record's hash and its link to the record before it, and check
     the chain against the supervisor's signed anchors (stream ``CORRAL_AUDIT``).
 
@@ -149,7 +159,8 @@ def audit_verify(config: ConfigOption = None) -> None:
 
     Exit codes: 0 the chain is intact (the record count is printed), 1 a record is broken,
     rewritten, forged or missing, or an anchor is forged (the first bad record and the
-    reason go to stderr).
+    reason go to stderr), 3 with ``--require-anchors``, the chain is intact but no signed
+    anchor could confirm it (the note says why).
     """
     loaded = _load(config)
 
@@ -195,6 +206,11 @@ def audit_verify(config: ConfigOption = None) -> None:
             )
         if result.head is not None:
             console.print(f"head: {result.head}", highlight=False, soft_wrap=True)
+        if require_anchors and not result.anchors:
+            err_console.print(
+                "not confirmed: no signed anchor checked the chain (--require-anchors)", highlight=False
+            )
+            return 3
         return 0
 
     _run(_main())

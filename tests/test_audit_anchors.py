@@ -269,6 +269,33 @@ async def test_cli_verify_names_the_first_deleted_record(
     assert f"audit log broken at record {ids[2]}: truncated" in err
 
 
+async def test_cli_verify_requiring_anchors_fails_when_none_confirm_the_chain(
+    supervisor_pool: asyncpg.Pool, bus: Bus, nats_server: EmbeddedNats, database_url: str, tmp_path: Path
+) -> None:
+    state = tmp_path / "state"
+    (state / "creds").mkdir(parents=True)
+    seed = _seed(state / "creds" / "supervisor.nk")
+    env = {**os.environ, "DATABASE_URL": database_url, "CORRAL_STATE_DIR": str(state)}
+    env.pop("NATS_URL", None)
+    await _append(supervisor_pool, 2)
+
+    # Without NATS the chain alone is checked: intact, with a note; required, not confirmed.
+    code, out, err = await _corral(env, "audit", "verify")
+    assert code == 0, err
+    assert "anchors not checked" in err
+    code, out, err = await _corral(env, "audit", "verify", "--require-anchors")
+    assert code == 3, err
+    assert "not confirmed: no signed anchor checked the chain" in err
+
+    # Anchored, the same check passes.
+    async with AuditAnchorer(bus.js, supervisor_pool, seed) as anchorer:
+        await anchorer.anchor("interval")
+    env["NATS_URL"] = nats_server.url
+    code, out, err = await _corral(env, "audit", "verify", "--require-anchors")
+    assert code == 0, err
+    assert "anchored: 2 records" in out
+
+
 def replace_anchor(anchor: AuditAnchor, **changes: object) -> AuditAnchor:
     return msgspec.structs.replace(anchor, **changes)
 
