@@ -197,7 +197,9 @@ class ProcessTool(Tool[Any]):
             await self._discard(child)
             if isinstance(exc, TimeoutError):
                 why = f"was not ready within {self._spawn_timeout_s:g}s"
-                raise ToolProcessError(f"tool {self.name}'s process {why}", self.name) from None
+                raise ToolProcessError(
+                    f"tool {self.name}'s process {why}", self.name, retryable=True
+                ) from None
             raise
         if answer != ("ready",):
             await self._discard(child)
@@ -263,7 +265,8 @@ class _Child:
             self.proc.kill()
             code = await self.proc.wait()
         logger.warning("tool %s: process %d exited with code %d", self._tool, self.proc.pid, code)
-        return ToolProcessError(f"tool {self._tool}'s process exited with code {code}", self._tool, code)
+        why = f"tool {self._tool}'s process exited with code {code}"
+        return ToolProcessError(why, self._tool, code, retryable=True)  # a fresh child may fare better
 
 
 def _pickle_tool(tool: Tool[Any]) -> bytes:

@@ -31,7 +31,7 @@ from typing import Any, cast
 import asyncpg
 
 from agents._tools import Tool, ToolInput
-from bus.errors import CorralError
+from bus.errors import CorralError, is_retryable
 
 _HEADER = struct.Struct("!I")  # the length of the pickle that follows
 STATEMENTS = frozenset({"fetch", "fetchrow", "fetchval", "execute", "executemany"})
@@ -45,15 +45,24 @@ class ToolProcessError(CorralError):
     Attributes:
         tool: The tool's name ("" when unknown).
         exit_code: The child's exit status, if it died (negative: the signal that ended it).
+        retryable: A child that died or was slow to start: yes; one that cannot load the
+            tool: no; an exception that could not cross: as ``bus.is_retryable`` said of it.
     """
 
-    def __init__(self, message: str, tool: str = "", exit_code: int | None = None) -> None:
+    def __init__(
+        self, message: str, tool: str = "", exit_code: int | None = None, *, retryable: bool = False
+    ) -> None:
         super().__init__(message)
         self.tool = tool
         self.exit_code = exit_code
+        self.retryable = retryable
 
     def __reduce__(self) -> tuple[Any, ...]:
-        return type(self), (str(self), self.tool, self.exit_code)
+        return _rebuild, (str(self), self.tool, self.exit_code, self.retryable)
+
+
+def _rebuild(message: str, tool: str, exit_code: int | None, retryable: bool) -> ToolProcessError:
+    return ToolProcessError(message, tool, exit_code, retryable=retryable)
 
 
 class Row(tuple[Any, ...]):
@@ -109,26 +118,28 @@ async def receive(reader: asyncio.StreamReader) -> Any:
     return pickle.loads(await reader.readexactly(size))
 
 
-def encode_error(exc: BaseException) -> tuple[str, Any, str]:
-    """("pickled", bytes, where) if ``exc`` comes back as its own class, else ("generic",
-    "<class>: <message>", where); ``where``: its traceback."""
+def encode_error(exc: BaseException) -> tuple[str, Any, str, bool]:
+    """("pickled", bytes, ...) if ``exc`` comes back as its own class, else ("generic",
+    "<class>: <message>", ...); then its traceback and whether ``bus.is_retryable``."""
     where = "".join(traceback.format_exception(exc)).rstrip()
+    retryable = is_retryable(exc)
     with contextlib.suppress(Exception):  # the generic form says what it was
         data = pickle.dumps(exc, pickle.HIGHEST_PROTOCOL)
         if type(pickle.loads(data)) is type(exc):
-            return "pickled", data, where
-    return "generic", f"{type(exc).__module__}.{type(exc).__qualname__}: {exc}", where
+            return "pickled", data, where, retryable
+    return "generic", f"{type(exc).__module__}.{type(exc).__qualname__}: {exc}", where, retryable
 
 
-def decode_error(encoded: tuple[str, Any, str], side: str) -> BaseException:
+def decode_error(encoded: tuple[str, Any, str, bool], side: str) -> BaseException:
     """The exception ``encode_error`` encoded, with a note: where (``side``) and its traceback."""
-    kind, data, where = encoded
+    kind, data, where, retryable = encoded
     exc: object = None
     if kind == "pickled":
         with contextlib.suppress(Exception):
             exc = pickle.loads(data)
     if not isinstance(exc, BaseException):
-        exc = ToolProcessError(data if kind == "generic" else "an exception that does not unpickle")
+        text = data if kind == "generic" else "an exception that does not unpickle"
+        exc = ToolProcessError(text, retryable=retryable)
     exc.add_note(f"{side}:\n{where}")
     return exc
 
