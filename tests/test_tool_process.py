@@ -41,7 +41,7 @@ from tests.test_gateway import (
     refunds,
     shop,
 )
-from tests.test_gateway_limits import Intruder, _waiting_approval, call
+from tests.test_gateway_limits import BrokenRefund, Intruder, _waiting_approval, call
 
 __all__ = ["policy", "shop"]  # fixtures
 
@@ -355,15 +355,16 @@ async def test_a_body_that_raises_raises_in_the_parent(conn: asyncpg.Connection)
             await run(failing, conn)
 
     async with wrapped(Failing("unpicklable")) as odd:
-        with pytest.raises(ToolProcessError, match=r"TwoPartError: disk and network"):
+        with pytest.raises(ToolProcessError, match=r"TwoPartError: disk and network") as generic:
             await run(odd, conn)
+        assert generic.value.retryable  # as bus.is_retryable judged the original, in the child
 
 
 async def test_a_child_that_dies_is_named_with_its_exit_code(conn: asyncpg.Connection) -> None:
     async with wrapped(Failing("exit")) as dying:
         with pytest.raises(ToolProcessError, match="tool failing's process exited with code 3") as raised:
             await run(dying, conn)
-        assert (raised.value.tool, raised.value.exit_code) == ("failing", 3)
+        assert (raised.value.tool, raised.value.exit_code, raised.value.retryable) == ("failing", 3, True)
         with pytest.raises(ToolProcessError, match="exited with code 3"):  # a fresh child, again
             await run(dying, conn)
 
@@ -476,6 +477,10 @@ class ProcessIntruder(Intruder):
     isolation = "process"
 
 
+class ProcessBrokenRefund(BrokenRefund):
+    isolation = "process"
+
+
 @needs_integration
 async def test_a_cpu_bound_process_tool_does_not_stop_the_gateway_serving_other_calls(
     shop: Shop, tmp_path: Path
@@ -549,3 +554,17 @@ async def test_a_process_tools_exception_surfaces_in_the_gateway(shop: Shop) -> 
         with pytest.raises(RuntimeError, match="backend down"):
             await gateway.call(refund("c-proc-crash", "1001", 4_000), "payments")
     assert await refunds(shop.pool) == []
+
+
+@needs_integration
+async def test_a_process_tool_raising_what_no_retry_mends_is_answered_error(shop: Shop) -> None:
+    """The KeyError crosses as itself: the gateway finds it final, as it would in process."""
+    await open_conversation(shop.pool, "c-proc-broken", "cus_1001", "payments")
+    tools = [ProcessBrokenRefund(), *(t for t in TOOLS if t.name != "refund")]
+    async with process_gateway(shop, tools, GatewayConfig()) as gateway:
+        result = await gateway.call(refund("c-proc-broken", "1001", 4_000), "payments")
+
+    assert (result.status, result.reason) == ("error", "tool refund raised KeyError: 'order_total'")
+    assert await refunds(shop.pool) == []  # its write rolled back with the call
+    assert await ledger(shop.pool, "c-proc-broken") == [("c-proc-broken:1:0", "error")]
+    await assert_audit_intact(shop.pool)
