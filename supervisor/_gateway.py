@@ -68,12 +68,17 @@ from supervisor._audit import AuditEntry, append_audit, digest_arguments
 from supervisor._budgets import Budgets, exceeded, repeated_call
 from supervisor._journal import entry_problem, journal_response
 from supervisor._policy import PolicyDecision, PolicyEngine, PolicyRequest
+from supervisor._tool_process import ProcessTool
 from supervisor._tool_runner import ToolRunner, ToolStatementError, ToolTimeoutError
 from supervisor.errors import StoreError
 
 logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
+
+PROCESS_TOOLS = "process"
+"""The isolation of the tools the gateway runs in child processes, each wrapped in a
+``ProcessTool`` (started with the gateway, killed when it stops) that runs on its loop."""
 
 _call_decoder = msgspec.json.Decoder(ToolCall)
 _json = msgspec.json.Encoder()
@@ -333,17 +338,24 @@ class ToolGateway(MessageService):
     ) -> None:
         super().__init__(nc, subjects.all_agent_tools(), queue="gateway")  # type: ignore[arg-type]
         self._pool = pool
-        self._tools = {tool.name: tool for tool in tools}
+        self._tools: dict[str, Tool[Any]] = {
+            tool.name: ProcessTool(tool) if tool.isolation == PROCESS_TOOLS else tool for tool in tools
+        }
+        self._process_tools = [tool for tool in self._tools.values() if isinstance(tool, ProcessTool)]
         self._policy = policy
         self._config = config or GatewayConfig()
         self._runner = ToolRunner()
 
     async def run(self) -> None:
-        """Serve until ``shutdown()``; then stop the idle tool workers."""
+        """Serve until ``shutdown()``; then stop the idle tool workers and kill the tool processes."""
         try:
+            for tool in self._process_tools:
+                await tool.start()  # a child ready: the first call's deadline does not pay its start
             await super().run()
         finally:
             self._runner.close()
+            for tool in self._process_tools:
+                await tool.close()
 
     async def on_message(self, msg: Msg) -> None:
         """Answer one tool request (no answer on failure: the agent retries the same key)."""
