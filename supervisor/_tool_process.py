@@ -166,7 +166,7 @@ class ProcessTool(Tool[Any]):
                     original = raised.get(seq) if isinstance(seq, int) else None
                     if original is not None:
                         return None, original
-                    return None, decode_error(encoded, f"in tool {self.name}'s process")
+                    return None, decode_error(encoded, f"in tool {self.name}'s process", from_a_child=True)
                 case other:
                     raise ToolProcessError(f"tool {self.name}'s process sent {other!r:.100}", self.name)
 
@@ -253,9 +253,14 @@ class _Child:
     async def receive(self) -> Any:
         assert self.proc.stdout is not None
         try:
-            return await receive(self.proc.stdout)
+            return await receive(self.proc.stdout, from_a_child=True)
         except (asyncio.IncompleteReadError, ConnectionError) as exc:
             raise await self._died() from exc
+        except pickle.UnpicklingError as exc:
+            # What runs in the child was made to send more than data: never again.
+            raise ToolProcessError(
+                f"tool {self._tool}'s process sent a frame refused: {exc}", self._tool
+            ) from exc
 
     async def _died(self) -> ToolProcessError:
         try:  # it closed its end: it is exiting, or is made to

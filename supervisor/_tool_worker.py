@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
+import io
 import os
 import pickle
 import signal
@@ -106,16 +107,58 @@ class Row(tuple[Any, ...]):
         return Row, (self._keys, tuple(self.values()))
 
 
+_SENDABLE: dict[str, frozenset[str]] = {
+    "builtins": frozenset({"complex", "set", "frozenset", "bytearray", "range", "slice"}),
+    "datetime": frozenset({"date", "time", "datetime", "timedelta", "timezone"}),
+    "decimal": frozenset({"Decimal"}),
+    "uuid": frozenset({"UUID", "SafeUUID"}),
+    "ipaddress": frozenset(
+        {"IPv4Address", "IPv6Address", "IPv4Network", "IPv6Network", "IPv4Interface", "IPv6Interface"}
+    ),
+    "asyncpg.types": frozenset(
+        {"Range", "Point", "Box", "Path", "Polygon", "Line", "LineSegment", "Circle", "BitString"}
+    ),
+    "agents._tools": frozenset({"Resource"}),
+    "supervisor._tool_worker": frozenset({"Row", "_rebuild"}),
+}
+"""What a child may send besides plain data: values a statement's parameters or a body's
+result may hold, and corral's own frames. Exception classes of modules the gateway has
+imported are allowed too; nothing else (a pickle naming ``builtins.exec`` would run it)."""
+
+
+class _FromChild(pickle.Unpickler):
+    """Reads a child's frames: a tool in the child is bounded, so what it sends may be hostile."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        if name in _SENDABLE.get(module, ()):
+            return super().find_class(module, name)
+        found = getattr(sys.modules.get(module), name, None) if "." not in name else None
+        if isinstance(found, type) and issubclass(found, BaseException):
+            return found
+        raise pickle.UnpicklingError(f"a tool's process may not send {module}.{name}")
+
+
+def from_child(data: bytes) -> Any:
+    """A child's pickle, unpickled with only what ``_SENDABLE`` allows (and exceptions).
+
+    Raises:
+        pickle.UnpicklingError: it names anything else.
+    """
+    return _FromChild(io.BytesIO(data)).load()
+
+
 def frame(message: Any) -> bytes:
     """``message`` as one frame."""
     data = pickle.dumps(message, pickle.HIGHEST_PROTOCOL)
     return _HEADER.pack(len(data)) + data
 
 
-async def receive(reader: asyncio.StreamReader) -> Any:
-    """The next frame's message (``IncompleteReadError``: the other end closed its pipe)."""
+async def receive(reader: asyncio.StreamReader, *, from_a_child: bool = False) -> Any:
+    """The next frame's message (``IncompleteReadError``: the other end closed its pipe);
+    ``from_a_child``: read as ``from_child`` reads (in the gateway)."""
     (size,) = _HEADER.unpack(await reader.readexactly(_HEADER.size))
-    return pickle.loads(await reader.readexactly(size))
+    data = await reader.readexactly(size)
+    return from_child(data) if from_a_child else pickle.loads(data)
 
 
 def encode_error(exc: BaseException) -> tuple[str, Any, str, bool]:
@@ -130,13 +173,16 @@ def encode_error(exc: BaseException) -> tuple[str, Any, str, bool]:
     return "generic", f"{type(exc).__module__}.{type(exc).__qualname__}: {exc}", where, retryable
 
 
-def decode_error(encoded: tuple[str, Any, str, bool], side: str) -> BaseException:
-    """The exception ``encode_error`` encoded, with a note: where (``side``) and its traceback."""
+def decode_error(
+    encoded: tuple[str, Any, str, bool], side: str, *, from_a_child: bool = False
+) -> BaseException:
+    """The exception ``encode_error`` encoded, with a note: where (``side``) and its traceback;
+    ``from_a_child``: unpickled as ``from_child`` does."""
     kind, data, where, retryable = encoded
     exc: object = None
     if kind == "pickled":
         with contextlib.suppress(Exception):
-            exc = pickle.loads(data)
+            exc = from_child(data) if from_a_child else pickle.loads(data)
     if not isinstance(exc, BaseException):
         text = data if kind == "generic" else "an exception that does not unpickle"
         exc = ToolProcessError(text, retryable=retryable)
