@@ -1,6 +1,6 @@
 """corral's agent service: one process per agent, inbox in, decisions out."""
 
-from agents._decision import (
+from corral.agents._decision import (
     Decision,
     HandoffDecision,
     ReplyDecision,
@@ -8,9 +8,9 @@ from agents._decision import (
     parse_decision,
     response_format,
 )
-from agents._service import AgentService, AgentSettings, AgentState
-from agents._tools import Resource, Tool, ToolInput
-from agents.errors import AgentError, DecisionError
+from corral.agents._service import AgentService, AgentSettings, AgentState
+from corral.agents._tools import Resource, Tool, ToolInput
+from corral.agents.errors import AgentError, DecisionError
 
 __all__ = [
     "AgentError",

@@ -7,8 +7,8 @@ from typing import Any
 
 import msgspec
 
-from agents.errors import DecisionError
-from bus import DECODE_ERRORS
+from corral.agents.errors import DecisionError
+from corral.bus import DECODE_ERRORS
 
 
 class HandoffDecision(msgspec.Struct, frozen=True, kw_only=True, tag="handoff", tag_field="action"):

@@ -13,7 +13,7 @@ from typing import Any, TypedDict
 
 import msgspec
 
-from agents._decision import (
+from corral.agents._decision import (
     Decision,
     HandoffDecision,
     ReplyDecision,
@@ -21,8 +21,8 @@ from agents._decision import (
     parse_decision,
     response_format,
 )
-from agents.errors import AgentError, DecisionError
-from bus import (
+from corral.agents.errors import AgentError, DecisionError
+from corral.bus import (
     ATTEMPT,
     DECODE_ERRORS,
     MSG_ID,
@@ -58,7 +58,7 @@ from bus import (
     serve_together,
     subjects,
 )
-from router import ChatMessage, Completion, CompletionRequest, Model, RouterError
+from corral.router import ChatMessage, Completion, CompletionRequest, Model, RouterError
 
 _tool_decoder = msgspec.json.Decoder(ToolResult)
 _taken_decoder = msgspec.json.Decoder(OutputTaken)

@@ -11,10 +11,10 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from bus.errors import CorralError
+from corral.bus.errors import CorralError
 
 if TYPE_CHECKING:
-    from bus import JournalEntry
+    from corral.bus import JournalEntry
 
 
 class AgentError(CorralError):

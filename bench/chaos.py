@@ -36,8 +36,8 @@ import yaml
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from bus import BusConfig, connect, subjects
-from supervisor import EmbeddedNats, EmbeddedPostgres, start_conversation
+from corral.bus import BusConfig, connect, subjects
+from corral.supervisor import EmbeddedNats, EmbeddedPostgres, start_conversation
 
 ORDERS = [f"2{n:03d}" for n in range(40)]  # seeded: $45 each, all of cus_1005
 TERMINAL = ("replied", "refused", "escalated", "failed", "killed")
@@ -168,7 +168,7 @@ async def run_chaos(
     (workdir / "state").mkdir()
     up_log = open(workdir / "up.log", "wb")
     launcher = subprocess.Popen(
-        [sys.executable, "-m", "supervisor", "up", "-c", str(config)],
+        [sys.executable, "-m", "corral.supervisor", "up", "-c", str(config)],
         env=env,
         stdout=up_log,
         stderr=subprocess.STDOUT,

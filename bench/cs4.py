@@ -53,9 +53,9 @@ sys.path.insert(0, str(REPO))
 from bench._measure import PhaseFigures, ProcessGroup
 from bench._phases import RunFigures, Sizes, run_phases
 from bench.floor import HOP_NAMES, HOPS, Floor
-from bus import Bus, BusConfig, ClientUpdate, ConversationEnded, connect, subjects
-from supervisor import EmbeddedNats, start_conversation
-from supervisor._runtime import embedded_database_url
+from corral.bus import Bus, BusConfig, ClientUpdate, ConversationEnded, connect, subjects
+from corral.supervisor import EmbeddedNats, start_conversation
+from corral.supervisor._runtime import embedded_database_url
 
 DEPTHS = ("direct", "litellm")
 TEAM = ("triage", "payments", "account_manager")
@@ -172,7 +172,7 @@ class Corral:
         env["CORRAL_STATE_DIR"] = str(self.state)
         with open(self.workdir / "up.log", "wb") as log:
             self._process = subprocess.Popen(
-                [sys.executable, "-m", "supervisor", "up", "-c", str(self.config)],
+                [sys.executable, "-m", "corral.supervisor", "up", "-c", str(self.config)],
                 env=env,
                 stdout=log,
                 stderr=subprocess.STDOUT,

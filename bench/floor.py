@@ -609,7 +609,7 @@ def main(argv: list[str] | None = None) -> None:
         return
 
     from bench._phases import Sizes
-    from supervisor import EmbeddedNats
+    from corral.supervisor import EmbeddedNats
 
     logging.basicConfig(level=logging.WARNING)
     sizes = Sizes(

@@ -1,9 +1,9 @@
 """corral's bus: NATS connection, JetStream topology, wire types, publish and consume."""
 
-from bus import subjects
-from bus._advisories import MaxDeliveriesWatcher
-from bus._connection import Bus, BusConfig, ConnectionGuard, connect
-from bus._consumer import (
+from corral.bus import subjects
+from corral.bus._advisories import MaxDeliveriesWatcher
+from corral.bus._connection import Bus, BusConfig, ConnectionGuard, connect
+from corral.bus._consumer import (
     DEAD_REASON,
     DEAD_STREAM_SEQ,
     DEAD_SUBJECT,
@@ -15,7 +15,7 @@ from bus._consumer import (
     Delivery,
     dead_letter,
 )
-from bus._control import (
+from corral.bus._control import (
     ControlState,
     ControlWatcher,
     KillSwitch,
@@ -26,7 +26,7 @@ from bus._control import (
     serve_with_control,
     set_kill,
 )
-from bus._messages import (
+from corral.bus._messages import (
     AgentEvent,
     AgentFailed,
     AgentInput,
@@ -59,7 +59,7 @@ from bus._messages import (
     ToolStatus,
     encode,
 )
-from bus._publish import (
+from corral.bus._publish import (
     ATTEMPT,
     MSG_ID,
     Limits,
@@ -72,14 +72,14 @@ from bus._publish import (
     request,
     start_problem,
 )
-from bus._service import MessageService, serve_together
-from bus._topology import (
+from corral.bus._service import MessageService, serve_together
+from corral.bus._topology import (
     TopologyConfig,
     agent_consumer_config,
     ensure_topology,
     supervisor_consumer_config,
 )
-from bus._trace import (
+from corral.bus._trace import (
     TRACEPARENT,
     current_traceparent,
     new_traceparent,
@@ -87,7 +87,7 @@ from bus._trace import (
     traceparent_from,
     use_traceparent,
 )
-from bus.errors import (
+from corral.bus.errors import (
     BusConnectError,
     BusError,
     ConnectionClosedError,

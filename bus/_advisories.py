@@ -18,10 +18,10 @@ from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 
-from bus import subjects
-from bus._consumer import DEAD_REASON, DEAD_STREAM_SEQ, DEAD_SUBJECT, DECODE_ERRORS
-from bus._messages import Alert, encode
-from bus._service import MessageService
+from corral.bus import subjects
+from corral.bus._consumer import DEAD_REASON, DEAD_STREAM_SEQ, DEAD_SUBJECT, DECODE_ERRORS
+from corral.bus._messages import Alert, encode
+from corral.bus._service import MessageService
 
 logger = logging.getLogger(__name__)
 

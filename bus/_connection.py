@@ -11,8 +11,8 @@ import nats
 from nats.aio.client import Client
 from nats.js import JetStreamContext
 
-from bus import subjects
-from bus.errors import BusConnectError, ConnectionClosedError
+from corral.bus import subjects
+from corral.bus.errors import BusConnectError, ConnectionClosedError
 
 logger = logging.getLogger(__name__)
 

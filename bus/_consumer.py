@@ -29,10 +29,10 @@ import nats.errors
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 
-from bus import subjects
-from bus._publish import KiB, check_payload, payload_size
-from bus._trace import TRACEPARENT, traceparent_from, use_traceparent
-from bus.errors import BusError, is_retryable
+from corral.bus import subjects
+from corral.bus._publish import KiB, check_payload, payload_size
+from corral.bus._trace import TRACEPARENT, traceparent_from, use_traceparent
+from corral.bus.errors import BusError, is_retryable
 
 logger = logging.getLogger(__name__)
 

@@ -21,8 +21,8 @@ from nats.js.api import KeyValueConfig, StorageType
 from nats.js.errors import BucketNotFoundError, KeyNotFoundError
 from nats.js.kv import KeyValue
 
-from bus import subjects
-from bus.errors import BusError
+from corral.bus import subjects
+from corral.bus.errors import BusError
 
 logger = logging.getLogger(__name__)
 

@@ -15,8 +15,8 @@ from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 
-from bus import subjects
-from bus._messages import (
+from corral.bus import subjects
+from corral.bus._messages import (
     AgentFailed,
     AgentOutput,
     AgentReply,
@@ -27,8 +27,8 @@ from bus._messages import (
     Message,
     encode,
 )
-from bus._trace import TRACEPARENT, current_traceparent
-from bus.errors import BusError, ConnectionClosedError, PayloadTooLargeError
+from corral.bus._trace import TRACEPARENT, current_traceparent
+from corral.bus.errors import BusError, ConnectionClosedError, PayloadTooLargeError
 
 logger = logging.getLogger(__name__)
 

@@ -21,9 +21,9 @@ from nats.js.api import (
 )
 from nats.js.errors import NotFoundError
 
-from bus import subjects
-from bus._control import ensure_control_bucket
-from bus.errors import BusError
+from corral.bus import subjects
+from corral.bus._control import ensure_control_bucket
+from corral.bus.errors import BusError
 
 
 @dataclass(frozen=True, kw_only=True)

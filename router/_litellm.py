@@ -14,9 +14,9 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-from router._scripted import ScriptedModel, load_rules
-from router._types import Completion, CompletionRequest, ModelTier
-from router.errors import RouterError, ScriptError
+from corral.router._scripted import ScriptedModel, load_rules
+from corral.router._types import Completion, CompletionRequest, ModelTier
+from corral.router.errors import RouterError, ScriptError
 
 logger = logging.getLogger(__name__)
 

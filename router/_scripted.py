@@ -30,8 +30,8 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from router._types import Completion, CompletionRequest
-from router.errors import ScriptError
+from corral.router._types import Completion, CompletionRequest
+from corral.router.errors import ScriptError
 
 
 class ScriptRule(BaseModel):

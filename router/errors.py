@@ -9,7 +9,7 @@ The tree::
 
 from __future__ import annotations
 
-from bus.errors import CorralError
+from corral.bus.errors import CorralError
 
 
 class RouterError(CorralError):

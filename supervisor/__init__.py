@@ -1,16 +1,16 @@
 """corral's control plane: the supervisor, its store, the launcher and the CLI."""
 
-from supervisor._audit import AuditEntry, AuditVerification, append_audit, verify_audit
-from supervisor._client import format_path, send_and_wait, start_conversation
-from supervisor._config import CorralConfig, LoadedConfig, load_config, resolve_config_path
-from supervisor._decide import Graph
-from supervisor._embedded import EmbeddedNats, EmbeddedPostgres
-from supervisor._gateway import GatewayConfig, ToolGateway
-from supervisor._launcher import Launcher, LauncherConfig
-from supervisor._policy import PolicyDecision, PolicyEngine, PolicyError, PolicyRequest
-from supervisor._store import ConversationRecord, StepRecord, Store
-from supervisor._supervisor import Supervisor, SupervisorState
-from supervisor.errors import ConfigError, LauncherError, StoreError
+from corral.supervisor._audit import AuditEntry, AuditVerification, append_audit, verify_audit
+from corral.supervisor._client import format_path, send_and_wait, start_conversation
+from corral.supervisor._config import CorralConfig, LoadedConfig, load_config, resolve_config_path
+from corral.supervisor._decide import Graph
+from corral.supervisor._embedded import EmbeddedNats, EmbeddedPostgres
+from corral.supervisor._gateway import GatewayConfig, ToolGateway
+from corral.supervisor._launcher import Launcher, LauncherConfig
+from corral.supervisor._policy import PolicyDecision, PolicyEngine, PolicyError, PolicyRequest
+from corral.supervisor._store import ConversationRecord, StepRecord, Store
+from corral.supervisor._supervisor import Supervisor, SupervisorState
+from corral.supervisor.errors import ConfigError, LauncherError, StoreError
 
 __all__ = [
     "AuditEntry",

@@ -1,5 +1,5 @@
-"""``python -m supervisor`` is the ``corral`` command."""
+"""``python -m corral.supervisor`` is the ``corral`` command."""
 
-from supervisor._cli import main
+from corral.supervisor._cli import main
 
 main()

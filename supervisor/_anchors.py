@@ -37,8 +37,8 @@ from nats.js import JetStreamContext
 from nats.js.api import DeliverPolicy, StorageType, StreamConfig
 from nats.js.errors import NotFoundError
 
-from supervisor._audit import GENESIS_HASH
-from supervisor.errors import StoreError
+from corral.supervisor._audit import GENESIS_HASH
+from corral.supervisor.errors import StoreError
 
 logger = logging.getLogger(__name__)
 

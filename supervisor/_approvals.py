@@ -14,7 +14,7 @@ from typing import Any
 
 import asyncpg
 
-from bus.errors import CorralError
+from corral.bus.errors import CorralError
 
 
 class ApprovalError(CorralError):

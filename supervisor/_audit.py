@@ -56,7 +56,7 @@ from typing import Any
 
 import asyncpg
 
-from supervisor.errors import StoreError
+from corral.supervisor.errors import StoreError
 
 GENESIS_HASH = "0" * 64
 """The ``prev_hash`` of the first record."""

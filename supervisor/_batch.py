@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 
 import asyncpg
 
-from supervisor.errors import StoreError
+from corral.supervisor.errors import StoreError
 
 logger = logging.getLogger(__name__)
 

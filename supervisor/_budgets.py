@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 import asyncpg
 
-from supervisor._config import LoadedConfig
+from corral.supervisor._config import LoadedConfig
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -13,14 +13,14 @@ from typing import Annotated, Any, Protocol
 import typer
 from rich.console import Console
 
-from bus import (
+from corral.bus import (
     Bus,
     BusConfig,
     CorralError,
     connect,
 )
-from supervisor._config import LoadedConfig, load_config, resolve_config_path
-from supervisor._runtime import (
+from corral.supervisor._config import LoadedConfig, load_config, resolve_config_path
+from corral.supervisor._runtime import (
     Runtime,
     configured_database_url,
     configured_nats_url,
@@ -29,7 +29,7 @@ from supervisor._runtime import (
     nats_servers,
     state_dir,
 )
-from supervisor.errors import ConfigError
+from corral.supervisor.errors import ConfigError
 
 app = typer.Typer(
     add_completion=False,
@@ -64,7 +64,7 @@ EXIT_TIMEOUT = 4
 def main() -> None:
     """Entry point of the ``corral`` console script."""
     # The commands live in their own modules; importing them registers them on ``app``.
-    from supervisor import _cli_operator, _cli_services, _cli_stack  # noqa: F401
+    from corral.supervisor import _cli_operator, _cli_services, _cli_stack  # noqa: F401
 
     os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
     app()

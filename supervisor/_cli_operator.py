@@ -9,13 +9,13 @@ from typing import Annotated, Any
 
 import typer
 
-from bus import (
+from corral.bus import (
     KillTarget,
     clear_kill,
     set_kill,
     subjects,
 )
-from supervisor._cli import (
+from corral.supervisor._cli import (
     EXIT_CONFIG,
     ConfigOption,
     _connect,
@@ -29,9 +29,9 @@ from supervisor._cli import (
     kill_app,
     revive_app,
 )
-from supervisor._config import LoadedConfig
-from supervisor._credentials import ADMIN
-from supervisor._runtime import (
+from corral.supervisor._config import LoadedConfig
+from corral.supervisor._credentials import ADMIN
+from corral.supervisor._runtime import (
     creds_dir,
 )
 
@@ -40,8 +40,8 @@ from supervisor._runtime import (
 
 def _switch(loaded: LoadedConfig, target: KillTarget, name: str, reason: str | None) -> None:
     async def _main() -> int:
-        from supervisor._agent_controls import kill_agent, revive_agent
-        from supervisor._store import Store
+        from corral.supervisor._agent_controls import kill_agent, revive_agent
+        from corral.supervisor._store import Store
 
         by = os.environ.get("USER", "")
         if target == "agent":
@@ -116,7 +116,7 @@ def creds(
 ) -> None:
     """Write one nkey identity per agent, supervisor, client and admin, and the nats-server
     authorization block that grants each exactly its permissions (for an external NATS)."""
-    from supervisor._credentials import authorization_block, identities
+    from corral.supervisor._credentials import authorization_block, identities
 
     loaded = _load(config)
     directory = Path(out) if out else creds_dir(loaded)
@@ -167,9 +167,9 @@ def audit_verify(
     async def _main() -> int:
         import asyncpg
 
-        from supervisor._anchor_check import verify_anchored
-        from supervisor._store import Store
-        from supervisor.errors import StoreError
+        from corral.supervisor._anchor_check import verify_anchored
+        from corral.supervisor._store import Store
+        from corral.supervisor.errors import StoreError
 
         url = _database_url(loaded)
         # Opening the store applies pending migrations, so a fresh database verifies as empty.
@@ -218,9 +218,9 @@ def audit_verify(
 
 async def _audit_anchors(loaded: LoadedConfig) -> tuple[list[Any], int, str]:
     """(valid anchors, forged ones, a note when they could not be read)."""
-    from bus import BusError
-    from supervisor._anchors import read_anchors, trusted_keys_from
-    from supervisor._runtime import Runtime, configured_nats_url, state_dir
+    from corral.bus import BusError
+    from corral.supervisor._anchors import read_anchors, trusted_keys_from
+    from corral.supervisor._runtime import Runtime, configured_nats_url, state_dir
 
     keys = trusted_keys_from(
         [creds_dir(loaded) / "supervisor.nk"], os.environ.get("CORRAL_AUDIT_PUBLIC_KEYS", "")
@@ -264,7 +264,7 @@ def approvals(
     async def _main() -> int:
         from rich.table import Table
 
-        from supervisor._approvals import pending_approvals
+        from corral.supervisor._approvals import pending_approvals
 
         pool = await _operator_pool(loaded)
         try:
@@ -306,8 +306,8 @@ async def _decide(loaded: LoadedConfig, approval_id: str, approve: bool, by: str
     A grant is refused when the approval's conversation was killed (the switch may not have
     reached the database yet), ended, or its agent was killed.
     """
-    from bus import ApprovalDecided, list_kills, publish
-    from supervisor._approvals import ApprovalError, decide_approval
+    from corral.bus import ApprovalDecided, list_kills, publish
+    from corral.supervisor._approvals import ApprovalError, decide_approval
 
     bus = await _connect(loaded, _nats_url(loaded), ADMIN, forever=False)
     try:
@@ -340,7 +340,7 @@ async def _decide(loaded: LoadedConfig, approval_id: str, approve: bool, by: str
 
 def _decide_approval(loaded: LoadedConfig, approval_id: str, approve: bool, by: str, reason: str) -> None:
     async def _main() -> int:
-        from supervisor._approvals import ApprovalError
+        from corral.supervisor._approvals import ApprovalError
 
         try:
             record = await _decide(loaded, approval_id, approve, by, reason)
@@ -388,8 +388,8 @@ def rollback(
     loaded = _load(config)
 
     async def _main() -> int:
-        from supervisor._config import load_tools
-        from supervisor._gateway import rollback as run_rollback
+        from corral.supervisor._config import load_tools
+        from corral.supervisor._gateway import rollback as run_rollback
 
         pool = await _operator_pool(loaded)
         try:

@@ -8,11 +8,11 @@ from typing import Annotated, Any
 
 import typer
 
-from bus import (
+from corral.bus import (
     Bus,
     subjects,
 )
-from supervisor._cli import (
+from corral.supervisor._cli import (
     EXIT_CONFIG,
     ConfigOption,
     _connect,
@@ -28,9 +28,9 @@ from supervisor._cli import (
     gateway_app,
     supervisor_app,
 )
-from supervisor._config import LoadedConfig
-from supervisor._credentials import GATEWAY, SUPERVISOR, agent_identity
-from supervisor._runtime import (
+from corral.supervisor._config import LoadedConfig
+from corral.supervisor._credentials import GATEWAY, SUPERVISOR, agent_identity
+from corral.supervisor._runtime import (
     credentials_for,
     topology,
 )
@@ -45,13 +45,13 @@ def supervisor_run(config: ConfigOption = None) -> None:
     _setup_logging()
 
     async def _main() -> int:
-        from bus import MaxDeliveriesWatcher, ensure_topology
-        from supervisor._anchors import AuditAnchorer
-        from supervisor._budgets import Budgets
-        from supervisor._decide import Graph
-        from supervisor._journal import JournalService
-        from supervisor._store import Store
-        from supervisor._supervisor import Supervisor
+        from corral.bus import MaxDeliveriesWatcher, ensure_topology
+        from corral.supervisor._anchors import AuditAnchorer
+        from corral.supervisor._budgets import Budgets
+        from corral.supervisor._decide import Graph
+        from corral.supervisor._journal import JournalService
+        from corral.supervisor._store import Store
+        from corral.supervisor._supervisor import Supervisor
 
         bus = await _connect(loaded, _nats_url(loaded), SUPERVISOR)
         store = await Store.open(_database_url(loaded))
@@ -106,12 +106,12 @@ async def _gateway(loaded: LoadedConfig, bus: Bus, store: Any) -> _Service:
     import importlib
     from datetime import timedelta
 
-    from supervisor._agent_controls import ensure_agent_controls
-    from supervisor._budgets import Budgets
-    from supervisor._config import load_tools
-    from supervisor._gateway import GatewayConfig, ToolGateway, grant_tool_role
-    from supervisor._launcher import DATABASE_PREPARED_ENV
-    from supervisor._policy import PolicyEngine
+    from corral.supervisor._agent_controls import ensure_agent_controls
+    from corral.supervisor._budgets import Budgets
+    from corral.supervisor._config import load_tools
+    from corral.supervisor._gateway import GatewayConfig, ToolGateway, grant_tool_role
+    from corral.supervisor._launcher import DATABASE_PREPARED_ENV
+    from corral.supervisor._policy import PolicyEngine
 
     tools_section = loaded.config.tools
     assert tools_section is not None and loaded.policies_dir is not None
@@ -178,8 +178,8 @@ def gateway_run(config: ConfigOption = None) -> None:
     _setup_logging()
 
     async def _main() -> int:
-        from bus import ConnectionGuard
-        from supervisor._store import Store
+        from corral.bus import ConnectionGuard
+        from corral.supervisor._store import Store
 
         bus = await _connect(loaded, _nats_url(loaded), GATEWAY)
         store = await Store.open(_database_url(loaded))
@@ -206,9 +206,9 @@ def agent_run(
     _setup_logging()
 
     async def _main() -> int:
-        from agents import AgentService, AgentSettings
-        from router import model_for_tier
-        from supervisor._config import load_tools
+        from corral.agents import AgentService, AgentSettings
+        from corral.router import model_for_tier
+        from corral.supervisor._config import load_tools
 
         model = model_for_tier(loaded.tier(name), loaded.scripted_rules)
         bus = await _connect(loaded, _nats_url(loaded), agent_identity(name))

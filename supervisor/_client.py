@@ -9,7 +9,7 @@ from collections.abc import AsyncIterator, Callable
 
 import msgspec
 
-from bus import (
+from corral.bus import (
     DECODE_ERRORS,
     Bus,
     ClientUpdate,

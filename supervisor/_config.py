@@ -17,9 +17,9 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from bus import Limits, subjects
-from router import SCRIPTED_PROVIDER, ModelTier
-from supervisor.errors import ConfigError
+from corral.bus import Limits, subjects
+from corral.router import SCRIPTED_PROVIDER, ModelTier
+from corral.supervisor.errors import ConfigError
 
 DEFAULT_CONFIG = "corral.yaml"
 SAMPLE_CONFIG = Path(__file__).resolve().parent.parent / "examples" / "support" / "corral.yaml"

@@ -30,8 +30,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from bus import subjects
-from supervisor._config import LoadedConfig
+from corral.bus import subjects
+from corral.supervisor._config import LoadedConfig
 
 agent_identity = subjects.agent_identity
 

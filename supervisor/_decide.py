@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-from bus import (
+from corral.bus import (
     AgentFailed,
     AgentOutput,
     AgentReply,
@@ -30,7 +30,7 @@ from bus import (
     start_problem,
     subjects,
 )
-from supervisor._store import ConversationRecord, StepRecord
+from corral.supervisor._store import ConversationRecord, StepRecord
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import psutil
 
-from supervisor.errors import LauncherError
+from corral.supervisor.errors import LauncherError
 
 logger = logging.getLogger(__name__)
 

@@ -47,8 +47,8 @@ from nats.aio.client import Client
 from nats.aio.msg import Msg
 from pydantic import BaseModel, ValidationError
 
-from agents._tools import Tool, ToolInput
-from bus import (
+from corral.agents._tools import Tool, ToolInput
+from corral.bus import (
     DECODE_ERRORS,
     Limits,
     MessageService,
@@ -63,14 +63,14 @@ from bus import (
     traceparent_from,
     use_traceparent,
 )
-from supervisor._agent_controls import KILLED_SQL
-from supervisor._audit import AuditEntry, append_audit, digest_arguments
-from supervisor._budgets import Budgets, exceeded, repeated_call
-from supervisor._journal import entry_problem, journal_response
-from supervisor._policy import PolicyDecision, PolicyEngine, PolicyRequest
-from supervisor._tool_process import ProcessTool
-from supervisor._tool_runner import ToolRunner, ToolStatementError, ToolTimeoutError
-from supervisor.errors import StoreError
+from corral.supervisor._agent_controls import KILLED_SQL
+from corral.supervisor._audit import AuditEntry, append_audit, digest_arguments
+from corral.supervisor._budgets import Budgets, exceeded, repeated_call
+from corral.supervisor._journal import entry_problem, journal_response
+from corral.supervisor._policy import PolicyDecision, PolicyEngine, PolicyRequest
+from corral.supervisor._tool_process import ProcessTool
+from corral.supervisor._tool_runner import ToolRunner, ToolStatementError, ToolTimeoutError
+from corral.supervisor.errors import StoreError
 
 logger = logging.getLogger(__name__)
 

@@ -21,7 +21,7 @@ import msgspec
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 
-from bus import (
+from corral.bus import (
     DECODE_ERRORS,
     JournalEntry,
     JournalQuery,
@@ -31,9 +31,9 @@ from bus import (
     encode,
     subjects,
 )
-from supervisor._agent_controls import agent_killed
-from supervisor._budgets import Budgets, exceeded
-from supervisor.errors import StoreError
+from corral.supervisor._agent_controls import agent_killed
+from corral.supervisor._budgets import Budgets, exceeded
+from corral.supervisor.errors import StoreError
 
 logger = logging.getLogger(__name__)
 

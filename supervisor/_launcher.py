@@ -14,9 +14,9 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from bus import Bus, BusConfig, ControlWatcher, KillSwitch, KillTarget, connect, ensure_topology
-from supervisor._config import LoadedConfig
-from supervisor._credentials import (
+from corral.bus import Bus, BusConfig, ControlWatcher, KillSwitch, KillTarget, connect, ensure_topology
+from corral.supervisor._config import LoadedConfig
+from corral.supervisor._credentials import (
     ADMIN,
     GATEWAY,
     SUPERVISOR,
@@ -25,8 +25,8 @@ from supervisor._credentials import (
     authorization_block,
     identities,
 )
-from supervisor._embedded import EmbeddedNats, EmbeddedPostgres
-from supervisor._runtime import (
+from corral.supervisor._embedded import EmbeddedNats, EmbeddedPostgres
+from corral.supervisor._runtime import (
     ChildInfo,
     Runtime,
     configured_database_url,
@@ -39,8 +39,8 @@ from supervisor._runtime import (
     nats_servers,
     topology,
 )
-from supervisor._sandbox import ChildUser, can_read, child_user, config_files
-from supervisor.errors import LauncherError
+from corral.supervisor._sandbox import ChildUser, can_read, child_user, config_files
+from corral.supervisor.errors import LauncherError
 
 logger = logging.getLogger(__name__)
 
@@ -152,7 +152,7 @@ class Launcher:
         """Migrate as the owner, then choose the DSN the services connect with: the
         configured supervisor DSN, else ``corral_supervisor`` with a fresh password; the
         owner's own only if that role cannot serve (a warning says why)."""
-        from supervisor._roles import SUPERVISOR_ROLE, can_serve, prepare_database, supervisor_login
+        from corral.supervisor._roles import SUPERVISOR_ROLE, can_serve, prepare_database, supervisor_login
 
         tools = self._config.loaded.config.tools
         module = tools.module if tools is not None else None
@@ -293,7 +293,7 @@ class Launcher:
     ) -> None:
         while not self._stopping.is_set():
             with open(logs / f"{info.name}.log", "ab") as log:  # noqa: ASYNC230 - a local append
-                command = [sys.executable, "-m", "supervisor", *argv]
+                command = [sys.executable, "-m", "corral.supervisor", *argv]
                 proc = await asyncio.create_subprocess_exec(
                     *(sandbox.argv(command) if sandbox is not None else command),
                     env=env,

@@ -32,7 +32,7 @@ from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 
-from bus import (
+from corral.bus import (
     ATTEMPT,
     DECODE_ERRORS,
     AgentOutput,

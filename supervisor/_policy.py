@@ -49,7 +49,7 @@ from typing import Any, Literal
 
 import cedarpy
 
-from bus.errors import CorralError
+from corral.bus.errors import CorralError
 
 logger = logging.getLogger(__name__)
 

@@ -18,7 +18,7 @@ from urllib.parse import quote, urlsplit, urlunsplit
 
 import asyncpg
 
-from supervisor.errors import StoreError
+from corral.supervisor.errors import StoreError
 
 logger = logging.getLogger(__name__)
 
@@ -35,8 +35,8 @@ async def prepare_database(owner_dsn: str, tools_module: str | None) -> None:
     Raises:
         StoreError: if PostgreSQL refuses.
     """
-    from supervisor._gateway import grant_tool_role
-    from supervisor._store import Store
+    from corral.supervisor._gateway import grant_tool_role
+    from corral.supervisor._store import Store
 
     await (await Store.open(owner_dsn, min_size=1, max_size=1)).close()
     if tools_module is None:
@@ -101,7 +101,7 @@ async def can_serve(dsn: str, tools_module: str | None) -> str | None:
     It opens the store (which applies pending migrations) and runs the tools' ``setup`` in a
     transaction it rolls back, as ``corral supervisor run`` does.
     """
-    from supervisor._store import Store
+    from corral.supervisor._store import Store
 
     try:
         await (await Store.open(dsn, min_size=1, max_size=1)).close()

@@ -15,8 +15,8 @@ import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from bus import TopologyConfig
-from supervisor._config import LoadedConfig
+from corral.bus import TopologyConfig
+from corral.supervisor._config import LoadedConfig
 
 
 @dataclass(kw_only=True)

@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from supervisor.errors import LauncherError
+from corral.supervisor.errors import LauncherError
 
 logger = logging.getLogger(__name__)
 

@@ -16,10 +16,10 @@ from importlib import resources
 import asyncpg
 import msgspec
 
-from bus import ConversationStatus, Hop, JournalEntry, subjects
-from supervisor._batch import Batcher
-from supervisor._journal import journal_ctes, journal_parameters
-from supervisor.errors import ConcurrentChange, StoreError
+from corral.bus import ConversationStatus, Hop, JournalEntry, subjects
+from corral.supervisor._batch import Batcher
+from corral.supervisor._journal import journal_ctes, journal_parameters
+from corral.supervisor.errors import ConcurrentChange, StoreError
 
 logger = logging.getLogger(__name__)
 
@@ -275,7 +275,7 @@ class Store:
     async def migrate(self) -> list[str]:
         """Apply migrations not yet applied; returns their names."""
         files = sorted(
-            (f for f in resources.files("supervisor.migrations").iterdir() if f.name.endswith(".sql")),
+            (f for f in resources.files("corral.supervisor.migrations").iterdir() if f.name.endswith(".sql")),
             key=lambda f: f.name,
         )
         applied: list[str] = []

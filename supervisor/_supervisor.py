@@ -10,7 +10,7 @@ from collections.abc import Awaitable, Callable
 
 import msgspec
 
-from bus import (
+from corral.bus import (
     DECODE_ERRORS,
     MSG_ID,
     TRACEPARENT,
@@ -40,12 +40,12 @@ from bus import (
     serve_with_control,
     subjects,
 )
-from supervisor import _decide
-from supervisor._budgets import Budgets, exceeded
-from supervisor._decide import Graph, Outgoing
-from supervisor._outputs import OutputDesk
-from supervisor._store import ConversationRecord, ConversationSnapshot, Store
-from supervisor.errors import ConcurrentChange
+from corral.supervisor import _decide
+from corral.supervisor._budgets import Budgets, exceeded
+from corral.supervisor._decide import Graph, Outgoing
+from corral.supervisor._outputs import OutputDesk
+from corral.supervisor._store import ConversationRecord, ConversationSnapshot, Store
+from corral.supervisor.errors import ConcurrentChange
 
 logger = logging.getLogger(__name__)
 

@@ -28,8 +28,8 @@ from typing import Any, Generic, Literal, TypeVar
 
 import asyncpg
 
-from agents._tools import ToolInput
-from bus.errors import CorralError
+from corral.agents._tools import ToolInput
+from corral.bus.errors import CorralError
 
 logger = logging.getLogger(__name__)
 

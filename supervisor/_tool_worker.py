@@ -1,4 +1,4 @@
-"""The child end of ``ProcessTool`` (``python -m supervisor._tool_worker``), and the wire
+"""The child end of ``ProcessTool`` (``python -m corral.supervisor._tool_worker``), and the wire
 both ends speak: length-prefixed pickle frames over the child's stdin and stdout (its stderr
 is the parent's: its logs, and what the tool prints, show there).
 
@@ -31,8 +31,8 @@ from typing import Any, cast
 
 import asyncpg
 
-from agents._tools import Tool, ToolInput
-from bus.errors import CorralError, is_retryable
+from corral.agents._tools import Tool, ToolInput
+from corral.bus.errors import CorralError, is_retryable
 
 _HEADER = struct.Struct("!I")  # the length of the pickle that follows
 STATEMENTS = frozenset({"fetch", "fetchrow", "fetchval", "execute", "executemany"})
@@ -118,8 +118,8 @@ _SENDABLE: dict[str, frozenset[str]] = {
     "asyncpg.types": frozenset(
         {"Range", "Point", "Box", "Path", "Polygon", "Line", "LineSegment", "Circle", "BitString"}
     ),
-    "agents._tools": frozenset({"Resource"}),
-    "supervisor._tool_worker": frozenset({"Row", "_rebuild"}),
+    "corral.agents._tools": frozenset({"Resource"}),
+    "corral.supervisor._tool_worker": frozenset({"Row", "_rebuild"}),
 }
 """What a child may send besides plain data: values a statement's parameters or a body's
 result may hold, and corral's own frames. Exception classes of modules the gateway has
@@ -308,6 +308,6 @@ def main() -> None:
 
 if __name__ == "__main__":
     # The module's own copy, not ``__main__``'s: frames name its classes (``Row``).
-    from supervisor._tool_worker import main as _main
+    from corral.supervisor._tool_worker import main as _main
 
     _main()

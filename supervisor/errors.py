@@ -11,7 +11,7 @@ The tree::
 
 from __future__ import annotations
 
-from bus.errors import CorralError
+from corral.bus.errors import CorralError
 
 
 class ConfigError(CorralError):

@@ -15,8 +15,8 @@ from typing import Any
 
 import asyncpg
 
-from bus import Bus, BusConfig, connect
-from supervisor._runtime import embedded_database_url
+from corral.bus import Bus, BusConfig, connect
+from corral.supervisor._runtime import embedded_database_url
 from tests.conftest import SAMPLE_CONFIG, eventually
 
 TEAM = {"supervisor", "triage", "payments", "tech_support", "account_manager"}
@@ -82,7 +82,7 @@ class Stack:
 
     def corral(self, *args: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
-            [sys.executable, "-m", "supervisor", *args, "-c", str(self.config)],
+            [sys.executable, "-m", "corral.supervisor", *args, "-c", str(self.config)],
             env=self.env,
             capture_output=True,
             text=True,
@@ -120,7 +120,7 @@ async def running_stack(
     log = state / "up.log"
     with open(log, "wb") as out:
         process = subprocess.Popen(
-            [sys.executable, "-m", "supervisor", "up", "-c", str(config)],
+            [sys.executable, "-m", "corral.supervisor", "up", "-c", str(config)],
             env=env,
             stdout=out,
             stderr=subprocess.STDOUT,

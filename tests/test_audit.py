@@ -15,7 +15,7 @@ from datetime import datetime, timedelta, timezone
 import asyncpg
 import pytest
 
-from supervisor._audit import (
+from corral.supervisor._audit import (
     GENESIS_HASH,
     AuditEntry,
     append_audit,
@@ -23,8 +23,8 @@ from supervisor._audit import (
     digest_arguments,
     verify_audit,
 )
-from supervisor._store import Store
-from supervisor.errors import StoreError
+from corral.supervisor._store import Store
+from corral.supervisor.errors import StoreError
 from tests.conftest import REPO, SAMPLE_CONFIG
 
 ENTRY = AuditEntry(
@@ -245,7 +245,7 @@ async def _corral(database_url: str, *args: str) -> tuple[int, str, str]:
     process = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
-        "supervisor",
+        "corral.supervisor",
         *args,
         "-c",
         str(SAMPLE_CONFIG),

@@ -19,20 +19,20 @@ import nkeys
 import pytest
 import yaml
 
-from bus import Bus, BusConfig, connect
-from supervisor import send_and_wait
-from supervisor._anchor_check import verify_anchored
-from supervisor._anchors import (
+from corral.bus import Bus, BusConfig, connect
+from corral.supervisor import send_and_wait
+from corral.supervisor._anchor_check import verify_anchored
+from corral.supervisor._anchors import (
     ANCHOR_STREAM,
     ANCHOR_SUBJECT,
     AuditAnchor,
     AuditAnchorer,
     read_anchors,
 )
-from supervisor._audit import append_audit, chain_hash, verify_audit
-from supervisor._embedded import EmbeddedNats
-from supervisor._roles import SUPERVISOR_ROLE, supervisor_login
-from supervisor._store import Store
+from corral.supervisor._audit import append_audit, chain_hash, verify_audit
+from corral.supervisor._embedded import EmbeddedNats
+from corral.supervisor._roles import SUPERVISOR_ROLE, supervisor_login
+from corral.supervisor._store import Store
 from tests.conftest import REPO, SAMPLE_CONFIG, eventually
 from tests.stack import running_stack
 from tests.test_audit import ENTRY
@@ -325,7 +325,7 @@ async def _corral(env: dict[str, str], *args: str) -> tuple[int, str, str]:
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
-        "supervisor",
+        "corral.supervisor",
         *args,
         "-c",
         str(SAMPLE_CONFIG),

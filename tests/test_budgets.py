@@ -5,10 +5,10 @@ from __future__ import annotations
 import asyncpg
 import pytest
 
-from bus import JournalEntry, JournalQuery
-from supervisor._budgets import Budgets, exceeded
-from supervisor._journal import JournalService, journal_response
-from supervisor._store import Store
+from corral.bus import JournalEntry, JournalQuery
+from corral.supervisor._budgets import Budgets, exceeded
+from corral.supervisor._journal import JournalService, journal_response
+from corral.supervisor._store import Store
 
 _calls = iter(range(1_000_000))
 

@@ -9,7 +9,7 @@ from typing import Any
 import msgspec
 import pytest
 
-from bus import (
+from corral.bus import (
     DEAD_REASON,
     DEAD_SUBJECT,
     MSG_ID,
@@ -29,7 +29,7 @@ from bus import (
     publish,
     subjects,
 )
-from supervisor import EmbeddedNats
+from corral.supervisor import EmbeddedNats
 from tests.conftest import eventually
 
 
@@ -125,7 +125,7 @@ async def test_a_message_jetstream_gives_up_on_is_dead_lettered_with_an_alert(
 ) -> None:
     """A consumer that keeps dying never dead-letters its message itself: the
     MAX_DELIVERIES advisory does, and raises an alert."""
-    from bus import Alert, MaxDeliveriesWatcher, TopologyConfig
+    from corral.bus import Alert, MaxDeliveriesWatcher, TopologyConfig
 
     bus = await connect(BusConfig(servers=[nats_server.url], reconnect_forever=False))
     await ensure_topology(bus.js, ["triage"], TopologyConfig(ack_wait_s=0.3, max_deliver=2))

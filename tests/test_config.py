@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from supervisor import ConfigError, load_config
+from corral.supervisor import ConfigError, load_config
 from tests.conftest import SAMPLE_CONFIG
 
 
@@ -93,7 +93,7 @@ def test_cli_rejects_bad_config_before_starting(tmp_path: Path) -> None:
     text = _sample_with("entry: triage", "entry: nobody")
     path = _write(tmp_path, text)
     result = subprocess.run(
-        [sys.executable, "-m", "supervisor", "supervisor", "run", "-c", str(path)],
+        [sys.executable, "-m", "corral.supervisor", "supervisor", "run", "-c", str(path)],
         capture_output=True,
         text=True,
         timeout=60,
@@ -106,7 +106,16 @@ def test_cli_rejects_bad_config_before_starting(tmp_path: Path) -> None:
 
 def test_up_rejects_bad_replicas_before_starting_anything(tmp_path: Path) -> None:
     result = subprocess.run(
-        [sys.executable, "-m", "supervisor", "up", "--replicas", "payments=0", "-c", str(SAMPLE_CONFIG)],
+        [
+            sys.executable,
+            "-m",
+            "corral.supervisor",
+            "up",
+            "--replicas",
+            "payments=0",
+            "-c",
+            str(SAMPLE_CONFIG),
+        ],
         capture_output=True,
         text=True,
         timeout=60,

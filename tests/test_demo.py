@@ -17,7 +17,7 @@ def test_demo_once_runs_the_samples_on_embedded_servers(tmp_path: Path) -> None:
     env["COLUMNS"] = "200"
     # From an empty directory: no ./corral.yaml, so the sample team is used.
     result = subprocess.run(
-        [sys.executable, "-m", "supervisor", "demo", "--once"],
+        [sys.executable, "-m", "corral.supervisor", "demo", "--once"],
         cwd=tmp_path,
         env=env,
         capture_output=True,
@@ -44,7 +44,7 @@ async def test_demo_keeps_running_until_ctrl_c(tmp_path: Path) -> None:
     log = tmp_path / "demo.log"
     with open(log, "wb") as out:
         process = subprocess.Popen(
-            [sys.executable, "-m", "supervisor", "demo"],
+            [sys.executable, "-m", "corral.supervisor", "demo"],
             cwd=tmp_path,
             env=env,
             stdout=out,

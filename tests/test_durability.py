@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 import yaml
 
-from supervisor import send_and_wait
+from corral.supervisor import send_and_wait
 from tests.conftest import SAMPLE_CONFIG, eventually
 from tests.stack import Stack, running_stack
 

@@ -1,12 +1,12 @@
 """The public surface of each package is pinned: changing it is a deliberate act."""
 
-import agents
-import router
-import supervisor
+import corral.agents as agents
+import corral.router as router
+import corral.supervisor as supervisor
 
 
 def test_bus_exports() -> None:
-    import bus._messages
+    import corral.bus as bus
 
     assert set(bus.__all__) == {
         "DEAD_REASON",

@@ -20,7 +20,7 @@ import msgspec
 import nats
 import pytest
 
-from bus import (
+from corral.bus import (
     DEAD_REASON,
     AgentReply,
     AgentTask,
@@ -33,7 +33,7 @@ from bus import (
     encode,
     subjects,
 )
-from supervisor import send_and_wait
+from corral.supervisor import send_and_wait
 from tests.conftest import eventually
 from tests.stack import TEAM, Stack, running_stack
 
@@ -341,12 +341,12 @@ async def test_corral_creds_configures_an_external_nats(tmp_path: Any) -> None:
     import subprocess
     import sys
 
-    from supervisor import EmbeddedNats
+    from corral.supervisor import EmbeddedNats
     from tests.conftest import SAMPLE_CONFIG
 
     out = tmp_path / "creds"
     result = subprocess.run(
-        [sys.executable, "-m", "supervisor", "creds", "--out", str(out), "-c", str(SAMPLE_CONFIG)],
+        [sys.executable, "-m", "corral.supervisor", "creds", "--out", str(out), "-c", str(SAMPLE_CONFIG)],
         capture_output=True,
         text=True,
         timeout=60,

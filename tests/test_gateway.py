@@ -18,15 +18,15 @@ import asyncpg
 import msgspec
 import pytest
 
-from agents._tools import Tool, ToolInput
-from agents.support.tools import SCHEMAS, TOOLS, Refund, RefundArgs, setup
-from bus import JournalEntry, ToolCall, ToolResult
-from supervisor._agent_controls import ensure_agent_controls
-from supervisor._approvals import ApprovalError, decide_approval, pending_approvals
-from supervisor._audit import verify_audit
-from supervisor._gateway import _LOCK_NAMESPACE, GatewayConfig, ToolGateway, grant_tool_role
-from supervisor._policy import PolicyEngine
-from supervisor._store import Store
+from corral.agents._tools import Tool, ToolInput
+from corral.agents.support.tools import SCHEMAS, TOOLS, Refund, RefundArgs, setup
+from corral.bus import JournalEntry, ToolCall, ToolResult
+from corral.supervisor._agent_controls import ensure_agent_controls
+from corral.supervisor._approvals import ApprovalError, decide_approval, pending_approvals
+from corral.supervisor._audit import verify_audit
+from corral.supervisor._gateway import _LOCK_NAMESPACE, GatewayConfig, ToolGateway, grant_tool_role
+from corral.supervisor._policy import PolicyEngine
+from corral.supervisor._store import Store
 from tests.conftest import REPO, eventually
 
 POLICIES = REPO / "examples" / "support" / "policies"

@@ -18,8 +18,8 @@ import asyncpg
 import msgspec
 import pytest
 
-from agents._tools import Resource, Tool, ToolInput
-from agents.support.tools import (
+from corral.agents._tools import Resource, Tool, ToolInput
+from corral.agents.support.tools import (
     TOOLS,
     LookupOrder,
     NoArgs,
@@ -29,13 +29,13 @@ from agents.support.tools import (
     ReverseRefund,
     ReverseRefundArgs,
 )
-from bus import JournalEntry, Limits, ToolCall
-from supervisor._approvals import ApprovalError, decide_approval, pending_approvals
-from supervisor._budgets import Budgets
-from supervisor._config import load_config
-from supervisor._gateway import GatewayConfig, ToolGateway, rollback
-from supervisor._journal import JournalEntryError, journal_response
-from supervisor._policy import PolicyEngine
+from corral.bus import JournalEntry, Limits, ToolCall
+from corral.supervisor._approvals import ApprovalError, decide_approval, pending_approvals
+from corral.supervisor._budgets import Budgets
+from corral.supervisor._config import load_config
+from corral.supervisor._gateway import GatewayConfig, ToolGateway, rollback
+from corral.supervisor._journal import JournalEntryError, journal_response
+from corral.supervisor._policy import PolicyEngine
 from tests.conftest import REPO, eventually
 from tests.test_gateway import (
     Shop,
@@ -306,7 +306,7 @@ async def test_an_approval_of_a_dead_conversation_cannot_be_granted(shop: Shop, 
 
 
 async def test_an_approval_of_a_killed_agent_cannot_be_granted(shop: Shop) -> None:
-    from supervisor._agent_controls import kill_agent
+    from corral.supervisor._agent_controls import kill_agent
 
     approval_id = await _waiting_approval(shop, "c-dead-agent")
     await kill_agent(shop.pool, "payments", "compromised", "ops")

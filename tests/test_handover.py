@@ -10,8 +10,8 @@ import msgspec
 import pytest
 from nats.aio.msg import Msg
 
-from agents import AgentService, AgentSettings
-from bus import (
+from corral.agents import AgentService, AgentSettings
+from corral.bus import (
     ATTEMPT,
     DEAD_REASON,
     MSG_ID,
@@ -28,9 +28,9 @@ from bus import (
     publish,
     subjects,
 )
-from router import ScriptedModel, ScriptRule, ScriptRules
-from supervisor import EmbeddedNats
-from supervisor._outputs import OutputDesk
+from corral.router import ScriptedModel, ScriptRule, ScriptRules
+from corral.supervisor import EmbeddedNats
+from corral.supervisor._outputs import OutputDesk
 from tests.conftest import eventually
 
 

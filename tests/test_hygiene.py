@@ -112,7 +112,7 @@ async def test_agents_run_as_users_of_their_own_that_read_no_other_seed(stack: S
     # The agents work: a conversation passes through triage to payments and back.
     client = await stack.connect("client")
     try:
-        from supervisor import send_and_wait
+        from corral.supervisor import send_and_wait
 
         ended = await send_and_wait(client, "I was charged twice for order A-1001", timeout_s=60)
     finally:

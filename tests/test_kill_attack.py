@@ -19,7 +19,7 @@ import msgspec
 import nats
 import pytest
 
-from bus import ToolCall, ToolResult, encode, subjects
+from corral.bus import ToolCall, ToolResult, encode, subjects
 from tests.conftest import eventually
 from tests.stack import Stack, running_stack
 
@@ -136,7 +136,7 @@ async def _park_refunds(stack: Stack, count: int) -> list[tuple[str, int]]:
     """``count`` refund conversations of cus_1001 waiting for payments' step, which payments
     (frozen by the caller) never takes: the attacker takes them instead."""
     client = await stack.connect()
-    from supervisor import send_and_wait
+    from corral.supervisor import send_and_wait
 
     starts = [
         asyncio.create_task(

@@ -13,11 +13,11 @@ from pathlib import Path
 
 import asyncpg
 
-from bus import ConversationWaiting, JournalQuery
-from supervisor._agent_controls import agent_killed, kill_agent, revive_agent
-from supervisor._budgets import Budgets
-from supervisor._client import send_until_settled
-from supervisor._journal import JournalService
+from corral.bus import ConversationWaiting, JournalQuery
+from corral.supervisor._agent_controls import agent_killed, kill_agent, revive_agent
+from corral.supervisor._budgets import Budgets
+from corral.supervisor._client import send_until_settled
+from corral.supervisor._journal import JournalService
 from tests.conftest import eventually
 from tests.stack import running_stack
 from tests.test_gateway import (

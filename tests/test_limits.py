@@ -16,8 +16,8 @@ import msgspec
 import pytest
 from nats.aio.msg import Msg
 
-from agents import AgentService, AgentSettings
-from bus import (
+from corral.agents import AgentService, AgentSettings
+from corral.bus import (
     DEAD_REASON,
     DEAD_TRUNCATED,
     MSG_ID,
@@ -41,10 +41,10 @@ from bus import (
     request,
     subjects,
 )
-from router import ScriptedModel, ScriptRule, ScriptRules
-from supervisor._client import watching
-from supervisor._embedded import EmbeddedNats
-from supervisor._outputs import OutputDesk
+from corral.router import ScriptedModel, ScriptRule, ScriptRules
+from corral.supervisor._client import watching
+from corral.supervisor._embedded import EmbeddedNats
+from corral.supervisor._outputs import OutputDesk
 from tests.conftest import SAMPLE_CONFIG, eventually
 
 
@@ -135,7 +135,7 @@ async def test_a_process_whose_connection_is_closed_exits_non_zero(
         log = tmp_path / "service.log"
         with open(log, "wb") as out:
             process = subprocess.Popen(
-                [sys.executable, "-m", "supervisor", *service, "-c", str(SAMPLE_CONFIG)],
+                [sys.executable, "-m", "corral.supervisor", *service, "-c", str(SAMPLE_CONFIG)],
                 env=env,
                 stdout=out,
                 stderr=subprocess.STDOUT,
@@ -251,9 +251,9 @@ async def test_what_a_decision_implies_must_fit_or_the_conversation_is_escalated
     input is sent over it: a start whose task would not fit is refused, a reply whose
     outcome would not fit escalates its conversation (the client hears why), and the
     supervisor stays connected."""
-    from supervisor._decide import Graph
-    from supervisor._store import Store
-    from supervisor._supervisor import Supervisor
+    from corral.supervisor._decide import Graph
+    from corral.supervisor._store import Store
+    from corral.supervisor._supervisor import Supervisor
 
     store = await Store.open(database_url)
     bus = await connect(BusConfig(servers=[nats_server.url], identity="supervisor", reconnect_forever=False))
@@ -308,7 +308,7 @@ async def test_what_a_decision_implies_must_fit_or_the_conversation_is_escalated
 
 
 def test_limits_are_configured_with_documented_defaults(tmp_path: Path) -> None:
-    from supervisor import ConfigError, load_config
+    from corral.supervisor import ConfigError, load_config
     from tests.test_config import _write
 
     defaults = load_config(SAMPLE_CONFIG).config.limits

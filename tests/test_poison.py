@@ -16,7 +16,7 @@ import msgspec
 import nats
 import pytest
 
-from bus import (
+from corral.bus import (
     DEAD_REASON,
     DEAD_TRUNCATED,
     AgentReply,
@@ -29,8 +29,8 @@ from bus import (
     encode,
     subjects,
 )
-from supervisor import send_and_wait
-from supervisor._client import new_conversation_id, watching
+from corral.supervisor import send_and_wait
+from corral.supervisor._client import new_conversation_id, watching
 from tests.conftest import eventually
 from tests.stack import Stack, running_stack
 

@@ -9,8 +9,8 @@ import asyncio
 import msgspec
 from nats.aio.msg import Msg
 
-from agents import AgentService, AgentSettings
-from bus import (
+from corral.agents import AgentService, AgentSettings
+from corral.bus import (
     AgentFailed,
     AgentOutput,
     AgentTask,
@@ -22,8 +22,8 @@ from bus import (
     publish,
     subjects,
 )
-from router import Completion, CompletionRequest, ScriptedModel, ScriptRule, ScriptRules
-from supervisor._embedded import EmbeddedNats
+from corral.router import Completion, CompletionRequest, ScriptedModel, ScriptRule, ScriptRules
+from corral.supervisor._embedded import EmbeddedNats
 from tests.conftest import eventually
 
 

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from agents import HandoffDecision, ReplyDecision, parse_decision
-from agents.errors import DecisionError
-from router import (
+from corral.agents import HandoffDecision, ReplyDecision, parse_decision
+from corral.agents.errors import DecisionError
+from corral.router import (
     ChatMessage,
     CompletionRequest,
     ModelTier,
@@ -18,7 +18,7 @@ from router import (
     load_rules,
     model_for_tier,
 )
-from supervisor import load_config
+from corral.supervisor import load_config
 from tests.conftest import SAMPLE_CONFIG
 
 

@@ -16,10 +16,10 @@ import msgspec
 import pytest
 import yaml
 
-from bus import DEAD_REASON, Bus, BusConfig, connect, encode, subjects
-from bus._messages import AgentReply, OutputTaken
-from supervisor import EmbeddedNats, send_and_wait
-from supervisor._cli_stack import _check_expectation
+from corral.bus import DEAD_REASON, Bus, BusConfig, connect, encode, subjects
+from corral.bus._messages import AgentReply, OutputTaken
+from corral.supervisor import EmbeddedNats, send_and_wait
+from corral.supervisor._cli_stack import _check_expectation
 from tests.conftest import SAMPLE_CONFIG, eventually
 from tests.stack import Stack, running_stack
 
@@ -197,7 +197,7 @@ async def test_status_lists_processes_streams_and_consumers(stack: Stack) -> Non
 
 
 async def test_one_trace_follows_the_conversation_across_processes(stack: Stack, client: Bus) -> None:
-    from bus import trace_id
+    from corral.bus import trace_id
 
     # The agents' step events are live (not stored): listen before the conversation starts.
     # (This stack's server is open; with credentials only operators could listen here.)

@@ -23,12 +23,12 @@ import psutil
 import pytest
 import uvloop
 
-import supervisor._gateway
-from agents._tools import Resource, Tool, ToolInput
-from agents.support.tools import TOOLS, LookupOrder, NoArgs, OrderArgs, Refund, RefundArgs
-from supervisor._gateway import GatewayConfig, ToolGateway
-from supervisor._tool_process import ProcessTool, Row, ToolProcessError
-from supervisor._tool_runner import ToolRunner, ToolStatementError, ToolTimeoutError
+import corral.supervisor._gateway as gateway_module
+from corral.agents._tools import Resource, Tool, ToolInput
+from corral.agents.support.tools import TOOLS, LookupOrder, NoArgs, OrderArgs, Refund, RefundArgs
+from corral.supervisor._gateway import GatewayConfig, ToolGateway
+from corral.supervisor._tool_process import ProcessTool, Row, ToolProcessError
+from corral.supervisor._tool_runner import ToolRunner, ToolStatementError, ToolTimeoutError
 from tests.conftest import eventually
 from tests.test_gateway import (
     Shop,
@@ -228,7 +228,7 @@ def tool_processes() -> set[int]:
     found = set()
     for child in psutil.Process().children():
         with contextlib.suppress(psutil.Error):
-            if "supervisor._tool_worker" in child.cmdline() and alive(child.pid):
+            if "corral.supervisor._tool_worker" in child.cmdline() and alive(child.pid):
                 found.add(child.pid)
     return found
 
@@ -422,7 +422,7 @@ class Smuggler(Tool[NoArgs]):
         self.how = how
 
     async def run(self, call: ToolInput[NoArgs]) -> dict[str, Any]:
-        from supervisor._tool_worker import frame
+        from corral.supervisor._tool_worker import frame
 
         payload = Exec(f"open({self.marker!r}, 'w').close()")
         message = (
@@ -496,7 +496,7 @@ async def test_process_tools_work_under_uvloop(shop: Shop, database_url: str, tm
 # --- gateway level: a tool declaring isolation = "process" --------------------------------------------
 
 needs_integration = pytest.mark.skipif(
-    not hasattr(supervisor._gateway, "PROCESS_TOOLS"),
+    not hasattr(gateway_module, "PROCESS_TOOLS"),
     reason="the gateway does not run isolation='process' tools in ProcessTool yet",
 )
 

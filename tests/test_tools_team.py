@@ -10,9 +10,9 @@ from collections.abc import AsyncIterator
 import asyncpg
 import pytest
 
-from bus import ClientUpdate, ConversationWaiting, ToolDecided
-from supervisor import send_and_wait
-from supervisor._client import send_until_settled
+from corral.bus import ClientUpdate, ConversationWaiting, ToolDecided
+from corral.supervisor import send_and_wait
+from corral.supervisor._client import send_until_settled
 from tests.conftest import SAMPLE_CONFIG, eventually
 from tests.stack import Stack, running_stack
 

@@ -42,7 +42,7 @@ LOGS = [
 
 async def setup(conn: asyncpg.Connection) -> None:
     """Create the schema and seed it once (ages are relative to the database's clock)."""
-    await conn.execute(resources.files("agents.support").joinpath("shop.sql").read_text())
+    await conn.execute(resources.files("corral.agents.support").joinpath("shop.sql").read_text())
     if await conn.fetchval("SELECT count(*) FROM shop.customers"):
         return
     now = await conn.fetchval("SELECT now()")

@@ -7,8 +7,8 @@ from typing import Any
 import asyncpg
 from pydantic import BaseModel, ConfigDict, Field
 
-from agents._tools import A, Resource, Tool, ToolInput
-from agents.support._shop import setup
+from corral.agents._tools import A, Resource, Tool, ToolInput
+from corral.agents.support._shop import setup
 
 __all__ = ["SCHEMAS", "TOOLS", "setup"]
 

@@ -1,0 +1,95 @@
+"""corral: a production runtime for teams of AI agents.
+
+What users write against is here: the tool contract (``Tool``, ``ToolInput``, ``Resource``),
+the client (``start_conversation``, ``send_and_wait``), the config loader (``load_config``)
+and the error tree (every error corral raises is a ``CorralError``). The rest lives in the
+sub-packages: ``corral.bus`` (NATS, the wire types), ``corral.router`` (model calls),
+``corral.agents`` (the agent service) and ``corral.supervisor`` (the control plane).
+
+The names load when first used, so that importing ``corral.bus`` in an agent process does
+not import the supervisor (PostgreSQL, Cedar) along with it.
+"""
+
+import importlib as _importlib
+import typing as _typing
+
+if _typing.TYPE_CHECKING:
+    from corral.agents._tools import Resource, Tool, ToolInput
+    from corral.agents.errors import AgentError, DecisionError
+    from corral.bus.errors import (
+        BusConnectError,
+        BusError,
+        ConnectionClosedError,
+        CorralError,
+        PayloadTooLargeError,
+        PoisonMessageError,
+    )
+    from corral.router.errors import RouterError, ScriptError
+    from corral.supervisor._approvals import ApprovalError
+    from corral.supervisor._client import send_and_wait, start_conversation
+    from corral.supervisor._config import load_config
+    from corral.supervisor._policy import PolicyError
+    from corral.supervisor.errors import ConcurrentChange, ConfigError, LauncherError, StoreError
+
+_WHERE = {
+    "Resource": "corral.agents._tools",
+    "Tool": "corral.agents._tools",
+    "ToolInput": "corral.agents._tools",
+    "start_conversation": "corral.supervisor._client",
+    "send_and_wait": "corral.supervisor._client",
+    "load_config": "corral.supervisor._config",
+    "CorralError": "corral.bus.errors",
+    "BusError": "corral.bus.errors",
+    "BusConnectError": "corral.bus.errors",
+    "ConnectionClosedError": "corral.bus.errors",
+    "PayloadTooLargeError": "corral.bus.errors",
+    "PoisonMessageError": "corral.bus.errors",
+    "RouterError": "corral.router.errors",
+    "ScriptError": "corral.router.errors",
+    "AgentError": "corral.agents.errors",
+    "DecisionError": "corral.agents.errors",
+    "ConfigError": "corral.supervisor.errors",
+    "StoreError": "corral.supervisor.errors",
+    "ConcurrentChange": "corral.supervisor.errors",
+    "LauncherError": "corral.supervisor.errors",
+    "PolicyError": "corral.supervisor._policy",
+    "ApprovalError": "corral.supervisor._approvals",
+}
+
+__all__ = [
+    "AgentError",
+    "ApprovalError",
+    "BusConnectError",
+    "BusError",
+    "ConcurrentChange",
+    "ConfigError",
+    "ConnectionClosedError",
+    "CorralError",
+    "DecisionError",
+    "LauncherError",
+    "PayloadTooLargeError",
+    "PoisonMessageError",
+    "PolicyError",
+    "Resource",
+    "RouterError",
+    "ScriptError",
+    "StoreError",
+    "Tool",
+    "ToolInput",
+    "load_config",
+    "send_and_wait",
+    "start_conversation",
+]
+
+
+def __getattr__(name: str) -> _typing.Any:
+    module = _WHERE.get(name)
+    if module is None:
+        raise AttributeError(f"module 'corral' has no attribute {name!r}")
+    value = getattr(_importlib.import_module(module), name)
+    globals()[name] = value  # once loaded, an ordinary attribute
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *__all__})
