@@ -9,6 +9,7 @@ import importlib
 import importlib.metadata
 import subprocess
 import sys
+import types
 
 import pytest
 
@@ -26,13 +27,22 @@ def test_the_distribution_installs_corral_alone_at_top_level() -> None:
     assert (script.name, script.value) == ("corral", "corral.supervisor._cli:main")
 
 
+def public_names() -> set[str]:
+    """What ``corral`` holds that is not private, its sub-packages aside."""
+    return {
+        name
+        for name, value in vars(corral).items()
+        if not name.startswith("_") and not isinstance(value, types.ModuleType)
+    }
+
+
 def test_corral_exports_exactly_its_all() -> None:
-    public = {name for name in vars(corral) if not name.startswith("_")}
+    public = public_names()
     assert public <= set(corral.__all__)  # nothing public beyond __all__ is loaded yet...
     loaded = {name: getattr(corral, name) for name in corral.__all__}
     # ... and once every name is loaded, the public names are exactly __all__, sorted.
-    assert corral.__all__ == sorted(corral.__all__, key=str.casefold)
-    assert {name for name in vars(corral) if not name.startswith("_")} == set(corral.__all__)
+    assert corral.__all__ == sorted(corral.__all__)
+    assert public_names() == set(corral.__all__)
     assert set(dir(corral)) >= set(corral.__all__)
     with pytest.raises(AttributeError, match="has no attribute 'nope'"):
         corral.nope  # noqa: B018
@@ -72,3 +82,13 @@ def test_no_module_imports_the_folders_by_their_top_level_names() -> None:
                     f"{path.relative_to(REPO)}:{node.lineno} {n}" for n in names if n.split(".")[0] in OWN
                 ]
     assert found == []
+
+
+def test_the_readmes_tool_example_is_a_tool() -> None:
+    readme = (REPO / "README.md").read_text()
+    [block] = [b.split("\n", 1)[1] for b in readme.split("```python")[1:] if "from corral import" in b]
+    namespace: dict[str, object] = {}
+    exec(compile(block.split("```", 1)[0], "README.md", "exec"), namespace)
+    [tool] = namespace["TOOLS"]  # type: ignore[misc]
+    assert isinstance(tool, corral.Tool)
+    assert tool.schema()["required"] == ["order_id", "amount_cents"]
