@@ -163,11 +163,6 @@ def agent_outputs() -> list[str]:
     ]
 
 
-def all_agent_events() -> str:
-    """Wildcard of every agent step event."""
-    return f"{PREFIX}.from.*.event"
-
-
 def conversation_updates(client: str, conversation: str) -> str:
     """Subject a conversation's client is told its outcome on (ended, waiting, refused);
     stored, so a client that was away can read it later."""

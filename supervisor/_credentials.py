@@ -168,8 +168,3 @@ def authorization_block(ids: Iterable[Identity], revoked_agents: Iterable[str] =
             f"    # {identity.name}\n    {{nkey: {identity.public_key}, permissions: {json.dumps(perms)}}}"
         )
     return "authorization {\n  users = [\n" + "\n".join(users) + "\n  ]\n}\n"
-
-
-def find(ids: Iterable[Identity], name: str) -> Identity:
-    """The identity called ``name``."""
-    return next(i for i in ids if i.name == name)

@@ -225,11 +225,6 @@ class Launcher:
         """Ask ``run()`` to stop everything; idempotent."""
         self._stopping.set()
 
-    def child_pid(self, name: str) -> int | None:
-        """Current pid of a child (tests kill it)."""
-        proc = self._procs.get(name)
-        return proc.pid if proc else None
-
     async def _watch(self, info: ChildInfo, argv: list[str]) -> None:
         assert self.runtime is not None
         env = {**os.environ, "NATS_URL": self.runtime.nats_url, PARENT_PID_ENV: str(os.getpid())}
