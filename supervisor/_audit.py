@@ -56,7 +56,7 @@ from typing import Any
 
 import asyncpg
 
-from corral.supervisor.errors import StoreError
+from corral.supervisor.errors import UNAVAILABLE, StoreError, unavailable
 
 GENESIS_HASH = "0" * 64
 """The ``prev_hash`` of the first record."""
@@ -249,8 +249,8 @@ async def append_audit(
     except asyncpg.UniqueViolationError as exc:
         # The chain's head or ``along``'s row was written concurrently: a retry reads it.
         raise StoreError(f"{exc.table_name} changed concurrently: {exc}", retryable=True) from exc
-    except (OSError, asyncpg.PostgresConnectionError, asyncpg.InterfaceError) as exc:
-        raise StoreError(f"PostgreSQL unavailable: {exc}") from exc
+    except UNAVAILABLE as exc:
+        raise unavailable(exc) from exc
     except asyncpg.PostgresError as exc:
         raise StoreError(f"cannot append to the audit log: {exc}", retryable=False) from exc
     if witness is not None:
@@ -281,8 +281,8 @@ async def verify_audit(source: asyncpg.Connection | asyncpg.Pool) -> AuditVerifi
             async with source.acquire() as conn:
                 return await _verify(conn)
         return await _verify(source)
-    except (OSError, asyncpg.PostgresConnectionError, asyncpg.InterfaceError) as exc:
-        raise StoreError(f"PostgreSQL unavailable: {exc}") from exc
+    except UNAVAILABLE as exc:
+        raise unavailable(exc) from exc
     except asyncpg.PostgresError as exc:
         raise StoreError(f"cannot read the audit log: {exc}", retryable=False) from exc
 
@@ -301,8 +301,8 @@ async def walk_positions(
             async with source.acquire() as conn:
                 return await _verify(conn, visit)
         return await _verify(source, visit)
-    except (OSError, asyncpg.PostgresConnectionError, asyncpg.InterfaceError) as exc:
-        raise StoreError(f"PostgreSQL unavailable: {exc}") from exc
+    except UNAVAILABLE as exc:
+        raise unavailable(exc) from exc
     except asyncpg.PostgresError as exc:
         raise StoreError(f"cannot read the audit log: {exc}", retryable=False) from exc
 

@@ -21,11 +21,9 @@ from dataclasses import dataclass, field
 
 import asyncpg
 
-from corral.supervisor.errors import StoreError
+from corral.supervisor.errors import UNAVAILABLE, StoreError, unavailable
 
 logger = logging.getLogger(__name__)
-
-_UNAVAILABLE = (OSError, asyncpg.PostgresConnectionError, asyncpg.InterfaceError)
 
 
 @dataclass
@@ -66,8 +64,8 @@ class Batcher:
             try:
                 async with self._pool.acquire() as conn:
                     return await _write_one(conn, query, arguments)
-            except _UNAVAILABLE as exc:
-                raise StoreError(f"PostgreSQL unavailable: {exc}") from exc
+            except UNAVAILABLE as exc:
+                raise unavailable(exc) from exc
             finally:
                 self._writing = False
                 self._start_writer()
@@ -98,8 +96,8 @@ class Batcher:
                     async with self._pool.acquire() as conn:
                         for query, group in _by_query(batch).items():
                             await _write_group(conn, query, group)
-                except _UNAVAILABLE as exc:
-                    _fail(batch, StoreError(f"PostgreSQL unavailable: {exc}"))
+                except UNAVAILABLE as exc:
+                    _fail(batch, unavailable(exc))
                 except asyncio.CancelledError:
                     _fail(batch, StoreError("the store is closed", retryable=True))
                     raise

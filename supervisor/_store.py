@@ -19,7 +19,7 @@ import msgspec
 from corral.bus import ConversationStatus, Hop, JournalEntry, subjects
 from corral.supervisor._batch import Batcher
 from corral.supervisor._journal import journal_ctes, journal_parameters
-from corral.supervisor.errors import ConcurrentChange, StoreError
+from corral.supervisor.errors import UNAVAILABLE, ConcurrentChange, StoreError, unavailable
 
 logger = logging.getLogger(__name__)
 
@@ -322,8 +322,8 @@ class Store:
                 )
                 record = _from_row(row) if row else None
             yield ConversationSnapshot(self._pool, self._batcher, record, self._remember)
-        except (OSError, asyncpg.PostgresConnectionError, asyncpg.InterfaceError) as exc:
-            raise StoreError(f"PostgreSQL unavailable: {exc}") from exc
+        except UNAVAILABLE as exc:
+            raise unavailable(exc) from exc
 
     def _remember(self, record: ConversationRecord) -> None:
         self._cache[record.id] = record
