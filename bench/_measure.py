@@ -88,10 +88,10 @@ def _label(root: str, process: psutil.Process) -> str:
     with contextlib.suppress(psutil.Error):
         if process.name() in {"nats-server", "postgres"}:
             return process.name()
-        cmdline = process.cmdline()
-        if "supervisor" in cmdline and "agent" in cmdline:
+        cmdline = process.cmdline()  # python -m corral.supervisor <command> run ...
+        if "corral.supervisor" in cmdline and "agent" in cmdline:
             return f"agent {cmdline[cmdline.index('agent') + 2]}" if "run" in cmdline else root
-        if "supervisor" in cmdline and "run" in cmdline:
+        if "corral.supervisor" in cmdline and "run" in cmdline:
             return "supervisor"
     return root
 
