@@ -103,7 +103,6 @@ def supervisor_run(config: ConfigOption = None) -> None:
 
 async def _gateway(loaded: LoadedConfig, bus: Bus, store: Any) -> _Service:
     """The tool gateway of ``loaded``'s tools, with its backend prepared."""
-    import importlib
     from datetime import timedelta
 
     from corral.supervisor._agent_controls import ensure_agent_controls
@@ -112,10 +111,11 @@ async def _gateway(loaded: LoadedConfig, bus: Bus, store: Any) -> _Service:
     from corral.supervisor._gateway import GatewayConfig, ToolGateway, grant_tool_role
     from corral.supervisor._launcher import DATABASE_PREPARED_ENV
     from corral.supervisor._policy import PolicyEngine
+    from corral.supervisor._tools_module import import_tools
 
     tools_section = loaded.config.tools
     assert tools_section is not None and loaded.policies_dir is not None
-    module = importlib.import_module(tools_section.module)
+    module = import_tools(tools_section.reference)
     setup = getattr(module, "setup", None)
     # Under `corral up` the owner ran the tools' setup and granted corral_tools their schemas
     # (supervisor._roles.prepare_database): the service, connected as corral_supervisor,

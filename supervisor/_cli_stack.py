@@ -135,7 +135,7 @@ def migrate(config: ConfigOption = None) -> None:
 
         url = _database_url(loaded)
         tools = loaded.config.tools
-        await prepare_database(url, tools.module if tools is not None else None)
+        await prepare_database(url, tools.reference if tools is not None else None)
         password = os.environ.get("CORRAL_SUPERVISOR_PASSWORD")
         if password:
             await set_password(url, password)

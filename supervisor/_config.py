@@ -7,7 +7,6 @@ Errors name the file, the line and the field, and say what was expected::
 
 from __future__ import annotations
 
-import importlib
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -15,10 +14,11 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from corral.bus import Limits, subjects
 from corral.router import SCRIPTED_PROVIDER, ModelTier
+from corral.supervisor._tools_module import import_tools
 from corral.supervisor.errors import ConfigError
 
 DEFAULT_CONFIG = "corral.yaml"
@@ -108,9 +108,12 @@ class AgentSection(_Strict):
 class ToolsSection(_Strict):
     """Where the tools and the policies that govern them are."""
 
-    module: str
-    """Import path of a module exposing ``TOOLS`` (and optionally ``async setup(conn)``,
-    run once by the gateway to prepare its backend)."""
+    path: str | None = None
+    """A Python file exposing ``TOOLS`` (and optionally ``async setup(conn)``, run once to
+    prepare the tools' backend, and ``SCHEMAS``, the schemas its statements reach),
+    relative to this file. Give ``path`` or ``module``, not both."""
+    module: str | None = None
+    """Instead of ``path``: the import path of an installed module exposing the same."""
     policies: str
     """Directory of Cedar policies (``*.cedar``), relative to this file."""
     max_pending_approvals: int = Field(default=100, ge=0)
@@ -123,6 +126,18 @@ class ToolsSection(_Strict):
     call_timeout_s: float = Field(default=10.0, gt=0)
     """How long one tool call's body (``resource()`` and ``run()``) may take; past it the
     call is rolled back and answered ``error``."""
+
+    @model_validator(mode="after")
+    def _one_source(self) -> ToolsSection:
+        if (self.path is None) == (self.module is None):
+            raise ValueError("give the tools' `path` (a file beside this config) or `module`, one of them")
+        return self
+
+    @property
+    def reference(self) -> str:
+        """What ``import_tools`` loads: the file's absolute path (``load_config`` resolves
+        it), or the module's import path."""
+        return self.path or self.module or ""
 
 
 class GraphSection(_Strict):
@@ -285,6 +300,10 @@ def load_config(path: Path) -> LoadedConfig:
         raise ConfigError(
             f"{path}:1: expected a mapping of settings at the top level", path=str(path), line=1
         )
+    tools = raw.get("tools")
+    if isinstance(tools, dict) and isinstance(tools.get("path"), str):
+        # Relative to this file, whichever directory the process runs in.
+        raw = {**raw, "tools": {**tools, "path": str((path.resolve().parent / tools["path"]).resolve())}}
     try:
         config = CorralConfig.model_validate(raw)
     except ValidationError as exc:
@@ -374,10 +393,10 @@ def _check_references(config: CorralConfig) -> list[tuple[tuple[Any, ...], str]]
 
 
 def load_tools(config: CorralConfig) -> dict[str, Any]:
-    """The tools of ``config.tools.module`` by name (empty without a tools section)."""
+    """The tools of ``config.tools`` by name (empty without a tools section)."""
     if config.tools is None:
         return {}
-    module = importlib.import_module(config.tools.module)
+    module = import_tools(config.tools.reference)
     return {tool.name: tool for tool in getattr(module, "TOOLS", [])}
 
 
@@ -390,12 +409,13 @@ def _check_tools(config: CorralConfig) -> list[tuple[tuple[Any, ...], str]]:
             (("agents", name, "tools", index), "needs a top-level `tools:` section")
             for name, index, _ in sorted(wanted)
         ]
+    where = ("tools", "path" if config.tools.path is not None else "module")
     try:
         tools = load_tools(config)
     except ImportError as exc:
-        return [(("tools", "module"), f"cannot import {config.tools.module!r}: {exc}")]
+        return [(where, f"cannot import {config.tools.reference!r}: {exc}")]
     if not tools:
-        return [(("tools", "module"), f"{config.tools.module!r} defines no TOOLS")]
+        return [(where, f"{config.tools.reference!r} defines no TOOLS")]
     known = ", ".join(sorted(tools))
     return [
         (("agents", name, "tools", index), f"{tool!r} is not a tool; expected one of: {known}")

@@ -155,7 +155,7 @@ class Launcher:
         from corral.supervisor._roles import SUPERVISOR_ROLE, can_serve, prepare_database, supervisor_login
 
         tools = self._config.loaded.config.tools
-        module = tools.module if tools is not None else None
+        module = tools.reference if tools is not None else None
         await prepare_database(owner_dsn, module)
         configured = configured_supervisor_database_url(self._config.loaded)
         if configured is not None:

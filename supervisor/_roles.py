@@ -9,7 +9,6 @@ may, and returns its DSN: that is what the supervisor connects with.
 
 from __future__ import annotations
 
-import importlib
 import logging
 import secrets
 from collections.abc import Awaitable, Callable
@@ -18,6 +17,7 @@ from urllib.parse import quote, urlsplit, urlunsplit
 
 import asyncpg
 
+from corral.supervisor._tools_module import import_tools
 from corral.supervisor.errors import StoreError
 
 logger = logging.getLogger(__name__)
@@ -41,7 +41,7 @@ async def prepare_database(owner_dsn: str, tools_module: str | None) -> None:
     await (await Store.open(owner_dsn, min_size=1, max_size=1)).close()
     if tools_module is None:
         return
-    module = importlib.import_module(tools_module)
+    module = import_tools(tools_module)
     conn = await _connect(owner_dsn)
     try:
         setup = getattr(module, "setup", None)
@@ -109,9 +109,7 @@ async def can_serve(dsn: str, tools_module: str | None) -> str | None:
         return f"the store does not open: {exc}"
     if tools_module is None:
         return None
-    setup: Callable[[Any], Awaitable[None]] | None = getattr(
-        importlib.import_module(tools_module), "setup", None
-    )
+    setup: Callable[[Any], Awaitable[None]] | None = getattr(import_tools(tools_module), "setup", None)
     if setup is None:
         return None
     conn = await _connect(dsn)

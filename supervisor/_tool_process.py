@@ -35,6 +35,7 @@ from corral.supervisor._tool_worker import (
     frame,
     receive,
 )
+from corral.supervisor._tools_module import file_of
 
 __all__ = ["ProcessTool", "Row", "ToolProcessError"]
 
@@ -66,6 +67,10 @@ class ProcessTool(Tool[Any]):
         # assignment to a class variable through an instance).
         vars(self).update({name: getattr(tool, name) for name in _DECLARED})
         self._pickled = _pickle_tool(tool)
+        # Tools files (``tools: {path: …}``) the child loads by path before the tool unpickles.
+        self._files = sorted(
+            {file for cls in (*type(tool).__mro__, tool.arguments) if (file := file_of(cls.__module__))}
+        )
         self._max_idle = max_idle
         self._spawn_timeout_s = spawn_timeout_s
         self._idle: list[_Child] = []
@@ -191,7 +196,7 @@ class ProcessTool(Tool[Any]):
         self._children.add(child)
         try:
             async with asyncio.timeout(self._spawn_timeout_s):
-                await child.send(("init", list(sys.path), self._pickled))
+                await child.send(("init", list(sys.path), self._files, self._pickled))
                 answer = await child.receive()
         except BaseException as exc:
             await self._discard(child)

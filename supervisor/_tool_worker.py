@@ -33,6 +33,7 @@ import asyncpg
 
 from corral.agents._tools import Tool, ToolInput
 from corral.bus.errors import CorralError, is_retryable
+from corral.supervisor._tools_module import import_tools
 
 _HEADER = struct.Struct("!I")  # the length of the pickle that follows
 STATEMENTS = frozenset({"fetch", "fetchrow", "fetchval", "execute", "executemany"})
@@ -270,9 +271,11 @@ async def _serve() -> None:
     protocol = asyncio.StreamReaderProtocol(reader)
     await asyncio.get_running_loop().connect_read_pipe(lambda: protocol, os.fdopen(proto_in, "rb"))
     gateway = _Gateway(proto_out)
-    _, path, pickled = await receive(reader)
+    _, path, files, pickled = await receive(reader)
     sys.path[:] = path
     try:
+        for file in files:
+            import_tools(file)
         tool = pickle.loads(pickled)
     except Exception as exc:
         gateway.send(("failed", f"{type(exc).__name__}: {exc}"))

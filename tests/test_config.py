@@ -21,6 +21,8 @@ def _write(tmp_path: Path, text: str) -> Path:
     for file in (SAMPLE_CONFIG.parent / "instructions").iterdir():
         (tmp_path / "instructions" / file.name).write_text(file.read_text())
     (tmp_path / "scripted.yaml").write_text((SAMPLE_CONFIG.parent / "scripted.yaml").read_text())
+    for name in ("tools.py", "shop.sql"):
+        (tmp_path / name).write_text((SAMPLE_CONFIG.parent / name).read_text())
     return path
 
 
@@ -136,3 +138,31 @@ def test_direct_models_must_be_scripted(tmp_path: Path) -> None:
     assert info.value.field == "models.fast.via"
     assert info.value.line == _line_of(text, "via: direct")
     assert "`direct` takes one scripted/<rules> model and no fallbacks" in str(info.value)
+
+
+def test_tools_load_from_a_file_beside_the_config_whatever_the_working_directory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from corral.supervisor._config import load_tools
+
+    path = _write(tmp_path, "")
+    monkeypatch.chdir("/")
+    loaded = load_config(path)
+    assert loaded.config.tools is not None
+    assert loaded.config.tools.reference == str(tmp_path / "tools.py")
+    tools = load_tools(loaded.config)
+    assert "refund" in tools and type(tools["refund"]).__module__.startswith("corral_tools_tools_")
+    # Loaded once: the same module (and classes) for every caller in the process.
+    assert load_tools(loaded.config)["refund"] is tools["refund"]
+
+
+def test_tools_name_a_path_or_a_module_not_both(tmp_path: Path) -> None:
+    both = _sample_with("  path: tools.py\n", "  path: tools.py\n  module: my_team.tools\n")
+    with pytest.raises(ConfigError, match=r"corral\.yaml:\d+: tools: .*`path` .* or `module`, one of them"):
+        load_config(_write(tmp_path, both))
+
+
+def test_a_missing_tools_file_names_the_field(tmp_path: Path) -> None:
+    missing = _sample_with("  path: tools.py\n", "  path: nowhere.py\n")
+    with pytest.raises(ConfigError, match=r"corral\.yaml:\d+: tools\.path: cannot import .*nowhere\.py"):
+        load_config(_write(tmp_path, missing))

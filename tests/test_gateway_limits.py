@@ -19,7 +19,15 @@ import msgspec
 import pytest
 
 from corral.agents._tools import Resource, Tool, ToolInput
-from corral.agents.support.tools import (
+from corral.bus import JournalEntry, Limits, ToolCall
+from corral.supervisor._approvals import ApprovalError, decide_approval, pending_approvals
+from corral.supervisor._budgets import Budgets
+from corral.supervisor._config import load_config
+from corral.supervisor._gateway import GatewayConfig, ToolGateway, rollback
+from corral.supervisor._journal import JournalEntryError, journal_response
+from corral.supervisor._policy import PolicyEngine
+from tests.conftest import REPO, eventually
+from tests.sample_tools import (
     TOOLS,
     LookupOrder,
     NoArgs,
@@ -29,14 +37,6 @@ from corral.agents.support.tools import (
     ReverseRefund,
     ReverseRefundArgs,
 )
-from corral.bus import JournalEntry, Limits, ToolCall
-from corral.supervisor._approvals import ApprovalError, decide_approval, pending_approvals
-from corral.supervisor._budgets import Budgets
-from corral.supervisor._config import load_config
-from corral.supervisor._gateway import GatewayConfig, ToolGateway, rollback
-from corral.supervisor._journal import JournalEntryError, journal_response
-from corral.supervisor._policy import PolicyEngine
-from tests.conftest import REPO, eventually
 from tests.test_gateway import (
     Shop,
     assert_audit_intact,

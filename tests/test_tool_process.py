@@ -25,11 +25,11 @@ import uvloop
 
 import corral.supervisor._gateway as gateway_module
 from corral.agents._tools import Resource, Tool, ToolInput
-from corral.agents.support.tools import TOOLS, LookupOrder, NoArgs, OrderArgs, Refund, RefundArgs
 from corral.supervisor._gateway import GatewayConfig, ToolGateway
 from corral.supervisor._tool_process import ProcessTool, Row, ToolProcessError
 from corral.supervisor._tool_runner import ToolRunner, ToolStatementError, ToolTimeoutError
 from tests.conftest import eventually
+from tests.sample_tools import TOOLS, LookupOrder, NoArgs, OrderArgs, Refund, RefundArgs
 from tests.test_gateway import (
     Shop,
     assert_audit_intact,
