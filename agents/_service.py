@@ -14,7 +14,6 @@ from typing import Any, TypedDict
 import msgspec
 
 from corral.agents._decision import (
-    Decision,
     HandoffDecision,
     ReplyDecision,
     ToolDecision,
@@ -212,8 +211,6 @@ class AgentService:
                     **common, target=target, confidence=confidence, reason=reason, response=response
                 )
                 detail = f"handoff -> {target} ({confidence:.2f})"
-            case ToolDecision():  # _decide() never returns one
-                raise AgentError("unreachable: a tool decision ends no step", agent=name)
             case _Waiting(result=result):
                 # The step cannot go on without a human: the conversation waits durably in
                 # the supervisor, which re-dispatches this step once the approval is decided.
@@ -232,7 +229,7 @@ class AgentService:
 
     async def _decide(
         self, task: AgentTask, attempt: int
-    ) -> tuple[Completion, Decision | _Waiting, JournalEntry | None] | None:
+    ) -> tuple[Completion, HandoffDecision | ReplyDecision | _Waiting, JournalEntry | None] | None:
         """Ask the model, running the tools it asks for through the gateway, until it hands
         off or replies, or a tool call needs an approval.
 

@@ -85,23 +85,26 @@ class AuditEntry:
     """One decision to record: who acted, for whom, what was decided, and what came of it."""
 
     agent: str
-    """The acting agent's name (and version, if it has one)."""
+    """Who acted: the agent's name (from its credentials), or the operator's for a rollback."""
     credential_id: str
-    """The identity the agent proved, e.g. its nkey public key."""
+    """The credential that proved it: ``agent-<name>`` (the agent's nkey identity), or
+    ``admin``."""
     on_behalf_of: str
     """The customer or client the action was for."""
     conversation: str
     action: str
-    """What was attempted, e.g. ``tool:refund`` or ``handoff:payments``."""
+    """The tool called (``refund``), or the undo a rollback ran."""
     arguments_digest: str
     """``digest_arguments`` of the action's arguments; the arguments themselves are not kept."""
     decision: str
-    """allowed, denied, approval_required, ..."""
+    """The verdict: Cedar's ``allow``, ``deny`` or ``approval``; ``stop`` (a kill, a budget,
+    a cap); ``invalid``; ``error``; ``rollback``."""
     policy_ids: tuple[str, ...] = ()
     """The policies that produced the decision."""
     approval_id: str | None = None
     outcome: str
-    """What happened: succeeded, failed, refused, ..."""
+    """What came of it: ``applied``, ``failed: <why>``, ``denied``, ``stopped``,
+    ``approval_required``, ``simulated`` (a dry run), ``invalid``."""
     detail: str = ""
 
 
@@ -261,8 +264,8 @@ async def append_audit(
 async def verify_audit(source: asyncpg.Connection | asyncpg.Pool) -> AuditVerification:
     """Walk the whole log in id order, recomputing every hash and checking every link.
 
-    Rows are streamed with a cursor, so the table may be larger than memory. Unless ``conn`` is
-    already in a transaction, the walk runs in a read-only REPEATABLE READ transaction: one
+    Rows are streamed with a cursor, so the table may be larger than memory. Unless ``source``
+    is a connection already in a transaction, the walk runs in a read-only REPEATABLE READ transaction: one
     snapshot, so records appended meanwhile are neither half-seen nor reported.
 
     Args:

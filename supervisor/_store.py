@@ -12,6 +12,7 @@ from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field, replace
 from importlib import resources
+from typing import Literal
 
 import asyncpg
 import msgspec
@@ -77,8 +78,10 @@ class StepRecord:
 
     step: int
     agent: str
-    kind: str
-    """started, forwarded, refused, replied, escalated, rejected."""
+    kind: Literal["started", "forwarded", "refused", "replied", "escalated", "rejected", "waiting", "resumed"]
+    """What was decided: the conversation started; a handoff forwarded or refused; the reply
+    taken; the conversation escalated; an output rejected (not the step's); the step waiting
+    for an approval, or resumed after one."""
     target: str | None = None
     confidence: float | None = None
     detail: str = ""
