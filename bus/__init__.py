@@ -72,7 +72,7 @@ from corral.bus._publish import (
     request,
     start_problem,
 )
-from corral.bus._service import MessageService, serve_together
+from corral.bus._service import MessageService, Serving, serve_together
 from corral.bus._topology import (
     TopologyConfig,
     agent_consumer_config,
@@ -150,6 +150,7 @@ __all__ = [
     "OutputTaken",
     "PayloadTooLargeError",
     "PoisonMessageError",
+    "Serving",
     "StepEvent",
     "SupervisorInput",
     "ToolCall",

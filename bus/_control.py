@@ -13,7 +13,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Literal, Protocol
+from typing import Literal
 
 import msgspec
 from nats.js import JetStreamContext
@@ -22,6 +22,7 @@ from nats.js.errors import BucketNotFoundError, KeyNotFoundError
 from nats.js.kv import KeyValue
 
 from corral.bus import subjects
+from corral.bus._service import Serving
 from corral.bus.errors import BusError
 
 logger = logging.getLogger(__name__)
@@ -211,11 +212,3 @@ async def serve_with_control(control: ControlWatcher, *services: Serving) -> Non
         await control.shutdown()
         ready.cancel()
         await asyncio.gather(watcher, ready, *serving, return_exceptions=True)
-
-
-class Serving(Protocol):
-    """Anything served until ``shutdown()``: a consumer, a message service."""
-
-    async def run(self) -> None: ...
-
-    async def shutdown(self) -> None: ...

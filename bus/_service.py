@@ -18,7 +18,8 @@ logger = logging.getLogger(__name__)
 
 
 class Serving(Protocol):
-    """Anything served until ``shutdown()``."""
+    """Anything served until ``shutdown()``: a consumer, a message service, the supervisor,
+    the gateway; what ``serve_together``, ``serve_with_control`` and the CLI run."""
 
     async def run(self) -> None: ...
 

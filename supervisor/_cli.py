@@ -8,7 +8,7 @@ import os
 import signal
 import sys
 from collections.abc import Callable, Coroutine
-from typing import Annotated, Any, Protocol
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
@@ -17,6 +17,7 @@ from corral.bus import (
     Bus,
     BusConfig,
     CorralError,
+    Serving,
     connect,
 )
 from corral.supervisor._config import LoadedConfig, load_config, resolve_config_path
@@ -137,12 +138,7 @@ def _loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
     return uvloop.new_event_loop  # type: ignore[no-any-return]
 
 
-class _Service(Protocol):
-    async def run(self) -> None: ...
-    async def shutdown(self) -> None: ...
-
-
-async def _serve(service: _Service) -> None:
+async def _serve(service: Serving) -> None:
     """Run ``service`` until SIGTERM/SIGINT, or until the launcher that started us dies."""
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -157,7 +153,7 @@ async def _serve(service: _Service) -> None:
             await asyncio.gather(watcher, return_exceptions=True)
 
 
-async def _watch_parent(pid: int, service: _Service) -> None:
+async def _watch_parent(pid: int, service: Serving) -> None:
     # An orphaned child must not keep consuming after its launcher was killed.
     while os.getppid() == pid:  # noqa: ASYNC110 - nothing to wait on but the kernel's answer
         await asyncio.sleep(1.0)

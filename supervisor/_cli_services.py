@@ -10,6 +10,7 @@ import typer
 
 from corral.bus import (
     Bus,
+    Serving,
     subjects,
 )
 from corral.supervisor._cli import (
@@ -21,7 +22,6 @@ from corral.supervisor._cli import (
     _nats_url,
     _run,
     _serve,
-    _Service,
     _setup_logging,
     agent_app,
     err_console,
@@ -72,7 +72,7 @@ def supervisor_run(config: ConfigOption = None) -> None:
                 max_deliver=loaded.config.nats.max_deliver,
                 limits=loaded.config.limits.to_limits(),
             )
-            services: list[_Service] = [
+            services: list[Serving] = [
                 supervisor,
                 JournalService(bus.nc, store.pool, Budgets.from_config(loaded), on_over=supervisor.republish),
                 MaxDeliveriesWatcher(bus.nc, bus.js, subjects.WORK_STREAM, supervisor.dead_step),
@@ -101,7 +101,7 @@ def supervisor_run(config: ConfigOption = None) -> None:
     _run(_main())
 
 
-async def _gateway(loaded: LoadedConfig, bus: Bus, store: Any) -> _Service:
+async def _gateway(loaded: LoadedConfig, bus: Bus, store: Any) -> Serving:
     """The tool gateway of ``loaded``'s tools, with its backend prepared."""
     from datetime import timedelta
 
@@ -150,7 +150,7 @@ async def _gateway(loaded: LoadedConfig, bus: Bus, store: Any) -> _Service:
 class _Together:
     """Several services as one: run all, stop all when one stops."""
 
-    def __init__(self, services: list[_Service]) -> None:
+    def __init__(self, services: list[Serving]) -> None:
         self._services = services
 
     async def run(self) -> None:

@@ -51,6 +51,7 @@ def test_bus_exports() -> None:
         "start_problem",
         "payload_size",
         "request",
+        "Serving",
         "serve_together",
         "clear_kill",
         "ensure_control_bucket",
