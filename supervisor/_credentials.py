@@ -8,8 +8,8 @@ user/password list. Each seed is written once, with mode 0600, and reused across
 
 Permissions are allow-lists, so anything not listed is denied by the broker:
 
-* agent ``A``: publish only ``corral.from.A.{reply,error,event,dead}`` and
-  ``corral.from.A.handoff.T`` for each ``T`` the graph allows from ``A``; fetch and ack
+* agent ``A``: publish only ``corral.from.A.{reply,error,event,dead,tool,journal,waiting}``
+  and ``corral.from.A.handoff.T`` for each ``T`` the graph allows from ``A``; fetch and ack
   only its own inbox consumer; subscribe only to ``_INBOX.agent-A.>``. Agents have no
   access to the kill-switch bucket or any other JetStream API: they cannot create, delete
   or aim consumers, so they cannot blind the watchers of the processes that enforce kills

@@ -33,8 +33,8 @@ Cedar skips a policy whose evaluation fails (a missing context key, an overflow)
 would mean allowing what it was written to stop. The engine fails closed instead: any evaluation
 error denies the call, naming the policy.
 
-``context.approved_by`` is carried but not read by the sample policies: when the outcome is
-``approval`` and that approval has been granted, the gateway proceeds.
+An approval never reaches the policies: when the outcome is ``approval`` and an approval of
+that exact action has been granted, the gateway consumes it and proceeds.
 """
 
 from __future__ import annotations
@@ -97,7 +97,7 @@ class PolicyRequest:
     Context keys the sample policies read: ``amount_cents`` (int), ``account_age_days`` (int),
     ``owns_resource`` (bool: the order or subscription belongs to the acting customer),
     ``refunds_today_cents`` (int: the customer's refunds today before this one), ``irreversible``
-    (bool; read for every tool, so always present) and ``approved_by`` (str, ``""`` if none).
+    (bool; read for every tool, so always present).
     A key a relevant policy reads but the context lacks denies the call.
     """
 
