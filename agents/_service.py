@@ -3,11 +3,8 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import enum
-import json
 import logging
-from collections.abc import AsyncIterator
 from dataclasses import dataclass, field, replace
 from typing import Any, TypedDict
 
@@ -20,6 +17,7 @@ from corral.agents._decision import (
     parse_decision,
     response_format,
 )
+from corral.agents._prompts import bounded, encode_arguments, tool_message, user_prompt
 from corral.agents.errors import AgentError, DecisionError
 from corral.bus import (
     ATTEMPT,
@@ -48,6 +46,7 @@ from corral.bus import (
     StepEvent,
     ToolCall,
     ToolResult,
+    clip,
     current_traceparent,
     encode,
     limit_problem,
@@ -170,7 +169,7 @@ class AgentService:
             raise AgentError(f"task for {task.agent!r} arrived in {name}'s inbox", agent=name)
         # The task is held (in-progress acks) until its output is taken, however long the
         # model, the tools or a supervisor restart take.
-        async with _heartbeat(delivery, self._settings.heartbeat_s):
+        async with delivery.kept_alive(self._settings.heartbeat_s):
             await self._step(task, delivery.attempt)
 
     async def task_dead(self, task: AgentTask, delivery: Delivery, reason: str) -> None:
@@ -255,7 +254,7 @@ class AgentService:
             replay = {entry.index: entry for entry in answer.entries}
         messages = [
             ChatMessage(role="system", content=self._system_prompt),
-            ChatMessage(role="user", content=_user_prompt(task)),
+            ChatMessage(role="user", content=user_prompt(task)),
         ]
         for index in range(self._settings.max_tool_calls + 1):
             response = replay.get(index)
@@ -304,7 +303,7 @@ class AgentService:
                 raise AgentError(f"stopped: {result.reason}", agent=name)
             messages += [
                 ChatMessage(role="assistant", content=completion.text),
-                ChatMessage(role="user", content=_tool_message(result)),
+                ChatMessage(role="user", content=tool_message(result)),
             ]
         raise AgentError(f"more than {self._settings.max_tool_calls} tool calls in one step", agent=name)
 
@@ -329,7 +328,7 @@ class AgentService:
         self, task: AgentTask, index: int, decision: ToolDecision, response: JournalEntry | None
     ) -> ToolResult:
         name, limits = self._settings.name, self._settings.limits
-        arguments = _encode_arguments(decision.arguments)
+        arguments = encode_arguments(decision.arguments)
         why = limit_problem(
             f"arguments of {decision.tool}", arguments, limits.tool_arguments_bytes, "tool_arguments_bytes"
         )
@@ -344,7 +343,7 @@ class AgentService:
             agent=name,
             tool=decision.tool,
             arguments=decision.arguments,
-            response=_bounded(response, limits),
+            response=bounded(response, limits),
         )
         try:
             trace = current_traceparent()
@@ -391,7 +390,7 @@ class AgentService:
             step=task.step,
             resume=task.resume,
             agent=self._settings.name,
-            reason=_clip(reason.replace("\x00", "\ufffd"), limit),
+            reason=clip(reason.replace("\x00", "\ufffd"), limit),
             response=response,
         )
 
@@ -406,7 +405,7 @@ class AgentService:
         again and again. A failure that is refused too is given up on (and logged)."""
         name, limits = self._settings.name, self._settings.limits
         if not isinstance(output, AgentWaiting) and output.response is not None:
-            output = msgspec.structs.replace(output, response=_bounded(output.response, limits))
+            output = msgspec.structs.replace(output, response=bounded(output.response, limits))
         why = output_problem(output, limits)
         if why is not None and not isinstance(output, AgentFailed):
             await self._give_up(task, output, why)
@@ -478,66 +477,6 @@ class AgentService:
         await publish_live(self._bus.nc, subjects.agent_event(self._settings.name), event)
 
 
-def _encode_arguments(arguments: dict[str, Any]) -> str:
-    """A tool call's arguments as they are sent (for their size)."""
-    return msgspec.json.encode(arguments).decode()
-
-
-def _clip(text: str, limit_bytes: int) -> str:
-    """``text`` cut to at most ``limit_bytes`` of UTF-8."""
-    data = text.encode()
-    if len(data) <= limit_bytes:
-        return text
-    return data[: max(limit_bytes - 3, 0)].decode(errors="ignore") + "..."
-
-
-_CUT = "\n[cut by corral: the response was {size} bytes, over limits.response_text_bytes]"
-
-
-def _bounded(response: JournalEntry | None, limits: Limits) -> JournalEntry | None:
-    """A model response as it may be journaled: its text cut to ``limits.response_text_bytes``
-    (what it cost is kept whole), so that it fits beside what it caused."""
-    if response is None:
-        return None
-    limit = limits.response_text_bytes
-    text = response.text.replace("\x00", "\ufffd")
-    size = len(text.encode())
-    if size > limit:
-        note = _CUT.format(size=size)
-        text = _clip(text, max(limit - len(note.encode()), 0)) + note
-    return response if text == response.text else msgspec.structs.replace(response, text=text)
-
-
-def _tool_message(result: ToolResult) -> str:
-    """How a tool's outcome is shown to the model (rules of the scripted model match it)."""
-    text = f"tool {result.tool} -> {result.status}: {json.dumps(result.result, sort_keys=True)}"
-    if result.reason:
-        text += f"\nreason: {result.reason}"
-    if result.policy_ids:
-        text += f"\npolicies: {', '.join(result.policy_ids)}"
-    if result.approval_id:
-        text += f"\napproval: {result.approval_id}"
-    return text
-
-
-@contextlib.asynccontextmanager
-async def _heartbeat(delivery: Delivery, every_s: float) -> AsyncIterator[None]:
-    """Keep a long step's delivery alive (in-progress acks) until the block ends."""
-
-    async def _beat() -> None:
-        while True:
-            await asyncio.sleep(every_s)
-            with contextlib.suppress(Exception):  # a missed beat only risks a redelivery
-                await delivery.in_progress()
-
-    beating = asyncio.create_task(_beat())
-    try:
-        yield
-    finally:
-        beating.cancel()
-        await asyncio.gather(beating, return_exceptions=True)
-
-
 class _StepFields(TypedDict):
     """What every output of a step repeats from its task."""
 
@@ -557,13 +496,3 @@ class _Waiting:
 def _output_id(task: AgentTask) -> str:
     resumed = f".r{task.resume}" if task.resume else ""
     return f"{task.conversation}.{task.step}.{task.agent}.out{resumed}"
-
-
-def _user_prompt(task: AgentTask) -> str:
-    lines = [f"Customer {task.customer or '(anonymous)'} says:", task.text]
-    handoffs = [hop for hop in task.path[1:] if hop.reason]
-    if handoffs:
-        lines.append("")
-        lines.append("Notes from the agents before you:")
-        lines.extend(f"- to {hop.agent}: {hop.reason}" for hop in handoffs)
-    return "\n".join(lines)

@@ -20,7 +20,7 @@ import asyncio
 import contextlib
 import enum
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Generic, TypeVar
 
@@ -65,6 +65,24 @@ class Delivery:
     async def in_progress(self) -> None:
         """Extend the ack deadline for a long step."""
         await self.msg.in_progress()
+
+    @contextlib.asynccontextmanager
+    async def kept_alive(self, every_s: float) -> AsyncIterator[None]:
+        """Keep this delivery from being redelivered while the block runs (an in-progress
+        ack every ``every_s``): for a handler that may take longer than ``ack_wait``."""
+
+        async def beat() -> None:
+            while True:
+                await asyncio.sleep(every_s)
+                with contextlib.suppress(Exception):  # a missed beat only risks a redelivery
+                    await self.in_progress()
+
+        beating = asyncio.create_task(beat())
+        try:
+            yield
+        finally:
+            beating.cancel()
+            await asyncio.gather(beating, return_exceptions=True)
 
 
 Handler = Callable[[T, Delivery], Awaitable[None]]

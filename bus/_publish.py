@@ -123,6 +123,15 @@ def limit_problem(what: str, value: str, limit: int, setting: str = "") -> str |
     return f"{what} of {size} bytes exceeds {where} ({limit})"
 
 
+def clip(text: str, limit_bytes: int) -> str:
+    """``text`` cut to at most ``limit_bytes`` of UTF-8, ending in ``...`` when cut (a reason
+    shown to a client, a response kept in the journal)."""
+    data = text.encode()
+    if len(data) <= limit_bytes:
+        return text
+    return data[: max(limit_bytes - 3, 0)].decode(errors="ignore") + "..."
+
+
 def payload_size(data: bytes, headers: Mapping[str, str] | None = None) -> int:
     """Bytes the server counts against ``max_payload``: the body and the header block
     (``NATS/1.0``, one ``key: value`` line per header, a blank line)."""

@@ -389,7 +389,7 @@ def rollback(
 
     async def _main() -> int:
         from corral.supervisor._config import load_tools
-        from corral.supervisor._gateway import rollback as run_rollback
+        from corral.supervisor._rollback import rollback as run_rollback
 
         pool = await _operator_pool(loaded)
         try:

@@ -108,9 +108,10 @@ async def _gateway(loaded: LoadedConfig, bus: Bus, store: Any) -> Serving:
     from corral.supervisor._agent_controls import ensure_agent_controls
     from corral.supervisor._budgets import Budgets
     from corral.supervisor._config import load_tools
-    from corral.supervisor._gateway import GatewayConfig, ToolGateway, grant_tool_role
+    from corral.supervisor._gateway import GatewayConfig, ToolGateway
     from corral.supervisor._launcher import DATABASE_PREPARED_ENV
     from corral.supervisor._policy import PolicyEngine
+    from corral.supervisor._roles import grant_tool_role
     from corral.supervisor._tools_module import import_tools
 
     tools_section = loaded.config.tools

@@ -31,12 +31,11 @@ decision: the result says what would have happened.
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import json
 import logging
 import secrets
-from collections.abc import Awaitable, Callable, Collection, Iterable, Mapping, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any, TypeVar
@@ -57,7 +56,6 @@ from corral.bus import (
     ToolResult,
     ToolStatus,
     encode,
-    is_retryable,
     publish_live,
     subjects,
     traceparent_from,
@@ -68,22 +66,18 @@ from corral.supervisor._audit import AuditEntry, append_audit, digest_arguments
 from corral.supervisor._budgets import Budgets, exceeded, repeated_call
 from corral.supervisor._journal import entry_problem, journal_response
 from corral.supervisor._policy import PolicyDecision, PolicyEngine, PolicyRequest
+from corral.supervisor._roles import TOOLS_ROLE
+from corral.supervisor._tool_body import BodyFailed, ToolBody
 from corral.supervisor._tool_process import ProcessTool
-from corral.supervisor._tool_runner import ToolRunner, ToolStatementError, ToolTimeoutError
+from corral.supervisor._tool_runner import ToolRunner
 from corral.supervisor.errors import StoreError
 
 logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
-PROCESS_TOOLS = "process"
-"""The isolation of the tools the gateway runs in child processes, each wrapped in a
-``ProcessTool`` (started with the gateway, killed when it stops) that runs on its loop."""
-
 _call_decoder = msgspec.json.Decoder(ToolCall)
 _json = msgspec.json.Encoder()
-TOOLS_ROLE = "corral_tools"
-"""The NOLOGIN role tool statements run under (``grant_tool_role`` gives it a schema)."""
 _LOCK_NAMESPACE = 0x746F6F6C  # "tool"
 _CUSTOMER_NAMESPACE = 0x63757374  # "cust"
 # Evaluated on the conversation's row in the statement that journals the call's response:
@@ -114,8 +108,6 @@ _LEDGER = (
     " result, undo, reason, policy_ids, approval_id, resource_key)"
     " VALUES ($1,$2,$3,$4,$5::jsonb,$6,$7::jsonb,$8,$9,$10,$11,$12)"
 )
-_ENTER_TOOLS = f"SET LOCAL ROLE {TOOLS_ROLE}"
-_LEAVE_TOOLS = "SET LOCAL ROLE NONE"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -223,94 +215,6 @@ def _replay(call: ToolCall, recorded: dict[str, Any]) -> ToolResult:
     )
 
 
-class _BodyFailed(Exception):
-    """A tool body timed out, was refused or raised: the call's transaction is rolled back,
-    and the failure recorded for its key in another (``decision`` and ``approval_id`` say
-    what had been decided)."""
-
-    def __init__(self, reason: str) -> None:
-        super().__init__(reason)
-        self.decision: PolicyDecision | None = None
-        self.approval_id: str | None = None
-
-
-class _Body:
-    """Tool bodies of one call: run by the ``ToolRunner`` under one deadline, their
-    statements as the tools' role in the call's transaction.
-
-    Args:
-        inside: The call's first statement already entered the tools' role.
-    """
-
-    def __init__(
-        self,
-        conn: asyncpg.Connection,
-        runner: ToolRunner,
-        tool: Tool[Any],
-        timeout_s: float,
-        result_bytes: int,
-        *,
-        inside: bool,
-    ) -> None:
-        self._conn = conn
-        self._runner = runner
-        self._tool = tool
-        self._loop = asyncio.get_running_loop()
-        self._deadline = self._loop.time() + timeout_s
-        self._timeout_s = timeout_s
-        self._result_bytes = result_bytes
-        self._inside = inside
-
-    async def run(self, body: Callable[[ToolInput[Any]], Awaitable[T]], ctx: ToolInput[Any]) -> T:
-        """``body(ctx)`` as the tools' role.
-
-        Raises:
-            _BodyFailed: it timed out, was refused, raised what trying again cannot mend
-                (``bus.is_retryable``), or returned too much.
-            Exception: what it raised that trying again may mend (a backend's hiccup, or a
-                duplicate of the call that committed meanwhile): no decision; the agent
-                asks again, as often as its task may be delivered.
-        """
-        if not self._inside:
-            await self._conn.execute(_ENTER_TOOLS)
-            self._inside = True
-        remaining = self._deadline - self._loop.time()
-        name = self._tool.name
-        try:
-            result = await self._runner.run(
-                self._tool.name, body, ctx, remaining, isolation=self._tool.isolation
-            )
-        except ToolTimeoutError as exc:
-            raise _BodyFailed(f"tool {name} timed out after {self._timeout_s:g}s") from exc
-        except (ToolStatementError, asyncpg.InsufficientPrivilegeError) as exc:
-            raise _BodyFailed(f"tool {name} was refused: {exc}") from exc
-        except Exception as exc:
-            if is_retryable(exc):
-                raise
-            raise _BodyFailed(f"tool {name} raised {type(exc).__name__}: {exc}") from exc
-        if isinstance(result, dict) and (size := len(_json.encode(result))) > self._result_bytes:
-            # Its answer could not reach the agent: what it did must not stand either.
-            raise _BodyFailed(
-                f"tool {name} returned {size} bytes, over limits.tool_result_bytes"
-                f" ({self._result_bytes}); nothing it did was kept"
-            )
-        return result
-
-    async def leave(self) -> None:
-        """Back to the gateway's own role, for corral's statements (audit, ledger, approvals).
-
-        Raises:
-            _BodyFailed: the tool swallowed the error of one of its statements.
-        """
-        if not self._inside:
-            return
-        try:
-            await self._conn.execute(_LEAVE_TOOLS)
-        except asyncpg.InFailedSQLTransactionError as exc:
-            raise _BodyFailed(f"tool {self._tool.name} failed: one of its statements failed") from exc
-        self._inside = False
-
-
 class _ApprovalDenied(Exception):
     def __init__(self, approval_id: str, message: str) -> None:
         super().__init__(message)
@@ -339,7 +243,7 @@ class ToolGateway(MessageService):
         super().__init__(nc, subjects.all_agent_tools(), queue="gateway")  # type: ignore[arg-type]
         self._pool = pool
         self._tools: dict[str, Tool[Any]] = {
-            tool.name: ProcessTool(tool) if tool.isolation == PROCESS_TOOLS else tool for tool in tools
+            tool.name: ProcessTool(tool) if tool.isolation == "process" else tool for tool in tools
         }
         self._process_tools = [tool for tool in self._tools.values() if isinstance(tool, ProcessTool)]
         self._policy = policy
@@ -400,12 +304,12 @@ class ToolGateway(MessageService):
         await publish_live(self._nc, subjects.conversation_progress(client, call.conversation), update)
 
     async def _call(self, call: ToolCall, sender: str) -> tuple[ToolResult, str | None]:
-        failed: _BodyFailed | None = None
+        failed: BodyFailed | None = None
         raced = False
         while True:
             try:
                 return await self._call_once(call, sender, failed)
-            except _BodyFailed as exc:
+            except BodyFailed as exc:
                 if failed is not None:
                     raise  # cannot happen: recording a failure runs no body
                 # Everything the body did rolled back with the call's transaction; the next
@@ -421,7 +325,7 @@ class ToolGateway(MessageService):
                 raced = True
 
     async def _call_once(
-        self, call: ToolCall, sender: str, failed: _BodyFailed | None
+        self, call: ToolCall, sender: str, failed: BodyFailed | None
     ) -> tuple[ToolResult, str | None]:
         """One try at ``call``; ``failed``: the failure of a body in the try before, which
         this one records instead of running anything."""
@@ -488,7 +392,7 @@ class ToolGateway(MessageService):
                     call.step,
                 ),
             )
-            body = _Body(
+            body = ToolBody(
                 conn,
                 self._runner,
                 tool,
@@ -552,7 +456,7 @@ class ToolGateway(MessageService):
         dry_run: bool,
         record: _Record,
         repeats: int,
-        body: _Body,
+        body: ToolBody,
     ) -> ToolResult:
         budgets = self._config.budgets
         arguments = record.arguments
@@ -592,7 +496,7 @@ class ToolGateway(MessageService):
         try:
             result = await body.run(decide_then_run, ctx)
             await body.leave()
-        except _BodyFailed as failed:
+        except BodyFailed as failed:
             failed.decision = decided[0] if decided else None
             raise
         decision = decided[0]
@@ -609,7 +513,7 @@ class ToolGateway(MessageService):
         dry_run: bool,
         record: _Record,
         decision: PolicyDecision,
-        body: _Body,
+        body: ToolBody,
     ) -> ToolResult:
         """A call that is not simply allowed: denied, simulated, or waiting for approval."""
         arguments = record.arguments
@@ -693,7 +597,7 @@ class ToolGateway(MessageService):
         try:
             result = await body.run(tool.run, ctx)
             await body.leave()
-        except _BodyFailed as failed:
+        except BodyFailed as failed:
             failed.decision, failed.approval_id = decision, approval_id
             raise
         return await self._applied(conn, call, tool, ctx, decision, approval_id, record, result)
@@ -704,7 +608,7 @@ class ToolGateway(MessageService):
         call: ToolCall,
         customer: str,
         record: _Record,
-        failed: _BodyFailed,
+        failed: BodyFailed,
     ) -> ToolResult:
         """A body that timed out, was refused or raised: what it did was rolled back with the
         call's first transaction; in this one the call is answered ``error`` and recorded (a
@@ -930,155 +834,3 @@ def _entry(
         outcome=outcome,
         detail=detail,
     )
-
-
-async def grant_tool_role(conn: asyncpg.Connection, schemas: Iterable[str]) -> list[str]:
-    """Let ``corral_tools`` (the role tool statements run under) use ``schemas``: their
-    tables (read and write) and sequences, today's and those created later by the role
-    running this. Nothing else: corral's own tables stay out of a tool's reach.
-
-    Run it where the tools module's ``setup(conn)`` runs, with the schemas the module
-    declares (``SCHEMAS = ["shop"]``). Only schemas the current role owns (or may act for)
-    are granted; the others are left to their owner (``corral up`` grants as the owner).
-
-    Returns:
-        The schemas granted.
-    """
-    owned = await conn.fetch(
-        "SELECT nspname FROM pg_namespace WHERE nspname = ANY($1::text[])"
-        " AND pg_has_role(current_user, nspowner, 'MEMBER') ORDER BY nspname",
-        [_identifier(schema) and schema for schema in schemas],
-    )
-    granted = [row["nspname"] for row in owned]
-    for schema in granted:
-        name = _identifier(schema)
-        await conn.execute(
-            f"GRANT USAGE ON SCHEMA {name} TO {TOOLS_ROLE};"
-            f" GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA {name} TO {TOOLS_ROLE};"
-            f" GRANT USAGE, SELECT, UPDATE ON ALL SEQUENCES IN SCHEMA {name} TO {TOOLS_ROLE};"
-            f" ALTER DEFAULT PRIVILEGES IN SCHEMA {name}"
-            f" GRANT SELECT, INSERT, UPDATE, DELETE ON TABLES TO {TOOLS_ROLE};"
-            f" ALTER DEFAULT PRIVILEGES IN SCHEMA {name}"
-            f" GRANT USAGE, SELECT, UPDATE ON SEQUENCES TO {TOOLS_ROLE}"
-        )
-    return granted
-
-
-def _identifier(name: str) -> str:
-    if not name.replace("_", "").isalnum() or not name.isascii() or name[0].isdigit():
-        raise ValueError(f"not a plain schema name: {name!r}")
-    return f'"{name}"'
-
-
-async def rollback(
-    pool: asyncpg.Pool,
-    tools: Mapping[str, Tool[Any]],
-    conversation: str,
-    operator: str,
-    *,
-    timeout_s: float = 10.0,
-) -> list[dict[str, Any]]:
-    """Compensate a conversation's applied tool calls, newest first, each exactly once.
-
-    Each undo runs in its own transaction with its ledger mark and audit record, so an
-    interrupted rollback resumes where it stopped. An undo body runs as a tool call's does:
-    as ``corral_tools``, through the ``ToolRunner`` under ``timeout_s``, in a child for a
-    tool whose isolation is "process". Calls whose tool has no undo are reported as
-    irreversible and left alone.
-
-    Returns:
-        One entry per applied call: tool, undo, outcome.
-
-    Raises:
-        ToolTimeoutError, ToolStatementError, Exception: an undo failed; it and everything
-            after it are left for the next rollback.
-    """
-    report: list[dict[str, Any]] = []
-    rows = await pool.fetch(
-        "SELECT idempotency_key, agent, tool, arguments::text AS arguments, result::text AS result"
-        " FROM tool_ledger WHERE conversation=$1 AND status='ok' AND rolled_back_at IS NULL"
-        " ORDER BY created_at DESC, idempotency_key DESC",
-        conversation,
-    )
-    runner = ToolRunner()
-    processes: dict[str, ProcessTool] = {}
-    try:
-        for row in rows:
-            tool = tools[row["tool"]]
-            if not tool.changes_state:
-                continue
-            if tool.undo is None:
-                report.append({"tool": tool.name, "undo": None, "outcome": "irreversible: left as is"})
-                continue
-            undo = tools[tool.undo]
-            runnable = undo
-            if undo.isolation == PROCESS_TOOLS:
-                if undo.name not in processes:
-                    processes[undo.name] = ProcessTool(undo)
-                runnable = processes[undo.name]
-            arguments = undo.arguments.model_validate(
-                tool.undo_arguments(json.loads(row["arguments"]), json.loads(row["result"]))
-            )
-            result = await _undo_one(
-                pool, runner, runnable, arguments, row, conversation, operator, timeout_s
-            )
-            if result is not None:
-                report.append({"tool": tool.name, "undo": undo.name, "outcome": result})
-    finally:
-        runner.close()
-        for process in processes.values():
-            await process.close()
-    return report
-
-
-async def _undo_one(
-    pool: asyncpg.Pool,
-    runner: ToolRunner,
-    undo: Tool[Any],
-    arguments: BaseModel,
-    row: asyncpg.Record,
-    conversation: str,
-    operator: str,
-    timeout_s: float,
-) -> dict[str, Any] | None:
-    """One undo with its ledger mark and audit record; None if another rollback got there first."""
-    async with pool.acquire() as conn, conn.transaction():
-        locked = await conn.fetchval(
-            "SELECT 1 FROM tool_ledger WHERE idempotency_key=$1 AND rolled_back_at IS NULL FOR UPDATE",
-            row["idempotency_key"],
-        )
-        if locked is None:
-            return None
-        customer = await conn.fetchval("SELECT customer FROM conversations WHERE id=$1", conversation)
-        ctx = ToolInput(
-            arguments=arguments,
-            customer=customer,
-            conversation=conversation,
-            agent=row["agent"],
-            idempotency_key=f"{row['idempotency_key']}:undo",
-            conn=conn,
-        )
-        await conn.execute(_ENTER_TOOLS)
-        result: dict[str, Any] = await runner.run(
-            undo.name, undo.run, ctx, timeout_s, isolation=undo.isolation
-        )
-        await conn.execute(_LEAVE_TOOLS)
-        await conn.execute(
-            "UPDATE tool_ledger SET rolled_back_at=now() WHERE idempotency_key=$1", row["idempotency_key"]
-        )
-        dumped = arguments.model_dump(mode="json")
-        await append_audit(
-            conn,
-            AuditEntry(
-                agent=operator,
-                credential_id="admin",
-                on_behalf_of=customer,
-                conversation=conversation,
-                action=undo.name,
-                arguments_digest=digest_arguments(dumped),
-                decision="rollback",
-                outcome="applied" if "error" not in result else f"failed: {result['error']}",
-                detail=f"compensates {row['tool']} {row['idempotency_key']}",
-            ),
-        )
-    return result

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 import secrets
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
 from urllib.parse import quote, urlsplit, urlunsplit
 
@@ -35,7 +35,6 @@ async def prepare_database(owner_dsn: str, tools_module: str | None) -> None:
     Raises:
         StoreError: if PostgreSQL refuses.
     """
-    from corral.supervisor._gateway import grant_tool_role
     from corral.supervisor._store import Store
 
     await (await Store.open(owner_dsn, min_size=1, max_size=1)).close()
@@ -132,3 +131,41 @@ async def _connect(dsn: str) -> asyncpg.Connection:
         return await asyncpg.connect(dsn)
     except (OSError, asyncpg.PostgresError) as exc:
         raise StoreError(f"cannot connect to PostgreSQL: {exc}") from exc
+
+
+async def grant_tool_role(conn: asyncpg.Connection, schemas: Iterable[str]) -> list[str]:
+    """Let ``corral_tools`` (the role tool statements run under) use ``schemas``: their
+    tables (read and write) and sequences, today's and those created later by the role
+    running this. Nothing else: corral's own tables stay out of a tool's reach.
+
+    Run it where the tools module's ``setup(conn)`` runs, with the schemas the module
+    declares (``SCHEMAS = ["shop"]``). Only schemas the current role owns (or may act for)
+    are granted; the others are left to their owner (``corral up`` grants as the owner).
+
+    Returns:
+        The schemas granted.
+    """
+    owned = await conn.fetch(
+        "SELECT nspname FROM pg_namespace WHERE nspname = ANY($1::text[])"
+        " AND pg_has_role(current_user, nspowner, 'MEMBER') ORDER BY nspname",
+        [_identifier(schema) and schema for schema in schemas],
+    )
+    granted = [row["nspname"] for row in owned]
+    for schema in granted:
+        name = _identifier(schema)
+        await conn.execute(
+            f"GRANT USAGE ON SCHEMA {name} TO {TOOLS_ROLE};"
+            f" GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA {name} TO {TOOLS_ROLE};"
+            f" GRANT USAGE, SELECT, UPDATE ON ALL SEQUENCES IN SCHEMA {name} TO {TOOLS_ROLE};"
+            f" ALTER DEFAULT PRIVILEGES IN SCHEMA {name}"
+            f" GRANT SELECT, INSERT, UPDATE, DELETE ON TABLES TO {TOOLS_ROLE};"
+            f" ALTER DEFAULT PRIVILEGES IN SCHEMA {name}"
+            f" GRANT USAGE, SELECT, UPDATE ON SEQUENCES TO {TOOLS_ROLE}"
+        )
+    return granted
+
+
+def _identifier(name: str) -> str:
+    if not name.replace("_", "").isalnum() or not name.isascii() or name[0].isdigit():
+        raise ValueError(f"not a plain schema name: {name!r}")
+    return f'"{name}"'

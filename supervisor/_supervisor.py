@@ -32,6 +32,7 @@ from corral.bus import (
     Limits,
     PoisonMessageError,
     SupervisorInput,
+    clip,
     current_traceparent,
     encode,
     payload_size,
@@ -263,7 +264,7 @@ class Supervisor:
         await self._apply(
             message.conversation,
             lambda record: _decide.output_refused(
-                record, sender, message.step, message.resume, _clip(reason, self._limits.reason_bytes)
+                record, sender, message.step, message.resume, clip(reason, self._limits.reason_bytes)
             ),
         )
 
@@ -272,7 +273,7 @@ class Supervisor:
         was refused why, or escalate a conversation that was taken but cannot go on."""
         if not isinstance(message, ConversationStart):
             return  # an approval decision stays in the database; the dead letter says why
-        reason = _clip(reason, self._limits.reason_bytes)
+        reason = clip(reason, self._limits.reason_bytes)
         client = subjects.starter(delivery.subject)
         conversation = delivery.subject.rsplit(".", 1)[-1]
         if client is None:
@@ -462,14 +463,6 @@ def _is_id(value: str) -> bool:
     except ValueError:
         return False
     return True
-
-
-def _clip(text: str, limit_bytes: int) -> str:
-    """``text`` cut to at most ``limit_bytes`` of UTF-8 (a reason shown to the client)."""
-    data = text.encode()
-    if len(data) <= limit_bytes:
-        return text
-    return data[: max(limit_bytes - 3, 0)].decode(errors="ignore") + "..."
 
 
 def _log_transition(record: ConversationRecord) -> None:

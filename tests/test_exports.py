@@ -46,6 +46,7 @@ def test_bus_exports() -> None:
         "PayloadTooLargeError",
         "check_payload",
         "is_retryable",
+        "clip",
         "limit_problem",
         "output_problem",
         "start_problem",

@@ -23,9 +23,10 @@ from corral.bus import JournalEntry, Limits, ToolCall
 from corral.supervisor._approvals import ApprovalError, decide_approval, pending_approvals
 from corral.supervisor._budgets import Budgets
 from corral.supervisor._config import load_config
-from corral.supervisor._gateway import GatewayConfig, ToolGateway, rollback
+from corral.supervisor._gateway import GatewayConfig, ToolGateway
 from corral.supervisor._journal import JournalEntryError, journal_response
 from corral.supervisor._policy import PolicyEngine
+from corral.supervisor._rollback import rollback
 from tests.conftest import REPO, eventually
 from tests.sample_tools import (
     TOOLS,

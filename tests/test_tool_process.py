@@ -23,7 +23,6 @@ import psutil
 import pytest
 import uvloop
 
-import corral.supervisor._gateway as gateway_module
 from corral.agents._tools import Resource, Tool, ToolInput
 from corral.supervisor._gateway import GatewayConfig, ToolGateway
 from corral.supervisor._tool_process import ProcessTool, Row, ToolProcessError
@@ -80,8 +79,8 @@ class Probe(Tool[OrderArgs]):
 
 
 class Rendezvous(Tool[NoArgs]):
-    """Leaves its pid in ``folder`` and returns once ``count`` calls have (or after 20 s): only
-    calls in flight at once, each in a child of its own, all return at once."""
+    """Returns once ``count`` calls are in flight at once, each in a child of its own: it
+    checks in at the test's loopback rendezvous (``meeting``) and waits for its word."""
 
     name = "rendezvous"
     description = "test"
@@ -89,16 +88,39 @@ class Rendezvous(Tool[NoArgs]):
     changes_state = False
     isolation = "process"
 
-    def __init__(self, folder: str, count: int) -> None:
-        self.folder = folder
-        self.count = count
+    def __init__(self, port: int) -> None:
+        self.port = port
 
     async def run(self, call: ToolInput[NoArgs]) -> dict[str, Any]:
-        Path(self.folder, str(os.getpid())).touch()
-        deadline = time.monotonic() + 20
-        while len(os.listdir(self.folder)) < self.count and time.monotonic() < deadline:
-            time.sleep(0.01)  # the rendezvous' poll interval (the child does nothing else)
-        return {"pid": os.getpid(), "met": len(os.listdir(self.folder))}
+        reader, writer = await asyncio.open_connection("127.0.0.1", self.port)
+        try:
+            writer.write(b"here\n")
+            await writer.drain()
+            met = int(await asyncio.wait_for(reader.readline(), 20))
+        finally:
+            writer.close()
+        return {"pid": os.getpid(), "met": met}
+
+
+@contextlib.asynccontextmanager
+async def meeting(count: int) -> AsyncIterator[int]:
+    """A loopback rendezvous (its port): callers are let go in groups of ``count``, each told
+    how many met."""
+    waiting: list[asyncio.StreamWriter] = []
+
+    async def arrived(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readline()
+        waiting.append(writer)
+        if len(waiting) == count:
+            for each in waiting:
+                each.write(f"{count}\n".encode())
+            waiting.clear()
+
+    server = await asyncio.start_server(arrived, "127.0.0.1", 0)
+    try:
+        yield server.sockets[0].getsockname()[1]
+    finally:
+        server.close()
 
 
 class EvaluatingLookup(LookupOrder):
@@ -280,13 +302,11 @@ def test_a_row_reads_like_an_asyncpg_record() -> None:
 async def test_idle_children_are_reused_and_calls_in_flight_hold_their_own(
     conn: asyncpg.Connection, tmp_path: Path
 ) -> None:
-    (tmp_path / "one").mkdir()
-    async with wrapped(Rendezvous(str(tmp_path / "one"), 1), max_idle=1) as alone:
+    async with meeting(1) as port, wrapped(Rendezvous(port), max_idle=1) as alone:
         first, second = await run(alone, conn), await run(alone, conn)
         assert first["pid"] == second["pid"]  # the idle child served the second call
 
-    (tmp_path / "two").mkdir()
-    async with wrapped(Rendezvous(str(tmp_path / "two"), 2), max_idle=1) as pair:
+    async with meeting(2) as port, wrapped(Rendezvous(port), max_idle=1) as pair:
         # Neither call returns before both are in flight: each in its own child.
         both = await asyncio.wait_for(asyncio.gather(run(pair, conn), run(pair, conn)), 60)
         pids = {result["pid"] for result in both}
@@ -297,15 +317,15 @@ async def test_idle_children_are_reused_and_calls_in_flight_hold_their_own(
 
 
 async def test_start_warms_a_child_and_close_kills_it(conn: asyncpg.Connection, tmp_path: Path) -> None:
-    (tmp_path / "met").mkdir()
-    tool = ProcessTool(Rendezvous(str(tmp_path / "met"), 1))
-    before = tool_processes()
-    try:
-        await tool.start()
-        [warmed] = tool_processes() - before
-        assert (await run(tool, conn))["pid"] == warmed
-    finally:
-        await tool.close()
+    async with meeting(1) as port:
+        tool = ProcessTool(Rendezvous(port))
+        before = tool_processes()
+        try:
+            await tool.start()
+            [warmed] = tool_processes() - before
+            assert (await run(tool, conn))["pid"] == warmed
+        finally:
+            await tool.close()
     assert not alive(warmed)
     with pytest.raises(ToolProcessError, match="tool rendezvous: its processes are closed"):
         await run(tool, conn)
@@ -317,27 +337,22 @@ async def test_a_cpu_bound_body_is_killed_at_its_deadline_and_the_loop_keeps_ser
     marker = tmp_path / "pid"
     async with wrapped(EvaluatingLookup(str(marker))) as stuck:
         await stuck.start()  # the deadline bounds the body, not the child's start
-        ticks = 0
-
-        async def tick() -> None:
-            nonlocal ticks
-            while True:
-                await asyncio.sleep(0.01)  # the ticker's period: it counts the loop's turns
-                ticks += 1
-
-        ticker = asyncio.create_task(tick())
         started = time.monotonic()
-        try:
-            with pytest.raises(ToolTimeoutError, match="tool lookup_order timed out after 1s"):
-                await ToolRunner().run(
-                    stuck.name, stuck.resource, ctx(conn, OrderArgs(order_id="1001")), 1.0, isolation="loop"
-                )
-        finally:
-            ticker.cancel()
+        call = asyncio.create_task(
+            ToolRunner().run(
+                stuck.name, stuck.resource, ctx(conn, OrderArgs(order_id="1001")), 1.0, isolation="loop"
+            )
+        )
+        await eventually(marker.exists, message="the child evaluating")
+        # While the child holds its interpreter lock, this loop still serves: a thread's
+        # answer comes back through it.
+        await asyncio.wait_for(asyncio.to_thread(time.monotonic), 0.5)
+        assert not call.done()
+        with pytest.raises(ToolTimeoutError, match="tool lookup_order timed out after 1s"):
+            await call
         elapsed = time.monotonic() - started
         pid = int(marker.read_text())
         assert elapsed < 5, elapsed
-        assert ticks > 20, f"the loop turned {ticks} times in {elapsed:.1f}s"  # not stalled
         assert not alive(pid)  # killed and waited for, before the timeout was raised
         # A fresh child, warmed up meanwhile, takes the next call.
         [fresh] = await eventually(lambda: tool_processes() - {pid}, message="a replacement child")
@@ -495,11 +510,6 @@ async def test_process_tools_work_under_uvloop(shop: Shop, database_url: str, tm
 
 # --- gateway level: a tool declaring isolation = "process" --------------------------------------------
 
-needs_integration = pytest.mark.skipif(
-    not hasattr(gateway_module, "PROCESS_TOOLS"),
-    reason="the gateway does not run isolation='process' tools in ProcessTool yet",
-)
-
 
 @contextlib.asynccontextmanager
 async def process_gateway(
@@ -537,7 +547,6 @@ class ProcessBrokenRefund(BrokenRefund):
     isolation = "process"
 
 
-@needs_integration
 async def test_a_cpu_bound_process_tool_does_not_stop_the_gateway_serving_other_calls(
     shop: Shop, tmp_path: Path
 ) -> None:
@@ -566,7 +575,6 @@ async def test_a_cpu_bound_process_tool_does_not_stop_the_gateway_serving_other_
     await assert_audit_intact(shop.pool)
 
 
-@needs_integration
 @pytest.mark.parametrize(
     "statement",
     ["UPDATE approvals SET status='approved'", "RESET ROLE; UPDATE approvals SET status='approved'"],
@@ -586,7 +594,6 @@ async def test_a_process_tools_statements_run_as_the_tools_role(shop: Shop, stat
     await assert_audit_intact(shop.pool)
 
 
-@needs_integration
 async def test_a_process_tools_refund_commits_exactly_once(shop: Shop) -> None:
     await open_conversation(shop.pool, "c-proc", "cus_1001", "payments")
     tools = [ProcessRefund(), *(t for t in TOOLS if t.name != "refund")]
@@ -602,7 +609,6 @@ async def test_a_process_tools_refund_commits_exactly_once(shop: Shop) -> None:
     await assert_audit_intact(shop.pool)
 
 
-@needs_integration
 async def test_a_process_tools_exception_surfaces_in_the_gateway(shop: Shop) -> None:
     await open_conversation(shop.pool, "c-proc-crash", "cus_1001", "payments")
     tools = [ProcessCrashingRefund(), *(t for t in TOOLS if t.name != "refund")]
@@ -612,7 +618,6 @@ async def test_a_process_tools_exception_surfaces_in_the_gateway(shop: Shop) -> 
     assert await refunds(shop.pool) == []
 
 
-@needs_integration
 async def test_a_process_tool_raising_what_no_retry_mends_is_answered_error(shop: Shop) -> None:
     """The KeyError crosses as itself: the gateway finds it final, as it would in process."""
     await open_conversation(shop.pool, "c-proc-broken", "cus_1001", "payments")

@@ -1,0 +1,113 @@
+"""A tool call's bodies (``resource()`` and ``run()``) as the gateway runs them: through the
+``ToolRunner`` under one deadline, their statements as ``corral_tools`` in the call's
+transaction, and what makes one fail (a timeout, a refused statement, an error no retry
+mends, a result too big)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+
+import asyncpg
+import msgspec
+
+from corral.agents._tools import Tool, ToolInput
+from corral.bus import is_retryable
+from corral.supervisor._policy import PolicyDecision
+from corral.supervisor._roles import TOOLS_ROLE
+from corral.supervisor._tool_runner import ToolRunner, ToolStatementError, ToolTimeoutError
+
+T = TypeVar("T")
+
+ENTER_TOOLS = f"SET LOCAL ROLE {TOOLS_ROLE}"
+LEAVE_TOOLS = "SET LOCAL ROLE NONE"
+_json = msgspec.json.Encoder()
+
+
+class BodyFailed(Exception):
+    """A tool body timed out, was refused or raised: the call's transaction is rolled back,
+    and the failure recorded for its key in another (``decision`` and ``approval_id`` say
+    what had been decided)."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.decision: PolicyDecision | None = None
+        self.approval_id: str | None = None
+
+
+class ToolBody:
+    """Tool bodies of one call: run by the ``ToolRunner`` under one deadline, their
+    statements as the tools' role in the call's transaction.
+
+    Args:
+        inside: The call's first statement already entered the tools' role.
+    """
+
+    def __init__(
+        self,
+        conn: asyncpg.Connection,
+        runner: ToolRunner,
+        tool: Tool[Any],
+        timeout_s: float,
+        result_bytes: int,
+        *,
+        inside: bool,
+    ) -> None:
+        self._conn = conn
+        self._runner = runner
+        self._tool = tool
+        self._loop = asyncio.get_running_loop()
+        self._deadline = self._loop.time() + timeout_s
+        self._timeout_s = timeout_s
+        self._result_bytes = result_bytes
+        self._inside = inside
+
+    async def run(self, body: Callable[[ToolInput[Any]], Awaitable[T]], ctx: ToolInput[Any]) -> T:
+        """``body(ctx)`` as the tools' role.
+
+        Raises:
+            BodyFailed: it timed out, was refused, raised what trying again cannot mend
+                (``bus.is_retryable``), or returned too much.
+            Exception: what it raised that trying again may mend (a backend's hiccup, or a
+                duplicate of the call that committed meanwhile): no decision; the agent
+                asks again, as often as its task may be delivered.
+        """
+        if not self._inside:
+            await self._conn.execute(ENTER_TOOLS)
+            self._inside = True
+        remaining = self._deadline - self._loop.time()
+        name = self._tool.name
+        try:
+            result = await self._runner.run(
+                self._tool.name, body, ctx, remaining, isolation=self._tool.isolation
+            )
+        except ToolTimeoutError as exc:
+            raise BodyFailed(f"tool {name} timed out after {self._timeout_s:g}s") from exc
+        except (ToolStatementError, asyncpg.InsufficientPrivilegeError) as exc:
+            raise BodyFailed(f"tool {name} was refused: {exc}") from exc
+        except Exception as exc:
+            if is_retryable(exc):
+                raise
+            raise BodyFailed(f"tool {name} raised {type(exc).__name__}: {exc}") from exc
+        if isinstance(result, dict) and (size := len(_json.encode(result))) > self._result_bytes:
+            # Its answer could not reach the agent: what it did must not stand either.
+            raise BodyFailed(
+                f"tool {name} returned {size} bytes, over limits.tool_result_bytes"
+                f" ({self._result_bytes}); nothing it did was kept"
+            )
+        return result
+
+    async def leave(self) -> None:
+        """Back to the gateway's own role, for corral's statements (audit, ledger, approvals).
+
+        Raises:
+            BodyFailed: the tool swallowed the error of one of its statements.
+        """
+        if not self._inside:
+            return
+        try:
+            await self._conn.execute(LEAVE_TOOLS)
+        except asyncpg.InFailedSQLTransactionError as exc:
+            raise BodyFailed(f"tool {self._tool.name} failed: one of its statements failed") from exc
+        self._inside = False
