@@ -23,6 +23,7 @@ import dataclasses
 import logging
 import re
 import threading
+from abc import ABC, abstractmethod
 from collections.abc import Awaitable, Callable
 from typing import Any, Generic, Literal, TypeVar
 
@@ -68,7 +69,31 @@ class ToolStatementError(CorralError):
         self.retryable = False
 
 
-class ToolConnection:
+class Statements(ABC):
+    """What a tool body's ``ctx.conn`` offers: asyncpg's statement methods, each handed to
+    ``_statement`` (which runs it on the call's connection, wherever the body runs)."""
+
+    async def fetch(self, query: str, *args: Any) -> list[Any]:
+        return await self._statement("fetch", query, args)  # type: ignore[no-any-return]
+
+    async def fetchrow(self, query: str, *args: Any) -> Any:
+        return await self._statement("fetchrow", query, args)
+
+    async def fetchval(self, query: str, *args: Any, column: int = 0) -> Any:
+        return await self._statement("fetchval", query, args, column=column)
+
+    async def execute(self, query: str, *args: Any) -> str:
+        return await self._statement("execute", query, args)  # type: ignore[no-any-return]
+
+    async def executemany(self, command: str, args: Any) -> None:
+        await self._statement("executemany", command, (args,))
+
+    @abstractmethod
+    async def _statement(self, method: str, query: str, args: tuple[Any, ...], **kwargs: Any) -> Any:
+        """Run ``method(query, *args, **kwargs)`` on the call's connection."""
+
+
+class ToolConnection(Statements):
     """The call's connection as a tool body sees it from its worker thread.
 
     Only ``fetch``, ``fetchrow``, ``fetchval``, ``execute`` and ``executemany``; each runs on
@@ -81,22 +106,7 @@ class ToolConnection:
         self._closed: str | None = None
         self._running: set[asyncio.Task[Any]] = set()  # touched on the gateway's loop only
 
-    async def fetch(self, query: str, *args: Any) -> list[Any]:
-        return await self._marshal("fetch", query, args)  # type: ignore[no-any-return]
-
-    async def fetchrow(self, query: str, *args: Any) -> Any:
-        return await self._marshal("fetchrow", query, args)
-
-    async def fetchval(self, query: str, *args: Any, column: int = 0) -> Any:
-        return await self._marshal("fetchval", query, args, column=column)
-
-    async def execute(self, query: str, *args: Any) -> str:
-        return await self._marshal("execute", query, args)  # type: ignore[no-any-return]
-
-    async def executemany(self, command: str, args: Any) -> None:
-        await self._marshal("executemany", command, (args,))
-
-    async def _marshal(self, method: str, query: str, args: tuple[Any, ...], **kwargs: Any) -> Any:
+    async def _statement(self, method: str, query: str, args: tuple[Any, ...], **kwargs: Any) -> Any:
         if _ROLE_CHANGE.search(_COMMENTS.sub(" ", query).replace('"', "")):
             raise ToolStatementError(f"a tool may not change its database role: {query[:80]!r}")
 

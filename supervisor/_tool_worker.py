@@ -33,6 +33,7 @@ import asyncpg
 
 from corral.agents._tools import Tool, ToolInput
 from corral.bus.errors import CorralError, is_retryable
+from corral.supervisor._tool_runner import Statements
 from corral.supervisor._tools_module import import_tools
 
 _HEADER = struct.Struct("!I")  # the length of the pickle that follows
@@ -194,7 +195,7 @@ def decode_error(
 # --- the child -----------------------------------------------------------------------------------
 
 
-class _Gateway:
+class _Gateway(Statements):
     """The child's end of the pipes, and ``ctx.conn`` of its calls: each statement runs in
     the parent, on the call's connection."""
 
@@ -209,27 +210,12 @@ class _Gateway:
         self._out.write(frame(message))
         self._out.flush()
 
-    async def fetch(self, query: str, *args: Any) -> list[Row]:
-        return await self._statement("fetch", query, args)  # type: ignore[no-any-return]
-
-    async def fetchrow(self, query: str, *args: Any) -> Row | None:
-        return await self._statement("fetchrow", query, args)  # type: ignore[no-any-return]
-
-    async def fetchval(self, query: str, *args: Any, column: int = 0) -> Any:
-        return await self._statement("fetchval", query, args, column=column)
-
-    async def execute(self, query: str, *args: Any) -> str:
-        return await self._statement("execute", query, args)  # type: ignore[no-any-return]
-
-    async def executemany(self, command: str, args: Any) -> None:
-        await self._statement("executemany", command, (args,))
-
-    async def _statement(self, name: str, query: str, args: tuple[Any, ...], **kwargs: Any) -> Any:
+    async def _statement(self, method: str, query: str, args: tuple[Any, ...], **kwargs: Any) -> Any:
         self._seq += 1
         seq = self._seq
         reply = self._replies[seq] = asyncio.get_running_loop().create_future()
         try:
-            self.send(("statement", seq, name, query, args, kwargs))
+            self.send(("statement", seq, method, query, args, kwargs))
             return await reply
         finally:
             del self._replies[seq]
