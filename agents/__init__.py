@@ -9,7 +9,6 @@ from corral.agents._decision import (
     response_format,
 )
 from corral.agents._service import AgentService, AgentSettings, AgentState
-from corral.agents._tools import Resource, Tool, ToolInput
 from corral.agents.errors import AgentError, DecisionError
 
 __all__ = [
@@ -21,10 +20,7 @@ __all__ = [
     "DecisionError",
     "HandoffDecision",
     "ReplyDecision",
-    "Resource",
-    "Tool",
     "ToolDecision",
-    "ToolInput",
     "parse_decision",
     "response_format",
 ]

@@ -55,7 +55,7 @@ from bench._phases import RunFigures, Sizes, run_phases
 from bench.floor import HOP_NAMES, HOPS, Floor
 from corral.bus import Bus, BusConfig, ClientUpdate, ConversationEnded, connect, subjects
 from corral.supervisor import EmbeddedNats, start_conversation
-from corral.supervisor._runtime import embedded_database_url
+from corral.supervisor.stack._runtime import embedded_database_url
 
 DEPTHS = ("direct", "litellm")
 TEAM = ("triage", "payments", "account_manager")

@@ -10,11 +10,11 @@ The names load when first used, so that importing ``corral.bus`` in an agent pro
 not import the supervisor (PostgreSQL, Cedar) along with it.
 """
 
-import importlib as _importlib
 import typing as _typing
 
+from corral._lazy import lazy_exports as _lazy_exports
+
 if _typing.TYPE_CHECKING:
-    from corral.agents._tools import Resource, Tool, ToolInput
     from corral.agents.errors import AgentError, DecisionError
     from corral.bus.errors import (
         BusConnectError,
@@ -25,19 +25,20 @@ if _typing.TYPE_CHECKING:
         PoisonMessageError,
     )
     from corral.router.errors import RouterError, ScriptError
-    from corral.supervisor._approvals import ApprovalError
-    from corral.supervisor._client import send_and_wait, start_conversation
-    from corral.supervisor._config import load_config
-    from corral.supervisor._policy import PolicyError
+    from corral.supervisor.config._config import load_config
+    from corral.supervisor.core._client import send_and_wait, start_conversation
     from corral.supervisor.errors import ConcurrentChange, ConfigError, LauncherError, StoreError
+    from corral.supervisor.gateway._approvals import ApprovalError
+    from corral.supervisor.gateway._policy import PolicyError
+    from corral.supervisor.gateway._tools import Resource, Tool, ToolInput
 
 _WHERE = {
-    "Resource": "corral.agents._tools",
-    "Tool": "corral.agents._tools",
-    "ToolInput": "corral.agents._tools",
-    "start_conversation": "corral.supervisor._client",
-    "send_and_wait": "corral.supervisor._client",
-    "load_config": "corral.supervisor._config",
+    "Resource": "corral.supervisor.gateway._tools",
+    "Tool": "corral.supervisor.gateway._tools",
+    "ToolInput": "corral.supervisor.gateway._tools",
+    "start_conversation": "corral.supervisor.core._client",
+    "send_and_wait": "corral.supervisor.core._client",
+    "load_config": "corral.supervisor.config._config",
     "CorralError": "corral.bus.errors",
     "BusError": "corral.bus.errors",
     "BusConnectError": "corral.bus.errors",
@@ -52,8 +53,8 @@ _WHERE = {
     "StoreError": "corral.supervisor.errors",
     "ConcurrentChange": "corral.supervisor.errors",
     "LauncherError": "corral.supervisor.errors",
-    "PolicyError": "corral.supervisor._policy",
-    "ApprovalError": "corral.supervisor._approvals",
+    "PolicyError": "corral.supervisor.gateway._policy",
+    "ApprovalError": "corral.supervisor.gateway._approvals",
 }
 
 __all__ = [
@@ -82,14 +83,4 @@ __all__ = [
 ]
 
 
-def __getattr__(name: str) -> _typing.Any:
-    module = _WHERE.get(name)
-    if module is None:
-        raise AttributeError(f"module 'corral' has no attribute {name!r}")
-    value = getattr(_importlib.import_module(module), name)
-    globals()[name] = value  # once loaded, an ordinary attribute
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted({*globals(), *__all__})
+__getattr__, __dir__ = _lazy_exports(__name__, globals(), _WHERE)

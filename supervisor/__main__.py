@@ -1,5 +1,5 @@
 """``python -m corral.supervisor`` is the ``corral`` command."""
 
-from corral.supervisor._cli import main
+from corral.supervisor.cli import main
 
 main()

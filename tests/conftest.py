@@ -15,7 +15,7 @@ from urllib.parse import urlsplit, urlunsplit
 import asyncpg
 import pytest
 
-from corral.supervisor._embedded import EmbeddedNats, EmbeddedPostgres
+from corral.supervisor.stack._embedded import EmbeddedNats, EmbeddedPostgres
 
 os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from corral.supervisor._tools_module import import_tools
+from corral.supervisor.config._tools_module import import_tools
 from tests.conftest import REPO
 
 _tools: Any = import_tools(str(REPO / "examples" / "support" / "tools.py"))

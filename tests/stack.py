@@ -16,7 +16,7 @@ from typing import Any
 import asyncpg
 
 from corral.bus import Bus, BusConfig, connect
-from corral.supervisor._runtime import embedded_database_url
+from corral.supervisor.stack._runtime import embedded_database_url
 from tests.conftest import SAMPLE_CONFIG, eventually
 
 TEAM = {"supervisor", "triage", "payments", "tech_support", "account_manager"}

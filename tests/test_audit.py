@@ -15,7 +15,7 @@ from datetime import datetime, timedelta, timezone
 import asyncpg
 import pytest
 
-from corral.supervisor._audit import (
+from corral.supervisor.audit._audit import (
     GENESIS_HASH,
     AuditEntry,
     append_audit,
@@ -23,8 +23,8 @@ from corral.supervisor._audit import (
     digest_arguments,
     verify_audit,
 )
-from corral.supervisor._store import Store
 from corral.supervisor.errors import StoreError
+from corral.supervisor.store._store import Store
 from tests.conftest import REPO, SAMPLE_CONFIG
 
 ENTRY = AuditEntry(

@@ -21,18 +21,18 @@ import yaml
 
 from corral.bus import Bus, BusConfig, connect
 from corral.supervisor import send_and_wait
-from corral.supervisor._anchor_check import verify_anchored
-from corral.supervisor._anchors import (
+from corral.supervisor.audit._anchor_check import verify_anchored
+from corral.supervisor.audit._anchors import (
     ANCHOR_STREAM,
     ANCHOR_SUBJECT,
     AuditAnchor,
     AuditAnchorer,
     read_anchors,
 )
-from corral.supervisor._audit import append_audit, chain_hash, verify_audit
-from corral.supervisor._embedded import EmbeddedNats
-from corral.supervisor._roles import SUPERVISOR_ROLE, supervisor_login
-from corral.supervisor._store import Store
+from corral.supervisor.audit._audit import append_audit, chain_hash, verify_audit
+from corral.supervisor.stack._embedded import EmbeddedNats
+from corral.supervisor.store._roles import SUPERVISOR_ROLE, supervisor_login
+from corral.supervisor.store._store import Store
 from tests.conftest import REPO, SAMPLE_CONFIG, eventually
 from tests.stack import running_stack
 from tests.test_audit import ENTRY

@@ -6,9 +6,9 @@ import asyncpg
 import pytest
 
 from corral.bus import JournalEntry, JournalQuery
-from corral.supervisor._budgets import Budgets, exceeded
-from corral.supervisor._journal import JournalService, journal_response
-from corral.supervisor._store import Store
+from corral.supervisor.store._budgets import Budgets, exceeded
+from corral.supervisor.store._journal import JournalService, journal_response
+from corral.supervisor.store._store import Store
 
 _calls = iter(range(1_000_000))
 

@@ -143,7 +143,7 @@ def test_direct_models_must_be_scripted(tmp_path: Path) -> None:
 def test_tools_load_from_a_file_beside_the_config_whatever_the_working_directory(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from corral.supervisor._config import load_tools
+    from corral.supervisor.config._config import load_tools
 
     path = _write(tmp_path, "")
     monkeypatch.chdir("/")

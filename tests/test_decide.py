@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 from corral.bus import AgentReply, AgentTask, ConversationEnded, HandoffProposed, HandoffRefused
-from corral.supervisor._decide import Graph, from_agent, outputs
-from corral.supervisor._store import ConversationRecord
+from corral.supervisor.core._decide import Graph, from_agent, outputs
+from corral.supervisor.store._store import ConversationRecord
 
 GRAPH = Graph(entry="triage", edges={"triage": ["payments"], "payments": []}, min_confidence=0.6, max_steps=3)
 RECORD = ConversationRecord(id="c1", text="refund", current_agent="triage", step=1)

@@ -18,15 +18,15 @@ import asyncpg
 import msgspec
 import pytest
 
-from corral.agents._tools import Tool, ToolInput
 from corral.bus import JournalEntry, ToolCall, ToolResult
-from corral.supervisor._agent_controls import ensure_agent_controls
-from corral.supervisor._approvals import ApprovalError, decide_approval, pending_approvals
-from corral.supervisor._audit import verify_audit
-from corral.supervisor._gateway import _LOCK_NAMESPACE, GatewayConfig, ToolGateway
-from corral.supervisor._policy import PolicyEngine
-from corral.supervisor._roles import grant_tool_role
-from corral.supervisor._store import Store
+from corral.supervisor.audit._audit import verify_audit
+from corral.supervisor.gateway._approvals import ApprovalError, decide_approval, pending_approvals
+from corral.supervisor.gateway._gateway import _LOCK_NAMESPACE, GatewayConfig, ToolGateway
+from corral.supervisor.gateway._policy import PolicyEngine
+from corral.supervisor.gateway._tools import Tool, ToolInput
+from corral.supervisor.store._agent_controls import ensure_agent_controls
+from corral.supervisor.store._roles import grant_tool_role
+from corral.supervisor.store._store import Store
 from tests.conftest import REPO, eventually
 from tests.sample_tools import SCHEMAS, TOOLS, Refund, RefundArgs, setup
 

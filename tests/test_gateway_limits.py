@@ -18,15 +18,15 @@ import asyncpg
 import msgspec
 import pytest
 
-from corral.agents._tools import Resource, Tool, ToolInput
 from corral.bus import JournalEntry, Limits, ToolCall
-from corral.supervisor._approvals import ApprovalError, decide_approval, pending_approvals
-from corral.supervisor._budgets import Budgets
-from corral.supervisor._config import load_config
-from corral.supervisor._gateway import GatewayConfig, ToolGateway
-from corral.supervisor._journal import JournalEntryError, journal_response
-from corral.supervisor._policy import PolicyEngine
-from corral.supervisor._rollback import rollback
+from corral.supervisor.config._config import load_config
+from corral.supervisor.gateway._approvals import ApprovalError, decide_approval, pending_approvals
+from corral.supervisor.gateway._gateway import GatewayConfig, ToolGateway
+from corral.supervisor.gateway._policy import PolicyEngine
+from corral.supervisor.gateway._rollback import rollback
+from corral.supervisor.gateway._tools import Resource, Tool, ToolInput
+from corral.supervisor.store._budgets import Budgets
+from corral.supervisor.store._journal import JournalEntryError, journal_response
 from tests.conftest import REPO, eventually
 from tests.sample_tools import (
     TOOLS,
@@ -307,7 +307,7 @@ async def test_an_approval_of_a_dead_conversation_cannot_be_granted(shop: Shop, 
 
 
 async def test_an_approval_of_a_killed_agent_cannot_be_granted(shop: Shop) -> None:
-    from corral.supervisor._agent_controls import kill_agent
+    from corral.supervisor.store._agent_controls import kill_agent
 
     approval_id = await _waiting_approval(shop, "c-dead-agent")
     await kill_agent(shop.pool, "payments", "compromised", "ops")

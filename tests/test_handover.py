@@ -30,7 +30,7 @@ from corral.bus import (
 )
 from corral.router import ScriptedModel, ScriptRule, ScriptRules
 from corral.supervisor import EmbeddedNats
-from corral.supervisor._outputs import OutputDesk
+from corral.supervisor.core._outputs import OutputDesk
 from tests.conftest import eventually
 
 

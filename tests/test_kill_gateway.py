@@ -14,10 +14,10 @@ from pathlib import Path
 import asyncpg
 
 from corral.bus import ConversationWaiting, JournalQuery
-from corral.supervisor._agent_controls import agent_killed, kill_agent, revive_agent
-from corral.supervisor._budgets import Budgets
-from corral.supervisor._client import send_until_settled
-from corral.supervisor._journal import JournalService
+from corral.supervisor.core._client import send_until_settled
+from corral.supervisor.store._agent_controls import agent_killed, kill_agent, revive_agent
+from corral.supervisor.store._budgets import Budgets
+from corral.supervisor.store._journal import JournalService
 from tests.conftest import eventually
 from tests.stack import running_stack
 from tests.test_gateway import (

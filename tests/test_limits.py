@@ -42,9 +42,9 @@ from corral.bus import (
     subjects,
 )
 from corral.router import ScriptedModel, ScriptRule, ScriptRules
-from corral.supervisor._client import watching
-from corral.supervisor._embedded import EmbeddedNats
-from corral.supervisor._outputs import OutputDesk
+from corral.supervisor.core._client import watching
+from corral.supervisor.core._outputs import OutputDesk
+from corral.supervisor.stack._embedded import EmbeddedNats
 from tests.conftest import SAMPLE_CONFIG, eventually
 
 
@@ -251,9 +251,9 @@ async def test_what_a_decision_implies_must_fit_or_the_conversation_is_escalated
     input is sent over it: a start whose task would not fit is refused, a reply whose
     outcome would not fit escalates its conversation (the client hears why), and the
     supervisor stays connected."""
-    from corral.supervisor._decide import Graph
-    from corral.supervisor._store import Store
-    from corral.supervisor._supervisor import Supervisor
+    from corral.supervisor.core._decide import Graph
+    from corral.supervisor.core._supervisor import Supervisor
+    from corral.supervisor.store._store import Store
 
     store = await Store.open(database_url)
     bus = await connect(BusConfig(servers=[nats_server.url], identity="supervisor", reconnect_forever=False))

@@ -24,7 +24,7 @@ def test_the_distribution_installs_corral_alone_at_top_level() -> None:
     top_level = (distribution.read_text("top_level.txt") or "").split()
     assert top_level == ["corral"]
     [script] = [e for e in distribution.entry_points if e.group == "console_scripts"]
-    assert (script.name, script.value) == ("corral", "corral.supervisor._cli:main")
+    assert (script.name, script.value) == ("corral", "corral.supervisor.cli:main")
 
 
 def public_names() -> set[str]:
@@ -47,17 +47,19 @@ def test_corral_exports_exactly_its_all() -> None:
     with pytest.raises(AttributeError, match="has no attribute 'nope'"):
         corral.nope  # noqa: B018
     # Each name is the object of its home, and the errors form one tree.
-    assert loaded["Tool"] is importlib.import_module("corral.agents").Tool
+    assert loaded["Tool"] is importlib.import_module("corral.supervisor.gateway._tools").Tool
     for name, value in loaded.items():
         if isinstance(value, type) and issubclass(value, Exception):
             assert issubclass(value, corral.CorralError), name
 
 
 def test_importing_corral_bus_loads_no_supervisor() -> None:
-    """An agent process imports corral.bus and the tool contract, not the control plane."""
+    """An agent process imports corral.bus, and a tool author's file the tool contract: neither
+    loads the control plane."""
     code = (
-        "import sys, corral, corral.bus, corral.agents._tools;"
-        " print([m for m in ('corral.supervisor', 'cedarpy') if m in sys.modules])"
+        "import sys, corral, corral.bus; corral.Tool;"
+        " print([m for m in ('corral.supervisor.core', 'corral.supervisor.store', 'cedarpy')"
+        " if m in sys.modules])"
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, cwd="/")
     assert done.returncode == 0, done.stderr

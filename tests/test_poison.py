@@ -30,7 +30,7 @@ from corral.bus import (
     subjects,
 )
 from corral.supervisor import send_and_wait
-from corral.supervisor._client import new_conversation_id, watching
+from corral.supervisor.core._client import new_conversation_id, watching
 from tests.conftest import eventually
 from tests.stack import Stack, running_stack
 

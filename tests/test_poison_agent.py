@@ -23,7 +23,7 @@ from corral.bus import (
     subjects,
 )
 from corral.router import Completion, CompletionRequest, ScriptedModel, ScriptRule, ScriptRules
-from corral.supervisor._embedded import EmbeddedNats
+from corral.supervisor.stack._embedded import EmbeddedNats
 from tests.conftest import eventually
 
 

@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from corral.supervisor._policy import PolicyDecision, PolicyEngine, PolicyError, PolicyRequest
+from corral.supervisor.gateway._policy import PolicyDecision, PolicyEngine, PolicyError, PolicyRequest
 
 POLICIES = Path(__file__).resolve().parent.parent / "examples" / "support" / "policies"
 AGENTS = ("triage", "payments", "tech_support", "account_manager")

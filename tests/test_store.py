@@ -8,8 +8,8 @@ import contextlib
 
 import pytest
 
-from corral.supervisor._store import ConversationRecord, ConversationSnapshot, StepRecord, Store
 from corral.supervisor.errors import ConcurrentChange
+from corral.supervisor.store._store import ConversationRecord, ConversationSnapshot, StepRecord, Store
 
 
 async def test_a_decision_on_a_stale_snapshot_is_refused_and_a_fresh_one_applies(database_url: str) -> None:

@@ -1,4 +1,4 @@
-"""Tool bodies in a child process (``supervisor._tool_process``), against a real PostgreSQL and
+"""Tool bodies in a child process (``supervisor.gateway._tool_process``), against a real PostgreSQL and
 the sample shop (issue 13: a tool cannot stall the gateway, even with one C-level operation).
 
 Unit level: ``ProcessTool`` run through ``ToolRunner`` on a connection of the shop's pool, in a
@@ -23,10 +23,10 @@ import psutil
 import pytest
 import uvloop
 
-from corral.agents._tools import Resource, Tool, ToolInput
-from corral.supervisor._gateway import GatewayConfig, ToolGateway
-from corral.supervisor._tool_process import ProcessTool, Row, ToolProcessError
-from corral.supervisor._tool_runner import ToolRunner, ToolStatementError, ToolTimeoutError
+from corral.supervisor.gateway._gateway import GatewayConfig, ToolGateway
+from corral.supervisor.gateway._tool_process import ProcessTool, Row, ToolProcessError
+from corral.supervisor.gateway._tool_runner import ToolRunner, ToolStatementError, ToolTimeoutError
+from corral.supervisor.gateway._tools import Resource, Tool, ToolInput
 from tests.conftest import eventually
 from tests.sample_tools import TOOLS, LookupOrder, NoArgs, OrderArgs, Refund, RefundArgs
 from tests.test_gateway import (
@@ -250,7 +250,7 @@ def tool_processes() -> set[int]:
     found = set()
     for child in psutil.Process().children():
         with contextlib.suppress(psutil.Error):
-            if "corral.supervisor._tool_worker" in child.cmdline() and alive(child.pid):
+            if "corral.supervisor.gateway._tool_worker" in child.cmdline() and alive(child.pid):
                 found.add(child.pid)
     return found
 
@@ -437,7 +437,7 @@ class Smuggler(Tool[NoArgs]):
         self.how = how
 
     async def run(self, call: ToolInput[NoArgs]) -> dict[str, Any]:
-        from corral.supervisor._tool_worker import frame
+        from corral.supervisor.gateway._tool_worker import frame
 
         payload = Exec(f"open({self.marker!r}, 'w').close()")
         message = (

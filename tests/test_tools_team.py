@@ -12,7 +12,7 @@ import pytest
 
 from corral.bus import ClientUpdate, ConversationWaiting, ToolDecided
 from corral.supervisor import send_and_wait
-from corral.supervisor._client import send_until_settled
+from corral.supervisor.core._client import send_until_settled
 from tests.conftest import SAMPLE_CONFIG, eventually
 from tests.stack import Stack, running_stack
 

@@ -31,9 +31,9 @@ from corral.bus import (
     encode,
     subjects,
 )
-from corral.supervisor._agent_controls import agent_killed
-from corral.supervisor._budgets import Budgets, exceeded
 from corral.supervisor.errors import StoreError
+from corral.supervisor.store._agent_controls import agent_killed
+from corral.supervisor.store._budgets import Budgets, exceeded
 
 logger = logging.getLogger(__name__)
 

@@ -23,8 +23,8 @@ from dataclasses import dataclass, field
 
 import asyncpg
 
-from corral.supervisor._anchors import AuditAnchor
-from corral.supervisor._audit import GENESIS_HASH, AuditVerification, walk_positions
+from corral.supervisor.audit._anchors import AuditAnchor
+from corral.supervisor.audit._audit import GENESIS_HASH, AuditVerification, walk_positions
 
 _UNBOUNDED = 2**63
 

@@ -11,7 +11,7 @@ that appends has stopped). Counts are its own: each anchor adds the records appe
 the head it anchored before, so records removed later are never counted again. With
 ``witnessing``, each anchor also lists the ids its process appended since the one before.
 
-``supervisor._anchor_check`` compares the chain with the anchors (``corral audit verify``).
+``supervisor.audit._anchor_check`` compares the chain with the anchors (``corral audit verify``).
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ from nats.js import JetStreamContext
 from nats.js.api import DeliverPolicy, StorageType, StreamConfig
 from nats.js.errors import NotFoundError
 
-from corral.supervisor._audit import GENESIS_HASH
+from corral.supervisor.audit._audit import GENESIS_HASH
 from corral.supervisor.errors import StoreError
 
 logger = logging.getLogger(__name__)

@@ -1,6 +1,6 @@
 """The supervisor's state in PostgreSQL: conversations and their steps, via asyncpg.
 
-Migrations are numbered SQL files in ``supervisor/migrations``, applied in order at start
+Migrations are numbered SQL files in ``supervisor/store/migrations``, applied in order at start
 under an advisory lock, each once, recorded in ``corral_migrations``.
 """
 
@@ -18,11 +18,13 @@ import asyncpg
 import msgspec
 
 from corral.bus import ConversationStatus, Hop, JournalEntry, subjects
-from corral.supervisor._batch import Batcher
-from corral.supervisor._journal import journal_ctes, journal_parameters
 from corral.supervisor.errors import UNAVAILABLE, ConcurrentChange, StoreError, unavailable
+from corral.supervisor.store._batch import Batcher
+from corral.supervisor.store._journal import journal_ctes, journal_parameters
 
 logger = logging.getLogger(__name__)
+
+_MIGRATIONS = "corral.supervisor.store.migrations"
 
 _MIGRATION_LOCK = 0x636F7272  # "corr": one advisory lock id for every corral process
 
@@ -158,7 +160,7 @@ class ConversationSnapshot:
     ) -> None:
         """Write ``record`` (insert or update) with ``steps`` and, for an update, journal the
         model ``response`` (entry, sender) that ended the step; one statement, committed
-        in a batch with other conversations' saves (see ``supervisor._batch``).
+        in a batch with other conversations' saves (see ``supervisor.store._batch``).
 
         Raises:
             ConcurrentChange: the conversation was saved by someone else since it was read.
@@ -262,7 +264,7 @@ class Store:
 
     @property
     def batches(self) -> int:
-        """Batches of saves written so far (see ``supervisor._batch``)."""
+        """Batches of saves written so far (see ``supervisor.store._batch``)."""
         return self._batcher.batches
 
     @property
@@ -278,7 +280,11 @@ class Store:
     async def migrate(self) -> list[str]:
         """Apply migrations not yet applied; returns their names."""
         files = sorted(
-            (f for f in resources.files("corral.supervisor.migrations").iterdir() if f.name.endswith(".sql")),
+            (
+                f
+                for f in resources.files("corral.supervisor.store.migrations").iterdir()
+                if f.name.endswith(".sql")
+            ),
             key=lambda f: f.name,
         )
         applied: list[str] = []

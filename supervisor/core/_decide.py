@@ -30,7 +30,7 @@ from corral.bus import (
     start_problem,
     subjects,
 )
-from corral.supervisor._store import ConversationRecord, StepRecord
+from corral.supervisor.store._store import ConversationRecord, StepRecord
 
 
 @dataclass(frozen=True, kw_only=True)

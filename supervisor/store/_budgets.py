@@ -2,7 +2,7 @@
 
 Checked when the supervisor dispatches a step, by the gateway before a tool call (after
 journaling the response that asked for it, with its spend), and when a resumed step reads
-its journal. Spend is written only with a journaled response (``supervisor._journal``).
+its journal. Spend is written only with a journaled response (``supervisor.store._journal``).
 Exceeding one stops the conversation with the reason and escalates it.
 """
 
@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 import asyncpg
 
-from corral.supervisor._config import LoadedConfig
+from corral.supervisor.config._config import LoadedConfig
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -18,7 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from corral.bus import Limits, subjects
 from corral.router import SCRIPTED_PROVIDER, ModelTier
-from corral.supervisor._tools_module import import_tools
+from corral.supervisor.config._tools_module import import_tools
 from corral.supervisor.errors import ConfigError
 
 DEFAULT_CONFIG = "corral.yaml"

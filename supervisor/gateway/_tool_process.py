@@ -2,7 +2,7 @@
 yields the interpreter lock (a single C-level operation such as ``9**9**9``).
 
 ``ProcessTool`` wraps a tool, with its interface, and runs its ``resource()`` and ``run()`` in
-a child Python process (``python -m corral.supervisor._tool_worker``, which also defines the wire);
+a child Python process (``python -m corral.supervisor.gateway._tool_worker``, which also defines the wire);
 the wrapper itself runs on the caller's loop. A child gets the parent's ``sys.path`` and the
 pickled tool once, then per call the method and the ``ToolInput`` without ``conn``. Each
 statement of the body comes back here and runs on the call's ``ctx.conn`` (the gateway's
@@ -25,8 +25,8 @@ from typing import Any
 
 import asyncpg
 
-from corral.agents._tools import Resource, Tool, ToolInput
-from corral.supervisor._tool_worker import (
+from corral.supervisor.config._tools_module import file_of
+from corral.supervisor.gateway._tool_worker import (
     STATEMENTS,
     Row,
     ToolProcessError,
@@ -35,7 +35,7 @@ from corral.supervisor._tool_worker import (
     frame,
     receive,
 )
-from corral.supervisor._tools_module import file_of
+from corral.supervisor.gateway._tools import Resource, Tool, ToolInput
 
 __all__ = ["ProcessTool", "Row", "ToolProcessError"]
 
@@ -190,7 +190,7 @@ class ProcessTool(Tool[Any]):
             raise ToolProcessError(f"tool {self.name}: its processes are closed", self.name)
         pipe = asyncio.subprocess.PIPE
         proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "corral.supervisor._tool_worker", stdin=pipe, stdout=pipe
+            sys.executable, "-m", "corral.supervisor.gateway._tool_worker", stdin=pipe, stdout=pipe
         )
         child = _Child(proc, self.name)
         self._children.add(child)

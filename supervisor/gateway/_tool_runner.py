@@ -11,7 +11,7 @@ cancelled, and the caller rolls back what the tool did.
 A thread cannot stop a body that never yields the interpreter lock: a single C-level
 operation such as ``9**9**9`` holds it until it finishes, and stalls every thread. Only a
 separate process can bound that: a tool declaring ``isolation = "process"`` is wrapped in a
-``supervisor._tool_process.ProcessTool``, whose bodies run in a child process killed at the
+``supervisor.gateway._tool_process.ProcessTool``, whose bodies run in a child process killed at the
 deadline, and the wrapper runs here on the calling loop. Pure-Python loops and awaits are
 bounded here.
 """
@@ -29,8 +29,8 @@ from typing import Any, Generic, Literal, TypeVar
 
 import asyncpg
 
-from corral.agents._tools import ToolInput
 from corral.bus.errors import CorralError
+from corral.supervisor.gateway._tools import ToolInput
 
 logger = logging.getLogger(__name__)
 
@@ -187,7 +187,7 @@ class ToolRunner:
         if isolation == "process":
             raise ValueError(
                 f"tool {tool} declares isolation 'process': run it wrapped in"
-                " supervisor._tool_process.ProcessTool, with isolation 'loop'"
+                " supervisor.gateway._tool_process.ProcessTool, with isolation 'loop'"
             )
         loop = asyncio.get_running_loop()
         proxy = ToolConnection(ctx.conn, loop)

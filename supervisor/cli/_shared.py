@@ -1,4 +1,5 @@
-"""The ``corral`` command line."""
+"""What the ``corral`` command groups share: the app and its sub-apps, the consoles, exit
+codes, loading the config, connecting, and running a service until it is told to stop."""
 
 from __future__ import annotations
 
@@ -20,8 +21,9 @@ from corral.bus import (
     Serving,
     connect,
 )
-from corral.supervisor._config import LoadedConfig, load_config, resolve_config_path
-from corral.supervisor._runtime import (
+from corral.supervisor.config._config import LoadedConfig, load_config, resolve_config_path
+from corral.supervisor.errors import ConfigError
+from corral.supervisor.stack._runtime import (
     Runtime,
     configured_database_url,
     configured_nats_url,
@@ -30,7 +32,6 @@ from corral.supervisor._runtime import (
     nats_servers,
     state_dir,
 )
-from corral.supervisor.errors import ConfigError
 
 app = typer.Typer(
     add_completion=False,
@@ -60,15 +61,6 @@ EXIT_NOT_REPLIED = 1
 EXIT_CONFIG = 2
 EXIT_WAITING = 3
 EXIT_TIMEOUT = 4
-
-
-def main() -> None:
-    """Entry point of the ``corral`` console script."""
-    # The commands live in their own modules; importing them registers them on ``app``.
-    from corral.supervisor import _cli_operator, _cli_services, _cli_stack  # noqa: F401
-
-    os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
-    app()
 
 
 def _load(config: str | None) -> LoadedConfig:

@@ -75,7 +75,7 @@ class Tool(ABC, Generic[A]):
       to the gateway's loop: about half a millisecond per call); bounds pure-Python loops
       and awaits, but not one C-level operation (``9**9**9``), which holds the interpreter
       lock and stalls every thread, the gateway's loop with them.
-    - ``"process"``: in a child Python process (``supervisor._tool_process``), killed at the
+    - ``"process"``: in a child Python process (``supervisor.gateway._tool_process``), killed at the
       deadline; bounds everything, at the cost of a pipe round trip per statement and per
       body. The tool instance is pickled into the child: its class, and its arguments
       model, must be defined at module level."""

@@ -15,7 +15,7 @@ from corral.bus import (
     set_kill,
     subjects,
 )
-from corral.supervisor._cli import (
+from corral.supervisor.cli._shared import (
     EXIT_CONFIG,
     ConfigOption,
     _connect,
@@ -29,9 +29,9 @@ from corral.supervisor._cli import (
     kill_app,
     revive_app,
 )
-from corral.supervisor._config import LoadedConfig
-from corral.supervisor._credentials import ADMIN
-from corral.supervisor._runtime import (
+from corral.supervisor.config._config import LoadedConfig
+from corral.supervisor.stack._credentials import ADMIN
+from corral.supervisor.stack._runtime import (
     creds_dir,
 )
 
@@ -40,8 +40,8 @@ from corral.supervisor._runtime import (
 
 def _switch(loaded: LoadedConfig, target: KillTarget, name: str, reason: str | None) -> None:
     async def _main() -> int:
-        from corral.supervisor._agent_controls import kill_agent, revive_agent
-        from corral.supervisor._store import Store
+        from corral.supervisor.store._agent_controls import kill_agent, revive_agent
+        from corral.supervisor.store._store import Store
 
         by = os.environ.get("USER", "")
         if target == "agent":
@@ -116,7 +116,7 @@ def creds(
 ) -> None:
     """Write one nkey identity per agent, supervisor, client and admin, and the nats-server
     authorization block that grants each exactly its permissions (for an external NATS)."""
-    from corral.supervisor._credentials import authorization_block, identities
+    from corral.supervisor.stack._credentials import authorization_block, identities
 
     loaded = _load(config)
     directory = Path(out) if out else creds_dir(loaded)
@@ -167,9 +167,9 @@ def audit_verify(
     async def _main() -> int:
         import asyncpg
 
-        from corral.supervisor._anchor_check import verify_anchored
-        from corral.supervisor._store import Store
+        from corral.supervisor.audit._anchor_check import verify_anchored
         from corral.supervisor.errors import StoreError
+        from corral.supervisor.store._store import Store
 
         url = _database_url(loaded)
         # Opening the store applies pending migrations, so a fresh database verifies as empty.
@@ -219,8 +219,8 @@ def audit_verify(
 async def _audit_anchors(loaded: LoadedConfig) -> tuple[list[Any], int, str]:
     """(valid anchors, forged ones, a note when they could not be read)."""
     from corral.bus import BusError
-    from corral.supervisor._anchors import read_anchors, trusted_keys_from
-    from corral.supervisor._runtime import Runtime, configured_nats_url, state_dir
+    from corral.supervisor.audit._anchors import read_anchors, trusted_keys_from
+    from corral.supervisor.stack._runtime import Runtime, configured_nats_url, state_dir
 
     keys = trusted_keys_from(
         [creds_dir(loaded) / "supervisor.nk"], os.environ.get("CORRAL_AUDIT_PUBLIC_KEYS", "")
@@ -264,7 +264,7 @@ def approvals(
     async def _main() -> int:
         from rich.table import Table
 
-        from corral.supervisor._approvals import pending_approvals
+        from corral.supervisor.gateway._approvals import pending_approvals
 
         pool = await _operator_pool(loaded)
         try:
@@ -307,7 +307,7 @@ async def _decide(loaded: LoadedConfig, approval_id: str, approve: bool, by: str
     reached the database yet), ended, or its agent was killed.
     """
     from corral.bus import ApprovalDecided, list_kills, publish
-    from corral.supervisor._approvals import ApprovalError, decide_approval
+    from corral.supervisor.gateway._approvals import ApprovalError, decide_approval
 
     bus = await _connect(loaded, _nats_url(loaded), ADMIN, forever=False)
     try:
@@ -340,7 +340,7 @@ async def _decide(loaded: LoadedConfig, approval_id: str, approve: bool, by: str
 
 def _decide_approval(loaded: LoadedConfig, approval_id: str, approve: bool, by: str, reason: str) -> None:
     async def _main() -> int:
-        from corral.supervisor._approvals import ApprovalError
+        from corral.supervisor.gateway._approvals import ApprovalError
 
         try:
             record = await _decide(loaded, approval_id, approve, by, reason)
@@ -388,8 +388,8 @@ def rollback(
     loaded = _load(config)
 
     async def _main() -> int:
-        from corral.supervisor._config import load_tools
-        from corral.supervisor._rollback import rollback as run_rollback
+        from corral.supervisor.config._config import load_tools
+        from corral.supervisor.gateway._rollback import rollback as run_rollback
 
         pool = await _operator_pool(loaded)
         try:

@@ -10,11 +10,11 @@ from typing import Any
 import asyncpg
 from pydantic import BaseModel
 
-from corral.agents._tools import Tool, ToolInput
-from corral.supervisor._audit import AuditEntry, append_audit, digest_arguments
-from corral.supervisor._tool_body import ENTER_TOOLS, LEAVE_TOOLS
-from corral.supervisor._tool_process import ProcessTool
-from corral.supervisor._tool_runner import ToolRunner
+from corral.supervisor.audit._audit import AuditEntry, append_audit, digest_arguments
+from corral.supervisor.gateway._tool_body import ENTER_TOOLS, LEAVE_TOOLS
+from corral.supervisor.gateway._tool_process import ProcessTool
+from corral.supervisor.gateway._tool_runner import ToolRunner
+from corral.supervisor.gateway._tools import Tool, ToolInput
 
 
 async def rollback(

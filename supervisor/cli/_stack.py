@@ -26,7 +26,7 @@ from corral.bus import (
     list_kills,
     subjects,
 )
-from corral.supervisor._cli import (
+from corral.supervisor.cli._shared import (
     EXIT_CONFIG,
     EXIT_NOT_REPLIED,
     EXIT_TIMEOUT,
@@ -41,9 +41,9 @@ from corral.supervisor._cli import (
     console,
     err_console,
 )
-from corral.supervisor._config import LoadedConfig
-from corral.supervisor._credentials import ADMIN
-from corral.supervisor._runtime import (
+from corral.supervisor.config._config import LoadedConfig
+from corral.supervisor.stack._credentials import ADMIN
+from corral.supervisor.stack._runtime import (
     Runtime,
     configured_nats_url,
     pid_alive,
@@ -54,7 +54,7 @@ from corral.supervisor._runtime import (
 
 
 def _launcher(loaded: LoadedConfig, replicas: dict[str, int] | None = None) -> Any:
-    from corral.supervisor._launcher import Launcher, LauncherConfig
+    from corral.supervisor.stack._launcher import Launcher, LauncherConfig
 
     return Launcher(LauncherConfig(loaded=loaded, state_dir=state_dir(loaded), replicas=replicas or {}))
 
@@ -130,8 +130,8 @@ def migrate(config: ConfigOption = None) -> None:
     loaded = _load(config)
 
     async def _main() -> int:
-        from corral.supervisor._cli import _database_url
-        from corral.supervisor._roles import SUPERVISOR_ROLE, prepare_database, set_password
+        from corral.supervisor.cli._shared import _database_url
+        from corral.supervisor.store._roles import SUPERVISOR_ROLE, prepare_database, set_password
 
         url = _database_url(loaded)
         tools = loaded.config.tools
@@ -182,8 +182,8 @@ def demo(
     samples = yaml.safe_load(scenarios_file.read_text())["conversations"]
 
     async def _samples(runtime: Runtime) -> int:
-        from corral.supervisor._cli_operator import _decide
-        from corral.supervisor._client import send_until_settled, watching
+        from corral.supervisor.cli._operator import _decide
+        from corral.supervisor.core._client import send_until_settled, watching
 
         bus = await _connect(loaded, runtime.nats_url, subjects.DEFAULT_CLIENT, forever=False)
         failures = 0
@@ -259,7 +259,7 @@ def _print_update(update: ClientUpdate) -> None:
 
 
 def _print_ended(ended: ConversationEnded) -> None:
-    from corral.supervisor._client import format_path
+    from corral.supervisor.core._client import format_path
 
     console.print(f"  path:   {format_path(ended)}", highlight=False)
     console.print(f"  status: {ended.status}", highlight=False)
@@ -291,7 +291,7 @@ def send(
     loaded = _load(config)
 
     async def _main() -> int:
-        from corral.supervisor._client import send_until_settled, start_conversation
+        from corral.supervisor.core._client import send_until_settled, start_conversation
 
         bus = await _connect(loaded, _nats_url(loaded), subjects.DEFAULT_CLIENT, forever=False)
         try:

@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from corral.bus import TopologyConfig
-from corral.supervisor._config import LoadedConfig
+from corral.supervisor.config._config import LoadedConfig
 
 
 @dataclass(kw_only=True)

@@ -1,4 +1,4 @@
-"""The child end of ``ProcessTool`` (``python -m corral.supervisor._tool_worker``), and the wire
+"""The child end of ``ProcessTool`` (``python -m corral.supervisor.gateway._tool_worker``), and the wire
 both ends speak: length-prefixed pickle frames over the child's stdin and stdout (its stderr
 is the parent's: its logs, and what the tool prints, show there).
 
@@ -31,10 +31,10 @@ from typing import Any, cast
 
 import asyncpg
 
-from corral.agents._tools import Tool, ToolInput
 from corral.bus.errors import CorralError, is_retryable
-from corral.supervisor._tool_runner import Statements
-from corral.supervisor._tools_module import import_tools
+from corral.supervisor.config._tools_module import import_tools
+from corral.supervisor.gateway._tool_runner import Statements
+from corral.supervisor.gateway._tools import Tool, ToolInput
 
 _HEADER = struct.Struct("!I")  # the length of the pickle that follows
 STATEMENTS = frozenset({"fetch", "fetchrow", "fetchval", "execute", "executemany"})
@@ -120,8 +120,8 @@ _SENDABLE: dict[str, frozenset[str]] = {
     "asyncpg.types": frozenset(
         {"Range", "Point", "Box", "Path", "Polygon", "Line", "LineSegment", "Circle", "BitString"}
     ),
-    "corral.agents._tools": frozenset({"Resource"}),
-    "corral.supervisor._tool_worker": frozenset({"Row", "_rebuild"}),
+    "corral.supervisor.gateway._tools": frozenset({"Resource"}),
+    "corral.supervisor.gateway._tool_worker": frozenset({"Row", "_rebuild"}),
 }
 """What a child may send besides plain data: values a statement's parameters or a body's
 result may hold, and corral's own frames. Exception classes of modules the gateway has
@@ -297,6 +297,6 @@ def main() -> None:
 
 if __name__ == "__main__":
     # The module's own copy, not ``__main__``'s: frames name its classes (``Row``).
-    from corral.supervisor._tool_worker import main as _main
+    from corral.supervisor.gateway._tool_worker import main as _main
 
     _main()

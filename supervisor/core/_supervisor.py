@@ -41,12 +41,12 @@ from corral.bus import (
     serve_with_control,
     subjects,
 )
-from corral.supervisor import _decide
-from corral.supervisor._budgets import Budgets, exceeded
-from corral.supervisor._decide import Graph, Outgoing
-from corral.supervisor._outputs import OutputDesk
-from corral.supervisor._store import ConversationRecord, ConversationSnapshot, Store
+from corral.supervisor.core import _decide
+from corral.supervisor.core._decide import Graph, Outgoing
+from corral.supervisor.core._outputs import OutputDesk
 from corral.supervisor.errors import ConcurrentChange
+from corral.supervisor.store._budgets import Budgets, exceeded
+from corral.supervisor.store._store import ConversationRecord, ConversationSnapshot, Store
 
 logger = logging.getLogger(__name__)
 

@@ -20,7 +20,7 @@ For one ``ToolCall`` from agent ``A`` (identity from the subject, never the body
       call is denied when the queue is full);
    f. the effect, the ledger entry and the audit record commit together.
 
-Tool bodies run under a deadline (``supervisor._tool_runner``), their statements as the
+Tool bodies run under a deadline (``supervisor.gateway._tool_runner``), their statements as the
 role ``corral_tools`` in the call's transaction (the statement that takes the call's locks
 also enters the role). A body that times out, is refused or raises makes the whole
 transaction roll back; a second one records the failure for the key (the call's locks
@@ -46,7 +46,6 @@ from nats.aio.client import Client
 from nats.aio.msg import Msg
 from pydantic import BaseModel, ValidationError
 
-from corral.agents._tools import Tool, ToolInput
 from corral.bus import (
     DECODE_ERRORS,
     Limits,
@@ -61,16 +60,17 @@ from corral.bus import (
     traceparent_from,
     use_traceparent,
 )
-from corral.supervisor._agent_controls import KILLED_SQL
-from corral.supervisor._audit import AuditEntry, append_audit, digest_arguments
-from corral.supervisor._budgets import Budgets, exceeded, repeated_call
-from corral.supervisor._journal import entry_problem, journal_response
-from corral.supervisor._policy import PolicyDecision, PolicyEngine, PolicyRequest
-from corral.supervisor._roles import TOOLS_ROLE
-from corral.supervisor._tool_body import BodyFailed, ToolBody
-from corral.supervisor._tool_process import ProcessTool
-from corral.supervisor._tool_runner import ToolRunner
+from corral.supervisor.audit._audit import AuditEntry, append_audit, digest_arguments
 from corral.supervisor.errors import StoreError
+from corral.supervisor.gateway._policy import PolicyDecision, PolicyEngine, PolicyRequest
+from corral.supervisor.gateway._tool_body import BodyFailed, ToolBody
+from corral.supervisor.gateway._tool_process import ProcessTool
+from corral.supervisor.gateway._tool_runner import ToolRunner
+from corral.supervisor.gateway._tools import Tool, ToolInput
+from corral.supervisor.store._agent_controls import KILLED_SQL
+from corral.supervisor.store._budgets import Budgets, exceeded, repeated_call
+from corral.supervisor.store._journal import entry_problem, journal_response
+from corral.supervisor.store._roles import TOOLS_ROLE
 
 logger = logging.getLogger(__name__)
 

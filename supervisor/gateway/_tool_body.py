@@ -12,11 +12,11 @@ from typing import Any, TypeVar
 import asyncpg
 import msgspec
 
-from corral.agents._tools import Tool, ToolInput
 from corral.bus import is_retryable
-from corral.supervisor._policy import PolicyDecision
-from corral.supervisor._roles import TOOLS_ROLE
-from corral.supervisor._tool_runner import ToolRunner, ToolStatementError, ToolTimeoutError
+from corral.supervisor.gateway._policy import PolicyDecision
+from corral.supervisor.gateway._tool_runner import ToolRunner, ToolStatementError, ToolTimeoutError
+from corral.supervisor.gateway._tools import Tool, ToolInput
+from corral.supervisor.store._roles import TOOLS_ROLE
 
 T = TypeVar("T")
 

@@ -41,7 +41,7 @@ with no whitespace (separators ``,`` and ``:``) and non-ASCII characters written
 prefix. Gaps in ids are normal (an append whose transaction rolled back still used its id);
 a missing record shows up as a ``prev_hash`` that does not match the record before it. A chain
 alone cannot reveal that its newest records were removed, nor a chain rewritten from some
-record on: the supervisor keeps signed anchors of it outside PostgreSQL (``supervisor._anchors``),
+record on: the supervisor keeps signed anchors of it outside PostgreSQL (``supervisor.audit._anchors``),
 and ``corral audit verify`` checks the chain against them.
 """
 
@@ -122,7 +122,7 @@ class AuditVerification:
     """The hash of the last intact record (None for an empty log); record it elsewhere to detect
     the removal of the newest records, which no chain can show by itself."""
     anchors: int = 0
-    """Signed anchors the chain was checked against (``supervisor._anchors``)."""
+    """Signed anchors the chain was checked against (``supervisor.audit._anchors``)."""
     anchored: int = 0
     """Records confirmed by an anchor (the newest anchored count that matches)."""
     position: int | None = None

@@ -13,7 +13,7 @@ from corral.bus import (
     Serving,
     subjects,
 )
-from corral.supervisor._cli import (
+from corral.supervisor.cli._shared import (
     EXIT_CONFIG,
     ConfigOption,
     _connect,
@@ -28,9 +28,9 @@ from corral.supervisor._cli import (
     gateway_app,
     supervisor_app,
 )
-from corral.supervisor._config import LoadedConfig
-from corral.supervisor._credentials import GATEWAY, SUPERVISOR, agent_identity
-from corral.supervisor._runtime import (
+from corral.supervisor.config._config import LoadedConfig
+from corral.supervisor.stack._credentials import GATEWAY, SUPERVISOR, agent_identity
+from corral.supervisor.stack._runtime import (
     credentials_for,
     topology,
 )
@@ -46,12 +46,12 @@ def supervisor_run(config: ConfigOption = None) -> None:
 
     async def _main() -> int:
         from corral.bus import MaxDeliveriesWatcher, ensure_topology
-        from corral.supervisor._anchors import AuditAnchorer
-        from corral.supervisor._budgets import Budgets
-        from corral.supervisor._decide import Graph
-        from corral.supervisor._journal import JournalService
-        from corral.supervisor._store import Store
-        from corral.supervisor._supervisor import Supervisor
+        from corral.supervisor.audit._anchors import AuditAnchorer
+        from corral.supervisor.core._decide import Graph
+        from corral.supervisor.core._supervisor import Supervisor
+        from corral.supervisor.store._budgets import Budgets
+        from corral.supervisor.store._journal import JournalService
+        from corral.supervisor.store._store import Store
 
         bus = await _connect(loaded, _nats_url(loaded), SUPERVISOR)
         store = await Store.open(_database_url(loaded))
@@ -105,21 +105,21 @@ async def _gateway(loaded: LoadedConfig, bus: Bus, store: Any) -> Serving:
     """The tool gateway of ``loaded``'s tools, with its backend prepared."""
     from datetime import timedelta
 
-    from corral.supervisor._agent_controls import ensure_agent_controls
-    from corral.supervisor._budgets import Budgets
-    from corral.supervisor._config import load_tools
-    from corral.supervisor._gateway import GatewayConfig, ToolGateway
-    from corral.supervisor._launcher import DATABASE_PREPARED_ENV
-    from corral.supervisor._policy import PolicyEngine
-    from corral.supervisor._roles import grant_tool_role
-    from corral.supervisor._tools_module import import_tools
+    from corral.supervisor.config._config import load_tools
+    from corral.supervisor.config._tools_module import import_tools
+    from corral.supervisor.gateway._gateway import GatewayConfig, ToolGateway
+    from corral.supervisor.gateway._policy import PolicyEngine
+    from corral.supervisor.stack._launcher import DATABASE_PREPARED_ENV
+    from corral.supervisor.store._agent_controls import ensure_agent_controls
+    from corral.supervisor.store._budgets import Budgets
+    from corral.supervisor.store._roles import grant_tool_role
 
     tools_section = loaded.config.tools
     assert tools_section is not None and loaded.policies_dir is not None
     module = import_tools(tools_section.reference)
     setup = getattr(module, "setup", None)
     # Under `corral up` the owner ran the tools' setup and granted corral_tools their schemas
-    # (supervisor._roles.prepare_database): the service, connected as corral_supervisor,
+    # (supervisor.store._roles.prepare_database): the service, connected as corral_supervisor,
     # runs no DDL.
     prepared = os.environ.get(DATABASE_PREPARED_ENV) == "1"
     async with store.pool.acquire() as conn:
@@ -180,7 +180,7 @@ def gateway_run(config: ConfigOption = None) -> None:
 
     async def _main() -> int:
         from corral.bus import ConnectionGuard
-        from corral.supervisor._store import Store
+        from corral.supervisor.store._store import Store
 
         bus = await _connect(loaded, _nats_url(loaded), GATEWAY)
         store = await Store.open(_database_url(loaded))
@@ -209,7 +209,7 @@ def agent_run(
     async def _main() -> int:
         from corral.agents import AgentService, AgentSettings
         from corral.router import model_for_tier
-        from corral.supervisor._config import load_tools
+        from corral.supervisor.config._config import load_tools
 
         model = model_for_tier(loaded.tier(name), loaded.scripted_rules)
         bus = await _connect(loaded, _nats_url(loaded), agent_identity(name))

@@ -15,8 +15,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from corral.bus import Bus, BusConfig, ControlWatcher, KillSwitch, KillTarget, connect, ensure_topology
-from corral.supervisor._config import LoadedConfig
-from corral.supervisor._credentials import (
+from corral.supervisor.config._config import LoadedConfig
+from corral.supervisor.errors import LauncherError
+from corral.supervisor.stack._credentials import (
     ADMIN,
     GATEWAY,
     SUPERVISOR,
@@ -25,8 +26,8 @@ from corral.supervisor._credentials import (
     authorization_block,
     identities,
 )
-from corral.supervisor._embedded import EmbeddedNats, EmbeddedPostgres
-from corral.supervisor._runtime import (
+from corral.supervisor.stack._embedded import EmbeddedNats, EmbeddedPostgres
+from corral.supervisor.stack._runtime import (
     ChildInfo,
     Runtime,
     configured_database_url,
@@ -39,8 +40,7 @@ from corral.supervisor._runtime import (
     nats_servers,
     topology,
 )
-from corral.supervisor._sandbox import ChildUser, can_read, child_user, config_files
-from corral.supervisor.errors import LauncherError
+from corral.supervisor.stack._sandbox import ChildUser, can_read, child_user, config_files
 
 logger = logging.getLogger(__name__)
 
@@ -152,7 +152,12 @@ class Launcher:
         """Migrate as the owner, then choose the DSN the services connect with: the
         configured supervisor DSN, else ``corral_supervisor`` with a fresh password; the
         owner's own only if that role cannot serve (a warning says why)."""
-        from corral.supervisor._roles import SUPERVISOR_ROLE, can_serve, prepare_database, supervisor_login
+        from corral.supervisor.store._roles import (
+            SUPERVISOR_ROLE,
+            can_serve,
+            prepare_database,
+            supervisor_login,
+        )
 
         tools = self._config.loaded.config.tools
         module = tools.reference if tools is not None else None
@@ -242,7 +247,7 @@ class Launcher:
         sandbox: ChildUser | None = None
         if info.role not in (SUPERVISOR, GATEWAY) and os.geteuid() == 0:
             # As root, an agent runs as a user of its own, which can read no seed on disk: it
-            # gets its own through an inherited memory file (see supervisor._sandbox).
+            # gets its own through an inherited memory file (see supervisor.stack._sandbox).
             sandbox = await asyncio.to_thread(child_user, identity, seed)
             if await asyncio.to_thread(can_read, sandbox, self._agent_files(info.role)):
                 env.update(sandbox.env)

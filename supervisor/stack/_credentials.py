@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from corral.bus import subjects
-from corral.supervisor._config import LoadedConfig
+from corral.supervisor.config._config import LoadedConfig
 
 agent_identity = subjects.agent_identity
 

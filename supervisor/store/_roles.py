@@ -17,7 +17,7 @@ from urllib.parse import quote, urlsplit, urlunsplit
 
 import asyncpg
 
-from corral.supervisor._tools_module import import_tools
+from corral.supervisor.config._tools_module import import_tools
 from corral.supervisor.errors import StoreError
 
 logger = logging.getLogger(__name__)
@@ -35,7 +35,7 @@ async def prepare_database(owner_dsn: str, tools_module: str | None) -> None:
     Raises:
         StoreError: if PostgreSQL refuses.
     """
-    from corral.supervisor._store import Store
+    from corral.supervisor.store._store import Store
 
     await (await Store.open(owner_dsn, min_size=1, max_size=1)).close()
     if tools_module is None:
@@ -100,7 +100,7 @@ async def can_serve(dsn: str, tools_module: str | None) -> str | None:
     It opens the store (which applies pending migrations) and runs the tools' ``setup`` in a
     transaction it rolls back, as ``corral supervisor run`` does.
     """
-    from corral.supervisor._store import Store
+    from corral.supervisor.store._store import Store
 
     try:
         await (await Store.open(dsn, min_size=1, max_size=1)).close()

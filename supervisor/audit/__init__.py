@@ -1,0 +1,2 @@
+"""The audit chain: hash-chained records in PostgreSQL, signed anchors on JetStream, and
+checking one against the other."""

@@ -1,0 +1,1 @@
+"""A running stack: the launcher, embedded servers, credentials, the sandbox and the runtime file."""
