@@ -22,7 +22,7 @@ from corral.supervisor.config._tools_module import import_tools
 from corral.supervisor.errors import ConfigError
 
 DEFAULT_CONFIG = "corral.yaml"
-SAMPLE_CONFIG = Path(__file__).resolve().parent.parent / "examples" / "support" / "corral.yaml"
+SAMPLE_CONFIG = Path(__file__).resolve().parents[2] / "examples" / "support" / "corral.yaml"
 
 
 class _Strict(BaseModel):
