@@ -21,8 +21,9 @@ import pytest
 from corral.bus import JournalEntry, ToolCall, ToolResult
 from corral.supervisor.audit._audit import verify_audit
 from corral.supervisor.gateway._approvals import ApprovalError, decide_approval, pending_approvals
-from corral.supervisor.gateway._gateway import _LOCK_NAMESPACE, GatewayConfig, ToolGateway
+from corral.supervisor.gateway._gateway import GatewayConfig, ToolGateway
 from corral.supervisor.gateway._policy import PolicyEngine
+from corral.supervisor.gateway._statements import LOCK_NAMESPACE as _LOCK_NAMESPACE
 from corral.supervisor.gateway._tools import Tool, ToolInput
 from corral.supervisor.store._agent_controls import ensure_agent_controls
 from corral.supervisor.store._roles import grant_tool_role

@@ -1,4 +1,5 @@
-"""Human (or role) decisions on approval requests filed by the tool gateway.
+"""Approvals, all their SQL: the gateway consumes a granted one or files a request, and a
+human (or role) decides requests.
 
 An approval is bound to the hash of one exact action (conversation, customer, agent,
 tool, arguments), is single-use, and expires by the database's clock. Only the operator
@@ -8,8 +9,12 @@ can grant anything, whatever it publishes.
 
 from __future__ import annotations
 
+import hashlib
 import json
+import secrets
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any
 
 import asyncpg
@@ -20,6 +25,14 @@ from corral.bus.errors import CorralError
 class ApprovalError(CorralError):
     """An approval cannot be decided (unknown, already decided, expired, or its
     conversation or agent is no longer alive)."""
+
+
+class ApprovalDenied(Exception):
+    """A human denied this exact action: the call is denied, naming the approval."""
+
+    def __init__(self, approval_id: str, message: str) -> None:
+        super().__init__(message)
+        self.approval_id = approval_id
 
 
 _ALIVE = ("running", "waiting")
@@ -114,4 +127,107 @@ async def decide_approval(
     raise ApprovalError(
         f"approval {approval_id} cannot be granted: agent {existing['agent']} is killed"
         f" ({existing['agent_killed']})"
+    )
+
+
+def action_hash(conversation: str, customer: str, agent: str, tool: str, arguments: Mapping[str, Any]) -> str:
+    """The identity of one exact action: an approval is bound to it."""
+    canonical = json.dumps(
+        {
+            "conversation": conversation,
+            "customer": customer,
+            "agent": agent,
+            "tool": tool,
+            "arguments": arguments,
+        },
+        sort_keys=True,
+        separators=(",", ":"),
+        ensure_ascii=False,
+    )
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+@dataclass(frozen=True, kw_only=True)
+class ApprovalAsk:
+    """What a call that needs approval asks for: the action and who may approve it."""
+
+    conversation: str
+    customer: str
+    agent: str
+    tool: str
+    arguments: dict[str, Any]
+    approver: str
+    policy_ids: Sequence[str]
+
+    @property
+    def digest(self) -> str:
+        return action_hash(self.conversation, self.customer, self.agent, self.tool, self.arguments)
+
+
+async def consume_or_file(
+    conn: asyncpg.Connection, ask: ApprovalAsk, *, ttl: timedelta, max_pending: int
+) -> tuple[str | None, bool]:
+    """(approval id, granted), in the call's transaction. A granted, unexpired, unused approval
+    of this exact action is consumed (approvals are single-use); else the pending one is
+    named, or a new request filed; (None, False) when the queue is full.
+
+    Raises:
+        ApprovalDenied: a human denied this action.
+    """
+    digest = ask.digest
+    used = await conn.fetchval(
+        "UPDATE approvals SET status='used', used_at=now() WHERE id = ("
+        " SELECT id FROM approvals WHERE action_hash=$1 AND status='approved' AND expires_at > now()"
+        " ORDER BY decided_at LIMIT 1 FOR UPDATE SKIP LOCKED) RETURNING id",
+        digest,
+    )
+    if used is not None:
+        return used, True
+    refused = await conn.fetchrow(
+        "SELECT id, decided_by, reason FROM approvals WHERE action_hash=$1 AND status='denied'"
+        " ORDER BY decided_at DESC LIMIT 1",
+        digest,
+    )
+    if refused is not None:
+        raise ApprovalDenied(
+            refused["id"],
+            f"approval {refused['id']} was denied by {refused['decided_by']}: {refused['reason']}",
+        )
+    pending = await conn.fetchval(
+        "SELECT id FROM approvals WHERE action_hash=$1 AND status='pending' AND expires_at > now()", digest
+    )
+    if pending is not None:
+        return pending, False
+    queued = await conn.fetchval(
+        "SELECT count(*) FROM approvals WHERE status='pending' AND expires_at > now()"
+    )
+    if queued >= max_pending:
+        return None, False
+    return await _file(conn, ask, digest, ttl), False
+
+
+async def _file(conn: asyncpg.Connection, ask: ApprovalAsk, digest: str, ttl: timedelta) -> str:
+    approval_id = f"a-{secrets.token_hex(6)}"
+    await conn.execute(
+        "INSERT INTO approvals (id, action_hash, conversation, customer, agent, tool, arguments,"
+        " approver, policy_ids, expires_at) VALUES ($1,$2,$3,$4,$5,$6,$7::jsonb,$8,$9, now() + $10)",
+        approval_id,
+        digest,
+        ask.conversation,
+        ask.customer,
+        ask.agent,
+        ask.tool,
+        json.dumps(ask.arguments),
+        ask.approver,
+        list(ask.policy_ids),
+        ttl,
+    )
+    return approval_id
+
+
+async def keep_used(conn: asyncpg.Connection, approval_id: str) -> None:
+    """A granted approval that a failed body had consumed stays used (its first transaction
+    rolled back)."""
+    await conn.execute(
+        "UPDATE approvals SET status='used', used_at=now() WHERE id=$1 AND status='approved'", approval_id
     )
