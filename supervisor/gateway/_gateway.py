@@ -62,12 +62,12 @@ class ToolGateway(MessageService):
         config: GatewayConfig | None = None,
     ) -> None:
         super().__init__(nc, subjects.all_agent_tools(), queue="gateway")  # type: ignore[arg-type]
-        by_name: dict[str, Tool[Any]] = {
+        self._tools: dict[str, Tool[Any]] = {
             tool.name: ProcessTool(tool) if tool.isolation == "process" else tool for tool in tools
         }
-        self._process_tools = [tool for tool in by_name.values() if isinstance(tool, ProcessTool)]
+        self._process_tools = [tool for tool in self._tools.values() if isinstance(tool, ProcessTool)]
         self._runner = ToolRunner()
-        self._engine = CallEngine(pool, by_name, policy, config or GatewayConfig(), self._runner)
+        self._engine = CallEngine(pool, self._tools, policy, config or GatewayConfig(), self._runner)
 
     async def run(self) -> None:
         """Serve until ``shutdown()``; then stop the idle tool workers and kill the tool processes."""
