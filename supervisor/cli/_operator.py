@@ -29,16 +29,13 @@ from corral.supervisor.cli._shared import (
     kill_app,
     revive_app,
 )
-from corral.supervisor.config._config import LoadedConfig
 from corral.supervisor.stack._credentials import ADMIN
-from corral.supervisor.stack._runtime import (
-    creds_dir,
-)
+from corral.supervisor.stack._settings import Settings
 
 # --- kill switches and credentials ----------------------------------------------------
 
 
-def _switch(loaded: LoadedConfig, target: KillTarget, name: str, reason: str | None) -> None:
+def _switch(settings: Settings, target: KillTarget, name: str, reason: str | None) -> None:
     async def _main() -> int:
         from corral.supervisor.store._agent_controls import kill_agent, revive_agent
         from corral.supervisor.store._store import Store
@@ -47,7 +44,7 @@ def _switch(loaded: LoadedConfig, target: KillTarget, name: str, reason: str | N
         if target == "agent":
             # The gateway's own view first: this returns once no call of the agent is in
             # flight, and every call after it is refused, whatever the agent does to the bus.
-            store = await Store.open(_database_url(loaded), min_size=1, max_size=1)
+            store = await Store.open(_database_url(settings), min_size=1, max_size=1)
             try:
                 if reason is None:
                     await revive_agent(store.pool, name)
@@ -55,7 +52,7 @@ def _switch(loaded: LoadedConfig, target: KillTarget, name: str, reason: str | N
                     await kill_agent(store.pool, name, reason, by)
             finally:
                 await store.close()
-        bus = await _connect(loaded, _nats_url(loaded), ADMIN, forever=False)
+        bus = await _connect(settings, _nats_url(settings), ADMIN, forever=False)
         try:
             if reason is None:
                 changed = await clear_kill(bus.js, target, name)
@@ -78,11 +75,11 @@ def kill_agent(
 ) -> None:
     """Stop forwarding to NAME, refuse what it sends, revoke its identity, escalate its
     waiting conversations to a human."""
-    loaded = _load(config)
-    if name not in loaded.config.agents:
-        err_console.print(f"unknown agent {name!r}; defined: {', '.join(loaded.agent_names)}")
+    settings = _load(config)
+    if name not in settings.config.agents:
+        err_console.print(f"unknown agent {name!r}; defined: {', '.join(settings.loaded.agent_names)}")
         raise typer.Exit(EXIT_CONFIG)
-    _switch(loaded, "agent", name, reason)
+    _switch(settings, "agent", name, reason)
 
 
 @kill_app.command("conversation")
@@ -92,13 +89,13 @@ def kill_conversation(
     reason: Annotated[str, typer.Option(help="Why")] = "killed by an operator",
 ) -> None:
     """End a conversation now: no further step of it runs anywhere."""
-    loaded = _load(config)
+    settings = _load(config)
     try:
         subjects.check_id(conversation, "conversation id")
     except ValueError as exc:
         err_console.print(str(exc))
         raise typer.Exit(EXIT_CONFIG) from None
-    _switch(loaded, "conversation", conversation, reason)
+    _switch(settings, "conversation", conversation, reason)
 
 
 @revive_app.command("agent")
@@ -118,9 +115,9 @@ def creds(
     authorization block that grants each exactly its permissions (for an external NATS)."""
     from corral.supervisor.stack._credentials import authorization_block, identities
 
-    loaded = _load(config)
-    directory = Path(out) if out else creds_dir(loaded)
-    ids = identities(loaded, directory)
+    settings = _load(config)
+    directory = Path(out) if out else settings.creds_dir
+    ids = identities(settings.loaded, directory)
     block = directory / "nats-authorization.conf"
     block.write_text(authorization_block(ids))
     console.print(f"wrote {len(ids)} identities (mode 0600) and {block}", highlight=False)
@@ -162,7 +159,7 @@ def audit_verify(
     reason go to stderr), 3 with ``--require-anchors``, the chain is intact but no signed
     anchor could confirm it (the note says why).
     """
-    loaded = _load(config)
+    settings = _load(config)
 
     async def _main() -> int:
         import asyncpg
@@ -171,10 +168,10 @@ def audit_verify(
         from corral.supervisor.errors import StoreError
         from corral.supervisor.store._store import Store
 
-        url = _database_url(loaded)
+        url = _database_url(settings)
         # Opening the store applies pending migrations, so a fresh database verifies as empty.
         await (await Store.open(url, min_size=1, max_size=1)).close()
-        anchors, forged, note = await _audit_anchors(loaded)
+        anchors, forged, note = await _audit_anchors(settings)
         try:
             conn = await asyncpg.connect(url)
         except (OSError, asyncpg.PostgresError) as exc:
@@ -216,23 +213,21 @@ def audit_verify(
     _run(_main())
 
 
-async def _audit_anchors(loaded: LoadedConfig) -> tuple[list[Any], int, str]:
+async def _audit_anchors(settings: Settings) -> tuple[list[Any], int, str]:
     """(valid anchors, forged ones, a note when they could not be read)."""
     from corral.bus import BusError
     from corral.supervisor.audit._anchors import read_anchors, trusted_keys_from
-    from corral.supervisor.stack._runtime import Runtime, configured_nats_url, state_dir
+    from corral.supervisor.stack._runtime import Runtime
 
-    keys = trusted_keys_from(
-        [creds_dir(loaded) / "supervisor.nk"], os.environ.get("CORRAL_AUDIT_PUBLIC_KEYS", "")
-    )
-    running = Runtime.read(state_dir(loaded))
-    url = configured_nats_url(loaded) or (running.nats_url if running else None)
+    keys = trusted_keys_from([settings.creds_dir / "supervisor.nk"], settings.audit_public_keys)
+    running = Runtime.read(settings.state_dir)
+    url = settings.nats_url or (running.nats_url if running else None)
     if url is None:
         return [], 0, "no NATS (set NATS_URL or start the team): anchors not checked"
     if not keys:
         return [], 0, "no trusted key (CORRAL_AUDIT_PUBLIC_KEYS or creds/supervisor.nk): anchors not checked"
     try:
-        bus = await _connect(loaded, url, ADMIN, forever=False)
+        bus = await _connect(settings, url, ADMIN, forever=False)
     except BusError as exc:
         return [], 0, f"cannot reach NATS ({exc}): anchors not checked"
     try:
@@ -247,10 +242,10 @@ async def _audit_anchors(loaded: LoadedConfig) -> tuple[list[Any], int, str]:
 # --- approvals and compensation -------------------------------------------------------
 
 
-async def _operator_pool(loaded: LoadedConfig) -> Any:
+async def _operator_pool(settings: Settings) -> Any:
     import asyncpg
 
-    return await asyncpg.create_pool(_database_url(loaded), min_size=1, max_size=2)
+    return await asyncpg.create_pool(_database_url(settings), min_size=1, max_size=2)
 
 
 @app.command()
@@ -259,14 +254,14 @@ def approvals(
     as_json: Annotated[bool, typer.Option("--json", help="Machine-readable")] = False,
 ) -> None:
     """List the approval requests waiting for a decision."""
-    loaded = _load(config)
+    settings = _load(config)
 
     async def _main() -> int:
         from rich.table import Table
 
         from corral.supervisor.gateway._approvals import pending_approvals
 
-        pool = await _operator_pool(loaded)
+        pool = await _operator_pool(settings)
         try:
             pending = await pending_approvals(pool)
         finally:
@@ -300,7 +295,7 @@ def approvals(
     _run(_main())
 
 
-async def _decide(loaded: LoadedConfig, approval_id: str, approve: bool, by: str, reason: str) -> Any:
+async def _decide(settings: Settings, approval_id: str, approve: bool, by: str, reason: str) -> Any:
     """Record the decision, then tell the supervisor (it re-reads it from the database).
 
     A grant is refused when the approval's conversation was killed (the switch may not have
@@ -309,9 +304,9 @@ async def _decide(loaded: LoadedConfig, approval_id: str, approve: bool, by: str
     from corral.bus import ApprovalDecided, list_kills, publish
     from corral.supervisor.gateway._approvals import ApprovalError, decide_approval
 
-    bus = await _connect(loaded, _nats_url(loaded), ADMIN, forever=False)
+    bus = await _connect(settings, _nats_url(settings), ADMIN, forever=False)
     try:
-        pool = await _operator_pool(loaded)
+        pool = await _operator_pool(settings)
         try:
             if approve:
                 conversation = await pool.fetchval(
@@ -338,12 +333,12 @@ async def _decide(loaded: LoadedConfig, approval_id: str, approve: bool, by: str
     return record
 
 
-def _decide_approval(loaded: LoadedConfig, approval_id: str, approve: bool, by: str, reason: str) -> None:
+def _decide_approval(settings: Settings, approval_id: str, approve: bool, by: str, reason: str) -> None:
     async def _main() -> int:
         from corral.supervisor.gateway._approvals import ApprovalError
 
         try:
-            record = await _decide(loaded, approval_id, approve, by, reason)
+            record = await _decide(settings, approval_id, approve, by, reason)
         except ApprovalError as exc:
             err_console.print(str(exc))
             return 1
@@ -385,17 +380,15 @@ def rollback(
     config: ConfigOption = None,
 ) -> None:
     """Run the undo of every tool call the conversation applied, newest first."""
-    loaded = _load(config)
+    settings = _load(config)
 
     async def _main() -> int:
-        from corral.supervisor.config._config import load_tools
         from corral.supervisor.gateway._rollback import rollback as run_rollback
 
-        pool = await _operator_pool(loaded)
+        by = os.environ.get("USER", "operator")
+        pool = await _operator_pool(settings)
         try:
-            report = await run_rollback(
-                pool, load_tools(loaded.config), conversation, os.environ.get("USER", "operator")
-            )
+            report = await run_rollback(pool, settings.tools, conversation, by)
         finally:
             await pool.close()
         if not report:

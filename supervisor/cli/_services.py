@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import os
 from typing import Annotated, Any
 
 import typer
@@ -28,12 +27,8 @@ from corral.supervisor.cli._shared import (
     gateway_app,
     supervisor_app,
 )
-from corral.supervisor.config._config import LoadedConfig
 from corral.supervisor.stack._credentials import GATEWAY, SUPERVISOR, agent_identity
-from corral.supervisor.stack._runtime import (
-    credentials_for,
-    topology,
-)
+from corral.supervisor.stack._settings import Settings
 
 # --- services -------------------------------------------------------------------------
 
@@ -41,45 +36,37 @@ from corral.supervisor.stack._runtime import (
 @supervisor_app.command("run")
 def supervisor_run(config: ConfigOption = None) -> None:
     """Run the supervisor: enforce the handoff graph and record conversations."""
-    loaded = _load(config)
+    settings = _load(config)
     _setup_logging()
 
     async def _main() -> int:
         from corral.bus import MaxDeliveriesWatcher, ensure_topology
         from corral.supervisor.audit._anchors import AuditAnchorer
-        from corral.supervisor.core._decide import Graph
         from corral.supervisor.core._supervisor import Supervisor
-        from corral.supervisor.store._budgets import Budgets
         from corral.supervisor.store._journal import JournalService
         from corral.supervisor.store._store import Store
 
-        bus = await _connect(loaded, _nats_url(loaded), SUPERVISOR)
-        store = await Store.open(_database_url(loaded))
+        tools = settings.config.tools
+        bus = await _connect(settings, _nats_url(settings), SUPERVISOR)
+        store = await Store.open(_database_url(settings))
         try:
-            await ensure_topology(bus.js, loaded.agent_names, topology(loaded))
-            graph = Graph(
-                entry=loaded.config.graph.entry,
-                edges={k: list(v) for k, v in loaded.config.graph.edges.items()},
-                min_confidence=loaded.config.graph.min_confidence,
-                max_steps=loaded.config.conversation.max_steps,
-                max_pingpong=loaded.config.conversation.max_pingpong,
-            )
+            await ensure_topology(bus.js, settings.loaded.agent_names, settings.topology)
             supervisor = Supervisor(
                 bus,
                 store,
-                graph,
-                budgets=Budgets.from_config(loaded),
-                max_deliver=loaded.config.nats.max_deliver,
-                limits=loaded.config.limits.to_limits(),
+                settings.graph,
+                budgets=settings.budgets,
+                max_deliver=settings.config.nats.max_deliver,
+                limits=settings.limits,
             )
             services: list[Serving] = [
                 supervisor,
-                JournalService(bus.nc, store.pool, Budgets.from_config(loaded), on_over=supervisor.republish),
+                JournalService(bus.nc, store.pool, settings.budgets, on_over=supervisor.republish),
                 MaxDeliveriesWatcher(bus.nc, bus.js, subjects.WORK_STREAM, supervisor.dead_step),
             ]
-            if loaded.config.tools is not None and not loaded.config.tools.separate_gateway:
-                services.append(await _gateway(loaded, bus, store))
-            seed = credentials_for(loaded, SUPERVISOR)
+            if tools is not None and not tools.separate_gateway:
+                services.append(await _gateway(settings, bus, store))
+            seed = settings.credentials_for(SUPERVISOR)
             if seed is None:
                 await _serve(_Together(services))
             else:
@@ -89,8 +76,8 @@ def supervisor_run(config: ConfigOption = None) -> None:
                     bus.js,
                     store.pool,
                     seed,
-                    interval_s=loaded.config.audit.anchor_interval_s,
-                    replicas=topology(loaded).replicas,
+                    interval_s=settings.config.audit.anchor_interval_s,
+                    replicas=settings.topology.replicas,
                 ) as anchorer:
                     await _serve(_Together([*services, anchorer]))
         finally:
@@ -101,27 +88,23 @@ def supervisor_run(config: ConfigOption = None) -> None:
     _run(_main())
 
 
-async def _gateway(loaded: LoadedConfig, bus: Bus, store: Any) -> Serving:
-    """The tool gateway of ``loaded``'s tools, with its backend prepared."""
-    from datetime import timedelta
-
-    from corral.supervisor.config._config import load_tools
+async def _gateway(settings: Settings, bus: Bus, store: Any) -> Serving:
+    """The tool gateway of the team's tools, with its backend prepared."""
     from corral.supervisor.config._tools_module import import_tools
-    from corral.supervisor.gateway._gateway import GatewayConfig, ToolGateway
+    from corral.supervisor.gateway._gateway import ToolGateway
     from corral.supervisor.gateway._policy import PolicyEngine
-    from corral.supervisor.stack._launcher import DATABASE_PREPARED_ENV
     from corral.supervisor.store._agent_controls import ensure_agent_controls
-    from corral.supervisor.store._budgets import Budgets
     from corral.supervisor.store._roles import grant_tool_role
 
-    tools_section = loaded.config.tools
-    assert tools_section is not None and loaded.policies_dir is not None
+    tools_section = settings.config.tools
+    policies_dir = settings.loaded.policies_dir
+    assert tools_section is not None and policies_dir is not None
     module = import_tools(tools_section.reference)
     setup = getattr(module, "setup", None)
     # Under `corral up` the owner ran the tools' setup and granted corral_tools their schemas
     # (supervisor.store._roles.prepare_database): the service, connected as corral_supervisor,
     # runs no DDL.
-    prepared = os.environ.get(DATABASE_PREPARED_ENV) == "1"
+    prepared = settings.database_prepared
     async with store.pool.acquire() as conn:
         if setup is not None and not prepared:
             await setup(conn)
@@ -129,22 +112,13 @@ async def _gateway(loaded: LoadedConfig, bus: Bus, store: Any) -> Serving:
             # Tool statements run as corral_tools: it reaches the schemas the module declares.
             await grant_tool_role(conn, getattr(module, "SCHEMAS", ()))
         # Every agent has a kill row before its first call (a kill waits on it).
-        await ensure_agent_controls(conn, loaded.agent_names)
-    agents = loaded.config.agents
+        await ensure_agent_controls(conn, settings.loaded.agent_names)
     return ToolGateway(
         bus.nc,
         store.pool,
-        load_tools(loaded.config).values(),
-        PolicyEngine.load(loaded.policies_dir),
-        GatewayConfig(
-            budgets=Budgets.from_config(loaded),
-            approval_ttl=timedelta(seconds=tools_section.approval_ttl_s),
-            max_pending_approvals=tools_section.max_pending_approvals,
-            grants={name: frozenset(agent.tools) for name, agent in agents.items()},
-            max_calls_per_step={name: agent.max_tool_calls for name, agent in agents.items()},
-            call_timeout_s=tools_section.call_timeout_s,
-            limits=loaded.config.limits.to_limits(),
-        ),
+        settings.tools.values(),
+        PolicyEngine.load(policies_dir),
+        settings.gateway_config,
     )
 
 
@@ -172,9 +146,9 @@ class _Together:
 @gateway_app.command("run")
 def gateway_run(config: ConfigOption = None) -> None:
     """Run the tool gateway alone (several may run: they share the work)."""
-    loaded = _load(config)
-    if loaded.config.tools is None:
-        err_console.print(f"{loaded.path} configures no tools")
+    settings = _load(config)
+    if settings.config.tools is None:
+        err_console.print(f"{settings.path} configures no tools")
         raise typer.Exit(EXIT_CONFIG)
     _setup_logging()
 
@@ -182,11 +156,11 @@ def gateway_run(config: ConfigOption = None) -> None:
         from corral.bus import ConnectionGuard
         from corral.supervisor.store._store import Store
 
-        bus = await _connect(loaded, _nats_url(loaded), GATEWAY)
-        store = await Store.open(_database_url(loaded))
+        bus = await _connect(settings, _nats_url(settings), GATEWAY)
+        store = await Store.open(_database_url(settings))
         try:
             # A connection closed for good ends the process (so whatever started it restarts it).
-            await _serve(_Together([await _gateway(loaded, bus, store), ConnectionGuard(bus)]))
+            await _serve(_Together([await _gateway(settings, bus, store), ConnectionGuard(bus)]))
         finally:
             await bus.close()
             await store.close()
@@ -200,36 +174,21 @@ def agent_run(
     name: Annotated[str, typer.Argument(help="The agent to run")], config: ConfigOption = None
 ) -> None:
     """Run one agent: consume its inbox, call its model, propose handoffs or reply."""
-    loaded = _load(config)
-    if name not in loaded.config.agents:
-        err_console.print(f"unknown agent {name!r}; {loaded.path} defines: {', '.join(loaded.agent_names)}")
+    settings = _load(config)
+    if name not in settings.config.agents:
+        defined = ", ".join(settings.loaded.agent_names)
+        err_console.print(f"unknown agent {name!r}; {settings.path} defines: {defined}")
         raise typer.Exit(EXIT_CONFIG)
     _setup_logging()
 
     async def _main() -> int:
-        from corral.agents import AgentService, AgentSettings
+        from corral.agents import AgentService
         from corral.router import model_for_tier
-        from corral.supervisor.config._config import load_tools
 
-        model = model_for_tier(loaded.tier(name), loaded.scripted_rules)
-        bus = await _connect(loaded, _nats_url(loaded), agent_identity(name))
+        model = model_for_tier(settings.tier(name), settings.loaded.scripted_rules)
+        bus = await _connect(settings, _nats_url(settings), agent_identity(name))
         try:
-            tools = load_tools(loaded.config)
-            offered = [
-                {"name": t, "description": tools[t].description, "schema": tools[t].schema()}
-                for t in loaded.config.agents[name].tools
-            ]
-            settings = AgentSettings(
-                tools=offered,
-                name=name,
-                instructions=loaded.instructions[name],
-                handoff_targets=loaded.targets(name),
-                heartbeat_s=loaded.config.nats.ack_wait_s / 3,
-                max_tool_calls=loaded.config.agents[name].max_tool_calls,
-                max_deliver=loaded.config.nats.max_deliver,
-                limits=loaded.config.limits.to_limits(),
-            )
-            await _serve(AgentService(settings, bus, model))
+            await _serve(AgentService(settings.agent_settings(name), bus, model))
         finally:
             await bus.close()
         return 0

@@ -21,17 +21,9 @@ from corral.bus import (
     Serving,
     connect,
 )
-from corral.supervisor.config._config import LoadedConfig, load_config, resolve_config_path
 from corral.supervisor.errors import ConfigError
-from corral.supervisor.stack._runtime import (
-    Runtime,
-    configured_database_url,
-    configured_nats_url,
-    credentials_for,
-    embedded_database_url,
-    nats_servers,
-    state_dir,
-)
+from corral.supervisor.stack._runtime import Runtime, embedded_database_url, nats_servers
+from corral.supervisor.stack._settings import Settings
 
 app = typer.Typer(
     add_completion=False,
@@ -63,9 +55,10 @@ EXIT_WAITING = 3
 EXIT_TIMEOUT = 4
 
 
-def _load(config: str | None) -> LoadedConfig:
+def _load(config: str | None) -> Settings:
+    """The command's settings: the config ``-c`` names and the environment, read once."""
     try:
-        return load_config(resolve_config_path(config))
+        return Settings.load(config)
     except ConfigError as exc:
         err_console.print(f"[red]config error[/red]\n{exc}", highlight=False)
         raise typer.Exit(EXIT_CONFIG) from exc
@@ -79,29 +72,29 @@ def _setup_logging(level: int = logging.INFO) -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
-def _nats_url(loaded: LoadedConfig) -> str:
-    return configured_nats_url(loaded) or _running(loaded, "NATS server", "NATS_URL").nats_url
+def _nats_url(settings: Settings) -> str:
+    return settings.nats_url or _running(settings, "NATS server", "NATS_URL").nats_url
 
 
-def _database_url(loaded: LoadedConfig) -> str:
+def _database_url(settings: Settings) -> str:
     """The configured DSN, else the embedded PostgreSQL's, found through the state directory
     (``runtime.json`` holds no DSN)."""
-    url = configured_database_url(loaded)
+    url = settings.database_url
     if url:
         return url
-    _running(loaded, "database", "DATABASE_URL")
-    embedded = embedded_database_url(state_dir(loaded))
+    _running(settings, "database", "DATABASE_URL")
+    embedded = embedded_database_url(settings.state_dir)
     if embedded is None:
         err_console.print(
-            f"no database: the stack in {state_dir(loaded)} uses no embedded PostgreSQL "
+            f"no database: the stack in {settings.state_dir} uses no embedded PostgreSQL "
             "that this user can reach; set DATABASE_URL"
         )
         raise typer.Exit(1)
     return embedded
 
 
-def _running(loaded: LoadedConfig, what: str, variable: str) -> Runtime:
-    runtime = Runtime.read(state_dir(loaded))
+def _running(settings: Settings, what: str, variable: str) -> Runtime:
+    runtime = Runtime.read(settings.state_dir)
     if runtime is None:
         err_console.print(f"no {what}: start the team with `corral up` or set {variable}")
         raise typer.Exit(1)
@@ -153,9 +146,9 @@ async def _watch_parent(pid: int, service: Serving) -> None:
     await service.shutdown()
 
 
-async def _connect(loaded: LoadedConfig, url: str, identity: str, *, forever: bool = True) -> Bus:
+async def _connect(settings: Settings, url: str, identity: str, *, forever: bool = True) -> Bus:
     """Connect as ``identity``, with its seed when the server requires identities."""
-    seed = credentials_for(loaded, identity)
+    seed = settings.credentials_for(identity)
     return await connect(
         BusConfig(
             servers=nats_servers(url),

@@ -11,7 +11,7 @@ import signal
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 import yaml
@@ -41,33 +41,31 @@ from corral.supervisor.cli._shared import (
     console,
     err_console,
 )
-from corral.supervisor.config._config import LoadedConfig
 from corral.supervisor.stack._credentials import ADMIN
-from corral.supervisor.stack._runtime import (
-    Runtime,
-    configured_nats_url,
-    pid_alive,
-    state_dir,
-)
+from corral.supervisor.stack._runtime import Runtime, pid_alive
+from corral.supervisor.stack._settings import Settings
+
+if TYPE_CHECKING:
+    from corral.supervisor.stack._launcher import Launcher
 
 # --- the stack ------------------------------------------------------------------------
 
 
-def _launcher(loaded: LoadedConfig, replicas: dict[str, int] | None = None) -> Any:
+def _launcher(settings: Settings, replicas: dict[str, int] | None = None) -> Launcher:
     from corral.supervisor.stack._launcher import Launcher, LauncherConfig
 
-    return Launcher(LauncherConfig(loaded=loaded, state_dir=state_dir(loaded), replicas=replicas or {}))
+    return Launcher(LauncherConfig(settings=settings, replicas=replicas or {}))
 
 
-def _parse_replicas(loaded: LoadedConfig, values: list[str]) -> dict[str, int]:
+def _parse_replicas(settings: Settings, values: list[str]) -> dict[str, int]:
     """``["payments=2"]`` -> ``{"payments": 2}``, checked against the config."""
     out: dict[str, int] = {}
     for value in values:
         name, _, count = value.partition("=")
-        if name not in loaded.config.agents or not count.isdigit() or int(count) < 1:
+        if name not in settings.config.agents or not count.isdigit() or int(count) < 1:
             err_console.print(
                 f"--replicas {value!r}: expected AGENT=N with N >= 1 and AGENT one of "
-                f"{', '.join(loaded.agent_names)}"
+                f"{', '.join(settings.loaded.agent_names)}"
             )
             raise typer.Exit(EXIT_CONFIG)
         out[name] = int(count)
@@ -75,34 +73,31 @@ def _parse_replicas(loaded: LoadedConfig, values: list[str]) -> dict[str, int]:
 
 
 async def _with_stack(
-    loaded: LoadedConfig,
+    settings: Settings,
     body: Callable[[Runtime], Awaitable[int]] | None,
     replicas: dict[str, int] | None = None,
 ) -> int:
-    launcher = _launcher(loaded, replicas)
+    """Run the stack while ``body`` runs (a negative code: until a signal stops it; no body:
+    until then too); leaving stops every process and waits for each to exit."""
+    launcher = _launcher(settings, replicas)
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, lambda: asyncio.ensure_future(launcher.shutdown()))
-    runner: asyncio.Task[None] | None = None
-    try:
-        runtime = await launcher.start()
-        runner = asyncio.create_task(launcher.run())
+    async with launcher:
+        runtime = launcher.runtime
+        assert runtime is not None  # start() sets it
         console.print(
             f"corral is up: NATS {runtime.nats_url}; "
-            f"{len(runtime.children)} processes; logs in {state_dir(loaded) / 'logs'}"
+            f"{len(runtime.children)} processes; logs in {settings.state_dir / 'logs'}"
         )
         code = 0
         if body is not None:
             code = await body(runtime)
         if body is None or code < 0:
             console.print("Ctrl-C stops everything.")
-            await runner
+            await launcher.wait()
             return 0
         return code
-    finally:
-        await launcher.shutdown()
-        if runner is not None:
-            await runner
 
 
 @app.command()
@@ -114,10 +109,10 @@ def up(
     ] = None,
 ) -> None:
     """Start NATS and PostgreSQL (embedded unless configured), the supervisor and every agent."""
-    loaded = _load(config)
-    counts = _parse_replicas(loaded, replicas or [])
+    settings = _load(config)
+    counts = _parse_replicas(settings, replicas or [])
     _setup_logging()
-    _run(_with_stack(loaded, None, counts))
+    _run(_with_stack(settings, None, counts))
 
 
 @app.command()
@@ -127,16 +122,16 @@ def migrate(config: ConfigOption = None) -> None:
     ``setup``. With ``CORRAL_SUPERVISOR_PASSWORD`` set, it also becomes
     ``corral_supervisor``'s password (the supervisor's DSN then names that role).
     ``corral up`` does all of this itself."""
-    loaded = _load(config)
+    settings = _load(config)
 
     async def _main() -> int:
         from corral.supervisor.cli._shared import _database_url
         from corral.supervisor.store._roles import SUPERVISOR_ROLE, prepare_database, set_password
 
-        url = _database_url(loaded)
-        tools = loaded.config.tools
+        url = _database_url(settings)
+        tools = settings.config.tools
         await prepare_database(url, tools.reference if tools is not None else None)
-        password = os.environ.get("CORRAL_SUPERVISOR_PASSWORD")
+        password = settings.supervisor_password
         if password:
             await set_password(url, password)
             console.print(f"{SUPERVISOR_ROLE}'s password set", highlight=False)
@@ -152,15 +147,15 @@ def down(
     timeout: Annotated[float, typer.Option(help="Seconds to wait")] = 30.0,
 ) -> None:
     """Stop a stack started by ``corral up`` from this directory."""
-    loaded = _load(config)
-    runtime = Runtime.read(state_dir(loaded))
+    settings = _load(config)
+    runtime = Runtime.read(settings.state_dir)
     if runtime is None:
         console.print("corral is not running here")
         raise typer.Exit(0)
     os.kill(runtime.pid, signal.SIGTERM)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if Runtime.read(state_dir(loaded)) is None:
+        if Runtime.read(settings.state_dir) is None:
             console.print("corral stopped")
             raise typer.Exit(0)
         time.sleep(0.1)
@@ -176,16 +171,16 @@ def demo(
     timeout: Annotated[float, typer.Option(help="Seconds per conversation")] = 60.0,
 ) -> None:
     """Start the team, send the sample conversations, and print each path and reply."""
-    loaded = _load(config)
+    settings = _load(config)
     _setup_logging(logging.WARNING)
-    scenarios_file = Path(scenarios) if scenarios else loaded.path.parent / "scenarios.yaml"
+    scenarios_file = Path(scenarios) if scenarios else settings.path.parent / "scenarios.yaml"
     samples = yaml.safe_load(scenarios_file.read_text())["conversations"]
 
     async def _samples(runtime: Runtime) -> int:
         from corral.supervisor.cli._operator import _decide
         from corral.supervisor.core._client import send_until_settled, watching
 
-        bus = await _connect(loaded, runtime.nats_url, subjects.DEFAULT_CLIENT, forever=False)
+        bus = await _connect(settings, runtime.nats_url, subjects.DEFAULT_CLIENT, forever=False)
         failures = 0
         try:
             for sample in samples:
@@ -206,7 +201,7 @@ def demo(
                             highlight=False,
                         )
                         async with watching(bus, settled.conversation, on_update=_print_update) as done:
-                            await _decide(loaded, settled.approval_id, True, "demo", "")
+                            await _decide(settings, settled.approval_id, True, "demo", "")
                             resumed = await asyncio.wait_for(done, timeout)
                         assert isinstance(resumed, ConversationEnded)
                         settled = resumed
@@ -230,7 +225,7 @@ def demo(
             return -1
         return 0 if failures == 0 else 1
 
-    _run(_with_stack(loaded, _samples))
+    _run(_with_stack(settings, _samples))
 
 
 def _check_expectation(ended: ConversationEnded, expect: dict[str, Any]) -> str | None:
@@ -288,12 +283,12 @@ def send(
     Exit codes with --wait: 0 replied, 1 refused/escalated/failed/killed (reason printed),
     3 waiting for an approval (its id printed), 4 timeout.
     """
-    loaded = _load(config)
+    settings = _load(config)
 
     async def _main() -> int:
         from corral.supervisor.core._client import send_until_settled, start_conversation
 
-        bus = await _connect(loaded, _nats_url(loaded), subjects.DEFAULT_CLIENT, forever=False)
+        bus = await _connect(settings, _nats_url(settings), subjects.DEFAULT_CLIENT, forever=False)
         try:
             if not wait:
                 conversation = await start_conversation(bus, text, customer=customer, dry_run=dry_run)
@@ -329,8 +324,8 @@ def status(
     as_json: Annotated[bool, typer.Option("--json", help="Machine-readable")] = False,
 ) -> None:
     """List processes, streams, consumers and pending messages."""
-    loaded = _load(config)
-    runtime = Runtime.read(state_dir(loaded))
+    settings = _load(config)
+    runtime = Runtime.read(settings.state_dir)
 
     async def _main() -> int:
         report: dict[str, Any] = {
@@ -350,10 +345,10 @@ def status(
                 }
                 for c in runtime.children
             ]
-        url = configured_nats_url(loaded) or (runtime.nats_url if runtime else None)
+        url = settings.nats_url or (runtime.nats_url if runtime else None)
         if url:
             try:
-                bus = await _connect(loaded, url, ADMIN, forever=False)
+                bus = await _connect(settings, url, ADMIN, forever=False)
             except BusError as exc:
                 report["nats_error"] = str(exc)
             else:

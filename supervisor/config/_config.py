@@ -7,7 +7,6 @@ Errors name the file, the line and the field, and say what was expected::
 
 from __future__ import annotations
 
-import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -250,8 +249,15 @@ class LoadedConfig:
         """Agent names in file order."""
         return list(self.config.agents)
 
-    def tier(self, agent: str) -> ModelTier:
-        """The model tier ``agent`` calls, as router data."""
+    def tier(self, agent: str, api_keys: Mapping[str, str] | None = None) -> ModelTier:
+        """The model tier ``agent`` calls, as router data.
+
+        Args:
+            agent: The agent.
+            api_keys: Environment values by variable name, for the tier's ``api_key_env``
+                (``Settings`` reads them once); without it the tier has no API key, and
+                litellm uses its defaults.
+        """
         name = self.config.agents[agent].tier
         section = self.config.models[name]
         return ModelTier(
@@ -259,7 +265,7 @@ class LoadedConfig:
             model=section.model,
             fallbacks=list(section.fallbacks),
             api_base=section.api_base,
-            api_key=os.environ.get(section.api_key_env) if section.api_key_env else None,
+            api_key=(api_keys or {}).get(section.api_key_env) if section.api_key_env else None,
             temperature=section.temperature,
             max_tokens=section.max_tokens,
             timeout_s=section.timeout_s,

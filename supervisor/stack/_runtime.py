@@ -4,7 +4,7 @@
 0600; ``corral send``, ``status`` and ``down`` read it to find the stack. It holds no
 database DSN: the operator commands find an embedded PostgreSQL through its data directory
 (``embedded_database_url``), which only the user who runs ``corral up`` can read, and a
-configured one through ``DATABASE_URL`` / ``database.url``.
+configured one through ``DATABASE_URL`` / ``database.url`` (``Settings.database_url``).
 """
 
 from __future__ import annotations
@@ -14,9 +14,6 @@ import json
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-
-from corral.bus import TopologyConfig
-from corral.supervisor.config._config import LoadedConfig
 
 
 @dataclass(kw_only=True)
@@ -78,21 +75,6 @@ def pid_alive(pid: int) -> bool:
     return True
 
 
-def state_dir(loaded: LoadedConfig) -> Path:
-    """``CORRAL_STATE_DIR`` if set, else the config's ``state_dir``."""
-    return Path(os.environ.get("CORRAL_STATE_DIR") or loaded.config.state_dir).resolve()
-
-
-def configured_nats_url(loaded: LoadedConfig) -> str | None:
-    """``NATS_URL`` if set, else the config's ``nats.url``."""
-    return os.environ.get("NATS_URL") or loaded.config.nats.url
-
-
-def configured_database_url(loaded: LoadedConfig) -> str | None:
-    """``DATABASE_URL`` if set, else the config's ``database.url``."""
-    return os.environ.get("DATABASE_URL") or loaded.config.database.url
-
-
 def embedded_postgres_dir(state: Path) -> Path:
     """The embedded PostgreSQL's data directory under a state directory."""
     return state / "postgres"
@@ -111,50 +93,6 @@ def embedded_database_url(state: Path) -> str | None:
     if len(lines) < 5 or not lines[4].strip():
         return None
     return f"postgresql://postgres:@/postgres?host={lines[4].strip()}"
-
-
-def configured_supervisor_database_url(loaded: LoadedConfig) -> str | None:
-    """``CORRAL_SUPERVISOR_DATABASE_URL`` if set, else the config's ``database.supervisor_url``."""
-    return os.environ.get("CORRAL_SUPERVISOR_DATABASE_URL") or loaded.config.database.supervisor_url
-
-
-def monitor_port(loaded: LoadedConfig) -> int | None:
-    """``CORRAL_NATS_MONITOR_PORT`` if set (empty: off), else ``nats.monitor_port``."""
-    value = os.environ.get("CORRAL_NATS_MONITOR_PORT")
-    if value is None:
-        return loaded.config.nats.monitor_port
-    return int(value) if value.strip() else None
-
-
-def topology(loaded: LoadedConfig) -> TopologyConfig:
-    """Stream settings: ``CORRAL_STREAM_REPLICAS`` if set, else ``nats.stream_replicas``."""
-    replicas = os.environ.get("CORRAL_STREAM_REPLICAS")
-    nats = loaded.config.nats
-    return TopologyConfig(
-        replicas=int(replicas) if replicas else nats.stream_replicas,
-        ack_wait_s=nats.ack_wait_s,
-        max_deliver=nats.max_deliver,
-        dead_letter_max_bytes=loaded.config.limits.dead_letter_max_bytes,
-        dead_letter_max_age_s=loaded.config.limits.dead_letter_max_age_s,
-    )
-
-
-def creds_dir(loaded: LoadedConfig) -> Path:
-    """Where the identities' nkey seeds live."""
-    return state_dir(loaded) / "creds"
-
-
-def credentials_for(loaded: LoadedConfig, identity: str) -> Path | None:
-    """This process's seed: ``CORRAL_CREDS`` if set, else ``<state_dir>/creds/<identity>.nk``
-    if present (the server then requires identities), else None (an open server)."""
-    explicit = os.environ.get("CORRAL_CREDS")
-    if explicit:
-        return Path(explicit)
-    path = creds_dir(loaded) / f"{identity}.nk"
-    try:
-        return path if path.exists() else None
-    except PermissionError:
-        return None  # an agent run as its own user cannot look into the state directory
 
 
 def nats_servers(url: str) -> list[str]:
