@@ -33,41 +33,23 @@ from dataclasses import dataclass
 from typing import Any
 
 import asyncpg
-import msgspec
-from pydantic import BaseModel, ValidationError
 
-from corral.bus import JournalEntry, ToolCall, ToolResult, ToolStatus
+from corral.bus import ToolCall, ToolResult, ToolStatus
 from corral.supervisor.audit._audit import append_audit, digest_arguments
 from corral.supervisor.errors import StoreError
 from corral.supervisor.gateway._approvals import ApprovalAsk, ApprovalDenied, consume_or_file, keep_used
 from corral.supervisor.gateway._config import GatewayConfig
 from corral.supervisor.gateway._policy import PolicyDecision, PolicyEngine, PolicyRequest
-from corral.supervisor.gateway._records import CallRecord, CheckedArguments, answer, audit_entry, replay
+from corral.supervisor.gateway._records import CallRecord, answer, audit_entry, replay
+from corral.supervisor.gateway._shape import Shaped, shape
 from corral.supervisor.gateway._statements import CALL_EXPRESSIONS, call_parameters
 from corral.supervisor.gateway._tool_body import BodyFailed, ToolBody
 from corral.supervisor.gateway._tool_runner import ToolRunner
 from corral.supervisor.gateway._tools import Tool, ToolInput
 from corral.supervisor.store._budgets import exceeded, repeated_call
-from corral.supervisor.store._journal import entry_problem, journal_response
+from corral.supervisor.store._journal import journal_response
 
 logger = logging.getLogger(__name__)
-
-_json = msgspec.json.Encoder()
-
-
-@dataclass(frozen=True)
-class _Shaped:
-    """A call whose shape was checked: what its transaction needs."""
-
-    call: ToolCall
-    sender: str
-    tool: Tool[Any]
-    key: str
-    response: JournalEntry | None
-    arguments: BaseModel | None
-    checked: CheckedArguments
-    refusal: tuple[ToolStatus, str] | None
-    """Config and the call's shape refuse it before policy: (status, reason)."""
 
 
 @dataclass(frozen=True)
@@ -75,7 +57,7 @@ class _Open:
     """A call inside its transaction, past the turn and ledger checks."""
 
     conn: asyncpg.Connection
-    shaped: _Shaped
+    shaped: Shaped
     record: CallRecord
     ctx: ToolInput[Any]
     body: ToolBody
@@ -140,8 +122,8 @@ class CallEngine:
     ) -> tuple[ToolResult, str | None]:
         """One try at ``call``; ``failed``: the failure of a body in the try before, which
         this one records instead of running anything."""
-        shaped = self._shape(call, sender)
-        if not isinstance(shaped, _Shaped):
+        shaped = shape(call, sender, self._tools, self._config)
+        if not isinstance(shaped, Shaped):
             status, reason = shaped
             return await self._refuse(None, call, sender, "", status, reason), None
         may_run = shaped.refusal is None and failed is None and not self._config.budgets.limits(sender)
@@ -157,59 +139,8 @@ class CallEngine:
             )
             return await self._limits(conn, shaped, conversation, body, failed)
 
-    def _shape(self, call: ToolCall, sender: str) -> _Shaped | tuple[ToolStatus, str]:
-        """The call checked without the database, or a refusal that needs no conversation."""
-        if call.agent != sender:
-            return "denied", f"call on {sender}'s subject claims to come from {call.agent!r}"
-        tool = self._tools.get(call.tool)
-        if tool is None:
-            return "denied", f"no tool named {call.tool!r}"
-        problem = entry_problem(call.response) if call.response is not None else None
-        if problem is not None:
-            # Never journaled, never counted: spend the budgets would believe.
-            return "denied", f"response refused: {problem}"
-        # Journaled under this call's step and index, whatever the body says.
-        response = call.response and msgspec.structs.replace(
-            call.response, conversation=call.conversation, step=call.step, index=call.index
-        )
-        arguments, invalid = self._validate(tool, call.arguments)
-        dumped = arguments.model_dump(mode="json") if arguments else {}
-        checked = CheckedArguments(
-            dumped,
-            digest_arguments(dumped) if arguments else "",
-            tool.resource_key(dumped) if arguments else "",
-        )
-        key = f"{call.conversation}:{call.step}:{call.index}"
-        refusal = self._before_policy(call, sender, invalid)
-        return _Shaped(call, sender, tool, key, response, arguments, checked, refusal)
-
-    def _validate(self, tool: Tool[Any], raw: dict[str, Any]) -> tuple[BaseModel | None, str]:
-        """(the arguments, "") or (None, why they are invalid)."""
-        limit = self._config.limits.tool_arguments_bytes
-        encoded = _json.encode(raw)
-        if (size := len(encoded)) > limit:
-            return None, f"invalid arguments: {size} bytes, over limits.tool_arguments_bytes ({limit})"
-        if b"\\u0000" in encoded:  # PostgreSQL stores no NUL: the call could never be recorded
-            return None, "invalid arguments: they contain a NUL character"
-        try:
-            return tool.arguments.model_validate(raw), ""
-        except ValidationError as exc:
-            return None, f"invalid arguments: {exc.errors(include_url=False)}"
-
-    def _before_policy(self, call: ToolCall, sender: str, invalid: str) -> tuple[ToolStatus, str] | None:
-        """A refusal config and the call's shape decide alone: (status, reason), or None."""
-        grants = self._config.grants
-        if grants is not None and call.tool not in grants.get(sender, ()):
-            return "denied", f"tool {call.tool} is not granted to agent {sender} (agents.{sender}.tools)"
-        cap = self._config.max_calls_per_step.get(sender, self._config.default_max_calls_per_step)
-        if not 0 <= call.index < cap:
-            return "stopped", f"call {call.index} of step {call.step}: at most {cap} tool calls per step"
-        if invalid:
-            return "invalid", invalid
-        return None
-
     async def _first_statement(
-        self, conn: asyncpg.Connection, shaped: _Shaped, may_run: bool
+        self, conn: asyncpg.Connection, shaped: Shaped, may_run: bool
     ) -> asyncpg.Record | None:
         """The conversation, having journaled the response that asked for the call (it
         commits with the call's outcome or its refusal), in the statement that takes the
@@ -242,7 +173,7 @@ class CallEngine:
     async def _limits(
         self,
         conn: asyncpg.Connection,
-        shaped: _Shaped,
+        shaped: Shaped,
         conversation: asyncpg.Record | None,
         body: ToolBody,
         failed: BodyFailed | None,

@@ -1,0 +1,93 @@
+"""A tool call's shape, checked before the database is asked: the body's agent is the
+sender, the tool exists, the response that asked for the call has believable spend, the
+arguments are valid and not too big, and config grants the tool within the per-step cap."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import msgspec
+from pydantic import BaseModel, ValidationError
+
+from corral.bus import JournalEntry, ToolCall, ToolStatus
+from corral.supervisor.audit._audit import digest_arguments
+from corral.supervisor.gateway._config import GatewayConfig
+from corral.supervisor.gateway._records import CheckedArguments
+from corral.supervisor.gateway._tools import Tool
+from corral.supervisor.store._journal import entry_problem
+
+_json = msgspec.json.Encoder()
+
+
+@dataclass(frozen=True)
+class Shaped:
+    """A call whose shape was checked: what its transaction needs."""
+
+    call: ToolCall
+    sender: str
+    tool: Tool[Any]
+    key: str
+    response: JournalEntry | None
+    arguments: BaseModel | None
+    checked: CheckedArguments
+    refusal: tuple[ToolStatus, str] | None
+    """Config and the call's shape refuse it before policy: (status, reason)."""
+
+
+def shape(
+    call: ToolCall, sender: str, tools: Mapping[str, Tool[Any]], config: GatewayConfig
+) -> Shaped | tuple[ToolStatus, str]:
+    """The call checked without the database, or a refusal that needs no conversation."""
+    if call.agent != sender:
+        return "denied", f"call on {sender}'s subject claims to come from {call.agent!r}"
+    tool = tools.get(call.tool)
+    if tool is None:
+        return "denied", f"no tool named {call.tool!r}"
+    problem = entry_problem(call.response) if call.response is not None else None
+    if problem is not None:
+        # Never journaled, never counted: spend the budgets would believe.
+        return "denied", f"response refused: {problem}"
+    # Journaled under this call's step and index, whatever the body says.
+    response = call.response and msgspec.structs.replace(
+        call.response, conversation=call.conversation, step=call.step, index=call.index
+    )
+    arguments, invalid = _validate(tool, call.arguments, config.limits.tool_arguments_bytes)
+    dumped = arguments.model_dump(mode="json") if arguments else {}
+    checked = CheckedArguments(
+        dumped,
+        digest_arguments(dumped) if arguments else "",
+        tool.resource_key(dumped) if arguments else "",
+    )
+    key = f"{call.conversation}:{call.step}:{call.index}"
+    refusal = _before_policy(call, sender, invalid, config)
+    return Shaped(call, sender, tool, key, response, arguments, checked, refusal)
+
+
+def _validate(tool: Tool[Any], raw: dict[str, Any], limit: int) -> tuple[BaseModel | None, str]:
+    """(the arguments, "") or (None, why they are invalid)."""
+    encoded = _json.encode(raw)
+    if (size := len(encoded)) > limit:
+        return None, f"invalid arguments: {size} bytes, over limits.tool_arguments_bytes ({limit})"
+    if b"\\u0000" in encoded:  # PostgreSQL stores no NUL: the call could never be recorded
+        return None, "invalid arguments: they contain a NUL character"
+    try:
+        return tool.arguments.model_validate(raw), ""
+    except ValidationError as exc:
+        return None, f"invalid arguments: {exc.errors(include_url=False)}"
+
+
+def _before_policy(
+    call: ToolCall, sender: str, invalid: str, config: GatewayConfig
+) -> tuple[ToolStatus, str] | None:
+    """A refusal config and the call's shape decide alone: (status, reason), or None."""
+    grants = config.grants
+    if grants is not None and call.tool not in grants.get(sender, ()):
+        return "denied", f"tool {call.tool} is not granted to agent {sender} (agents.{sender}.tools)"
+    cap = config.max_calls_per_step.get(sender, config.default_max_calls_per_step)
+    if not 0 <= call.index < cap:
+        return "stopped", f"call {call.index} of step {call.step}: at most {cap} tool calls per step"
+    if invalid:
+        return "invalid", invalid
+    return None
