@@ -148,32 +148,10 @@ def check_anchored(
     if walked.first_broken is not None:
         findings.append(_Finding(intact + 1, walked.problem or "broken", walked.first_broken))
     matching = sorted({a.count for a in anchors if a.count <= intact and _at(positions, a.count) == a.head})
-    for anchor in sorted(anchors, key=lambda a: a.count):
-        if anchor.count <= intact and _at(positions, anchor.count) != anchor.head:
-            before = max((c for c in matching if c < anchor.count), default=0)
-            findings.append(
-                _Finding(
-                    before + 1,
-                    f"rewritten: the chain at record {anchor.count} does not match the anchor signed at "
-                    f"{anchor.at}; records after {_describe(positions, before)} were changed, removed "
-                    "or forged and the chain recomputed",
-                )
-            )
-            break
+    findings.extend(_rewritten(positions, anchors, intact, matching))
     total = intact if walked.first_broken is None else None
-    newest = max(anchors, key=lambda a: a.count, default=None)
-    if total is not None and newest is not None and newest.count > total:
-        # The earliest missing record an anchor names: exact when anchors are dense.
-        missing = min((a for a in anchors if a.count > total), key=lambda a: a.count)
-        last = f"after record {positions[total][0]}" if total else "from the start"
-        findings.append(
-            _Finding(
-                total + 1,
-                f"truncated: the anchor signed at {newest.at} counted {newest.count} records, the log "
-                f"holds {total}: the records {last} were deleted (record {missing.head_id} among them)",
-                missing.head_id if missing.count == total + 1 else None,
-            )
-        )
+    if total is not None:
+        findings.extend(_truncated(positions, anchors, total))
     unattended = _unattended(anchors)
     if unattended is not None and total is not None:
         after, upto = unattended
@@ -213,6 +191,44 @@ def check_anchored(
         anchored=max((c for c in matching if c < first.position), default=0),
         position=first.position,
     )
+
+
+def _rewritten(
+    positions: dict[int, tuple[int, str]], anchors: Sequence[AuditAnchor], intact: int, matching: list[int]
+) -> list[_Finding]:
+    """The earliest anchor within the intact chain that the chain does not match."""
+    for anchor in sorted(anchors, key=lambda a: a.count):
+        if anchor.count <= intact and _at(positions, anchor.count) != anchor.head:
+            before = max((c for c in matching if c < anchor.count), default=0)
+            return [
+                _Finding(
+                    before + 1,
+                    f"rewritten: the chain at record {anchor.count} does not match the anchor signed at "
+                    f"{anchor.at}; records after {_describe(positions, before)} were changed, removed "
+                    "or forged and the chain recomputed",
+                )
+            ]
+    return []
+
+
+def _truncated(
+    positions: dict[int, tuple[int, str]], anchors: Sequence[AuditAnchor], total: int
+) -> list[_Finding]:
+    """An anchor that counted more records than the (intact) chain holds."""
+    newest = max(anchors, key=lambda a: a.count, default=None)
+    if newest is None or newest.count <= total:
+        return []
+    # The earliest missing record an anchor names: exact when anchors are dense.
+    missing = min((a for a in anchors if a.count > total), key=lambda a: a.count)
+    last = f"after record {positions[total][0]}" if total else "from the start"
+    return [
+        _Finding(
+            total + 1,
+            f"truncated: the anchor signed at {newest.at} counted {newest.count} records, the log "
+            f"holds {total}: the records {last} were deleted (record {missing.head_id} among them)",
+            missing.head_id if missing.count == total + 1 else None,
+        )
+    ]
 
 
 def _at(positions: dict[int, tuple[int, str]], count: int) -> str:

@@ -137,6 +137,19 @@ def from_agent(
             f"step {message.step} is not {sender}'s turn (current: "
             f"{record.current_agent} at step {record.step})",
         )
+    return _on_turn(message, sender, record, graph, subject_target, killed_agents, budget_exceeded)
+
+
+def _on_turn(
+    message: AgentOutput,
+    sender: str,
+    record: ConversationRecord,
+    graph: Graph,
+    subject_target: str | None,
+    killed_agents: Mapping[str, KillSwitch] | None,
+    budget_exceeded: str | None,
+) -> Decision:
+    """``sender``'s output at its own turn: what it asks for, decided."""
     match message:
         case HandoffProposed() if subject_target is None:
             # Sent on the error subject: the agent's credentials do not allow this edge.
@@ -162,17 +175,8 @@ def from_agent(
                 )
             return _handoff(message, record, graph)
         case AgentReply():
-            return Decision(
-                record=record.evolve(status="replied", reply=message.text),
-                steps=[
-                    StepRecord(
-                        step=record.step,
-                        agent=sender,
-                        kind="replied",
-                        confidence=message.confidence,
-                    )
-                ],
-            )
+            step = StepRecord(step=record.step, agent=sender, kind="replied", confidence=message.confidence)
+            return Decision(record=record.evolve(status="replied", reply=message.text), steps=[step])
         case AgentWaiting():
             reason = f"waiting for approval {message.approval_id} of {message.tool}: {message.reason}"
             return Decision(
