@@ -7,6 +7,7 @@ keeps refunding while it tries to blind the processes that enforce kills. After
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import itertools
 import json
 import os
@@ -173,6 +174,53 @@ async def _quiet(stack: Stack) -> bool:
     return int(rows[0]["n"]) == 0
 
 
+@dataclasses.dataclass
+class _HostilePayments:
+    """payments' stolen seed in an attacker's hands: refunds on every parked step, each call
+    a new idempotency key, while it floods the kill watchers with blinding requests."""
+
+    stack: Stack
+    nc: nats.aio.client.Client
+    parked: list[tuple[str, int]]
+    applied: list[float] = dataclasses.field(default_factory=list)
+    attempts: list[float] = dataclasses.field(default_factory=list)
+    unanswered: list[float] = dataclasses.field(default_factory=list)
+
+    async def refund_forever(self) -> None:
+        # Round-robin over the parked steps: each call has its own idempotency key.
+        for index, (conversation, step) in itertools.product(range(8), self.parked):
+            call = ToolCall(
+                conversation=conversation,
+                step=step,
+                index=index,
+                agent="payments",
+                tool="refund",
+                arguments={"order_id": "1001", "amount_cents": 1, "reason": f"r{index}"},
+            )
+            self.attempts.append(time.monotonic())
+            try:
+                reply = await self.nc.request(subjects.agent_tool("payments"), encode(call), timeout=10)
+            except Exception:
+                if self.nc.is_closed:
+                    return
+                self.unanswered.append(time.monotonic())
+                continue
+            if _result.decode(reply.data).status == "ok":
+                self.applied.append(time.monotonic())
+
+    async def blind_forever(self) -> None:
+        while not self.nc.is_closed:
+            watchers = await asyncio.to_thread(_watcher_consumers, self.stack)
+            for subject, body in _blinding_requests(watchers).items():
+                if self.nc.is_closed:
+                    return
+                try:
+                    await self.nc.publish(subject, body, reply=f"{subjects.inbox_prefix('agent-payments')}.x")
+                    await self.nc.flush(timeout=1)
+                except Exception:
+                    return
+
+
 async def test_no_side_effect_after_kill_returns_while_the_agent_fights_it(stack: Stack) -> None:
     payments = stack.child("payments")["pid"]
     os.kill(payments, signal.SIGSTOP)  # the real payments never runs these steps
@@ -182,45 +230,9 @@ async def test_no_side_effect_after_kill_returns_while_the_agent_fights_it(stack
         parked = await _park_refunds(stack, 100)
         attacker = Attacker()
         nc = await attacker.connect(stack, "agent-payments")
-        applied: list[float] = []
-        attempts: list[float] = []
-        unanswered: list[float] = []
-
-        async def _refund_forever() -> None:
-            # Round-robin over the parked steps: each call has its own idempotency key.
-            for index, (conversation, step) in itertools.product(range(8), parked):
-                call = ToolCall(
-                    conversation=conversation,
-                    step=step,
-                    index=index,
-                    agent="payments",
-                    tool="refund",
-                    arguments={"order_id": "1001", "amount_cents": 1, "reason": f"r{index}"},
-                )
-                attempts.append(time.monotonic())
-                try:
-                    reply = await nc.request(subjects.agent_tool("payments"), encode(call), timeout=10)
-                except Exception:
-                    if nc.is_closed:
-                        return
-                    unanswered.append(time.monotonic())
-                    continue
-                if _result.decode(reply.data).status == "ok":
-                    applied.append(time.monotonic())
-
-        async def _blind_forever() -> None:
-            while not nc.is_closed:
-                watchers = await asyncio.to_thread(_watcher_consumers, stack)
-                for subject, body in _blinding_requests(watchers).items():
-                    if nc.is_closed:
-                        return
-                    try:
-                        await nc.publish(subject, body, reply=f"{subjects.inbox_prefix('agent-payments')}.x")
-                        await nc.flush(timeout=1)
-                    except Exception:
-                        return
-
-        attack = [asyncio.create_task(_refund_forever()), asyncio.create_task(_blind_forever())]
+        hostile = _HostilePayments(stack, nc, parked)
+        applied, attempts, unanswered = hostile.applied, hostile.attempts, hostile.unanswered
+        attack = [asyncio.create_task(hostile.refund_forever()), asyncio.create_task(hostile.blind_forever())]
         await eventually(lambda: len(applied) >= 3, message="the attacker refunding")
         started = time.monotonic()
         killed = await asyncio.to_thread(stack.corral, "kill", "agent", "payments", "--reason", "attack")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import subprocess
 import sys
 from pathlib import Path
@@ -35,3 +36,30 @@ def test_the_package_direction_holds() -> None:
     )
     assert result.returncode == 0, result.stdout + result.stderr
     assert "bus < router < agents < supervisor KEPT" in result.stdout
+    assert (
+        "inside the supervisor: cli > stack > core > gateway > audit > store > config KEPT" in result.stdout
+    )
+
+
+MAX_MODULE_LINES = 520
+MAX_FUNCTION_LINES = 80
+SIZED = ("bus", "agents", "router", "supervisor", "corral", "examples", "tests")
+
+
+def test_modules_and_functions_stay_small() -> None:
+    """Modules under ~500 lines (tests aside), functions under ~80, outside bench/."""
+    found = []
+    for folder in SIZED:
+        for path in sorted((REPO / folder).glob("**/*.py")):
+            if folder == "corral" and path.parent != REPO / "corral":
+                continue  # corral/ links to the other folders: each file is measured once
+            source = path.read_text()
+            name = path.relative_to(REPO)
+            if folder != "tests" and (lines := source.count("\n")) > MAX_MODULE_LINES:
+                found.append(f"{name}: {lines} lines")
+            for node in ast.walk(ast.parse(source, str(path))):
+                if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+                    length = (node.end_lineno or node.lineno) - node.lineno + 1
+                    if length > MAX_FUNCTION_LINES:
+                        found.append(f"{name}:{node.lineno} {node.name}: {length} lines")
+    assert not found, "\n".join(found)
