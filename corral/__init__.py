@@ -1,8 +1,8 @@
 """corral: a production runtime for teams of AI agents.
 
-What users write against is here: the tool contract (``Tool``, ``ToolInput``, ``Resource``),
-the client (``start_conversation``, ``send_and_wait``), the config loader (``load_config``)
-and the error tree (every error corral raises is a ``CorralError``). The rest lives in the
+What users write against is here: the tool contract (``Tool``, ``SqlTool``, ``ToolInput``,
+``Resource``), the client (``start_conversation``, ``send_and_wait``), the config loader
+(``load_config``) and the error tree (every error corral raises is a ``CorralError``). The rest lives in the
 sub-packages: ``corral.bus`` (NATS, the wire types), ``corral.router`` (model calls),
 ``corral.agents`` (the agent service) and ``corral.supervisor`` (the control plane).
 
@@ -30,11 +30,13 @@ if _typing.TYPE_CHECKING:
     from corral.supervisor.errors import ConcurrentChange, ConfigError, LauncherError, StoreError
     from corral.supervisor.gateway._approvals import ApprovalError
     from corral.supervisor.gateway._policy import PolicyError
+    from corral.supervisor.gateway._sql_tools import SqlTool
     from corral.supervisor.gateway._tools import Resource, Tool, ToolInput
 
 _WHERE = {
     "Resource": "corral.supervisor.gateway._tools",
     "Tool": "corral.supervisor.gateway._tools",
+    "SqlTool": "corral.supervisor.gateway._sql_tools",
     "ToolInput": "corral.supervisor.gateway._tools",
     "start_conversation": "corral.supervisor.core._client",
     "send_and_wait": "corral.supervisor.core._client",
@@ -74,6 +76,7 @@ __all__ = [
     "Resource",
     "RouterError",
     "ScriptError",
+    "SqlTool",
     "StoreError",
     "Tool",
     "ToolInput",

@@ -27,6 +27,7 @@ from corral.supervisor.gateway._statements import LOCK_NAMESPACE as _LOCK_NAMESP
 from corral.supervisor.gateway._tools import Tool, ToolInput
 from corral.supervisor.store._agent_controls import ensure_agent_controls
 from corral.supervisor.store._roles import grant_tool_role
+from corral.supervisor.store._tool_statements import install_statements
 from corral.supervisor.store._store import Store
 from tests.conftest import REPO, eventually
 from tests.sample_tools import SCHEMAS, TOOLS, Refund, RefundArgs, setup
@@ -63,6 +64,7 @@ async def shop(database_url: str, policy: PolicyEngine) -> AsyncIterator[Shop]:
         async with store.pool.acquire() as conn:
             await setup(conn)
             await grant_tool_role(conn, SCHEMAS)
+            await install_statements(conn, TOOLS)
             await ensure_agent_controls(conn, AGENTS)
         yield Shop(store.pool, policy, ToolGateway(None, store.pool, TOOLS, policy, GatewayConfig()))
     finally:

@@ -16,7 +16,7 @@ from typing import Any, TypeVar
 import asyncpg
 from pydantic import BaseModel, ConfigDict, Field
 
-from corral import Resource, Tool, ToolInput
+from corral import Resource, SqlTool, Tool, ToolInput
 
 __all__ = ["SCHEMAS", "TOOLS", "setup"]
 
@@ -131,20 +131,6 @@ class TicketArgs(_Args):
     body: str = Field(default="", max_length=5000)
 
 
-# What policies know about the acting customer: account age and today's refunds.
-_CUSTOMER_FACTS = (
-    "c.id IS NOT NULL AS known, (extract(epoch FROM now() - c.created_at) / 86400)::int AS age,"
-    " (SELECT coalesce(sum(amount_cents), 0) FROM shop.refunds r WHERE r.customer_id = c.id"
-    "   AND r.reversed_at IS NULL AND r.created_at >= date_trunc('day', now())) AS today"
-)
-
-
-def _customer_facts(row: asyncpg.Record) -> dict[str, Any]:
-    if not row["known"]:
-        return {"account_age_days": 0, "refunds_today_cents": 0, "known_customer": False}
-    return {"account_age_days": row["age"], "refunds_today_cents": int(row["today"]), "known_customer": True}
-
-
 class LookupCustomer(_ShopTool[NoArgs]):
     name = "lookup_customer"
     description = "The acting customer's account: email, tier, age."
@@ -183,57 +169,54 @@ class LookupOrder(_ShopTool[OrderArgs]):
         return dict(row) if row else {"error": "no such order"}
 
 
-class Refund(_ShopTool[RefundArgs]):
+class Refund(SqlTool[RefundArgs]):
+    """Declared as SQL: the gateway sends its facts and its effect inside its own statements
+    (a refund in 4 round trips), each run as the tools' role (``corral.SqlTool``)."""
+
     name = "refund"
     description = "Refund part or all of one of the acting customer's orders."
     arguments = RefundArgs
     resource_fields = ("order_id",)
+    resource_type = "Order"
     undo = "reverse_refund"
 
-    async def resource(self, call: ToolInput[RefundArgs]) -> Resource:
-        row = await call.conn.fetchrow(
-            f"SELECT o.customer_id, o.total_cents, {_CUSTOMER_FACTS} FROM (SELECT 1) AS one"
-            " LEFT JOIN shop.customers c ON c.id = $1 LEFT JOIN shop.orders o ON o.id = $2",
-            call.customer,
-            call.arguments.order_id,
-        )
-        facts = _customer_facts(row)
-        facts.update(
-            amount_cents=call.arguments.amount_cents,
-            owns_resource=row["customer_id"] is not None and row["customer_id"] == call.customer,
-            order_total_cents=int(row["total_cents"] or 0),
-        )
-        return Resource(type="Order", id=call.arguments.order_id, facts=facts)
+    # What policies know: the customer's account age and today's refunds, the order's owner
+    # and total, the amount asked.
+    facts_parameters = ("customer", "order_id", "amount_cents")
+    facts_sql = """
+        SELECT jsonb_build_object(
+            'known_customer', c.id IS NOT NULL,
+            'account_age_days',
+                coalesce((extract(epoch FROM now() - c.created_at) / 86400)::int, 0),
+            'refunds_today_cents', CASE WHEN c.id IS NULL THEN 0 ELSE (
+                SELECT coalesce(sum(r.amount_cents), 0) FROM shop.refunds r WHERE r.customer_id = c.id
+                AND r.reversed_at IS NULL AND r.created_at >= date_trunc('day', now())) END,
+            'amount_cents', $3::bigint,
+            'owns_resource', coalesce(o.customer_id = $1, false),
+            'order_total_cents', coalesce(o.total_cents, 0)
+        ) AS facts
+        FROM (SELECT 1) AS one
+        LEFT JOIN shop.customers c ON c.id = $1 LEFT JOIN shop.orders o ON o.id = $2
+    """
 
-    async def run(self, call: ToolInput[RefundArgs]) -> dict[str, Any]:
-        # One statement: the order's remaining amount and, if it covers the refund, the refund.
-        row = await call.conn.fetchrow(
-            "WITH o AS (SELECT total_cents FROM shop.orders WHERE id=$1 AND customer_id=$2),"
-            " r AS (SELECT coalesce(sum(amount_cents), 0) AS refunded FROM shop.refunds"
-            "   WHERE order_id=$1 AND reversed_at IS NULL),"
-            " refund AS (INSERT INTO shop.refunds"
-            "   (order_id, customer_id, amount_cents, reason, idempotency_key)"
-            "   SELECT $1, $2, $3::bigint, $4, $5 FROM o, r"
-            "   WHERE r.refunded + $3::bigint <= o.total_cents RETURNING id)"
-            " SELECT o.total_cents, r.refunded, (SELECT id FROM refund) AS refund_id"
-            " FROM r LEFT JOIN o ON true",
-            call.arguments.order_id,
-            call.customer,
-            call.arguments.amount_cents,
-            call.arguments.reason,
-            call.idempotency_key,
-        )
-        if row["total_cents"] is None:
-            return {"error": "no such order"}
-        if row["refund_id"] is None:
-            return {
-                "error": f"refund exceeds the order's remaining {row['total_cents'] - row['refunded']} cents"
-            }
-        return {
-            "refund_id": row["refund_id"],
-            "order_id": call.arguments.order_id,
-            "amount_cents": call.arguments.amount_cents,
-        }
+    # One statement: the order's remaining amount and, if it covers the refund, the refund.
+    effect_parameters = ("customer", "order_id", "amount_cents", "reason", "idempotency_key")
+    effect_sql = """
+        WITH o AS (SELECT total_cents FROM shop.orders WHERE id = $2 AND customer_id = $1),
+        r AS (SELECT coalesce(sum(amount_cents), 0) AS refunded FROM shop.refunds
+              WHERE order_id = $2 AND reversed_at IS NULL),
+        refund AS (INSERT INTO shop.refunds (order_id, customer_id, amount_cents, reason, idempotency_key)
+                   SELECT $2, $1, $3::bigint, $4, $5 FROM o, r
+                   WHERE r.refunded + $3::bigint <= o.total_cents RETURNING id)
+        SELECT CASE
+            WHEN o.total_cents IS NULL THEN jsonb_build_object('error', 'no such order')
+            WHEN (SELECT id FROM refund) IS NULL THEN jsonb_build_object('error',
+                format('refund exceeds the order''s remaining %s cents', o.total_cents - r.refunded))
+            ELSE jsonb_build_object('refund_id', (SELECT id FROM refund), 'order_id', $2::text,
+                                    'amount_cents', $3::bigint)
+        END AS result
+        FROM r LEFT JOIN o ON true
+    """
 
     def undo_arguments(self, arguments: dict[str, Any], result: dict[str, Any]) -> dict[str, Any]:
         return {"refund_id": result["refund_id"]}

@@ -190,11 +190,15 @@ def _pieces(entry: AuditEntry) -> tuple[bytes, bytes, bytes]:
     return b"{" + before + b",", b"," + between + b",", b"," + after + b"}"
 
 
-def _append_call(first: int) -> str:
+def append_call(first: int) -> str:
+    """The SQL expression appending a record, its parameters ``$first`` on in the order of
+    ``append_parameters``: for a statement that writes more than the record (as the tool
+    gateway's effect does). The caller's transaction must be as ``append_audit`` says."""
     return "corral_audit_append(" + ",".join(f"${n}" for n in range(first, first + 14)) + ")"
 
 
-def _append_parameters(entry: AuditEntry) -> list[object]:
+def append_parameters(entry: AuditEntry) -> list[object]:
+    """The parameters of ``append_call``."""
     return [
         entry.agent,
         entry.credential_id,
@@ -243,10 +247,10 @@ async def append_audit(
     if not conn.is_in_transaction():
         raise StoreError("append_audit must run inside a transaction", retryable=False)
     statement, parameters = along or ("", ())
-    call = _append_call(len(parameters) + 1)
+    call = append_call(len(parameters) + 1)
     query = f"WITH along AS ({statement}) SELECT {call}" if statement else f"SELECT {call}"
     try:
-        record_id = int(await conn.fetchval(query, *parameters, *_append_parameters(entry)))
+        record_id = int(await conn.fetchval(query, *parameters, *append_parameters(entry)))
     except asyncpg.InvalidTransactionStateError as exc:
         raise StoreError(str(exc), retryable=False) from exc
     except asyncpg.UniqueViolationError as exc:

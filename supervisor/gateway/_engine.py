@@ -35,19 +35,27 @@ from typing import Any
 import asyncpg
 
 from corral.bus import ToolCall, ToolResult, ToolStatus
-from corral.supervisor.audit._audit import append_audit, digest_arguments
+from corral.supervisor.audit._audit import append_audit, append_call, append_parameters, digest_arguments
 from corral.supervisor.errors import StoreError
 from corral.supervisor.gateway._approvals import ApprovalAsk, ApprovalDenied, consume_or_file, keep_used
 from corral.supervisor.gateway._config import GatewayConfig
 from corral.supervisor.gateway._policy import PolicyDecision, PolicyEngine, PolicyRequest
 from corral.supervisor.gateway._records import CallRecord, answer, audit_entry, replay
 from corral.supervisor.gateway._shape import Shaped, shape
-from corral.supervisor.gateway._statements import CALL_EXPRESSIONS, call_parameters
-from corral.supervisor.gateway._tool_body import BodyFailed, ToolBody
-from corral.supervisor.gateway._tool_runner import ToolRunner
+from corral.supervisor.gateway._sql_tools import SqlTool, json_object
+from corral.supervisor.gateway._statements import (
+    EFFECT_LEDGER_PARAMETERS,
+    call_expressions,
+    call_parameters,
+    effect_with_records,
+    facts_placeholders,
+)
+from corral.supervisor.gateway._tool_body import BodyFailed, ToolBody, body_failure, check_result_size
+from corral.supervisor.gateway._tool_runner import ToolRunner, ToolTimeoutError
 from corral.supervisor.gateway._tools import Tool, ToolInput
 from corral.supervisor.store._budgets import exceeded, repeated_call
 from corral.supervisor.store._journal import journal_response
+from corral.supervisor.store._tool_statements import installed_functions
 
 logger = logging.getLogger(__name__)
 
@@ -63,6 +71,9 @@ class _Open:
     body: ToolBody
     dry_run: bool
     repeats: int
+    facts: dict[str, Any] | None
+    """A ``SqlTool``'s facts, read by the call's first statement (None: not read there; its
+    bodies run as the tools' role instead)."""
 
     @property
     def call(self) -> ToolCall:
@@ -93,10 +104,14 @@ class CallEngine:
         self._policy = policy
         self._config = config
         self._runner = runner
+        self._installed: set[str] | None = None
+        """The declared statements' functions in the database, read at the first call."""
 
     async def decide(self, call: ToolCall, sender: str) -> tuple[ToolResult, str | None]:
         """The answer to ``sender``'s ``call``, and the conversation's client to tell (None:
         no one). Raises what no decision came of (the agent asks again with the same key)."""
+        if self._installed is None:
+            self._installed = await installed_functions(self._pool)
         failed: BodyFailed | None = None
         raced = False
         while True:
@@ -128,7 +143,7 @@ class CallEngine:
             return await self._refuse(None, call, sender, "", status, reason), None
         may_run = shaped.refusal is None and failed is None and not self._config.budgets.limits(sender)
         async with self._pool.acquire() as conn, conn.transaction():
-            conversation = await self._first_statement(conn, shaped, may_run)
+            conversation = await self._first_statement(conn, shaped, may_run, self._declared(shaped.tool))
             body = ToolBody(
                 conn,
                 self._runner,
@@ -139,8 +154,15 @@ class CallEngine:
             )
             return await self._limits(conn, shaped, conversation, body, failed)
 
+    def _declared(self, tool: Tool[Any]) -> SqlTool[Any] | None:
+        """``tool``, if its statements are installed to run inside the gateway's own."""
+        if not isinstance(tool, SqlTool) or not tool.runs_as_declared() or self._installed is None:
+            return None
+        functions = (tool.function("facts") if tool.facts_sql else "", tool.function("effect"))
+        return tool if all(f is not None and (f == "" or f in self._installed) for f in functions) else None
+
     async def _first_statement(
-        self, conn: asyncpg.Connection, shaped: Shaped, may_run: bool
+        self, conn: asyncpg.Connection, shaped: Shaped, may_run: bool, declared: SqlTool[Any] | None
     ) -> asyncpg.Record | None:
         """The conversation, having journaled the response that asked for the call (it
         commits with the call's outcome or its refusal), in the statement that takes the
@@ -151,23 +173,30 @@ class CallEngine:
         the locks: a duplicate that commits meanwhile makes this call's ledger entry collide,
         and ``decide`` answers from the ledger. It reads the agent's kill row FOR SHARE,
         which re-reads it if a kill is committing: no call runs after one. When nothing
-        refuses the call, it enters the tools' role for the body."""
+        refuses the call, it enters the tools' role for the body, or for a tool that declares
+        its statements (``declared``) reads the facts."""
         call, tool = shaped.call, shaped.tool
+        facts_call, facts_values = None, list[object]()
+        if declared is not None and declared.facts_sql is not None and shaped.arguments is not None:
+            placeholders, facts_values = facts_placeholders(declared.facts_parameters, shaped.arguments)
+            facts_call = declared.call_sql("facts", placeholders)
+        parameters = call_parameters(
+            shaped.key,
+            tool.changes_state,
+            tool.name,
+            shaped.checked.resource_key,
+            shaped.sender,
+            may_run,
+            call.step,
+            declared is not None,
+        )
         return await journal_response(
             conn,
             call.conversation,
             shaped.response,
             shaped.sender,
-            also=CALL_EXPRESSIONS,
-            also_parameters=call_parameters(
-                shaped.key,
-                tool.changes_state,
-                tool.name,
-                shaped.checked.resource_key,
-                shaped.sender,
-                may_run,
-                call.step,
-            ),
+            also=call_expressions(facts_call),
+            also_parameters=(*parameters, *facts_values),
         )
 
     async def _limits(
@@ -200,17 +229,17 @@ class CallEngine:
         if failed is not None:
             await body.leave()
             return await self._failed(conn, call, customer, record, failed), client
-        assert shaped.arguments is not None
-        ctx = ToolInput(
-            arguments=shaped.arguments,
-            customer=customer,
-            conversation=call.conversation,
-            agent=sender,
-            idempotency_key=shaped.key,
-            conn=conn,
-        )
+        ctx = _context(shaped, conn, customer)
+        facts = conversation.get("facts")
         opened = _Open(
-            conn, shaped, record, ctx, body, bool(conversation["dry_run"]), conversation["repeats"]
+            conn,
+            shaped,
+            record,
+            ctx,
+            body,
+            bool(conversation["dry_run"]),
+            conversation["repeats"],
+            json_object(facts, shaped.tool.name, "facts") if facts is not None else None,
         )
         return await self._authorize(opened), client
 
@@ -228,6 +257,9 @@ class CallEngine:
             )
             await append_audit(opened.conn, entry, along=opened.record.ledger(call, "stopped", {}, stop))
             return answer(call, "stopped", {}, reason=stop)
+        declared = self._declared(tool)
+        if declared is not None and (opened.facts is not None or declared.facts_sql is None):
+            return await self._declared_call(opened, declared)
         decided: list[PolicyDecision] = []  # written in the worker, read here (also on a timeout)
 
         async def decide_then_run(tool_ctx: ToolInput[Any]) -> dict[str, Any] | None:
@@ -257,6 +289,74 @@ class CallEngine:
         if result is not None:
             return await self._applied(opened, decided[0], None, result)
         return await self._decided(opened, decided[0])
+
+    async def _declared_call(self, opened: _Open, tool: SqlTool[Any]) -> ToolResult:
+        """Cedar decides on the facts the first statement read; an allowed call's effect runs
+        with its ledger entry and audit record in one statement."""
+        call = opened.call
+        resource = tool.resource_of(opened.ctx, opened.facts or {})
+        decision = self._policy.decide(
+            PolicyRequest(
+                principal=call.agent,
+                action=tool.name,
+                resource_type=resource.type,
+                resource_id=resource.id,
+                context={**resource.facts, "irreversible": tool.irreversible},
+            )
+        )
+        if decision.outcome != "allow" or (opened.dry_run and tool.changes_state):
+            return await self._decided(opened, decision)
+        try:
+            result = await self._effect(opened, tool, decision)
+        except BodyFailed as failed:
+            failed.decision = decision
+            raise
+        if "error" in result:  # nothing was recorded: the backend refused the effect
+            return await self._applied(opened, decision, None, result)
+        return answer(call, "ok", result, decision=decision)
+
+    async def _effect(self, opened: _Open, tool: SqlTool[Any], decision: PolicyDecision) -> dict[str, Any]:
+        """The effect, and when it succeeded its ledger entry and its audit record, in one
+        statement, under the call's deadline.
+
+        Raises:
+            BodyFailed: as a body's failure: timed out, refused, raised, or too big a result.
+        """
+        call, record = opened.call, opened.record
+        _, ledger = record.ledger(call, "ok", {}, decision.reason, decision)
+        ledger_values = [v for i, v in enumerate(ledger) if i != 6]  # the result comes from the effect
+        effect_values = tool.values("effect", opened.ctx)
+        first_effect = EFFECT_LEDGER_PARAMETERS + 1
+        effect_call = tool.call_sql("effect", [f"${first_effect + i}" for i in range(len(effect_values))])
+        first_audit = first_effect + len(effect_values)
+        entry = audit_entry(
+            call,
+            call.agent,
+            opened.ctx.customer,
+            record.arguments.digest,
+            decision.outcome,
+            "applied",
+            decision.reason,
+            decision.policy_ids,
+        )
+        sql = effect_with_records(effect_call, append_call(first_audit))
+        timeout = self._config.call_timeout_s
+        try:
+            row = await opened.conn.fetchrow(
+                sql, *ledger_values, *effect_values, *append_parameters(entry), timeout=timeout
+            )
+            result = json_object(row["result"] if row else None, tool.name, "result")
+        except asyncpg.UniqueViolationError:
+            raise  # a duplicate of the call committed meanwhile: ``decide`` answers from the ledger
+        except TimeoutError as exc:
+            raise body_failure(tool.name, ToolTimeoutError(tool.name, timeout), timeout) from exc
+        except Exception as exc:
+            failure = body_failure(tool.name, exc, timeout)
+            if failure is exc:
+                raise
+            raise failure from exc
+        check_result_size(tool.name, result, self._config.limits.tool_result_bytes)
+        return result
 
     async def _decided(self, opened: _Open, decision: PolicyDecision) -> ToolResult:
         """A call that is not simply allowed: denied, simulated, or waiting for approval."""
@@ -424,6 +524,19 @@ class CallEngine:
             async with self._pool.acquire() as own, own.transaction():
                 await append_audit(own, entry)
         return answer(call, status, {}, reason=reason)
+
+
+def _context(shaped: Shaped, conn: asyncpg.Connection, customer: str = "") -> ToolInput[Any]:
+    assert shaped.arguments is not None
+    call = shaped.call
+    return ToolInput(
+        arguments=shaped.arguments,
+        customer=customer,
+        conversation=call.conversation,
+        agent=shaped.sender,
+        idempotency_key=shaped.key,
+        conn=conn,
+    )
 
 
 def _not_callable(

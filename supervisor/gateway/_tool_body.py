@@ -77,25 +77,16 @@ class ToolBody:
             await self._conn.execute(ENTER_TOOLS)
             self._inside = True
         remaining = self._deadline - self._loop.time()
-        name = self._tool.name
         try:
             result = await self._runner.run(
                 self._tool.name, body, ctx, remaining, isolation=self._tool.isolation
             )
-        except ToolTimeoutError as exc:
-            raise BodyFailed(f"tool {name} timed out after {self._timeout_s:g}s") from exc
-        except (ToolStatementError, asyncpg.InsufficientPrivilegeError) as exc:
-            raise BodyFailed(f"tool {name} was refused: {exc}") from exc
         except Exception as exc:
-            if is_retryable(exc):
+            failure = body_failure(self._tool.name, exc, self._timeout_s)
+            if failure is exc:
                 raise
-            raise BodyFailed(f"tool {name} raised {type(exc).__name__}: {exc}") from exc
-        if isinstance(result, dict) and (size := len(_json.encode(result))) > self._result_bytes:
-            # Its answer could not reach the agent: what it did must not stand either.
-            raise BodyFailed(
-                f"tool {name} returned {size} bytes, over limits.tool_result_bytes"
-                f" ({self._result_bytes}); nothing it did was kept"
-            )
+            raise failure from exc
+        check_result_size(self._tool.name, result, self._result_bytes)
         return result
 
     async def leave(self) -> None:
@@ -111,3 +102,25 @@ class ToolBody:
         except asyncpg.InFailedSQLTransactionError as exc:
             raise BodyFailed(f"tool {self._tool.name} failed: one of its statements failed") from exc
         self._inside = False
+
+
+def body_failure(tool: str, exc: Exception, timeout_s: float) -> Exception:
+    """What a body's ``exc`` makes of the call: ``BodyFailed`` (timed out, refused, or what
+    no retry mends: ``bus.is_retryable``), or ``exc`` itself (the agent asks again)."""
+    if isinstance(exc, ToolTimeoutError):
+        return BodyFailed(f"tool {tool} timed out after {timeout_s:g}s")
+    if isinstance(exc, ToolStatementError | asyncpg.InsufficientPrivilegeError):
+        return BodyFailed(f"tool {tool} was refused: {exc}")
+    if is_retryable(exc):
+        return exc
+    return BodyFailed(f"tool {tool} raised {type(exc).__name__}: {exc}")
+
+
+def check_result_size(tool: str, result: object, limit: int) -> None:
+    """Raises BodyFailed for a result over ``limit`` bytes: its answer could not reach the
+    agent, so what the tool did must not stand either."""
+    if isinstance(result, dict) and (size := len(_json.encode(result))) > limit:
+        raise BodyFailed(
+            f"tool {tool} returned {size} bytes, over limits.tool_result_bytes ({limit});"
+            " nothing it did was kept"
+        )

@@ -47,6 +47,9 @@ async def prepare_database(owner_dsn: str, tools_module: str | None) -> None:
         if setup is not None:
             await setup(conn)
         await grant_tool_role(conn, getattr(module, "SCHEMAS", ()))
+        from corral.supervisor.store._tool_statements import install_statements
+
+        await install_statements(conn, getattr(module, "TOOLS", ()))
     except asyncpg.PostgresError as exc:
         raise StoreError(f"cannot prepare the tools' schema: {exc}", retryable=False) from exc
     finally:
