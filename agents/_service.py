@@ -6,7 +6,7 @@ import asyncio
 import enum
 import logging
 from dataclasses import dataclass, field, replace
-from typing import Any, TypedDict
+from typing import Any, TypedDict, TypeVar
 
 import msgspec
 
@@ -21,9 +21,7 @@ from corral.agents._prompts import bounded, encode_arguments, tool_message, user
 from corral.agents.errors import AgentError, DecisionError
 from corral.bus import (
     ATTEMPT,
-    DECODE_ERRORS,
     MSG_ID,
-    TRACEPARENT,
     AgentFailed,
     AgentInput,
     AgentOutput,
@@ -41,13 +39,15 @@ from corral.bus import (
     JournalQuery,
     JournalReply,
     Limits,
+    Message,
     OutputTaken,
     PayloadTooLargeError,
+    PoisonMessageError,
+    Service,
     StepEvent,
     ToolCall,
     ToolResult,
     clip,
-    current_traceparent,
     encode,
     limit_problem,
     output_problem,
@@ -58,11 +58,9 @@ from corral.bus import (
 )
 from corral.router import ChatMessage, Completion, CompletionRequest, Model, RouterError
 
-_tool_decoder = msgspec.json.Decoder(ToolResult)
-_taken_decoder = msgspec.json.Decoder(OutputTaken)
 _HANDOVER_PAUSE_S = 0.05
 _HANDOVER_MAX_PAUSE_S = 2.0
-_journal_decoder = msgspec.json.Decoder(JournalReply)
+_Reply = TypeVar("_Reply", JournalReply, ToolResult)
 
 logger = logging.getLogger(__name__)
 
@@ -101,8 +99,8 @@ class AgentState(enum.Enum):
     STOPPED = "stopped"
 
 
-class AgentService:
-    """Serve one agent's inbox until ``shutdown()``.
+class AgentService(Service):
+    """Serve one agent's inbox until ``shutdown()``; ``async with`` runs it in a task.
 
     Args:
         settings: The agent's role.
@@ -111,6 +109,7 @@ class AgentService:
     """
 
     def __init__(self, settings: AgentSettings, bus: Bus, model: Model) -> None:
+        super().__init__()
         self._settings = settings
         self._bus = bus
         self._model = model
@@ -135,27 +134,26 @@ class AgentService:
         )
         self.state = AgentState.NEW
 
-    async def __aenter__(self) -> AgentService:
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.shutdown()
-
-    async def run(self) -> None:
+    async def _serve(self) -> None:
         """Serve the inbox; returns once ``shutdown()`` was called and in-flight steps ended."""
         self.state = AgentState.RUNNING
         logger.info("agent %s serving %s", self._settings.name, subjects.agent_inbox(self._settings.name))
+        started = asyncio.create_task(self._started_with(self._consumer))
         try:
             # The guard ends the service (and the process, non-zero) once the connection is
             # closed for good: nats-py would leave it alive and deaf.
             await serve_together(self._consumer, ConnectionGuard(self._bus))
         finally:
+            started.cancel()
+            await asyncio.gather(started, return_exceptions=True)
             self.state = AgentState.STOPPED
             logger.info("agent %s stopped", self._settings.name)
 
     async def shutdown(self) -> None:
-        """Stop taking work; idempotent."""
+        """Stop taking work; return once in-flight steps ended and ``run()`` returned;
+        idempotent, and safe before ``run()``."""
         await self._consumer.shutdown()
+        await super().shutdown()
 
     async def handle(self, task: AgentTask, delivery: Delivery) -> None:
         """Run one step: model and tool calls, then hand the output to the supervisor; the
@@ -308,21 +306,26 @@ class AgentService:
         raise AgentError(f"more than {self._settings.max_tool_calls} tool calls in one step", agent=name)
 
     async def _journal(self, query: JournalQuery) -> JournalReply:
+        # Nothing is used before it is journaled: a step the journal does not answer is
+        # redelivered and retried.
+        return await self._ask(subjects.agent_journal(self._settings.name), query, JournalReply, "journal")
+
+    async def _ask(self, subject: str, message: Message, reply_type: type[_Reply], what: str) -> _Reply:
+        """Ask the supervisor's ``what`` (the journal, the tool gateway) and return its answer.
+
+        Raises:
+            AgentError: no answer (``retryable`` unless it can never come: too big to send,
+                the connection closed), or an answer that does not decode (not retryable).
+        """
+        name = self._settings.name
         try:
-            reply = await request(
-                self._bus.nc,
-                subjects.agent_journal(self._settings.name),
-                encode(query),
-                timeout_s=self._settings.tool_timeout_s,
+            return await request(
+                self._bus.nc, subject, message, reply_type, timeout_s=self._settings.tool_timeout_s
             )
-            return _journal_decoder.decode(reply.data)
-        except DECODE_ERRORS as exc:
-            raise AgentError(f"journal answered nonsense: {exc}", agent=self._settings.name) from exc
+        except PoisonMessageError as exc:
+            raise AgentError(f"{what} answered nonsense: {exc}", agent=name) from exc
         except BusError as exc:
-            # Nothing is used before it is journaled: the step is redelivered and retried.
-            raise AgentError(
-                f"journal did not answer: {exc}", agent=self._settings.name, retryable=exc.retryable
-            ) from exc
+            raise AgentError(f"{what} did not answer: {exc}", agent=name, retryable=exc.retryable) from exc
 
     async def _call_tool(
         self, task: AgentTask, index: int, decision: ToolDecision, response: JournalEntry | None
@@ -345,26 +348,11 @@ class AgentService:
             arguments=decision.arguments,
             response=bounded(response, limits),
         )
-        try:
-            trace = current_traceparent()
-            reply = await request(
-                self._bus.nc,
-                subjects.agent_tool(name),
-                encode(call),
-                timeout_s=self._settings.tool_timeout_s,
-                headers={TRACEPARENT: trace} if trace else None,
-            )
-            return _tool_decoder.decode(reply.data)
-        except DECODE_ERRORS as exc:
-            raise AgentError(
-                f"tool gateway answered {decision.tool} with nonsense: {exc}", agent=name
-            ) from exc
-        except BusError as exc:
-            # The same call is retried on redelivery; its idempotency key makes that safe. A
-            # call too big to send never will be.
-            raise AgentError(
-                f"tool gateway did not answer {decision.tool}: {exc}", agent=name, retryable=exc.retryable
-            ) from exc
+        # The same call is retried on redelivery; its idempotency key makes that safe. A call
+        # too big to send never will be.
+        return await self._ask(
+            subjects.agent_tool(name), call, ToolResult, f"tool gateway on {decision.tool}"
+        )
 
     async def _publish_failure(
         self, task: AgentTask, reason: str, response: JournalEntry | None = None
@@ -410,19 +398,19 @@ class AgentService:
         if why is not None and not isinstance(output, AgentFailed):
             await self._give_up(task, output, why)
             return
-        data = encode(output)
-        headers = {MSG_ID: _output_id(task)}
-        trace = current_traceparent()
-        if trace:
-            headers[TRACEPARENT] = trace
+        data = encode(output)  # once: the same bytes are sent again
         attempt, pause_s = 1, _HANDOVER_PAUSE_S
         while True:
-            headers[ATTEMPT] = str(attempt)
+            headers = {MSG_ID: _output_id(task), ATTEMPT: str(attempt)}
             try:
-                reply = await request(
-                    self._bus.nc, subject, data, timeout_s=self._settings.tool_timeout_s, headers=headers
+                answer = await request(
+                    self._bus.nc,
+                    subject,
+                    data,
+                    OutputTaken,
+                    timeout_s=self._settings.tool_timeout_s,
+                    headers=headers,
                 )
-                answer = _taken_decoder.decode(reply.data)
             except PayloadTooLargeError as exc:
                 await self._give_up(task, output, str(exc))
                 return

@@ -70,10 +70,10 @@ from corral.bus._publish import (
     payload_size,
     publish,
     publish_live,
-    request,
     start_problem,
 )
-from corral.bus._service import MessageService, Serving, serve_together
+from corral.bus._requests import Requester, RequestService, request
+from corral.bus._service import MessageService, Service, Serving, serve_together
 from corral.bus._topology import (
     TopologyConfig,
     agent_consumer_config,
@@ -151,6 +151,9 @@ __all__ = [
     "OutputTaken",
     "PayloadTooLargeError",
     "PoisonMessageError",
+    "RequestService",
+    "Requester",
+    "Service",
     "Serving",
     "StepEvent",
     "SupervisorInput",

@@ -22,7 +22,7 @@ import enum
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
-from typing import Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
 import msgspec
 import nats.errors
@@ -31,6 +31,7 @@ from nats.js import JetStreamContext
 
 from corral.bus import subjects
 from corral.bus._publish import KiB, check_payload, payload_size
+from corral.bus._service import Service, finish_in_flight
 from corral.bus._trace import TRACEPARENT, traceparent_from, use_traceparent
 from corral.bus.errors import BusError, is_retryable
 
@@ -118,8 +119,9 @@ class ConsumerConfig:
     """A dead letter keeps at most this much of the body (``limits.dead_letter_body_bytes``)."""
 
 
-class Consumer(Generic[T]):
-    """Serve one durable consumer until ``shutdown()``.
+class Consumer(Service, Generic[T]):
+    """Serve one durable consumer until ``shutdown()`` (which returns once in-flight
+    messages ended, or were cancelled past ``shutdown_grace_s``).
 
     Args:
         js: JetStream context.
@@ -137,25 +139,31 @@ class Consumer(Generic[T]):
         handler: Handler[T],
         on_dead: OnDead[T] | None = None,
     ) -> None:
+        super().__init__()
         self._js = js
         self._config = config
         self._decoder = decoder
         self._handler = handler
         self._on_dead = on_dead
-        self._stopping = asyncio.Event()
         self._tasks: set[asyncio.Task[None]] = set()
         self._refill_at = max(1, config.max_in_flight // 4)
         self.state = ConsumerState.NEW
 
-    async def run(self) -> None:
-        """Fetch and handle messages; returns after ``shutdown()`` once in-flight work ended."""
+    async def _serve(self) -> None:
+        """Fetch and handle messages; returns after ``shutdown()`` once in-flight work ended.
+
+        Raises:
+            BusError: if the durable consumer cannot be bound.
+        """
         self.state = ConsumerState.RUNNING
         try:
             sub = await self._js.pull_subscribe_bind(durable=self._config.durable, stream=self._config.stream)
         except Exception as exc:
+            self.state = ConsumerState.STOPPED
             raise BusError(
                 f"cannot bind to consumer {self._config.durable} on {self._config.stream}: {exc}"
             ) from exc
+        self._started.set()
         try:
             while not self._stopping.is_set():
                 free = self._config.max_in_flight - len(self._tasks)
@@ -180,22 +188,13 @@ class Consumer(Generic[T]):
                     task.add_done_callback(self._tasks.discard)
         finally:
             self.state = ConsumerState.STOPPING
-            await self._finish_in_flight()
+            await finish_in_flight(self._tasks, self._config.shutdown_grace_s)
             with contextlib.suppress(Exception):
                 await sub.unsubscribe()
             self.state = ConsumerState.STOPPED
 
-    async def shutdown(self) -> None:
-        """Stop fetching; in-flight messages get ``shutdown_grace_s`` to finish."""
-        self._stopping.set()
-
-    async def _finish_in_flight(self) -> None:
-        if not self._tasks:
-            return
-        _, pending = await asyncio.wait(self._tasks, timeout=self._config.shutdown_grace_s)
-        for task in pending:
-            task.cancel()
-        await asyncio.gather(*pending, return_exceptions=True)
+    def _is_own_task(self, task: asyncio.Task[Any] | None) -> bool:
+        return super()._is_own_task(task) or task in self._tasks
 
     async def _deliver(self, msg: Msg) -> None:
         try:

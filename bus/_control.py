@@ -22,7 +22,7 @@ from nats.js.errors import BucketNotFoundError, KeyNotFoundError
 from nats.js.kv import KeyValue
 
 from corral.bus import subjects
-from corral.bus._service import Serving
+from corral.bus._service import Service, Serving
 from corral.bus.errors import BusError
 
 logger = logging.getLogger(__name__)
@@ -113,8 +113,9 @@ class ControlState:
         return self.conversations.get(conversation)
 
 
-class ControlWatcher:
-    """Keep a ``ControlState`` current and call ``on_change`` for every switch flipped.
+class ControlWatcher(Service):
+    """Keep a ``ControlState`` current and call ``on_change`` for every switch flipped,
+    until ``shutdown()`` (which returns once the watch has stopped).
 
     Args:
         js: JetStream context.
@@ -124,18 +125,18 @@ class ControlWatcher:
     """
 
     def __init__(self, js: JetStreamContext, on_change: OnChange | None = None, keys: str = ">") -> None:
+        super().__init__()
         self._js = js
         self._on_change = on_change
         self._keys = keys
         self.state = ControlState(agents={}, conversations={})
         self._ready = asyncio.Event()
-        self._stopping = asyncio.Event()
 
     async def wait_ready(self, timeout_s: float = 10.0) -> None:
         """Wait until the initial state was loaded."""
         await asyncio.wait_for(self._ready.wait(), timeout_s)
 
-    async def run(self) -> None:
+    async def _serve(self) -> None:
         """Watch until ``shutdown()``.
 
         Raises:
@@ -146,6 +147,7 @@ class ControlWatcher:
             watcher = await kv.watch(self._keys)
         except Exception as exc:
             raise BusError(f"cannot watch {subjects.CONTROL_BUCKET}: {exc}") from exc
+        self._started.set()
         try:
             while not self._stopping.is_set():
                 try:
@@ -154,7 +156,8 @@ class ControlWatcher:
                     continue
                 except Exception as exc:  # reconnecting; the ordered consumer resumes itself
                     logger.debug("control watch: %s", exc)
-                    await asyncio.sleep(0.5)
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(self._stopping.wait(), 0.5)
                     continue
                 if entry is None:
                     self._ready.set()
@@ -163,10 +166,6 @@ class ControlWatcher:
         finally:
             with contextlib.suppress(Exception):
                 await watcher.stop()  # type: ignore[no-untyped-call]
-
-    async def shutdown(self) -> None:
-        """Stop watching; idempotent."""
-        self._stopping.set()
 
     async def _apply(self, key: str, value: bytes | None) -> None:
         kind, _, name = key.partition(".")
@@ -207,8 +206,9 @@ async def serve_with_control(control: ControlWatcher, *services: Serving) -> Non
         for task in done:
             task.result()
     finally:
-        for service in services:
-            await service.shutdown()
+        # All told at once: each shutdown waits for its service, and their grace periods
+        # overlap instead of adding up.
+        await asyncio.gather(*(service.shutdown() for service in services), return_exceptions=True)
         await control.shutdown()
         ready.cancel()
         await asyncio.gather(watcher, ready, *serving, return_exceptions=True)

@@ -1,5 +1,5 @@
-"""Publishing wire messages to JetStream with dedup ids and trace context, and sending
-requests; every message is checked against the server's ``max_payload``, headers
+"""Publishing wire messages to JetStream with dedup ids and trace context (requests are
+``corral.bus._requests``); every message is checked against the server's ``max_payload``, headers
 included, before it is sent (nats-py checks the body alone, and a message whose headers
 take it over the limit makes the server close the connection)."""
 
@@ -12,7 +12,6 @@ from dataclasses import dataclass
 
 import nats.errors
 from nats.aio.client import Client
-from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 
 from corral.bus import subjects
@@ -208,28 +207,6 @@ async def publish(
         await js.publish(subject, data, timeout=timeout_s, headers=headers)
     except Exception as exc:
         raise translate(exc, "publish", subject) from exc
-
-
-async def request(
-    nc: Client,
-    subject: str,
-    data: bytes,
-    *,
-    timeout_s: float,
-    headers: Mapping[str, str] | None = None,
-) -> Msg:
-    """Send a request and return its answer, checked for size first.
-
-    Raises:
-        PayloadTooLargeError: the request with its headers is over ``max_payload``.
-        ConnectionClosedError: the connection is closed for good.
-        BusError: no answer in time, or nobody listening (``retryable``).
-    """
-    check_payload(nc, subject, data, headers)
-    try:
-        return await nc.request(subject, data, timeout=timeout_s, headers=dict(headers) if headers else None)
-    except Exception as exc:
-        raise translate(exc, "request", subject) from exc
 
 
 async def publish_live(nc: Client, subject: str, message: Message, *, traceparent: str | None = None) -> None:

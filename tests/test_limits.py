@@ -69,7 +69,9 @@ async def test_a_message_over_max_payload_with_its_headers_is_refused_before_it_
     assert not raised.value.retryable
     assert raised.value.size > limit == raised.value.limit
     with pytest.raises(PayloadTooLargeError):
-        await request(admin.nc, "corral.anything", b"x" * (limit - 5), timeout_s=1, headers={MSG_ID: "abc"})
+        await request(
+            admin.nc, "corral.anything", b"x" * (limit - 5), OutputTaken, timeout_s=1, headers={MSG_ID: "abc"}
+        )
     # The connection is still open, and still works.
     assert admin.nc.is_connected
     ok = msgspec.structs.replace(task, text="ok")

@@ -15,7 +15,9 @@ a commit. Outcomes of one request:
 * anything else fails: answered ``retry``; the agent sends it again, and once it has sent
   it ``max_deliver`` times the output is dead-lettered, its conversation ended and the
   output refused instead;
-* the supervisor is down or does not answer: the agent sends it again until it answers.
+* the supervisor is down or does not answer: the agent sends it again until it answers;
+* it asks for its answer outside its sender's own inbox: copied to the dead-letter subject
+  with the reason and never answered (``RequestService``, as for every request).
 
 A refused output is never acked into silence: if it decoded, ``refused`` ends its
 conversation with the reason; if it did not, the agent (told ``refused``) reports the
@@ -29,22 +31,16 @@ from collections.abc import Awaitable, Callable
 
 import msgspec
 from nats.aio.client import Client
-from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 
 from corral.bus import (
-    ATTEMPT,
-    DECODE_ERRORS,
     AgentOutput,
     Limits,
-    MessageService,
     OutputTaken,
-    dead_letter,
-    encode,
+    Requester,
+    RequestService,
     is_retryable,
     subjects,
-    traceparent_from,
-    use_traceparent,
 )
 
 logger = logging.getLogger(__name__)
@@ -59,7 +55,7 @@ Refused = Callable[[AgentOutput, str, str], Awaitable[None]]
 _REASON_CHARS = 1000
 
 
-class OutputDesk(MessageService):
+class OutputDesk(RequestService[AgentOutput, OutputTaken]):
     """Answer agents' step outputs until ``shutdown()``.
 
     Args:
@@ -83,77 +79,59 @@ class OutputDesk(MessageService):
         refused: Refused | None = None,
         limits: Limits | None = None,
     ) -> None:
-        super().__init__(nc, subjects.agent_outputs(), queue="supervisor", max_in_flight=max_in_flight)
-        self._js = js
+        self._limits = limits or Limits()
+        super().__init__(
+            nc,
+            subjects.agent_outputs(),
+            _decoder,
+            js=js,
+            queue="supervisor",
+            max_in_flight=max_in_flight,
+            dead_letter_body_bytes=self._limits.dead_letter_body_bytes,
+        )
         self._take = take
         self._max_deliver = max_deliver
         self._refused = refused
-        self._limits = limits or Limits()
 
-    async def on_message(self, msg: Msg) -> None:
-        """Take one output and answer it (no answer if even that fails: the agent retries)."""
+    def poison_answer(self, reason: str) -> OutputTaken:
+        """An output that does not decode can never be taken: ``refused``, so that the agent
+        reports its step as failed instead of sending it again."""
+        return OutputTaken(status="refused", reason=reason)
+
+    async def answer(self, request: AgentOutput, requester: Requester) -> OutputTaken:
+        """Take one output: ``taken``, ``retry`` or (dead-lettered first) ``refused``.
+
+        Raises:
+            BusError: the dead letter of a refused output could not be stored (no answer:
+                the agent sends it again).
+        """
         try:
-            await self._answer(msg)
-        except Exception:
-            logger.exception("could not answer an output on %s; the agent will send it again", msg.subject)
+            await self._take(request, requester.subject)
+        except Exception as exc:
+            why = _clip(f"{type(exc).__name__}: {exc}")
+            if not is_retryable(exc):
+                logger.warning("refused an output on %s: %s", requester.subject, why)
+                return await self._refuse(requester, why, request)
+            attempt = requester.attempt
+            logger.warning("output on %s failed (attempt %d): %s", requester.subject, attempt, why)
+            if attempt >= self._max_deliver:
+                return await self._refuse(requester, f"gave up after {attempt} deliveries: {why}", request)
+            return OutputTaken(status="retry", reason=_clip(str(exc)))
+        return OutputTaken(status="taken")
 
-    async def _answer(self, msg: Msg) -> None:
-        sender = subjects.sender(msg.subject) or ""
-        if not subjects.is_agent_inbox(sender, msg.reply):
-            why = f"answer subject {msg.reply!r} is not {sender}'s inbox" if msg.reply else "not a request"
-            await self._refuse(msg, why, answer=False)
-            return
-        try:
-            output = _decoder.decode(msg.data)
-        except DECODE_ERRORS as exc:
-            await self._refuse(msg, f"decode error: {exc}")
-            return
-        headers = msg.headers or {}
-        with use_traceparent(traceparent_from(headers)):
-            try:
-                await self._take(output, msg.subject)
-            except Exception as exc:
-                why = _clip(f"{type(exc).__name__}: {exc}")
-                if not is_retryable(exc):
-                    logger.warning("refused an output on %s: %s", msg.subject, why)
-                    await self._refuse(msg, why, output)
-                    return
-                attempt = _attempt(headers)
-                logger.warning("output on %s failed (attempt %d): %s", msg.subject, attempt, why)
-                if attempt >= self._max_deliver:
-                    await self._refuse(msg, f"gave up after {attempt} deliveries: {why}", output)
-                else:
-                    await msg.respond(encode(OutputTaken(status="retry", reason=_clip(str(exc)))))
-                return
-        await msg.respond(encode(OutputTaken(status="taken")))
-
-    async def _refuse(
-        self, msg: Msg, reason: str, output: AgentOutput | None = None, *, answer: bool = True
-    ) -> None:
+    async def _refuse(self, requester: Requester, reason: str, output: AgentOutput) -> OutputTaken:
         # Kept first (if that fails, nothing is answered and the agent sends it again),
         # then its conversation ended, then the agent told.
-        await dead_letter(
-            self._js,
-            subjects.dead_letter(msg.subject),
-            msg,
-            reason,
-            max_body_bytes=self._limits.dead_letter_body_bytes,
-        )
-        if output is not None and self._refused is not None:
+        await self.dead_letter(requester, reason)
+        if self._refused is not None:
             try:
-                await self._refused(output, msg.subject, reason)
+                await self._refused(output, requester.subject, reason)
             except Exception:
-                logger.exception("could not end the conversation of a refused output on %s", msg.subject)
-        if answer:
-            await msg.respond(encode(OutputTaken(status="refused", reason=reason)))
+                logger.exception(
+                    "could not end the conversation of a refused output on %s", requester.subject
+                )
+        return OutputTaken(status="refused", reason=reason)
 
 
 def _clip(text: str) -> str:
     return text if len(text) <= _REASON_CHARS else f"{text[:_REASON_CHARS]}..."
-
-
-def _attempt(headers: dict[str, str]) -> int:
-    try:
-        return max(1, int(headers.get(ATTEMPT, "1")))
-    except ValueError:
-        return 1

@@ -31,6 +31,7 @@ from corral.bus import (
     KillTarget,
     Limits,
     PoisonMessageError,
+    Service,
     SupervisorInput,
     clip,
     current_traceparent,
@@ -63,8 +64,9 @@ class SupervisorState(enum.Enum):
     STOPPED = "stopped"
 
 
-class Supervisor:
-    """Enforce the handoff graph on every conversation until ``shutdown()``.
+class Supervisor(Service):
+    """Enforce the handoff graph on every conversation until ``shutdown()``; ``async with``
+    runs it in a task.
 
     Args:
         bus: An open bus connection with the supervisor's credentials.
@@ -87,6 +89,7 @@ class Supervisor:
         budgets: Budgets | None = None,
         limits: Limits | None = None,
     ) -> None:
+        super().__init__()
         self._bus = bus
         self._store = store
         self._graph = graph
@@ -117,13 +120,7 @@ class Supervisor:
         self._control = ControlWatcher(bus.js, self._on_control)
         self.state = SupervisorState.NEW
 
-    async def __aenter__(self) -> Supervisor:
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.shutdown()
-
-    async def run(self) -> None:
+    async def _serve(self) -> None:
         """Serve until ``shutdown()``; in-flight messages finish first."""
         self.state = SupervisorState.RUNNING
         logger.info("supervisor serving; entry agent %s", self._graph.entry)
@@ -135,19 +132,22 @@ class Supervisor:
                 worst,
                 limit,
             )
+        started = asyncio.create_task(self._started_with(self._control, self._consumer, self._desk))
         try:
             # The guard ends the service (and the process, non-zero) once the connection is
             # closed for good: nats-py would leave it alive and deaf.
             await serve_with_control(self._control, self._consumer, self._desk, ConnectionGuard(self._bus))
         finally:
+            started.cancel()
+            await asyncio.gather(started, return_exceptions=True)
             self.state = SupervisorState.STOPPED
             logger.info("supervisor stopped")
 
     async def shutdown(self) -> None:
-        """Stop taking work; idempotent."""
-        await self._consumer.shutdown()
-        await self._desk.shutdown()
-        await self._control.shutdown()
+        """Stop taking work; return once in-flight messages ended and ``run()`` returned;
+        idempotent, and safe before ``run()``."""
+        await asyncio.gather(self._consumer.shutdown(), self._desk.shutdown(), self._control.shutdown())
+        await super().shutdown()
 
     async def handle(self, message: SupervisorInput, delivery: Delivery) -> None:
         """Act on one message from ``CORRAL_WORK``: a conversation start or an approval."""

@@ -19,16 +19,15 @@ from collections.abc import Awaitable, Callable, Sequence
 import asyncpg
 import msgspec
 from nats.aio.client import Client
-from nats.aio.msg import Msg
+from nats.js import JetStreamContext
 
 from corral.bus import (
-    DECODE_ERRORS,
     JournalEntry,
     JournalQuery,
     JournalReply,
     JournalRequest,
-    MessageService,
-    encode,
+    Requester,
+    RequestService,
     subjects,
 )
 from corral.supervisor.errors import StoreError
@@ -191,8 +190,12 @@ async def _entries(conn: asyncpg.Connection, request: JournalRequest, sender: st
     ]
 
 
-class JournalService(MessageService):
+class JournalService(RequestService[JournalRequest, JournalReply]):
     """Answer journal requests until ``shutdown()``.
+
+    A request that asks for its answer outside its sender's inbox, or does not decode, is
+    dead-lettered with the reason and not answered (``RequestService``); one that fails is
+    not answered either: the agent's step fails retryably and is redelivered.
 
     Args:
         nc: A NATS connection (the supervisor's identity).
@@ -201,6 +204,7 @@ class JournalService(MessageService):
         on_over: Called with the conversation when a step is found over, i.e. decided
             while its agent still held the task: the publishes after that decision may
             have been lost (``Supervisor.republish``).
+        js: Where dead letters go (default: ``nc``'s JetStream context).
     """
 
     def __init__(
@@ -210,30 +214,16 @@ class JournalService(MessageService):
         budgets: Budgets,
         *,
         on_over: Callable[[str], Awaitable[None]] | None = None,
+        js: JetStreamContext | None = None,
     ) -> None:
-        super().__init__(nc, subjects.all_agent_journals(), queue="journal")
+        super().__init__(nc, subjects.all_agent_journals(), _decoder, js=js, queue="journal")
         self._pool = pool
         self._budgets = budgets
         self._on_over = on_over
 
-    async def on_message(self, msg: Msg) -> None:
-        """Answer one journal request (no answer on failure: the agent retries)."""
-        sender = subjects.sender(msg.subject) or ""
-        if not subjects.is_agent_inbox(sender, msg.reply):
-            logger.warning("journal request from %s ignored: it asks for its answer on %r", sender, msg.reply)
-            return
-        try:
-            request = _decoder.decode(msg.data)
-        except DECODE_ERRORS as exc:
-            logger.warning("undecodable journal request from %s: %s", sender, exc)
-            return
-        try:
-            reply = await self.handle(request, sender)
-        except Exception:
-            # No answer: the agent's step fails retryably and is redelivered.
-            logger.exception("journal request from %s failed", sender)
-            return
-        await msg.respond(encode(reply))
+    async def answer(self, request: JournalRequest, requester: Requester) -> JournalReply:
+        """Answer one journal request from the subject's sender (``handle``)."""
+        return await self.handle(request, requester.sender)
 
     async def handle(self, request: JournalRequest, sender: str) -> JournalReply:
         """A step's entries, and whether the step may go on (its turn, the budgets)."""
