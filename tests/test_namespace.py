@@ -88,9 +88,15 @@ def test_no_module_imports_the_folders_by_their_top_level_names() -> None:
 
 def test_the_readmes_tool_example_is_a_tool() -> None:
     readme = (REPO / "README.md").read_text()
-    [block] = [b.split("\n", 1)[1] for b in readme.split("```python")[1:] if "from corral import" in b]
+    blocks = [b.split("\n", 1)[1] for b in readme.split("```python")[1:] if "from corral import" in b]
+    plain, declared = blocks  # a Tool, then the same refund declared as SQL (in the same namespace)
     namespace: dict[str, object] = {}
-    exec(compile(block.split("```", 1)[0], "README.md", "exec"), namespace)
+    exec(compile(plain.split("```", 1)[0], "README.md", "exec"), namespace)
     [tool] = namespace["TOOLS"]  # type: ignore[misc]
     assert isinstance(tool, corral.Tool)
     assert tool.schema()["required"] == ["order_id", "amount_cents"]
+    exec(compile(declared.split("```", 1)[0], "README.md", "exec"), namespace)
+    sql_tool = namespace["Refund"]()  # type: ignore[operator]
+    assert isinstance(sql_tool, corral.SqlTool)
+    statements = sql_tool.declared_statements()
+    assert [s.types for s in statements] == [("text", "text"), ("text", "bigint", "text")]
