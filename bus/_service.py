@@ -201,6 +201,9 @@ class MessageService(Service):
             for sub in subs:
                 with contextlib.suppress(Exception):
                     await sub.unsubscribe()
+            if subs:
+                with contextlib.suppress(Exception):  # stopped means the server routes nothing here
+                    await self._nc.flush()
             await finish_in_flight(self._tasks, self._grace_s)
 
     def _is_own_task(self, task: asyncio.Task[Any] | None) -> bool:
