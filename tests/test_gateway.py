@@ -27,8 +27,8 @@ from corral.supervisor.gateway._statements import LOCK_NAMESPACE as _LOCK_NAMESP
 from corral.supervisor.gateway._tools import Tool, ToolInput
 from corral.supervisor.store._agent_controls import ensure_agent_controls
 from corral.supervisor.store._roles import grant_tool_role
-from corral.supervisor.store._tool_statements import install_statements
 from corral.supervisor.store._store import Store
+from corral.supervisor.store._tool_statements import install_statements
 from tests.conftest import REPO, eventually
 from tests.sample_tools import SCHEMAS, TOOLS, Refund, RefundArgs, setup
 

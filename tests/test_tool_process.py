@@ -469,7 +469,8 @@ async def test_a_subverted_child_cannot_make_the_gateway_run_code(
 
 
 async def test_the_runner_refuses_a_process_tool_that_was_not_wrapped(conn: asyncpg.Connection) -> None:
-    with pytest.raises(ValueError, match=r"run it wrapped in supervisor\.gateway\._tool_process\.ProcessTool"):
+    wrapped = r"run it wrapped in supervisor\.gateway\._tool_process\.ProcessTool"
+    with pytest.raises(ValueError, match=wrapped):
         await ToolRunner().run("probe", Probe().run, ctx(conn), 1.0, isolation="process")
 
 

@@ -35,23 +35,22 @@ from typing import Any
 import asyncpg
 
 from corral.bus import ToolCall, ToolResult, ToolStatus
-from corral.supervisor.audit._audit import append_audit, append_call, append_parameters, digest_arguments
+from corral.supervisor.audit._audit import append_audit, digest_arguments
 from corral.supervisor.errors import StoreError
 from corral.supervisor.gateway._approvals import ApprovalAsk, ApprovalDenied, consume_or_file, keep_used
 from corral.supervisor.gateway._config import GatewayConfig
+from corral.supervisor.gateway._effect import run_effect
 from corral.supervisor.gateway._policy import PolicyDecision, PolicyEngine, PolicyRequest
 from corral.supervisor.gateway._records import CallRecord, answer, audit_entry, replay
-from corral.supervisor.gateway._shape import Shaped, shape
+from corral.supervisor.gateway._shape import Shaped, not_callable, shape
 from corral.supervisor.gateway._sql_tools import SqlTool, json_object
 from corral.supervisor.gateway._statements import (
-    EFFECT_LEDGER_PARAMETERS,
     call_expressions,
     call_parameters,
-    effect_with_records,
     facts_placeholders,
 )
-from corral.supervisor.gateway._tool_body import BodyFailed, ToolBody, body_failure, check_result_size
-from corral.supervisor.gateway._tool_runner import ToolRunner, ToolTimeoutError
+from corral.supervisor.gateway._tool_body import BodyFailed, ToolBody
+from corral.supervisor.gateway._tool_runner import ToolRunner
 from corral.supervisor.gateway._tools import Tool, ToolInput
 from corral.supervisor.store._budgets import exceeded, repeated_call
 from corral.supervisor.store._journal import journal_response
@@ -210,7 +209,7 @@ class CallEngine:
         """Refuse, replay or record a failure; else decide and apply the call."""
         call, sender = shaped.call, shaped.sender
         customer = conversation["customer"] if conversation else ""
-        turn = _not_callable(conversation, sender, call.step)
+        turn = not_callable(conversation, sender, call.step)
         if conversation is None or turn is not None:
             await body.leave()  # (never inside: the statement enters only on the turn)
             status, reason = turn or ("denied", "the conversation is not running")
@@ -307,56 +306,22 @@ class CallEngine:
         if decision.outcome != "allow" or (opened.dry_run and tool.changes_state):
             return await self._decided(opened, decision)
         try:
-            result = await self._effect(opened, tool, decision)
+            result = await run_effect(
+                opened.conn,
+                tool,
+                call,
+                opened.ctx,
+                opened.record,
+                decision,
+                timeout_s=self._config.call_timeout_s,
+                result_bytes=self._config.limits.tool_result_bytes,
+            )
         except BodyFailed as failed:
             failed.decision = decision
             raise
         if "error" in result:  # nothing was recorded: the backend refused the effect
             return await self._applied(opened, decision, None, result)
         return answer(call, "ok", result, decision=decision)
-
-    async def _effect(self, opened: _Open, tool: SqlTool[Any], decision: PolicyDecision) -> dict[str, Any]:
-        """The effect, and when it succeeded its ledger entry and its audit record, in one
-        statement, under the call's deadline.
-
-        Raises:
-            BodyFailed: as a body's failure: timed out, refused, raised, or too big a result.
-        """
-        call, record = opened.call, opened.record
-        _, ledger = record.ledger(call, "ok", {}, decision.reason, decision)
-        ledger_values = [v for i, v in enumerate(ledger) if i != 6]  # the result comes from the effect
-        effect_values = tool.values("effect", opened.ctx)
-        first_effect = EFFECT_LEDGER_PARAMETERS + 1
-        effect_call = tool.call_sql("effect", [f"${first_effect + i}" for i in range(len(effect_values))])
-        first_audit = first_effect + len(effect_values)
-        entry = audit_entry(
-            call,
-            call.agent,
-            opened.ctx.customer,
-            record.arguments.digest,
-            decision.outcome,
-            "applied",
-            decision.reason,
-            decision.policy_ids,
-        )
-        sql = effect_with_records(effect_call, append_call(first_audit))
-        timeout = self._config.call_timeout_s
-        try:
-            row = await opened.conn.fetchrow(
-                sql, *ledger_values, *effect_values, *append_parameters(entry), timeout=timeout
-            )
-            result = json_object(row["result"] if row else None, tool.name, "result")
-        except asyncpg.UniqueViolationError:
-            raise  # a duplicate of the call committed meanwhile: ``decide`` answers from the ledger
-        except TimeoutError as exc:
-            raise body_failure(tool.name, ToolTimeoutError(tool.name, timeout), timeout) from exc
-        except Exception as exc:
-            failure = body_failure(tool.name, exc, timeout)
-            if failure is exc:
-                raise
-            raise failure from exc
-        check_result_size(tool.name, result, self._config.limits.tool_result_bytes)
-        return result
 
     async def _decided(self, opened: _Open, decision: PolicyDecision) -> ToolResult:
         """A call that is not simply allowed: denied, simulated, or waiting for approval."""
@@ -537,20 +502,3 @@ def _context(shaped: Shaped, conn: asyncpg.Connection, customer: str = "") -> To
         idempotency_key=shaped.key,
         conn=conn,
     )
-
-
-def _not_callable(
-    conversation: asyncpg.Record | None, sender: str, step: int
-) -> tuple[ToolStatus, str] | None:
-    """Why the conversation's state refuses ``sender``'s call at ``step`` (None: it does not):
-    the agent is killed, the conversation is not running, or it is not the agent's turn. The
-    call's first statement enters the tools' role on the same conditions."""
-    if conversation is None:
-        return "denied", "the conversation is not running"
-    if conversation["agent_killed"] is not None:
-        return "stopped", f"agent {sender} is killed ({conversation['agent_killed']})"
-    if conversation["status"] != "running":
-        return "denied", "the conversation is not running"
-    if conversation["current_agent"] != sender or conversation["step"] != step:
-        return "denied", f"step {step} is not {sender}'s turn"
-    return None

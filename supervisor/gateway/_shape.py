@@ -1,6 +1,8 @@
 """A tool call's shape, checked before the database is asked: the body's agent is the
 sender, the tool exists, the response that asked for the call has believable spend, the
-arguments are valid and not too big, and config grants the tool within the per-step cap."""
+arguments are valid and not too big, and config grants the tool within the per-step cap;
+and, once the call's first statement has read the conversation, whether it is the agent's
+turn."""
 
 from __future__ import annotations
 
@@ -8,6 +10,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+import asyncpg
 import msgspec
 from pydantic import BaseModel, ValidationError
 
@@ -90,4 +93,21 @@ def _before_policy(
         return "stopped", f"call {call.index} of step {call.step}: at most {cap} tool calls per step"
     if invalid:
         return "invalid", invalid
+    return None
+
+
+def not_callable(
+    conversation: asyncpg.Record | None, sender: str, step: int
+) -> tuple[ToolStatus, str] | None:
+    """Why the conversation's state refuses ``sender``'s call at ``step`` (None: it does not):
+    the agent is killed, the conversation is not running, or it is not the agent's turn. The
+    call's first statement enters the tools' role on the same conditions."""
+    if conversation is None:
+        return "denied", "the conversation is not running"
+    if conversation["agent_killed"] is not None:
+        return "stopped", f"agent {sender} is killed ({conversation['agent_killed']})"
+    if conversation["status"] != "running":
+        return "denied", "the conversation is not running"
+    if conversation["current_agent"] != sender or conversation["step"] != step:
+        return "denied", f"step {step} is not {sender}'s turn"
     return None

@@ -1,0 +1,72 @@
+"""A declared effect (``SqlTool``) as the gateway runs it: in one statement with the ledger
+entry and the audit record of its success, under the call's deadline."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import asyncpg
+
+from corral.bus import ToolCall
+from corral.supervisor.audit._audit import append_call, append_parameters
+from corral.supervisor.gateway._policy import PolicyDecision
+from corral.supervisor.gateway._records import CallRecord, audit_entry
+from corral.supervisor.gateway._sql_tools import SqlTool, json_object
+from corral.supervisor.gateway._statements import EFFECT_LEDGER_PARAMETERS, effect_with_records
+from corral.supervisor.gateway._tool_body import body_failure, check_result_size
+from corral.supervisor.gateway._tool_runner import ToolTimeoutError
+from corral.supervisor.gateway._tools import ToolInput
+
+
+async def run_effect(
+    conn: asyncpg.Connection,
+    tool: SqlTool[Any],
+    call: ToolCall,
+    ctx: ToolInput[Any],
+    record: CallRecord,
+    decision: PolicyDecision,
+    *,
+    timeout_s: float,
+    result_bytes: int,
+) -> dict[str, Any]:
+    """The effect's result; when it succeeded (no ``error``), its ledger entry and its audit
+    record (``applied``) were written in the same statement.
+
+    Raises:
+        BodyFailed: as a body's failure: timed out, refused, raised what no retry mends, or
+            returned more than ``result_bytes`` (the caller's transaction rolls back).
+        asyncpg.UniqueViolationError: a duplicate of the call committed meanwhile.
+    """
+    _, ledger = record.ledger(call, "ok", {}, decision.reason, decision)
+    ledger_values = [v for i, v in enumerate(ledger) if i != 6]  # the result comes from the effect
+    effect_values = tool.values("effect", ctx)
+    first_effect = EFFECT_LEDGER_PARAMETERS + 1
+    effect_call = tool.call_sql("effect", [f"${first_effect + i}" for i in range(len(effect_values))])
+    first_audit = first_effect + len(effect_values)
+    entry = audit_entry(
+        call,
+        call.agent,
+        ctx.customer,
+        record.arguments.digest,
+        decision.outcome,
+        "applied",
+        decision.reason,
+        decision.policy_ids,
+    )
+    sql = effect_with_records(effect_call, append_call(first_audit))
+    try:
+        row = await conn.fetchrow(
+            sql, *ledger_values, *effect_values, *append_parameters(entry), timeout=timeout_s
+        )
+        result = json_object(row["result"] if row else None, tool.name, "result")
+    except asyncpg.UniqueViolationError:
+        raise  # ``decide`` answers from the ledger
+    except TimeoutError as exc:
+        raise body_failure(tool.name, ToolTimeoutError(tool.name, timeout_s), timeout_s) from exc
+    except Exception as exc:
+        failure = body_failure(tool.name, exc, timeout_s)
+        if failure is exc:
+            raise
+        raise failure from exc
+    check_result_size(tool.name, result, result_bytes)
+    return result
