@@ -213,7 +213,8 @@ async def test_answers_go_only_to_the_asking_agents_own_inbox(stack: Stack) -> N
     after = await _stream_positions(admin)
     assert after[subjects.WORK_STREAM] == before[subjects.WORK_STREAM]
     assert after[subjects.EVENTS_STREAM] == before[subjects.EVENTS_STREAM]
-    assert after[subjects.DEAD_LETTER_STREAM] == before[subjects.DEAD_LETTER_STREAM] + 1
+    # Each of the three services (output desk, gateway, journal) dead-letters its own.
+    assert after[subjects.DEAD_LETTER_STREAM] == before[subjects.DEAD_LETTER_STREAM] + 3
     await admin.close()
 
 

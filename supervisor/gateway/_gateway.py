@@ -1,5 +1,6 @@
-"""The tool gateway's transport: tool calls served over NATS, each decided by the engine
-(``_engine``), answered to the agent, and told to the conversation's client.
+"""The tool gateway's transport: tool calls served over NATS (``bus.RequestService``: the
+sender from the subject, poison dead-lettered, the caller's trace context), each decided by
+the engine (``_engine``), answered to the agent, then told to the conversation's client.
 
 Tool bodies run under a deadline (``_tool_runner``; ``_tool_process`` for a tool isolated in
 a child process), their statements as the role ``corral_tools`` in the call's transaction.
@@ -14,19 +15,15 @@ from typing import Any
 import asyncpg
 import msgspec
 from nats.aio.client import Client
-from nats.aio.msg import Msg
 
 from corral.bus import (
-    DECODE_ERRORS,
-    MessageService,
+    Requester,
+    RequestService,
     ToolCall,
     ToolDecided,
     ToolResult,
-    encode,
     publish_live,
     subjects,
-    traceparent_from,
-    use_traceparent,
 )
 from corral.supervisor.gateway._config import GatewayConfig
 from corral.supervisor.gateway._engine import CallEngine
@@ -42,7 +39,7 @@ logger = logging.getLogger(__name__)
 _call_decoder = msgspec.json.Decoder(ToolCall)
 
 
-class ToolGateway(MessageService):
+class ToolGateway(RequestService[ToolCall, ToolResult]):
     """Decide and apply tool calls; serve them over NATS with ``run()``.
 
     Args:
@@ -61,7 +58,7 @@ class ToolGateway(MessageService):
         policy: PolicyEngine,
         config: GatewayConfig | None = None,
     ) -> None:
-        super().__init__(nc, subjects.all_agent_tools(), queue="gateway")  # type: ignore[arg-type]
+        super().__init__(nc, subjects.all_agent_tools(), _call_decoder, queue="gateway")  # type: ignore[arg-type]
         self._tools: dict[str, Tool[Any]] = {
             tool.name: ProcessTool(tool) if tool.isolation == "process" else tool for tool in tools
         }
@@ -69,36 +66,26 @@ class ToolGateway(MessageService):
         self._runner = ToolRunner()
         self._engine = CallEngine(pool, self._tools, policy, config or GatewayConfig(), self._runner)
 
-    async def run(self) -> None:
-        """Serve until ``shutdown()``; then stop the idle tool workers and kill the tool processes."""
+    async def _serve(self) -> None:
+        """Serve until ``shutdown()``; then stop the idle tool workers and kill the tool
+        processes (``shutdown()`` returns once they are)."""
         try:
             for tool in self._process_tools:
                 await tool.start()  # a child ready: the first call's deadline does not pay its start
-            await super().run()
+            await super()._serve()
         finally:
             self._runner.close()
             for tool in self._process_tools:
                 await tool.close()
 
-    async def on_message(self, msg: Msg) -> None:
-        """Answer one tool request (no answer on failure: the agent retries the same key)."""
-        sender = subjects.sender(msg.subject) or ""
-        if not subjects.is_agent_inbox(sender, msg.reply):
-            logger.warning("tool call from %s ignored: it asks for its answer on %r", sender, msg.reply)
-            return
-        try:
-            call = _call_decoder.decode(msg.data)
-        except DECODE_ERRORS as exc:
-            logger.warning("undecodable tool call from %s: %s", sender, exc)
-            return
-        with use_traceparent(traceparent_from(msg.headers)):
-            try:
-                result, client = await self._engine.decide(call, sender)
-            except Exception:
-                logger.exception("tool call %s failed", call.tool)
-                return  # no reply: the agent retries with the same key
-            await msg.respond(encode(result))  # the agent first, the client's news after
-            await self._tell(client, call, sender, result)
+    async def answer(self, request: ToolCall, requester: Requester) -> ToolResult:
+        """The decision on one tool call (raises, and so answers nothing, when none was
+        reached: the agent asks again with the same key); the conversation's client is told
+        once the agent has its answer."""
+        sender = requester.sender
+        result, client = await self._engine.decide(request, sender)
+        requester.after_answer(lambda: self._tell(client, request, sender, result))
+        return result
 
     async def call(self, call: ToolCall, sender: str) -> ToolResult:
         """Decide and (maybe) apply one call from ``sender``; tell the conversation's client."""

@@ -95,8 +95,12 @@ def permissions(loaded: LoadedConfig, role: Role, name: str) -> tuple[list[str],
             "$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES.>",
         ]
     if role == "gateway":
-        # Answers tool requests (allow_responses) and tells clients about decisions.
-        return [subjects.all_conversation_updates()], [inbox, subjects.all_agent_tools()]
+        # Answers tool requests (allow_responses), tells clients about decisions, and
+        # dead-letters poison requests.
+        return [subjects.all_conversation_updates(), subjects.dead_letter(">")], [
+            inbox,
+            subjects.all_agent_tools(),
+        ]
     if role == "client":
         return [subjects.client_starts(name)], [subjects.client_updates(name), inbox]
     return [
