@@ -12,6 +12,7 @@ from nats.aio.client import Client
 from nats.js import JetStreamContext
 
 from corral.bus import subjects
+from corral.bus._service import Service
 from corral.bus.errors import BusConnectError, ConnectionClosedError
 
 logger = logging.getLogger(__name__)
@@ -128,7 +129,7 @@ async def connect(config: BusConfig) -> Bus:
     return Bus(nc=nc, js=nc.jetstream(), _lifeline=lifeline)
 
 
-class ConnectionGuard:
+class ConnectionGuard(Service):
     """A service that fails once its connection is closed for good, so that whatever it
     is served with stops and the process exits non-zero (a launcher, compose or systemd
     then starts it again); nats-py itself would leave the process alive, unable to do
@@ -139,10 +140,10 @@ class ConnectionGuard:
     """
 
     def __init__(self, bus: Bus) -> None:
+        super().__init__()
         self._bus = bus
-        self._stopping = asyncio.Event()
 
-    async def run(self) -> None:
+    async def _serve(self) -> None:
         """Return on ``shutdown()``.
 
         Raises:
@@ -150,6 +151,7 @@ class ConnectionGuard:
         """
         lost = asyncio.create_task(self._bus.wait_lost())
         stopping = asyncio.create_task(self._stopping.wait())
+        self._started.set()
         try:
             await asyncio.wait({lost, stopping}, return_when=asyncio.FIRST_COMPLETED)
         finally:
@@ -162,7 +164,3 @@ class ConnectionGuard:
             raise ConnectionClosedError(
                 "the NATS connection was closed for good" + (f": {error}" if error else "")
             )
-
-    async def shutdown(self) -> None:
-        """Stop watching; idempotent."""
-        self._stopping.set()

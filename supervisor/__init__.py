@@ -21,6 +21,7 @@ if _typing.TYPE_CHECKING:
     from corral.supervisor.gateway._policy import PolicyDecision, PolicyEngine, PolicyError, PolicyRequest
     from corral.supervisor.stack._embedded import EmbeddedNats, EmbeddedPostgres
     from corral.supervisor.stack._launcher import Launcher, LauncherConfig
+    from corral.supervisor.stack._settings import Settings
     from corral.supervisor.store._store import ConversationRecord, StepRecord, Store
 
 _WHERE = {
@@ -46,6 +47,7 @@ _WHERE = {
     "StoreError": "corral.supervisor.errors",
     "Supervisor": "corral.supervisor.core._supervisor",
     "SupervisorState": "corral.supervisor.core._supervisor",
+    "Settings": "corral.supervisor.stack._settings",
     "ToolGateway": "corral.supervisor.gateway._gateway",
     "append_audit": "corral.supervisor.audit._audit",
     "format_path": "corral.supervisor.core._client",
@@ -74,6 +76,7 @@ __all__ = [
     "PolicyEngine",
     "PolicyError",
     "PolicyRequest",
+    "Settings",
     "StepRecord",
     "Store",
     "StoreError",

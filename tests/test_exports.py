@@ -1,5 +1,7 @@
 """The public surface of each package is pinned: changing it is a deliberate act."""
 
+import types
+
 import corral.agents as agents
 import corral.router as router
 import corral.supervisor as supervisor
@@ -145,5 +147,14 @@ def test_router_exports() -> None:
 
 
 def test_supervisor_exports() -> None:
+    """Every name of ``__all__`` loads, and once all are loaded they are exactly the
+    package's public names (its sub-packages aside)."""
     for name in supervisor.__all__:
         assert hasattr(supervisor, name)
+    public = {
+        name
+        for name, value in vars(supervisor).items()
+        if not name.startswith("_") and not isinstance(value, types.ModuleType)
+    }
+    assert public == set(supervisor.__all__)
+    assert supervisor.__all__ == sorted(supervisor.__all__)
