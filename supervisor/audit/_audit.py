@@ -49,7 +49,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -57,6 +57,7 @@ from typing import Any
 import asyncpg
 
 from corral.supervisor.errors import UNAVAILABLE, StoreError, unavailable
+from corral.supervisor.store._sql import numbered
 
 GENESIS_HASH = "0" * 64
 """The ``prev_hash`` of the first record."""
@@ -190,16 +191,31 @@ def _pieces(entry: AuditEntry) -> tuple[bytes, bytes, bytes]:
     return b"{" + before + b",", b"," + between + b",", b"," + after + b"}"
 
 
-def append_call(first: int) -> str:
-    """The SQL expression appending a record, its parameters ``$first`` on in the order of
-    ``append_parameters``: for a statement that writes more than the record (as the tool
-    gateway's effect does). The caller's transaction must be as ``append_audit`` says."""
-    return "corral_audit_append(" + ",".join(f"${n}" for n in range(first, first + 14)) + ")"
+_APPEND_FIELDS = (
+    "agent",
+    "credential_id",
+    "on_behalf_of",
+    "conversation",
+    "action",
+    "arguments_digest",
+    "decision",
+    "policy_ids",
+    "approval_id",
+    "outcome",
+    "detail",
+    "before_created_at",
+    "between",
+    "after_id",
+)
+APPEND_CALL = "corral_audit_append(" + ", ".join(f"$audit_{name}" for name in _APPEND_FIELDS) + ")"
+"""The SQL expression appending a record, its parameters named ``$audit_*`` (the values of
+``append_values``): for a statement that writes more than the record (as the tool gateway's
+declared effect does). The caller's transaction must be as ``append_audit`` says."""
 
 
-def append_parameters(entry: AuditEntry) -> list[object]:
-    """The parameters of ``append_call``."""
-    return [
+def append_values(entry: AuditEntry) -> dict[str, object]:
+    """The parameters of ``APPEND_CALL``."""
+    values = (
         entry.agent,
         entry.credential_id,
         entry.on_behalf_of,
@@ -212,14 +228,15 @@ def append_parameters(entry: AuditEntry) -> list[object]:
         entry.outcome,
         entry.detail,
         *_pieces(entry),
-    ]
+    )
+    return {f"audit_{name}": value for name, value in zip(_APPEND_FIELDS, values, strict=True)}
 
 
 async def append_audit(
     conn: asyncpg.Connection,
     entry: AuditEntry,
     *,
-    along: tuple[str, Sequence[object]] | None = None,
+    along: tuple[str, Mapping[str, object]] | None = None,
     witness: Callable[[int], None] | None = None,
 ) -> int:
     """Append ``entry`` to the chain, inside the caller's transaction, and return its id.
@@ -231,9 +248,9 @@ async def append_audit(
     (PostgreSQL's default): a snapshot older than the lock would not see the head.
 
     Args:
-        along: A data-modifying statement (``INSERT``/``UPDATE``, parameters from ``$1``)
-            and its parameters, run in the same statement: what the record describes,
-            written in the same round trip.
+        along: A data-modifying statement (``INSERT``/``UPDATE``) naming its parameters
+            (``$name``: see ``store._sql``), and their values, run in the same statement:
+            what the record describes, written in the same round trip.
         witness: Told the new record's id once it is appended (before the transaction
             commits): ``AuditAnchorer.witness``, so that anchors vouch for this process's
             records and a record appended by anyone else is named as forged.
@@ -246,11 +263,13 @@ async def append_audit(
     """
     if not conn.is_in_transaction():
         raise StoreError("append_audit must run inside a transaction", retryable=False)
-    statement, parameters = along or ("", ())
-    call = append_call(len(parameters) + 1)
-    query = f"WITH along AS ({statement}) SELECT {call}" if statement else f"SELECT {call}"
+    statement, values = along or ("", {})
+    query = numbered(
+        f"WITH along AS ({statement}) SELECT {APPEND_CALL}" if statement else f"SELECT {APPEND_CALL}"
+    )
+    arguments = query.values({**values, **append_values(entry)})
     try:
-        record_id = int(await conn.fetchval(query, *parameters, *append_parameters(entry)))
+        record_id = int(await conn.fetchval(query.text, *arguments))
     except asyncpg.InvalidTransactionStateError as exc:
         raise StoreError(str(exc), retryable=False) from exc
     except asyncpg.UniqueViolationError as exc:

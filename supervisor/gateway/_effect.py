@@ -8,14 +8,15 @@ from typing import Any
 import asyncpg
 
 from corral.bus import ToolCall
-from corral.supervisor.audit._audit import append_call, append_parameters
+from corral.supervisor.audit._audit import APPEND_CALL, append_values
 from corral.supervisor.gateway._policy import PolicyDecision
 from corral.supervisor.gateway._records import CallRecord, audit_entry
 from corral.supervisor.gateway._sql_tools import SqlTool, json_object
-from corral.supervisor.gateway._statements import EFFECT_LEDGER_PARAMETERS, effect_with_records
+from corral.supervisor.gateway._statements import effect_with_records
 from corral.supervisor.gateway._tool_body import body_failure, check_result_size
 from corral.supervisor.gateway._tool_runner import ToolTimeoutError
 from corral.supervisor.gateway._tools import ToolInput
+from corral.supervisor.store._sql import numbered
 
 
 async def run_effect(
@@ -38,11 +39,10 @@ async def run_effect(
         asyncpg.UniqueViolationError: a duplicate of the call committed meanwhile.
     """
     _, ledger = record.ledger(call, "ok", {}, decision.reason, decision)
-    ledger_values = [v for i, v in enumerate(ledger) if i != 6]  # the result comes from the effect
-    effect_values = tool.values("effect", ctx)
-    first_effect = EFFECT_LEDGER_PARAMETERS + 1
-    effect_call = tool.call_sql("effect", [f"${first_effect + i}" for i in range(len(effect_values))])
-    first_audit = first_effect + len(effect_values)
+    del ledger["ledger_result"]  # the effect's
+    names = [f"effect_{i}" for i in range(len(tool.effect_parameters))]
+    effect_values = dict(zip(names, tool.values("effect", ctx), strict=True))
+    effect_call = tool.call_sql("effect", [f"${name}" for name in names])
     entry = audit_entry(
         call,
         call.agent,
@@ -53,11 +53,10 @@ async def run_effect(
         decision.reason,
         decision.policy_ids,
     )
-    sql = effect_with_records(effect_call, append_call(first_audit))
+    sql = numbered(effect_with_records(effect_call, APPEND_CALL))
+    values = sql.values({**ledger, **effect_values, **append_values(entry)})
     try:
-        row = await conn.fetchrow(
-            sql, *ledger_values, *effect_values, *append_parameters(entry), timeout=timeout_s
-        )
+        row = await conn.fetchrow(sql.text, *values, timeout=timeout_s)
         result = json_object(row["result"] if row else None, tool.name, "result")
     except asyncpg.UniqueViolationError:
         raise  # ``decide`` answers from the ledger

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -46,7 +46,7 @@ from corral.supervisor.gateway._shape import Shaped, not_callable, shape
 from corral.supervisor.gateway._sql_tools import SqlTool, json_object
 from corral.supervisor.gateway._statements import (
     call_expressions,
-    call_parameters,
+    call_values,
     facts_placeholders,
 )
 from corral.supervisor.gateway._tool_body import BodyFailed, ToolBody
@@ -175,11 +175,11 @@ class CallEngine:
         refuses the call, it enters the tools' role for the body, or for a tool that declares
         its statements (``declared``) reads the facts."""
         call, tool = shaped.call, shaped.tool
-        facts_call, facts_values = None, list[object]()
+        facts_call, facts_values = None, dict[str, object]()
         if declared is not None and declared.facts_sql is not None and shaped.arguments is not None:
             placeholders, facts_values = facts_placeholders(declared.facts_parameters, shaped.arguments)
             facts_call = declared.call_sql("facts", placeholders)
-        parameters = call_parameters(
+        values = call_values(
             shaped.key,
             tool.changes_state,
             tool.name,
@@ -195,7 +195,7 @@ class CallEngine:
             shaped.response,
             shaped.sender,
             also=call_expressions(facts_call),
-            also_parameters=(*parameters, *facts_values),
+            also_values={**values, **facts_values},
         )
 
     async def _limits(
@@ -474,7 +474,7 @@ class CallEngine:
         customer: str,
         status: ToolStatus,
         reason: str,
-        ledger: tuple[str, Sequence[object]] | None = None,
+        ledger: tuple[str, Mapping[str, object]] | None = None,
     ) -> ToolResult:
         """Refuse before any policy is consulted (forgery, wrong turn, a killed agent, a tool
         not granted, bad arguments), audited in the call's transaction ``conn`` if it has

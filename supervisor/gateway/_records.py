@@ -4,7 +4,7 @@ its audit record, and the ``ToolResult`` the agent gets (or the ledger's, replay
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -41,25 +41,22 @@ class CallRecord:
         reason: str,
         decision: PolicyDecision | None = None,
         approval_id: str | None = None,
-    ) -> tuple[str, Sequence[object]]:
+    ) -> tuple[str, dict[str, object]]:
         """The ledger's INSERT of this decision (written along with its audit record)."""
-        return (
-            LEDGER_INSERT,
-            (
-                self.key,
-                call.conversation,
-                call.agent,
-                self.tool.name,
-                json.dumps(self.arguments.json),
-                status,
-                json.dumps(result),
-                self.tool.undo,
-                reason,
-                list(decision.policy_ids) if decision else [],
-                approval_id,
-                self.arguments.resource_key,
-            ),
-        )
+        return LEDGER_INSERT, {
+            "ledger_key": self.key,
+            "ledger_conversation": call.conversation,
+            "ledger_agent": call.agent,
+            "ledger_tool": self.tool.name,
+            "ledger_arguments": json.dumps(self.arguments.json),
+            "ledger_status": status,
+            "ledger_result": json.dumps(result),
+            "ledger_undo": self.tool.undo,
+            "ledger_reason": reason,
+            "ledger_policy_ids": list(decision.policy_ids) if decision else [],
+            "ledger_approval_id": approval_id,
+            "ledger_resource_key": self.arguments.resource_key,
+        }
 
 
 def audit_entry(

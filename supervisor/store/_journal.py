@@ -12,9 +12,8 @@ again. Agents hold no database credentials, so they ask over NATS
 
 from __future__ import annotations
 
-import functools
 import logging
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping
 
 import asyncpg
 import msgspec
@@ -33,6 +32,7 @@ from corral.bus import (
 from corral.supervisor.errors import StoreError
 from corral.supervisor.store._agent_controls import agent_killed
 from corral.supervisor.store._budgets import Budgets, exceeded
+from corral.supervisor.store._sql import numbered
 
 logger = logging.getLogger(__name__)
 
@@ -65,69 +65,67 @@ def entry_problem(entry: JournalEntry) -> str | None:
     return None
 
 
-def journal_ctes(first: int, source: str) -> str:
+def journal_ctes(source: str) -> str:
     """SQL common table expressions that journal one response and record its agent's spend.
 
-    The response's fields are parameters ``$first`` .. ``$first+8`` in the order of
-    ``journal_parameters``; a row of ``source`` (a FROM clause) must exist for anything to
-    be written. Data-modifying CTEs run to completion whether or not the outer query reads
-    them, all on one snapshot; the agent's spend counts only an entry this statement
-    inserted, so a replayed write adds nothing. (A conversation's spend is the view
-    ``conversation_spend`` over the journal.)
+    The response's fields are the parameters ``$response_*`` of ``journal_values`` (numbered
+    with the rest of the statement by ``store._sql.numbered``); a row of ``source`` (a FROM
+    clause) must exist for anything to be written. Data-modifying CTEs run to completion
+    whether or not the outer query reads them, all on one snapshot; the agent's spend counts
+    only an entry this statement inserted, so a replayed write adds nothing. (A
+    conversation's spend is the view ``conversation_spend`` over the journal.)
     """
-    conversation, step, idx, agent, text, model, tokens_in, tokens_out, usd = (
-        f"${n}" for n in range(first, first + 9)
-    )
     return f"""
 entry AS (
     INSERT INTO step_journal
         (conversation, step, idx, agent, text, model, input_tokens, output_tokens, cost_usd)
-    SELECT {conversation}::text, {step}::integer, {idx}::integer, {agent}::text, {text}::text,
-        {model}::text, {tokens_in}::integer, {tokens_out}::integer, {usd}::double precision
+    SELECT $response_conversation::text, $response_step::integer, $response_index::integer,
+        $response_agent::text, $response_text::text, $response_model::text,
+        $response_input_tokens::integer, $response_output_tokens::integer,
+        $response_cost_usd::double precision
     FROM {source}
     ON CONFLICT DO NOTHING
     RETURNING 1
 ), agent_spent AS (
     -- only when dollars change: (agent, day) is one row every call of the agent would lock
     INSERT INTO agent_spend (agent, day, cost_usd)
-    SELECT {agent}, current_date, {usd} FROM entry WHERE {usd} > 0
+    SELECT $response_agent, current_date, $response_cost_usd FROM entry WHERE $response_cost_usd > 0
     ON CONFLICT (agent, day) DO UPDATE SET cost_usd = agent_spend.cost_usd + excluded.cost_usd
     RETURNING 1
 )"""
 
 
-def journal_parameters(entry: JournalEntry, sender: str) -> list[object]:
+def journal_values(entry: JournalEntry, sender: str) -> dict[str, object]:
     """The parameters of ``journal_ctes``; the agent is the subject's sender, not the body's."""
-    return [
-        entry.conversation,
-        entry.step,
-        entry.index,
-        sender,
-        entry.text,
-        entry.model,
-        entry.input_tokens,
-        entry.output_tokens,
-        entry.cost_usd,
-    ]
+    return {
+        "response_conversation": entry.conversation,
+        "response_step": entry.step,
+        "response_index": entry.index,
+        "response_agent": sender,
+        "response_text": entry.text,
+        "response_model": entry.model,
+        "response_input_tokens": entry.input_tokens,
+        "response_output_tokens": entry.output_tokens,
+        "response_cost_usd": entry.cost_usd,
+    }
 
 
 _CONVERSATION = (
-    "SELECT id, status, current_agent, step, customer, dry_run, client FROM conversations WHERE id = $1"
+    "SELECT id, status, current_agent, step, customer, dry_run, client FROM conversations"
+    " WHERE id = $conversation"
 )
 
 
-@functools.cache
-def _statement(with_entry: bool, also: str, first_also: int, also_count: int) -> str:
-    placeholders = (f"${n}" for n in range(first_also, first_also + also_count))
-    expressions = ", " + also.format(*placeholders) if also else ""
+def _statement(with_entry: bool, also: str) -> str:
+    expressions = ", " + also if also else ""
     if not with_entry:
         return f"SELECT owner.*{expressions} FROM ({_CONVERSATION}) AS owner"
     # The conversation, and (if it is the sender's running turn) the entry and its spend.
-    return (
-        f"WITH owner AS ({_CONVERSATION}), "
-        + journal_ctes(1, "owner WHERE owner.status='running' AND owner.current_agent=$4 AND owner.step=$2")
-        + f" SELECT owner.*{expressions} FROM owner"
+    turn = (
+        "owner WHERE owner.status='running' AND owner.current_agent=$response_agent"
+        " AND owner.step=$response_step"
     )
+    return f"WITH owner AS ({_CONVERSATION}), {journal_ctes(turn)} SELECT owner.*{expressions} FROM owner"
 
 
 async def journal_response(
@@ -137,7 +135,7 @@ async def journal_response(
     sender: str,
     *,
     also: str = "",
-    also_parameters: Sequence[object] = (),
+    also_values: Mapping[str, object] | None = None,
 ) -> asyncpg.Record | None:
     """The conversation (id, status, current agent, step, customer, dry run, client), having
     journaled ``entry`` of ``sender`` with its spend if the step is ``sender``'s running
@@ -145,18 +143,26 @@ async def journal_response(
 
     Args:
         also: More expressions evaluated on the conversation's row (``owner``) in the same
-            statement (say, taking locks), with ``{0}``, ``{1}``, ... for ``also_parameters``.
+            statement (say, taking locks), naming their parameters (``$name``: see
+            ``store._sql``), whose values are ``also_values``.
 
     Raises:
         JournalEntryError: if ``entry`` claims negative or absurd spend (nothing is written).
+        ValueError: ``also_values`` names a parameter of the journal's own.
     """
     if entry is not None and (problem := entry_problem(entry)) is not None:
         raise JournalEntryError(
             f"response {entry.conversation}/{entry.step}/{entry.index} refused: {problem}"
         )
-    parameters = [conversation] if entry is None else journal_parameters(entry, sender)
-    query = _statement(entry is not None, also, len(parameters) + 1, len(also_parameters))
-    return await conn.fetchrow(query, *parameters, *also_parameters)
+    values: dict[str, object] = {"conversation": conversation}
+    if entry is not None:
+        values.update(journal_values(entry, sender))
+    if also_values:
+        if clash := values.keys() & also_values.keys():
+            raise ValueError(f"parameters {sorted(clash)} are the journal's own")
+        values.update(also_values)
+    statement = numbered(_statement(entry is not None, also))
+    return await conn.fetchrow(statement.text, *statement.values(values))
 
 
 def _not_your_turn(owner: asyncpg.Record | None, sender: str, step: int) -> JournalReply | None:

@@ -20,7 +20,8 @@ import msgspec
 from corral.bus import ConversationStatus, Hop, JournalEntry, subjects
 from corral.supervisor.errors import UNAVAILABLE, ConcurrentChange, StoreError, unavailable
 from corral.supervisor.store._batch import Batcher
-from corral.supervisor.store._journal import journal_ctes, journal_parameters
+from corral.supervisor.store._journal import journal_ctes, journal_values
+from corral.supervisor.store._sql import numbered
 
 logger = logging.getLogger(__name__)
 
@@ -103,28 +104,29 @@ def _from_row(row: asyncpg.Record) -> ConversationRecord:
 _STEPS = (
     "steps AS (INSERT INTO conversation_steps (conversation, step, agent, kind, target, confidence, detail)"
     " SELECT saved.id, s.step, s.agent, s.kind, s.target, s.confidence, s.detail FROM saved,"
-    " unnest({}::integer[], {}::text[], {}::text[], {}::text[], {}::double precision[], {}::text[])"
+    " unnest($step_steps::integer[], $step_agents::text[], $step_kinds::text[], $step_targets::text[],"
+    " $step_confidences::double precision[], $step_details::text[])"
     " WITH ORDINALITY AS s(step, agent, kind, target, confidence, detail, n) ORDER BY s.n)"
 )
 
 # The conversation and its new steps in one statement: inserted only if it is new,
 # updated only if nobody saved it since it was read. No row ends up saved: a conflict.
-_INSERT = (
+_INSERT = numbered(
     "WITH saved AS (INSERT INTO conversations (id, customer, text, status, current_agent, step, path,"
     " reply, reason, traceparent, client, dry_run, approval_id, resume)"
-    " VALUES ($1,$2,$3,$4,$5,$6,$7::jsonb,$8,$9,$10,$11,$12,$13,$14) ON CONFLICT (id) DO NOTHING"
-    " RETURNING id), "
-    + _STEPS.format("$15", "$16", "$17", "$18", "$19", "$20")
-    + " SELECT count(*) FROM saved"
+    " VALUES ($id, $customer, $text, $status, $current_agent, $step, $path::jsonb, $reply, $reason,"
+    " $traceparent, $client, $dry_run, $approval_id, $resume) ON CONFLICT (id) DO NOTHING"
+    f" RETURNING id), {_STEPS} SELECT count(*) FROM saved"
 )
 _SAVE = (
-    "WITH saved AS (UPDATE conversations SET status=$2, current_agent=$3, step=$4, path=$5::jsonb,"
-    " reply=$6, reason=$7, approval_id=$8, resume=$9, version=version + 1, updated_at=now()"
-    " WHERE id=$1 AND version=$10 RETURNING id), " + _STEPS.format("$11", "$12", "$13", "$14", "$15", "$16")
+    "WITH saved AS (UPDATE conversations SET status=$status, current_agent=$current_agent, step=$step,"
+    " path=$path::jsonb, reply=$reply, reason=$reason, approval_id=$approval_id, resume=$resume,"
+    f" version=version + 1, updated_at=now() WHERE id=$id AND version=$version RETURNING id), {_STEPS}"
 )
-_UPDATE = _SAVE + " SELECT count(*) FROM saved"
+_UPDATE = numbered(_SAVE + " SELECT count(*) FROM saved")
+_RECORD_STEPS = numbered(f"WITH saved AS (SELECT $id::text AS id), {_STEPS} SELECT 1")
 # The model response that ended the step is journaled only if the decision is saved.
-_UPDATE_WITH_RESPONSE = _SAVE + ", " + journal_ctes(17, "saved") + " SELECT count(*) FROM saved"
+_UPDATE_WITH_RESPONSE = numbered(_SAVE + ", " + journal_ctes("saved") + " SELECT count(*) FROM saved")
 
 
 class ConversationSnapshot:
@@ -166,43 +168,33 @@ class ConversationSnapshot:
             ConcurrentChange: the conversation was saved by someone else since it was read.
         """
         base = self.record
-        path = _encoder.encode(record.path).decode()
+        values: dict[str, object] = {
+            "id": record.id,
+            "status": record.status,
+            "current_agent": record.current_agent,
+            "step": record.step,
+            "path": _encoder.encode(record.path).decode(),
+            "reply": record.reply,
+            "reason": record.reason,
+            "approval_id": record.approval_id,
+            "resume": record.resume,
+            **_step_columns(steps),
+        }
         if base is None:
-            saved = await self._batcher.fetchval(
-                _INSERT,
-                record.id,
-                record.customer,
-                record.text,
-                record.status,
-                record.current_agent,
-                record.step,
-                path,
-                record.reply,
-                record.reason,
-                record.traceparent,
-                record.client,
-                record.dry_run,
-                record.approval_id,
-                record.resume,
-                *_step_columns(steps),
+            statement = _INSERT
+            values.update(
+                customer=record.customer,
+                text=record.text,
+                traceparent=record.traceparent,
+                client=record.client,
+                dry_run=record.dry_run,
             )
         else:
-            journal = journal_parameters(*response) if response is not None else []
-            saved = await self._batcher.fetchval(
-                _UPDATE_WITH_RESPONSE if response is not None else _UPDATE,
-                record.id,
-                record.status,
-                record.current_agent,
-                record.step,
-                path,
-                record.reply,
-                record.reason,
-                record.approval_id,
-                record.resume,
-                base.version,
-                *_step_columns(steps),
-                *journal,
-            )
+            statement = _UPDATE if response is None else _UPDATE_WITH_RESPONSE
+            values["version"] = base.version
+            if response is not None:
+                values.update(journal_values(*response))
+        saved = await self._batcher.fetchval(statement.text, *statement.values(values))
         if not saved:
             raise ConcurrentChange(f"conversation {record.id} changed while a decision was made")
         self.record = record.evolve(version=0 if base is None else base.version + 1)
@@ -212,24 +204,21 @@ class ConversationSnapshot:
     async def record_steps(self, conversation: str, steps: list[StepRecord]) -> None:
         """Append ``steps`` without changing the conversation (e.g. a rejected message)."""
         if steps:
+            statement = _RECORD_STEPS
             await self._db.execute(
-                "WITH saved AS (SELECT $1::text AS id), "
-                + _STEPS.format("$2", "$3", "$4", "$5", "$6", "$7")
-                + " SELECT 1",
-                conversation,
-                *_step_columns(steps),
+                statement.text, *statement.values({"id": conversation, **_step_columns(steps)})
             )
 
 
-def _step_columns(steps: list[StepRecord]) -> list[list[object]]:
-    return [
-        [s.step for s in steps],
-        [s.agent for s in steps],
-        [s.kind for s in steps],
-        [s.target for s in steps],
-        [s.confidence for s in steps],
-        [s.detail for s in steps],
-    ]
+def _step_columns(steps: list[StepRecord]) -> dict[str, list[object]]:
+    return {
+        "step_steps": [s.step for s in steps],
+        "step_agents": [s.agent for s in steps],
+        "step_kinds": [s.kind for s in steps],
+        "step_targets": [s.target for s in steps],
+        "step_confidences": [s.confidence for s in steps],
+        "step_details": [s.detail for s in steps],
+    }
 
 
 class Store:
