@@ -178,11 +178,14 @@ def _canonical_json(value: Mapping[str, Any]) -> bytes:
     return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
 
 
-def _pieces(entry: AuditEntry) -> tuple[bytes, bytes, bytes]:
+def _fields(entry: AuditEntry) -> dict[str, Any]:
+    return {**asdict(entry), "policy_ids": list(entry.policy_ids)}
+
+
+def _pieces(fields: Mapping[str, Any]) -> tuple[bytes, bytes, bytes]:
     """``canonical(record)`` around the two items only the database knows: everything
     before ``"created_at"``, between it and ``"id"``, and after ``"id"`` (each with the
-    commas that join it to them)."""
-    fields: dict[str, Any] = {**asdict(entry), "policy_ids": list(entry.policy_ids)}
+    commas that join it to them); ``fields``: the record's, from ``_fields``."""
     groups: tuple[dict[str, Any], ...] = ({}, {}, {})
     for name in _CHAINED_FIELDS:
         if name not in ("created_at", "id"):
@@ -191,22 +194,9 @@ def _pieces(entry: AuditEntry) -> tuple[bytes, bytes, bytes]:
     return b"{" + before + b",", b"," + between + b",", b"," + after + b"}"
 
 
-_APPEND_FIELDS = (
-    "agent",
-    "credential_id",
-    "on_behalf_of",
-    "conversation",
-    "action",
-    "arguments_digest",
-    "decision",
-    "policy_ids",
-    "approval_id",
-    "outcome",
-    "detail",
-    "before_created_at",
-    "between",
-    "after_id",
-)
+_RECORDED_FIELDS = _CHAINED_FIELDS[2:]
+"""What the caller gives a record (the database gives its id and time)."""
+_APPEND_FIELDS = (*_RECORDED_FIELDS, "before_created_at", "between", "after_id")
 APPEND_CALL = "corral_audit_append(" + ", ".join(f"$audit_{name}" for name in _APPEND_FIELDS) + ")"
 """The SQL expression appending a record, its parameters named ``$audit_*`` (the values of
 ``append_values``): for a statement that writes more than the record (as the tool gateway's
@@ -215,20 +205,8 @@ declared effect does). The caller's transaction must be as ``append_audit`` says
 
 def append_values(entry: AuditEntry) -> dict[str, object]:
     """The parameters of ``APPEND_CALL``."""
-    values = (
-        entry.agent,
-        entry.credential_id,
-        entry.on_behalf_of,
-        entry.conversation,
-        entry.action,
-        entry.arguments_digest,
-        entry.decision,
-        list(entry.policy_ids),
-        entry.approval_id,
-        entry.outcome,
-        entry.detail,
-        *_pieces(entry),
-    )
+    fields = _fields(entry)
+    values = [*(fields[name] for name in _RECORDED_FIELDS), *_pieces(fields)]
     return {f"audit_{name}": value for name, value in zip(_APPEND_FIELDS, values, strict=True)}
 
 

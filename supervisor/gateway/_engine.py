@@ -51,7 +51,7 @@ from corral.supervisor.gateway._statements import (
 )
 from corral.supervisor.gateway._tool_body import BodyFailed, ToolBody
 from corral.supervisor.gateway._tool_runner import ToolRunner
-from corral.supervisor.gateway._tools import Tool, ToolInput
+from corral.supervisor.gateway._tools import Resource, Tool, ToolInput
 from corral.supervisor.store._budgets import exceeded, repeated_call
 from corral.supervisor.store._journal import journal_response
 from corral.supervisor.store._tool_statements import installed_functions
@@ -105,6 +105,7 @@ class CallEngine:
         self._runner = runner
         self._installed: set[str] | None = None
         """The declared statements' functions in the database, read at the first call."""
+        self._declared_tools: dict[str, SqlTool[Any] | None] = {}
 
     async def decide(self, call: ToolCall, sender: str) -> tuple[ToolResult, str | None]:
         """The answer to ``sender``'s ``call``, and the conversation's client to tell (None:
@@ -154,11 +155,18 @@ class CallEngine:
             return await self._limits(conn, shaped, conversation, body, failed)
 
     def _declared(self, tool: Tool[Any]) -> SqlTool[Any] | None:
-        """``tool``, if its statements are installed to run inside the gateway's own."""
-        if not isinstance(tool, SqlTool) or not tool.runs_as_declared() or self._installed is None:
+        """``tool``, if its statements are installed to run inside the gateway's own (worked
+        out once per tool, after the first call read what is installed)."""
+        if self._installed is None:
             return None
-        functions = (tool.function("facts") if tool.facts_sql else "", tool.function("effect"))
-        return tool if all(f is not None and (f == "" or f in self._installed) for f in functions) else None
+        if tool.name not in self._declared_tools:
+            declared: SqlTool[Any] | None = None
+            if isinstance(tool, SqlTool) and tool.runs_as_declared():
+                functions = (tool.function("facts") if tool.facts_sql else "", tool.function("effect"))
+                if all(f is not None and (f == "" or f in self._installed) for f in functions):
+                    declared = tool
+            self._declared_tools[tool.name] = declared
+        return self._declared_tools[tool.name]
 
     async def _first_statement(
         self, conn: asyncpg.Connection, shaped: Shaped, may_run: bool, declared: SqlTool[Any] | None
@@ -264,16 +272,7 @@ class CallEngine:
         async def decide_then_run(tool_ctx: ToolInput[Any]) -> dict[str, Any] | None:
             # A read-only tool runs for real in a dry run too: lookups bind the facts later
             # decisions depend on, so a dry run decides like a real one.
-            resource = await tool.resource(tool_ctx)
-            decision = self._policy.decide(
-                PolicyRequest(
-                    principal=call.agent,
-                    action=tool.name,
-                    resource_type=resource.type,
-                    resource_id=resource.id,
-                    context={**resource.facts, "irreversible": tool.irreversible},
-                )
-            )
+            decision = self._policy.decide(_policy_request(call, tool, await tool.resource(tool_ctx)))
             decided.append(decision)
             if decision.outcome == "allow" and not (opened.dry_run and tool.changes_state):
                 return await tool.run(tool_ctx)
@@ -294,15 +293,7 @@ class CallEngine:
         with its ledger entry and audit record in one statement."""
         call = opened.call
         resource = tool.resource_of(opened.ctx, opened.facts or {})
-        decision = self._policy.decide(
-            PolicyRequest(
-                principal=call.agent,
-                action=tool.name,
-                resource_type=resource.type,
-                resource_id=resource.id,
-                context={**resource.facts, "irreversible": tool.irreversible},
-            )
-        )
+        decision = self._policy.decide(_policy_request(call, tool, resource))
         if decision.outcome != "allow" or (opened.dry_run and tool.changes_state):
             return await self._decided(opened, decision)
         try:
@@ -489,6 +480,18 @@ class CallEngine:
             async with self._pool.acquire() as own, own.transaction():
                 await append_audit(own, entry)
         return answer(call, status, {}, reason=reason)
+
+
+def _policy_request(call: ToolCall, tool: Tool[Any], resource: Resource) -> PolicyRequest:
+    """What Cedar decides: the agent, the tool, what it touches, the facts, and whether the
+    tool is irreversible."""
+    return PolicyRequest(
+        principal=call.agent,
+        action=tool.name,
+        resource_type=resource.type,
+        resource_id=resource.id,
+        context={**resource.facts, "irreversible": tool.irreversible},
+    )
 
 
 def _context(shaped: Shaped, conn: asyncpg.Connection, customer: str = "") -> ToolInput[Any]:

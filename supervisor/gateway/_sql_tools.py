@@ -65,7 +65,13 @@ class SqlTool(Tool[A]):
         ]
 
     def types(self, kind: Kind) -> list[str]:
-        """The PostgreSQL type of each of a statement's parameters."""
+        """The PostgreSQL type of each of a statement's parameters (worked out once)."""
+        cache: dict[Kind, list[str]] = self.__dict__.setdefault("_types", {})
+        if kind not in cache:
+            cache[kind] = self._types_of(kind)
+        return cache[kind]
+
+    def _types_of(self, kind: Kind) -> list[str]:
         fields = self.arguments.model_fields
         types = []
         for name in self._parameters(kind):
@@ -84,7 +90,14 @@ class SqlTool(Tool[A]):
 
     def function(self, kind: Kind) -> str | None:
         """The installed function of a statement (its name carries a digest of its text and
-        parameter types: a changed statement is a new function), or None (none declared)."""
+        parameter types: a changed statement is a new function), or None (none declared).
+        Worked out once per tool and kind: the gateway asks on every call."""
+        cache: dict[Kind, str | None] = self.__dict__.setdefault("_functions", {})
+        if kind not in cache:
+            cache[kind] = self._function(kind)
+        return cache[kind]
+
+    def _function(self, kind: Kind) -> str | None:
         sql = self.facts_sql if kind == "facts" else self.effect_sql
         if sql is None or not _NAME.fullmatch(self.name):
             return None
@@ -93,7 +106,7 @@ class SqlTool(Tool[A]):
 
     def call_sql(self, kind: Kind, placeholders: Sequence[str]) -> str:
         """The SQL expression calling a statement's function, its parameters at ``placeholders``
-        (``$3``, or ``{7}`` for a statement numbered later)."""
+        (``$effect_0``, ``owner.customer``: see ``_statements``)."""
         function = self.function(kind)
         assert function is not None, f"tool {self.name} declares no {kind} statement"
         types = self.types(kind)
