@@ -1,7 +1,8 @@
 """corral: a production runtime for teams of AI agents.
 
 What users write against is here: the tool contract (``Tool``, ``SqlTool``, ``ToolInput``,
-``Resource``), the client (``start_conversation``, ``send_and_wait``), the config loader
+``Resource``), the client (``connect`` with a ``BusConfig`` gives a ``Bus``; then
+``start_conversation``, ``send_and_wait``), the config loader
 (``load_config``) and the error tree (every error corral raises is a ``CorralError``). The rest lives in the
 sub-packages: ``corral.bus`` (NATS, the wire types), ``corral.router`` (model calls),
 ``corral.agents`` (the agent service) and ``corral.supervisor`` (the control plane).
@@ -16,6 +17,7 @@ from corral._lazy import lazy_exports as _lazy_exports
 
 if _typing.TYPE_CHECKING:
     from corral.agents.errors import AgentError, DecisionError
+    from corral.bus._connection import Bus, BusConfig, connect
     from corral.bus.errors import (
         BusConnectError,
         BusError,
@@ -39,6 +41,9 @@ _WHERE = {
     "SqlTool": "corral.supervisor.gateway._sql_tools",
     "ToolInput": "corral.supervisor.gateway._tools",
     "start_conversation": "corral.supervisor.core._client",
+    "connect": "corral.bus._connection",
+    "Bus": "corral.bus._connection",
+    "BusConfig": "corral.bus._connection",
     "send_and_wait": "corral.supervisor.core._client",
     "load_config": "corral.supervisor.config._config",
     "CorralError": "corral.bus.errors",
@@ -62,6 +67,8 @@ _WHERE = {
 __all__ = [
     "AgentError",
     "ApprovalError",
+    "Bus",
+    "BusConfig",
     "BusConnectError",
     "BusError",
     "ConcurrentChange",
@@ -80,6 +87,7 @@ __all__ = [
     "StoreError",
     "Tool",
     "ToolInput",
+    "connect",
     "load_config",
     "send_and_wait",
     "start_conversation",
