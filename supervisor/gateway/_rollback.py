@@ -15,6 +15,7 @@ from corral.supervisor.gateway._tool_body import ENTER_TOOLS, LEAVE_TOOLS
 from corral.supervisor.gateway._tool_process import ProcessTool
 from corral.supervisor.gateway._tool_runner import ToolRunner
 from corral.supervisor.gateway._tools import Tool, ToolInput
+from corral.supervisor.store._store import needs_reset
 
 
 async def rollback(
@@ -106,6 +107,7 @@ async def _undo_one(
             conn=conn,
         )
         await conn.execute(ENTER_TOOLS)
+        needs_reset(conn)
         result: dict[str, Any] = await runner.run(
             undo.name, undo.run, ctx, timeout_s, isolation=undo.isolation
         )

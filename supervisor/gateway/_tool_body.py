@@ -17,6 +17,7 @@ from corral.supervisor.gateway._policy import PolicyDecision
 from corral.supervisor.gateway._tool_runner import ToolRunner, ToolStatementError, ToolTimeoutError
 from corral.supervisor.gateway._tools import Tool, ToolInput
 from corral.supervisor.store._roles import TOOLS_ROLE
+from corral.supervisor.store._store import needs_reset
 
 T = TypeVar("T")
 
@@ -76,6 +77,7 @@ class ToolBody:
         if not self._inside:
             await self._conn.execute(ENTER_TOOLS)
             self._inside = True
+        needs_reset(self._conn)
         remaining = self._deadline - self._loop.time()
         try:
             result = await self._runner.run(

@@ -34,15 +34,36 @@ _encoder = msgspec.json.Encoder()
 
 
 class _Connection(asyncpg.Connection):  # type: ignore[misc]
-    """A pooled connection returned without a reset query.
+    """A pooled connection returned without a reset query, unless a tool's own statements ran
+    on it.
 
     corral keeps no session state (advisory locks are transaction-scoped; no LISTEN, no
     SET), so the default reset (``RESET ALL``, ``UNLISTEN *``, ...) would only cost a
-    round trip per release; an open transaction is still rolled back by asyncpg.
+    round trip per release; an open transaction is still rolled back by asyncpg. A tool
+    body's statements are another matter: one that sets a session setting
+    (``SET default_transaction_read_only = on``) would leave it to whatever uses the
+    connection next, so such a connection is reset.
     """
 
+    _ran_tool_statements = False
+
+    def ran_tool_statements(self) -> None:
+        """Reset this connection when it goes back to the pool (see ``needs_reset``)."""
+        self._ran_tool_statements = True
+
     def get_reset_query(self) -> str:
-        return ""
+        if not self._ran_tool_statements:
+            return ""
+        self._ran_tool_statements = False
+        return super().get_reset_query()  # type: ignore[no-any-return]
+
+
+def needs_reset(conn: object) -> None:
+    """``conn`` (a store connection, pooled or not) ran a tool's own statements: reset its
+    session when it is released. A no-op for connections that are not the store's."""
+    mark = getattr(conn, "ran_tool_statements", None)
+    if callable(mark):
+        mark()
 
 
 @dataclass(frozen=True, kw_only=True)
