@@ -47,6 +47,7 @@ and ``corral audit verify`` checks the chain against them.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 from collections.abc import Callable, Mapping
@@ -57,7 +58,7 @@ from typing import Any
 import asyncpg
 
 from corral.supervisor.errors import UNAVAILABLE, StoreError, unavailable
-from corral.supervisor.store._sql import numbered
+from corral.supervisor.store._sql import Numbered, numbered
 
 GENESIS_HASH = "0" * 64
 """The ``prev_hash`` of the first record."""
@@ -210,6 +211,11 @@ def append_values(entry: AuditEntry) -> dict[str, object]:
     return {f"audit_{name}": value for name, value in zip(_APPEND_FIELDS, values, strict=True)}
 
 
+@functools.cache
+def _append_statement(along: str) -> Numbered:
+    return numbered(f"WITH along AS ({along}) SELECT {APPEND_CALL}" if along else f"SELECT {APPEND_CALL}")
+
+
 async def append_audit(
     conn: asyncpg.Connection,
     entry: AuditEntry,
@@ -242,9 +248,7 @@ async def append_audit(
     if not conn.is_in_transaction():
         raise StoreError("append_audit must run inside a transaction", retryable=False)
     statement, values = along or ("", {})
-    query = numbered(
-        f"WITH along AS ({statement}) SELECT {APPEND_CALL}" if statement else f"SELECT {APPEND_CALL}"
-    )
+    query = _append_statement(statement)
     arguments = query.values({**values, **append_values(entry)})
     try:
         record_id = int(await conn.fetchval(query.text, *arguments))

@@ -13,7 +13,7 @@ from corral.supervisor.gateway._policy import PolicyDecision
 from corral.supervisor.gateway._records import CallRecord, audit_entry
 from corral.supervisor.gateway._sql_tools import SqlTool, json_object
 from corral.supervisor.gateway._statements import effect_with_records
-from corral.supervisor.gateway._tool_body import body_failure, check_result_size
+from corral.supervisor.gateway._tool_body import check_result_size, raise_body_failure
 from corral.supervisor.gateway._tool_runner import ToolTimeoutError
 from corral.supervisor.gateway._tools import ToolInput
 from corral.supervisor.store._sql import numbered
@@ -60,12 +60,9 @@ async def run_effect(
         result = json_object(row["result"] if row else None, tool.name, "result")
     except asyncpg.UniqueViolationError:
         raise  # ``decide`` answers from the ledger
-    except TimeoutError as exc:
-        raise body_failure(tool.name, ToolTimeoutError(tool.name, timeout_s), timeout_s) from exc
     except Exception as exc:
-        failure = body_failure(tool.name, exc, timeout_s)
-        if failure is exc:
-            raise
-        raise failure from exc
+        # asyncpg cancels the statement at the deadline: that is the tool's timeout.
+        timed_out = isinstance(exc, TimeoutError)
+        raise_body_failure(tool.name, ToolTimeoutError(tool.name, timeout_s) if timed_out else exc, timeout_s)
     check_result_size(tool.name, result, result_bytes)
     return result

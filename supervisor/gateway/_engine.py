@@ -40,9 +40,9 @@ from corral.supervisor.errors import StoreError
 from corral.supervisor.gateway._approvals import ApprovalAsk, ApprovalDenied, consume_or_file, keep_used
 from corral.supervisor.gateway._config import GatewayConfig
 from corral.supervisor.gateway._effect import run_effect
-from corral.supervisor.gateway._policy import PolicyDecision, PolicyEngine, PolicyRequest
+from corral.supervisor.gateway._policy import PolicyDecision, PolicyEngine
 from corral.supervisor.gateway._records import CallRecord, answer, audit_entry, replay
-from corral.supervisor.gateway._shape import Shaped, not_callable, shape
+from corral.supervisor.gateway._shape import Shaped, not_callable, policy_request, shape, tool_input
 from corral.supervisor.gateway._sql_tools import SqlTool, json_object
 from corral.supervisor.gateway._statements import (
     call_expressions,
@@ -51,7 +51,7 @@ from corral.supervisor.gateway._statements import (
 )
 from corral.supervisor.gateway._tool_body import BodyFailed, ToolBody
 from corral.supervisor.gateway._tool_runner import ToolRunner
-from corral.supervisor.gateway._tools import Resource, Tool, ToolInput
+from corral.supervisor.gateway._tools import Tool, ToolInput
 from corral.supervisor.store._budgets import exceeded, repeated_call
 from corral.supervisor.store._journal import journal_response
 from corral.supervisor.store._tool_statements import installed_functions
@@ -183,7 +183,8 @@ class CallEngine:
         refuses the call, it enters the tools' role for the body, or for a tool that declares
         its statements (``declared``) reads the facts."""
         call, tool = shaped.call, shaped.tool
-        facts_call, facts_values = None, dict[str, object]()
+        facts_call: str | None = None
+        facts_values: dict[str, object] = {}
         if declared is not None and declared.facts_sql is not None and shaped.arguments is not None:
             placeholders, facts_values = facts_placeholders(declared.facts_parameters, shaped.arguments)
             facts_call = declared.call_sql("facts", placeholders)
@@ -236,7 +237,7 @@ class CallEngine:
         if failed is not None:
             await body.leave()
             return await self._failed(conn, call, customer, record, failed), client
-        ctx = _context(shaped, conn, customer)
+        ctx = tool_input(shaped, conn, customer)
         facts = conversation.get("facts")
         opened = _Open(
             conn,
@@ -272,7 +273,7 @@ class CallEngine:
         async def decide_then_run(tool_ctx: ToolInput[Any]) -> dict[str, Any] | None:
             # A read-only tool runs for real in a dry run too: lookups bind the facts later
             # decisions depend on, so a dry run decides like a real one.
-            decision = self._policy.decide(_policy_request(call, tool, await tool.resource(tool_ctx)))
+            decision = self._policy.decide(policy_request(call, tool, await tool.resource(tool_ctx)))
             decided.append(decision)
             if decision.outcome == "allow" and not (opened.dry_run and tool.changes_state):
                 return await tool.run(tool_ctx)
@@ -293,7 +294,7 @@ class CallEngine:
         with its ledger entry and audit record in one statement."""
         call = opened.call
         resource = tool.resource_of(opened.ctx, opened.facts or {})
-        decision = self._policy.decide(_policy_request(call, tool, resource))
+        decision = self._policy.decide(policy_request(call, tool, resource))
         if decision.outcome != "allow" or (opened.dry_run and tool.changes_state):
             return await self._decided(opened, decision)
         try:
@@ -480,28 +481,3 @@ class CallEngine:
             async with self._pool.acquire() as own, own.transaction():
                 await append_audit(own, entry)
         return answer(call, status, {}, reason=reason)
-
-
-def _policy_request(call: ToolCall, tool: Tool[Any], resource: Resource) -> PolicyRequest:
-    """What Cedar decides: the agent, the tool, what it touches, the facts, and whether the
-    tool is irreversible."""
-    return PolicyRequest(
-        principal=call.agent,
-        action=tool.name,
-        resource_type=resource.type,
-        resource_id=resource.id,
-        context={**resource.facts, "irreversible": tool.irreversible},
-    )
-
-
-def _context(shaped: Shaped, conn: asyncpg.Connection, customer: str = "") -> ToolInput[Any]:
-    assert shaped.arguments is not None
-    call = shaped.call
-    return ToolInput(
-        arguments=shaped.arguments,
-        customer=customer,
-        conversation=call.conversation,
-        agent=shaped.sender,
-        idempotency_key=shaped.key,
-        conn=conn,
-    )

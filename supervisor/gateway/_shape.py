@@ -2,7 +2,7 @@
 sender, the tool exists, the response that asked for the call has believable spend, the
 arguments are valid and not too big, and config grants the tool within the per-step cap;
 and, once the call's first statement has read the conversation, whether it is the agent's
-turn."""
+turn; then what the tool is handed and what Cedar is asked."""
 
 from __future__ import annotations
 
@@ -17,8 +17,9 @@ from pydantic import BaseModel, ValidationError
 from corral.bus import JournalEntry, ToolCall, ToolStatus
 from corral.supervisor.audit._audit import digest_arguments
 from corral.supervisor.gateway._config import GatewayConfig
+from corral.supervisor.gateway._policy import PolicyRequest
 from corral.supervisor.gateway._records import CheckedArguments
-from corral.supervisor.gateway._tools import Tool
+from corral.supervisor.gateway._tools import Resource, Tool, ToolInput
 from corral.supervisor.store._journal import entry_problem
 
 _json = msgspec.json.Encoder()
@@ -111,3 +112,29 @@ def not_callable(
     if conversation["current_agent"] != sender or conversation["step"] != step:
         return "denied", f"step {step} is not {sender}'s turn"
     return None
+
+
+def policy_request(call: ToolCall, tool: Tool[Any], resource: Resource) -> PolicyRequest:
+    """What Cedar decides: the agent, the tool, what it touches, the facts, and whether the
+    tool is irreversible."""
+    return PolicyRequest(
+        principal=call.agent,
+        action=tool.name,
+        resource_type=resource.type,
+        resource_id=resource.id,
+        context={**resource.facts, "irreversible": tool.irreversible},
+    )
+
+
+def tool_input(shaped: Shaped, conn: asyncpg.Connection, customer: str) -> ToolInput[Any]:
+    """What the tool is handed for a call whose arguments are valid, on the call's connection."""
+    assert shaped.arguments is not None
+    call = shaped.call
+    return ToolInput(
+        arguments=shaped.arguments,
+        customer=customer,
+        conversation=call.conversation,
+        agent=shaped.sender,
+        idempotency_key=shaped.key,
+        conn=conn,
+    )

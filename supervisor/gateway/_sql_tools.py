@@ -21,8 +21,8 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-from collections.abc import Sequence
-from typing import Any, ClassVar, Literal
+from collections.abc import Callable, Sequence
+from typing import Any, ClassVar, Literal, TypeVar
 
 from corral.supervisor.gateway._tools import A, Resource, Tool, ToolInput
 from corral.supervisor.store._tool_statements import SQL_SCHEMA, DeclaredStatement
@@ -33,6 +33,7 @@ _TYPES = {str: "text", int: "bigint", float: "double precision", bool: "boolean"
 _NAME = re.compile(r"[a-z_][a-z0-9_]{0,40}")
 
 Kind = Literal["facts", "effect"]
+T = TypeVar("T")
 
 
 class SqlTool(Tool[A]):
@@ -66,10 +67,14 @@ class SqlTool(Tool[A]):
 
     def types(self, kind: Kind) -> list[str]:
         """The PostgreSQL type of each of a statement's parameters (worked out once)."""
-        cache: dict[Kind, list[str]] = self.__dict__.setdefault("_types", {})
-        if kind not in cache:
-            cache[kind] = self._types_of(kind)
-        return cache[kind]
+        return self._once("types", kind, self._types_of)
+
+    def _once(self, what: str, kind: Kind, compute: Callable[[Kind], T]) -> T:
+        """``compute(kind)``, worked out once per tool (the class declares fixed statements)."""
+        cache: dict[tuple[str, Kind], Any] = self.__dict__.setdefault("_worked_out", {})
+        if (what, kind) not in cache:
+            cache[(what, kind)] = compute(kind)
+        return cache[(what, kind)]  # type: ignore[no-any-return]
 
     def _types_of(self, kind: Kind) -> list[str]:
         fields = self.arguments.model_fields
@@ -92,10 +97,7 @@ class SqlTool(Tool[A]):
         """The installed function of a statement (its name carries a digest of its text and
         parameter types: a changed statement is a new function), or None (none declared).
         Worked out once per tool and kind: the gateway asks on every call."""
-        cache: dict[Kind, str | None] = self.__dict__.setdefault("_functions", {})
-        if kind not in cache:
-            cache[kind] = self._function(kind)
-        return cache[kind]
+        return self._once("function", kind, self._function)
 
     def _function(self, kind: Kind) -> str | None:
         sql = self.facts_sql if kind == "facts" else self.effect_sql

@@ -1,6 +1,7 @@
 """The gateway's own SQL, in one place: what the call's first statement evaluates on the
-conversation's row (locks, ledger, loop count, kill row, entering the tools' role), and the
-ledger's INSERT that rides along with an audit record.
+conversation's row (locks, ledger, loop count, kill row, entering the tools' role or a
+declared tool's facts), a declared effect with its records, and the ledger's INSERT that
+rides along with an audit record. Parameters are named (``store._sql``).
 
 Approval SQL lives with the approvals (``_approvals``), the journal's with the journal
 (``store._journal``), the audit chain's with the chain (``audit._audit``).

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable
-from typing import Any, TypeVar
+from typing import Any, NoReturn, TypeVar
 
 import asyncpg
 import msgspec
@@ -84,10 +84,7 @@ class ToolBody:
                 self._tool.name, body, ctx, remaining, isolation=self._tool.isolation
             )
         except Exception as exc:
-            failure = body_failure(self._tool.name, exc, self._timeout_s)
-            if failure is exc:
-                raise
-            raise failure from exc
+            raise_body_failure(self._tool.name, exc, self._timeout_s)
         check_result_size(self._tool.name, result, self._result_bytes)
         return result
 
@@ -106,16 +103,16 @@ class ToolBody:
         self._inside = False
 
 
-def body_failure(tool: str, exc: Exception, timeout_s: float) -> Exception:
-    """What a body's ``exc`` makes of the call: ``BodyFailed`` (timed out, refused, or what
-    no retry mends: ``bus.is_retryable``), or ``exc`` itself (the agent asks again)."""
+def raise_body_failure(tool: str, exc: Exception, timeout_s: float) -> NoReturn:
+    """Raise what a body's ``exc`` makes of the call: ``BodyFailed`` (timed out, refused, or
+    what no retry mends: ``bus.is_retryable``), or ``exc`` itself (the agent asks again)."""
     if isinstance(exc, ToolTimeoutError):
-        return BodyFailed(f"tool {tool} timed out after {timeout_s:g}s")
+        raise BodyFailed(f"tool {tool} timed out after {timeout_s:g}s") from exc
     if isinstance(exc, ToolStatementError | asyncpg.InsufficientPrivilegeError):
-        return BodyFailed(f"tool {tool} was refused: {exc}")
+        raise BodyFailed(f"tool {tool} was refused: {exc}") from exc
     if is_retryable(exc):
-        return exc
-    return BodyFailed(f"tool {tool} raised {type(exc).__name__}: {exc}")
+        raise exc
+    raise BodyFailed(f"tool {tool} raised {type(exc).__name__}: {exc}") from exc
 
 
 def check_result_size(tool: str, result: object, limit: int) -> None:

@@ -12,6 +12,7 @@ again. Agents hold no database credentials, so they ask over NATS
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Awaitable, Callable, Mapping
 
@@ -32,7 +33,7 @@ from corral.bus import (
 from corral.supervisor.errors import StoreError
 from corral.supervisor.store._agent_controls import agent_killed
 from corral.supervisor.store._budgets import Budgets, exceeded
-from corral.supervisor.store._sql import numbered
+from corral.supervisor.store._sql import Numbered, numbered
 
 logger = logging.getLogger(__name__)
 
@@ -116,7 +117,12 @@ _CONVERSATION = (
 )
 
 
-def _statement(with_entry: bool, also: str) -> str:
+@functools.cache
+def _statement(with_entry: bool, also: str) -> Numbered:
+    return numbered(_text(with_entry, also))
+
+
+def _text(with_entry: bool, also: str) -> str:
     expressions = ", " + also if also else ""
     if not with_entry:
         return f"SELECT owner.*{expressions} FROM ({_CONVERSATION}) AS owner"
@@ -161,7 +167,7 @@ async def journal_response(
         if clash := values.keys() & also_values.keys():
             raise ValueError(f"parameters {sorted(clash)} are the journal's own")
         values.update(also_values)
-    statement = numbered(_statement(entry is not None, also))
+    statement = _statement(entry is not None, also)
     return await conn.fetchrow(statement.text, *statement.values(values))
 
 
