@@ -42,8 +42,8 @@ class SqlTool(Tool[A]):
     ``facts_sql`` returns one row with a jsonb column ``facts`` (what Cedar decides on, about
     the resource ``resource_type`` / the first of ``resource_fields``, else the customer);
     ``effect_sql`` returns one row with a jsonb column ``result``: the call's result, or
-    ``{"error": ...}`` for an effect the backend refuses (nothing it wrote is kept then only
-    if it wrote nothing: make such a statement write nothing).
+    ``{"error": ...}`` for an effect the backend refuses. A refused effect commits like any
+    other call, recorded as ``error``: such a statement must write nothing.
     """
 
     isolation = "loop"  # its bodies only await SQL
