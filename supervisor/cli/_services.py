@@ -10,6 +10,7 @@ import typer
 from corral.bus import (
     Bus,
     Serving,
+    serve_together,
     subjects,
 )
 from corral.supervisor.cli._shared import (
@@ -129,14 +130,7 @@ class _Together:
         self._services = services
 
     async def run(self) -> None:
-        tasks = [asyncio.create_task(s.run()) for s in self._services]
-        try:
-            done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
-            for task in done:
-                task.result()
-        finally:
-            await self.shutdown()
-            await asyncio.gather(*tasks, return_exceptions=True)
+        await serve_together(*self._services)
 
     async def shutdown(self) -> None:
         # All told at once: each waits for its service, their grace periods overlap.
