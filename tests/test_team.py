@@ -19,7 +19,7 @@ import yaml
 from corral.bus import DEAD_REASON, Bus, BusConfig, connect, encode, subjects
 from corral.bus._messages import AgentReply, OutputTaken
 from corral.supervisor import EmbeddedNats, send_and_wait
-from corral.supervisor.cli._stack import _check_expectation
+from corral.supervisor.cli._demo import _check_expectation
 from tests.conftest import SAMPLE_CONFIG, eventually
 from tests.stack import Stack, running_stack
 
