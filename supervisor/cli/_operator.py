@@ -1,46 +1,62 @@
-"""Operator commands: kill switches, credentials, audit, approvals, rollback."""
+"""Operator commands: kill switches, credentials, audit, approvals, rollback.
+
+Every id a command is given must exist (a conversation, an approval; an agent of the
+config): an unknown one exits ``EXIT_CONFIG`` and changes nothing.
+"""
 
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
-from corral.bus import (
-    KillTarget,
-    clear_kill,
-    set_kill,
-    subjects,
-)
 from corral.supervisor.cli._shared import (
     EXIT_CONFIG,
     ConfigOption,
+    JsonOption,
+    UnknownIdError,
     _connect,
     _database_url,
     _load,
     _nats_url,
     _run,
     app,
-    console,
-    err_console,
+    complain,
     kill_app,
+    operator_name,
+    print_json,
+    print_table,
     revive_app,
+    say,
 )
-from corral.supervisor.stack._credentials import ADMIN
-from corral.supervisor.stack._settings import Settings
+
+if TYPE_CHECKING:
+    from corral.bus import KillTarget
+    from corral.supervisor.stack._settings import Settings
 
 # --- kill switches and credentials ----------------------------------------------------
 
 
 def _switch(settings: Settings, target: KillTarget, name: str, reason: str | None) -> None:
     async def _main() -> int:
+        from corral.bus import clear_kill, set_kill
+        from corral.supervisor.stack._credentials import ADMIN
         from corral.supervisor.store._agent_controls import kill_agent, revive_agent
+        from corral.supervisor.store._reports import conversation_exists
         from corral.supervisor.store._store import Store
 
-        by = os.environ.get("USER", "")
+        by = operator_name()
+        if target == "conversation":
+            # A switch for a conversation that never existed would stay forever: nothing
+            # ends it, and nothing removes it.
+            conn = await _operator_pool(settings)
+            try:
+                if not await conversation_exists(conn, name):
+                    raise UnknownIdError(f"no conversation {name!r}: `corral conversations` lists them")
+            finally:
+                await conn.close()
         if target == "agent":
             # The gateway's own view first: this returns once no call of the agent is in
             # flight, and every call after it is refused, whatever the agent does to the bus.
@@ -56,15 +72,21 @@ def _switch(settings: Settings, target: KillTarget, name: str, reason: str | Non
         try:
             if reason is None:
                 changed = await clear_kill(bus.js, target, name)
-                console.print(f"{target} {name} revived" if changed else f"{target} {name} was not killed")
+                say(f"{target} {name} revived" if changed else f"{target} {name} was not killed")
             else:
                 await set_kill(bus.js, target, name, reason, by=by)
-                console.print(f"{target} {name} killed: {reason}")
+                say(f"{target} {name} killed by {by}: {reason}")
         finally:
             await bus.close()
         return 0
 
     _run(_main())
+
+
+def _known_agent(settings: Settings, name: str) -> None:
+    if name not in settings.config.agents:
+        complain(f"unknown agent {name!r}; {settings.path} defines: {', '.join(settings.loaded.agent_names)}")
+        raise typer.Exit(EXIT_CONFIG)
 
 
 @kill_app.command("agent")
@@ -76,9 +98,7 @@ def kill_agent(
     """Stop forwarding to NAME, refuse what it sends, revoke its identity, escalate its
     waiting conversations to a human."""
     settings = _load(config)
-    if name not in settings.config.agents:
-        err_console.print(f"unknown agent {name!r}; defined: {', '.join(settings.loaded.agent_names)}")
-        raise typer.Exit(EXIT_CONFIG)
+    _known_agent(settings, name)
     _switch(settings, "agent", name, reason)
 
 
@@ -88,12 +108,14 @@ def kill_conversation(
     config: ConfigOption = None,
     reason: Annotated[str, typer.Option(help="Why")] = "killed by an operator",
 ) -> None:
-    """End a conversation now: no further step of it runs anywhere."""
+    """End a conversation now: no further step of it runs anywhere. An unknown id exits 2."""
+    from corral.bus import subjects
+
     settings = _load(config)
     try:
         subjects.check_id(conversation, "conversation id")
     except ValueError as exc:
-        err_console.print(str(exc))
+        complain(str(exc))
         raise typer.Exit(EXIT_CONFIG) from None
     _switch(settings, "conversation", conversation, reason)
 
@@ -103,7 +125,9 @@ def revive_agent(
     name: Annotated[str, typer.Argument(help="The agent to revive")], config: ConfigOption = None
 ) -> None:
     """Restore a killed agent: its identity is accepted again and work flows to it."""
-    _switch(_load(config), "agent", name, None)
+    settings = _load(config)
+    _known_agent(settings, name)
+    _switch(settings, "agent", name, None)
 
 
 @app.command()
@@ -120,10 +144,10 @@ def creds(
     ids = identities(settings.loaded, directory)
     block = directory / "nats-authorization.conf"
     block.write_text(authorization_block(ids))
-    console.print(f"wrote {len(ids)} identities (mode 0600) and {block}", highlight=False)
+    say(f"wrote {len(ids)} identities (mode 0600) and {block}")
     for identity in ids:
-        console.print(f"  {identity.name:<24} {identity.seed_file}", highlight=False)
-    console.print(
+        say(f"  {identity.name:<24} {identity.seed_file}")
+    say(
         "Add `include nats-authorization.conf` to the server's config and reload it; give each "
         "process only its own seed (CORRAL_CREDS=path)."
     )
@@ -181,32 +205,20 @@ def audit_verify(
         finally:
             await conn.close()
         if note:
-            err_console.print(f"note: {note}", highlight=False, soft_wrap=True)
+            complain(f"note: {note}")
         if result.first_broken is not None:
-            err_console.print(
-                f"audit log broken at record {result.first_broken}: {result.problem}",
-                highlight=False,
-                soft_wrap=True,
-            )
+            complain(f"audit log broken at record {result.first_broken}: {result.problem}")
             return 1
         if forged:
-            err_console.print(
-                f"{forged} anchors in the audit stream are not signed by the supervisor: forged",
-                highlight=False,
-            )
+            complain(f"{forged} anchors in the audit stream are not signed by the supervisor: forged")
             return 1
-        console.print(f"audit log intact: {result.count} records", highlight=False)
+        say(f"audit log intact: {result.count} records")
         if result.anchors:
-            console.print(
-                f"anchored: {result.anchored} records confirmed by {result.anchors} signed anchors",
-                highlight=False,
-            )
+            say(f"anchored: {result.anchored} records confirmed by {result.anchors} signed anchors")
         if result.head is not None:
-            console.print(f"head: {result.head}", highlight=False, soft_wrap=True)
+            say(f"head: {result.head}")
         if require_anchors and not result.anchors:
-            err_console.print(
-                "not confirmed: no signed anchor checked the chain (--require-anchors)", highlight=False
-            )
+            complain("not confirmed: no signed anchor checked the chain (--require-anchors)")
             return 3
         return 0
 
@@ -217,6 +229,7 @@ async def _audit_anchors(settings: Settings) -> tuple[list[Any], int, str]:
     """(valid anchors, forged ones, a note when they could not be read)."""
     from corral.bus import BusError
     from corral.supervisor.audit._anchors import read_anchors, trusted_keys_from
+    from corral.supervisor.stack._credentials import ADMIN
     from corral.supervisor.stack._runtime import Runtime
 
     keys = trusted_keys_from([settings.creds_dir / "supervisor.nk"], settings.audit_public_keys)
@@ -245,51 +258,52 @@ async def _audit_anchors(settings: Settings) -> tuple[list[Any], int, str]:
 async def _operator_pool(settings: Settings) -> Any:
     import asyncpg
 
-    return await asyncpg.create_pool(_database_url(settings), min_size=1, max_size=2)
+    from corral.supervisor.cli._shared import without_password
+    from corral.supervisor.errors import StoreError
+
+    url = _database_url(settings)
+    try:
+        return await asyncpg.create_pool(url, min_size=1, max_size=2)
+    except (OSError, asyncpg.PostgresError) as exc:
+        raise StoreError(f"cannot connect to PostgreSQL at {without_password(url)}: {exc}") from exc
 
 
 @app.command()
-def approvals(
-    config: ConfigOption = None,
-    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable")] = False,
-) -> None:
+def approvals(config: ConfigOption = None, as_json: JsonOption = False) -> None:
     """List the approval requests waiting for a decision."""
     settings = _load(config)
 
     async def _main() -> int:
-        from rich.table import Table
-
         from corral.supervisor.gateway._approvals import pending_approvals
 
         pool = await _operator_pool(settings)
         try:
-            pending = await pending_approvals(pool)
+            # No tables yet (the team never started on this database): nothing waits.
+            migrated = await pool.fetchval("SELECT to_regclass('approvals') IS NOT NULL")
+            pending = await pending_approvals(pool) if migrated else []
         finally:
             await pool.close()
         if as_json:
-            console.print_json(json.dumps([a.__dict__ for a in pending]))
-            return 0
-        table = Table(
-            "id",
-            "conversation",
-            "agent",
-            "tool",
-            "arguments",
-            "approver",
-            "policies",
-            title="pending approvals",
-        )
-        for a in pending:
-            table.add_row(
-                a.id,
-                a.conversation,
-                a.agent,
-                a.tool,
-                json.dumps(a.arguments),
-                a.approver,
-                ", ".join(a.policy_ids),
+            print_json([a.__dict__ for a in pending])
+        elif not pending:
+            say("no approvals are waiting for a decision")
+        else:
+            print_table(
+                ["id", "conversation", "agent", "tool", "arguments", "approver", "policies"],
+                [
+                    [
+                        a.id,
+                        a.conversation,
+                        a.agent,
+                        a.tool,
+                        json.dumps(a.arguments, sort_keys=True),
+                        a.approver,
+                        ", ".join(a.policy_ids),
+                    ]
+                    for a in pending
+                ],
+                title="pending approvals",
             )
-        console.print(table)
         return 0
 
     _run(_main())
@@ -300,36 +314,45 @@ async def _decide(settings: Settings, approval_id: str, approve: bool, by: str, 
 
     A grant is refused when the approval's conversation was killed (the switch may not have
     reached the database yet), ended, or its agent was killed.
-    """
-    from corral.bus import ApprovalDecided, list_kills, publish
-    from corral.supervisor.gateway._approvals import ApprovalError, decide_approval
 
-    bus = await _connect(settings, _nats_url(settings), ADMIN, forever=False)
+    Raises:
+        UnknownIdError: there is no approval ``approval_id``.
+        ApprovalError: it cannot be decided (already decided, expired, or see above).
+    """
+    from corral.bus import ApprovalDecided, list_kills, publish, subjects
+    from corral.supervisor.gateway._approvals import ApprovalError, decide_approval
+    from corral.supervisor.stack._credentials import ADMIN
+
+    pool = await _operator_pool(settings)
     try:
-        pool = await _operator_pool(settings)
+        migrated = await pool.fetchval("SELECT to_regclass('approvals') IS NOT NULL")
+        conversation = (
+            await pool.fetchval("SELECT conversation FROM approvals WHERE id=$1", approval_id)
+            if migrated
+            else None
+        )
+        if conversation is None:
+            raise UnknownIdError(f"no approval {approval_id!r}: `corral approvals` lists the pending ones")
+        bus = await _connect(settings, _nats_url(settings), ADMIN, forever=False)
         try:
             if approve:
-                conversation = await pool.fetchval(
-                    "SELECT conversation FROM approvals WHERE id=$1", approval_id
-                )
-                kills = await list_kills(bus.js) if conversation is not None else {}
-                switch = kills.get(subjects.conversation_control_key(conversation or ""))
+                switch = (await list_kills(bus.js)).get(subjects.conversation_control_key(conversation))
                 if switch is not None:
                     raise ApprovalError(
                         f"approval {approval_id} cannot be granted: conversation {conversation} is killed"
                         f" ({switch.reason})"
                     )
             record = await decide_approval(pool, approval_id, approve=approve, by=by, reason=reason)
+            await publish(
+                bus.js,
+                subjects.approval_decisions(),
+                ApprovalDecided(approval_id=approval_id),
+                msg_id=f"approval.{approval_id}",
+            )
         finally:
-            await pool.close()
-        await publish(
-            bus.js,
-            subjects.approval_decisions(),
-            ApprovalDecided(approval_id=approval_id),
-            msg_id=f"approval.{approval_id}",
-        )
+            await bus.close()
     finally:
-        await bus.close()
+        await pool.close()
     return record
 
 
@@ -340,13 +363,12 @@ def _decide_approval(settings: Settings, approval_id: str, approve: bool, by: st
         try:
             record = await _decide(settings, approval_id, approve, by, reason)
         except ApprovalError as exc:
-            err_console.print(str(exc))
+            complain(str(exc))
             return 1
         verb = "approved" if approve else "denied"
-        console.print(
+        say(
             f"{approval_id} {verb} by {by}: {record.agent} {record.tool} "
-            f"{json.dumps(record.arguments)} in {record.conversation}",
-            highlight=False,
+            f"{json.dumps(record.arguments)} in {record.conversation}"
         )
         return 0
 
@@ -359,8 +381,9 @@ def approve(
     config: ConfigOption = None,
     by: Annotated[str | None, typer.Option(help="Who approves (a person, or a role)")] = None,
 ) -> None:
-    """Grant one pending approval; the waiting conversation resumes and the call goes through."""
-    _decide_approval(_load(config), approval_id, True, by or os.environ.get("USER", "operator"), "")
+    """Grant one pending approval; the waiting conversation resumes and the call goes through.
+    An unknown id exits 2."""
+    _decide_approval(_load(config), approval_id, True, by or operator_name(), "")
 
 
 @app.command()
@@ -370,8 +393,9 @@ def deny(
     config: ConfigOption = None,
     by: Annotated[str | None, typer.Option(help="Who denies")] = None,
 ) -> None:
-    """Deny one pending approval; the waiting conversation resumes with the denial."""
-    _decide_approval(_load(config), approval_id, False, by or os.environ.get("USER", "operator"), reason)
+    """Deny one pending approval; the waiting conversation resumes with the denial. An
+    unknown id exits 2."""
+    _decide_approval(_load(config), approval_id, False, by or operator_name(), reason)
 
 
 @app.command()
@@ -379,22 +403,60 @@ def rollback(
     conversation: Annotated[str, typer.Argument(help="The conversation to compensate")],
     config: ConfigOption = None,
 ) -> None:
-    """Run the undo of every tool call the conversation applied, newest first."""
+    """Run the undo of every tool call the conversation applied, newest first, each once,
+    and say what each undid. An unknown id exits 2; an undo that fails stops the rollback
+    (exit 1): run it again to go on from there."""
     settings = _load(config)
 
     async def _main() -> int:
         from corral.supervisor.gateway._rollback import rollback as run_rollback
+        from corral.supervisor.store._reports import conversation_exists
 
-        by = os.environ.get("USER", "operator")
         pool = await _operator_pool(settings)
         try:
-            report = await run_rollback(pool, settings.tools, conversation, by)
+            if not await conversation_exists(pool, conversation):
+                raise UnknownIdError(f"no conversation {conversation!r}: `corral conversations` lists them")
+            try:
+                report = await run_rollback(pool, settings.tools, conversation, operator_name())
+            except Exception as exc:
+                # The undos before it committed (each with its ledger mark): a second run goes on.
+                complain(
+                    f"rollback of {conversation} stopped: an undo failed: {exc!r}; run it again to retry"
+                )
+                return 1
         finally:
             await pool.close()
-        if not report:
-            console.print(f"nothing to roll back in {conversation}")
-        for entry in report:
-            console.print(f"  {entry['tool']} -> {entry['undo'] or '-'}: {entry['outcome']}", highlight=False)
+        _print_rollback(conversation, report)
         return 0
 
     _run(_main())
+
+
+def _print_rollback(conversation: str, report: list[dict[str, Any]]) -> None:
+    """One sentence per call, then what it adds up to."""
+    if not report:
+        say(f"nothing to roll back in {conversation}: no applied call that changed state is left to undo")
+        return
+    undone = failed = kept = 0
+    for entry in report:
+        outcome = entry["outcome"]
+        if entry["undo"] is None:
+            kept += 1
+            say(f"{entry['tool']} cannot be undone (it declares no undo): left as it is")
+        elif isinstance(outcome, dict) and "error" in outcome:
+            failed += 1
+            say(f"{entry['tool']} was not undone: {entry['undo']} failed: {outcome['error']}")
+        else:
+            undone += 1
+            said = (
+                ", ".join(f"{k} {json.dumps(v)}" for k, v in outcome.items())
+                if isinstance(outcome, dict)
+                else outcome
+            )
+            say(f"{entry['tool']} undone by {entry['undo']}" + (f" ({said})" if said else ""))
+    parts = (
+        [f"{undone} undone"]
+        + ([f"{failed} failed"] if failed else [])
+        + ([f"{kept} left as they are"] if kept else [])
+    )
+    say(f"rolled back {conversation}: {', '.join(parts)} of {len(report)} calls")

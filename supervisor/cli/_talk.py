@@ -2,65 +2,87 @@
 
 from __future__ import annotations
 
-import contextlib
-import json
-from typing import Annotated, Any
+import sys
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
-from corral.bus import (
-    Bus,
-    BusError,
-    ClientUpdate,
-    ConversationEnded,
-    ConversationWaiting,
-    ToolDecided,
-    list_kills,
-    subjects,
-)
 from corral.supervisor.cli._shared import (
     EXIT_NOT_REPLIED,
+    EXIT_NOT_RUNNING,
     EXIT_TIMEOUT,
     EXIT_WAITING,
     ConfigOption,
+    JsonOption,
     _connect,
     _load,
     _nats_url,
     _run,
     app,
-    console,
-    err_console,
+    complain,
+    print_json,
+    say,
 )
-from corral.supervisor.stack._credentials import ADMIN
-from corral.supervisor.stack._runtime import Runtime, pid_alive
+
+if TYPE_CHECKING:
+    from corral.bus import ClientUpdate, ConversationEnded, ConversationWaiting, ToolDecided
+    from corral.supervisor.stack._settings import Settings
+
+STDIN = "-"
+"""The TEXT that means: read the message from standard input."""
 
 
 def _print_update(update: ClientUpdate) -> None:
     """Tool decisions as they happen: the client sees each and the policies behind it."""
+    from corral.bus import ToolDecided
+
     if isinstance(update, ToolDecided):
-        policies = f" [{', '.join(update.policy_ids)}]" if update.policy_ids else ""
-        line = f"  tool:   {update.agent} {update.tool} -> {update.status}{policies}"
-        if update.reason:
-            line += f": {update.reason}"
-        if update.status == "simulated" and update.result:
-            line += f" (would: {update.result.get('would', '')})"
-        console.print(line, highlight=False)
+        say(f"  tool:   {_decision_line(update)}")
+
+
+def _decision_line(update: ToolDecided) -> str:
+    policies = f" [{', '.join(update.policy_ids)}]" if update.policy_ids else ""
+    line = f"{update.agent} {update.tool} -> {update.status}{policies}"
+    if update.reason:
+        line += f": {update.reason}"
+    if update.status == "simulated" and update.result:
+        line += f" (would: {update.result.get('would', '')})"
+    return line
 
 
 def _print_ended(ended: ConversationEnded) -> None:
     from corral.supervisor.core._client import format_path
 
-    console.print(f"  path:   {format_path(ended)}", highlight=False)
-    console.print(f"  status: {ended.status}", highlight=False)
+    say(f"  path:   {format_path(ended)}")
+    say(f"  status: {ended.status}")
     if ended.reply:
-        console.print(f"  reply:  {ended.reply}", highlight=False)
+        say(f"  reply:  {ended.reply}")
     if ended.reason:
-        console.print(f"  reason: {ended.reason}", highlight=False)
+        say(f"  reason: {ended.reason}")
+
+
+def _message(text: str) -> str:
+    """TEXT, or standard input when TEXT is ``-`` (a message longer than a command line
+    may be: the kernel refuses an argument over 128 KiB)."""
+    if text != STDIN:
+        return text
+    if sys.stdin.isatty():
+        complain("reading the message from standard input (end it with Ctrl-D)")
+    return sys.stdin.read()
+
+
+def _refusal(settings: Settings, text: str, customer: str) -> str | None:
+    """Why the supervisor would refuse this start (corral's own check, the one it runs),
+    or None: nothing too large is ever published."""
+    from corral.bus import ConversationStart, start_problem, subjects
+
+    start = ConversationStart(conversation="c-0", text=text, customer=customer)
+    return start_problem(start, subjects.DEFAULT_CLIENT, settings.limits)
 
 
 @app.command()
 def send(
-    text: Annotated[str, typer.Argument(help="The customer's message")],
+    text: Annotated[str, typer.Argument(help="The customer's message; - reads it from standard input")],
     config: ConfigOption = None,
     customer: Annotated[str, typer.Option(help="Customer id")] = "",
     wait: Annotated[bool, typer.Option("--wait", help="Wait for the outcome")] = False,
@@ -68,147 +90,148 @@ def send(
     dry_run: Annotated[
         bool, typer.Option("--dry-run", help="Policy-check and simulate every tool call; change nothing")
     ] = False,
+    as_json: JsonOption = False,
 ) -> None:
-    """Start a conversation; with --wait, print its tool decisions, path and reply.
+    """Start a conversation and print its id; with --wait, print its tool decisions, path
+    and reply.
 
-    Exit codes with --wait: 0 replied, 1 refused/escalated/failed/killed (reason printed),
+    Exit codes: 0 started (with --wait: replied), 1 refused/escalated/failed/killed (reason
+    printed; a message over limits.customer_text_bytes is refused before it is sent),
     3 waiting for an approval (its id printed), 4 timeout.
     """
     settings = _load(config)
+    message = _message(text)
+    refused = _refusal(settings, message, customer)
+    if refused is not None:
+        if as_json:
+            print_json({"conversation": None, "status": "refused", "reason": refused})
+        else:
+            complain(f"refused: {refused}; nothing was sent")
+        raise typer.Exit(EXIT_NOT_REPLIED)
 
     async def _main() -> int:
-        from corral.supervisor.core._client import send_until_settled, start_conversation
+        from corral.bus import subjects
 
         bus = await _connect(settings, _nats_url(settings), subjects.DEFAULT_CLIENT, forever=False)
         try:
-            if not wait:
-                conversation = await start_conversation(bus, text, customer=customer, dry_run=dry_run)
-                console.print(conversation)
-                return 0
-            try:
-                settled = await send_until_settled(
-                    bus, text, customer=customer, timeout_s=timeout, dry_run=dry_run, on_update=_print_update
-                )
-            except TimeoutError:
-                err_console.print(f"no outcome within {timeout:.0f}s")
-                return EXIT_TIMEOUT
-            console.print(f"conversation {settled.conversation}", highlight=False)
-            if isinstance(settled, ConversationWaiting):
-                console.print(f"  status: waiting for approval {settled.approval_id}", highlight=False)
-                console.print(f"  reason: {settled.reason}", highlight=False)
-                console.print(
-                    f"  decide: corral approve {settled.approval_id}"
-                    f"  |  corral deny {settled.approval_id} --reason TEXT"
-                )
-                return EXIT_WAITING
-            _print_ended(settled)
-            return 0 if settled.status == "replied" else EXIT_NOT_REPLIED
+            if wait:
+                return await _send_and_wait(bus, message, customer, timeout, dry_run, as_json)
+            from corral.supervisor.core._client import start_conversation
+
+            conversation = await start_conversation(bus, message, customer=customer, dry_run=dry_run)
         finally:
             await bus.close()
-
-    _run(_main())
-
-
-@app.command()
-def status(
-    config: ConfigOption = None,
-    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable")] = False,
-) -> None:
-    """List processes, streams, consumers and pending messages."""
-    settings = _load(config)
-    runtime = Runtime.read(settings.state_dir)
-
-    async def _main() -> int:
-        report: dict[str, Any] = {
-            "running": runtime is not None,
-            "processes": [],
-            "streams": [],
-            "consumers": [],
-        }
-        if runtime is not None:
-            report["processes"] = [
-                {
-                    "name": c.name,
-                    "role": c.role,
-                    "pid": c.pid,
-                    "alive": c.pid is not None and pid_alive(c.pid),
-                    "restarts": c.restarts,
-                }
-                for c in runtime.children
-            ]
-        url = settings.nats_url or (runtime.nats_url if runtime else None)
-        if url:
-            try:
-                bus = await _connect(settings, url, ADMIN, forever=False)
-            except BusError as exc:
-                report["nats_error"] = str(exc)
-            else:
-                try:
-                    await _bus_report(bus, report)
-                finally:
-                    await bus.close()
         if as_json:
-            console.print_json(json.dumps(report))
+            print_json(
+                {"conversation": conversation, "status": "started", "show": f"corral show {conversation}"}
+            )
         else:
-            _print_status(report)
+            # The id alone on stdout (`id=$(corral send ...)`); how to follow it on stderr.
+            say(conversation)
+            complain(f"started; see how it goes with: corral show {conversation}")
         return 0
 
     _run(_main())
 
 
-async def _bus_report(bus: Bus, report: dict[str, Any]) -> None:
-    for name in (subjects.WORK_STREAM, subjects.EVENTS_STREAM, subjects.DEAD_LETTER_STREAM):
-        with contextlib.suppress(Exception):
-            info = await bus.js.stream_info(name)
-            report["streams"].append(
-                {"name": name, "messages": info.state.messages, "bytes": info.state.bytes}
-            )
-    report["kill_switches"] = [
-        {"key": key, "reason": switch.reason, "by": switch.by, "at": switch.at}
-        for key, switch in (await list_kills(bus.js)).items()
+async def _send_and_wait(
+    bus: Any, message: str, customer: str, seconds: float, dry_run: bool, as_json: bool
+) -> int:
+    from corral.bus import ConversationWaiting, ToolDecided
+    from corral.supervisor.core._client import send_until_settled
+
+    decisions: list[ToolDecided] = []
+
+    def _on_update(update: ClientUpdate) -> None:
+        if isinstance(update, ToolDecided):
+            decisions.append(update)
+            if not as_json:
+                _print_update(update)
+
+    try:
+        settled = await send_until_settled(
+            bus, message, customer=customer, timeout_s=seconds, dry_run=dry_run, on_update=_on_update
+        )
+    except TimeoutError:
+        if as_json:
+            print_json({"conversation": None, "status": "timeout", "timeout_s": seconds})
+        complain(f"no outcome within {seconds:.0f}s")
+        return EXIT_TIMEOUT
+    if as_json:
+        print_json(_settled_document(settled, decisions))
+    else:
+        _print_settled(settled)
+    if isinstance(settled, ConversationWaiting):
+        return EXIT_WAITING
+    return 0 if settled.status == "replied" else EXIT_NOT_REPLIED
+
+
+def _print_settled(settled: ConversationEnded | ConversationWaiting) -> None:
+    from corral.bus import ConversationWaiting
+
+    say(f"conversation {settled.conversation}")
+    if isinstance(settled, ConversationWaiting):
+        say(f"  status: waiting for approval {settled.approval_id}")
+        say(f"  reason: {settled.reason}")
+        approval = settled.approval_id
+        say(f"  decide: corral approve {approval}  |  corral deny {approval} --reason TEXT")
+    else:
+        _print_ended(settled)
+    say(f"  more:   corral show {settled.conversation}")
+
+
+def _settled_document(
+    settled: ConversationEnded | ConversationWaiting, decisions: list[ToolDecided]
+) -> dict[str, Any]:
+    from corral.bus import ConversationWaiting
+
+    tools = [
+        {
+            "agent": d.agent,
+            "tool": d.tool,
+            "status": d.status,
+            "reason": d.reason,
+            "policy_ids": list(d.policy_ids),
+            "approval_id": d.approval_id,
+        }
+        for d in decisions
     ]
-    with contextlib.suppress(Exception):
-        for consumer in await bus.js.consumers_info(subjects.WORK_STREAM):
-            report["consumers"].append(
-                {
-                    "name": consumer.name,
-                    "pending": consumer.num_pending,
-                    "ack_pending": consumer.num_ack_pending,
-                    "redelivered": consumer.num_redelivered,
-                }
-            )
+    if isinstance(settled, ConversationWaiting):
+        return {
+            "conversation": settled.conversation,
+            "status": "waiting",
+            "approval_id": settled.approval_id,
+            "reason": settled.reason,
+            "tools": tools,
+        }
+    return {
+        "conversation": settled.conversation,
+        "status": settled.status,
+        "path": [{"agent": h.agent, "confidence": h.confidence, "reason": h.reason} for h in settled.path],
+        "reply": settled.reply,
+        "reason": settled.reason,
+        "tools": tools,
+    }
 
 
-def _print_status(report: dict[str, Any]) -> None:
-    from rich.table import Table
+@app.command()
+def status(config: ConfigOption = None, as_json: JsonOption = False) -> None:
+    """Where the team's servers are, its processes (a killed agent shows as killed), streams,
+    consumers with their pending messages, and the kill switches with who set them.
 
-    if not report["running"]:
-        console.print("corral up is not running from this directory")
-    if report["processes"]:
-        table = Table("process", "role", "pid", "alive", "restarts", title="processes")
-        for p in report["processes"]:
-            table.add_row(
-                p["name"],
-                p["role"],
-                str(p["pid"]),
-                "yes" if p["alive"] else "NO",
-                str(p["restarts"]),
-            )
-        console.print(table)
-    if report["streams"]:
-        table = Table("stream", "messages", "bytes", title="streams")
-        for s in report["streams"]:
-            table.add_row(s["name"], str(s["messages"]), str(s["bytes"]))
-        console.print(table)
-    if report["consumers"]:
-        table = Table("consumer", "pending", "ack pending", "redelivered", title="consumers")
-        for c in report["consumers"]:
-            table.add_row(c["name"], str(c["pending"]), str(c["ack_pending"]), str(c["redelivered"]))
-        console.print(table)
-    if report.get("kill_switches"):
-        table = Table("kill switch", "reason", "by", title="kill switches")
-        for k in report["kill_switches"]:
-            table.add_row(k["key"], k["reason"], k["by"])
-        console.print(table)
-    if "nats_error" in report:
-        console.print(f"NATS: {report['nats_error']}")
+    Exit codes: 0 a stack started by `corral up` runs from this directory, 3 none does
+    (what the configured NATS holds is still shown).
+    """
+    from corral.supervisor.cli._status import print_status, status_report
+
+    settings = _load(config)
+
+    async def _main() -> int:
+        report = await status_report(settings)
+        if as_json:
+            print_json(report)
+        else:
+            print_status(report)
+        return 0 if report["running"] else EXIT_NOT_RUNNING
+
+    _run(_main())

@@ -1,0 +1,166 @@
+"""What the operator reads about conversations: one conversation whole (its record, the
+supervisor's decisions, every tool call's outcome, its approvals), the list of them, and
+whether an id exists. Read-only queries, for ``corral show`` and ``corral conversations``.
+
+A conversation's tool outcomes are the tool ledger's (``tool_ledger``): the gateway
+records every final decision on a call there, failures included, with the reason the
+agent was told (``refund -> error: refund exceeds the order's remaining 0 cents``). A call
+waiting for a human is not final yet: it shows as its approval (``approvals``).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+import asyncpg
+
+from corral.supervisor.store._store import _COLUMNS, ConversationRecord, StepRecord, _from_row
+
+
+@dataclass(frozen=True, kw_only=True)
+class ToolOutcome:
+    """One tool call as the gateway decided it, from the ledger."""
+
+    step: int
+    agent: str
+    tool: str
+    arguments: dict[str, Any]
+    status: str
+    reason: str
+    policy_ids: list[str]
+    approval_id: str | None
+    result: dict[str, Any]
+    rolled_back: bool
+    at: datetime
+
+
+@dataclass(frozen=True, kw_only=True)
+class ApprovalState:
+    """One approval the conversation asked for, and where it stands."""
+
+    id: str
+    agent: str
+    tool: str
+    arguments: dict[str, Any]
+    approver: str
+    status: str
+    decided_by: str | None
+    reason: str | None
+    expired: bool
+
+
+@dataclass(frozen=True, kw_only=True)
+class ConversationReport:
+    """A conversation whole, as ``corral show`` prints it."""
+
+    record: ConversationRecord
+    created_at: datetime
+    updated_at: datetime
+    steps: list[StepRecord] = field(default_factory=list)
+    tools: list[ToolOutcome] = field(default_factory=list)
+    approvals: list[ApprovalState] = field(default_factory=list)
+    dropped: list[str] = field(default_factory=list)
+    """Messages the supervisor dropped because of a kill switch, as ``agent: reason``."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class ConversationSummary:
+    """One line of ``corral conversations``."""
+
+    id: str
+    status: str
+    customer: str
+    path: list[str]
+    created_at: datetime
+    updated_at: datetime
+    text: str
+
+
+async def conversation_exists(conn: asyncpg.Connection | asyncpg.Pool, conversation: str) -> bool:
+    """Whether the supervisor recorded a conversation with this id (False before corral's
+    tables exist)."""
+    if not await _migrated(conn):
+        return False
+    found = await conn.fetchval("SELECT 1 FROM conversations WHERE id=$1", conversation)
+    return found is not None
+
+
+async def conversation_report(
+    conn: asyncpg.Connection | asyncpg.Pool, conversation: str
+) -> ConversationReport | None:
+    """The conversation whole, or None if there is none with this id."""
+    if not await _migrated(conn):
+        return None
+    row = await conn.fetchrow(
+        f"SELECT {_COLUMNS}, created_at, updated_at FROM conversations WHERE id=$1", conversation
+    )
+    if row is None:
+        return None
+    steps = await conn.fetch(
+        "SELECT step, agent, kind, target, confidence, detail FROM conversation_steps"
+        " WHERE conversation=$1 ORDER BY id",
+        conversation,
+    )
+    tools = await conn.fetch(
+        "SELECT CASE WHEN split_part(idempotency_key, ':', 2) ~ '^[0-9]{1,9}$'"
+        " THEN split_part(idempotency_key, ':', 2)::int ELSE 0 END AS step,"
+        " agent, tool, arguments::text AS arguments, status, reason, policy_ids, approval_id,"
+        " result::text AS result,"
+        " rolled_back_at IS NOT NULL AS rolled_back, created_at AS at"
+        " FROM tool_ledger WHERE conversation=$1 ORDER BY created_at, idempotency_key",
+        conversation,
+    )
+    approvals = await conn.fetch(
+        "SELECT id, agent, tool, arguments::text AS arguments, approver, status, decided_by, reason,"
+        " expires_at <= now() AS expired FROM approvals WHERE conversation=$1 ORDER BY created_at",
+        conversation,
+    )
+    dropped = await conn.fetch(
+        "SELECT agent, reason FROM dropped_messages WHERE conversation=$1 ORDER BY id", conversation
+    )
+    record = {k: row[k] for k in row.keys() if k not in ("created_at", "updated_at")}
+    return ConversationReport(
+        record=_from_row(record),  # type: ignore[arg-type]
+        created_at=row["created_at"],
+        updated_at=row["updated_at"],
+        steps=[StepRecord(**dict(s)) for s in steps],
+        tools=[
+            ToolOutcome(
+                **{
+                    **dict(t),
+                    "arguments": json.loads(t["arguments"]),
+                    "result": json.loads(t["result"]),
+                    "policy_ids": list(t["policy_ids"]),
+                }
+            )
+            for t in tools
+        ],
+        approvals=[ApprovalState(**{**dict(a), "arguments": json.loads(a["arguments"])}) for a in approvals],
+        dropped=[f"{d['agent']}: {d['reason']}" for d in dropped],
+    )
+
+
+async def recent_conversations(
+    conn: asyncpg.Connection | asyncpg.Pool, *, status: str | None = None, limit: int = 20
+) -> list[ConversationSummary]:
+    """Conversations newest first, of one ``status`` if given, at most ``limit``."""
+    if not await _migrated(conn):
+        return []
+    rows = await conn.fetch(
+        "SELECT id, status, customer, path::text AS path, created_at, updated_at, text FROM conversations"
+        " WHERE $1::text IS NULL OR status = $1 ORDER BY created_at DESC, id DESC LIMIT $2",
+        status,
+        limit,
+    )
+    return [
+        ConversationSummary(**{**dict(r), "path": [hop["agent"] for hop in json.loads(r["path"])]})
+        for r in rows
+    ]
+
+
+async def _migrated(conn: asyncpg.Connection | asyncpg.Pool) -> bool:
+    # A database corral never started on has none of its tables: it holds no conversation.
+    return bool(await conn.fetchval("SELECT to_regclass('conversations') IS NOT NULL"))
