@@ -128,10 +128,14 @@ def print_table(columns: Sequence[str], rows: Iterable[Sequence[str]], *, title:
     rows = [list(row) for row in rows]
     if is_terminal():
         from rich.table import Table
+        from rich.text import Text
 
-        table = Table(*columns, title=title)
+        table = Table(title=title)
+        for index, column in enumerate(columns):
+            # The first column holds the ids: whole on a narrow terminal too.
+            table.add_column(column, no_wrap=index == 0)
         for row in rows:
-            table.add_row(*row)
+            table.add_row(*(Text(str(cell)) for cell in row))  # values, never markup
         console.print(table)
         return
     widths = [max(len(str(cell)) for cell in column) for column in zip(columns, *rows, strict=True)]
