@@ -37,11 +37,34 @@ class BusConfig:
 
 
 class _Lifeline:
-    """Whether the connection was closed, and whether on purpose."""
+    """Whether the connection was closed, and whether on purpose; and the errors seen while
+    it is not connected, each logged once (a refused reconnect repeats every attempt)."""
 
     def __init__(self) -> None:
         self.closed = asyncio.Event()
         self.closing = False
+        self.down = True
+        """Until the first connect succeeds, and from a disconnect to the reconnect."""
+        self.errors: dict[str, int] = {}
+        """What failed while down, and how often."""
+
+    def error(self, name: str, exc: Exception) -> None:
+        """Log ``exc`` at WARNING: on a live connection each time (a permissions violation),
+        while down once per distinct error, then at DEBUG."""
+        text = str(exc) or type(exc).__name__
+        if self.down:
+            seen = self.errors.get(text, 0)
+            self.errors[text] = seen + 1
+            if seen:
+                logger.debug("NATS connection %s: %s (again, %d)", name, text, seen)
+                return
+        logger.warning("NATS connection %s: %s", name, text)
+
+    def up(self) -> str:
+        """The connection is up: what failed while it was down, to say with it."""
+        failed = "; ".join(f"{text} ({count}x)" for text, count in self.errors.items())
+        self.down, self.errors = False, {}
+        return f" (after: {failed})" if failed else ""
 
 
 @dataclass(frozen=True)
@@ -89,16 +112,21 @@ async def connect(config: BusConfig) -> Bus:
     if not config.servers:
         raise BusConnectError("no NATS server configured (set NATS_URL or nats.url)")
 
+    lifeline = _Lifeline()
+
     async def _on_error(exc: Exception) -> None:
-        logger.warning("NATS connection %s: %s", config.name, exc)
+        # A refused reconnect (an identity revoked by `corral kill agent`, at start or later)
+        # fails the same way every reconnect_time_wait: say it once, until it is connected.
+        lifeline.error(config.name, exc)
 
     async def _on_disconnect() -> None:
+        if lifeline.closing:
+            return  # close() drains and closes: nothing is lost
+        lifeline.down = True
         logger.info("NATS connection %s lost; reconnecting", config.name)
 
     async def _on_reconnect() -> None:
-        logger.info("NATS connection %s restored", config.name)
-
-    lifeline = _Lifeline()
+        logger.info("NATS connection %s restored%s", config.name, lifeline.up())
 
     async def _on_closed() -> None:
         if not lifeline.closing:
@@ -126,6 +154,9 @@ async def connect(config: BusConfig) -> Bus:
         raise BusConnectError(
             f"cannot connect to NATS at {', '.join(config.servers)}: {exc}", retryable=True
         ) from exc
+    failed = lifeline.up()
+    if failed:
+        logger.info("NATS connection %s connected%s", config.name, failed)
     return Bus(nc=nc, js=nc.jetstream(), _lifeline=lifeline)
 
 

@@ -25,6 +25,7 @@ def main() -> None:
         _services,
         _stack,
         _talk,
+        _validate,
     )
     from corral.supervisor.cli._shared import app
 

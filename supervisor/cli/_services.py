@@ -9,6 +9,7 @@ import typer
 
 from corral.bus import (
     Bus,
+    Service,
     Serving,
     serve_together,
     subjects,
@@ -29,6 +30,7 @@ from corral.supervisor.cli._shared import (
     supervisor_app,
 )
 from corral.supervisor.stack._credentials import GATEWAY, SUPERVISOR, agent_identity
+from corral.supervisor.stack._readiness import announced
 from corral.supervisor.stack._settings import Settings
 
 # --- services -------------------------------------------------------------------------
@@ -69,7 +71,7 @@ def supervisor_run(config: ConfigOption = None) -> None:
                 services.append(await _gateway(settings, bus, store))
             seed = settings.credentials_for(SUPERVISOR)
             if seed is None:
-                await _serve(_Together(services))
+                await _serve(announced(_Together(services)))
             else:
                 # Anchors of the audit chain: one at start before anything appends, one per
                 # interval, and one at shutdown once every service has stopped.
@@ -80,7 +82,7 @@ def supervisor_run(config: ConfigOption = None) -> None:
                     interval_s=settings.config.audit.anchor_interval_s,
                     replicas=settings.topology.replicas,
                 ) as anchorer:
-                    await _serve(_Together([*services, anchorer]))
+                    await _serve(announced(_Together([*services, anchorer])))
         finally:
             await bus.close()
             await store.close()
@@ -93,7 +95,7 @@ async def _gateway(settings: Settings, bus: Bus, store: Any) -> Serving:
     """The tool gateway of the team's tools, with its backend prepared."""
     from corral.supervisor.config._tools_module import import_tools
     from corral.supervisor.gateway._gateway import ToolGateway
-    from corral.supervisor.gateway._policy import PolicyEngine
+    from corral.supervisor.stack._validate import policy_engine
     from corral.supervisor.store._agent_controls import ensure_agent_controls
     from corral.supervisor.store._roles import grant_tool_role
 
@@ -118,7 +120,7 @@ async def _gateway(settings: Settings, bus: Bus, store: Any) -> Serving:
         bus.nc,
         store.pool,
         settings.tools.values(),
-        PolicyEngine.load(policies_dir),
+        policy_engine(settings),
         settings.gateway_config,
     )
 
@@ -135,6 +137,10 @@ class _Together:
     async def shutdown(self) -> None:
         # All told at once: each waits for its service, their grace periods overlap.
         await asyncio.gather(*(service.shutdown() for service in self._services))
+
+    async def wait_started(self) -> None:
+        # Serving once every part that says when it serves does (or has stopped).
+        await asyncio.gather(*(s.wait_started() for s in self._services if isinstance(s, Service)))
 
 
 @gateway_app.command("run")
@@ -154,7 +160,7 @@ def gateway_run(config: ConfigOption = None) -> None:
         store = await Store.open(_database_url(settings))
         try:
             # A connection closed for good ends the process (so whatever started it restarts it).
-            await _serve(_Together([await _gateway(settings, bus, store), ConnectionGuard(bus)]))
+            await _serve(announced(_Together([await _gateway(settings, bus, store), ConnectionGuard(bus)])))
         finally:
             await bus.close()
             await store.close()
@@ -173,6 +179,13 @@ def agent_run(
         defined = ", ".join(settings.loaded.agent_names)
         err_console.print(f"unknown agent {name!r}; {settings.path} defines: {defined}")
         raise typer.Exit(EXIT_CONFIG)
+    from corral.supervisor.stack._validate import model_key_problem
+
+    problem = model_key_problem(settings, name)
+    if problem is not None:
+        # A model that cannot be called fails every step; say why now, not as a timeout.
+        err_console.print(f"agent {name} cannot start: {problem}", highlight=False)
+        raise typer.Exit(EXIT_CONFIG)
     _setup_logging()
 
     async def _main() -> int:
@@ -182,7 +195,7 @@ def agent_run(
         model = model_for_tier(settings.tier(name), settings.loaded.scripted_rules)
         bus = await _connect(settings, _nats_url(settings), agent_identity(name))
         try:
-            await _serve(AgentService(settings.agent_settings(name), bus, model))
+            await _serve(announced(AgentService(settings.agent_settings(name), bus, model)))
         finally:
             await bus.close()
         return 0

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import asyncio
-import os
-import signal
-import time
-from collections.abc import Awaitable, Callable
+import logging
+from collections.abc import Awaitable, Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
 import typer
@@ -21,11 +21,18 @@ from corral.supervisor.cli._shared import (
     console,
     err_console,
 )
-from corral.supervisor.stack._runtime import Runtime
-from corral.supervisor.stack._settings import Settings
 
 if TYPE_CHECKING:
     from corral.supervisor.stack._launcher import Launcher
+    from corral.supervisor.stack._runtime import ChildInfo, Runtime
+    from corral.supervisor.stack._settings import Settings
+
+EXIT_STOPPED = 130
+"""``corral up`` stopped by a signal before every process served (as Ctrl-C's 128 + 2)."""
+
+LAUNCHER_LOG = "launcher.log"
+"""The launcher's own log under ``<state_dir>/logs``: everything it logs, PostgreSQL's
+start-up detail included, whatever the terminal shows."""
 
 # --- the stack ------------------------------------------------------------------------
 
@@ -55,28 +62,124 @@ async def _with_stack(
     settings: Settings,
     body: Callable[[Runtime], Awaitable[int]] | None,
     replicas: dict[str, int] | None = None,
+    *,
+    verbose: bool = False,
 ) -> int:
-    """Run the stack while ``body`` runs (a negative code: until a signal stops it; no body:
-    until then too); leaving stops every process and waits for each to exit."""
+    """Check the team (``corral validate``), start it, and once every process serves run
+    ``body`` (a negative code: then until a signal stops it; no body: until then too);
+    leaving stops every process and waits for each to exit.
+
+    Returns 2 when the check fails (nothing is started), 1 when the stack stops by itself
+    (a process kept failing at start: its error is printed), 130 when a signal stops it
+    before every process serves, else ``body``'s code (0 without one).
+    """
+    import signal
+
+    from corral.supervisor.cli._validate import print_invalid
+    from corral.supervisor.errors import ConfigError, LauncherError
+    from corral.supervisor.stack._launcher import prepare_state_dir
+    from corral.supervisor.stack._validate import check
+
+    try:
+        checked = check(settings)
+    except ConfigError as exc:
+        print_invalid(exc)
+        return EXIT_CONFIG
+    console.print(f"checked {settings.path}: {', '.join(c.what for c in checked)}", highlight=False)
+    prepare_state_dir(settings.state_dir)
     launcher = _launcher(settings, replicas)
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, lambda: asyncio.ensure_future(launcher.shutdown()))
-    async with launcher:
-        runtime = launcher.runtime
-        assert runtime is not None  # start() sets it
+    with _logging_to(settings.state_dir / "logs" / LAUNCHER_LOG, verbose=verbose):
+        async with launcher:
+            runtime = launcher.runtime
+            assert runtime is not None  # start() sets it
+            try:
+                await _until_ready(launcher, runtime, settings.state_dir / "logs")
+            except LauncherError as exc:
+                if launcher.failure is None and launcher.stopping:
+                    err_console.print(str(exc), highlight=False)
+                    return EXIT_STOPPED
+                err_console.print(f"[red]error:[/red] {exc}\nstopping corral", highlight=False)
+                return 1
+            code = 0
+            if body is not None:
+                code = await body(runtime)
+            if body is None or code < 0:
+                console.print("Ctrl-C stops everything.")
+                await launcher.wait()
+                if launcher.failure is not None:
+                    err_console.print(f"[red]error:[/red] {launcher.failure}", highlight=False)
+                    return 1
+                return 0
+            return code
+
+
+async def _until_ready(launcher: Launcher, runtime: Runtime, logs: Path) -> None:
+    """Print each process as it comes to serve, and who is still awaited every 10 s;
+    then that corral is up."""
+    names = [c.name for c in runtime.children if c.role not in launcher.revoked]
+    console.print(f"waiting for {', '.join(names)}…", highlight=False)
+
+    def _ready(info: ChildInfo, seconds: float) -> None:
+        console.print(f"  {info.name} serves ({seconds:.1f} s)", highlight=False)
+
+    def _waiting(waiting: list[ChildInfo], seconds: float) -> None:
         console.print(
-            f"corral is up: NATS {runtime.nats_url}; "
-            f"{len(runtime.children)} processes; logs in {settings.state_dir / 'logs'}"
+            f"  waiting for {', '.join(c.name for c in waiting)}… ({seconds:.0f} s)", highlight=False
         )
-        code = 0
-        if body is not None:
-            code = await body(runtime)
-        if body is None or code < 0:
-            console.print("Ctrl-C stops everything.")
-            await launcher.wait()
-            return 0
-        return code
+
+    await launcher.wait_ready(_ready, _waiting)
+    for agent in launcher.revoked:
+        console.print(
+            f"  {agent} is killed: its identity is revoked (`corral revive agent {agent}`)", highlight=False
+        )
+    serving = sum(1 for c in runtime.children if c.ready)
+    console.print(
+        f"corral is up: NATS {runtime.nats_url}; {serving} processes serve; logs in {logs}",
+        highlight=False,
+    )
+
+
+@contextmanager
+def _logging_to(path: Path, *, verbose: bool) -> Iterator[None]:
+    """Log everything at INFO to ``path`` too; the terminal keeps its level and, unless
+    ``verbose``, shows no INFO detail of PostgreSQL's start (pgserver's commands and their
+    output) or of the migrations it applied."""
+    root = logging.getLogger()
+    terminal = list(root.handlers)
+    before = root.level
+    for handler in terminal:
+        if handler.level < before:
+            handler.setLevel(before)
+        if not verbose:
+            # Kept when the block is left: pgserver's exit hook logs once more at exit.
+            handler.addFilter(_QUIET)
+    file = logging.FileHandler(path)
+    file.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root.addHandler(file)
+    root.setLevel(min(before, logging.INFO))
+    try:
+        yield
+    finally:
+        root.removeHandler(file)
+        file.close()
+        root.setLevel(before)
+
+
+class _Detail(logging.Filter):
+    """Drops INFO detail the terminal need not show (the launcher's log keeps it): pgserver's
+    commands and their output, the migrations applied, and each child's "serves" (``up``
+    prints its own line for each while starting)."""
+
+    NAMES = ("pgserver", "corral.supervisor.store", "corral.supervisor.stack._children")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno >= logging.WARNING or not record.name.startswith(self.NAMES)
+
+
+_QUIET = _Detail()
 
 
 @app.command()
@@ -86,12 +189,25 @@ def up(
         list[str] | None,
         typer.Option("--replicas", help="AGENT=N: run N processes of AGENT (they share its inbox)"),
     ] = None,
+    verbose: Annotated[
+        bool, typer.Option("--verbose", "-v", help="Also show PostgreSQL's start-up detail and migrations")
+    ] = False,
 ) -> None:
-    """Start NATS and PostgreSQL (embedded unless configured), the supervisor and every agent."""
-    settings = _load(config)
+    """Check the team (as `corral validate`), then start NATS and PostgreSQL (embedded
+    unless configured), the supervisor and every agent; say "corral is up" once every
+    process serves. A process that keeps failing at start stops it, with its error."""
+    from corral.supervisor.cli._validate import print_invalid
+    from corral.supervisor.errors import ConfigError
+    from corral.supervisor.stack._validate import load_settings
+
+    try:
+        settings = load_settings(config)
+    except ConfigError as exc:
+        print_invalid(exc)
+        raise typer.Exit(EXIT_CONFIG) from None
     counts = _parse_replicas(settings, replicas or [])
     _setup_logging()
-    _run(_with_stack(settings, None, counts))
+    _run(_with_stack(settings, None, counts, verbose=verbose))
 
 
 @app.command()
@@ -125,11 +241,18 @@ def down(
     config: ConfigOption = None,
     timeout: Annotated[float, typer.Option(help="Seconds to wait")] = 30.0,
 ) -> None:
-    """Stop a stack started by ``corral up`` from this directory."""
+    """Stop a stack started by ``corral up`` from this directory, or what one whose
+    launcher was killed left running."""
+    import os
+    import signal
+    import time
+
+    from corral.supervisor.stack._runtime import Runtime
+
     settings = _load(config)
     runtime = Runtime.read(settings.state_dir)
     if runtime is None:
-        console.print("corral is not running here")
+        _stop_leftovers(settings.state_dir, timeout)
         raise typer.Exit(0)
     os.kill(runtime.pid, signal.SIGTERM)
     deadline = time.monotonic() + timeout
@@ -140,3 +263,23 @@ def down(
         time.sleep(0.1)
     err_console.print(f"corral (pid {runtime.pid}) did not stop within {timeout:.0f}s")
     raise typer.Exit(1)
+
+
+def _stop_leftovers(state_dir: Path, timeout: float) -> None:
+    """No launcher runs from ``state_dir``: stop what a killed one left running, if anything."""
+    from corral.supervisor.stack._leftovers import find_leftovers, stop_leftovers
+
+    leftovers = find_leftovers(state_dir, launcher_alive=False)
+    if not leftovers:
+        console.print("corral is not running here")
+        return
+    console.print(
+        f"corral's launcher is gone; stopping what it left running: {', '.join(map(str, leftovers))}",
+        highlight=False,
+    )
+    stubborn = stop_leftovers(leftovers, timeout_s=min(timeout, 10.0))
+    if stubborn:
+        err_console.print(f"would not stop: {', '.join(map(str, stubborn))}", highlight=False)
+        raise typer.Exit(1)
+    (state_dir / "runtime.json").unlink(missing_ok=True)
+    console.print("corral stopped")

@@ -4,6 +4,7 @@ PostgreSQL (from pgserver), each keeping its data under the state directory."""
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 import signal
 import socket
@@ -67,6 +68,11 @@ class EmbeddedNats:
     def monitor_url(self) -> str | None:
         """The HTTP monitoring endpoint (``/connz``, ``/jsz``), loopback only, if it is on."""
         return None if self.monitor_port is None else f"http://127.0.0.1:{self.monitor_port}"
+
+    @property
+    def pid(self) -> int | None:
+        """The running server's pid (None before ``start`` and after ``stop``)."""
+        return self.process.pid if self.process is not None else None
 
     @property
     def config_file(self) -> Path:
@@ -177,8 +183,44 @@ def _stop(process: subprocess.Popen[bytes] | None, timeout_s: float) -> None:
         process.wait()
 
 
+PGSERVER_USER = "pgserver"
+"""The system user pgserver runs PostgreSQL as when started by root (fixed by pgserver)."""
+
+
+def _system_user(name: str) -> None:
+    """Create the system user ``name`` (no home, no login shell) unless it exists; if that
+    fails, pgserver tries its own ``useradd`` and reports why it cannot."""
+    import pwd
+
+    try:
+        pwd.getpwnam(name)
+        return
+    except KeyError:
+        pass
+    useradd = shutil.which("useradd")
+    if useradd is None:
+        return
+    options = ["--system", "--user-group", "--no-create-home", "--home-dir", "/nonexistent"]
+    result = subprocess.run(
+        [useradd, *options, "--shell", "/usr/sbin/nologin", name],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if result.returncode == 0:
+        logger.info("created the system user %s, which PostgreSQL runs as", name)
+
+
 class EmbeddedPostgres:
     """A local PostgreSQL 16 from pgserver, listening on a Unix socket in its directory.
+
+    As root, pgserver runs PostgreSQL as the system user ``pgserver`` and makes the data
+    directory's parents traversable by others (it needs to reach the directory as that
+    user). It would create that user as a login user (``useradd -s /bin/bash``, with a home
+    directory); ``start()`` creates it first, as a system user with no home and no login
+    shell, as the agents' users are (``supervisor.stack._sandbox``). pgserver
+    logs every command it runs (about 25 lines on a first start) on the ``pgserver``
+    logger, at INFO.
 
     Args:
         directory: The data directory (created and initialised on first start).
@@ -201,6 +243,8 @@ class EmbeddedPostgres:
             warnings.simplefilter("ignore")
             import pgserver
 
+        if os.geteuid() == 0:
+            _system_user(PGSERVER_USER)
         self.directory.parent.mkdir(parents=True, exist_ok=True)
         try:
             warnings.filterwarnings("ignore", module="platformdirs")
@@ -217,14 +261,13 @@ class EmbeddedPostgres:
         # pgserver keeps one handle per directory for the life of the process and will not
         # start a server it believes it started: start it again with the same socket
         # directory, so every client's URI stays valid across the restart.
-        import os
         from urllib.parse import parse_qs, urlsplit
 
         from pgserver._commands import pg_ctl  # type: ignore[attr-defined]
 
         assert self._uri is not None
         socket_dir = parse_qs(urlsplit(self._uri).query)["host"][0]
-        user = "pgserver" if os.geteuid() == 0 else None
+        user = PGSERVER_USER if os.geteuid() == 0 else None
         try:
             pg_ctl(
                 ["-w", "-o", '-h ""', "-o", f"-k {socket_dir}", "-l", str(self.directory / "log"), "start"],
@@ -237,6 +280,14 @@ class EmbeddedPostgres:
         return self._uri
 
     @property
+    def pid(self) -> int | None:
+        """The running postmaster's pid (from its ``postmaster.pid``), if one runs here."""
+        try:
+            return int((self.directory / "postmaster.pid").read_text().splitlines()[0])
+        except (OSError, ValueError, IndexError):
+            return None
+
+    @property
     def uri(self) -> str:
         """The connection URI (after ``start``)."""
         if self._uri is None:
@@ -246,13 +297,11 @@ class EmbeddedPostgres:
     def stop(self, *, crash: bool = False) -> None:
         """Stop the server: a fast shutdown (sessions end, data is flushed), or with
         ``crash`` an immediate one, as a power loss would (recovery replays the WAL)."""
-        import os
-
         from pgserver._commands import pg_ctl  # type: ignore[attr-defined]
 
         if not (self.directory / "postmaster.pid").exists():
             return
-        user = "pgserver" if os.geteuid() == 0 else None
+        user = PGSERVER_USER if os.geteuid() == 0 else None
         try:
             pg_ctl(["-w", "-m", "immediate" if crash else "fast", "stop"], pgdata=self.directory, user=user)
         except subprocess.CalledProcessError as exc:

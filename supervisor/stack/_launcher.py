@@ -1,26 +1,30 @@
 """``corral up``: embedded servers if none are configured, then the supervisor and one OS
 process per agent replica, each restarted with backoff when it dies.
 
-``async with Launcher(config) as launcher:`` starts the stack; leaving the block stops it
-and returns once every child process and embedded server has exited.
+``async with Launcher(config) as launcher:`` starts the stack; ``wait_ready()`` returns once
+every process serves; leaving the block stops it and returns once every child process and
+embedded server has exited. A watchdog (``supervisor.stack._leftovers``) stops them if the
+launcher dies without doing so.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import logging
 import os
-import signal
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 
 from corral.bus import Bus, BusConfig, ControlWatcher, KillSwitch, KillTarget, connect, ensure_topology
 from corral.supervisor.errors import LauncherError
+from corral.supervisor.stack._children import Children, Launch, RestartPolicy, log_tail
 from corral.supervisor.stack._credentials import (
     ADMIN,
     GATEWAY,
@@ -31,6 +35,7 @@ from corral.supervisor.stack._credentials import (
     identities,
 )
 from corral.supervisor.stack._embedded import EmbeddedNats, EmbeddedPostgres
+from corral.supervisor.stack._leftovers import STOPPED, find_leftovers, stop_leftovers
 from corral.supervisor.stack._runtime import ChildInfo, Runtime, embedded_postgres_dir, nats_servers
 from corral.supervisor.stack._sandbox import ChildUser, can_read, child_user, config_files
 from corral.supervisor.stack._settings import DATABASE_PREPARED_ENV, Settings
@@ -39,7 +44,7 @@ logger = logging.getLogger(__name__)
 
 PARENT_PID_ENV = "CORRAL_PARENT_PID"
 
-__all__ = ["DATABASE_PREPARED_ENV", "PARENT_PID_ENV", "Launcher", "LauncherConfig"]
+__all__ = ["DATABASE_PREPARED_ENV", "PARENT_PID_ENV", "Launcher", "LauncherConfig", "prepare_state_dir"]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -55,16 +60,45 @@ class LauncherConfig:
     stable_after_s: float = 30.0
     """A child that ran this long restarts with the initial backoff again."""
     stop_timeout_s: float = 10.0
+    start_attempts: int = 3
+    """Starts in a row that may end before a child (that never served) serves; then the
+    stack stops with the end of its log (see ``supervisor.stack._children``)."""
+    ready_timeout_s: float = 120.0
+    """How long ``wait_ready()`` waits for every process to serve."""
+
+    @property
+    def restart_policy(self) -> RestartPolicy:
+        """The children's restarts, as ``Children`` takes them."""
+        return RestartPolicy(
+            backoff_initial_s=self.backoff_initial_s,
+            backoff_max_s=self.backoff_max_s,
+            stable_after_s=self.stable_after_s,
+            start_attempts=self.start_attempts,
+            stop_timeout_s=self.stop_timeout_s,
+        )
+
+
+def prepare_state_dir(state: Path) -> None:
+    """Create the state directory (0700) and its private ``nats/`` and ``logs/``."""
+    if not state.exists():
+        state.mkdir(parents=True)
+        os.chmod(state, 0o700)
+    for private in ("nats", "logs"):
+        # The JetStream store holds every conversation; the logs name them. The seeds
+        # (creds/) and PostgreSQL's directory are private already.
+        (state / private).mkdir(exist_ok=True)
+        os.chmod(state / private, 0o700)
 
 
 class Launcher:
     """Start and watch the whole team.
 
     ``async with Launcher(config) as launcher:`` starts it (``start()``) and watches the
-    children in a task of its own; ``wait()`` returns once it has stopped (after
-    ``shutdown()``, e.g. on a signal, or when a child cannot be started), and leaving the
-    block stops everything and waits until every child has exited. ``start()``, ``run()``
-    and ``shutdown()`` remain for a caller that drives it itself.
+    children in a task of its own; ``wait_ready()`` returns once every process serves;
+    ``wait()`` returns once it has stopped (after ``shutdown()``, e.g. on a signal, or when
+    a child cannot be started or keeps failing at start: ``failure`` says why), and leaving
+    the block stops everything and waits until every child has exited. ``start()``,
+    ``run()`` and ``shutdown()`` remain for a caller that drives it itself.
 
     Args:
         config: What to start.
@@ -76,14 +110,9 @@ class Launcher:
         self._nats: EmbeddedNats | None = None
         self._postgres: EmbeddedPostgres | None = None
         self._stopping = asyncio.Event()
-        self._children: list[ChildInfo] = []
-        self._procs: dict[str, asyncio.subprocess.Process] = {}
+        self._children = Children(config.restart_policy, self._stopping, self._write_runtime)
         self._tasks: list[asyncio.Task[None]] = []
         """The control watcher's."""
-        self._watchers: list[asyncio.Task[None]] = []
-        """One per child: it (re)starts the child and returns once it is stopped for good."""
-        self._spawned = asyncio.Event()
-        """Set whenever a child process starts (stopping waits for late ones too)."""
         self._runner: asyncio.Task[None] | None = None
         self.runtime: Runtime | None = None
         self._identities: list[Identity] = []
@@ -92,6 +121,24 @@ class Launcher:
         self._revoked: set[str] = set()
         self._service_dsn: str | None = None
         """What the supervisor (and a separate gateway) connect with; never in runtime.json."""
+        self._watchdog: asyncio.subprocess.Process | None = None
+
+    @property
+    def revoked(self) -> list[str]:
+        """The agents whose identity is revoked at the broker (``corral kill agent``): their
+        processes run, but cannot connect."""
+        return sorted(self._revoked)
+
+    @property
+    def stopping(self) -> bool:
+        """Whether the stack is stopping (``shutdown()``, or by itself: see ``failure``)."""
+        return self._stopping.is_set()
+
+    @property
+    def failure(self) -> LauncherError | None:
+        """Why the stack stopped by itself: a child that could not be started, or kept
+        failing at start (with the end of its log); None otherwise."""
+        return self._children.failure
 
     async def __aenter__(self) -> Launcher:
         """Start the stack (see ``start()``) and watch it until the block is left.
@@ -119,9 +166,66 @@ class Launcher:
 
     async def wait(self) -> None:
         """Return once the stack entered with ``async with`` has stopped: after ``shutdown()``,
-        or when a child could not be started (which stops everything; the log says why)."""
+        or when a child could not be started (which stops everything; ``failure`` says why)."""
         if self._runner is not None:
             await asyncio.shield(self._runner)
+
+    async def wait_ready(
+        self,
+        on_ready: Callable[[ChildInfo, float], None] | None = None,
+        on_waiting: Callable[[list[ChildInfo], float], None] | None = None,
+        *,
+        every_s: float = 10.0,
+    ) -> None:
+        """Return once every child serves (said so on its readiness pipe), except agents
+        revoked at the broker (``corral kill agent``), which cannot.
+
+        Args:
+            on_ready: Told of each child as it first serves, with the seconds since this call.
+            on_waiting: Told every ``every_s`` of the children not serving yet.
+            every_s: How often ``on_waiting`` is told.
+
+        Raises:
+            LauncherError: the stack stopped (``failure``: a child kept failing at start),
+                or a child did not serve within ``ready_timeout_s`` (the end of its log).
+        """
+        children, began = self._children, time.monotonic()
+        deadline, told = began + self._config.ready_timeout_s, set[str]()
+        next_tell = began + every_s
+        while True:
+            children.changed.clear()
+            if children.failure is not None:
+                raise children.failure
+            if self._stopping.is_set():
+                raise LauncherError("corral stopped before every process served")
+            for info in children.infos:
+                if info.ready and info.name not in told:
+                    told.add(info.name)
+                    if on_ready is not None:
+                        on_ready(info, time.monotonic() - began)
+            waiting = [c for c in children.infos if c.name not in told and c.role not in self._revoked]
+            now = time.monotonic()
+            if not waiting:
+                return
+            if now >= deadline:
+                raise self._not_ready(waiting)
+            if now >= next_tell:
+                next_tell = now + every_s
+                if on_waiting is not None:
+                    on_waiting(waiting, now - began)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(children.changed.wait(), min(deadline, next_tell) - now)
+
+    def _not_ready(self, waiting: list[ChildInfo]) -> LauncherError:
+        logs = self._settings.state_dir / "logs"
+        parts = [
+            f"not serving after {self._config.ready_timeout_s:.0f}s: {', '.join(c.name for c in waiting)}"
+        ]
+        for info in waiting:
+            tail = log_tail(logs / f"{info.name}.log", lines=5)
+            parts.append(f"the end of {logs / f'{info.name}.log'}:")
+            parts += [f"    {line}" for line in tail] or ["    (empty)"]
+        return LauncherError("\n".join(parts))
 
     async def start(self) -> Runtime:
         """Start servers (embedded unless configured), set up streams, spawn children.
@@ -137,14 +241,8 @@ class Launcher:
             )
         settings = self._settings
         loaded = settings.loaded
-        if not state.exists():
-            state.mkdir(parents=True)
-            os.chmod(state, 0o700)
-        for private in ("nats", "logs"):
-            # The JetStream store holds every conversation; the logs name them. The seeds
-            # (creds/) and PostgreSQL's directory are private already.
-            (state / private).mkdir(exist_ok=True)
-            os.chmod(state / private, 0o700)
+        prepare_state_dir(state)
+        await self._start_watchdog()
         nats_url = settings.nats_url
         if nats_url is None:
             # The embedded server requires an identity of every connection, with
@@ -181,9 +279,49 @@ class Launcher:
             embedded_nats=self._nats is not None,
             embedded_postgres=self._postgres is not None,
             nats_monitor_url=self._nats.monitor_url if self._nats else None,
+            nats_pid=self._nats.pid if self._nats else None,
+            postgres_pid=self._postgres.pid if self._postgres else None,
+            watchdog_pid=self._watchdog.pid if self._watchdog else None,
         )
         self._spawn_all()
         return self.runtime
+
+    async def _start_watchdog(self) -> None:
+        """Start the process that stops what this launcher leaves running if it dies
+        without stopping it (SIGKILL); first stop what an earlier one left."""
+        state = self._settings.state_dir
+        leftovers = await asyncio.to_thread(find_leftovers, state)
+        if leftovers:
+            logger.warning(
+                "stopping what an earlier corral up left running: %s", ", ".join(map(str, leftovers))
+            )
+            await asyncio.to_thread(stop_leftovers, leftovers)
+        with open(state / "logs" / "watchdog.log", "ab") as log:  # noqa: ASYNC230 - a local append
+            self._watchdog = await asyncio.create_subprocess_exec(
+                sys.executable,
+                "-m",
+                "corral.supervisor.stack._leftovers",
+                str(state),
+                stdin=asyncio.subprocess.PIPE,
+                stdout=log,
+                stderr=log,
+                start_new_session=True,  # neither Ctrl-C nor the terminal's hangup reach it
+            )
+
+    async def _stop_watchdog(self) -> None:
+        """Tell the watchdog everything is stopped, and wait for it to exit."""
+        watchdog, self._watchdog = self._watchdog, None
+        if watchdog is None or watchdog.stdin is None:
+            return
+        with contextlib.suppress(OSError):
+            watchdog.stdin.write(STOPPED)
+            await watchdog.stdin.drain()
+        watchdog.stdin.close()
+        try:
+            await asyncio.wait_for(watchdog.wait(), 10)
+        except TimeoutError:
+            watchdog.kill()
+            await watchdog.wait()
 
     async def _prepare_database(self, owner_dsn: str) -> str:
         """Migrate as the owner, then choose the DSN the services connect with: the
@@ -232,6 +370,7 @@ class Launcher:
         (self._settings.state_dir / "revoked.json").write_text(json.dumps(sorted(revoked)))
         self._nats.write_config(authorization_block(self._identities, revoked))
         self._nats.reload()
+        self._children.changed.set()  # wait_ready no longer waits for a revoked agent
         logger.warning("agent %s %s at the broker", name, "revoked" if switch else "restored")
 
     def _spawn_all(self) -> None:
@@ -250,11 +389,9 @@ class Launcher:
             for index in range(count):
                 name = agent if count == 1 else f"{agent}-{index + 1}"
                 specs.append((ChildInfo(name=name, role=agent), ["agent", "run", agent, "-c", config_file]))
-        self._children = [info for info, _ in specs]
-        if self.runtime is not None:
-            self.runtime.children = self._children
         for info, argv in specs:
-            self._watchers.append(asyncio.create_task(self._watch(info, argv), name=info.name))
+            self._children.watch(info, functools.partial(self._watch, info, argv))
+        self._write_runtime()
 
     async def run(self) -> None:
         """Watch children until ``shutdown()``; then stop children, then servers."""
@@ -307,13 +444,19 @@ class Launcher:
                 sandbox = None
         logs = self._settings.state_dir / "logs"
         logs.mkdir(parents=True, exist_ok=True)
-        backoff = self._config.backoff_initial_s
+        command = [sys.executable, "-m", "corral.supervisor", *argv]
+        launch = Launch(
+            command=sandbox.argv(command) if sandbox is not None else command,
+            env=env,
+            log=logs / f"{info.name}.log",
+            popen_kwargs=sandbox.popen_kwargs() if sandbox is not None else {},
+        )
         try:
-            await self._keep_running(info, argv, env, logs, backoff, sandbox)
-        except Exception:
+            await self._children.keep_running(info, launch, lambda: info.role in self._revoked)
+        except Exception as exc:
             # A child that cannot even be started stops the whole stack, loudly.
             logger.exception("cannot run %s; stopping corral", info.name)
-            self._stopping.set()
+            self._children.fail(LauncherError(f"cannot run {info.name}: {exc}"))
             raise
         finally:
             if sandbox is not None:
@@ -325,60 +468,14 @@ class Launcher:
         named = [*loaded.config.scripted.values(), loaded.config.agents[agent].instructions]
         return config_files(loaded.path.resolve(), named)
 
-    async def _keep_running(
-        self,
-        info: ChildInfo,
-        argv: list[str],
-        env: dict[str, str],
-        logs: Path,
-        backoff: float,
-        sandbox: ChildUser | None,
-    ) -> None:
-        while not self._stopping.is_set():
-            with open(logs / f"{info.name}.log", "ab") as log:  # noqa: ASYNC230 - a local append
-                command = [sys.executable, "-m", "corral.supervisor", *argv]
-                proc = await asyncio.create_subprocess_exec(
-                    *(sandbox.argv(command) if sandbox is not None else command),
-                    env=env,
-                    stdin=asyncio.subprocess.DEVNULL,
-                    stdout=log,
-                    stderr=log,
-                    start_new_session=True,  # Ctrl-C reaches only the launcher
-                    **(sandbox.popen_kwargs() if sandbox is not None else {}),
-                )
-            self._procs[info.name] = proc
-            self._spawned.set()
-            info.pid = proc.pid
-            self._write_runtime()
-            started = time.monotonic()
-            code = await proc.wait()
-            if self._stopping.is_set():
-                break
-            info.restarts += 1
-            info.last_exit = code
-            if time.monotonic() - started >= self._config.stable_after_s:
-                backoff = self._config.backoff_initial_s
-            logger.warning(
-                "%s (pid %d) exited with %s; restart %d in %.1fs (log: %s)",
-                info.name,
-                proc.pid,
-                _describe_exit(code),
-                info.restarts,
-                backoff,
-                logs / f"{info.name}.log",
-            )
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._stopping.wait(), backoff)
-            backoff = min(backoff * 2, self._config.backoff_max_s)
-
     def _write_runtime(self) -> None:
         if self.runtime is not None:
-            self.runtime.children = self._children
+            self.runtime.children = self._children.infos
             self.runtime.write(self._settings.state_dir)
 
     async def _stop_everything(self) -> None:
         self._stopping.set()
-        await self._stop_children()
+        await self._children.stop()
         if self._control is not None:
             await self._control.shutdown()
         for task in self._tasks:
@@ -395,47 +492,5 @@ class Launcher:
             # because another stack runs here leaves that stack's file alone.
             with contextlib.suppress(OSError):
                 (self._settings.state_dir / "runtime.json").unlink()
+        await self._stop_watchdog()
         logger.info("corral stopped")
-
-    async def _stop_children(self) -> None:
-        """Stop every child and return once each has exited and no watcher restarts one.
-
-        ``_stopping`` is set: a watcher ends once its child exits, but one that was starting
-        its child when stopping began registers it only afterwards, so this stops children
-        until every watcher is done.
-        """
-        while True:
-            self._spawned.clear()
-            await self._terminate([p for p in self._procs.values() if p.returncode is None])
-            pending = [task for task in self._watchers if not task.done()]
-            if not pending:
-                break
-            spawned = asyncio.create_task(self._spawned.wait())
-            try:
-                await asyncio.wait([*pending, spawned], return_when=asyncio.FIRST_COMPLETED)
-            finally:
-                spawned.cancel()
-                await asyncio.gather(spawned, return_exceptions=True)
-        # A watcher that could not start its child raised; its stack stops all the same.
-        await asyncio.gather(*self._watchers, return_exceptions=True)
-
-    async def _terminate(self, procs: list[asyncio.subprocess.Process]) -> None:
-        """SIGTERM ``procs``, and SIGKILL those still running after ``stop_timeout_s``."""
-        for proc in procs:
-            with contextlib.suppress(ProcessLookupError):
-                proc.send_signal(signal.SIGTERM)
-        deadline = self._config.stop_timeout_s
-        waits = [asyncio.wait_for(p.wait(), deadline) for p in procs]
-        for result, proc in zip(await asyncio.gather(*waits, return_exceptions=True), procs, strict=True):
-            if isinstance(result, TimeoutError):
-                logger.warning("pid %d did not stop in %.0fs; killing it", proc.pid, deadline)
-                with contextlib.suppress(ProcessLookupError):
-                    proc.kill()
-                await proc.wait()
-
-
-def _describe_exit(code: int) -> str:
-    if code < 0:
-        with contextlib.suppress(ValueError):
-            return f"signal {signal.Signals(-code).name}"
-    return f"code {code}"

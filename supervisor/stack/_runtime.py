@@ -27,6 +27,9 @@ class ChildInfo:
     last_exit: int | None = None
     uid: int | None = None
     """The user it runs as, when ``corral up`` (as root) gave it one of its own."""
+    ready: bool = False
+    """Whether the process serves (it said so on its readiness pipe); False while it
+    starts, and again once it has exited."""
 
 
 @dataclass(kw_only=True)
@@ -39,6 +42,13 @@ class Runtime:
     embedded_postgres: bool
     nats_monitor_url: str | None = None
     """The embedded server's monitoring endpoint, only when configured (``nats.monitor_port``)."""
+    nats_pid: int | None = None
+    """The embedded nats-server's pid."""
+    postgres_pid: int | None = None
+    """The embedded PostgreSQL's postmaster pid."""
+    watchdog_pid: int | None = None
+    """The process that stops everything above if the launcher dies without doing so
+    (see ``supervisor.stack._leftovers``)."""
     children: list[ChildInfo] = field(default_factory=list)
 
     def write(self, state_dir: Path) -> None:
@@ -55,13 +65,24 @@ class Runtime:
     @classmethod
     def read(cls, state_dir: Path) -> Runtime | None:
         """The runtime of a stack started from ``state_dir``, if its launcher is alive."""
+        runtime = cls.recorded(state_dir)
+        return runtime if runtime is not None and pid_alive(runtime.pid) else None
+
+    @classmethod
+    def recorded(cls, state_dir: Path) -> Runtime | None:
+        """What ``runtime.json`` records, whether or not its launcher is alive (a launcher
+        that was killed leaves it behind: ``corral down`` stops what it names)."""
         try:
             raw = json.loads((state_dir / "runtime.json").read_text())
         except (OSError, ValueError):
             return None
         known = {name: raw[name] for name in cls.__dataclass_fields__ if name in raw}
-        runtime = cls(**{**known, "children": [ChildInfo(**c) for c in raw.get("children", [])]})
-        return runtime if pid_alive(runtime.pid) else None
+        fields = ChildInfo.__dataclass_fields__
+        children = [ChildInfo(**{k: v for k, v in c.items() if k in fields}) for c in raw.get("children", [])]
+        try:
+            return cls(**{**known, "children": children})
+        except TypeError:
+            return None  # not a runtime file of this version
 
 
 def pid_alive(pid: int) -> bool:
