@@ -118,7 +118,7 @@ def prepare(workdir: Path) -> Path:
     (config_dir / "policies").mkdir()
     (config_dir / "policies" / "chaos.cedar").write_text(
         '@id("CHAOS-1")\npermit(principal == Agent::"payments", action == Action::"refund", resource)\n'
-        "when { context.owns_resource };\n"
+        "when { resource in context.customer };\n"
     )
     config = yaml.safe_load((config_dir / "corral.yaml").read_text())
     config["nats"] = {"ack_wait_s": 5}

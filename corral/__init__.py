@@ -1,7 +1,8 @@
 """corral: a production runtime for teams of AI agents.
 
 What users write against is here: the tool contract (``Tool``, ``SqlTool``, ``ToolInput``,
-``Resource``), the client (``connect`` with a ``BusConfig`` gives a ``Bus``; then
+``Resource``, and what Cedar sees of a resource: ``EntityType``, ``EntityRef``), the client
+(``connect`` with a ``BusConfig`` gives a ``Bus``; then
 ``start_conversation``, ``send_and_wait``), the config loader
 (``load_config``) and the error tree (every error corral raises is a ``CorralError``). The rest lives in the
 sub-packages: ``corral.bus`` (NATS, the wire types), ``corral.router`` (model calls),
@@ -33,9 +34,11 @@ if _typing.TYPE_CHECKING:
     from corral.supervisor.gateway._approvals import ApprovalError
     from corral.supervisor.gateway._policy import PolicyError
     from corral.supervisor.gateway._sql_tools import SqlTool
-    from corral.supervisor.gateway._tools import Resource, Tool, ToolInput
+    from corral.supervisor.gateway._tools import EntityRef, EntityType, Resource, Tool, ToolInput
 
 _WHERE = {
+    "EntityRef": "corral.supervisor.gateway._tools",
+    "EntityType": "corral.supervisor.gateway._tools",
     "Resource": "corral.supervisor.gateway._tools",
     "Tool": "corral.supervisor.gateway._tools",
     "SqlTool": "corral.supervisor.gateway._sql_tools",
@@ -76,6 +79,8 @@ __all__ = [
     "ConnectionClosedError",
     "CorralError",
     "DecisionError",
+    "EntityRef",
+    "EntityType",
     "LauncherError",
     "PayloadTooLargeError",
     "PoisonMessageError",

@@ -10,36 +10,63 @@ from typing import Any
 import pytest
 
 from corral.supervisor.gateway._policy import PolicyDecision, PolicyEngine, PolicyError, PolicyRequest
+from corral.supervisor.gateway._tools import EntityRef, type_name
+from tests.sample_tools import TOOLS
 
 POLICIES = Path(__file__).resolve().parent.parent / "examples" / "support" / "policies"
 AGENTS = ("triage", "payments", "tech_support", "account_manager")
+CUSTOMER = "cus_1001"
+"""The acting customer of every request below."""
+RESOURCE_TYPES = {tool.name: type_name(tool.resource_type) for tool in TOOLS}
 
 
 @pytest.fixture(scope="module")
 def engine() -> PolicyEngine:
-    return PolicyEngine.load(POLICIES)
+    return PolicyEngine.load(POLICIES, TOOLS)
 
 
-def _refund(agent: str = "payments", **context: Any) -> PolicyRequest:
-    facts: dict[str, Any] = dict(
-        amount_cents=4000,
-        account_age_days=400,
-        owns_resource=True,
-        refunds_today_cents=0,
-        irreversible=False,
-        approved_by="",
-    )
+def _owned_by(owner: str) -> dict[str, Any]:
+    """An order's or a subscription's owner: its attribute and its parent."""
+    return {"attributes": {"owner": EntityRef("Customer", owner)}, "parents": (EntityRef("Customer", owner),)}
+
+
+def _refund(agent: str = "payments", *, owner: str = CUSTOMER, **context: Any) -> PolicyRequest:
+    facts: dict[str, Any] = dict(amount_cents=4000, account_age_days=400, refunds_today_cents=0)
     facts.update(context)
+    owned = _owned_by(owner)
     return PolicyRequest(
-        principal=agent, action="refund", resource_type="Order", resource_id="77", context=facts
+        principal=agent,
+        action="refund",
+        resource_type="Order",
+        resource_id="77",
+        context=facts,
+        customer=CUSTOMER,
+        attributes={**owned["attributes"], "total_cents": 99_900},
+        parents=owned["parents"],
     )
 
 
-def _call(agent: str, tool: str, *, irreversible: bool = False, **context: Any) -> PolicyRequest:
-    facts: dict[str, Any] = dict(irreversible=irreversible, owns_resource=True, approved_by="")
-    facts.update(context)
+def _call(agent: str, tool: str, *, owner: str = CUSTOMER) -> PolicyRequest:
+    """A call of ``tool`` on something ``owner`` owns (the customer itself, for a tool whose
+    resource is the customer)."""
+    resource_type = RESOURCE_TYPES.get(tool, "Customer")
+    if resource_type == "Customer":
+        return PolicyRequest(
+            principal=agent,
+            action=tool,
+            resource_type="Customer",
+            resource_id=owner,
+            context={},
+            customer=CUSTOMER,
+        )
     return PolicyRequest(
-        principal=agent, action=tool, resource_type="Customer", resource_id="c-9", context=facts
+        principal=agent,
+        action=tool,
+        resource_type=resource_type,
+        resource_id="x-1",
+        context={},
+        customer=CUSTOMER,
+        **_owned_by(owner),
     )
 
 
@@ -63,7 +90,7 @@ CASES = [
     pytest.param(_refund("triage", amount_cents=480000), ("deny", ("P-49",), None), id="$4800-by-triage"),
     pytest.param(_refund("tech_support"), ("deny", ("P-49",), None), id="$40-by-tech-support"),
     pytest.param(_refund("stranger"), ("deny", (), None), id="unknown-agent"),
-    pytest.param(_refund(owns_resource=False), ("deny", ("P-50",), None), id="another-customers-order"),
+    pytest.param(_refund(owner="cus_1004"), ("deny", ("P-50",), None), id="another-customers-order"),
     pytest.param(_refund(amount_cents=-4000), ("deny", ("P-44",), None), id="negative-amount"),
     pytest.param(
         _refund("account_manager", amount_cents=4500, refunds_today_cents=9000),
@@ -71,27 +98,27 @@ CASES = [
         id="am-3rd-refund-of-the-day",
     ),
     pytest.param(
-        _call("tech_support", "update_email", irreversible=True),
+        _call("tech_support", "update_email"),
         ("approval", ("P-60", "P-61"), "account_manager"),
         id="irreversible-by-tech-support",
     ),
     pytest.param(
-        _call("account_manager", "update_email", irreversible=True),
+        _call("account_manager", "update_email"),
         ("approval", ("P-60", "P-63"), "human"),
         id="irreversible-by-am",
     ),
     pytest.param(
-        _call("payments", "cancel_subscription", irreversible=True),
+        _call("payments", "cancel_subscription"),
         ("approval", ("P-60", "P-62"), "account_manager"),
         id="cancel-by-payments",
     ),
     pytest.param(
-        _call("payments", "cancel_subscription", irreversible=True, owns_resource=False),
+        _call("payments", "cancel_subscription", owner="cus_1004"),
         ("deny", ("P-50", "P-60"), None),
         id="cancel-another-customers-subscription",
     ),
     pytest.param(
-        _call("triage", "update_email", irreversible=True),
+        _call("triage", "update_email"),
         ("deny", ("P-60",), None),
         id="irreversible-by-triage",
     ),

@@ -5,6 +5,10 @@ are, named by ``tools: {path: tools.py}`` in the ``corral.yaml`` beside it.
 that break demos: two accounts with the same email, an account 30 days old next to accounts
 over a year old, and orders of $40, $400 and $4,000. A tool result planted in the service
 logs tries a prompt injection.
+
+What policy sees of them is declared here too: orders and subscriptions are entities with an
+owner (the customer, also their parent: ``resource in context.customer``), each tool's facts,
+and the groups the policies name (``lookups``, ``writes_to_customer``, ``customer_owned``).
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ from typing import Any, TypeVar
 import asyncpg
 from pydantic import BaseModel, ConfigDict, Field
 
-from corral import Resource, SqlTool, Tool, ToolInput
+from corral import EntityRef, EntityType, Resource, SqlTool, Tool, ToolInput
 
 __all__ = ["SCHEMAS", "TOOLS", "setup"]
 
@@ -77,13 +81,46 @@ async def setup(conn: asyncpg.Connection) -> None:
     )
 
 
+# --- what policy sees -----------------------------------------------------------------------------
+
+CUSTOMER = EntityType("Customer")
+ORDER = EntityType("Order", attributes={"owner": CUSTOMER, "total_cents": int}, parents=(CUSTOMER,))
+"""``Order::"1001"``: ``resource.owner``, ``resource.total_cents``; ``resource in Customer::"cus_1001"``."""
+SUBSCRIPTION = EntityType("Subscription", attributes={"owner": CUSTOMER, "status": str}, parents=(CUSTOMER,))
+
+_OWNED = """
+    SELECT x.customer_id AS owner, x.{column} AS {column}, c.id IS NOT NULL AS known
+    FROM (SELECT 1) AS one LEFT JOIN shop.customers c ON c.id = $1 LEFT JOIN shop.{table} x ON x.id = $2
+"""
+"""One round trip: what a tool names (its owner and one attribute) and whether the acting
+customer exists."""
+
+
+async def _owned(call: ToolInput[Any], entity: EntityType, table: str, column: str, key: str) -> Resource:
+    """The order or subscription ``key``, owned by its customer (no attributes if there is no such
+    row: a policy reading them fails closed); unknown if the acting customer is."""
+    row = await call.conn.fetchrow(_OWNED.format(table=table, column=column), call.customer, key)
+    assert row is not None
+    owner = row["owner"]
+    customer = EntityRef("Customer", owner) if owner is not None else None
+    return Resource(
+        type=entity.name,
+        id=key,
+        attributes={"owner": customer, column: row[column]} if customer else {},
+        parents=(customer,) if customer else (),
+        unknown=None if row["known"] else f"customer {call.customer}",
+    )
+
+
 # --- the tools ------------------------------------------------------------------------------------
 
 
 class _ShopTool(Tool[A]):
-    """The sample's tools only await their SQL: they run on the gateway's own loop."""
+    """The sample's tools only await their SQL: they run on the gateway's own loop. Each acts
+    for the conversation's customer, and so needs one."""
 
     isolation = "loop"
+    needs_customer = True
 
 
 class _Args(BaseModel):
@@ -136,6 +173,7 @@ class LookupCustomer(_ShopTool[NoArgs]):
     description = "The acting customer's account: email, tier, age."
     arguments = NoArgs
     changes_state = False
+    groups = ("lookups",)
 
     async def run(self, call: ToolInput[NoArgs]) -> dict[str, Any]:
         row = await call.conn.fetchrow(
@@ -150,15 +188,12 @@ class LookupOrder(_ShopTool[OrderArgs]):
     description = "One of the acting customer's orders."
     arguments = OrderArgs
     resource_fields = ("order_id",)
+    resource_type = ORDER
     changes_state = False
+    groups = ("lookups",)
 
     async def resource(self, call: ToolInput[OrderArgs]) -> Resource:
-        owner = await call.conn.fetchval(
-            "SELECT customer_id FROM shop.orders WHERE id=$1", call.arguments.order_id
-        )
-        return Resource(
-            type="Order", id=call.arguments.order_id, facts={"owns_resource": owner == call.customer}
-        )
+        return await _owned(call, ORDER, "orders", "total_cents", call.arguments.order_id)
 
     async def run(self, call: ToolInput[OrderArgs]) -> dict[str, Any]:
         row = await call.conn.fetchrow(
@@ -177,23 +212,28 @@ class Refund(SqlTool[RefundArgs]):
     description = "Refund part or all of one of the acting customer's orders."
     arguments = RefundArgs
     resource_fields = ("order_id",)
-    resource_type = "Order"
+    resource_type = ORDER
     undo = "reverse_refund"
+    needs_customer = True
+    groups = ("customer_owned",)
 
-    # What policies know: the customer's account age and today's refunds, the order's owner
-    # and total, the amount asked.
+    # What policies know: the customer's account age and today's refunds, the amount asked
+    # (facts); the order's owner and total (its attributes; its owner is its parent too); an
+    # unknown customer (the gateway refuses the call before policy).
+    fact_types = {"account_age_days": int, "refunds_today_cents": int, "amount_cents": int}  # noqa: RUF012
     facts_parameters = ("customer", "order_id", "amount_cents")
     facts_sql = """
         SELECT jsonb_build_object(
-            'known_customer', c.id IS NOT NULL,
             'account_age_days',
                 coalesce((extract(epoch FROM now() - c.created_at) / 86400)::int, 0),
             'refunds_today_cents', CASE WHEN c.id IS NULL THEN 0 ELSE (
                 SELECT coalesce(sum(r.amount_cents), 0) FROM shop.refunds r WHERE r.customer_id = c.id
                 AND r.reversed_at IS NULL AND r.created_at >= date_trunc('day', now())) END,
             'amount_cents', $3::bigint,
-            'owns_resource', coalesce(o.customer_id = $1, false),
-            'order_total_cents', coalesce(o.total_cents, 0)
+            'owner', o.customer_id,
+            'total_cents', o.total_cents,
+            'parents', jsonb_build_array(o.customer_id),
+            'unknown', CASE WHEN c.id IS NULL THEN 'customer ' || $1 END
         ) AS facts
         FROM (SELECT 1) AS one
         LEFT JOIN shop.customers c ON c.id = $1 LEFT JOIN shop.orders o ON o.id = $2
@@ -248,16 +288,11 @@ class CancelSubscription(_ShopTool[SubscriptionArgs]):
     description = "Cancel one of the acting customer's subscriptions."
     arguments = SubscriptionArgs
     resource_fields = ("subscription_id",)
+    resource_type = SUBSCRIPTION
+    groups = ("customer_owned",)
 
     async def resource(self, call: ToolInput[SubscriptionArgs]) -> Resource:
-        owner = await call.conn.fetchval(
-            "SELECT customer_id FROM shop.subscriptions WHERE id=$1", call.arguments.subscription_id
-        )
-        return Resource(
-            type="Subscription",
-            id=call.arguments.subscription_id,
-            facts={"owns_resource": owner == call.customer},
-        )
+        return await _owned(call, SUBSCRIPTION, "subscriptions", "status", call.arguments.subscription_id)
 
     async def run(self, call: ToolInput[SubscriptionArgs]) -> dict[str, Any]:
         done = await call.conn.fetchval(
@@ -285,6 +320,7 @@ class SendEmail(_ShopTool[SendEmailArgs]):
     name = "send_email"
     description = "Email the acting customer (queued in the outbox)."
     arguments = SendEmailArgs
+    groups = ("writes_to_customer",)
     undo = "send_correction"
 
     async def run(self, call: ToolInput[SendEmailArgs]) -> dict[str, Any]:
@@ -305,6 +341,7 @@ class SendCorrection(_ShopTool[CorrectionArgs]):
     name = "send_correction"
     description = "Send a correction of an earlier email (compensation)."
     arguments = CorrectionArgs
+    groups = ("writes_to_customer",)
     resource_fields = ("email_id",)
 
     async def run(self, call: ToolInput[CorrectionArgs]) -> dict[str, Any]:

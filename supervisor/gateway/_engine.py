@@ -42,7 +42,14 @@ from corral.supervisor.gateway._config import GatewayConfig
 from corral.supervisor.gateway._effect import run_effect
 from corral.supervisor.gateway._policy import PolicyDecision, PolicyEngine
 from corral.supervisor.gateway._records import CallRecord, answer, audit_entry, replay
-from corral.supervisor.gateway._shape import Shaped, not_callable, policy_request, shape, tool_input
+from corral.supervisor.gateway._shape import (
+    Shaped,
+    authorize,
+    missing_customer,
+    not_callable,
+    shape,
+    tool_input,
+)
 from corral.supervisor.gateway._sql_tools import SqlTool, json_object
 from corral.supervisor.gateway._statements import (
     call_expressions,
@@ -273,7 +280,10 @@ class CallEngine:
         async def decide_then_run(tool_ctx: ToolInput[Any]) -> dict[str, Any] | None:
             # A read-only tool runs for real in a dry run too: lookups bind the facts later
             # decisions depend on, so a dry run decides like a real one.
-            decision = self._policy.decide(policy_request(call, tool, await tool.resource(tool_ctx)))
+            customer = tool_ctx.customer
+            decision = missing_customer(tool, customer) or authorize(
+                self._policy, call, tool, await tool.resource(tool_ctx), customer
+            )
             decided.append(decision)
             if decision.outcome == "allow" and not (opened.dry_run and tool.changes_state):
                 return await tool.run(tool_ctx)
@@ -294,7 +304,8 @@ class CallEngine:
         with its ledger entry and audit record in one statement."""
         call = opened.call
         resource = tool.resource_of(opened.ctx, opened.facts or {})
-        decision = self._policy.decide(policy_request(call, tool, resource))
+        customer = opened.ctx.customer
+        decision = missing_customer(tool, customer) or authorize(self._policy, call, tool, resource, customer)
         if decision.outcome != "allow" or (opened.dry_run and tool.changes_state):
             return await self._decided(opened, decision)
         try:

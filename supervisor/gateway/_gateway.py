@@ -46,7 +46,7 @@ class ToolGateway(RequestService[ToolCall, ToolResult]):
         nc: A NATS connection (the supervisor's identity).
         pool: PostgreSQL: corral's tables and the tools' backend.
         tools: The tools by name.
-        policy: The Cedar policies.
+        policy: The Cedar policies (bound here to ``tools``).
         config: Approval limits, grants, caps and the tool timeout.
     """
 
@@ -64,7 +64,10 @@ class ToolGateway(RequestService[ToolCall, ToolResult]):
         }
         self._process_tools = [tool for tool in self._tools.values() if isinstance(tool, ProcessTool)]
         self._runner = ToolRunner()
-        self._engine = CallEngine(pool, self._tools, policy, config or GatewayConfig(), self._runner)
+        # Bound to the tools it serves (a no-op for an engine the supervisor loaded with them);
+        # not strictly: a gateway may serve some of a team's tools, as tests build them.
+        bound = policy.bind(self._tools.values(), strict=False)
+        self._engine = CallEngine(pool, self._tools, bound, config or GatewayConfig(), self._runner)
 
     async def _serve(self) -> None:
         """Serve until ``shutdown()``; then stop the idle tool workers and kill the tool

@@ -1,8 +1,10 @@
 """The policy engine: Cedar decides every tool call the gateway sees.
 
 A tool call becomes one Cedar request: principal ``Agent::"<agent>"``, action ``Action::"<tool>"``,
-resource ``<resource_type>::"<resource_id>"`` and a context of JSON values (arguments plus facts the
-gateway looks up; money in integer cents, because Cedar has no decimals).
+resource ``<resource_type>::"<resource_id>"`` (an entity with the attributes and parents the tool
+names) and a context of JSON values: the facts the tool looks up (money in integer cents, because
+Cedar has no decimals), ``irreversible`` and ``customer`` (the acting ``Customer``), which the
+engine sets on every call.
 
 Three outcomes from two passes:
 
@@ -15,19 +17,25 @@ Three outcomes from two passes:
    disagree, the most privileged approver wins: any ``human`` (or two different roles) → ``human``.
    The decision's ids are the forbids that refused the direct call, then the permits naming the
    chosen approver.
-3. Otherwise ``deny``, with the ids of the forbids that fired in either pass, or no ids and the reason
-   "no policy permits <agent> to <tool>".
+3. Otherwise ``deny``, with the ids of the forbids that fired in either pass (and their
+   ``@reason("...")``, if they give one), or no ids and the reason "no policy permits <agent> to <tool>".
 
-Every ``Action::"<tool>:approve"`` is a member of the group ``Action::"approval"``, so a policy can
-single out the approval pass generically: ``forbid (...) when { context.irreversible } unless
-{ action in Action::"approval" };`` refuses irreversible calls directly but leaves them approvable.
-A forbid that must hold in both passes names both actions:
-``action in [Action::"refund", Action::"refund:approve"]``.
+Actions and groups (``supervisor.gateway._schema``): ``Action::"<tool>:approve"`` is a member of
+``Action::"<tool>"``, and so of every group the tool declares, and of ``Action::"approval"``. So
+``action in Action::"refund"`` (or ``in Action::"customer_owned"``, a group) covers both passes: a
+forbid written so holds for the approval path too, while ``action == Action::"refund"`` is the
+direct call alone. A policy singles out the approval pass with ``action in Action::"approval"``:
+``forbid (principal, action in Action::"irreversible", resource) unless { action in Action::"approval" };``
+refuses irreversible calls directly but leaves them approvable.
+
+The policies are checked when they are bound to the tools (:meth:`PolicyEngine.load` with tools,
+:meth:`PolicyEngine.bind`, :func:`check_policy_files`): against the Cedar schema derived from the
+tools' declarations, so that a misspelled fact, attribute, tool or group is an error naming the
+file and the line, not a call denied at run time.
 
 Policy ids: every policy carries ``@id("P-45")``, unique across the directory. Cedar itself numbers
-policies by position (``policy0``, ...), so :meth:`PolicyEngine.load` converts each file to Cedar's
-JSON form and rebuilds the set keyed by the ``@id`` values: Cedar's own diagnostics then report
-``P-45`` directly, with no mapping on the hot path.
+policies by position (``policy0``, ...), so the engine rebuilds the set keyed by the ``@id`` values:
+Cedar's own diagnostics then report ``P-45`` directly, with no mapping on the hot path.
 
 Cedar skips a policy whose evaluation fails (a missing context key, an overflow); for a forbid that
 would mean allowing what it was written to stop. The engine fails closed instead: any evaluation
@@ -42,52 +50,41 @@ from __future__ import annotations
 import json
 import logging
 import re
-from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 import cedarpy
+import msgspec
 
-from corral.bus.errors import CorralError
+from corral.supervisor.errors import ConfigError
+from corral.supervisor.gateway._policy_files import HUMAN, PolicyError, PolicyFile, read_policies
+from corral.supervisor.gateway._schema import (
+    APPROVAL_GROUP,
+    APPROVE_SUFFIX,
+    Declarations,
+    Reads,
+    check,
+    declare,
+    reads,
+)
+from corral.supervisor.gateway._tools import CUSTOMER, EntityRef, Tool
+
+__all__ = [
+    "APPROVAL_GROUP",
+    "APPROVE_SUFFIX",
+    "HUMAN",
+    "PolicyDecision",
+    "PolicyEngine",
+    "PolicyError",
+    "PolicyRequest",
+    "check_policy_files",
+]
 
 logger = logging.getLogger(__name__)
 
-APPROVE_SUFFIX = ":approve"
-"""Appended to a tool name to form the approval-pass action."""
-APPROVAL_GROUP = "approval"
-"""``Action::"approval"``: the group every approval-pass action belongs to."""
-HUMAN = "human"
-"""The approver that outranks every role."""
-
-_MAX_CACHED_TOOLS = 1024
 _ERROR_POLICY = re.compile(r"policy `([^`]*)`")
-_ID_ANNOTATION = re.compile(r'@id\s*\(\s*"((?:[^"\\]|\\.)*)"')
-
-
-class PolicyError(CorralError):
-    """A policy file is invalid, or a request cannot be evaluated at all.
-
-    Args:
-        message: The full, human-readable message (names the file and line when known).
-        file: The policy file (or directory), if the error is about one.
-        policy_id: The ``@id`` of the offending policy, if known.
-        line: 1-based line where the offending policy starts, if known.
-    """
-
-    def __init__(
-        self,
-        message: str,
-        *,
-        file: str | None = None,
-        policy_id: str | None = None,
-        line: int | None = None,
-    ) -> None:
-        super().__init__(message)
-        self.file = file
-        self.policy_id = policy_id
-        self.line = line
-        self.retryable = False
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -95,9 +92,8 @@ class PolicyRequest:
     """One tool call, as the gateway presents it to the engine.
 
     Context keys the sample policies read: ``amount_cents`` (int), ``account_age_days`` (int),
-    ``owns_resource`` (bool: the order or subscription belongs to the acting customer),
-    ``refunds_today_cents`` (int: the customer's refunds today before this one), ``irreversible``
-    (bool; read for every tool, so always present).
+    ``refunds_today_cents`` (int: the customer's refunds today before this one), and the two the
+    engine sets on every call, ``irreversible`` and ``customer``.
     A key a relevant policy reads but the context lacks denies the call.
     """
 
@@ -106,11 +102,18 @@ class PolicyRequest:
     action: str
     """The tool's name."""
     resource_type: str
-    """The Cedar entity type of the object touched, e.g. ``Order``."""
+    """The Cedar entity type of the object touched, e.g. ``Order``: the one the tool declares."""
     resource_id: str
     """Its id, e.g. ``"77"``."""
     context: Mapping[str, Any]
-    """JSON values only: ints, bools, strings (and lists/records of them); no floats, no None."""
+    """JSON values only: ints, bools, strings (and lists/records of them, ``EntityRef``); no
+    floats, no None. ``irreversible`` and ``customer`` are the engine's: set whatever this holds."""
+    customer: str = ""
+    """The acting customer (``context.customer``); "": the conversation has none."""
+    attributes: Mapping[str, Any] = field(default_factory=dict)
+    """The resource's attributes (``resource.owner``), of the JSON values above."""
+    parents: tuple[EntityRef, ...] = ()
+    """The resource's parents (``resource in Customer::"cus_1001"``)."""
 
 
 @dataclass(frozen=True)
@@ -127,14 +130,6 @@ class PolicyDecision:
 
 
 @dataclass(frozen=True)
-class _Policy:
-    id: str
-    effect: Literal["permit", "forbid"]
-    approver: str
-    """For permits: who must approve when this permit allows an approval-pass action."""
-
-
-@dataclass(frozen=True)
 class _Pass:
     allowed: bool
     reasons: tuple[str, ...]
@@ -142,65 +137,96 @@ class _Pass:
 
 
 class PolicyEngine:
-    """Decides tool calls against a fixed set of Cedar policies.
+    """Decides tool calls against a fixed set of Cedar policies, bound to the tools they govern.
 
     Build it with :meth:`load`; :meth:`decide` is cheap and safe to call from any thread.
 
     Args:
+        files: The policy files, their policies in load order.
         policy_set: The parsed policies, keyed by their ``@id``.
-        policies: Effect and approver of each policy, by id.
+        declared: The tools' declarations (None: not bound yet; :meth:`bind`).
+        strict: The policies were checked strictly against them.
     """
 
-    def __init__(self, policy_set: cedarpy.PolicySet, policies: Mapping[str, _Policy]) -> None:
+    def __init__(
+        self,
+        files: Sequence[PolicyFile],
+        policy_set: cedarpy.PolicySet,
+        declared: Declarations | None = None,
+        *,
+        strict: bool = False,
+    ) -> None:
+        self._files = tuple(files)
+        self._strict = strict
         self._policy_set = policy_set
-        self._policies = dict(policies)
+        self._policies = {policy.id: policy for file in files for policy in file.policies}
         self._order = {policy_id: index for index, policy_id in enumerate(self._policies)}
-        self._entities: dict[str, cedarpy.Entities] = {}
+        self._declared = declared
+        self._reads = reads(files, declared) if declared is not None else Reads(frozenset(), frozenset())
 
     @property
     def policy_ids(self) -> tuple[str, ...]:
         """Every loaded policy id, in load order."""
         return tuple(self._policies)
 
+    @property
+    def schema(self) -> dict[str, Any] | None:
+        """The Cedar schema (JSON form) the policies were checked against; None until bound."""
+        return self._declared.schema if self._declared is not None else None
+
     @classmethod
-    def load(cls, directory: Path) -> PolicyEngine:
-        """Load every ``*.cedar`` file of ``directory``, in name order.
+    def load(
+        cls, directory: Path, tools: Iterable[Tool[Any]] | None = None, *, strict: bool = True
+    ) -> PolicyEngine:
+        """Load every ``*.cedar`` file of ``directory``, in name order; with ``tools``, bind
+        the policies to them (:meth:`bind`). The supervisor's start calls this with its tools.
 
         Args:
             directory: The policy directory, e.g. ``examples/support/policies``.
+            tools: The tools the policies govern (None: bind later; the gateway binds its own).
+            strict: See :meth:`bind`.
 
         Returns:
             The engine.
 
         Raises:
             PolicyError: A file cannot be read or parsed, a policy lacks ``@id`` or repeats one,
-                an ``@approver`` is empty or on a forbid, a file holds a template, or the directory
-                holds no policy at all.
+                an ``@approver`` is empty or on a forbid, a ``@reason`` on a permit, a file
+                holds a template, or the directory holds no policy at all; with ``tools``, what
+                :meth:`bind` raises.
         """
-        files = sorted(directory.glob("*.cedar"))
-        if not files:
-            raise PolicyError(f"{directory}: no *.cedar policy files", file=str(directory))
-        static: dict[str, Any] = {}
-        policies: dict[str, _Policy] = {}
-        origin: dict[str, str] = {}
-        for path in files:
-            for policy_id, policy_json, policy in _load_file(path):
-                if policy_id in origin:
-                    raise PolicyError(
-                        f"{path}: duplicate policy id {policy_id!r} (first defined in {origin[policy_id]})",
-                        file=str(path),
-                        policy_id=policy_id,
-                    )
-                origin[policy_id] = str(path)
-                static[policy_id] = policy_json
-                policies[policy_id] = policy
+        files = read_policies(directory)
+        static = {policy.id: policy.json for file in files for policy in file.policies}
         document = json.dumps({"staticPolicies": static, "templates": {}, "templateLinks": []})
         try:
             policy_set = cedarpy.PolicySet.from_json_str(document)
         except ValueError as exc:  # each file parsed alone, so only a cross-file problem lands here
             raise PolicyError(f"{directory}: the policy set is invalid: {exc}", file=str(directory)) from exc
-        logger.debug("loaded %d policies from %d files in %s", len(policies), len(files), directory)
-        return cls(policy_set, policies)
+        logger.debug("loaded %d policies from %d files in %s", len(static), len(files), directory)
+        engine = cls(files, policy_set)
+        return engine if tools is None else engine.bind(tools, strict=strict)
+
+    def bind(self, tools: Iterable[Tool[Any]], *, strict: bool = True) -> PolicyEngine:
+        """The engine for ``tools``: its schema and action entities built, its policies checked
+        against them (this engine, if it is already bound to the same declarations).
+
+        Args:
+            tools: The tools the policies govern.
+            strict: A policy naming an action none of ``tools`` declares (a misspelled tool or
+                group) is an error. Not strict (a gateway serving some of a team's tools): such
+                a policy applies to no call, and is left unchecked.
+
+        Raises:
+            PolicyError: A declaration Cedar cannot take, or a policy that does not validate
+                against the schema (the first problem's file, line and policy id on the error;
+                every problem in its message).
+        """
+        declared = declare(tools)
+        same = self._declared is not None and self._declared.fingerprint == declared.fingerprint
+        if same and (self._strict or not strict):
+            return self
+        check(self._files, declared, strict=strict)
+        return PolicyEngine(self._files, self._policy_set, declared, strict=strict)
 
     def decide(self, request: PolicyRequest) -> PolicyDecision:
         """Decide one tool call: allow it, deny it, or let it proceed once someone approves.
@@ -212,19 +238,18 @@ class PolicyEngine:
             The decision, with the ids of the policies behind it.
 
         Raises:
-            PolicyError: The request itself is malformed (a tool name containing ``:``, a context
-                value Cedar cannot represent such as a float or None).
+            PolicyError: The engine is not bound to tools, or the request itself is malformed
+                (a tool name that is an approval pass or a group, a context value or attribute
+                Cedar cannot represent such as a float or None).
         """
+        declared = self._declared
+        if declared is None:
+            raise PolicyError("the policies are not bound to the tools (PolicyEngine.bind)")
         tool = request.action
-        if ":" in tool or tool == APPROVAL_GROUP:
-            raise PolicyError(f"tool name {tool!r} is reserved or contains ':'")
-        base: dict[str, Any] = {
-            "principal": {"type": "Agent", "id": request.principal},
-            "resource": {"type": request.resource_type, "id": request.resource_id},
-            # Serialized once for both passes (cedarpy would dump a dict on every call).
-            "context": json.dumps(dict(request.context)),
-        }
-        entities = self._entities_for(tool)
+        refusal = self._undeclared(request, declared)
+        if refusal is not None:
+            return self._log(request, PolicyDecision("deny", (), None, refusal))
+        base, entities = self._cedar_request(request, declared)
 
         direct = self._evaluate(base, tool, entities)
         if direct.errors:
@@ -250,10 +275,59 @@ class PolicyEngine:
 
         forbids = _unique(approve.reasons + refused_by)
         if forbids:
-            reason = f"{request.principal} may not {tool}: forbidden by {_ids(forbids)}"
+            said = dict.fromkeys(self._policies[f].reason for f in forbids if f in self._policies)
+            said.pop("", None)
+            because = f" ({'; '.join(said)})" if said else ""
+            reason = f"{request.principal} may not {tool}: forbidden by {_ids(forbids)}{because}"
         else:
             reason = f"no policy permits {request.principal} to {tool}"
         return self._log(request, PolicyDecision("deny", forbids, None, reason))
+
+    @staticmethod
+    def _undeclared(request: PolicyRequest, declared: Declarations) -> str | None:
+        """Why a call the declarations do not cover is denied (None: they cover it)."""
+        tool = request.action
+        expected = declared.resource_types.get(tool)
+        if expected is None:
+            if ":" in tool or tool in declared.groups:
+                raise PolicyError(f"tool name {tool!r} is reserved or contains ':'")
+            return f"{request.principal} may not {tool}: the policies know no tool {tool}"
+        if request.resource_type != expected:
+            return (
+                f"{tool} denied: it names a {request.resource_type}; its declared resource type is {expected}"
+            )
+        return None
+
+    def _cedar_request(
+        self, request: PolicyRequest, declared: Declarations
+    ) -> tuple[dict[str, Any], cedarpy.Entities]:
+        """Cedar's request for both passes (but the action), and its entities: the tool's
+        actions, built once, and the resource's entity, the one built per call."""
+        tool = request.action
+        context = {key: _cedar(value) for key, value in request.context.items()}
+        context["irreversible"] = tool in declared.irreversible
+        if tool in self._reads.customer:  # else no policy reads it: not parsed for nothing
+            context["customer"] = {"__entity": {"type": CUSTOMER.name, "id": request.customer}}
+        else:
+            context.pop("customer", None)
+        resource = {"type": request.resource_type, "id": request.resource_id}
+        base: dict[str, Any] = {
+            "principal": {"type": "Agent", "id": request.principal},
+            "resource": resource,
+            # Serialized once for both passes (cedarpy would dump a dict on every call).
+            "context": _dumps(context, tool),
+        }
+        entities = declared.entities[tool]
+        read = self._reads.attributes
+        attributes = {name: _cedar(value) for name, value in request.attributes.items() if name in read}
+        if attributes or request.parents:
+            parents = [{"type": parent.type, "id": parent.id} for parent in request.parents]
+            entity = {"uid": resource, "attrs": attributes, "parents": parents}
+            try:
+                entities = entities.with_added_json_str(_dumps([entity], tool))
+            except ValueError as exc:
+                raise PolicyError(f"{tool}: its resource cannot be an entity: {exc}") from exc
+        return base, entities
 
     def _evaluate(self, base: dict[str, Any], action: str, entities: cedarpy.Entities) -> _Pass:
         result = cedarpy.is_authorized(
@@ -265,25 +339,6 @@ class PolicyEngine:
         # Cedar reports reasons as a set; load order makes decisions reproducible.
         reasons = tuple(sorted(diagnostics.reasons, key=lambda r: self._order.get(r, len(self._order))))
         return _Pass(result.allowed, reasons, tuple(diagnostics.errors))
-
-    def _entities_for(self, tool: str) -> cedarpy.Entities:
-        """The entity set for ``tool``: only its approval action, as a member of ``Action::"approval"``."""
-        entities = self._entities.get(tool)
-        if entities is None:
-            document = [
-                {
-                    "uid": {"type": "Action", "id": tool + APPROVE_SUFFIX},
-                    "attrs": {},
-                    "parents": [{"type": "Action", "id": APPROVAL_GROUP}],
-                }
-            ]
-            try:
-                entities = cedarpy.Entities.from_json_str(json.dumps(document))
-            except ValueError as exc:
-                raise PolicyError(f"tool name {tool!r} cannot be an entity id: {exc}") from exc
-            if len(self._entities) < _MAX_CACHED_TOOLS:  # tool names come from a registry; bound it anyway
-                self._entities[tool] = entities
-        return entities
 
     def _approver(self, permit_ids: Sequence[str]) -> str:
         approvers = {self._policies[p].approver for p in permit_ids}
@@ -308,90 +363,47 @@ class PolicyEngine:
         return decision
 
 
-def _load_file(path: Path) -> Iterator[tuple[str, Any, _Policy]]:
-    """Parse one file; yield (id, Cedar JSON of the policy, its summary) in file order."""
-    try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise PolicyError(f"{path}: cannot read: {exc}", file=str(path)) from exc
-    try:
-        parsed = json.loads(cedarpy.policies_to_json_str(text))
-    except ValueError as exc:
-        line, policy_id = _locate_parse_error(text)
-        where = f"{path}:{line}" if line is not None else str(path)
-        named = f" (policy {policy_id})" if policy_id else ""
-        raise PolicyError(
-            f"{where}: Cedar parse error{named}: {exc}", file=str(path), policy_id=policy_id, line=line
-        ) from exc
-    if parsed.get("templates"):
-        raise PolicyError(f"{path}: templates (?principal, ?resource) are not supported", file=str(path))
-    starts = [line for line, _ in _statements(text)]
-    for position, policy_json in enumerate(parsed["staticPolicies"].values()):
-        # Cedar numbers policies in file order, the order the JSON object keeps.
-        line = starts[position] if position < len(starts) else None
-        where = f"{path}:{line}" if line is not None else str(path)
-        annotations: dict[str, str] = policy_json.get("annotations", {})
-        policy_id = annotations.get("id", "")
-        if not policy_id:
-            raise PolicyError(f'{where}: policy without @id("...")', file=str(path), line=line)
-        effect = policy_json["effect"]
-        approver = annotations.get("approver")
-        if approver is not None and (effect != "permit" or not approver):
-            raise PolicyError(
-                f"{where}: policy {policy_id}: @approver must name a role or human, on a permit",
-                file=str(path),
-                policy_id=policy_id,
-                line=line,
-            )
-        yield policy_id, policy_json, _Policy(policy_id, effect, approver or HUMAN)
+def check_policy_files(directory: Path, tools: Iterable[Tool[Any]]) -> None:
+    """Check a policy directory against the tools it governs, as the supervisor's start does
+    (``corral validate`` calls this): every file parses, every policy has its ``@id``, and
+    every policy validates against the Cedar schema of ``tools`` (strictly: a policy naming
+    a tool or group that does not exist is an error too).
 
+    Args:
+        directory: The policy directory.
+        tools: The team's tools.
 
-def _locate_parse_error(text: str) -> tuple[int | None, str | None]:
-    """Find the first statement that fails to parse alone: its line and ``@id`` (cedarpy gives neither)."""
-    for line, statement in _statements(text):
-        try:
-            cedarpy.policies_to_json_str(statement)
-        except ValueError:
-            match = _ID_ANNOTATION.search(statement)
-            return line, match.group(1) if match else None
-    return None, None
-
-
-def _statements(text: str) -> Iterator[tuple[int, str]]:
-    """Split Cedar text at top-level ``;`` (outside strings and ``//`` comments).
-
-    Yields:
-        The 1-based line of each statement's first token, and the statement with its ``;``.
+    Raises:
+        ConfigError: The first problem's file (``path``), line (``line``) and policy id
+            (``field``); the message names them and lists every problem found, one a line.
     """
-    line = 1
-    start = 0
-    first: int | None = None
-    in_string = in_comment = escaped = False
-    for index, char in enumerate(text):
-        if char == "\n":
-            line += 1
-            in_comment = False
-        elif in_comment:
-            continue
-        elif in_string:
-            if escaped:
-                escaped = False
-            elif char == "\\":
-                escaped = True
-            elif char == '"':
-                in_string = False
-        elif char == "/" and text.startswith("//", index):
-            in_comment = True
-        elif not char.isspace():
-            if first is None:
-                first = line
-            if char == '"':
-                in_string = True
-            elif char == ";":
-                yield first, text[start : index + 1]
-                start, first = index + 1, None
-    if first is not None:  # trailing text without ';' is a statement too (and a parse error)
-        yield first, text[start:]
+    try:
+        PolicyEngine.load(directory, tools, strict=True)
+    except PolicyError as exc:
+        raise ConfigError(
+            str(exc), path=exc.file or str(directory), line=exc.line, field=exc.policy_id
+        ) from exc
+
+
+def _cedar(value: Any) -> Any:
+    """A fact's or attribute's value in Cedar's JSON: an ``EntityRef`` as ``__entity``."""
+    if isinstance(value, EntityRef):
+        return {"__entity": {"type": value.type, "id": value.id}}
+    if isinstance(value, list | tuple | set | frozenset):
+        return [_cedar(item) for item in value]
+    if isinstance(value, dict):
+        return {key: _cedar(item) for key, item in value.items()}
+    return value
+
+
+_json = msgspec.json.Encoder()
+
+
+def _dumps(value: object, tool: str) -> str:
+    try:
+        return _json.encode(value).decode()
+    except (TypeError, ValueError) as exc:  # msgspec.EncodeError is a ValueError
+        raise PolicyError(f"{tool}: a fact or attribute Cedar cannot represent: {exc}") from exc
 
 
 def _unique(ids: tuple[str, ...]) -> tuple[str, ...]:

@@ -2,7 +2,8 @@
 sender, the tool exists, the response that asked for the call has believable spend, the
 arguments are valid and not too big, and config grants the tool within the per-step cap;
 and, once the call's first statement has read the conversation, whether it is the agent's
-turn; then what the tool is handed and what Cedar is asked."""
+turn; then what the tool is handed and what Cedar is asked (or why it is not: a call for no
+customer, or naming what the backend does not know)."""
 
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ from pydantic import BaseModel, ValidationError
 from corral.bus import JournalEntry, ToolCall, ToolStatus
 from corral.supervisor.audit._audit import digest_arguments
 from corral.supervisor.gateway._config import GatewayConfig
-from corral.supervisor.gateway._policy import PolicyRequest
+from corral.supervisor.gateway._policy import PolicyDecision, PolicyEngine, PolicyRequest
 from corral.supervisor.gateway._records import CheckedArguments
 from corral.supervisor.gateway._tools import Resource, Tool, ToolInput
 from corral.supervisor.store._journal import entry_problem
@@ -114,16 +115,33 @@ def not_callable(
     return None
 
 
-def policy_request(call: ToolCall, tool: Tool[Any], resource: Resource) -> PolicyRequest:
-    """What Cedar decides: the agent, the tool, what it touches, the facts, and whether the
-    tool is irreversible."""
-    return PolicyRequest(
+def missing_customer(tool: Tool[Any], customer: str) -> PolicyDecision | None:
+    """The refusal of a call that acts for a customer in a conversation without one (None: it
+    does not): no policy is asked what the call could not do for anyone."""
+    if tool.needs_customer and not customer:
+        return PolicyDecision("deny", (), None, "the conversation has no customer")
+    return None
+
+
+def authorize(
+    policy: PolicyEngine, call: ToolCall, tool: Tool[Any], resource: Resource, customer: str
+) -> PolicyDecision:
+    """Cedar's decision on the call: the agent, the tool, what it touches (with its attributes
+    and parents), the facts and the acting customer; or the refusal of a call naming what the
+    backend does not know (``Resource.unknown``), which no policy is asked about."""
+    if resource.unknown:
+        return PolicyDecision("deny", (), None, f"{resource.unknown} is not known")
+    request = PolicyRequest(
         principal=call.agent,
         action=tool.name,
         resource_type=resource.type,
         resource_id=resource.id,
-        context={**resource.facts, "irreversible": tool.irreversible},
+        context=resource.facts,
+        customer=customer,
+        attributes=resource.attributes,
+        parents=resource.parents,
     )
+    return policy.decide(request)
 
 
 def tool_input(shaped: Shaped, conn: asyncpg.Connection, customer: str) -> ToolInput[Any]:

@@ -24,7 +24,7 @@ import re
 from collections.abc import Callable, Sequence
 from typing import Any, ClassVar, Literal, TypeVar
 
-from corral.supervisor.gateway._tools import A, Resource, Tool, ToolInput
+from corral.supervisor.gateway._tools import A, EntityRef, EntityType, Resource, Tool, ToolInput, type_name
 from corral.supervisor.store._tool_statements import SQL_SCHEMA, DeclaredStatement
 
 CONTEXT = ("customer", "conversation", "agent", "idempotency_key")
@@ -39,8 +39,13 @@ T = TypeVar("T")
 class SqlTool(Tool[A]):
     """A tool whose facts and effect are SQL statements (see the module's docstring).
 
-    ``facts_sql`` returns one row with a jsonb column ``facts`` (what Cedar decides on, about
-    the resource ``resource_type`` / the first of ``resource_fields``, else the customer);
+    ``facts_sql`` returns one row with a jsonb column ``facts``: what Cedar decides on, about
+    the resource ``resource_type`` / the first of ``resource_fields``, else the customer. Its
+    keys are the context facts (``fact_types``), the resource's attributes (those its
+    ``EntityType`` declares; an entity-typed one as the entity's id; NULL: left out), and two
+    more: ``parents``, an array of the resource's parents (ids of its one parent type, or
+    ``{"type": ..., "id": ...}`` objects; NULLs left out), and ``unknown`` (``Resource.unknown``:
+    what the backend does not know, e.g. ``'customer ' || $1``; NULL: nothing);
     ``effect_sql`` returns one row with a jsonb column ``result``: the call's result, or
     ``{"error": ...}`` for an effect the backend refuses. A refused effect commits like any
     other call, recorded as ``error``: such a statement must write nothing.
@@ -53,7 +58,6 @@ class SqlTool(Tool[A]):
     effect_sql: ClassVar[str]
     effect_parameters: ClassVar[tuple[str, ...]] = ()
     """The names of ``effect_sql``'s ``$1``, ``$2``, ..."""
-    resource_type: ClassVar[str] = "Customer"
 
     def _parameters(self, kind: Kind) -> tuple[str, ...]:
         return self.facts_parameters if kind == "facts" else self.effect_parameters
@@ -138,7 +142,34 @@ class SqlTool(Tool[A]):
         return call.customer
 
     def resource_of(self, call: ToolInput[A], facts: dict[str, Any]) -> Resource:
-        return Resource(type=self.resource_type, id=self.resource_id(call), facts=facts)
+        """The resource of a call whose facts statement answered ``facts`` (see the class)."""
+        facts = dict(facts)
+        unknown = facts.pop("unknown", None)
+        listed = facts.pop("parents", None) or []
+        declared = self.resource_type
+        attributes: dict[str, Any] = {}
+        parents: list[EntityRef] = []
+        if isinstance(declared, EntityType):
+            for name, attribute_type in declared.attributes.items():
+                value = facts.pop(name, None)
+                if isinstance(attribute_type, EntityType) and value is not None:
+                    attributes[name] = EntityRef(attribute_type.name, str(value))
+                elif value is not None:
+                    attributes[name] = value
+            only = declared.parents[0].name if len(declared.parents) == 1 else None
+            for parent in listed:
+                if isinstance(parent, dict):
+                    parents.append(EntityRef(str(parent["type"]), str(parent["id"])))
+                elif parent is not None and only is not None:
+                    parents.append(EntityRef(only, str(parent)))
+        return Resource(
+            type=type_name(declared),
+            id=self.resource_id(call),
+            facts=facts,
+            attributes=attributes,
+            parents=tuple(parents),
+            unknown=str(unknown) if unknown is not None else None,
+        )
 
     async def resource(self, call: ToolInput[A]) -> Resource:
         """The facts statement, run as the tools' role on the call's connection."""

@@ -41,7 +41,18 @@ __all__ = ["ProcessTool", "Row", "ToolProcessError"]
 
 logger = logging.getLogger(__name__)
 
-_DECLARED = ("name", "description", "arguments", "changes_state", "undo", "resource_fields")
+_DECLARED = (
+    "name",
+    "description",
+    "arguments",
+    "changes_state",
+    "undo",
+    "resource_fields",
+    "resource_type",
+    "fact_types",
+    "groups",
+    "needs_customer",
+)
 
 
 class ProcessTool(Tool[Any]):

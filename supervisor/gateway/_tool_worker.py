@@ -120,7 +120,7 @@ _SENDABLE: dict[str, frozenset[str]] = {
     "asyncpg.types": frozenset(
         {"Range", "Point", "Box", "Path", "Polygon", "Line", "LineSegment", "Circle", "BitString"}
     ),
-    "corral.supervisor.gateway._tools": frozenset({"Resource"}),
+    "corral.supervisor.gateway._tools": frozenset({"Resource", "EntityRef"}),
     "corral.supervisor.gateway._tool_worker": frozenset({"Row", "_rebuild"}),
 }
 """What a child may send besides plain data: values a statement's parameters or a body's
