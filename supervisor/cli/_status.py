@@ -47,7 +47,24 @@ async def status_report(settings: Settings) -> dict[str, Any]:
                 await bus.close()
     if runtime is not None:
         report["processes"] = _processes(runtime, report["kill_switches"])
+    else:
+        report["leftovers"] = _leftovers(settings)
     return report
+
+
+def _leftovers(settings: Settings) -> list[dict[str, Any]]:
+    """What a ``corral up`` whose launcher is gone (killed, say) left running."""
+    from corral.supervisor.stack._runtime import Runtime, embedded_postgres_dir
+
+    state = settings.state_dir
+    traces = (state / "nats" / "nats-server.pid", embedded_postgres_dir(state) / "postmaster.pid")
+    if Runtime.recorded(state) is None and not any(path.exists() for path in traces):
+        return []  # nothing was started from here (and psutil need not load)
+    from corral.supervisor.stack._leftovers import find_leftovers
+
+    return [
+        {"name": p.name, "pid": p.pid, "kind": p.kind} for p in find_leftovers(state, launcher_alive=False)
+    ]
 
 
 def _database_address(settings: Settings, runtime: Runtime | None) -> str | None:
@@ -70,13 +87,14 @@ def _processes(runtime: Runtime, kills: list[dict[str, Any]]) -> list[dict[str, 
     for child in runtime.children:
         alive = child.pid is not None and pid_alive(child.pid)
         killed = switches.get(subjects.agent_control_key(child.role)) if child.role != "supervisor" else None
+        state = "down" if not alive else "killed" if killed else "running" if child.ready else "starting"
         processes.append(
             {
                 "name": child.name,
                 "role": child.role,
                 "pid": child.pid,
                 "alive": alive,
-                "state": "down" if not alive else ("killed" if killed else "running"),
+                "state": state,
                 "killed": {"reason": killed["reason"], "by": killed["by"], "at": killed["at"]}
                 if killed
                 else None,
@@ -144,6 +162,9 @@ def print_status(report: dict[str, Any]) -> None:
         say(f"corral is running from {report['state_dir']} (launcher pid {report['launcher_pid']})")
     else:
         say(f"corral up is not running from this directory (state: {report['state_dir']})")
+    if report.get("leftovers"):
+        left = ", ".join(f"{p['name']} (pid {p['pid']})" for p in report["leftovers"])
+        say(f"its launcher is gone, but what it started still runs: {left}; `corral down` stops it")
     say(f"NATS:       {report['nats_url'] or 'none (corral up starts an embedded one)'}")
     say(f"PostgreSQL: {report['database_url'] or 'none (corral up starts an embedded one)'}")
     tables: list[tuple[str, list[str], list[list[str]]]] = [
