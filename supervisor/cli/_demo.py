@@ -13,11 +13,10 @@ import dataclasses
 import logging
 import shutil
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
-from corral.bus import ClientUpdate, ConversationEnded, ConversationWaiting, ToolDecided, subjects
 from corral.supervisor.cli._shared import (
     EXIT_CONFIG,
     ConfigOption,
@@ -31,9 +30,12 @@ from corral.supervisor.cli._shared import (
 )
 from corral.supervisor.cli._stack import _with_stack
 from corral.supervisor.cli._talk import _print_ended, _print_update
-from corral.supervisor.errors import ConfigError
 from corral.supervisor.stack._runtime import Runtime
-from corral.supervisor.stack._settings import Settings
+
+if TYPE_CHECKING:
+    # What a command uses is imported when it runs: `corral --help` loads none of it.
+    from corral.bus import ClientUpdate, ConversationEnded, ToolDecided
+    from corral.supervisor.stack._settings import Settings
 
 DEMO_STATE = "demo"
 """The demo's own state directory, under the team's ``state_dir``."""
@@ -57,6 +59,8 @@ class Sample:
             ConfigError: the file is missing, is not YAML, or a sample lacks a field.
         """
         import yaml
+
+        from corral.supervisor.errors import ConfigError
 
         try:
             document = yaml.safe_load(path.read_text())
@@ -86,6 +90,9 @@ def demo(
 ) -> None:
     """Start the team in a state of its own (<state_dir>/demo, new on every run), send the
     sample conversations, and check each one's status, path and tool decisions."""
+    from corral.bus import subjects
+    from corral.supervisor.errors import ConfigError
+
     settings = _demo_settings(_load(config))
     _setup_logging(logging.WARNING)
     scenarios_file = Path(scenarios) if scenarios else settings.path.parent / "scenarios.yaml"
@@ -135,6 +142,7 @@ def _demo_settings(settings: Settings) -> Settings:
 
 async def _run_sample(settings: Settings, bus: Any, sample: Sample, seconds: float) -> bool:
     """Send one sample, approve it if it is marked for approval, and check the outcome."""
+    from corral.bus import ConversationEnded, ConversationWaiting, ToolDecided
     from corral.supervisor.cli._operator import _decide
     from corral.supervisor.core._client import send_until_settled, watching
 

@@ -3,17 +3,10 @@
 from __future__ import annotations
 
 import asyncio
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
-from corral.bus import (
-    Bus,
-    Service,
-    Serving,
-    serve_together,
-    subjects,
-)
 from corral.supervisor.cli._shared import (
     EXIT_CONFIG,
     ConfigOption,
@@ -29,9 +22,11 @@ from corral.supervisor.cli._shared import (
     gateway_app,
     supervisor_app,
 )
-from corral.supervisor.stack._credentials import GATEWAY, SUPERVISOR, agent_identity
-from corral.supervisor.stack._readiness import announced
-from corral.supervisor.stack._settings import Settings
+
+if TYPE_CHECKING:
+    # What a service runs is imported when it runs: `corral --help` loads none of it.
+    from corral.bus import Bus, Serving
+    from corral.supervisor.stack._settings import Settings
 
 # --- services -------------------------------------------------------------------------
 
@@ -43,9 +38,11 @@ def supervisor_run(config: ConfigOption = None) -> None:
     _setup_logging()
 
     async def _main() -> int:
-        from corral.bus import MaxDeliveriesWatcher, ensure_topology
+        from corral.bus import MaxDeliveriesWatcher, ensure_topology, subjects
         from corral.supervisor.audit._anchors import AuditAnchorer
         from corral.supervisor.core._supervisor import Supervisor
+        from corral.supervisor.stack._credentials import SUPERVISOR
+        from corral.supervisor.stack._readiness import announced
         from corral.supervisor.store._journal import JournalService
         from corral.supervisor.store._store import Store
 
@@ -132,6 +129,8 @@ class _Together:
         self._services = services
 
     async def run(self) -> None:
+        from corral.bus import serve_together
+
         await serve_together(*self._services)
 
     async def shutdown(self) -> None:
@@ -140,6 +139,8 @@ class _Together:
 
     async def wait_started(self) -> None:
         # Serving once every part that says when it serves does (or has stopped).
+        from corral.bus import Service
+
         await asyncio.gather(*(s.wait_started() for s in self._services if isinstance(s, Service)))
 
 
@@ -154,6 +155,8 @@ def gateway_run(config: ConfigOption = None) -> None:
 
     async def _main() -> int:
         from corral.bus import ConnectionGuard
+        from corral.supervisor.stack._credentials import GATEWAY
+        from corral.supervisor.stack._readiness import announced
         from corral.supervisor.store._store import Store
 
         bus = await _connect(settings, _nats_url(settings), GATEWAY)
@@ -191,6 +194,8 @@ def agent_run(
     async def _main() -> int:
         from corral.agents import AgentService
         from corral.router import model_for_tier
+        from corral.supervisor.stack._credentials import agent_identity
+        from corral.supervisor.stack._readiness import announced
 
         model = model_for_tier(settings.tier(name), settings.loaded.scripted_rules)
         bus = await _connect(settings, _nats_url(settings), agent_identity(name))
