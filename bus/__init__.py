@@ -1,102 +1,203 @@
-"""corral's bus: NATS connection, JetStream topology, wire types, publish and consume."""
+"""corral's bus: NATS connection, JetStream topology, wire types, publish and consume.
 
+The names below load when first used (as ``corral``'s own do): a process that only reads
+its config, or the wire types, does not load the NATS client with them.
+"""
+
+import typing as _typing
+
+from corral._lazy import lazy_exports as _lazy_exports
 from corral.bus import subjects
-from corral.bus._advisories import MaxDeliveriesWatcher
-from corral.bus._connection import Bus, BusConfig, ConnectionGuard, connect
-from corral.bus._consumer import (
-    DEAD_REASON,
-    DEAD_STREAM_SEQ,
-    DEAD_SUBJECT,
-    DEAD_TRUNCATED,
-    DECODE_ERRORS,
-    Consumer,
-    ConsumerConfig,
-    ConsumerState,
-    Delivery,
-    dead_letter,
-)
-from corral.bus._control import (
-    ControlState,
-    ControlWatcher,
-    KillSwitch,
-    KillTarget,
-    clear_kill,
-    ensure_control_bucket,
-    list_kills,
-    serve_with_control,
-    set_kill,
-)
-from corral.bus._messages import (
-    AgentEvent,
-    AgentFailed,
-    AgentInput,
-    AgentOutput,
-    AgentReply,
-    AgentTask,
-    AgentWaiting,
-    Alert,
-    ApprovalDecided,
-    ClientUpdate,
-    ConversationEnded,
-    ConversationStart,
-    ConversationStatus,
-    ConversationWaiting,
-    HandoffForwarded,
-    HandoffProposed,
-    HandoffRefused,
-    Hop,
-    JournalEntry,
-    JournalQuery,
-    JournalReply,
-    JournalRequest,
-    Message,
-    OutputTaken,
-    StepEvent,
-    SupervisorInput,
-    ToolCall,
-    ToolDecided,
-    ToolResult,
-    ToolStatus,
-    encode,
-)
-from corral.bus._publish import (
-    ATTEMPT,
-    MSG_ID,
-    Limits,
-    check_payload,
-    clip,
-    limit_problem,
-    output_problem,
-    payload_size,
-    publish,
-    publish_live,
-    start_problem,
-)
-from corral.bus._requests import Requester, RequestService, request
-from corral.bus._service import MessageService, Service, Serving, serve_together
-from corral.bus._topology import (
-    TopologyConfig,
-    agent_consumer_config,
-    ensure_topology,
-    supervisor_consumer_config,
-)
-from corral.bus._trace import (
-    TRACEPARENT,
-    current_traceparent,
-    new_traceparent,
-    trace_id,
-    traceparent_from,
-    use_traceparent,
-)
-from corral.bus.errors import (
-    BusConnectError,
-    BusError,
-    ConnectionClosedError,
-    CorralError,
-    PayloadTooLargeError,
-    PoisonMessageError,
-    is_retryable,
-)
+
+if _typing.TYPE_CHECKING:
+    from corral.bus._advisories import MaxDeliveriesWatcher
+    from corral.bus._config import Limits, TopologyConfig
+    from corral.bus._connection import Bus, BusConfig, ConnectionGuard, connect
+    from corral.bus._consumer import (
+        DEAD_REASON,
+        DEAD_STREAM_SEQ,
+        DEAD_SUBJECT,
+        DEAD_TRUNCATED,
+        DECODE_ERRORS,
+        Consumer,
+        ConsumerConfig,
+        ConsumerState,
+        Delivery,
+        dead_letter,
+    )
+    from corral.bus._control import (
+        ControlState,
+        ControlWatcher,
+        KillSwitch,
+        KillTarget,
+        clear_kill,
+        ensure_control_bucket,
+        list_kills,
+        serve_with_control,
+        set_kill,
+    )
+    from corral.bus._messages import (
+        AgentEvent,
+        AgentFailed,
+        AgentInput,
+        AgentOutput,
+        AgentReply,
+        AgentTask,
+        AgentWaiting,
+        Alert,
+        ApprovalDecided,
+        ClientUpdate,
+        ConversationEnded,
+        ConversationStart,
+        ConversationStatus,
+        ConversationWaiting,
+        HandoffForwarded,
+        HandoffProposed,
+        HandoffRefused,
+        Hop,
+        JournalEntry,
+        JournalQuery,
+        JournalReply,
+        JournalRequest,
+        Message,
+        OutputTaken,
+        StepEvent,
+        SupervisorInput,
+        ToolCall,
+        ToolDecided,
+        ToolResult,
+        ToolStatus,
+        encode,
+    )
+    from corral.bus._publish import (
+        ATTEMPT,
+        MSG_ID,
+        check_payload,
+        clip,
+        limit_problem,
+        output_problem,
+        payload_size,
+        publish,
+        publish_live,
+        start_problem,
+    )
+    from corral.bus._requests import Requester, RequestService, request
+    from corral.bus._service import MessageService, Service, Serving, serve_together
+    from corral.bus._topology import (
+        agent_consumer_config,
+        ensure_topology,
+        supervisor_consumer_config,
+    )
+    from corral.bus._trace import (
+        TRACEPARENT,
+        current_traceparent,
+        new_traceparent,
+        trace_id,
+        traceparent_from,
+        use_traceparent,
+    )
+    from corral.bus.errors import (
+        BusConnectError,
+        BusError,
+        ConnectionClosedError,
+        CorralError,
+        PayloadTooLargeError,
+        PoisonMessageError,
+        is_retryable,
+    )
+
+_WHERE = {
+    "MaxDeliveriesWatcher": "corral.bus._advisories",
+    "Bus": "corral.bus._connection",
+    "BusConfig": "corral.bus._connection",
+    "ConnectionGuard": "corral.bus._connection",
+    "connect": "corral.bus._connection",
+    "DEAD_REASON": "corral.bus._consumer",
+    "DEAD_STREAM_SEQ": "corral.bus._consumer",
+    "DEAD_SUBJECT": "corral.bus._consumer",
+    "DEAD_TRUNCATED": "corral.bus._consumer",
+    "DECODE_ERRORS": "corral.bus._consumer",
+    "Consumer": "corral.bus._consumer",
+    "ConsumerConfig": "corral.bus._consumer",
+    "ConsumerState": "corral.bus._consumer",
+    "Delivery": "corral.bus._consumer",
+    "dead_letter": "corral.bus._consumer",
+    "ControlState": "corral.bus._control",
+    "ControlWatcher": "corral.bus._control",
+    "KillSwitch": "corral.bus._control",
+    "KillTarget": "corral.bus._control",
+    "clear_kill": "corral.bus._control",
+    "ensure_control_bucket": "corral.bus._control",
+    "list_kills": "corral.bus._control",
+    "serve_with_control": "corral.bus._control",
+    "set_kill": "corral.bus._control",
+    "AgentEvent": "corral.bus._messages",
+    "AgentFailed": "corral.bus._messages",
+    "AgentInput": "corral.bus._messages",
+    "AgentOutput": "corral.bus._messages",
+    "AgentReply": "corral.bus._messages",
+    "AgentTask": "corral.bus._messages",
+    "AgentWaiting": "corral.bus._messages",
+    "Alert": "corral.bus._messages",
+    "ApprovalDecided": "corral.bus._messages",
+    "ClientUpdate": "corral.bus._messages",
+    "ConversationEnded": "corral.bus._messages",
+    "ConversationStart": "corral.bus._messages",
+    "ConversationStatus": "corral.bus._messages",
+    "ConversationWaiting": "corral.bus._messages",
+    "HandoffForwarded": "corral.bus._messages",
+    "HandoffProposed": "corral.bus._messages",
+    "HandoffRefused": "corral.bus._messages",
+    "Hop": "corral.bus._messages",
+    "JournalEntry": "corral.bus._messages",
+    "JournalQuery": "corral.bus._messages",
+    "JournalReply": "corral.bus._messages",
+    "JournalRequest": "corral.bus._messages",
+    "Message": "corral.bus._messages",
+    "OutputTaken": "corral.bus._messages",
+    "StepEvent": "corral.bus._messages",
+    "SupervisorInput": "corral.bus._messages",
+    "ToolCall": "corral.bus._messages",
+    "ToolDecided": "corral.bus._messages",
+    "ToolResult": "corral.bus._messages",
+    "ToolStatus": "corral.bus._messages",
+    "encode": "corral.bus._messages",
+    "ATTEMPT": "corral.bus._publish",
+    "MSG_ID": "corral.bus._publish",
+    "Limits": "corral.bus._config",
+    "check_payload": "corral.bus._publish",
+    "clip": "corral.bus._publish",
+    "limit_problem": "corral.bus._publish",
+    "output_problem": "corral.bus._publish",
+    "payload_size": "corral.bus._publish",
+    "publish": "corral.bus._publish",
+    "publish_live": "corral.bus._publish",
+    "start_problem": "corral.bus._publish",
+    "Requester": "corral.bus._requests",
+    "RequestService": "corral.bus._requests",
+    "request": "corral.bus._requests",
+    "MessageService": "corral.bus._service",
+    "Service": "corral.bus._service",
+    "Serving": "corral.bus._service",
+    "serve_together": "corral.bus._service",
+    "TopologyConfig": "corral.bus._config",
+    "agent_consumer_config": "corral.bus._topology",
+    "ensure_topology": "corral.bus._topology",
+    "supervisor_consumer_config": "corral.bus._topology",
+    "TRACEPARENT": "corral.bus._trace",
+    "current_traceparent": "corral.bus._trace",
+    "new_traceparent": "corral.bus._trace",
+    "trace_id": "corral.bus._trace",
+    "traceparent_from": "corral.bus._trace",
+    "use_traceparent": "corral.bus._trace",
+    "BusConnectError": "corral.bus.errors",
+    "BusError": "corral.bus.errors",
+    "ConnectionClosedError": "corral.bus.errors",
+    "CorralError": "corral.bus.errors",
+    "PayloadTooLargeError": "corral.bus.errors",
+    "PoisonMessageError": "corral.bus.errors",
+    "is_retryable": "corral.bus.errors",
+}
 
 __all__ = [
     "ATTEMPT",
@@ -191,3 +292,18 @@ __all__ = [
     "traceparent_from",
     "use_traceparent",
 ]
+
+_exported, __dir__ = _lazy_exports(__name__, globals(), _WHERE)
+
+
+def __getattr__(name: str) -> _typing.Any:
+    # A private module (``corral.bus._messages``) is an attribute once it is imported, as it
+    # was when this package imported them all.
+    if name.startswith("_") and not name.startswith("__"):
+        import importlib
+
+        try:
+            return importlib.import_module(f"{__name__}.{name}")
+        except ModuleNotFoundError:
+            pass
+    return _exported(name)

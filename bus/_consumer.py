@@ -30,7 +30,8 @@ from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 
 from corral.bus import subjects
-from corral.bus._publish import KiB, check_payload, payload_size
+from corral.bus._config import KiB
+from corral.bus._publish import check_payload, payload_size
 from corral.bus._service import Service, finish_in_flight
 from corral.bus._trace import TRACEPARENT, traceparent_from, use_traceparent
 from corral.bus.errors import BusError, is_retryable

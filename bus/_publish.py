@@ -8,13 +8,13 @@ from __future__ import annotations
 import contextlib
 import logging
 from collections.abc import Mapping
-from dataclasses import dataclass
 
 import nats.errors
 from nats.aio.client import Client
 from nats.js import JetStreamContext
 
 from corral.bus import subjects
+from corral.bus._config import Limits
 from corral.bus._messages import (
     AgentFailed,
     AgentOutput,
@@ -34,34 +34,6 @@ logger = logging.getLogger(__name__)
 MSG_ID = "Nats-Msg-Id"
 ATTEMPT = "Corral-Attempt"
 """Header of a request sent again: how many times it was sent (1 the first time)."""
-
-KiB = 1024
-
-
-@dataclass(frozen=True, kw_only=True)
-class Limits:
-    """How big what arrives at corral's edges may be, in bytes of UTF-8 (``limits:`` in
-    ``corral.yaml``). Whatever corral derives from an input (a task, an outcome, a journaled
-    response) is built from parts bounded by these, and checked against the server's
-    ``max_payload`` before it is sent."""
-
-    customer_text_bytes: int = 16 * KiB
-    """A conversation start's text."""
-    customer_id_bytes: int = 256
-    """A conversation start's customer id."""
-    reply_text_bytes: int = 32 * KiB
-    """An agent's reply to the customer."""
-    reason_bytes: int = 4 * KiB
-    """A handoff's, a failure's or a wait's reason."""
-    response_text_bytes: int = 64 * KiB
-    """A model response as journaled (the agent keeps its start if the model said more)."""
-    tool_arguments_bytes: int = 16 * KiB
-    """A tool call's arguments, encoded."""
-    tool_result_bytes: int = 64 * KiB
-    """A tool call's result, encoded."""
-    dead_letter_body_bytes: int = 64 * KiB
-    """The copy of a message kept in ``CORRAL_DLQ``; a longer body is cut, and its
-    ``Corral-Dead-Truncated`` header gives the original size."""
 
 
 def start_problem(message: ConversationStart, client: str, limits: Limits) -> str | None:

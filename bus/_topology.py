@@ -8,7 +8,6 @@ supervisor reads client starts and approval decisions; each agent reads its own 
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import dataclass
 
 from nats.js import JetStreamContext
 from nats.js.api import (
@@ -22,31 +21,9 @@ from nats.js.api import (
 from nats.js.errors import NotFoundError
 
 from corral.bus import subjects
+from corral.bus._config import TopologyConfig
 from corral.bus._control import ensure_control_bucket
 from corral.bus.errors import BusError
-
-
-@dataclass(frozen=True, kw_only=True)
-class TopologyConfig:
-    """Stream and consumer settings; the defaults suit one machine and small clusters."""
-
-    replicas: int = 1
-    """Stream replicas (3 on a 3-node cluster)."""
-    duplicate_window_s: float = 120.0
-    """How long ``Nats-Msg-Id`` deduplicates a republished message."""
-    ack_wait_s: float = 30.0
-    """How long a delivered message may stay unacknowledged before redelivery."""
-    max_deliver: int = 10
-    """Deliveries before a message is dead-lettered instead of retried."""
-    max_ack_pending: int = 1000
-    events_max_age_s: float = 7 * 24 * 3600.0
-    dead_letter_max_age_s: float = 30 * 24 * 3600.0
-    """How long ``CORRAL_DLQ`` keeps a dead letter."""
-    dead_letter_max_bytes: int = 256 * 1024 * 1024
-    """What ``CORRAL_DLQ`` holds at most; past it the oldest dead letters go first."""
-    dead_letter_max_msg_bytes: int = 128 * 1024
-    """The biggest message ``CORRAL_DLQ`` takes (corral cuts the bodies it copies to
-    ``limits.dead_letter_body_bytes``; anyone else's bigger message is refused)."""
 
 
 def _streams(config: TopologyConfig) -> list[StreamConfig]:

@@ -15,12 +15,10 @@ from types import ModuleType
 from typing import Any
 
 from corral.router._scripted import ScriptedModel, load_rules
-from corral.router._types import Completion, CompletionRequest, ModelTier
+from corral.router._types import SCRIPTED_PROVIDER, Completion, CompletionRequest, ModelTier
 from corral.router.errors import RouterError, ScriptError
 
 logger = logging.getLogger(__name__)
-
-SCRIPTED_PROVIDER = "scripted"
 
 _litellm: ModuleType | None = None
 

@@ -7,6 +7,9 @@ from typing import Literal, Protocol
 
 Role = Literal["system", "user", "assistant"]
 
+SCRIPTED_PROVIDER = "scripted"
+"""The provider name of corral's offline scripted model (``provider: scripted``)."""
+
 
 @dataclass(frozen=True, kw_only=True)
 class ChatMessage:

@@ -11,13 +11,7 @@ The tree::
 
 from __future__ import annotations
 
-import asyncpg
-
 from corral.bus.errors import CorralError
-
-UNAVAILABLE = (OSError, asyncpg.PostgresConnectionError, asyncpg.InterfaceError)
-"""What asyncpg raises when PostgreSQL cannot be reached or the connection broke (not a
-statement it refused): trying again later may work. ``unavailable()`` says so."""
 
 
 class ConfigError(CorralError):
@@ -43,11 +37,6 @@ class StoreError(CorralError):
     def __init__(self, message: str, *, retryable: bool = True) -> None:
         super().__init__(message)
         self.retryable = retryable
-
-
-def unavailable(exc: BaseException) -> StoreError:
-    """``exc``, one of ``UNAVAILABLE``, as the retryable ``StoreError`` every caller raises."""
-    return StoreError(f"PostgreSQL unavailable: {exc}", retryable=True)
 
 
 class ConcurrentChange(StoreError):

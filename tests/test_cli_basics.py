@@ -99,6 +99,29 @@ def test_a_command_loads_what_it_uses_when_it_runs(tmp_path: Path, team: Path) -
     assert json.loads(done.stderr.splitlines()[-1]) == [3, []], done.stderr
 
 
+def test_a_client_command_loads_nats_without_aiohttp_and_its_tools_not_at_all(tmp_path: Path) -> None:
+    """`corral send` (its stack is not running: it fails to connect, exit 1) loads nats-py
+    without aiohttp, which nats-py wants only for WebSocket URLs, and does not import the
+    team's tools module (asyncpg with it); aiohttp still imports normally afterwards."""
+    probe = (
+        "import json, sys\n"
+        "sys.argv = ['corral', 'send', 'hello', '--timeout', '1']\n"
+        "from corral.supervisor.cli import main\n"
+        "try:\n    main()\n"
+        "except SystemExit as exc:\n    code = exc.code\n"
+        "import nats.aio.transport as transport\n"
+        "loaded = [m for m in ('nats', 'aiohttp', 'asyncpg') if m in sys.modules]\n"
+        "import aiohttp\n"
+        "usable = hasattr(aiohttp, 'ClientSession')\n"
+        "sys.stderr.write(json.dumps([code, loaded, transport.aiohttp is None, usable]))\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", probe], env=_env(tmp_path), capture_output=True, text=True, timeout=60
+    )
+    code, loaded, skipped, usable = json.loads(done.stderr.splitlines()[-1])
+    assert code != 0 and loaded == ["nats"] and skipped and usable, done.stderr
+
+
 def test_status_without_a_stack_exits_3_and_shows_addresses_without_password(
     tmp_path: Path, team: Path
 ) -> None:

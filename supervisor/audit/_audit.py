@@ -57,8 +57,9 @@ from typing import Any
 
 import asyncpg
 
-from corral.supervisor.errors import UNAVAILABLE, StoreError, unavailable
+from corral.supervisor.errors import StoreError
 from corral.supervisor.store._sql import Numbered, numbered
+from corral.supervisor.store._unavailable import UNAVAILABLE, unavailable
 
 GENESIS_HASH = "0" * 64
 """The ``prev_hash`` of the first record."""

@@ -36,7 +36,7 @@ def show(
     """Print a conversation: its status, path (with each handoff's confidence), the
     supervisor's decisions, every tool call's outcome (failures too), its approvals, and
     the reply or the reason. An unknown id exits 2."""
-    settings = _load(config)
+    settings = _load(config, tools=False)
 
     async def _main() -> int:
         from corral.supervisor.store._reports import conversation_report
@@ -76,7 +76,7 @@ def conversations(
     if status is not None and status not in known:
         complain(f"--status {status!r}: expected one of {', '.join(known)}")
         raise typer.Exit(EXIT_CONFIG)
-    settings = _load(config)
+    settings = _load(config, tools=False)
 
     async def _main() -> int:
         from corral.supervisor.store._reports import recent_conversations

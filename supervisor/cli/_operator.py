@@ -271,7 +271,7 @@ async def _operator_pool(settings: Settings) -> Any:
 @app.command()
 def approvals(config: ConfigOption = None, as_json: JsonOption = False) -> None:
     """List the approval requests waiting for a decision."""
-    settings = _load(config)
+    settings = _load(config, tools=False)
 
     async def _main() -> int:
         from corral.supervisor.gateway._approvals import pending_approvals
@@ -383,7 +383,7 @@ def approve(
 ) -> None:
     """Grant one pending approval; the waiting conversation resumes and the call goes through.
     An unknown id exits 2."""
-    _decide_approval(_load(config), approval_id, True, by or operator_name(), "")
+    _decide_approval(_load(config, tools=False), approval_id, True, by or operator_name(), "")
 
 
 @app.command()
@@ -395,7 +395,7 @@ def deny(
 ) -> None:
     """Deny one pending approval; the waiting conversation resumes with the denial. An
     unknown id exits 2."""
-    _decide_approval(_load(config), approval_id, False, by or operator_name(), reason)
+    _decide_approval(_load(config, tools=False), approval_id, False, by or operator_name(), reason)
 
 
 @app.command()

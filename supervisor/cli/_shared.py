@@ -198,13 +198,15 @@ def operator_name() -> str:
 # --- settings, servers ----------------------------------------------------------------
 
 
-def _load(config: str | None) -> Settings:
-    """The command's settings: the config ``-c`` names and the environment, read once."""
+def _load(config: str | None, *, tools: bool = True) -> Settings:
+    """The command's settings: the config ``-c`` names and the environment, read once.
+
+    ``tools=False``: a command that only talks to the team does not import its tools."""
     from corral.supervisor.errors import ConfigError
     from corral.supervisor.stack._settings import Settings
 
     try:
-        return Settings.load(config)
+        return Settings.load(config, check_tools=tools)
     except ConfigError as exc:
         complain(f"config error\n{exc}")
         raise typer.Exit(EXIT_CONFIG) from exc

@@ -99,7 +99,7 @@ def send(
     printed; a message over limits.customer_text_bytes is refused before it is sent),
     3 waiting for an approval (its id printed), 4 timeout.
     """
-    settings = _load(config)
+    settings = _load(config, tools=False)
     message = _message(text)
     refused = _refusal(settings, message, customer)
     if refused is not None:
@@ -224,7 +224,7 @@ def status(config: ConfigOption = None, as_json: JsonOption = False) -> None:
     """
     from corral.supervisor.cli._status import print_status, status_report
 
-    settings = _load(config)
+    settings = _load(config, tools=False)
 
     async def _main() -> int:
         report = await status_report(settings)

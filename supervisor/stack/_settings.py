@@ -89,17 +89,21 @@ class Settings:
     """The values of the variables the model tiers name in ``api_key_env``."""
 
     @classmethod
-    def load(cls, config_option: str | None, environ: Mapping[str, str] | None = None) -> Settings:
+    def load(
+        cls, config_option: str | None, environ: Mapping[str, str] | None = None, *, check_tools: bool = True
+    ) -> Settings:
         """Load the config ``-c`` names (see ``resolve_config_path``) and read ``environ``.
 
         Args:
             config_option: The ``-c/--config`` value, if any.
             environ: The environment (default: this process's).
+            check_tools: Import the tools module and check the agents' tools against it.
 
         Raises:
             ConfigError: the file is invalid, or a variable's value is (the message names it).
         """
-        return cls.from_loaded(load_config(resolve_config_path(config_option)), environ)
+        loaded = load_config(resolve_config_path(config_option), check_tools=check_tools)
+        return cls.from_loaded(loaded, environ)
 
     @classmethod
     def from_loaded(cls, loaded: LoadedConfig, environ: Mapping[str, str] | None = None) -> Settings:

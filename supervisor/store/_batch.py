@@ -21,7 +21,8 @@ from dataclasses import dataclass, field
 
 import asyncpg
 
-from corral.supervisor.errors import UNAVAILABLE, StoreError, unavailable
+from corral.supervisor.errors import StoreError
+from corral.supervisor.store._unavailable import UNAVAILABLE, unavailable
 
 logger = logging.getLogger(__name__)
 

@@ -10,10 +10,12 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-
-import asyncpg
+from typing import TYPE_CHECKING
 
 from corral.supervisor.config._config import LoadedConfig
+
+if TYPE_CHECKING:
+    import asyncpg
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -18,10 +18,11 @@ import asyncpg
 import msgspec
 
 from corral.bus import ConversationStatus, Hop, JournalEntry, subjects
-from corral.supervisor.errors import UNAVAILABLE, ConcurrentChange, StoreError, unavailable
+from corral.supervisor.errors import ConcurrentChange, StoreError
 from corral.supervisor.store._batch import Batcher
 from corral.supervisor.store._journal import journal_ctes, journal_values
 from corral.supervisor.store._sql import numbered
+from corral.supervisor.store._unavailable import UNAVAILABLE, unavailable
 
 logger = logging.getLogger(__name__)
 
