@@ -1,6 +1,7 @@
 """A `corral up` whose launcher is SIGKILLed leaves nothing running: its watchdog stops the
-children, nats-server and PostgreSQL; and when the watchdog is killed too, `corral down`
-finds what is left and stops it (it does not say "not running" while orphans run)."""
+children, nats-server and PostgreSQL; and when the watchdog is killed too, `corral status`
+names what is left (exit 3) and `corral down` finds it and stops it (neither says only
+"not running" while orphans run)."""
 
 from __future__ import annotations
 
@@ -93,22 +94,41 @@ async def test_nothing_outlives_a_sigkilled_launcher(tmp_path: Path) -> None:
         assert "the launcher is gone" in (state / "logs" / "watchdog.log").read_text()
 
 
-async def test_down_stops_what_a_killed_launcher_and_watchdog_left(tmp_path: Path) -> None:
+async def _corral(state: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    return await asyncio.to_thread(
+        subprocess.run,
+        [sys.executable, "-m", "corral.supervisor", *args, "-c", str(SAMPLE_CONFIG)],
+        env=_env(state),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+async def test_status_names_and_down_stops_what_a_killed_launcher_and_watchdog_left(tmp_path: Path) -> None:
     state = tmp_path / "state"
     async with _up(state) as (process, pids):
+        up = json.loads((await _corral(state, "status", "--json")).stdout)
+        assert {p["name"]: p["state"] for p in up["processes"]} == dict.fromkeys(
+            ["supervisor", "triage", "payments", "tech_support", "account_manager"], "running"
+        )
         os.kill(pids["watchdog"], signal.SIGKILL)
         process.send_signal(signal.SIGKILL)
         process.wait()
         servers = {name: pids[name] for name in ("nats-server", "postgres")}
         assert all(_running(pid) for pid in servers.values())  # orphans nobody stops
-        down = await asyncio.to_thread(
-            subprocess.run,
-            [sys.executable, "-m", "corral.supervisor", "down", "-c", str(SAMPLE_CONFIG)],
-            env=_env(state),
-            capture_output=True,
-            text=True,
-            timeout=120,
-        )
+        # `corral status` does not say "not running" and nothing more: it names them.
+        status = await _corral(state, "status", "--json")
+        assert status.returncode == 3, status.stdout + status.stderr
+        report = json.loads(status.stdout)
+        assert report["running"] is False
+        left = {p["name"]: p["pid"] for p in report["leftovers"]}
+        assert left["nats-server"] == pids["nats-server"] and left["PostgreSQL"] == pids["postgres"]
+        assert left["triage"] == pids["triage"]
+        said = " ".join((await _corral(state, "status")).stdout.split())
+        assert "its launcher is gone, but what it started still runs:" in said
+        assert f"nats-server (pid {pids['nats-server']})" in said and "`corral down` stops it" in said
+        down = await _corral(state, "down")
         assert down.returncode == 0, down.stdout + down.stderr
         assert "not running" not in down.stdout
         assert "corral's launcher is gone; stopping what it left running:" in down.stdout
@@ -121,12 +141,7 @@ async def test_down_stops_what_a_killed_launcher_and_watchdog_left(tmp_path: Pat
             message="every process of runtime.json gone",
         )
         assert not (state / "runtime.json").exists()
-        again = await asyncio.to_thread(
-            subprocess.run,
-            [sys.executable, "-m", "corral.supervisor", "down", "-c", str(SAMPLE_CONFIG)],
-            env=_env(state),
-            capture_output=True,
-            text=True,
-            timeout=60,
-        )
+        after = await _corral(state, "status", "--json")
+        assert after.returncode == 3 and json.loads(after.stdout)["leftovers"] == []
+        again = await _corral(state, "down")
         assert (again.returncode, again.stdout.strip()) == (0, "corral is not running here")
