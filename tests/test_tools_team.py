@@ -65,7 +65,11 @@ async def test_small_refund_is_applied_once_and_the_client_sees_the_policy(team:
     assert [tuple(r) for r in refunds] == [("1001", 4000)]
     # Compensation: the undo runs once, however often rollback is asked.
     first = await asyncio.to_thread(team.corral, "rollback", ended.conversation)
-    assert first.returncode == 0 and "refund -> reverse_refund" in first.stdout
+    assert first.returncode == 0, first.stdout + first.stderr
+    assert first.stdout.splitlines() == [
+        "refund undone by reverse_refund (reversed true, refund_id 1)",
+        f"rolled back {ended.conversation}: 1 undone of 1 calls",
+    ]
     again = await asyncio.to_thread(team.corral, "rollback", ended.conversation)
     assert "nothing to roll back" in again.stdout
     reversed_ = await team.sql("SELECT count(*) AS n FROM shop.refunds WHERE reversed_at IS NOT NULL")
