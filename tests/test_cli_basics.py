@@ -113,7 +113,11 @@ def test_a_client_command_loads_nats_without_aiohttp_and_its_tools_not_at_all(tm
         "loaded = [m for m in ('nats', 'aiohttp', 'asyncpg') if m in sys.modules]\n"
         "import aiohttp\n"
         "usable = hasattr(aiohttp, 'ClientSession')\n"
-        "sys.stderr.write(json.dumps([code, loaded, transport.aiohttp is None, usable]))\n"
+        "skipped = transport.aiohttp is None\n"
+        "from corral.supervisor.cli._shared import _websockets_back\n"
+        "_websockets_back()  # what connecting to a ws:// server does first\n"
+        "usable = usable and transport.aiohttp is aiohttp\n"
+        "sys.stderr.write(json.dumps([code, loaded, skipped, usable]))\n"
     )
     done = subprocess.run(
         [sys.executable, "-c", probe], env=_env(tmp_path), capture_output=True, text=True, timeout=60

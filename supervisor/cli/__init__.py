@@ -26,8 +26,9 @@ class _NatsWithoutWebSockets(importlib.abc.MetaPathFinder, importlib.abc.Loader)
 
     nats-py imports aiohttp only for WebSocket URLs (``ws://``), which a command does not
     use, and that import is about a third of a command's start. The transport keeps
-    ``aiohttp = None`` (as it does where aiohttp is not installed); every other import of
-    aiohttp, before or after, is the real one.
+    ``aiohttp = None`` (as it does where aiohttp is not installed) until a command connects
+    to a ``ws://`` server (``_shared._connect`` hands it aiohttp then); every other import
+    of aiohttp, before or after, is the real one.
     """
 
     NAME = "nats.aio.transport"

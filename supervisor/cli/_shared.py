@@ -340,15 +340,30 @@ async def _watch_parent(pid: int, service: Serving) -> None:
     await service.shutdown()
 
 
+def _websockets_back() -> None:
+    """Give nats-py's transport the aiohttp that a client command imported it without
+    (``corral.supervisor.cli._NatsWithoutWebSockets``): the server is a WebSocket URL."""
+    import importlib
+
+    from nats.aio import transport
+
+    namespace = vars(transport)  # nats-py does not re-export the name it imported
+    if namespace.get("aiohttp") is None:
+        namespace["aiohttp"] = importlib.import_module("aiohttp")
+
+
 async def _connect(settings: Settings, url: str, identity: str, *, forever: bool = True) -> Bus:
     """Connect as ``identity``, with its seed when the server requires identities."""
     from corral.bus import BusConfig, connect
     from corral.supervisor.stack._runtime import nats_servers
 
     seed = settings.credentials_for(identity)
+    servers = nats_servers(url)
+    if any(server.startswith(("ws://", "wss://")) for server in servers):
+        _websockets_back()
     return await connect(
         BusConfig(
-            servers=nats_servers(url),
+            servers=servers,
             name=f"corral-{identity}",
             identity=identity,
             nkey_seed_file=str(seed) if seed else None,
