@@ -68,6 +68,8 @@ async def test_send_prints_the_id_to_look_up_and_show_tells_what_happened(stack:
         ("triage", "forwarded", "account_manager"),
     ]
     assert shown["reply"].startswith("You can change your email")
+    # What its model calls cost, from the journal: triage's and account_manager's.
+    assert shown["spend"]["model_calls"] == 2 and shown["spend"]["tokens"] > 0, shown["spend"]
     text = await corral(stack, "show", conversation)
     assert text.returncode == 0, text.stderr
     assert f"conversation {conversation}" in text.stdout
@@ -75,6 +77,7 @@ async def test_send_prints_the_id_to_look_up_and_show_tells_what_happened(stack:
     assert "  path:      triage -> account_manager (0.90)" in text.stdout
     assert "    triage forwarded -> account_manager (0.90): account question" in text.stdout, text.stdout
     assert "  reply:     You can change your email" in text.stdout
+    assert f"  spend:     2 model calls, {shown['spend']['tokens']} tokens, $" in text.stdout
     # Newest first, with the filter.
     listed = await document(stack, "conversations", "--status", "replied", "--limit", "1")
     assert [c["id"] for c in listed] == [conversation]

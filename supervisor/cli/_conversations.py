@@ -146,6 +146,8 @@ def _print_report(report: ConversationReport) -> None:
             say(f"    {a.id}  {a.agent} {a.tool} {arguments} -> {state}{who}{why}")
     for dropped in report.dropped:
         say(f"  dropped:   {dropped}")
+    spend = report.spend
+    say(f"  spend:     {spend.model_calls} model calls, {spend.tokens} tokens, ${spend.cost_usd:.6f}")
     if record.reply:
         say(f"  reply:     {record.reply}")
     if record.reason:
@@ -186,6 +188,7 @@ def _document(report: ConversationReport) -> dict[str, Any]:
         "tools": [{**t.__dict__, "at": t.at.isoformat()} for t in report.tools],
         "approvals": [a.__dict__ for a in report.approvals],
         "dropped": report.dropped,
+        "spend": report.spend.__dict__,
         "approval_id": record.approval_id,
         "reply": record.reply,
         "reason": record.reason,

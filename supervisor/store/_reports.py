@@ -53,6 +53,15 @@ class ApprovalState:
 
 
 @dataclass(frozen=True, kw_only=True)
+class Spend:
+    """What a conversation's model calls cost, from the step journal (``conversation_spend``)."""
+
+    model_calls: int = 0
+    tokens: int = 0
+    cost_usd: float = 0.0
+
+
+@dataclass(frozen=True, kw_only=True)
 class ConversationReport:
     """A conversation whole, as ``corral show`` prints it."""
 
@@ -64,6 +73,7 @@ class ConversationReport:
     approvals: list[ApprovalState] = field(default_factory=list)
     dropped: list[str] = field(default_factory=list)
     """Messages the supervisor dropped because of a kill switch, as ``agent: reason``."""
+    spend: Spend = field(default_factory=Spend)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -121,6 +131,11 @@ async def conversation_report(
     dropped = await conn.fetch(
         "SELECT agent, reason FROM dropped_messages WHERE conversation=$1 ORDER BY id", conversation
     )
+    spent = await conn.fetchrow(
+        "SELECT model_calls, tokens, cost_usd::float8 AS cost_usd FROM conversation_spend"
+        " WHERE conversation=$1",
+        conversation,
+    )
     record = {k: row[k] for k in row.keys() if k not in ("created_at", "updated_at")}
     return ConversationReport(
         record=_from_row(record),  # type: ignore[arg-type]
@@ -140,6 +155,7 @@ async def conversation_report(
         ],
         approvals=[ApprovalState(**{**dict(a), "arguments": json.loads(a["arguments"])}) for a in approvals],
         dropped=[f"{d['agent']}: {d['reason']}" for d in dropped],
+        spend=Spend(**dict(spent)) if spent is not None else Spend(),
     )
 
 
