@@ -19,7 +19,7 @@ import shlex
 import subprocess
 import sys
 import tempfile
-import time
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -98,21 +98,20 @@ class Session:
         where = f"README.md line {line.number}: {line.command}"
         if line.background:
             log = self.directory / f"background-{line.number}.log"
-            with open(log, "wb") as out:
-                process = subprocess.Popen(
-                    self.argv(line.command),
-                    cwd=self.directory,
-                    env=self.env,
-                    stdout=out,
-                    stderr=subprocess.STDOUT,
-                )
+            process = subprocess.Popen(
+                self.argv(line.command),
+                cwd=self.directory,
+                env=self.env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+            )
             self.background.append((process, log))
-            deadline = time.monotonic() + timeout
-            while READY not in log.read_text():
-                assert process.poll() is None, f"{where}: exited {process.returncode}\n{log.read_text()}"
-                assert time.monotonic() < deadline, f"{where}: no {READY!r} within {timeout}s"
-                time.sleep(0.1)  # polling the log for the ready line, with the deadline above
+            ready = threading.Event()
+            threading.Thread(target=_tee, args=(process, log, ready), daemon=True).start()
+            # Set once the ready line is out, or the output ended (the process exited).
+            assert ready.wait(timeout), f"{where}: no {READY!r} within {timeout}s\n{log.read_text()}"
             output = log.read_text()
+            assert READY in output, f"{where}: exited {process.wait()}\n{output}"
         else:
             result = subprocess.run(
                 self.argv(line.command),
@@ -153,6 +152,19 @@ class Session:
         assert failed or not leftovers, "still running after the README's last command:\n" + "\n".join(
             leftovers
         )
+
+
+def _tee(process: subprocess.Popen[bytes], log: Path, ready: threading.Event) -> None:
+    """Copy a background command's output to ``log`` as it comes; ``ready`` is set at its
+    ready line, or when its output ends."""
+    assert process.stdout is not None
+    with open(log, "wb") as out:
+        for chunk in iter(process.stdout.readline, b""):
+            out.write(chunk)
+            out.flush()
+            if READY.encode() in chunk:
+                ready.set()
+    ready.set()
 
 
 def user_env() -> dict[str, str]:

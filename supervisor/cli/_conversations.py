@@ -155,8 +155,9 @@ def _print_report(report: ConversationReport) -> None:
 
 
 def _path(report: ConversationReport) -> str:
-    hops = report.record.path
-    return " -> ".join(h.agent if h.confidence is None else f"{h.agent} ({h.confidence:.2f})" for h in hops)
+    from corral.supervisor.core._client import format_hops
+
+    return format_hops(report.record.path)
 
 
 def _tool_line(tool: ToolOutcome) -> str:

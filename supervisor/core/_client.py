@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterable
 
 import msgspec
 
@@ -16,6 +16,7 @@ from corral.bus import (
     ConversationEnded,
     ConversationStart,
     ConversationWaiting,
+    Hop,
     new_traceparent,
     publish,
     subjects,
@@ -171,7 +172,10 @@ async def watching(
 
 def format_path(ended: ConversationEnded) -> str:
     """``triage -> payments (0.93) -> account_manager (0.91)``."""
-    parts = []
-    for hop in ended.path:
-        parts.append(hop.agent if hop.confidence is None else f"{hop.agent} ({hop.confidence:.2f})")
-    return " -> ".join(parts)
+    return format_hops(ended.path)
+
+
+def format_hops(hops: Iterable[Hop]) -> str:
+    """A path's hops as ``triage -> payments (0.93)``: each agent, with the confidence of the
+    handoff that reached it."""
+    return " -> ".join(h.agent if h.confidence is None else f"{h.agent} ({h.confidence:.2f})" for h in hops)
