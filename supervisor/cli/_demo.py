@@ -34,7 +34,7 @@ from corral.supervisor.stack._runtime import Runtime
 
 if TYPE_CHECKING:
     # What a command uses is imported when it runs: `corral --help` loads none of it.
-    from corral.bus import ClientUpdate, ConversationEnded, ToolDecided
+    from corral.bus import Bus, ClientUpdate, ConversationEnded, ToolDecided
     from corral.supervisor.stack._settings import Settings
 
 DEMO_STATE = "demo"
@@ -140,7 +140,7 @@ def _demo_settings(settings: Settings) -> Settings:
     return dataclasses.replace(settings, state_dir=state_dir)
 
 
-async def _run_sample(settings: Settings, bus: Any, sample: Sample, seconds: float) -> bool:
+async def _run_sample(settings: Settings, bus: Bus, sample: Sample, seconds: float) -> bool:
     """Send one sample, approve it if it is marked for approval, and check the outcome."""
     from corral.bus import ConversationEnded, ConversationWaiting, ToolDecided
     from corral.supervisor.cli._operator import _decide
