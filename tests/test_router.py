@@ -7,11 +7,11 @@ from pathlib import Path
 
 import pytest
 
-from corral.agents import HandoffDecision, ReplyDecision, parse_decision
-from corral.agents.errors import DecisionError
+from corral.bus import ChatTurn
 from corral.router import (
-    ChatMessage,
+    Completion,
     CompletionRequest,
+    LiteLLMModel,
     ModelTier,
     RouterError,
     ScriptedModel,
@@ -25,8 +25,12 @@ from tests.conftest import SAMPLE_CONFIG
 def _request(agent: str, text: str) -> CompletionRequest:
     return CompletionRequest(
         agent=agent,
-        messages=[ChatMessage(role="system", content="x"), ChatMessage(role="user", content=text)],
+        messages=[ChatTurn(role="system", content="x"), ChatTurn(role="user", content=text)],
     )
+
+
+def _calls(completion: Completion) -> list[tuple[str, dict[str, object]]]:
+    return [(c.name, json.loads(c.arguments)) for c in completion.tool_calls]
 
 
 async def test_scripted_provider_answers_through_litellm() -> None:
@@ -38,8 +42,11 @@ async def test_scripted_provider_answers_through_litellm() -> None:
     completion = await model.complete(_request("triage", "Please REFUND me"))
     assert completion.model == "scripted/support"
     assert completion.output_tokens > 0
-    decision = parse_decision(completion.text, agent="triage")
-    assert decision == HandoffDecision(target="payments", confidence=0.93, reason="billing question")
+    assert completion.content == ""
+    assert _calls(completion) == [
+        ("transfer_to_payments", {"reason": "billing question", "confidence": 0.93})
+    ]
+    assert [(a.model, a.outcome) for a in completion.attempts] == [("scripted/support", "ok")]
 
 
 async def test_missing_rule_is_a_non_retryable_router_error() -> None:
@@ -49,6 +56,8 @@ async def test_missing_rule_is_a_non_retryable_router_error() -> None:
         await model.complete(_request("nobody", "hi"))
     assert info.value.retryable is False
     assert "no scripted rule for agent 'nobody'" in str(info.value)
+    # Scripted models are deterministic: a missing rule is not retried.
+    assert [(a.model, a.outcome) for a in info.value.attempts] == [("scripted/support", "ScriptError")]
 
 
 async def test_fallback_model_answers_when_the_first_fails() -> None:
@@ -56,27 +65,46 @@ async def test_fallback_model_answers_when_the_first_fails() -> None:
     tier = ModelTier(name="fast", model="scripted/missing", fallbacks=["scripted/support"])
     model = model_for_tier(tier, loaded.scripted_rules)
     completion = await model.complete(_request("account_manager", "my plan?"))
-    assert isinstance(parse_decision(completion.text, agent="account_manager"), ReplyDecision)
+    assert [name for name, _ in _calls(completion)] == ["reply"]
+    assert completion.model == "scripted/support"
+    assert [(a.model, a.outcome) for a in completion.attempts] == [
+        ("scripted/missing", "ScriptError"),
+        ("scripted/support", "ok"),
+    ]
 
 
-def test_decisions_are_parsed_strictly() -> None:
-    assert parse_decision('Sure! ```{"action": "reply", "text": "hi"}```', agent="a") == ReplyDecision(
-        text="hi"
+async def test_scripted_tool_turns_reach_the_rules_in_openai_shape(tmp_path: Path) -> None:
+    path = tmp_path / "rules.yaml"
+    path.write_text(
+        "agents:\n"
+        "  payments:\n"
+        "    - when: ['tool refund -> ok']\n"
+        "      answer: {action: reply, text: done, confidence: 0.9}\n"
+        "    - answer:\n"
+        "        - {action: tool, tool: lookup_order, arguments: {order_id: '1'}}\n"
+        "        - {action: tool, tool: refund, arguments: {order_id: '1'}}\n"
+        "      cost_usd: 0.25\n"
     )
-    for bad in [
-        "no json here",
-        '{"action": "launch"}',
-        '{"action": "handoff", "target": "x"}',
-        '{"action": "reply", "text": "x", "confidence": 7}',
-    ]:
-        with pytest.raises(DecisionError):
-            parse_decision(bad, agent="a")
+    tier = ModelTier(name="fast", model="scripted/rules")
+    model = model_for_tier(tier, {"rules": path})
+    assert isinstance(model, LiteLLMModel) and model.protocol == "native"
+    try:
+        first = await model.complete(_request("payments", "refund order 1"))
+        assert [name for name, _ in _calls(first)] == ["lookup_order", "refund"]
+        assert first.cost_usd == 0.25
+        history = [
+            *_request("payments", "refund order 1").messages,
+            ChatTurn(role="assistant", tool_calls=first.tool_calls),
+            ChatTurn(role="tool", tool_call_id=first.tool_calls[1].id, content="tool refund -> ok"),
+        ]
+        second = await model.complete(CompletionRequest(agent="payments", messages=history))
+        assert _calls(second) == [("reply", {"text": "done", "confidence": 0.9})]
+    finally:
+        model.close()
 
 
-def test_rules_file_is_validated(tmp_path: object) -> None:
-    from pathlib import Path
-
-    path = Path(str(tmp_path)) / "rules.yaml"
+def test_rules_file_is_validated(tmp_path: Path) -> None:
+    path = tmp_path / "rules.yaml"
     path.write_text("agents:\n  triage:\n    - wen: [x]\n      answer: hi\n")
     with pytest.raises(RouterError, match="wen"):
         load_rules(path)
@@ -94,13 +122,9 @@ async def test_a_pattern_rule_answers_with_what_it_matched(tmp_path: Path) -> No
     )
     model = ScriptedModel(load_rules(path))
     completion = await model.complete(_request("payments", "Refund ORDER 4711 please"))
-    assert json.loads(completion.text) == {
-        "action": "tool",
-        "tool": "refund",
-        "arguments": {"order_id": "4711", "note": "{kept}"},
-    }
+    assert _calls(completion) == [("refund", {"order_id": "4711", "note": "{kept}"})]
     # `when` matched but the pattern did not: the next rule answers.
-    assert (await model.complete(_request("payments", "a refund, please"))).text == "no order named"
+    assert (await model.complete(_request("payments", "a refund, please"))).content == "no order named"
 
 
 def test_a_bad_pattern_is_refused_when_the_rules_load(tmp_path: Path) -> None:
@@ -117,5 +141,6 @@ async def test_direct_tiers_answer_at_corrals_model_interface_without_litellm() 
     assert isinstance(model, ScriptedModel)
     completion = await model.complete(_request("triage", "Please REFUND me"))
     assert completion.model == "scripted/support"
-    decision = parse_decision(completion.text, agent="triage")
-    assert decision == HandoffDecision(target="payments", confidence=0.93, reason="billing question")
+    assert _calls(completion) == [
+        ("transfer_to_payments", {"reason": "billing question", "confidence": 0.93})
+    ]
