@@ -13,7 +13,8 @@ Resilience is litellm's ``Router``, one per tier, built once (``LiteLLMModel``):
   ``InternalServerError`` and ``ServiceUnavailableError``, none to bad requests, auth and
   content-policy errors. Other errors (a 502, a refused connection, a 404) fall to the
   Router's ``num_retries`` and its ``should_retry_this_error``, which retries 5xx and
-  connection failures and not other 4xx. Scripted models are deterministic: a
+  connection failures and not other 4xx. A 400 still goes to the fallbacks (another
+  model may take what this one refused). Scripted models are deterministic: a
   ``model_group_retry_policy`` of zeros sends their failures straight to the fallbacks.
 - Backoff: the Router's ``_time_to_sleep_before_retry`` (``litellm._calculate_retry_after``)
   honours a ``Retry-After`` of up to 60 s as given, else doubles from litellm's
@@ -87,6 +88,8 @@ def _load_litellm() -> ModuleType:
         litellm.success_callback = []
         litellm.failure_callback = []
         logging.getLogger("LiteLLM").setLevel(logging.WARNING)
+        # The Router logs each failed fallback chain with its traceback at ERROR; we raise a
+        # RouterError carrying every attempt and log one line for it instead.
         logging.getLogger("LiteLLM Router").setLevel(logging.CRITICAL)
         litellm.logging_callback_manager.add_litellm_async_failure_callback(_attempt_logger(litellm))
         _litellm = litellm
@@ -420,6 +423,8 @@ class LiteLLMModel:
         )
 
     def _retryable(self, exc: BaseException) -> bool:
+        """Whether a later try may succeed: not for a missing scripted rule, a bad request,
+        auth, or any other 4xx that litellm itself would not retry (all but 408, 409, 429)."""
         litellm = self._litellm
         final = (
             litellm.BadRequestError,
@@ -428,7 +433,10 @@ class LiteLLMModel:
             litellm.NotFoundError,
             litellm.UnprocessableEntityError,
         )
-        return not isinstance(exc, final) and not _caused_by(exc, ScriptError)
+        if isinstance(exc, final) or _caused_by(exc, ScriptError):
+            return False
+        status = getattr(exc, "status_code", None)
+        return not (isinstance(status, int) and 400 <= status < 500 and not litellm._should_retry(status))
 
 
 def _first_line(exc: BaseException | None) -> str:

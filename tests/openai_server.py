@@ -94,7 +94,6 @@ class OpenAIServer:
         self._lock = threading.Lock()
         self._scripts: dict[str, deque[Reply]] = {}
         self._received: list[Received] = []
-        self._served = 0
         self._socket = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         self._socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self._socket.bind(("127.0.0.1", 0))
@@ -133,11 +132,6 @@ class OpenAIServer:
         with self._lock:
             return [r for r in self._received if model is None or r.model == model]
 
-    def served(self) -> int:
-        """How many requests were answered (delays included), for tests that wait on it."""
-        with self._lock:
-            return self._served
-
     async def _chat(self, request: Request) -> JSONResponse:
         body = json.loads(await request.body())
         model = str(body.get("model", ""))
@@ -155,13 +149,10 @@ class OpenAIServer:
             )
             queue = self._scripts.get(model)
             reply = queue.popleft() if queue else error(500, f"script exhausted for model {model!r}")
-        try:
-            if reply.delay_s:
-                await asyncio.sleep(reply.delay_s)
-            return _response(model, reply, len(self._received))
-        finally:
-            with self._lock:
-                self._served += 1
+            number = len(self._received)
+        if reply.delay_s:
+            await asyncio.sleep(reply.delay_s)
+        return _response(model, reply, number)
 
 
 def _response(model: str, reply: Reply, number: int) -> JSONResponse:

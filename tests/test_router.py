@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from corral.bus import ChatTurn
+from corral.bus import ChatToolCall, ChatTurn, ToolSpec
 from corral.router import (
     Completion,
     CompletionRequest,
@@ -18,6 +18,7 @@ from corral.router import (
     load_rules,
     model_for_tier,
 )
+from corral.router._protocols import offer, read
 from corral.supervisor import load_config
 from tests.conftest import SAMPLE_CONFIG
 
@@ -144,3 +145,40 @@ async def test_direct_tiers_answer_at_corrals_model_interface_without_litellm() 
     assert _calls(completion) == [
         ("transfer_to_payments", {"reason": "billing question", "confidence": 0.93})
     ]
+
+
+def test_non_native_answers_are_read_from_their_outermost_json_object() -> None:
+    fenced = 'Here:\n```json\n{"calls": [{"name": "a", "arguments": {"x": 1}}, {"name": "b"}]}\n```'
+    assert read(fenced) == (
+        "",
+        [ChatToolCall(id="call_0", name="a", arguments='{"x": 1}'), ChatToolCall(id="call_1", name="b")],
+    )
+    assert read('{"name": "a", "arguments": "{broken"}') == (
+        "",
+        [ChatToolCall(id="call_0", name="a", arguments="{broken")],
+    )
+    for unparsed in [
+        "no json here",
+        '{"calls": []}',
+        '{"calls": [{"arguments": {}}]}',
+        "{not json}",
+        '{"x": 1}',
+    ]:
+        assert read(unparsed) == (unparsed, [])
+
+
+def test_the_text_protocol_lists_the_tools_in_the_system_prompt_and_keeps_no_tool_roles() -> None:
+    tool = ToolSpec(name="lookup", description="Find it.", parameters={"type": "object"})
+    history = [
+        ChatTurn(role="user", content="find 1"),
+        ChatTurn(role="assistant", tool_calls=[ChatToolCall(id="c1", name="lookup", arguments='{"id": 1}')]),
+        ChatTurn(role="tool", tool_call_id="c1", content="found"),
+    ]
+    sent = offer("text", history, [tool])
+    assert sent.params == {}
+    assert [m["role"] for m in sent.messages] == ["system", "user", "assistant", "user"]
+    assert "lookup: Find it." in sent.messages[0]["content"]
+    assert json.loads(sent.messages[2]["content"]) == {"calls": [{"name": "lookup", "arguments": {"id": 1}}]}
+    assert "c1" in sent.messages[3]["content"] and "found" in sent.messages[3]["content"]
+    # Without tools every protocol is a plain chat request.
+    assert offer("json_schema", history[:1], []).params == {}

@@ -4,6 +4,7 @@ prices and the non-native tool protocols, as the server saw them."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import Iterator
 from dataclasses import replace
@@ -12,8 +13,7 @@ from typing import Any
 import pytest
 
 from corral.bus import ChatToolCall, ChatTurn, ToolSpec
-from corral.router import CompletionRequest, LiteLLMModel, ModelTier, RouterError
-from corral.router._types import ModelPrice
+from corral.router import CompletionRequest, LiteLLMModel, ModelPrice, ModelTier, RouterError
 from tests.openai_server import OpenAIServer, answer, error, openai_server
 
 __all__ = ["openai_server"]
@@ -275,3 +275,15 @@ async def test_the_json_schema_protocol_sends_a_response_format_and_reads_the_ca
     # No tool roles reach a model that was not offered native tools.
     assert [m["role"] for m in sent.messages] == ["system", "user", "assistant", "user"]
     assert "tool_calls" not in sent.messages[2]
+
+
+async def test_concurrent_calls_of_two_tiers_keep_their_own_attempts(
+    openai_server: OpenAIServer, models: list[LiteLLMModel]
+) -> None:
+    openai_server.script("flaky", error(500), answer("flaky answered"))
+    openai_server.script("steady", answer("steady answered", delay_s=0.2))
+    flaky = _model(models, _tier(openai_server, model="openai/flaky"))
+    steady = _model(models, _tier(openai_server, model="openai/steady"))
+    first, second = await asyncio.gather(flaky.complete(_request()), steady.complete(_request()))
+    assert _outcomes(first.attempts) == [("openai/flaky", "InternalServerError"), ("openai/flaky", "ok")]
+    assert _outcomes(second.attempts) == [("openai/steady", "ok")]
