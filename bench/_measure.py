@@ -3,6 +3,10 @@
 CPU is read from the kernel per process (user + system, via psutil) before and after a
 phase; a process that starts during the phase counts from zero. Memory is the summed
 proportional set size (PSS), so pages shared between processes count once in total.
+
+A group may also watch processes *outside* the system under test (the scripted OpenAI
+server that plays the provider): they are measured and reported on their own, never
+added to the totals.
 """
 
 from __future__ import annotations
@@ -27,6 +31,11 @@ class PhaseFigures:
     cpu_ms_by_process: dict[str, float] = field(default_factory=dict)
     """CPU milliseconds per conversation of each process group (by name)."""
     pss_mb: float = 0.0
+    pss_mb_by_process: dict[str, float] = field(default_factory=dict)
+    """PSS of each process group (by name), MB, at the same sample as ``pss_mb``."""
+    outside_cpu_ms: dict[str, float] = field(default_factory=dict)
+    """CPU milliseconds per conversation of the processes outside the system (by name)."""
+    outside_pss_mb: dict[str, float] = field(default_factory=dict)
 
     @property
     def per_second(self) -> float:
@@ -47,10 +56,13 @@ class ProcessGroup:
 
     Args:
         roots: Name -> pid of each root; a root's descendants are counted under its name.
+        outside: Names of roots that are measured but are not the system under test (the
+            provider a benchmark plays): their figures are kept apart from the totals.
     """
 
-    def __init__(self, roots: dict[str, int]) -> None:
+    def __init__(self, roots: dict[str, int], *, outside: Iterable[str] = ()) -> None:
         self._roots = roots
+        self.outside = frozenset(outside)
 
     def processes(self) -> dict[int, tuple[str, psutil.Process]]:
         """Every live process of the group, by pid, with the name of its root."""
@@ -71,26 +83,36 @@ class ProcessGroup:
         for pid, (name, process) in self.processes().items():
             with contextlib.suppress(psutil.NoSuchProcess, psutil.AccessDenied):
                 cpu = process.cpu_times()
-                times[pid] = (_label(name, process), cpu.user + cpu.system)
+                times[pid] = (self._label(name, process), cpu.user + cpu.system)
         return times
 
-    def pss_mb(self) -> float:
-        """Summed proportional set size of the group, in MB."""
-        total = 0
-        for _, process in self.processes().values():
+    def pss_by_process(self) -> dict[str, float]:
+        """Proportional set size of each process group (by label, outside ones too), MB."""
+        sizes: dict[str, float] = {}
+        for name, process in self.processes().values():
             with contextlib.suppress(psutil.NoSuchProcess, psutil.AccessDenied):
-                total += process.memory_full_info().pss
-        return total / 1e6
+                label = self._label(name, process)
+                sizes[label] = sizes.get(label, 0.0) + process.memory_full_info().pss / 1e6
+        return sizes
+
+    def pss_mb(self) -> float:
+        """Summed proportional set size of the group (not of its outside roots), in MB."""
+        return sum(mb for label, mb in self.pss_by_process().items() if label not in self.outside)
+
+    def _label(self, root: str, process: psutil.Process) -> str:
+        return root if root in self.outside else _label(root, process)
 
 
 def _label(root: str, process: psutil.Process) -> str:
     """Group PostgreSQL backends and corral's children under readable names."""
     with contextlib.suppress(psutil.Error):
         if process.name() in {"nats-server", "postgres"}:
-            return process.name()
+            return str(process.name())
         cmdline = process.cmdline()  # python -m corral.supervisor <command> run ...
         if "corral.supervisor" in cmdline and "agent" in cmdline:
             return f"agent {cmdline[cmdline.index('agent') + 2]}" if "run" in cmdline else root
+        if "corral.supervisor" in cmdline and "router" in cmdline and "run" in cmdline:
+            return "router"  # the model gateway (litellm lives here)
         if "corral.supervisor" in cmdline and "run" in cmdline:
             return "supervisor"
     return root
@@ -109,17 +131,25 @@ def summarize(
     latencies_s: Iterable[float],
     seconds: float,
     cpu_s: dict[str, float],
-    pss_mb: float = 0.0,
+    pss_mb: dict[str, float] | None = None,
+    outside: frozenset[str] = frozenset(),
 ) -> PhaseFigures:
-    """Figures of one phase from its latencies, wall time and CPU spent."""
+    """Figures of one phase from its latencies, wall time, CPU spent (seconds by label) and
+    memory (MB by label, ``ProcessGroup.pss_by_process()``); the labels in ``outside`` are
+    reported apart and kept out of the totals."""
     ms = sorted(x * 1000 for x in latencies_s)
     n = len(ms)
+    cpu_ms = {k: v * 1000 / n for k, v in sorted(cpu_s.items())} if n else {}
+    pss = dict(sorted((pss_mb or {}).items()))
     return PhaseFigures(
         conversations=n,
         seconds=seconds,
         p50_ms=percentile(ms, 50),
         p99_ms=percentile(ms, 99),
-        cpu_ms_per_conversation=sum(cpu_s.values()) * 1000 / n if n else 0.0,
-        cpu_ms_by_process={k: v * 1000 / n for k, v in sorted(cpu_s.items())} if n else {},
-        pss_mb=pss_mb,
+        cpu_ms_per_conversation=sum(v for k, v in cpu_ms.items() if k not in outside),
+        cpu_ms_by_process={k: v for k, v in cpu_ms.items() if k not in outside},
+        pss_mb=sum(v for k, v in pss.items() if k not in outside),
+        pss_mb_by_process={k: v for k, v in pss.items() if k not in outside},
+        outside_cpu_ms={k: v for k, v in cpu_ms.items() if k in outside},
+        outside_pss_mb={k: v for k, v in pss.items() if k in outside},
     )

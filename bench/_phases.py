@@ -9,6 +9,7 @@ process) is not counted: it is the same code for corral and for the floor.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -41,7 +42,7 @@ class RunFigures:
     concurrent: PhaseFigures
 
 
-async def _bounded(converse: Converse, numbers: range, in_flight: int) -> list[float]:
+async def bounded(converse: Converse, numbers: range, in_flight: int) -> list[float]:
     """Run ``numbers`` with at most ``in_flight`` at once; each one's latency in seconds."""
     latencies: list[float] = []
     queue = iter(numbers)
@@ -56,33 +57,45 @@ async def _bounded(converse: Converse, numbers: range, in_flight: int) -> list[f
     return latencies
 
 
-async def run_phases(converse: Converse, group: ProcessGroup, sizes: Sizes, first: int = 0) -> RunFigures:
-    """Warm-up, sequential, concurrent; conversations are numbered from ``first``."""
-    n = first
-    await _bounded(converse, range(n, n + sizes.warmup), sizes.warmup_in_flight)
-    n += sizes.warmup
-
-    before, started = group.cpu(), time.perf_counter()
-    latencies = await _bounded(converse, range(n, n + sizes.sequential), 1)
-    seconds = time.perf_counter() - started
-    sequential = summarize(latencies, seconds, cpu_spent(before, group.cpu()), group.pss_mb())
-    n += sizes.sequential
-
-    pss: list[float] = []
+async def measure(
+    converse: Converse,
+    group: ProcessGroup,
+    numbers: range,
+    in_flight: int,
+    sample_s: float | None = 0.5,
+) -> PhaseFigures:
+    """One measured phase: ``numbers`` at most ``in_flight`` at once, the group's CPU over
+    the phase, and its memory at the highest of the samples taken every ``sample_s`` (None:
+    one sample at the end, so that sampling does not disturb a latency phase)."""
+    samples: list[dict[str, float]] = []
 
     async def sample_memory() -> None:
-        while True:
-            await asyncio.sleep(0.5)
-            pss.append(await asyncio.to_thread(group.pss_mb))
+        while sample_s is not None:
+            await asyncio.sleep(sample_s)
+            samples.append(await asyncio.to_thread(group.pss_by_process))
 
     sampler = asyncio.create_task(sample_memory())
     before, started = group.cpu(), time.perf_counter()
     try:
-        latencies = await _bounded(converse, range(n, n + sizes.concurrent), sizes.concurrent_in_flight)
+        latencies = await bounded(converse, numbers, in_flight)
     finally:
         sampler.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await sampler
     seconds = time.perf_counter() - started
-    concurrent = summarize(
-        latencies, seconds, cpu_spent(before, group.cpu()), max(pss) if pss else group.pss_mb()
-    )
+    spent = cpu_spent(before, group.cpu())
+    if not samples:
+        samples.append(group.pss_by_process())
+    pss = max(samples, key=lambda s: sum(v for k, v in s.items() if k not in group.outside))
+    return summarize(latencies, seconds, spent, pss, group.outside)
+
+
+async def run_phases(converse: Converse, group: ProcessGroup, sizes: Sizes, first: int = 0) -> RunFigures:
+    """Warm-up, sequential, concurrent; conversations are numbered from ``first``."""
+    n = first
+    await bounded(converse, range(n, n + sizes.warmup), sizes.warmup_in_flight)
+    n += sizes.warmup
+    sequential = await measure(converse, group, range(n, n + sizes.sequential), 1, sample_s=None)
+    n += sizes.sequential
+    concurrent = await measure(converse, group, range(n, n + sizes.concurrent), sizes.concurrent_in_flight)
     return RunFigures(sequential=sequential, concurrent=concurrent)

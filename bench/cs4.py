@@ -3,6 +3,7 @@
     python bench/cs4.py                      # 3 runs, CS-4 sizes, both depths and the floor
     python bench/cs4.py --json cs4.json      # also write the figures (medians and every run)
     python bench/cs4.py --runs 1 --sequential 50 --concurrent 200   # a quick look
+    python bench/cs4.py --depth direct --depth http                 # litellm over HTTP too
 
 Each run starts a fresh `corral up` on the embedded defaults (its own nats-server with
 JetStream and `sync_interval: always`, its own PostgreSQL, nkey credentials, Cedar, the
@@ -14,8 +15,12 @@ conversation counts only when its final reply names its order and its path is ex
 triage -> payments -> account_manager. At the end every order must have been refunded
 exactly once.
 
-The scripted model is plugged in at two depths: ``direct`` (corral's own model interface,
-as the peers' fake models are; the targets apply to it) and ``litellm`` (as the demo runs).
+The scripted model is plugged in at three depths: ``direct`` (corral's own model
+interface, as the peers' fake models are; the targets apply to it), ``litellm`` (litellm's
+custom-provider path, as the demo runs) and ``http`` (litellm's real ``openai`` provider
+over HTTP to a local OpenAI-compatible server answering from the same rules,
+bench/openai_script.py, a process of its own whose CPU is reported apart; run it with
+``--depth http``).
 The floor runs in the same run on its own nats-server with the same settings (see
 bench/floor.py). Runs are interleaved (floor, direct, litellm, floor, ...) and the
 medians are quoted. See bench/README.md for what each figure means.
@@ -26,6 +31,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import copy
 import json
 import os
 import platform
@@ -53,11 +59,18 @@ sys.path.insert(0, str(REPO))
 from bench._measure import PhaseFigures, ProcessGroup
 from bench._phases import RunFigures, Sizes, run_phases
 from bench.floor import HOP_NAMES, HOPS, Floor
+from bench.openai_script import ScriptServer
 from corral.bus import Bus, BusConfig, ClientUpdate, ConversationEnded, connect, subjects
 from corral.supervisor import EmbeddedNats, start_conversation
 from corral.supervisor.stack._runtime import embedded_database_url
 
-DEPTHS = ("direct", "litellm")
+DEPTHS = ("direct", "litellm", "http")
+DEFAULT_DEPTHS = ("direct", "litellm")
+"""What ``python bench/cs4.py`` runs without ``--depth`` (``http`` is asked for by name)."""
+PROVIDER = "provider"
+"""The label of the scripted OpenAI server's process: measured, never counted as corral's."""
+HTTP_MODEL = "openai/support"
+HTTP_KEY_ENV = "CS4_OPENAI_API_KEY"
 TEAM = ("triage", "payments", "account_manager")
 REFUND_CENTS = 4000  # $40: payments may refund it alone (P-45)
 _updates = msgspec.json.Decoder(ClientUpdate)
@@ -108,19 +121,58 @@ def _rules() -> dict[str, Any]:
     }
 
 
-def prepare(workdir: Path, depth: str) -> Path:
+def prepare(
+    workdir: Path,
+    depth: str,
+    *,
+    api_base: str | None = None,
+    overrides: dict[str, Any] | None = None,
+) -> Path:
     """The CS-4 team: the sample support team's three agents, tools and policies, with the
-    CS-4 scripted rules plugged in at ``depth``. Returns the config file."""
-    config_dir = workdir / "cs4"
-    shutil.copytree(REPO / "examples" / "support", config_dir)
-    (config_dir / "scripted.yaml").write_text(yaml.safe_dump(_rules()))
+    CS-4 scripted rules plugged in at ``depth`` (``http``: every tier is ``openai/support``
+    at ``api_base``). ``overrides`` are merged into the config, key by key. Returns the
+    config file."""
+    config_dir = rules_dir(workdir)
     config = yaml.safe_load((config_dir / "corral.yaml").read_text())
-    config["models"] = {tier: {"model": "scripted/support", "via": depth} for tier in config["models"]}
+    if depth == "http":
+        if api_base is None:
+            raise ValueError("the http depth needs the OpenAI server's api_base")
+        tier: dict[str, Any] = {
+            "model": HTTP_MODEL,
+            "api_base": api_base,
+            "api_key_env": HTTP_KEY_ENV,
+            # litellm's map does not know the model: say what it supports and costs, as
+            # corral.yaml would for a self-hosted model.
+            "tools": "native",
+            "prices": {HTTP_MODEL: {"input_per_mtok": 0.0, "output_per_mtok": 0.0}},
+        }
+    else:
+        tier = {"model": "scripted/support", "via": depth}
+    config["models"] = {name: copy.deepcopy(tier) for name in config["models"]}
     config["agents"] = {name: config["agents"][name] for name in TEAM}
     config["graph"]["edges"] = {"triage": ["payments", "account_manager"], "payments": ["account_manager"]}
     config["graph"]["edges"]["account_manager"] = []
+    _merge(config, overrides or {})
     (config_dir / "corral.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
     return config_dir / "corral.yaml"
+
+
+def rules_dir(workdir: Path) -> Path:
+    """The sample team copied into ``workdir`` (once) with the CS-4 rules in
+    ``scripted.yaml``; the directory."""
+    config_dir = workdir / "cs4"
+    if not config_dir.exists():
+        shutil.copytree(REPO / "examples" / "support", config_dir)
+        (config_dir / "scripted.yaml").write_text(yaml.safe_dump(_rules()))
+    return config_dir
+
+
+def _merge(into: dict[str, Any], changes: dict[str, Any]) -> None:
+    for key, value in changes.items():
+        if isinstance(value, dict) and isinstance(into.get(key), dict):
+            _merge(into[key], value)
+        else:
+            into[key] = value
 
 
 def _customer(n: int) -> str:
@@ -154,22 +206,50 @@ async def seed(dsn: str, count: int) -> None:
 
 
 class Corral:
-    """A fresh `corral up` on the embedded defaults, driven as a client would drive it."""
+    """A fresh `corral up` on the embedded defaults, driven as a client would drive it.
 
-    def __init__(self, workdir: Path, depth: str) -> None:
+    Args:
+        workdir: Where the stack's config, state and logs go.
+        depth: Where the scripted model plugs in (``DEPTHS``).
+        delay_s: ``http`` only: seconds the OpenAI server waits before every answer.
+        overrides: Merged into the generated corral.yaml (``prepare()``).
+        timeout_s: How long one conversation may take before it counts as failed.
+    """
+
+    def __init__(
+        self,
+        workdir: Path,
+        depth: str,
+        *,
+        delay_s: float = 0.0,
+        overrides: dict[str, Any] | None = None,
+        timeout_s: float = 60.0,
+    ) -> None:
         self.workdir = workdir
         self.depth = depth
         self.state = workdir / "state"
-        self.config = prepare(workdir, depth)
+        self.config: Path | None = None
+        self.timeout_s = timeout_s
+        self._delay_s = delay_s
+        self._overrides = overrides
+        self._provider: ScriptServer | None = None
         self._process: subprocess.Popen[bytes] | None = None
         self._bus: Bus | None = None
         self._waiting: dict[str, asyncio.Future[ConversationEnded]] = {}
         self.database_url = ""
 
     async def start(self, conversations: int) -> None:
-        """Start the stack, wait until it serves, seed ``conversations`` customers."""
+        """Start the stack (and for ``http`` the OpenAI server first), wait until it
+        serves, seed ``conversations`` customers."""
         env = {k: v for k, v in os.environ.items() if k not in {"NATS_URL", "DATABASE_URL", "CORRAL_CREDS"}}
         env["CORRAL_STATE_DIR"] = str(self.state)
+        api_base = None
+        if self.depth == "http":
+            rules = rules_dir(self.workdir) / "scripted.yaml"
+            self._provider = ScriptServer(rules, delay_s=self._delay_s, log=self.workdir / "provider.log")
+            api_base = await asyncio.to_thread(self._provider.start)
+            env[HTTP_KEY_ENV] = "cs4-local"  # the server asks for none; the OpenAI client wants one
+        self.config = prepare(self.workdir, self.depth, api_base=api_base, overrides=self._overrides)
         with open(self.workdir / "up.log", "wb") as log:
             self._process = subprocess.Popen(
                 [sys.executable, "-m", "corral.supervisor", "up", "-c", str(self.config)],
@@ -207,7 +287,7 @@ class Corral:
                 runtime: dict[str, Any] = json.loads((self.state / "runtime.json").read_text())
                 roles = {c["role"] for c in runtime["children"] if c["pid"]}
                 url = embedded_database_url(self.state)
-                if roles >= {"supervisor", *TEAM} and url and await _shop_ready(url):
+                if roles >= {"supervisor", "router", *TEAM} and url and await _shop_ready(url):
                     return runtime
             await asyncio.sleep(0.1)
         raise RuntimeError(f"corral up did not get ready within {timeout_s:.0f} s")
@@ -233,7 +313,7 @@ class Corral:
                 customer=_customer(n),
                 conversation=conversation,
             )
-            result = await asyncio.wait_for(ended, 60)
+            result = await asyncio.wait_for(ended, self.timeout_s)
         finally:
             del self._waiting[conversation]
         path = [hop.agent for hop in result.path]
@@ -244,13 +324,20 @@ class Corral:
             )
 
     def pids(self) -> dict[str, int]:
-        """The launcher (and so every child, nats-server included) and PostgreSQL."""
+        """The launcher (and so every child, nats-server and the model gateway included),
+        PostgreSQL, and for ``http`` the OpenAI server (``PROVIDER``)."""
         assert self._process is not None
         roots = {"corral up": self._process.pid}
         postmaster = next(self.state.rglob("postmaster.pid"), None)
         if postmaster is not None:
             roots["postgres"] = int(postmaster.read_text().split()[0])
+        if self._provider is not None:
+            roots[PROVIDER] = self._provider.pid
         return roots
+
+    def processes(self) -> ProcessGroup:
+        """Every process serving the conversations; the provider's are measured apart."""
+        return ProcessGroup(self.pids(), outside=[PROVIDER])
 
     async def refunds(self) -> tuple[int, int]:
         """Refunds of the CS-4 orders in the shop, and the distinct orders they refund."""
@@ -276,6 +363,8 @@ class Corral:
                 await asyncio.to_thread(self._process.wait, 60)
             except subprocess.TimeoutExpired:
                 self._process.kill()
+        if self._provider is not None:
+            await asyncio.to_thread(self._provider.stop)
 
 
 async def _shop_ready(dsn: str) -> bool:
@@ -303,7 +392,7 @@ async def run_corral(depth: str, workdir: Path, sizes: Sizes) -> CorralRun:
     corral = Corral(workdir, depth)
     try:
         await corral.start(sizes.total)
-        figures = await run_phases(corral.converse, ProcessGroup(corral.pids()), sizes)
+        figures = await run_phases(corral.converse, corral.processes(), sizes)
         refunds, orders = await corral.refunds()
         return CorralRun(figures=figures, conversations=sizes.total, refunds=refunds, refunded_orders=orders)
     finally:
@@ -325,8 +414,9 @@ async def run_floor(workdir: Path, sizes: Sizes) -> RunFigures:
         await asyncio.to_thread(nats.stop)
 
 
-def _phase(figures: PhaseFigures) -> dict[str, Any]:
-    return {
+def phase_json(figures: PhaseFigures) -> dict[str, Any]:
+    """One phase's figures as the JSON report gives them."""
+    report = {
         "conversations": figures.conversations,
         "seconds": round(figures.seconds, 3),
         "per_second": round(figures.per_second, 1),
@@ -335,7 +425,13 @@ def _phase(figures: PhaseFigures) -> dict[str, Any]:
         "cpu_ms_per_conversation": round(figures.cpu_ms_per_conversation, 2),
         "cpu_ms_by_process": {k: round(v, 2) for k, v in figures.cpu_ms_by_process.items()},
         "pss_mb": round(figures.pss_mb, 1),
+        "pss_mb_by_process": {k: round(v, 1) for k, v in figures.pss_mb_by_process.items()},
     }
+    if figures.outside_cpu_ms or figures.outside_pss_mb:
+        # The provider's own cost, not corral's: not in the figures above.
+        report["provider_cpu_ms_per_conversation"] = round(sum(figures.outside_cpu_ms.values()), 2)
+        report["provider_pss_mb"] = round(sum(figures.outside_pss_mb.values()), 1)
+    return report
 
 
 def _summary(runs: list[RunFigures]) -> dict[str, Any]:
@@ -344,7 +440,7 @@ def _summary(runs: list[RunFigures]) -> dict[str, Any]:
     def median(get: Callable[[RunFigures], float]) -> float:
         return round(statistics.median(get(r) for r in runs), 2)
 
-    return {
+    summary = {
         "seq_p50_ms": median(lambda r: r.sequential.p50_ms),
         "seq_p99_ms": median(lambda r: r.sequential.p99_ms),
         "conc_per_second": median(lambda r: r.concurrent.per_second),
@@ -354,6 +450,13 @@ def _summary(runs: list[RunFigures]) -> dict[str, Any]:
         "conc_cpu_ms_per_conversation": median(lambda r: r.concurrent.cpu_ms_per_conversation),
         "pss_mb": median(lambda r: r.concurrent.pss_mb),
     }
+    if any(r.concurrent.outside_cpu_ms for r in runs):
+        # The OpenAI server's own (the provider's cost), apart from corral's above.
+        summary["provider_conc_cpu_ms_per_conversation"] = median(
+            lambda r: sum(r.concurrent.outside_cpu_ms.values())
+        )
+        summary["provider_pss_mb"] = median(lambda r: sum(r.concurrent.outside_pss_mb.values()))
+    return summary
 
 
 def machine() -> dict[str, Any]:
@@ -405,7 +508,8 @@ async def benchmark(
         "floor": floor,
         "per_run": {
             "floor": [
-                {"sequential": _phase(r.sequential), "concurrent": _phase(r.concurrent)} for r in floor_runs
+                {"sequential": phase_json(r.sequential), "concurrent": phase_json(r.concurrent)}
+                for r in floor_runs
             ]
         },
     }
@@ -416,7 +520,7 @@ async def benchmark(
         summary["refunded_orders"] = sum(r.refunded_orders for r in results)
         report[depth] = summary
         report["per_run"][depth] = [
-            {"sequential": _phase(r.figures.sequential), "concurrent": _phase(r.figures.concurrent)}
+            {"sequential": phase_json(r.figures.sequential), "concurrent": phase_json(r.figures.concurrent)}
             for r in results
         ]
     if "direct" in corral_runs:
@@ -482,6 +586,13 @@ def table(report: dict[str, Any]) -> str:
                 f"{depth}: {report[depth]['conversations']} conversations, "
                 f"{report[depth]['refunds']} refunds of {report[depth]['refunded_orders']} orders"
             )
+    if "provider_conc_cpu_ms_per_conversation" in report.get("http", {}):
+        http = report["http"]
+        lines.append(
+            f"http: the OpenAI server (the provider, not counted above) spent "
+            f"{http['provider_conc_cpu_ms_per_conversation']:.2f} ms CPU per conversation, "
+            f"PSS {http['provider_pss_mb']:.0f} MB"
+        )
     return "\n".join(lines)
 
 
@@ -492,7 +603,12 @@ def main() -> None:
     parser.add_argument("--sequential", type=int, default=300)
     parser.add_argument("--concurrent", type=int, default=2000)
     parser.add_argument("--in-flight", type=int, default=200, help="concurrent phase: conversations at once")
-    parser.add_argument("--depth", choices=DEPTHS, action="append", help="only this depth (repeatable)")
+    parser.add_argument(
+        "--depth",
+        choices=DEPTHS,
+        action="append",
+        help=f"only this depth (repeatable; default: {', '.join(DEFAULT_DEPTHS)})",
+    )
     parser.add_argument("--json", type=Path, help="write the figures here")
     parser.add_argument("--keep", action="store_true", help="keep the working directory (logs)")
     args = parser.parse_args()
@@ -504,7 +620,7 @@ def main() -> None:
     )
     workdir = Path(tempfile.mkdtemp(prefix="corral-cs4-"))
     try:
-        report = asyncio.run(benchmark(args.runs, sizes, tuple(args.depth or DEPTHS), workdir))
+        report = asyncio.run(benchmark(args.runs, sizes, tuple(args.depth or DEFAULT_DEPTHS), workdir))
     finally:
         if args.keep:
             print(f"working directory: {workdir}")
