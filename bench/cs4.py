@@ -152,7 +152,7 @@ def prepare(
     config["agents"] = {name: config["agents"][name] for name in TEAM}
     config["graph"]["edges"] = {"triage": ["payments", "account_manager"], "payments": ["account_manager"]}
     config["graph"]["edges"]["account_manager"] = []
-    _merge(config, overrides or {})
+    merge(config, overrides or {})
     (config_dir / "corral.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
     return config_dir / "corral.yaml"
 
@@ -167,10 +167,11 @@ def rules_dir(workdir: Path) -> Path:
     return config_dir
 
 
-def _merge(into: dict[str, Any], changes: dict[str, Any]) -> None:
+def merge(into: dict[str, Any], changes: dict[str, Any]) -> None:
+    """Merge ``changes`` into the config ``into``, key by key (nested mappings too)."""
     for key, value in changes.items():
         if isinstance(value, dict) and isinstance(into.get(key), dict):
-            _merge(into[key], value)
+            merge(into[key], value)
         else:
             into[key] = value
 
@@ -322,6 +323,11 @@ class Corral:
             raise RuntimeError(
                 f"{conversation} ended {result.status} via {path}: {result.reply or result.reason}"
             )
+
+    @property
+    def provider(self) -> ScriptServer | None:
+        """The OpenAI server of the ``http`` depth, once started."""
+        return self._provider
 
     def pids(self) -> dict[str, int]:
         """The launcher (and so every child, nats-server and the model gateway included),

@@ -12,6 +12,8 @@ picks the rule, and the rule's answer goes back as native ``tool_calls`` (``<too
 block, so litellm's real ``openai`` provider reads it over HTTP exactly as it would read
 a hosted model's. A turn no rule matches is a 400, as a provider refusing a request.
 
+``GET /stats`` says how many requests it answered and the most it held at once.
+
 It runs as a process of its own so the benchmarks can report its CPU apart from corral's:
 it plays the provider, whose cost is not corral's. ``ScriptServer`` starts and stops it.
 """
@@ -21,6 +23,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import json
 import re
 import signal
 import socket
@@ -28,6 +31,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -87,24 +91,49 @@ def completion_body(model: ScriptedModel, body: dict[str, Any], number: int) -> 
     }
 
 
+class Stats:
+    """What the server has seen: requests answered, and the most it held at once (a cap
+    on the client's side, a connection pool say, shows as a peak below what was sent)."""
+
+    def __init__(self) -> None:
+        self.served = 0
+        self.in_flight = 0
+        self.peak_in_flight = 0
+
+    def as_json(self) -> dict[str, int]:
+        return {"served": self.served, "in_flight": self.in_flight, "peak_in_flight": self.peak_in_flight}
+
+
 def app(model: ScriptedModel, delay_s: float) -> Any:
-    """The starlette application: one route, the chat completions."""
+    """The starlette application: the chat completions, and ``GET /stats`` (``Stats``)."""
     from starlette.applications import Starlette
     from starlette.requests import Request
-    from starlette.responses import Response
+    from starlette.responses import JSONResponse, Response
     from starlette.routing import Route
 
-    served = 0
+    stats = Stats()
 
     async def chat(request: Request) -> Response:
-        nonlocal served
-        served += 1
-        status, body = completion_body(model, _decode(await request.body()), served)
-        if delay_s:
-            await asyncio.sleep(delay_s)
+        stats.in_flight += 1
+        stats.peak_in_flight = max(stats.peak_in_flight, stats.in_flight)
+        try:
+            stats.served += 1
+            status, body = completion_body(model, _decode(await request.body()), stats.served)
+            if delay_s:
+                await asyncio.sleep(delay_s)
+        finally:
+            stats.in_flight -= 1
         return Response(_encode(body), status_code=status, media_type="application/json")
 
-    return Starlette(routes=[Route("/v1/chat/completions", chat, methods=["POST"])])
+    async def read_stats(request: Request) -> JSONResponse:
+        return JSONResponse(stats.as_json())
+
+    return Starlette(
+        routes=[
+            Route("/v1/chat/completions", chat, methods=["POST"]),
+            Route("/stats", read_stats, methods=["GET"]),
+        ]
+    )
 
 
 def serve(rules: Path, delay_s: float, host: str, port: int) -> None:
@@ -186,6 +215,11 @@ class ScriptServer:
     def _first_line(self) -> str:
         assert self._process is not None and self._process.stdout is not None
         return self._process.stdout.readline()
+
+    def stats(self) -> dict[str, int]:
+        """The server's ``Stats`` now (``GET /stats``)."""
+        with urllib.request.urlopen(f"{self.url.removesuffix('/v1')}/stats", timeout=10) as response:
+            return dict(json.loads(response.read()))
 
     def stop(self) -> None:
         """Stop the server (SIGTERM, then SIGKILL after 10 s); idempotent."""

@@ -1,5 +1,6 @@
-"""The CS-4 benchmark, small, as a user runs it: both depths and the floor, every
-conversation verified and every refund counted. Never a time: speed lives in bench/."""
+"""The CS-4 benchmarks, small, as a user runs them: the depths and the floor, CS-4-slow,
+every conversation verified and every refund counted. Never a speed: it lives in bench/
+(only what must hold on any machine: a conversation waits on its model calls)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,8 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 from tests.conftest import REPO
 
@@ -45,3 +48,58 @@ def test_a_small_cs4_run_completes_every_conversation_and_refunds_each_once(tmp_
     assert report["ratios"]["cpu_vs_floor"] > 0
     assert [r.keys() for r in report["ratios_per_run"]] == [report["ratios"].keys()]
     assert "8 durable hops" in run.stdout and "corral, scripted direct" in run.stdout
+
+
+def test_the_http_depth_answers_through_the_openai_server_and_reports_it_apart(tmp_path: Path) -> None:
+    out = tmp_path / "cs4.json"
+    sizes = ["--warmup", "2", "--sequential", "3", "--concurrent", "6", "--in-flight", "3", "--depth", "http"]
+    run = subprocess.run(
+        [sys.executable, str(REPO / "bench" / "cs4.py"), "--runs", "1", *sizes, "--json", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=tmp_path,
+    )
+    assert run.returncode == 0, run.stdout + run.stderr
+    report = json.loads(out.read_text())
+    assert "direct" not in report and "ratios" not in report
+    http = report["http"]
+    assert http["conversations"] == 11 and http["refunds"] == 11 and http["refunded_orders"] == 11
+    (phases,) = report["per_run"]["http"]
+    concurrent = phases["concurrent"]
+    # The model gateway is corral's (it calls litellm); the OpenAI server is not.
+    assert "router" in concurrent["cpu_ms_by_process"] and "router" in concurrent["pss_mb_by_process"]
+    assert "provider" not in concurrent["cpu_ms_by_process"]
+    assert "provider" not in concurrent["pss_mb_by_process"]
+    assert concurrent["provider_pss_mb"] > 0 and concurrent["provider_cpu_ms_per_conversation"] >= 0
+    assert concurrent["pss_mb"] == pytest.approx(sum(concurrent["pss_mb_by_process"].values()), abs=0.5)
+    assert http["provider_pss_mb"] > 0
+    assert "corral, scripted http" in run.stdout and "OpenAI server" in run.stdout
+
+
+def test_cs4_slow_keeps_every_conversation_waiting_on_the_model_and_reports_the_bound(tmp_path: Path) -> None:
+    out = tmp_path / "slow.json"
+    sizes = ["--conversations", "8", "--in-flight", "4", "--delay-s", "0.2", "--warmup", "2"]
+    run = subprocess.run(
+        [sys.executable, str(REPO / "bench" / "cs4_slow.py"), *sizes, "--json", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=tmp_path,
+    )
+    assert run.returncode == 0, run.stdout + run.stderr
+    report = json.loads(out.read_text())
+    assert report["bound_per_second"] == 5.0  # 4 in flight / (4 calls x 0.2 s)
+    assert report["refunds"] == report["refunded_orders"] == report["orders"] == 10
+    phase = report["phase"]
+    assert phase["conversations"] == 8
+    # Four model calls of 0.2 s each, one after the other: no conversation is quicker.
+    assert phase["p50_ms"] >= 800 and phase["p99_ms"] >= phase["p50_ms"]
+    assert 0 < report["vs_bound"] <= 1.0
+    assert report["per_second"] == pytest.approx(report["vs_bound"] * 5.0, rel=0.05)
+    # Every call reached the server, the warm-up's included: 4 per conversation.
+    assert report["server"]["served"] >= 4 * 10 and 1 <= report["server"]["peak_in_flight"] <= 4
+    assert phase["cpu_ms_by_process"].keys() >= {"router", "supervisor", "agent payments", "nats-server"}
+    assert phase["pss_mb_by_process"]["router"] > 0
+    assert "provider_cpu_ms_per_conversation" in phase
+    assert "against the bound" in run.stdout
