@@ -28,6 +28,7 @@ class PhaseFigures:
     p50_ms: float
     p99_ms: float
     cpu_ms_per_conversation: float
+    mean_ms: float = 0.0
     cpu_ms_by_process: dict[str, float] = field(default_factory=dict)
     """CPU milliseconds per conversation of each process group (by name)."""
     pss_mb: float = 0.0
@@ -146,6 +147,7 @@ def summarize(
         seconds=seconds,
         p50_ms=percentile(ms, 50),
         p99_ms=percentile(ms, 99),
+        mean_ms=statistics.fmean(ms) if ms else 0.0,
         cpu_ms_per_conversation=sum(v for k, v in cpu_ms.items() if k not in outside),
         cpu_ms_by_process={k: v for k, v in cpu_ms.items() if k not in outside},
         pss_mb=sum(v for k, v in pss.items() if k not in outside),

@@ -428,6 +428,7 @@ def phase_json(figures: PhaseFigures) -> dict[str, Any]:
         "per_second": round(figures.per_second, 1),
         "p50_ms": round(figures.p50_ms, 2),
         "p99_ms": round(figures.p99_ms, 2),
+        "mean_ms": round(figures.mean_ms, 2),
         "cpu_ms_per_conversation": round(figures.cpu_ms_per_conversation, 2),
         "cpu_ms_by_process": {k: round(v, 2) for k, v in figures.cpu_ms_by_process.items()},
         "pss_mb": round(figures.pss_mb, 1),

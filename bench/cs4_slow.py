@@ -27,6 +27,7 @@ import json
 import shutil
 import sys
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -72,9 +73,11 @@ async def run_slow(
         assert provider is not None
         # litellm's first calls in the gateway are slow (imports, its HTTP client): not measured.
         await bounded(corral.converse, range(warmup), max(1, min(warmup, in_flight)))
+        generator = time.process_time()
         figures = await measure(
             corral.converse, corral.processes(), range(warmup, warmup + conversations), in_flight
         )
+        generator = time.process_time() - generator
         stats = await asyncio.to_thread(provider.stats)
         refunds, orders = await corral.refunds()
     finally:
@@ -91,6 +94,12 @@ async def run_slow(
         "per_second": phase["per_second"],
         "bound_per_second": round(limit, 2),
         "vs_bound": round(figures.per_second / limit, 3),
+        # In a steady state a closed loop of in_flight conversations completes in_flight /
+        # mean latency a second: this ratio leaves out the ramp at the start and the tail at
+        # the end, which weigh on a short run.
+        "steady_vs_bound": round(MODEL_CALLS * delay_s * 1000 / figures.mean_ms, 3)
+        if figures.mean_ms
+        else 0.0,
         "target_vs_bound": TARGET,
         "min_latency_ms": MODEL_CALLS * delay_s * 1000,
         "phase": phase,
@@ -101,6 +110,7 @@ async def run_slow(
         if figures.seconds
         else {},
         "server": stats,
+        "load_generator_cpu_ms_per_conversation": round(generator * 1000 / max(conversations, 1), 2),
         "refunds": refunds,
         "refunded_orders": orders,
         "orders": warmup + conversations,
@@ -117,10 +127,14 @@ def table(report: dict[str, Any]) -> str:
         f"throughput {report['per_second']:.1f} conv/s against the bound {report['bound_per_second']:.1f} "
         f"(in flight / {MODEL_CALLS} x {report['delay_s']:g} s): x{report['vs_bound']:.2f} "
         f"(target >= {TARGET})",
-        f"end to end p50 {phase['p50_ms']:.0f} ms, p99 {phase['p99_ms']:.0f} ms "
-        f"(at least {report['min_latency_ms']:.0f})",
+        f"end to end p50 {phase['p50_ms']:.0f} ms, p99 {phase['p99_ms']:.0f} ms, mean {phase['mean_ms']:.0f} "
+        f"(at least {report['min_latency_ms']:.0f}): "
+        f"in a steady state x{report['steady_vs_bound']:.2f} the bound",
         f"model calls the server held at once: at most {report['server']['peak_in_flight']} "
         f"(of {report['in_flight']} conversations in flight); {report['server']['served']} answered",
+        "from a model's answer to the same conversation's next call (corral's part, at the server): "
+        + _quantiles(report["server"]["between_calls_ms"]),
+        *(f"  {hop:<34}{_quantiles(q)}" for hop, q in report["server"]["between_calls_ms_by_hop"].items()),
         "",
         f"{'process':<26}{'CPU ms/conv':>13}{'cores':>8}{'PSS MB':>9}",
     ]
@@ -142,6 +156,10 @@ def table(report: dict[str, Any]) -> str:
         f"{report['refunds']} refunds of {report['refunded_orders']} orders ({report['orders']} seeded)"
     )
     return "\n".join(lines)
+
+
+def _quantiles(figures: dict[str, float]) -> str:
+    return ", ".join(f"{k} {v:.0f} ms" for k, v in figures.items() if k != "count")
 
 
 def main() -> None:

@@ -12,7 +12,8 @@ picks the rule, and the rule's answer goes back as native ``tool_calls`` (``<too
 block, so litellm's real ``openai`` provider reads it over HTTP exactly as it would read
 a hosted model's. A turn no rule matches is a 400, as a provider refusing a request.
 
-``GET /stats`` says how many requests it answered and the most it held at once.
+``GET /stats`` says how many requests it answered, the most it held at once, and how long
+the client took between an answer and the same conversation's next request (``Stats``).
 
 It runs as a process of its own so the benchmarks can report its CPU apart from corral's:
 it plays the provider, whose cost is not corral's. ``ScriptServer`` starts and stops it.
@@ -92,16 +93,61 @@ def completion_body(model: ScriptedModel, body: dict[str, Any], number: int) -> 
 
 
 class Stats:
-    """What the server has seen: requests answered, and the most it held at once (a cap
-    on the client's side, a connection pool say, shows as a peak below what was sent)."""
+    """What the server has seen: requests answered, the most it held at once (a cap on the
+    client's side, a connection pool say, shows as a peak below what was sent), and the
+    time the client took between one answer of a conversation and its next request
+    (everything corral does between two model calls: the gateway reading the answer, the
+    journal, the agent, a tool call or a handoff with its decision, the next agent, the next
+    request), in all and by hop (``triage->payments`` is a handoff, ``payments->payments``
+    the agent's tool call). A conversation is known by the customer's message, which opens
+    every agent's first user message."""
 
     def __init__(self) -> None:
         self.served = 0
         self.in_flight = 0
         self.peak_in_flight = 0
+        self._answered: dict[str, tuple[str, float]] = {}
+        self.gaps_s: dict[str, list[float]] = {}
 
-    def as_json(self) -> dict[str, int]:
-        return {"served": self.served, "in_flight": self.in_flight, "peak_in_flight": self.peak_in_flight}
+    def arrived(self, messages: list[dict[str, Any]]) -> str:
+        """Count a request in; its conversation's key."""
+        self.served += 1
+        self.in_flight += 1
+        self.peak_in_flight = max(self.peak_in_flight, self.in_flight)
+        # The customer's words open every agent's first user message; notes follow a blank line.
+        first = next((str(m.get("content")) for m in messages if m.get("role") == "user"), "")
+        key = first.split("\n\n", 1)[0]
+        agent = agent_of(messages)
+        answered = self._answered.pop(key, None)
+        if answered is not None:
+            hop = f"{answered[0]}->{agent}"
+            self.gaps_s.setdefault(hop, []).append(time.monotonic() - answered[1])
+        return key
+
+    def answered(self, key: str, agent: str) -> None:
+        """Count a request out (its answer is about to be sent)."""
+        self.in_flight -= 1
+        self._answered[key] = (agent, time.monotonic())
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "served": self.served,
+            "in_flight": self.in_flight,
+            "peak_in_flight": self.peak_in_flight,
+            "between_calls_ms": _quantiles_ms([g for gaps in self.gaps_s.values() for g in gaps]),
+            "between_calls_ms_by_hop": {
+                hop: _quantiles_ms(gaps) for hop, gaps in sorted(self.gaps_s.items())
+            },
+        }
+
+
+def _quantiles_ms(values: list[float]) -> dict[str, float]:
+    ordered = sorted(values)
+
+    def ms(q: float) -> float:
+        return round(ordered[min(len(ordered) - 1, int(q * len(ordered)))] * 1000, 1) if ordered else 0.0
+
+    return {"count": len(ordered), "p50": ms(0.5), "p90": ms(0.9), "p99": ms(0.99)}
 
 
 def app(model: ScriptedModel, delay_s: float) -> Any:
@@ -114,15 +160,15 @@ def app(model: ScriptedModel, delay_s: float) -> Any:
     stats = Stats()
 
     async def chat(request: Request) -> Response:
-        stats.in_flight += 1
-        stats.peak_in_flight = max(stats.peak_in_flight, stats.in_flight)
+        request_body = _decode(await request.body())
+        messages = request_body.get("messages") or []
+        key = stats.arrived(messages)
         try:
-            stats.served += 1
-            status, body = completion_body(model, _decode(await request.body()), stats.served)
+            status, body = completion_body(model, request_body, stats.served)
             if delay_s:
                 await asyncio.sleep(delay_s)
         finally:
-            stats.in_flight -= 1
+            stats.answered(key, agent_of(messages))
         return Response(_encode(body), status_code=status, media_type="application/json")
 
     async def read_stats(request: Request) -> JSONResponse:
@@ -216,7 +262,7 @@ class ScriptServer:
         assert self._process is not None and self._process.stdout is not None
         return self._process.stdout.readline()
 
-    def stats(self) -> dict[str, int]:
+    def stats(self) -> dict[str, Any]:
         """The server's ``Stats`` now (``GET /stats``)."""
         with urllib.request.urlopen(f"{self.url.removesuffix('/v1')}/stats", timeout=10) as response:
             return dict(json.loads(response.read()))
