@@ -1,14 +1,8 @@
 """corral's agent service: one process per agent, inbox in, decisions out."""
 
-from corral.agents._decision import (
-    Decision,
-    HandoffDecision,
-    ReplyDecision,
-    ToolDecision,
-    parse_decision,
-    response_format,
-)
-from corral.agents._service import AgentService, AgentSettings, AgentState
+from corral.agents._service import AgentService
+from corral.agents._settings import AgentSettings, AgentState, HandoffEdge
+from corral.agents._turns import Reply, ToolUse, Transfer, Turn, read_turn
 from corral.agents.errors import AgentError, DecisionError
 
 __all__ = [
@@ -16,11 +10,11 @@ __all__ = [
     "AgentService",
     "AgentSettings",
     "AgentState",
-    "Decision",
     "DecisionError",
-    "HandoffDecision",
-    "ReplyDecision",
-    "ToolDecision",
-    "parse_decision",
-    "response_format",
+    "HandoffEdge",
+    "Reply",
+    "ToolUse",
+    "Transfer",
+    "Turn",
+    "read_turn",
 ]

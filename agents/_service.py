@@ -3,21 +3,26 @@
 from __future__ import annotations
 
 import asyncio
-import enum
 import logging
-from dataclasses import dataclass, field, replace
-from typing import Any, TypedDict, TypeVar
+from dataclasses import dataclass
+from typing import TypedDict, TypeVar
 
 import msgspec
 
-from corral.agents._decision import (
-    HandoffDecision,
-    ReplyDecision,
-    ToolDecision,
-    parse_decision,
-    response_format,
+from corral.agents._prompts import encode_arguments, tool_message, user_prompt
+from corral.agents._settings import AgentSettings as AgentSettings
+from corral.agents._settings import AgentState
+from corral.agents._settings import HandoffEdge as HandoffEdge
+from corral.agents._turns import (
+    Reply,
+    ToolUse,
+    Transfer,
+    assistant_turn,
+    corrections,
+    read_turn,
+    reply_spec,
+    transfer_spec,
 )
-from corral.agents._prompts import bounded, encode_arguments, tool_message, user_prompt
 from corral.agents.errors import AgentError, DecisionError
 from corral.bus import (
     ATTEMPT,
@@ -30,16 +35,17 @@ from corral.bus import (
     AgentWaiting,
     Bus,
     BusError,
+    ChatTurn,
     ConnectionGuard,
     Consumer,
     ConsumerConfig,
     Delivery,
     HandoffProposed,
-    JournalEntry,
     JournalQuery,
     JournalReply,
-    Limits,
     Message,
+    ModelAnswer,
+    ModelCall,
     OutputTaken,
     PayloadTooLargeError,
     PoisonMessageError,
@@ -47,6 +53,7 @@ from corral.bus import (
     StepEvent,
     ToolCall,
     ToolResult,
+    ToolSpec,
     clip,
     encode,
     limit_problem,
@@ -56,47 +63,12 @@ from corral.bus import (
     serve_together,
     subjects,
 )
-from corral.router import ChatMessage, Completion, CompletionRequest, Model, RouterError
 
 _HANDOVER_PAUSE_S = 0.05
 _HANDOVER_MAX_PAUSE_S = 2.0
-_Reply = TypeVar("_Reply", JournalReply, ToolResult)
+_Reply = TypeVar("_Reply", JournalReply, ToolResult, ModelAnswer)
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True, kw_only=True)
-class AgentSettings:
-    """One agent's role, as configured.
-
-    Attributes:
-        name: The agent's name; also its subject token and NATS identity.
-        instructions: The system prompt.
-        handoff_targets: Agents this one may hand off to (the graph's edges from it).
-    """
-
-    name: str
-    instructions: str
-    handoff_targets: list[str] = field(default_factory=list)
-    tools: list[dict[str, Any]] = field(default_factory=list)
-    """Tools the model may call: ``name``, ``description``, ``schema`` (JSON Schema)."""
-    max_tool_calls: int = 8
-    """Tool calls allowed in one step before the step fails."""
-    tool_timeout_s: float = 30.0
-    heartbeat_s: float = 10.0
-    """How often a long step tells JetStream it is still working (a third of ack_wait)."""
-    max_in_flight: int = 32
-    max_deliver: int = 10
-    limits: Limits = field(default_factory=Limits)
-    """How big a step's outputs, tool arguments and journaled responses may be."""
-
-
-class AgentState(enum.Enum):
-    """Lifecycle of an ``AgentService``."""
-
-    NEW = "new"
-    RUNNING = "running"
-    STOPPED = "stopped"
 
 
 class AgentService(Service):
@@ -104,15 +76,14 @@ class AgentService(Service):
 
     Args:
         settings: The agent's role.
-        bus: An open bus connection with this agent's credentials.
-        model: Where the agent's model calls go.
+        bus: An open bus connection with this agent's credentials; its model calls go to
+            the model gateway over it.
     """
 
-    def __init__(self, settings: AgentSettings, bus: Bus, model: Model) -> None:
+    def __init__(self, settings: AgentSettings, bus: Bus) -> None:
         super().__init__()
         self._settings = settings
         self._bus = bus
-        self._model = model
         self._consumer: Consumer[AgentTask] = Consumer(
             bus.js,
             ConsumerConfig(
@@ -130,8 +101,20 @@ class AgentService(Service):
         )
         self._system_prompt = (
             f"You are the {settings.name} agent of a customer support team.\n"
-            f"{settings.instructions.strip()}\n\n{response_format(settings.handoff_targets, settings.tools)}"
+            f"{settings.instructions.strip()}\n\n"
+            "End your turn by calling `reply` (to answer the customer) or a `transfer_to_...` tool."
         )
+        self._targets = set(settings.handoff_targets)
+        self._team = set(settings.team)
+        self._thresholds = {edge.target: edge.min_confidence for edge in settings.edges}
+        self._specs: list[ToolSpec] = [
+            *(
+                ToolSpec(name=t["name"], description=t.get("description", ""), parameters=t["schema"])
+                for t in settings.tools
+            ),
+            *(transfer_spec(edge.target, edge.payload_schema) for edge in settings.edges),
+            reply_spec(),
+        ]
         self.state = AgentState.NEW
 
     async def _serve(self) -> None:
@@ -182,30 +165,28 @@ class AgentService(Service):
         name = self._settings.name
         try:
             step = await self._decide(task, attempt)
-        except (RouterError, AgentError) as exc:
+        except AgentError as exc:
             if exc.retryable and attempt < self._settings.max_deliver:
                 raise
-            await self._publish_failure(
-                task, str(exc), exc.response if isinstance(exc, DecisionError) else None
-            )
+            await self._publish_failure(task, str(exc))
             return
         except PayloadTooLargeError as exc:
             await self._publish_failure(task, str(exc))
             return
         if step is None:
             return  # the step was over already (a late redelivery): nothing to tell
-        completion, decision, response = step
+        decision, model = step
         common = _StepFields(conversation=task.conversation, step=task.step, resume=task.resume, agent=name)
         output: AgentOutput
         match decision:
-            case HandoffDecision(target=target, confidence=confidence, reason=reason):
+            case Transfer(target=target, confidence=confidence, reason=reason, payload=payload):
                 # The broker lets this agent publish handoffs only toward the targets the
                 # graph allows; a model that asks for another target is reported on the
                 # error subject, where the supervisor refuses it and tells the client.
-                allowed = target in self._settings.handoff_targets
+                allowed = target in self._targets
                 subject = subjects.agent_handoff(name, target) if allowed else subjects.agent_error(name)
                 output = HandoffProposed(
-                    **common, target=target, confidence=confidence, reason=reason, response=response
+                    **common, target=target, confidence=confidence, reason=reason, payload=payload
                 )
                 detail = f"handoff -> {target} ({confidence:.2f})"
             case _Waiting(result=result):
@@ -216,101 +197,125 @@ class AgentService(Service):
                     **common, approval_id=result.approval_id or "", tool=result.tool, reason=result.reason
                 )
                 detail = f"waiting for approval {result.approval_id} of {result.tool}"
-            case ReplyDecision(text=text, confidence=confidence):
+            case Reply(text=text, confidence=confidence):
                 subject = subjects.agent_reply(name)
-                output = AgentReply(**common, text=text, confidence=confidence, response=response)
+                output = AgentReply(**common, text=text, confidence=confidence)
                 detail = f"reply ({confidence:.2f})"
         await self._hand_over(subject, output, task)
-        await self._emit_event(task, detail, completion.model)
+        await self._emit_event(task, detail, model)
         logger.debug("agent %s step %s/%d: %s", name, task.conversation, task.step, detail)
 
-    async def _decide(
-        self, task: AgentTask, attempt: int
-    ) -> tuple[Completion, HandoffDecision | ReplyDecision | _Waiting, JournalEntry | None] | None:
-        """Ask the model, running the tools it asks for through the gateway, until it hands
-        off or replies, or a tool call needs an approval.
+    async def _decide(self, task: AgentTask, attempt: int) -> tuple[Transfer | Reply | _Waiting, str] | None:
+        """Ask the model (through the model gateway), running the tools it calls through the
+        tool gateway, until it transfers or replies, or a tool call needs an approval.
 
-        No model response is acted on before it is journaled: a response that calls a tool
-        travels with the call and the gateway journals it with the call's effect; the one
-        that ends the step is returned, to travel with the step's output, which the
-        supervisor journals with its decision. A redelivered or resumed step replays the
-        journal instead of asking the model again, so a crash anywhere in the step costs no
-        second call for a journaled response and (with the gateway's ledger) no second
-        effect. Returns None when the journal says the step is over already.
+        The model gateway journals every answer before the agent sees it, and the tool
+        gateway records every call's effect under its idempotency key; both are keyed by
+        (conversation, step, index), where ``index`` counts the step's model and tool calls
+        together. A redelivered or resumed step asks the same questions in the same order,
+        and each is answered from the journal or the ledger: no second model call, no
+        second effect. Returns None when the journal says the step is over already.
         """
-        name = self._settings.name
-        replay: dict[int, JournalEntry] = {}
+        name, settings = self._settings.name, self._settings
         if attempt > 1 or task.resume > 0:
-            answer = await self._journal(
+            journal = await self._journal(
                 JournalQuery(conversation=task.conversation, step=task.step, agent=name)
             )
-            if answer.verdict == "over":
-                logger.info("agent %s step %s/%d: %s", name, task.conversation, task.step, answer.reason)
+            if journal.verdict == "over":
+                logger.info("agent %s step %s/%d: %s", name, task.conversation, task.step, journal.reason)
                 return None
-            if answer.verdict == "stop":
-                raise AgentError(f"stopped: {answer.reason}", agent=name)
-            replay = {entry.index: entry for entry in answer.entries}
+            if journal.verdict == "stop":
+                raise AgentError(f"stopped: {journal.reason}", agent=name)
         messages = [
-            ChatMessage(role="system", content=self._system_prompt),
-            ChatMessage(role="user", content=user_prompt(task)),
+            ChatTurn(role="system", content=self._system_prompt),
+            ChatTurn(role="user", content=user_prompt(task)),
         ]
-        for index in range(self._settings.max_tool_calls + 1):
-            response = replay.get(index)
-            fresh = response is None
-            if response is None:
-                completion = await self._model.complete(
-                    CompletionRequest(agent=name, conversation=task.conversation, messages=messages)
-                )
-                if "\x00" in completion.text:
-                    # PostgreSQL stores no NUL in text: the model's text is journaled, and
-                    # acted on, with U+FFFD in its place.
-                    completion = replace(completion, text=completion.text.replace("\x00", "\ufffd"))
-                response = JournalEntry(
-                    conversation=task.conversation,
-                    step=task.step,
-                    index=index,
-                    agent=name,
-                    text=completion.text,
-                    model=completion.model,
-                    input_tokens=completion.input_tokens,
-                    output_tokens=completion.output_tokens,
-                    cost_usd=completion.cost_usd,
-                )
-            else:
-                completion = Completion(
-                    text=response.text,
-                    model=response.model,
-                    input_tokens=response.input_tokens,
-                    output_tokens=response.output_tokens,
-                    cost_usd=response.cost_usd,
-                )
-            unjournaled = response if fresh else None
-            try:
-                decision = parse_decision(completion.text, agent=name)
-            except DecisionError as exc:
-                exc.response = unjournaled
-                raise
-            if not isinstance(decision, ToolDecision):
-                return completion, decision, unjournaled
-            if index == self._settings.max_tool_calls:
-                break
-            result = await self._call_tool(task, index, decision, unjournaled)
-            if result.status == "approval_required":
-                return completion, _Waiting(result=result), None
-            if result.status == "stopped":
-                raise AgentError(f"stopped: {result.reason}", agent=name)
-            messages += [
-                ChatMessage(role="assistant", content=completion.text),
-                ChatMessage(role="user", content=tool_message(result)),
-            ]
-        raise AgentError(f"more than {self._settings.max_tool_calls} tool calls in one step", agent=name)
+        index, tier, corrected, tool_calls = 0, 0, 0, 0
+        while True:
+            answer = await self._ask_model(task, index, settings.tiers[tier], messages)
+            index += 1
+            turn = read_turn(answer, self._targets, self._team)
+            if turn.problems:
+                corrected += 1
+                if corrected > settings.max_corrections:
+                    raise DecisionError(
+                        f"the model's turn cannot be acted on after {settings.max_corrections} "
+                        f"corrections: {'; '.join(turn.problems.values())}",
+                        agent=name,
+                    )
+                messages = [*messages, assistant_turn(answer), *corrections(answer, turn.problems)]
+                continue
+            if turn.end is not None and not turn.tools:
+                if turn.end.confidence < self._threshold(turn.end) and tier + 1 < len(settings.tiers):
+                    # Asked again, as it was, on the next stronger tier; the weaker answer
+                    # stays in the journal (it was paid for) but not in the history.
+                    tier += 1
+                    continue
+                return turn.end, answer.model
+            results: list[ChatTurn] = []
+            for use in turn.tools:
+                tool_calls += 1
+                if tool_calls > settings.max_tool_calls:
+                    raise AgentError(
+                        f"more than {settings.max_tool_calls} tool calls in one step", agent=name
+                    )
+                result = await self._call_tool(task, index, use)
+                index += 1
+                if result.status == "approval_required":
+                    return _Waiting(result=result), answer.model
+                if result.status == "stopped":
+                    raise AgentError(f"stopped: {result.reason}", agent=name)
+                results.append(ChatTurn(role="tool", tool_call_id=use.call_id, content=tool_message(result)))
+            if turn.end is not None:
+                return turn.end, answer.model
+            messages = [*messages, assistant_turn(answer), *results]
+
+    def _threshold(self, end: Transfer | Reply) -> float:
+        if isinstance(end, Transfer):
+            return self._thresholds.get(end.target, 0.0)
+        return self._settings.reply_min_confidence
+
+    async def _ask_model(
+        self, task: AgentTask, index: int, tier: str, messages: list[ChatTurn]
+    ) -> ModelAnswer:
+        """One completion from the model gateway, as it journaled it.
+
+        Raises:
+            AgentError: the gateway said no more (not retryable: a budget, a kill switch,
+                the turn is over) or the model failed (retryable as the gateway says).
+        """
+        name = self._settings.name
+        call = ModelCall(
+            conversation=task.conversation,
+            step=task.step,
+            index=index,
+            agent=name,
+            tier=tier,
+            messages=messages,
+            tools=self._specs,
+        )
+        answer = await self._ask(
+            subjects.agent_model(name), call, ModelAnswer, "model gateway", self._settings.model_timeout_s
+        )
+        if answer.status == "stopped":
+            raise AgentError(f"stopped: {answer.reason}", agent=name)
+        if answer.status == "failed":
+            raise AgentError(f"the model failed: {answer.reason}", agent=name, retryable=answer.retryable)
+        return answer
 
     async def _journal(self, query: JournalQuery) -> JournalReply:
         # Nothing is used before it is journaled: a step the journal does not answer is
         # redelivered and retried.
         return await self._ask(subjects.agent_journal(self._settings.name), query, JournalReply, "journal")
 
-    async def _ask(self, subject: str, message: Message, reply_type: type[_Reply], what: str) -> _Reply:
+    async def _ask(
+        self,
+        subject: str,
+        message: Message,
+        reply_type: type[_Reply],
+        what: str,
+        timeout_s: float | None = None,
+    ) -> _Reply:
         """Ask the supervisor's ``what`` (the journal, the tool gateway) and return its answer.
 
         Raises:
@@ -320,43 +325,38 @@ class AgentService(Service):
         name = self._settings.name
         try:
             return await request(
-                self._bus.nc, subject, message, reply_type, timeout_s=self._settings.tool_timeout_s
+                self._bus.nc,
+                subject,
+                message,
+                reply_type,
+                timeout_s=timeout_s or self._settings.tool_timeout_s,
             )
         except PoisonMessageError as exc:
             raise AgentError(f"{what} answered nonsense: {exc}", agent=name) from exc
         except BusError as exc:
             raise AgentError(f"{what} did not answer: {exc}", agent=name, retryable=exc.retryable) from exc
 
-    async def _call_tool(
-        self, task: AgentTask, index: int, decision: ToolDecision, response: JournalEntry | None
-    ) -> ToolResult:
+    async def _call_tool(self, task: AgentTask, index: int, use: ToolUse) -> ToolResult:
         name, limits = self._settings.name, self._settings.limits
-        arguments = encode_arguments(decision.arguments)
+        arguments = encode_arguments(use.arguments)
         why = limit_problem(
-            f"arguments of {decision.tool}", arguments, limits.tool_arguments_bytes, "tool_arguments_bytes"
+            f"arguments of {use.tool}", arguments, limits.tool_arguments_bytes, "tool_arguments_bytes"
         )
         if why is not None:
-            failed = DecisionError(f"tool call refused: {why}", agent=name)
-            failed.response = response
-            raise failed
+            raise DecisionError(f"tool call refused: {why}", agent=name)
         call = ToolCall(
             conversation=task.conversation,
             step=task.step,
             index=index,
             agent=name,
-            tool=decision.tool,
-            arguments=decision.arguments,
-            response=bounded(response, limits),
+            tool=use.tool,
+            arguments=use.arguments,
         )
         # The same call is retried on redelivery; its idempotency key makes that safe. A call
         # too big to send never will be.
-        return await self._ask(
-            subjects.agent_tool(name), call, ToolResult, f"tool gateway on {decision.tool}"
-        )
+        return await self._ask(subjects.agent_tool(name), call, ToolResult, f"tool gateway on {use.tool}")
 
-    async def _publish_failure(
-        self, task: AgentTask, reason: str, response: JournalEntry | None = None
-    ) -> None:
+    async def _publish_failure(self, task: AgentTask, reason: str) -> None:
         logger.warning(
             "agent %s cannot complete %s/%d: %s",
             self._settings.name,
@@ -366,11 +366,11 @@ class AgentService(Service):
         )
         await self._hand_over(
             subjects.agent_error(self._settings.name),
-            self._failure(task, reason, response),
+            self._failure(task, reason),
             task,
         )
 
-    def _failure(self, task: AgentTask, reason: str, response: JournalEntry | None) -> AgentFailed:
+    def _failure(self, task: AgentTask, reason: str) -> AgentFailed:
         """The step's failure, with a reason that fits its limit."""
         limit = self._settings.limits.reason_bytes
         return AgentFailed(
@@ -379,7 +379,6 @@ class AgentService(Service):
             resume=task.resume,
             agent=self._settings.name,
             reason=clip(reason.replace("\x00", "\ufffd"), limit),
-            response=response,
         )
 
     async def _hand_over(self, subject: str, output: AgentOutput, task: AgentTask) -> None:
@@ -392,8 +391,6 @@ class AgentService(Service):
         failure, with the reason, so the conversation ends with it; it is never sent
         again and again. A failure that is refused too is given up on (and logged)."""
         name, limits = self._settings.name, self._settings.limits
-        if not isinstance(output, AgentWaiting) and output.response is not None:
-            output = msgspec.structs.replace(output, response=bounded(output.response, limits))
         why = output_problem(output, limits)
         if why is not None and not isinstance(output, AgentFailed):
             await self._give_up(task, output, why)
@@ -445,10 +442,9 @@ class AgentService(Service):
         logger.warning(
             "agent %s: the %s of %s/%d cannot be taken: %s", name, kind, task.conversation, task.step, why
         )
-        response = None if isinstance(output, AgentWaiting) else output.response
         await self._hand_over(
             subjects.agent_error(name),
-            self._failure(task, f"its {kind} cannot be taken: {why}", response),
+            self._failure(task, f"its {kind} cannot be taken: {why}"),
             task,
         )
 

@@ -4,17 +4,13 @@ The tree::
 
     CorralError                  (bus.errors)
     └── AgentError               an agent could not complete a step (``agent``, ``retryable``)
-        └── DecisionError        the model's answer is not a valid decision
+        └── DecisionError        the model's turns cannot be acted on (after corrections),
+                                 or a call it made is over a limit
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 from corral.bus.errors import CorralError
-
-if TYPE_CHECKING:
-    from corral.bus import JournalEntry
 
 
 class AgentError(CorralError):
@@ -33,10 +29,6 @@ class AgentError(CorralError):
 
 
 class DecisionError(AgentError):
-    """The model's answer is not a handoff or reply corral understands.
-
-    ``response`` is the answer as it is to be journaled (it was asked for, and paid for),
-    or None if it was journaled before.
-    """
-
-    response: JournalEntry | None = None
+    """The model's turn cannot be acted on: it stayed malformed after the corrections it was
+    given, or a call it made is over a limit. Never retryable (the journal would answer the
+    same turn again)."""

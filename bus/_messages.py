@@ -10,6 +10,8 @@ from typing import Annotated, Any, Literal
 
 import msgspec
 
+from corral.bus._model_messages import Attempt, ChatToolCall, ModelAnswer, ModelCall
+
 _INT32_MAX = 2**31 - 1
 
 _Count = Annotated[int, msgspec.Meta(ge=0, le=_INT32_MAX)]
@@ -27,6 +29,8 @@ class Hop(msgspec.Struct, frozen=True, kw_only=True):
     """Confidence of the handoff that brought the conversation here (None for the entry)."""
     reason: str = ""
     """Why the previous agent handed off here."""
+    payload: dict[str, Any] = {}
+    """The handoff's payload, as the edge declares it (validated by the supervisor)."""
 
 
 class ConversationStart(msgspec.Struct, frozen=True, kw_only=True, tag="conversation.start"):
@@ -66,11 +70,8 @@ class _StepOutput(msgspec.Struct, frozen=True, kw_only=True):
 
 
 class _StepEnd(_StepOutput, frozen=True, kw_only=True):
-    """An output that ends the step with the model's last response."""
-
-    response: JournalEntry | None = None
-    """The model response that ended the step, journaled by the supervisor in the same
-    transaction as its decision (None: it was journaled before, e.g. on a replay)."""
+    """An output that ends the step. (What the model answered is in the journal, written by
+    the model gateway: an agent reports none of it.)"""
 
 
 class HandoffProposed(_StepEnd, frozen=True, kw_only=True, tag="handoff.proposed"):
@@ -79,6 +80,8 @@ class HandoffProposed(_StepEnd, frozen=True, kw_only=True, tag="handoff.proposed
     target: str
     confidence: _Confidence
     reason: str = ""
+    payload: dict[str, Any] = {}
+    """What the target needs, as the edge's payload model declares it."""
 
 
 class AgentReply(_StepEnd, frozen=True, kw_only=True, tag="agent.reply"):
@@ -212,9 +215,6 @@ class ToolCall(msgspec.Struct, frozen=True, kw_only=True, tag="tool.call"):
     """The identity the body claims; the gateway trusts only the subject token."""
     tool: str
     arguments: dict[str, Any] = {}
-    response: JournalEntry | None = None
-    """The model response that asked for this call, journaled by the gateway in the same
-    transaction as the call's decision and effect (None: journaled before)."""
 
 
 class ToolResult(msgspec.Struct, frozen=True, kw_only=True, tag="tool.result"):
@@ -235,10 +235,9 @@ class ToolResult(msgspec.Struct, frozen=True, kw_only=True, tag="tool.result"):
 
 
 class JournalEntry(msgspec.Struct, frozen=True, kw_only=True, tag="journal.entry"):
-    """One model response of a step. It travels with what it caused (the tool call, or the
-    step's output) and is written to the journal in the same transaction as that call's
-    effect or that output's decision: nothing a response causes happens before it is
-    journaled, and a journaled response is never asked for again."""
+    """One model answer of a step, as the model gateway journaled it before the agent saw
+    it: nothing an answer causes happens before it is journaled, and a journaled answer is
+    never asked for again (a redelivered step replays it)."""
 
     v: int = 1
     conversation: str
@@ -250,6 +249,11 @@ class JournalEntry(msgspec.Struct, frozen=True, kw_only=True, tag="journal.entry
     input_tokens: _Count = 0
     output_tokens: _Count = 0
     cost_usd: _Usd = 0.0
+    tool_calls: list[ChatToolCall] = []
+    tier: str = ""
+    confidence: float | None = None
+    """What the answer's reply or transfer claims (None: neither)."""
+    attempts: list[Attempt] = []
 
 
 class JournalQuery(msgspec.Struct, frozen=True, kw_only=True, tag="journal.query"):
@@ -326,6 +330,8 @@ Message = (
     | JournalQuery
     | JournalReply
     | OutputTaken
+    | ModelCall
+    | ModelAnswer
 )
 
 _encoder = msgspec.json.Encoder()

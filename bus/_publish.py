@@ -9,6 +9,7 @@ import contextlib
 import logging
 from collections.abc import Mapping
 
+import msgspec
 import nats.errors
 from nats.aio.client import Client
 from nats.js import JetStreamContext
@@ -22,7 +23,6 @@ from corral.bus._messages import (
     AgentWaiting,
     ConversationStart,
     HandoffProposed,
-    JournalEntry,
     Message,
     encode,
 )
@@ -69,10 +69,9 @@ def output_problem(message: AgentOutput, limits: Limits) -> str | None:
             fields.append(("approval id", message.approval_id, 256, ""))
             fields.append(("tool", message.tool, 256, ""))
             fields.append(("waiting reason", message.reason, limits.reason_bytes, "reason_bytes"))
-    response: JournalEntry | None = None if isinstance(message, AgentWaiting) else message.response
-    if response is not None:
-        fields.append(("model response", response.text, limits.response_text_bytes, "response_text_bytes"))
-        fields.append(("model name", response.model, 256, ""))
+    if isinstance(message, HandoffProposed) and message.payload:
+        payload = msgspec.json.encode(message.payload).decode()
+        fields.append(("handoff payload", payload, limits.tool_arguments_bytes, "tool_arguments_bytes"))
     for what, value, limit, setting in fields:
         why = limit_problem(what, value, limit, setting)
         if why is not None:

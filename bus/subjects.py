@@ -127,6 +127,16 @@ def all_agent_tools() -> str:
     return f"{PREFIX}.from.*.tool"
 
 
+def agent_model(agent: str) -> str:
+    """Subject on which ``agent`` asks the model gateway for a completion (request/reply)."""
+    return f"{PREFIX}.from.{agent}.model"
+
+
+def all_agent_models() -> str:
+    """Wildcard of every agent's model requests (the model gateway's subscription)."""
+    return f"{PREFIX}.from.*.model"
+
+
 def agent_journal(agent: str) -> str:
     """Subject on which ``agent`` journals model responses and asks for replays."""
     return f"{PREFIX}.from.{agent}.journal"

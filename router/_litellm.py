@@ -215,6 +215,7 @@ def tool_protocol(tier: ModelTier, litellm: ModuleType) -> WireProtocol:
     """The protocol a tier's models are offered tools by: ``tier.tools``, or for ``auto``
     the best that every model of the tier supports (one request shape serves them all,
     fallbacks included): native function calling, else JSON structured output, else text.
+    A model litellm's map does not know counts as native.
     """
     if tier.tools != "auto":
         return tier.tools
@@ -224,8 +225,15 @@ def tool_protocol(tier: ModelTier, litellm: ModuleType) -> WireProtocol:
         if _is_scripted(model):
             return True
         try:
+            litellm.get_model_info(model=model)
+        except Exception:
+            # A model litellm's map does not know (a local vLLM or Ollama model, an
+            # OpenAI-compatible endpoint): nothing says it lacks function calling, and the
+            # OpenAI API shape has it, so it is offered tools natively (`tools:` overrides).
+            return True
+        try:
             return bool(check(model=model))
-        except Exception:  # litellm raises for models its map does not know
+        except Exception:
             return False
 
     if all(supports(litellm.supports_function_calling, m) for m in models):

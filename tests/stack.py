@@ -20,6 +20,8 @@ from corral.supervisor.stack._runtime import embedded_database_url
 from tests.conftest import SAMPLE_CONFIG, eventually
 
 TEAM = {"supervisor", "triage", "payments", "tech_support", "account_manager"}
+PROCESSES = TEAM | {"router"}
+"""What `corral up` runs on the sample team."""
 
 
 @dataclass
@@ -111,6 +113,8 @@ async def running_stack(
         if k not in {"NATS_URL", "DATABASE_URL", "CORRAL_CREDS", "CORRAL_NATS_MONITOR_PORT"}
     }
     env["CORRAL_STATE_DIR"] = str(state)
+    # A provider key as a user's shell would hold one: only the model gateway may see it.
+    env.setdefault("OPENAI_API_KEY", "sk-test-not-for-agents")
     if database_url is not None:
         env["DATABASE_URL"] = database_url
     if monitor:
@@ -130,7 +134,7 @@ async def running_stack(
     def _all_started() -> bool:
         assert process.poll() is None, log.read_text()
         runtime = stack.runtime()
-        return bool(runtime and {c["role"] for c in runtime["children"] if c["pid"]} >= TEAM)
+        return bool(runtime and {c["role"] for c in runtime["children"] if c["pid"]} >= PROCESSES)
 
     try:
         await eventually(_all_started, timeout=60, message="corral up started five processes")

@@ -140,14 +140,14 @@ async def test_killed_mid_step_the_redelivery_replays_instead_of_calling_again(t
     ]
     assert team.child("payments")["pid"] != payments["pid"]
     # The restarted payments replayed its first model call from the journal (not asked
-    # again), got the refund from the gateway's ledger (not applied again), and made only
-    # the call that had not finished.
+    # again), got the refund from the gateway's ledger (not applied again), and its second
+    # model call joined the one the model gateway still had in flight: two calls in all.
     assert _calls(team, conversation, "payments") == 2
     journal = await team.sql(
         "SELECT idx FROM step_journal WHERE conversation=$1 AND agent='payments' ORDER BY idx",
         conversation,
     )
-    assert [r["idx"] for r in journal] == [0, 1]
+    assert [r["idx"] for r in journal] == [0, 2]  # 0: the refund's call, 1: the refund, 2: the handoff
     refunds = await team.sql("SELECT count(*) AS n FROM shop.refunds WHERE order_id='1001'")
     assert refunds[0]["n"] == 1
 

@@ -98,6 +98,16 @@ BUS_EXPORTS = {
     "trace_id",
     "traceparent_from",
     "use_traceparent",
+    "Attempt",
+    "MAX_TOKENS_PER_RESPONSE",
+    "MAX_USD_PER_RESPONSE",
+    "ChatRole",
+    "ChatToolCall",
+    "ChatTurn",
+    "ModelAnswer",
+    "ModelCall",
+    "ModelStatus",
+    "ToolSpec",
 }
 
 
@@ -108,6 +118,7 @@ def test_bus_exports() -> None:
     # Every wire type is exported.
     typing_names = {"Annotated", "Any", "Literal"}
     assert {n for n in dir(bus._messages) if n[0].isupper()} <= set(bus.__all__) | typing_names
+    assert {n for n in dir(bus._model_messages) if n[0].isupper()} <= set(bus.__all__) | typing_names
 
 
 def test_agents_exports() -> None:
@@ -116,20 +127,26 @@ def test_agents_exports() -> None:
         "AgentService",
         "AgentSettings",
         "AgentState",
-        "Decision",
         "DecisionError",
-        "HandoffDecision",
-        "ReplyDecision",
-        "ToolDecision",
-        "parse_decision",
-        "response_format",
+        "HandoffEdge",
+        "Reply",
+        "ToolUse",
+        "Transfer",
+        "Turn",
+        "read_turn",
     }
 
 
 def test_router_exports() -> None:
     assert set(router.__all__) == {
+        "REPLY_TOOL",
         "SCRIPTED_PROVIDER",
-        "ChatMessage",
+        "Admission",
+        "Ledger",
+        "ModelGateway",
+        "ModelPrice",
+        "ToolProtocol",
+        "transfer_tool",
         "Completion",
         "CompletionRequest",
         "LiteLLMModel",

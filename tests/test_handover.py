@@ -10,7 +10,7 @@ import msgspec
 import pytest
 from nats.aio.msg import Msg
 
-from corral.agents import AgentService, AgentSettings
+from corral.agents import AgentService, AgentSettings, HandoffEdge
 from corral.bus import (
     ATTEMPT,
     DEAD_REASON,
@@ -32,6 +32,7 @@ from corral.router import ScriptedModel, ScriptRule, ScriptRules
 from corral.supervisor import EmbeddedNats
 from corral.supervisor.core._outputs import OutputDesk
 from tests.conftest import eventually
+from tests.model_gateway import model_gateway
 
 
 @pytest.fixture
@@ -60,10 +61,11 @@ async def test_the_task_is_held_until_the_supervisor_takes_the_output(
     )
     agent_bus = await _as(nats_server, subjects.agent_identity("triage"))
     agent = AgentService(
-        AgentSettings(name="triage", instructions="Route.", handoff_targets=["payments"]),
+        AgentSettings(name="triage", instructions="Route.", edges=[HandoffEdge(target="payments")]),
         agent_bus,
-        ScriptedModel(rules),
     )
+    gateway = model_gateway(nats_server, {"fast": ScriptedModel(rules)}, ["triage"])
+    await gateway.__aenter__()
     serving = asyncio.create_task(agent.run())
     task = AgentTask(conversation="c1", step=1, agent="triage", text="refund please")
     # No supervisor yet: nobody answers, and the agent keeps the output and its task.
@@ -93,6 +95,7 @@ async def test_the_task_is_held_until_the_supervisor_takes_the_output(
     await agent.shutdown()
     await serving
     await agent_bus.close()
+    await gateway.__aexit__(None, None, None)
     # The same output, with the same id, sent until taken; the model was asked once.
     assert len(seen) == 2
     assert all(isinstance(output, HandoffProposed) and output.target == "payments" for output, _ in seen)

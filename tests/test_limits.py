@@ -46,6 +46,7 @@ from corral.supervisor.core._client import watching
 from corral.supervisor.core._outputs import OutputDesk
 from corral.supervisor.stack._embedded import EmbeddedNats
 from tests.conftest import SAMPLE_CONFIG, eventually
+from tests.model_gateway import model_gateway
 
 
 @pytest.fixture
@@ -80,9 +81,7 @@ async def test_a_message_over_max_payload_with_its_headers_is_refused_before_it_
 
 async def test_a_closed_connection_ends_a_service(nats_server: EmbeddedNats, admin: Bus) -> None:
     bus = await connect(BusConfig(servers=[nats_server.url], identity="agent-triage"))
-    agent = AgentService(
-        AgentSettings(name="triage", instructions="Route."), bus, ScriptedModel(ScriptRules(agents={}))
-    )
+    agent = AgentService(AgentSettings(name="triage", instructions="Route."), bus)
     serving = asyncio.create_task(agent.run())
 
     async def _fetching() -> bool:
@@ -174,7 +173,9 @@ async def test_a_hostile_models_huge_reply_ends_the_step_with_the_reason(
     bus = await connect(
         BusConfig(servers=[nats_server.url], identity="agent-triage", reconnect_forever=False)
     )
-    agent = AgentService(AgentSettings(name="triage", instructions="Answer."), bus, ScriptedModel(rules))
+    agent = AgentService(AgentSettings(name="triage", instructions="Answer."), bus)
+    gateway = model_gateway(nats_server, {"fast": ScriptedModel(rules)}, ["triage"])
+    ledger = await gateway.__aenter__()
     seen: list[tuple[str, AgentOutput]] = []
     decoder = msgspec.json.Decoder(AgentOutput)
 
@@ -204,13 +205,15 @@ async def test_a_hostile_models_huge_reply_ends_the_step_with_the_reason(
     for sub in subs:
         await sub.unsubscribe()
     await bus.close()
+    await gateway.__aexit__(None, None, None)
     assert len(seen) == 1
     subject, output = seen[0]
     assert subject == subjects.agent_error("triage") and isinstance(output, AgentFailed)
-    assert "reply of 600000 bytes exceeds limits.reply_text_bytes (32768)" in output.reason
-    assert output.response is not None
-    assert len(output.response.text.encode()) <= 64 * 1024
-    assert "cut by corral" in output.response.text
+    assert "exceeds limits.response_text_bytes (65536)" in output.reason
+    # The model gateway journaled the answer (it was paid for), cut to the limit.
+    [journaled] = ledger.recorded
+    assert len(journaled.text.encode()) <= 64 * 1024 and not journaled.tool_calls
+    assert "cut by corral" in journaled.text
 
 
 async def test_dead_letters_are_bounded_and_say_they_were_cut(nats_server: EmbeddedNats, admin: Bus) -> None:

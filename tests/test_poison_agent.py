@@ -1,6 +1,7 @@
 """Poison inside an agent's step: whatever fails it for good is reported to the supervisor as
 the step's failure, with the reason, instead of being dead-lettered in silence (which left
-the conversation running forever)."""
+the conversation running forever); a model that raises fails its call at the model gateway,
+which says so."""
 
 from __future__ import annotations
 
@@ -25,6 +26,7 @@ from corral.bus import (
 from corral.router import Completion, CompletionRequest, ScriptedModel, ScriptRule, ScriptRules
 from corral.supervisor.stack._embedded import EmbeddedNats
 from tests.conftest import eventually
+from tests.model_gateway import model_gateway
 
 
 class Poisoned(ScriptedModel):
@@ -37,16 +39,20 @@ class Poisoned(ScriptedModel):
 
 
 async def test_a_step_that_fails_for_good_is_reported_as_failed(nats_server: EmbeddedNats) -> None:
-    # The model answers with 100,000 levels of nesting: decoding it raises RecursionError,
-    # which no retry can change.
-    nested = '{"action": "reply", "text": "hi", "junk": ' + "[" * 100_000 + "]" * 100_000 + "}"
-    rules = ScriptRules(agents={"triage": [ScriptRule(answer=nested)]})
+    # The model calls reply with 5,000 levels of nesting in its arguments: they never
+    # decode, however often the model is told (and asked again).
+    nested = '{"text": "hi", "confidence": 0.9, "junk": ' + "[" * 5_000 + "]" * 5_000 + "}"
+    rules = ScriptRules(
+        agents={"triage": [ScriptRule(answer={"action": "tool", "tool": "reply", "arguments": nested})]}
+    )
     admin = await connect(BusConfig(servers=[nats_server.url], reconnect_forever=False))
     await ensure_topology(admin.js, ["triage"])
     bus = await connect(
         BusConfig(servers=[nats_server.url], identity="agent-triage", reconnect_forever=False)
     )
-    agent = AgentService(AgentSettings(name="triage", instructions="Answer."), bus, Poisoned(rules))
+    agent = AgentService(AgentSettings(name="triage", instructions="Answer."), bus)
+    gateway = model_gateway(nats_server, {"fast": Poisoned(rules)}, ["triage"])
+    await gateway.__aenter__()
     seen: list[AgentOutput] = []
     decoder = msgspec.json.Decoder(AgentOutput)
 
@@ -75,15 +81,16 @@ async def test_a_step_that_fails_for_good_is_reported_as_failed(nats_server: Emb
     await serving
     await sub.unsubscribe()
     await bus.close()
-    # Only the poisoned step was dead-lettered (in the agent's own namespace): the
-    # nested answer failed its step as a decision error, with the reason.
+    await gateway.__aexit__(None, None, None)
+    # Nothing was dead-lettered: each step failed with the reason.
     info = await admin.js.stream_info(subjects.DEAD_LETTER_STREAM)
-    assert info.state.messages == 1
+    assert info.state.messages == 0
     await admin.close()
     by_conversation = {f.conversation: f for f in failed}
     assert len(failed) == 2 and all(isinstance(f, AgentFailed) for f in failed)
     nested_failure, poisoned = by_conversation["c7"], by_conversation["c8"]
     assert isinstance(nested_failure, AgentFailed) and isinstance(poisoned, AgentFailed)
     assert nested_failure.step == 1
-    assert nested_failure.reason.startswith("model answer is not a decision (maximum recursion depth")
-    assert poisoned.reason == "step dead-lettered: ValueError: a poisoned model"
+    assert "cannot be acted on after 2 corrections" in nested_failure.reason
+    assert "maximum recursion depth" in nested_failure.reason
+    assert poisoned.reason == "the model failed: the model raised ValueError('a poisoned model')"

@@ -39,7 +39,6 @@ from corral.bus import (
     subjects,
     use_traceparent,
 )
-from corral.router import ScriptedModel, ScriptRules
 from corral.supervisor import EmbeddedNats
 from corral.supervisor.core._outputs import OutputDesk
 from corral.supervisor.store._budgets import Budgets
@@ -120,9 +119,7 @@ async def test_the_journal_dead_letters_poison_requests_and_answers_good_ones_in
 
 
 async def test_the_agents_journal_request_carries_its_traceparent(admin: Bus, triage: Bus) -> None:
-    agent = AgentService(
-        AgentSettings(name="triage", instructions="Route."), triage, ScriptedModel(ScriptRules(agents={}))
-    )
+    agent = AgentService(AgentSettings(name="triage", instructions="Route."), triage)
     query = JournalQuery(conversation="c1", step=1, agent="triage")
     async with _Journal(admin) as journal:
         trace = new_traceparent()
@@ -236,9 +233,7 @@ async def test_async_with_serves_then_stops(admin: Bus, triage: Bus) -> None:
     with pytest.raises((nats.errors.NoRespondersError, nats.errors.TimeoutError)):
         await triage.nc.request(subject, encode(output), timeout=_NO_ANSWER_S)
     assert len(taken) == 1
-    agent = AgentService(
-        AgentSettings(name="triage", instructions="Route."), triage, ScriptedModel(ScriptRules(agents={}))
-    )
+    agent = AgentService(AgentSettings(name="triage", instructions="Route."), triage)
     async with agent:
         assert agent.state.value == "running"
     assert agent.state.value == "stopped"

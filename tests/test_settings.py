@@ -140,7 +140,9 @@ def test_what_settings_hand_out_is_what_the_config_says() -> None:
 
     graph = settings.graph
     assert graph.entry == config.graph.entry == "triage"
-    assert graph.edges == {source: list(targets) for source, targets in config.graph.edges.items()}
+    assert graph.edges == {source: settings.loaded.targets(source) for source in config.graph.edges}
+    assert graph.edges["triage"] == ["payments", "tech_support", "account_manager"]
+    assert set(graph.payloads) == {("triage", "payments")}
     assert graph.min_confidence == config.graph.min_confidence
     assert graph.max_steps == config.conversation.max_steps
     assert graph.max_pingpong == config.conversation.max_pingpong
@@ -184,6 +186,14 @@ def test_what_settings_hand_out_is_what_the_config_says() -> None:
     assert agent.max_deliver == config.nats.max_deliver
     assert agent.limits == settings.limits
     assert settings.tier("payments") == loaded.tier("payments")
+    assert agent.tiers == ["smart"]  # no graph.tiers: no stronger tier to ask again
+    assert agent.reply_min_confidence == config.graph.min_confidence
+    triage = settings.agent_settings("triage")
+    assert triage.team == loaded.agent_names
+    to_payments = triage.edges[0]
+    assert to_payments.target == "payments" and to_payments.min_confidence == config.graph.min_confidence
+    assert to_payments.payload_schema is not None and "order_id" in to_payments.payload_schema["properties"]
+    assert [edge.payload_schema for edge in triage.edges[1:]] == [None, None]
 
 
 def test_a_team_without_tools_has_no_gateway_config(tmp_path: Path) -> None:
@@ -195,7 +205,9 @@ def test_a_team_without_tools_has_no_gateway_config(tmp_path: Path) -> None:
     head, _, rest = text.partition("\ntools:\n")
     _, _, agents = rest.partition("\nagents:\n")
     lines = [line for line in agents.splitlines() if not line.strip().startswith("tools:")]
-    path.write_text(head + "\nagents:\n" + "\n".join(lines) + "\n")
+    # A payload model is found in the tools module: without one, the edge is a plain one.
+    edited = head + "\nagents:\n" + "\n".join(lines) + "\n"
+    path.write_text(edited.replace("{to: payments, payload: RefundHandoff}", "payments"))
     settings = Settings.load(str(path), environ={})
     assert settings.tools == {}
     with pytest.raises(ConfigError, match="configures no tools"):
@@ -218,6 +230,7 @@ async def test_leaving_the_launcher_waits_for_every_child(
         children = launched.runtime.children
         assert {child.name for child in children} == {
             "supervisor",
+            "router",
             "triage",
             "payments",
             "tech_support",

@@ -9,6 +9,7 @@ import os
 import re
 import signal
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import asyncpg
@@ -51,10 +52,35 @@ async def test_every_process_is_separate_and_alive(stack: Stack) -> None:
     runtime = stack.runtime()
     assert runtime is not None
     pids = {c["name"]: c["pid"] for c in runtime["children"]}
-    assert set(pids) == {"supervisor", "triage", "payments", "tech_support", "account_manager"}
-    assert len(set(pids.values())) == 5 and stack.process.pid not in pids.values()
+    assert set(pids) == {"supervisor", "router", "triage", "payments", "tech_support", "account_manager"}
+    assert len(set(pids.values())) == 6 and stack.process.pid not in pids.values()
     for pid in pids.values():
         os.kill(pid, 0)
+
+
+async def test_agents_hold_no_provider_key_and_no_litellm(stack: Stack) -> None:
+    """The model gateway alone holds provider keys and imports litellm: an agent's
+    environment has no key (the stack was started with one set) and its process never
+    loaded litellm."""
+    runtime = stack.runtime()
+    assert runtime is not None
+    pids = {c["name"]: c["pid"] for c in runtime["children"]}
+
+    def environ(pid: int) -> dict[str, str]:
+        raw = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+        return dict(item.decode().split("=", 1) for item in raw if b"=" in item)
+
+    def loaded(pid: int, name: str) -> bool:
+        return name in Path(f"/proc/{pid}/maps").read_text()
+
+    assert environ(pids["router"]).get("OPENAI_API_KEY") == "sk-test-not-for-agents"
+    for agent in ("triage", "payments", "tech_support", "account_manager"):
+        env = environ(pids[agent])
+        assert "OPENAI_API_KEY" not in env and "DATABASE_URL" not in env, agent
+        assert not any("sk-test-not-for-agents" in value for value in env.values()), agent
+        # litellm pulls in tiktoken's compiled extension when imported: absent from agents.
+        assert not loaded(pids[agent], "tiktoken"), agent
+        assert not loaded(pids[agent], "tokenizers"), agent
 
 
 async def test_sample_conversations_take_the_expected_paths(stack: Stack, client: Bus) -> None:
@@ -179,6 +205,7 @@ async def test_status_lists_processes_streams_and_consumers(stack: Stack) -> Non
     assert report["running"] is True
     assert {p["name"] for p in report["processes"] if p["alive"]} == {
         "supervisor",
+        "router",
         "triage",
         "payments",
         "tech_support",

@@ -7,7 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from tests.conftest import eventually
-from tests.stack import TEAM, running_stack
+from tests.stack import PROCESSES, TEAM, running_stack
 
 AGENTS = sorted(TEAM - {"supervisor"})
 
@@ -25,17 +25,18 @@ async def test_corral_up_is_up_once_every_process_serves_and_says_so_quietly(tmp
         )
         runtime = stack.runtime()
         assert runtime is not None
-        assert {c["name"]: c["ready"] for c in runtime["children"]} == dict.fromkeys(TEAM, True)
+        assert {c["name"]: c["ready"] for c in runtime["children"]} == dict.fromkeys(PROCESSES, True)
         logs = state / "logs"
         for agent in AGENTS:
             assert f"agent {agent} serving" in (logs / f"{agent}.log").read_text(), agent
         assert "supervisor serving" in (logs / "supervisor.log").read_text()
+        assert "model gateway serving corral.from.*.model" in (logs / "router.log").read_text()
         out = stack.log.read_text()
         starting, _, after = out.partition("corral is up")
         assert f"waiting for {', '.join(c['name'] for c in runtime['children'])}…" in starting
-        for name in TEAM:
+        for name in PROCESSES:
             assert f"  {name} serves (" in starting, name
-        assert "5 processes serve" in after
+        assert "6 processes serve" in after
         # Quiet: none of pgserver's, initdb's or pg_ctl's lines, nor the migrations; the
         # launcher's own log has them.
         for noise in ("pgserver", "initdb", "pg_ctl", "applied migration"):

@@ -151,12 +151,13 @@ def test_a_model_tier_whose_api_key_is_unset_names_the_variable(team: Path) -> N
     assert "model keys: set: CORRAL_TEST_NO_SUCH_KEY" in ok.stdout
 
 
-def test_an_agent_whose_model_key_is_unset_exits_at_start_naming_the_variable(team: Path) -> None:
-    """The agent process itself refuses to start (no NATS needed to find out), so a stack
-    started past `corral validate` shows the reason instead of a conversation that hangs."""
+def test_the_model_gateway_refuses_to_start_without_a_tiers_key_naming_the_variable(team: Path) -> None:
+    """The model gateway (the one process that holds keys) refuses to start (no NATS needed
+    to find out), so a stack started past `corral validate` shows the reason instead of a
+    conversation that hangs; agents need no key and start."""
     _edit(team, SMART, NEEDS_A_KEY)
     env = {k: v for k, v in os.environ.items() if k not in {"CORRAL_TEST_NO_SUCH_KEY", "NATS_URL"}}
-    result = _corral("agent", "run", "payments", "-c", str(team), env=env)
+    result = _corral("router", "run", "-c", str(team), env=env)
     assert result.returncode == 2, result.stdout + result.stderr
-    assert "agent payments cannot start" in result.stderr
+    assert "the model gateway cannot start" in result.stderr
     assert "CORRAL_TEST_NO_SUCH_KEY is not set" in result.stderr

@@ -22,12 +22,27 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from corral import EntityRef, EntityType, Resource, SqlTool, Tool, ToolInput
 
-__all__ = ["SCHEMAS", "TOOLS", "setup"]
+__all__ = ["SCHEMAS", "TOOLS", "RefundHandoff", "setup"]
 
 SCHEMAS = ["shop"]
 """The schemas the tools use: the gateway grants its tools' role these, and nothing else."""
 
 A = TypeVar("A", bound=BaseModel)
+
+
+class RefundHandoff(BaseModel):
+    """What payments needs from triage (the payload of the triage -> payments edge, named in
+    corral.yaml): why, and the order the customer names, if any. It is the
+    ``transfer_to_payments`` tool's argument schema, and the supervisor refuses a handoff
+    whose payload does not validate."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    reason: str = Field(default="", max_length=500, description="What payments needs to know.")
+    order_id: str | None = Field(
+        default=None, pattern=r"^[0-9]{1,12}$", description="The order the customer names, if any."
+    )
+
 
 # --- the backend: the shop schema and its seed -------------------------------------------------
 

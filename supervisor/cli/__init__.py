@@ -17,7 +17,7 @@ from collections.abc import Sequence
 from importlib.machinery import ModuleSpec
 from types import ModuleType
 
-SERVICES = frozenset({"agent", "supervisor", "gateway"})
+SERVICES = frozenset({"agent", "supervisor", "gateway", "router"})
 """The commands that run a long-lived service (and may call a model provider over HTTP)."""
 
 

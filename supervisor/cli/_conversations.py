@@ -24,7 +24,7 @@ from corral.supervisor.cli._shared import (
 )
 
 if TYPE_CHECKING:
-    from corral.supervisor.store._reports import ConversationReport, ToolOutcome
+    from corral.supervisor.store._reports import ConversationReport, ModelCallRecord, ToolOutcome
 
 
 @app.command()
@@ -92,7 +92,7 @@ def conversations(
             say("no conversations" + (f" with status {status}" if status else ""))
         else:
             print_table(
-                ["conversation", "status", "started", "customer", "path"],
+                ["conversation", "status", "started", "customer", "path", "cost"],
                 [
                     [
                         c.id,
@@ -100,6 +100,7 @@ def conversations(
                         f"{c.created_at:%Y-%m-%d %H:%M:%S}",
                         c.customer or "-",
                         " -> ".join(c.path),
+                        f"${c.cost_usd:.4f}",
                     ]
                     for c in found
                 ],
@@ -146,6 +147,10 @@ def _print_report(report: ConversationReport) -> None:
             say(f"    {a.id}  {a.agent} {a.tool} {arguments} -> {state}{who}{why}")
     for dropped in report.dropped:
         say(f"  dropped:   {dropped}")
+    if report.model_calls:
+        say("  model calls:")
+        for call in report.model_calls:
+            say(f"    {_model_line(call)}")
     spend = report.spend
     say(f"  spend:     {spend.model_calls} model calls, {spend.tokens} tokens, ${spend.cost_usd:.6f}")
     if record.reply:
@@ -158,6 +163,17 @@ def _path(report: ConversationReport) -> str:
     from corral.supervisor.core._client import format_hops
 
     return format_hops(report.record.path)
+
+
+def _model_line(call: ModelCallRecord) -> str:
+    """``step 1 #0 triage fast scripted/support: transfer_to_payments (0.93), 120+30 tokens, $0.000000``."""
+    called = ", ".join(call.calls) or "no tool call"
+    confidence = f" ({call.confidence:.2f})" if call.confidence is not None else ""
+    tried = f", {call.attempts} attempts" if call.attempts > 1 else ""
+    return (
+        f"step {call.step} #{call.index} {call.agent} {call.tier} {call.model}: {called}{confidence}, "
+        f"{call.input_tokens}+{call.output_tokens} tokens, ${call.cost_usd:.6f}{tried}"
+    )
 
 
 def _tool_line(tool: ToolOutcome) -> str:
@@ -190,6 +206,7 @@ def _document(report: ConversationReport) -> dict[str, Any]:
         "approvals": [a.__dict__ for a in report.approvals],
         "dropped": report.dropped,
         "spend": report.spend.__dict__,
+        "model_calls": [m.__dict__ for m in report.model_calls],
         "approval_id": record.approval_id,
         "reply": record.reply,
         "reason": record.reason,

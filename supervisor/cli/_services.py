@@ -20,6 +20,7 @@ from corral.supervisor.cli._shared import (
     agent_app,
     err_console,
     gateway_app,
+    router_app,
     supervisor_app,
 )
 
@@ -176,33 +177,71 @@ def gateway_run(config: ConfigOption = None) -> None:
 def agent_run(
     name: Annotated[str, typer.Argument(help="The agent to run")], config: ConfigOption = None
 ) -> None:
-    """Run one agent: consume its inbox, call its model, propose handoffs or reply."""
+    """Run one agent: consume its inbox, ask the model gateway, propose handoffs or reply."""
     settings = _load(config)
     if name not in settings.config.agents:
         defined = ", ".join(settings.loaded.agent_names)
         err_console.print(f"unknown agent {name!r}; {settings.path} defines: {defined}")
         raise typer.Exit(EXIT_CONFIG)
-    from corral.supervisor.stack._validate import model_key_problem
-
-    problem = model_key_problem(settings, name)
-    if problem is not None:
-        # A model that cannot be called fails every step; say why now, not as a timeout.
-        err_console.print(f"agent {name} cannot start: {problem}", highlight=False)
-        raise typer.Exit(EXIT_CONFIG)
     _setup_logging()
 
     async def _main() -> int:
         from corral.agents import AgentService
-        from corral.router import model_for_tier
         from corral.supervisor.stack._credentials import agent_identity
         from corral.supervisor.stack._readiness import announced
 
-        model = model_for_tier(settings.tier(name), settings.loaded.scripted_rules)
         bus = await _connect(settings, _nats_url(settings), agent_identity(name))
         try:
-            await _serve(announced(AgentService(settings.agent_settings(name), bus, model)))
+            await _serve(announced(AgentService(settings.agent_settings(name), bus)))
         finally:
             await bus.close()
+        return 0
+
+    _run(_main())
+
+
+@router_app.command("run")
+def router_run(config: ConfigOption = None) -> None:
+    """Run the model gateway: every model call of the team (several may run: they share
+    the work)."""
+    settings = _load(config)
+    from corral.supervisor.stack._validate import model_key_problem
+
+    for tier in settings.config.models:
+        problem = model_key_problem(settings, tier)
+        if problem is not None:
+            # A tier that cannot be called fails every step; say why now, not as a timeout.
+            err_console.print(f"the model gateway cannot start: {problem}", highlight=False)
+            raise typer.Exit(EXIT_CONFIG)
+    _setup_logging()
+
+    async def _main() -> int:
+        from corral.bus import ConnectionGuard
+        from corral.router import ModelGateway, model_for_tier
+        from corral.supervisor.stack._credentials import ROUTER
+        from corral.supervisor.stack._readiness import announced
+        from corral.supervisor.store._model_ledger import ModelLedger
+        from corral.supervisor.store._store import Store
+
+        rules = settings.loaded.scripted_rules
+        models = {name: model_for_tier(tier, rules) for name, tier in settings.model_tiers().items()}
+        bus = await _connect(settings, _nats_url(settings), ROUTER)
+        # The journal's commits do not wait for their WAL flush: anything an answer causes
+        # (a tool's effect, the supervisor's decision) commits synchronously after it, and
+        # PostgreSQL flushes the WAL in order, so a journaled answer is durable before
+        # anything it caused is. A crash of PostgreSQL loses only answers nothing acted on
+        # yet (the step asks again). See store._model_ledger.
+        store = await Store.open(
+            _database_url(settings), max_size=20, server_settings={"synchronous_commit": "off"}
+        )
+        try:
+            gateway = ModelGateway(
+                bus.nc, models, ModelLedger(store.pool, settings.budgets), settings.tiers_of()
+            )
+            await _serve(announced(_Together([gateway, ConnectionGuard(bus)])))
+        finally:
+            await bus.close()
+            await store.close()
         return 0
 
     _run(_main())

@@ -31,6 +31,7 @@ async def status_report(settings: Settings) -> dict[str, Any]:
         "streams": [],
         "consumers": [],
         "kill_switches": [],
+        "conversations": [],
     }
     if url:
         from corral.bus import BusError
@@ -49,7 +50,37 @@ async def status_report(settings: Settings) -> dict[str, Any]:
         report["processes"] = _processes(runtime, report["kill_switches"])
     else:
         report["leftovers"] = _leftovers(settings)
+    if runtime is not None or settings.database_url:
+        await _conversations_report(settings, report)
     return report
+
+
+async def _conversations_report(settings: Settings, report: dict[str, Any]) -> None:
+    """The latest conversations, with their agent and what their model calls cost."""
+    from corral.supervisor.cli._shared import _database
+    from corral.supervisor.errors import StoreError
+    from corral.supervisor.store._reports import recent_conversations
+
+    try:
+        conn = await _database(settings)
+    except StoreError as exc:
+        report["database_error"] = str(exc)
+        return
+    try:
+        found = await recent_conversations(conn, limit=10)
+    finally:
+        await conn.close()
+    report["conversations"] = [
+        {
+            "id": c.id,
+            "status": c.status,
+            "agent": c.current_agent,
+            "model_calls": c.model_calls,
+            "cost_usd": c.cost_usd,
+            "started": c.created_at.isoformat(),
+        }
+        for c in found
+    ]
 
 
 def _leftovers(settings: Settings) -> list[dict[str, Any]]:
@@ -190,6 +221,14 @@ def print_status(report: dict[str, Any]) -> None:
             ],
         ),
         (
+            "latest conversations",
+            ["conversation", "status", "agent", "model calls", "cost"],
+            [
+                [c["id"], c["status"], c["agent"], str(c["model_calls"]), f"${c['cost_usd']:.4f}"]
+                for c in report["conversations"]
+            ],
+        ),
+        (
             "kill switches",
             ["kill switch", "reason", "set by", "at"],
             [[k["key"], k["reason"], k["by"] or "-", _when(k["at"])] for k in report["kill_switches"]],
@@ -202,6 +241,8 @@ def print_status(report: dict[str, Any]) -> None:
             print_table(columns, rows, title=title)
     if "nats_error" in report:
         say(f"NATS: {report['nats_error']}")
+    if "database_error" in report:
+        say(f"PostgreSQL: {report['database_error']}")
 
 
 def _state(process: dict[str, Any]) -> str:

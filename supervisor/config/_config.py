@@ -7,226 +7,64 @@ Errors name the file, the line and the field, and say what was expected::
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ValidationError
 
-from corral.bus import Limits, subjects
-from corral.router import SCRIPTED_PROVIDER, ModelTier
+from corral.bus import subjects
+from corral.router import SCRIPTED_PROVIDER, ModelPrice, ModelTier
+from corral.supervisor.config._sections import (
+    RESERVED_NAMES as RESERVED_NAMES,
+)
+from corral.supervisor.config._sections import (
+    AgentSection as AgentSection,
+)
+from corral.supervisor.config._sections import (
+    AuditSection as AuditSection,
+)
+from corral.supervisor.config._sections import (
+    ConversationSection as ConversationSection,
+)
+from corral.supervisor.config._sections import (
+    CorralConfig as CorralConfig,
+)
+from corral.supervisor.config._sections import (
+    DatabaseSection as DatabaseSection,
+)
+from corral.supervisor.config._sections import (
+    EdgeSection as EdgeSection,
+)
+from corral.supervisor.config._sections import (
+    GraphSection as GraphSection,
+)
+from corral.supervisor.config._sections import (
+    LimitsSection as LimitsSection,
+)
+from corral.supervisor.config._sections import (
+    ModelPriceSection as ModelPriceSection,
+)
+from corral.supervisor.config._sections import (
+    ModelTierSection as ModelTierSection,
+)
+from corral.supervisor.config._sections import (
+    NatsSection as NatsSection,
+)
+from corral.supervisor.config._sections import (
+    RouterSection as RouterSection,
+)
+from corral.supervisor.config._sections import (
+    ToolsSection as ToolsSection,
+)
 from corral.supervisor.config._tools_module import import_tools
 from corral.supervisor.errors import ConfigError
 
 DEFAULT_CONFIG = "corral.yaml"
 SAMPLE_CONFIG = Path(__file__).resolve().parents[2] / "examples" / "support" / "corral.yaml"
-
-
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class NatsSection(_Strict):
-    """Where NATS is; unset means an embedded nats-server (``NATS_URL`` overrides)."""
-
-    url: str | None = None
-    """One or more ``nats://`` URLs, comma-separated."""
-    ack_wait_s: float = Field(default=30.0, gt=0)
-    """How long a delivered step may go without an ack or a heartbeat before it is
-    redelivered (agents send a heartbeat every third of it during long steps)."""
-    max_deliver: int = Field(default=10, ge=1)
-    """Deliveries of one message before it is dead-lettered."""
-    stream_replicas: int = Field(default=1, ge=1, le=5)
-    """Copies of each stream (3 on a 3-node cluster); ``CORRAL_STREAM_REPLICAS`` wins."""
-    monitor_port: int | None = Field(default=None, ge=0, le=65535)
-    """The embedded nats-server's HTTP monitoring port (``/connz``, ``/jsz``), on loopback
-    only; unset (the default) serves none, 0 picks a free port. ``CORRAL_NATS_MONITOR_PORT``
-    wins. The endpoint is unauthenticated: it names every connection and consumer."""
-
-
-class DatabaseSection(_Strict):
-    """Where PostgreSQL is; unset means an embedded server (``DATABASE_URL`` overrides)."""
-
-    url: str | None = None
-    """The owner's DSN: migrations (and tool modules' ``setup``) run as this role."""
-    supervisor_url: str | None = None
-    """The DSN the supervisor (and a separate gateway) connect with: a role that may append
-    to ``audit_log`` only through ``corral_audit_append`` (see the README).
-    ``CORRAL_SUPERVISOR_DATABASE_URL`` wins. Unset: ``corral up`` derives it from ``url``
-    for the role ``corral_supervisor``, which it creates (and gives a fresh password) when
-    ``url``'s role may; otherwise the services use ``url`` itself."""
-
-
-class AuditSection(_Strict):
-    """The audit chain's anchors outside PostgreSQL."""
-
-    anchor_interval_s: float = Field(default=10.0, gt=0)
-    """How often the supervisor signs and publishes ``(count, head hash)`` of ``audit_log``
-    (it also does at start and on shutdown)."""
-
-
-class ModelTierSection(_Strict):
-    """A model tier: a litellm model name and its fallbacks."""
-
-    model: str
-    """e.g. ``openai/gpt-4o-mini``, ``anthropic/claude-3-5-haiku-latest``, ``ollama/llama3``,
-    or ``scripted/<rules>`` for the offline scripted provider."""
-    fallbacks: list[str] = Field(default_factory=list)
-    api_base: str | None = None
-    api_key_env: str | None = None
-    """Name of the environment variable holding the API key (litellm's defaults otherwise)."""
-    temperature: float | None = None
-    max_tokens: int | None = None
-    timeout_s: float = Field(default=60.0, gt=0)
-    retries: int = Field(default=2, ge=0)
-    via: Literal["litellm", "direct"] = "litellm"
-    """``litellm`` (every model) or ``direct``: a ``scripted/<rules>`` model answers at
-    corral's own model interface, without litellm (the benchmark measures both)."""
-
-
-class AgentSection(_Strict):
-    """One agent of the team."""
-
-    tier: str = "fast"
-    """Which entry of ``models`` the agent calls."""
-    instructions: str
-    """The agent's instructions, or a path (relative to this file) to a file holding them."""
-    replicas: int = Field(default=1, ge=1)
-    """Processes ``corral up`` starts for this agent; they share one durable consumer."""
-    tools: list[str] = Field(default_factory=list)
-    """Tools the agent's model is offered (the policies still decide every call). The
-    gateway denies any other tool the agent calls, before policy."""
-    max_tool_calls: int = Field(default=8, ge=1, le=1000)
-    """Tool calls per step. The gateway refuses a call past it and stops the conversation."""
-    daily_usd: float | None = Field(default=None, ge=0)
-    """Model dollars this agent may spend per day, across all its conversations."""
-
-
-class ToolsSection(_Strict):
-    """Where the tools and the policies that govern them are."""
-
-    path: str | None = None
-    """A Python file exposing ``TOOLS`` (and optionally ``async setup(conn)``, run once to
-    prepare the tools' backend, and ``SCHEMAS``, the schemas its statements reach),
-    relative to this file. Give ``path`` or ``module``, not both."""
-    module: str | None = None
-    """Instead of ``path``: the import path of an installed module exposing the same."""
-    policies: str
-    """Directory of Cedar policies (``*.cedar``), relative to this file."""
-    max_pending_approvals: int = Field(default=100, ge=0)
-    """Past this, calls needing approval are denied instead of queued."""
-    approval_ttl_s: float = Field(default=24 * 3600.0, gt=0)
-    """How long an approval request or a granted approval stays valid."""
-    separate_gateway: bool = False
-    """Run the gateway as its own process (`corral gateway run`) instead of inside the
-    supervisor; ``corral up`` then starts it, and it alone holds the backend's access."""
-    call_timeout_s: float = Field(default=10.0, gt=0)
-    """How long one tool call's body (``resource()`` and ``run()``) may take; past it the
-    call is rolled back and answered ``error``."""
-
-    @model_validator(mode="after")
-    def _one_source(self) -> ToolsSection:
-        if (self.path is None) == (self.module is None):
-            raise ValueError("give the tools' `path` (a file beside this config) or `module`, one of them")
-        return self
-
-    @property
-    def reference(self) -> str:
-        """What ``import_tools`` loads: the file's absolute path (``load_config`` resolves
-        it), or the module's import path."""
-        return self.path or self.module or ""
-
-
-class GraphSection(_Strict):
-    """Who may hand off to whom."""
-
-    entry: str
-    """The agent every conversation starts with."""
-    edges: dict[str, list[str]] = Field(default_factory=dict)
-    """Allowed handoffs: source agent -> the agents it may hand off to."""
-    min_confidence: float = Field(default=0.5, ge=0.0, le=1.0)
-    """A handoff below this confidence is escalated to a human instead of forwarded."""
-
-
-class ConversationSection(_Strict):
-    """Limits on one conversation."""
-
-    max_steps: int = Field(default=10, ge=1)
-    """Agent steps before the conversation is escalated instead of handed off again."""
-    max_tokens: int | None = Field(default=None, ge=1)
-    """Model tokens (in + out) one conversation may use."""
-    max_usd: float | None = Field(default=None, ge=0)
-    """Model dollars one conversation may spend."""
-    max_seconds: float | None = Field(default=None, gt=0)
-    """Wall-clock seconds from the conversation's start."""
-    max_same_tool_calls: int = Field(default=5, ge=1)
-    """Calls of one tool with the same arguments in one conversation before it is stopped."""
-    max_pingpong: int = Field(default=3, ge=1)
-    """Handoffs back and forth between the same two agents before it is stopped."""
-
-
-class LimitsSection(_Strict):
-    """How big what arrives at corral's edges may be, in bytes of UTF-8. What is bigger is
-    refused with the reason (the client sees it) and dead-lettered; whatever corral derives
-    from an input is built from parts within these, and checked against the NATS server's
-    ``max_payload`` (1 MiB by default) before it is sent."""
-
-    customer_text_bytes: int = Field(default=16 * 1024, ge=1)
-    """A conversation start's text."""
-    customer_id_bytes: int = Field(default=256, ge=1)
-    """A conversation start's customer id."""
-    reply_text_bytes: int = Field(default=32 * 1024, ge=1)
-    """An agent's reply to the customer; a longer one fails the step with the reason."""
-    reason_bytes: int = Field(default=4 * 1024, ge=64)
-    """A handoff's, a failure's or a wait's reason."""
-    response_text_bytes: int = Field(default=64 * 1024, ge=1024)
-    """A model response as journaled; the agent cuts a longer one (saying so) and keeps
-    what it cost."""
-    tool_arguments_bytes: int = Field(default=16 * 1024, ge=1)
-    """A tool call's arguments, encoded as JSON."""
-    tool_result_bytes: int = Field(default=64 * 1024, ge=1)
-    """A tool call's result, encoded as JSON."""
-    dead_letter_body_bytes: int = Field(default=64 * 1024, ge=1024, le=96 * 1024)
-    """How much of a message's body its dead letter keeps (the rest is cut, and the
-    ``Corral-Dead-Truncated`` header gives the original size)."""
-    dead_letter_max_bytes: int = Field(default=256 * 1024 * 1024, ge=1024 * 1024)
-    """What ``CORRAL_DLQ`` holds at most; past it the oldest dead letters go first."""
-    dead_letter_max_age_s: float = Field(default=30 * 24 * 3600.0, gt=0)
-    """How long ``CORRAL_DLQ`` keeps a dead letter."""
-
-    def to_limits(self) -> Limits:
-        """The limits as the bus, the supervisor and the agents take them."""
-        return Limits(
-            customer_text_bytes=self.customer_text_bytes,
-            customer_id_bytes=self.customer_id_bytes,
-            reply_text_bytes=self.reply_text_bytes,
-            reason_bytes=self.reason_bytes,
-            response_text_bytes=self.response_text_bytes,
-            tool_arguments_bytes=self.tool_arguments_bytes,
-            tool_result_bytes=self.tool_result_bytes,
-            dead_letter_body_bytes=self.dead_letter_body_bytes,
-        )
-
-
-class CorralConfig(_Strict):
-    """The whole ``corral.yaml``."""
-
-    version: Literal[1] = 1
-    state_dir: str = ".corral"
-    """Where embedded servers keep their data, relative to the working directory."""
-    nats: NatsSection = NatsSection()
-    database: DatabaseSection = DatabaseSection()
-    audit: AuditSection = AuditSection()
-    models: dict[str, ModelTierSection]
-    scripted: dict[str, str] = Field(default_factory=dict)
-    """Rules files of the scripted provider: ``scripted/<name>`` -> path (relative to this file)."""
-    agents: dict[str, AgentSection]
-    graph: GraphSection
-    conversation: ConversationSection = ConversationSection()
-    limits: LimitsSection = LimitsSection()
-    tools: ToolsSection | None = None
 
 
 @dataclass(frozen=True)
@@ -250,15 +88,18 @@ class LoadedConfig:
         return list(self.config.agents)
 
     def tier(self, agent: str, api_keys: Mapping[str, str] | None = None) -> ModelTier:
-        """The model tier ``agent`` calls, as router data.
+        """The model tier ``agent`` calls, as router data (``model_tier``)."""
+        return self.model_tier(self.config.agents[agent].tier, api_keys)
+
+    def model_tier(self, name: str, api_keys: Mapping[str, str] | None = None) -> ModelTier:
+        """The model tier ``name``, as router data.
 
         Args:
-            agent: The agent.
+            name: The tier.
             api_keys: Environment values by variable name, for the tier's ``api_key_env``
                 (``Settings`` reads them once); without it the tier has no API key, and
                 litellm uses its defaults.
         """
-        name = self.config.agents[agent].tier
         section = self.config.models[name]
         return ModelTier(
             name=name,
@@ -270,12 +111,26 @@ class LoadedConfig:
             max_tokens=section.max_tokens,
             timeout_s=section.timeout_s,
             retries=section.retries,
+            retry_backoff_s=section.retry_backoff_s,
+            cooldown_after=section.cooldown_after,
+            cooldown_s=section.cooldown_s,
+            tools=section.tools,
+            prices={
+                model: ModelPrice(input_per_mtok=price.input_per_mtok, output_per_mtok=price.output_per_mtok)
+                for model, price in section.prices.items()
+            },
             via=section.via,
         )
 
     def targets(self, agent: str) -> list[str]:
         """Agents ``agent`` may hand off to."""
-        return list(self.config.graph.edges.get(agent, []))
+        return [edge.to for edge in self.config.graph.edge_list(agent)]
+
+    def tiers_of(self, agent: str) -> list[str]:
+        """The tier ``agent`` calls, then the stronger ones a low-confidence answer is asked
+        again on (``graph.tiers`` after it)."""
+        own, order = self.config.agents[agent].tier, self.config.graph.tiers
+        return [own, *order[order.index(own) + 1 :]] if own in order else [own]
 
 
 def resolve_config_path(option: str | None) -> Path:
@@ -320,7 +175,9 @@ def load_config(path: Path, *, check_tools: bool = True) -> LoadedConfig:
     except ValidationError as exc:
         problems = [(tuple(err["loc"]), _describe(err)) for err in exc.errors(include_url=False)]
         raise _config_error(path, root, problems) from exc
-    problems = _check_references(config) + (_check_tools(config) if check_tools else [])
+    problems = _check_references(config) + (
+        _check_tools(config) + _check_payloads(config) if check_tools else []
+    )
     if problems:
         raise _config_error(path, root, problems)
     base = path.resolve().parent
@@ -357,6 +214,8 @@ def _check_references(config: CorralConfig) -> list[tuple[tuple[Any, ...], str]]
             subjects.check_token(name, "agent name")
         except ValueError as exc:
             problems.append((("agents", name), str(exc)))
+        if name in RESERVED_NAMES:
+            problems.append((("agents", name), f"{name!r} is the name of one of corral's own processes"))
     for name, agent in config.agents.items():
         if agent.tier not in config.models:
             problems.append(
@@ -381,7 +240,8 @@ def _check_references(config: CorralConfig) -> list[tuple[tuple[Any, ...], str]]
                     f"{source!r} is not an agent; expected one of: {known}",
                 )
             )
-        for index, target in enumerate(targets):
+        for index, edge in enumerate(targets):
+            target = edge.to if isinstance(edge, EdgeSection) else edge
             if target not in config.agents:
                 problems.append(
                     (
@@ -389,6 +249,19 @@ def _check_references(config: CorralConfig) -> list[tuple[tuple[Any, ...], str]]
                         f"{target!r} is not an agent; expected one of: {known}",
                     )
                 )
+    for index, tier_name in enumerate(config.graph.tiers):
+        if tier_name not in config.models:
+            problems.append(
+                (
+                    ("graph", "tiers", index),
+                    f"{tier_name!r} is not a model tier; expected one of: {', '.join(sorted(config.models))}",
+                )
+            )
+    escalate_to = config.graph.escalate_to
+    if escalate_to is not None and escalate_to not in config.agents:
+        problems.append(
+            (("graph", "escalate_to"), f"{escalate_to!r} is not an agent; expected one of: {known}")
+        )
     for tier_name, tier in config.models.items():
         if tier.via == "direct" and (not tier.model.startswith(f"{SCRIPTED_PROVIDER}/") or tier.fallbacks):
             problems.append(
@@ -409,6 +282,49 @@ def load_tools(config: CorralConfig) -> dict[str, Any]:
         return {}
     module = import_tools(config.tools.reference)
     return {tool.name: tool for tool in getattr(module, "TOOLS", [])}
+
+
+def load_payload(config: CorralConfig, reference: str) -> type[BaseModel]:
+    """The pydantic model an edge's ``payload`` names: ``module:Name``, or a name in the
+    team's tools module.
+
+    Raises:
+        ImportError: the module cannot be imported.
+        LookupError: it has no such name, or the name is not a pydantic model.
+    """
+    if ":" in reference:
+        module_name, name = reference.split(":", 1)
+        module = importlib.import_module(module_name)
+    elif config.tools is not None:
+        module, name = import_tools(config.tools.reference), reference
+    else:
+        raise LookupError(f"{reference!r} needs a `tools:` section to be found in, or `module:Name`")
+    found = getattr(module, name, None)
+    if not (isinstance(found, type) and issubclass(found, BaseModel)):
+        raise LookupError(f"{reference!r} is not a pydantic model in {module.__name__}")
+    return found
+
+
+def load_payloads(config: CorralConfig) -> dict[tuple[str, str], type[BaseModel]]:
+    """Every edge's payload model, by (source, target)."""
+    return {
+        (source, edge.to): load_payload(config, edge.payload)
+        for source in config.graph.edges
+        for edge in config.graph.edge_list(source)
+        if edge.payload is not None
+    }
+
+
+def _check_payloads(config: CorralConfig) -> list[tuple[tuple[Any, ...], str]]:
+    problems: list[tuple[tuple[Any, ...], str]] = []
+    for source, edges in config.graph.edges.items():
+        for index, edge in enumerate(edges):
+            if isinstance(edge, EdgeSection) and edge.payload is not None:
+                try:
+                    load_payload(config, edge.payload)
+                except (ImportError, LookupError) as exc:
+                    problems.append((("graph", "edges", source, index, "payload"), str(exc)))
+    return problems
 
 
 def _check_tools(config: CorralConfig) -> list[tuple[tuple[Any, ...], str]]:

@@ -8,7 +8,8 @@ input republishes exactly what was published before (same ``Nats-Msg-Id``, dedup
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+
+from pydantic import ValidationError
 
 from corral.bus import (
     AgentFailed,
@@ -25,46 +26,15 @@ from corral.bus import (
     Hop,
     KillSwitch,
     Limits,
-    Message,
     output_problem,
     start_problem,
     subjects,
 )
+from corral.supervisor.core._graph import Decision as Decision
+from corral.supervisor.core._graph import Graph as Graph
+from corral.supervisor.core._graph import Outgoing as Outgoing
+from corral.supervisor.core._graph import escalate
 from corral.supervisor.store._store import ConversationRecord, StepRecord
-
-
-@dataclass(frozen=True, kw_only=True)
-class Graph:
-    """The handoff graph and limits the supervisor enforces."""
-
-    entry: str
-    edges: dict[str, list[str]]
-    min_confidence: float
-    max_steps: int
-    max_pingpong: int = 3
-    """Handoffs back and forth between the same two agents before the conversation stops."""
-
-
-@dataclass(frozen=True, kw_only=True)
-class Outgoing:
-    """One message to publish."""
-
-    subject: str
-    message: Message
-    msg_id: str
-    stored: bool = True
-    """False: news for whoever listens (progress), published without storing."""
-
-
-@dataclass(frozen=True, kw_only=True)
-class Decision:
-    """What to save and what to tell, for one input."""
-
-    record: ConversationRecord | None
-    """The conversation after the input (None: unchanged)."""
-    steps: list[StepRecord] = field(default_factory=list)
-    extra: list[Outgoing] = field(default_factory=list)
-    """Messages only this transition sends (beyond ``outputs(record)``)."""
 
 
 def start(
@@ -157,7 +127,7 @@ def _on_turn(
         case HandoffProposed():
             killed = (killed_agents or {}).get(message.target)
             if killed is not None:
-                return _escalate(
+                return escalate(
                     record,
                     sender,
                     f"handoff {sender} -> {message.target} not forwarded: agent {message.target} "
@@ -166,15 +136,25 @@ def _on_turn(
                     message.confidence,
                 )
             if budget_exceeded is not None:
-                return _escalate(
+                return escalate(
                     record,
                     sender,
                     f"stopped: {budget_exceeded}; escalated to a human",
                     message.target,
                     message.confidence,
                 )
-            return _handoff(message, record, graph)
+            return _handoff(message, record, graph, killed_agents)
         case AgentReply():
+            needed = graph.threshold(sender, None)
+            if message.confidence < needed:
+                return _unsure(
+                    record,
+                    graph,
+                    sender,
+                    f"reply of {sender} confidence {message.confidence:.2f} is below {needed:.2f}",
+                    message.confidence,
+                    killed_agents,
+                )
             step = StepRecord(step=record.step, agent=sender, kind="replied", confidence=message.confidence)
             return Decision(record=record.evolve(status="replied", reply=message.text), steps=[step])
         case AgentWaiting():
@@ -185,25 +165,39 @@ def _on_turn(
             )
         case AgentFailed():
             reason = f"{sender} could not complete step {message.step}: {message.reason}"
-            return _escalate(record, sender, reason)
+            return escalate(record, sender, reason)
 
 
-def _handoff(message: HandoffProposed, record: ConversationRecord, graph: Graph) -> Decision:
+def _handoff(
+    message: HandoffProposed,
+    record: ConversationRecord,
+    graph: Graph,
+    killed_agents: Mapping[str, KillSwitch] | None = None,
+) -> Decision:
     source, target = message.agent, message.target
     if target not in graph.edges.get(source, []):
         return _refuse(message, record, graph)
-    if message.confidence < graph.min_confidence:
-        return _escalate(
+    payload = message.payload
+    model = graph.payloads.get((source, target))
+    if model is not None:
+        try:
+            payload = model.model_validate(message.payload).model_dump(mode="json")
+        except ValidationError as exc:
+            return _refuse(message, record, graph, f"invalid payload for {target}: {_first_errors(exc)}")
+    needed = graph.threshold(source, target)
+    if message.confidence < needed:
+        return _unsure(
             record,
+            graph,
             source,
-            f"handoff {source} -> {target} confidence {message.confidence:.2f} is "
-            f"below {graph.min_confidence:.2f}; escalated to a human",
-            target,
+            f"handoff {source} -> {target} confidence {message.confidence:.2f} is below {needed:.2f}",
             message.confidence,
+            killed_agents,
+            target,
         )
     bounces = _pingpong(record.path, target)
     if bounces >= graph.max_pingpong:
-        return _escalate(
+        return escalate(
             record,
             source,
             f"loop: {bounces} handoffs back and forth between {source} and {target}; escalated to a human",
@@ -211,7 +205,7 @@ def _handoff(message: HandoffProposed, record: ConversationRecord, graph: Graph)
             message.confidence,
         )
     if record.step >= graph.max_steps:
-        return _escalate(
+        return escalate(
             record,
             source,
             f"conversation reached {graph.max_steps} steps; escalated to a human",
@@ -225,7 +219,7 @@ def _handoff(message: HandoffProposed, record: ConversationRecord, graph: Graph)
             current_agent=target,
             path=[
                 *record.path,
-                Hop(agent=target, confidence=message.confidence, reason=message.reason),
+                Hop(agent=target, confidence=message.confidence, reason=message.reason, payload=payload),
             ],
         ),
         steps=[
@@ -241,23 +235,37 @@ def _handoff(message: HandoffProposed, record: ConversationRecord, graph: Graph)
     )
 
 
-def _escalate(
+def _first_errors(exc: ValidationError, limit: int = 3) -> str:
+    """A payload's validation errors, as a sentence the client can read."""
+    errors = exc.errors(include_url=False)[:limit]
+    return "; ".join(f"{'.'.join(str(p) for p in e['loc']) or 'payload'}: {e['msg']}" for e in errors)
+
+
+def _unsure(
     record: ConversationRecord,
-    agent: str,
-    reason: str,
+    graph: Graph,
+    source: str,
+    why: str,
+    confidence: float,
+    killed_agents: Mapping[str, KillSwitch] | None,
     target: str | None = None,
-    confidence: float | None = None,
 ) -> Decision:
+    """A step still below its threshold (on the strongest tier it was asked on): hand it to
+    ``graph.escalate_to`` if there is one that can take it, else to a human."""
+    to = graph.escalate_to
+    if to is None or to == source or to in (killed_agents or {}) or record.step >= graph.max_steps:
+        return escalate(record, source, f"{why}; escalated to a human", target, confidence)
+    step = record.step + 1
+    reason = f"{why}; escalated to {to}"
     return Decision(
-        record=record.evolve(status="escalated", reason=reason),
+        record=record.evolve(
+            step=step,
+            current_agent=to,
+            path=[*record.path, Hop(agent=to, confidence=confidence, reason=reason)],
+        ),
         steps=[
             StepRecord(
-                step=record.step,
-                agent=agent,
-                kind="escalated",
-                target=target,
-                confidence=confidence,
-                detail=reason,
+                step=step, agent=source, kind="forwarded", target=to, confidence=confidence, detail=reason
             )
         ],
     )
@@ -355,7 +363,7 @@ def step_dead(record: ConversationRecord, step: int, agent: str, reason: str) ->
     """The step was dead-lettered: escalate, so the conversation is not lost in a queue."""
     if record.status != "running" or record.step != step:
         return Decision(record=None)
-    return _escalate(
+    return escalate(
         record, agent, f"step {step} of {agent} was dead-lettered: {reason}; escalated to a human"
     )
 
@@ -364,7 +372,7 @@ def agent_killed(record: ConversationRecord, agent: str, switch: KillSwitch) -> 
     """``agent`` was killed while ``record`` waited on it: escalate to a human."""
     if record.status != "running" or record.current_agent != agent:
         return Decision(record=None)
-    return _escalate(record, agent, f"agent {agent} was killed ({switch.reason}); escalated to a human")
+    return escalate(record, agent, f"agent {agent} was killed ({switch.reason}); escalated to a human")
 
 
 def conversation_killed(record: ConversationRecord, switch: KillSwitch) -> Decision:
@@ -374,13 +382,15 @@ def conversation_killed(record: ConversationRecord, switch: KillSwitch) -> Decis
     return Decision(record=record.evolve(status="killed", reason=f"killed: {switch.reason}"))
 
 
-def _refuse(message: HandoffProposed, record: ConversationRecord, graph: Graph) -> Decision:
-    """Refuse a handoff along an edge the graph does not have, naming the edge."""
+def _refuse(
+    message: HandoffProposed, record: ConversationRecord, graph: Graph, why: str | None = None
+) -> Decision:
+    """Refuse a handoff along an edge the graph does not have, naming the edge (or for
+    ``why``)."""
     source, target = message.agent, message.target
     allowed = graph.edges.get(source, [])
-    reason = (
-        f"handoff {source} -> {target} refused: not an allowed edge of the graph "
-        f"(allowed from {source}: {', '.join(allowed) or 'none'})"
+    reason = f"handoff {source} -> {target} refused: " + (
+        why or f"not an allowed edge of the graph (allowed from {source}: {', '.join(allowed) or 'none'})"
     )
     refused = HandoffRefused(
         conversation=record.id, step=record.step, source=source, target=target, reason=reason
@@ -459,7 +469,7 @@ def output_refused(record: ConversationRecord, sender: str, step: int, resume: i
         )
     ):
         return Decision(record=None)
-    return _escalate(
+    return escalate(
         record, sender, f"output of {sender} at step {step} refused: {reason}; escalated to a human"
     )
 
@@ -468,7 +478,7 @@ def input_dead(record: ConversationRecord, reason: str) -> Decision:
     """An input of the conversation was dead-lettered: escalate what was still open."""
     if record.status not in ("running", "waiting"):
         return Decision(record=None)
-    return _escalate(record, record.current_agent, f"{reason}; escalated to a human")
+    return escalate(record, record.current_agent, f"{reason}; escalated to a human")
 
 
 def too_big(record: ConversationRecord, agent: str, reason: str) -> Decision:

@@ -186,8 +186,8 @@ class Supervisor(Service):
         await self._decide_and_publish(message.conversation, decide, expect_new=True)
 
     async def take(self, message: AgentOutput, subject: str) -> None:
-        """Decide on the output of an agent's step, commit the decision (with the model
-        response that ended the step), then publish what it implies.
+        """Decide on the output of an agent's step, commit the decision, then publish what
+        it implies.
 
         The commit comes before the publishes, and the agent lets go of its task only after
         both: an output that arrives again (the answer was lost) finds the decision made and
@@ -209,16 +209,6 @@ class Supervisor(Service):
                 )
         if why is not None:
             raise PoisonMessageError(why, subject=subject)
-        response: tuple[JournalEntry, str] | None = None
-        if not isinstance(message, AgentWaiting) and message.response is not None:
-            # Journaled under the step decided on and the subject's sender, whatever the
-            # body says.
-            response = (
-                msgspec.structs.replace(
-                    message.response, conversation=message.conversation, step=message.step
-                ),
-                sender,
-            )
 
         async def decide(snapshot: ConversationSnapshot) -> _decide.Decision:
             if snapshot.record is None:
@@ -241,7 +231,7 @@ class Supervisor(Service):
                 return _decide.too_big(snapshot.record, sender, too_big)
             return decision
 
-        await self._decide_and_publish(message.conversation, decide, response)
+        await self._decide_and_publish(message.conversation, decide)
         if isinstance(message, AgentWaiting):
             await self._decided_before_waiting(message.approval_id)
 

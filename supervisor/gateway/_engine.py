@@ -2,11 +2,12 @@
 
 For one ``ToolCall`` from agent ``A`` (identity from the subject, never the body), in order:
 
-- **shape** (no database): the body's agent is the sender, the tool exists, the response
-  that asked for the call has believable spend, the arguments are valid and not too big;
-- **the call's first statement**, in one transaction: the response is journaled; the
-  call's locks are taken (its idempotency key, and the customer for a tool that changes
-  state); the ledger's entry for the key, the loop-breaker count and the agent's kill row
+- **shape** (no database): the body's agent is the sender, the tool exists, the arguments
+  are valid and not too big (the model answer that asked for the call was journaled by the
+  model gateway before the agent saw it);
+- **the call's first statement**, in one transaction: the call's locks are taken (its
+  idempotency key, and the customer for a tool that changes state); the ledger's entry
+  for the key, the loop-breaker count and the agent's kill row
   (``FOR SHARE``: a kill waits for the calls in flight) are read; when nothing can refuse
   the call before policy, the tools' role is entered for the body;
 - **limits**: a killed agent, a conversation not running or not at ``A``'s turn, a key the
@@ -178,10 +179,9 @@ class CallEngine:
     async def _first_statement(
         self, conn: asyncpg.Connection, shaped: Shaped, may_run: bool, declared: SqlTool[Any] | None
     ) -> asyncpg.Record | None:
-        """The conversation, having journaled the response that asked for the call (it
-        commits with the call's outcome or its refusal), in the statement that takes the
-        call's locks: one call per key at a time, and for a call that changes state one per
-        customer, so facts like "refunds today" cannot change between the decision and the
+        """The conversation, in the statement that takes the call's locks: one call per key
+        at a time, and for a call that changes state one per customer, so facts like
+        "refunds today" cannot change between the decision and the
         effect. (Always key, then customer, then the audit chain's lock at the end: no two
         calls wait on each other in reverse.) It reads the ledger on a snapshot taken before
         the locks: a duplicate that commits meanwhile makes this call's ledger entry collide,
@@ -208,7 +208,7 @@ class CallEngine:
         return await journal_response(
             conn,
             call.conversation,
-            shaped.response,
+            None,
             shaped.sender,
             also=call_expressions(facts_call),
             also_values={**values, **facts_values},

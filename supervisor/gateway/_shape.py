@@ -1,5 +1,5 @@
 """A tool call's shape, checked before the database is asked: the body's agent is the
-sender, the tool exists, the response that asked for the call has believable spend, the
+sender, the tool exists, the
 arguments are valid and not too big, and config grants the tool within the per-step cap;
 and, once the call's first statement has read the conversation, whether it is the agent's
 turn; then what the tool is handed and what Cedar is asked (or why it is not: a call for no
@@ -15,13 +15,12 @@ import asyncpg
 import msgspec
 from pydantic import BaseModel, ValidationError
 
-from corral.bus import JournalEntry, ToolCall, ToolStatus
+from corral.bus import ToolCall, ToolStatus
 from corral.supervisor.audit._audit import digest_arguments
 from corral.supervisor.gateway._config import GatewayConfig
 from corral.supervisor.gateway._policy import PolicyDecision, PolicyEngine, PolicyRequest
 from corral.supervisor.gateway._records import CheckedArguments
 from corral.supervisor.gateway._tools import Resource, Tool, ToolInput
-from corral.supervisor.store._journal import entry_problem
 
 _json = msgspec.json.Encoder()
 
@@ -34,7 +33,6 @@ class Shaped:
     sender: str
     tool: Tool[Any]
     key: str
-    response: JournalEntry | None
     arguments: BaseModel | None
     checked: CheckedArguments
     refusal: tuple[ToolStatus, str] | None
@@ -50,14 +48,6 @@ def shape(
     tool = tools.get(call.tool)
     if tool is None:
         return "denied", f"no tool named {call.tool!r}"
-    problem = entry_problem(call.response) if call.response is not None else None
-    if problem is not None:
-        # Never journaled, never counted: spend the budgets would believe.
-        return "denied", f"response refused: {problem}"
-    # Journaled under this call's step and index, whatever the body says.
-    response = call.response and msgspec.structs.replace(
-        call.response, conversation=call.conversation, step=call.step, index=call.index
-    )
     arguments, invalid = _validate(tool, call.arguments, config.limits.tool_arguments_bytes)
     dumped = arguments.model_dump(mode="json") if arguments else {}
     checked = CheckedArguments(
@@ -67,7 +57,7 @@ def shape(
     )
     key = f"{call.conversation}:{call.step}:{call.index}"
     refusal = _before_policy(call, sender, invalid, config)
-    return Shaped(call, sender, tool, key, response, arguments, checked, refusal)
+    return Shaped(call, sender, tool, key, arguments, checked, refusal)
 
 
 def _validate(tool: Tool[Any], raw: dict[str, Any], limit: int) -> tuple[BaseModel | None, str]:

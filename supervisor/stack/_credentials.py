@@ -8,7 +8,7 @@ user/password list. Each seed is written once, with mode 0600, and reused across
 
 Permissions are allow-lists, so anything not listed is denied by the broker:
 
-* agent ``A``: publish only ``corral.from.A.{reply,error,event,dead,tool,journal,waiting}``
+* agent ``A``: publish only ``corral.from.A.{reply,error,event,dead,tool,model,journal,waiting}``
   and ``corral.from.A.handoff.T`` for each ``T`` the graph allows from ``A``; fetch and ack
   only its own inbox consumer; subscribe only to ``_INBOX.agent-A.>``. Agents have no
   access to the kill-switch bucket or any other JetStream API: they cannot create, delete
@@ -17,6 +17,7 @@ Permissions are allow-lists, so anything not listed is denied by the broker:
 * supervisor: publish to every ``corral.agent.*.inbox`` (no one else may) and to
   ``corral.out.>``; JetStream API; answer the agents' step outputs, journal and tool
   requests.
+* router (the model gateway): answer the agents' model requests; dead-letter poison ones.
 * client ``C``: publish only ``corral.in.C.>``; subscribe only ``corral.out.C.>``.
 * admin (the launcher and operator commands): JetStream API and the kill switches.
 """
@@ -35,10 +36,11 @@ from corral.supervisor.config._config import LoadedConfig
 
 agent_identity = subjects.agent_identity
 
-Role = Literal["agent", "supervisor", "gateway", "client", "admin"]
+Role = Literal["agent", "supervisor", "gateway", "router", "client", "admin"]
 
 SUPERVISOR = "supervisor"
 GATEWAY = "gateway"
+ROUTER = "router"
 ADMIN = "admin"
 
 
@@ -68,6 +70,7 @@ def permissions(loaded: LoadedConfig, role: Role, name: str) -> tuple[list[str],
             subjects.agent_event(agent),
             subjects.agent_dead_letter(agent),
             subjects.agent_tool(agent),
+            subjects.agent_model(agent),
             subjects.agent_journal(agent),
             subjects.agent_waiting(agent),
             *(subjects.agent_handoff(agent, target) for target in loaded.targets(agent)),
@@ -101,6 +104,9 @@ def permissions(loaded: LoadedConfig, role: Role, name: str) -> tuple[list[str],
             inbox,
             subjects.all_agent_tools(),
         ]
+    if role == "router":
+        # Answers model requests (allow_responses) and dead-letters poison ones.
+        return [subjects.dead_letter(">")], [inbox, subjects.all_agent_models()]
     if role == "client":
         return [subjects.client_starts(name)], [subjects.client_updates(name), inbox]
     return [
@@ -133,6 +139,7 @@ def identities(loaded: LoadedConfig, creds_dir: Path) -> list[Identity]:
     wanted += [
         (SUPERVISOR, "supervisor", None),
         (GATEWAY, "gateway", None),
+        (ROUTER, "router", None),
         (subjects.DEFAULT_CLIENT, "client", None),
         (ADMIN, "admin", None),
     ]
@@ -166,7 +173,7 @@ def authorization_block(ids: Iterable[Identity], revoked_agents: Iterable[str] =
             "publish": {"allow": identity.publish},
             "subscribe": {"allow": identity.subscribe},
         }
-        if identity.role in ("supervisor", "gateway"):
+        if identity.role in ("supervisor", "gateway", "router"):
             perms["allow_responses"] = True
         users.append(
             f"    # {identity.name}\n    {{nkey: {identity.public_key}, permissions: {json.dumps(perms)}}}"

@@ -28,6 +28,7 @@ from corral.supervisor.stack._children import Children, Launch, RestartPolicy, l
 from corral.supervisor.stack._credentials import (
     ADMIN,
     GATEWAY,
+    ROUTER,
     SUPERVISOR,
     Identity,
     agent_identity,
@@ -35,6 +36,7 @@ from corral.supervisor.stack._credentials import (
     identities,
 )
 from corral.supervisor.stack._embedded import EmbeddedNats, EmbeddedPostgres
+from corral.supervisor.stack._environment import agent_environment
 from corral.supervisor.stack._leftovers import STOPPED, find_leftovers, stop_leftovers
 from corral.supervisor.stack._runtime import ChildInfo, Runtime, embedded_postgres_dir, nats_servers
 from corral.supervisor.stack._sandbox import ChildUser, can_read, child_user, config_files
@@ -384,6 +386,10 @@ class Launcher:
         ]
         if loaded.config.tools is not None and loaded.config.tools.separate_gateway:
             specs.append((ChildInfo(name="gateway", role="gateway"), ["gateway", "run", "-c", config_file]))
+        routers = loaded.config.router.replicas
+        for index in range(routers):
+            name = ROUTER if routers == 1 else f"{ROUTER}-{index + 1}"
+            specs.append((ChildInfo(name=name, role=ROUTER), ["router", "run", "-c", config_file]))
         for agent in loaded.agent_names:
             count = self._config.replicas.get(agent, loaded.config.agents[agent].replicas)
             for index in range(count):
@@ -406,26 +412,29 @@ class Launcher:
 
     async def _watch(self, info: ChildInfo, argv: list[str]) -> None:
         assert self.runtime is not None
+        trusted = info.role in (SUPERVISOR, GATEWAY, ROUTER)
         env = {
-            **os.environ,
+            # An agent gets no provider key, no database URL, nothing it was not meant to
+            # hold: only what runs Python and corral (supervisor.stack._environment).
+            **(os.environ if trusted else agent_environment(os.environ)),
             "NATS_URL": self.runtime.nats_url,
             # The children find the seeds where this launcher put them, however it chose.
             "CORRAL_STATE_DIR": str(self._settings.state_dir),
             PARENT_PID_ENV: str(os.getpid()),
         }
-        identity = info.role if info.role in (SUPERVISOR, GATEWAY) else agent_identity(info.role)
+        identity = info.role if trusted else agent_identity(info.role)
         seed = self._settings.credentials_for(identity)
         if seed is not None:
             env["CORRAL_CREDS"] = str(seed)  # each process gets its own identity only
         for name in ("DATABASE_URL", "CORRAL_SUPERVISOR_DATABASE_URL", DATABASE_PREPARED_ENV):
             env.pop(name, None)  # agents never hold the database's credentials
-        if info.role in (SUPERVISOR, GATEWAY):
+        if trusted:
             assert self._service_dsn is not None
             env["DATABASE_URL"] = self._service_dsn
             # Migrations and the tools' setup ran as the owner: the service runs no DDL.
             env[DATABASE_PREPARED_ENV] = "1"
         sandbox: ChildUser | None = None
-        if info.role not in (SUPERVISOR, GATEWAY) and os.geteuid() == 0:
+        if not trusted and os.geteuid() == 0:
             # As root, an agent runs as a user of its own, which can read no seed on disk: it
             # gets its own through an inherited memory file (see supervisor.stack._sandbox).
             sandbox = await asyncio.to_thread(child_user, identity, seed)

@@ -173,15 +173,30 @@ class Settings:
     @cached_property
     def graph(self) -> Graph:
         """The handoff graph and the conversation limits the supervisor enforces."""
+        from corral.supervisor.config._config import load_payloads
         from corral.supervisor.core._decide import Graph
 
         config = self.config
+        graph = config.graph
         return Graph(
-            entry=config.graph.entry,
-            edges={source: list(targets) for source, targets in config.graph.edges.items()},
-            min_confidence=config.graph.min_confidence,
+            entry=graph.entry,
+            edges={source: self.loaded.targets(source) for source in graph.edges},
+            min_confidence=graph.min_confidence,
             max_steps=config.conversation.max_steps,
             max_pingpong=config.conversation.max_pingpong,
+            edge_confidence={
+                (source, edge.to): edge.min_confidence
+                for source in graph.edges
+                for edge in graph.edge_list(source)
+                if edge.min_confidence is not None
+            },
+            reply_confidence={
+                name: agent.min_confidence
+                for name, agent in config.agents.items()
+                if agent.min_confidence is not None
+            },
+            payloads=load_payloads(config),
+            escalate_to=graph.escalate_to,
         )
 
     @cached_property
@@ -218,21 +233,51 @@ class Settings:
         """The model tier ``agent`` calls, its API key taken from the environment read at load."""
         return self.loaded.tier(agent, self.api_keys)
 
+    def model_tiers(self) -> dict[str, ModelTier]:
+        """Every model tier, with API keys from the environment read at load (the model
+        gateway's)."""
+        return {name: self.loaded.model_tier(name, self.api_keys) for name in self.config.models}
+
+    def tiers_of(self) -> dict[str, frozenset[str]]:
+        """The tiers each agent may ask the model gateway for."""
+        return {agent: frozenset(self.loaded.tiers_of(agent)) for agent in self.loaded.agent_names}
+
     def agent_settings(self, agent: str) -> AgentSettings:
         """What ``corral agent run AGENT`` runs with: its instructions, targets, offered tools
         (name, description, JSON Schema), heartbeat (a third of ``ack_wait_s``) and limits."""
-        from corral.agents import AgentSettings
+        from corral.agents import AgentSettings, HandoffEdge
 
         section = self.config.agents[agent]
         offered = [
             {"name": name, "description": self.tools[name].description, "schema": self.tools[name].schema()}
             for name in section.tools
         ]
+        graph = self.graph
+        edges = [
+            HandoffEdge(
+                target=target,
+                payload_schema=payload.model_json_schema()
+                if (payload := graph.payloads.get((agent, target)))
+                else None,
+                min_confidence=graph.threshold(agent, target),
+            )
+            for target in self.loaded.targets(agent)
+        ]
+        tiers = self.loaded.tiers_of(agent)
+        timeouts = [self.model_tiers()[tier] for tier in tiers]
         return AgentSettings(
             tools=offered,
             name=agent,
             instructions=self.loaded.instructions[agent],
-            handoff_targets=self.loaded.targets(agent),
+            edges=edges,
+            team=self.loaded.agent_names,
+            tiers=tiers,
+            reply_min_confidence=graph.threshold(agent, None),
+            # The gateway's retries and fallbacks all fit in one model call's wait.
+            model_timeout_s=max(
+                (len(t.fallbacks) + 1) * (t.retries + 1) * (t.timeout_s + t.retry_backoff_s * 8) + 10.0
+                for t in timeouts
+            ),
             heartbeat_s=self.config.nats.ack_wait_s / 3,
             max_tool_calls=section.max_tool_calls,
             max_deliver=self.config.nats.max_deliver,

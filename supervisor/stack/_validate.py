@@ -103,18 +103,17 @@ def policy_engine(settings: Settings) -> PolicyEngine:
     return PolicyEngine.load(policies_dir, settings.tools.values(), strict=True)
 
 
-def model_key_problem(settings: Settings, agent: str) -> ConfigError | None:
-    """Why ``agent``'s model tier cannot be called: its ``api_key_env`` names a variable
-    that is unset (or empty); None if it has its key or needs none."""
-    tier = settings.config.agents[agent].tier
+def model_key_problem(settings: Settings, tier: str) -> ConfigError | None:
+    """Why model tier ``tier`` cannot be called: its ``api_key_env`` names a variable that is
+    unset (or empty); None if it has its key or needs none."""
     variable = settings.config.models[tier].api_key_env
     if not variable or settings.api_keys.get(variable):
         return None
-    users = [name for name, a in settings.config.agents.items() if a.tier == tier]
+    users = [name for name, a in settings.config.agents.items() if tier in settings.loaded.tiers_of(name)]
     line = _line_of(settings.path, ("models", tier, "api_key_env"))
     return ConfigError(
         f"{settings.path}:{line}: models.{tier}.api_key_env: the environment variable {variable} "
-        f"is not set (the API key of tier {tier!r}, which {', '.join(users)} call)",
+        f"is not set (the API key of tier {tier!r}, which {', '.join(users) or 'no agent'} call)",
         path=str(settings.path),
         line=line,
         field=f"models.{tier}.api_key_env",
@@ -202,8 +201,8 @@ def _load_rules(path: Path) -> ScriptRules:
 
 
 def _check_keys(settings: Settings) -> Checked:
-    for agent in settings.loaded.agent_names:
-        problem = model_key_problem(settings, agent)
+    for tier in settings.config.models:
+        problem = model_key_problem(settings, tier)
         if problem is not None:
             raise problem
     named = sorted({t.api_key_env for t in settings.config.models.values() if t.api_key_env})

@@ -1,13 +1,14 @@
-"""The step journal: every model response, written before anything it causes happens.
+"""The step journal: every model answer, written by the model gateway before the agent sees
+it, with its spend in the ledger.
 
-A response travels with what it causes, and is journaled in that thing's transaction:
-the gateway journals a response that calls a tool together with the call's decision and
-effect; the supervisor journals a response that ends a step together with its decision
-on the step's output. Each write also records the call's spend in the ledger.
+The model gateway (``router.ModelGateway``, through ``store._model_ledger``) is its one
+writer: it journals each answer under (conversation, step, index) on the caller's running
+turn, with the tool calls, tier, model, confidence, tokens and dollars it really had, and
+answers a call asked again from here. Agents report no model answer and no usage.
 
-A redelivered or resumed step reads back what was journaled instead of asking the model
-again. Agents hold no database credentials, so they ask over NATS
-(``corral.from.<agent>.journal``, request/reply); the sender is the subject's token.
+A redelivered or resumed step asks whether it may go on (``corral.from.<agent>.journal``,
+request/reply: the sender is the subject's token): its turn, its kill switch, its budgets.
+Agents hold no database credentials, so they ask over NATS.
 """
 
 from __future__ import annotations
@@ -22,6 +23,10 @@ from nats.aio.client import Client
 from nats.js import JetStreamContext
 
 from corral.bus import (
+    MAX_TOKENS_PER_RESPONSE,
+    MAX_USD_PER_RESPONSE,
+    Attempt,
+    ChatToolCall,
     JournalEntry,
     JournalQuery,
     JournalReply,
@@ -38,11 +43,6 @@ from corral.supervisor.store._sql import Numbered, numbered
 logger = logging.getLogger(__name__)
 
 _decoder: msgspec.json.Decoder[JournalQuery] = msgspec.json.Decoder(JournalQuery)
-
-MAX_TOKENS_PER_RESPONSE = 10_000_000
-"""More input or output tokens than this in one model response is not a real figure."""
-MAX_USD_PER_RESPONSE = 1_000.0
-"""More dollars than this for one model response is not a real figure."""
 
 
 class JournalEntryError(StoreError):
@@ -79,11 +79,13 @@ def journal_ctes(source: str) -> str:
     return f"""
 entry AS (
     INSERT INTO step_journal
-        (conversation, step, idx, agent, text, model, input_tokens, output_tokens, cost_usd)
+        (conversation, step, idx, agent, text, model, input_tokens, output_tokens, cost_usd,
+         tool_calls, tier, confidence, attempts)
     SELECT $response_conversation::text, $response_step::integer, $response_index::integer,
         $response_agent::text, $response_text::text, $response_model::text,
         $response_input_tokens::integer, $response_output_tokens::integer,
-        $response_cost_usd::double precision
+        $response_cost_usd::double precision, $response_tool_calls::jsonb, $response_tier::text,
+        $response_confidence::double precision, $response_attempts::jsonb
     FROM {source}
     ON CONFLICT DO NOTHING
     RETURNING 1
@@ -108,6 +110,10 @@ def journal_values(entry: JournalEntry, sender: str) -> dict[str, object]:
         "response_input_tokens": entry.input_tokens,
         "response_output_tokens": entry.output_tokens,
         "response_cost_usd": entry.cost_usd,
+        "response_tool_calls": _json.encode(entry.tool_calls).decode(),
+        "response_tier": entry.tier,
+        "response_confidence": entry.confidence,
+        "response_attempts": _json.encode(entry.attempts).decode(),
     }
 
 
@@ -181,25 +187,41 @@ def _not_your_turn(owner: asyncpg.Record | None, sender: str, step: int) -> Jour
 
 async def _entries(conn: asyncpg.Connection, request: JournalRequest, sender: str) -> list[JournalEntry]:
     rows = await conn.fetch(
-        "SELECT idx, text, model, input_tokens, output_tokens, cost_usd FROM step_journal"
-        " WHERE conversation=$1 AND step=$2 ORDER BY idx",
+        f"SELECT {ENTRY_COLUMNS} FROM step_journal WHERE conversation=$1 AND step=$2 ORDER BY idx",
         request.conversation,
         request.step,
     )
-    return [
-        JournalEntry(
-            conversation=request.conversation,
-            step=request.step,
-            index=r["idx"],
-            agent=sender,
-            text=r["text"],
-            model=r["model"],
-            input_tokens=r["input_tokens"],
-            output_tokens=r["output_tokens"],
-            cost_usd=r["cost_usd"],
-        )
-        for r in rows
-    ]
+    return [entry_from_row(r, request.conversation, request.step, sender) for r in rows]
+
+
+ENTRY_COLUMNS = (
+    "idx, text, model, input_tokens, output_tokens, cost_usd, tool_calls::text AS tool_calls, tier,"
+    " confidence, attempts::text AS attempts"
+)
+"""The columns ``entry_from_row`` reads."""
+
+_tool_calls = msgspec.json.Decoder(list[ChatToolCall])
+_attempts = msgspec.json.Decoder(list[Attempt])
+_json = msgspec.json.Encoder()
+
+
+def entry_from_row(row: asyncpg.Record, conversation: str, step: int, agent: str) -> JournalEntry:
+    """A journal row (``ENTRY_COLUMNS``) as the wire's ``JournalEntry``, once, at the edge."""
+    return JournalEntry(
+        conversation=conversation,
+        step=step,
+        index=row["idx"],
+        agent=agent,
+        text=row["text"],
+        model=row["model"],
+        input_tokens=row["input_tokens"],
+        output_tokens=row["output_tokens"],
+        cost_usd=row["cost_usd"],
+        tool_calls=_tool_calls.decode(row["tool_calls"]),
+        tier=row["tier"],
+        confidence=row["confidence"],
+        attempts=_attempts.decode(row["attempts"]),
+    )
 
 
 class JournalService(RequestService[JournalRequest, JournalReply]):

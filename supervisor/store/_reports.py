@@ -62,6 +62,26 @@ class Spend:
 
 
 @dataclass(frozen=True, kw_only=True)
+class ModelCallRecord:
+    """One model answer of a step, as the model gateway journaled it (every attempt of a
+    low-confidence answer on each tier is one)."""
+
+    step: int
+    index: int
+    agent: str
+    tier: str
+    model: str
+    confidence: float | None
+    input_tokens: int
+    output_tokens: int
+    cost_usd: float
+    calls: list[str]
+    """The tools the answer called, in order."""
+    attempts: int
+    """HTTP calls made for it, retries and fallbacks included (0: not recorded)."""
+
+
+@dataclass(frozen=True, kw_only=True)
 class ConversationReport:
     """A conversation whole, as ``corral show`` prints it."""
 
@@ -74,6 +94,7 @@ class ConversationReport:
     dropped: list[str] = field(default_factory=list)
     """Messages the supervisor dropped because of a kill switch, as ``agent: reason``."""
     spend: Spend = field(default_factory=Spend)
+    model_calls: list[ModelCallRecord] = field(default_factory=list)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -87,6 +108,9 @@ class ConversationSummary:
     created_at: datetime
     updated_at: datetime
     text: str
+    current_agent: str = ""
+    cost_usd: float = 0.0
+    model_calls: int = 0
 
 
 async def conversation_exists(conn: asyncpg.Connection | asyncpg.Pool, conversation: str) -> bool:
@@ -136,6 +160,13 @@ async def conversation_report(
         " WHERE conversation=$1",
         conversation,
     )
+    journal = await conn.fetch(
+        "SELECT step, idx AS index, agent, tier, model, confidence, input_tokens, output_tokens,"
+        " cost_usd, ARRAY(SELECT c->>'name' FROM jsonb_array_elements(tool_calls) c) AS calls,"
+        " jsonb_array_length(attempts) AS attempts"
+        " FROM step_journal WHERE conversation=$1 ORDER BY step, idx",
+        conversation,
+    )
     record = {k: row[k] for k in row.keys() if k not in ("created_at", "updated_at")}
     return ConversationReport(
         record=_from_row(record),  # type: ignore[arg-type]
@@ -156,6 +187,7 @@ async def conversation_report(
         approvals=[ApprovalState(**{**dict(a), "arguments": json.loads(a["arguments"])}) for a in approvals],
         dropped=[f"{d['agent']}: {d['reason']}" for d in dropped],
         spend=Spend(**dict(spent)) if spent is not None else Spend(),
+        model_calls=[ModelCallRecord(**{**dict(j), "calls": list(j["calls"])}) for j in journal],
     )
 
 
@@ -166,8 +198,13 @@ async def recent_conversations(
     if not await _migrated(conn):
         return []
     rows = await conn.fetch(
-        "SELECT id, status, customer, path::text AS path, created_at, updated_at, text FROM conversations"
-        " WHERE $1::text IS NULL OR status = $1 ORDER BY created_at DESC, id DESC LIMIT $2",
+        "SELECT c.id, c.status, c.customer, c.path::text AS path, c.created_at, c.updated_at, c.text,"
+        " c.current_agent, coalesce(s.cost_usd, 0)::float8 AS cost_usd,"
+        " coalesce(s.model_calls, 0) AS model_calls"
+        " FROM (SELECT * FROM conversations WHERE $1::text IS NULL OR status = $1"
+        "       ORDER BY created_at DESC, id DESC LIMIT $2) c"
+        " LEFT JOIN conversation_spend s ON s.conversation = c.id"
+        " ORDER BY c.created_at DESC, c.id DESC",
         status,
         limit,
     )

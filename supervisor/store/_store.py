@@ -253,15 +253,24 @@ class Store:
         self._cache_size = cache_size
 
     @classmethod
-    async def open(cls, dsn: str, *, min_size: int = 2, max_size: int = 10) -> Store:
+    async def open(
+        cls, dsn: str, *, min_size: int = 2, max_size: int = 10, server_settings: dict[str, str] | None = None
+    ) -> Store:
         """Connect, apply pending migrations, and return a store.
+
+        Args:
+            server_settings: PostgreSQL settings of the pool's sessions.
 
         Raises:
             StoreError: if PostgreSQL cannot be reached or a migration fails.
         """
         try:
             pool = await asyncpg.create_pool(
-                dsn, min_size=min_size, max_size=max_size, connection_class=_Connection
+                dsn,
+                min_size=min_size,
+                max_size=max_size,
+                connection_class=_Connection,
+                server_settings=server_settings,
             )
         except (OSError, asyncpg.PostgresError) as exc:
             raise StoreError(f"cannot connect to PostgreSQL: {exc}") from exc

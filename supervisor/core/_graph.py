@@ -1,0 +1,84 @@
+"""What the supervisor's decisions are made of: the graph they enforce, the decision (what
+to save, what to tell), and the escalation every refusal to go on ends in."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+from pydantic import BaseModel
+
+from corral.bus import Message
+from corral.supervisor.store._store import ConversationRecord, StepRecord
+
+
+@dataclass(frozen=True, kw_only=True)
+class Graph:
+    """The handoff graph and limits the supervisor enforces."""
+
+    entry: str
+    edges: dict[str, list[str]]
+    min_confidence: float
+    max_steps: int
+    max_pingpong: int = 3
+    """Handoffs back and forth between the same two agents before the conversation stops."""
+    edge_confidence: Mapping[tuple[str, str], float] = field(default_factory=dict)
+    """Thresholds of the edges that set their own, by (source, target)."""
+    reply_confidence: Mapping[str, float] = field(default_factory=dict)
+    """Thresholds of the agents that set their own for replies."""
+    payloads: Mapping[tuple[str, str], type[BaseModel]] = field(default_factory=dict)
+    """The payload models of the edges that declare one, by (source, target)."""
+    escalate_to: str | None = None
+    """Where a step below its threshold goes (None: a human)."""
+
+    def threshold(self, source: str, target: str | None) -> float:
+        """The confidence a handoff ``source`` -> ``target`` (None: a reply of ``source``)
+        needs."""
+        if target is None:
+            return self.reply_confidence.get(source, self.min_confidence)
+        return self.edge_confidence.get((source, target), self.min_confidence)
+
+
+@dataclass(frozen=True, kw_only=True)
+class Outgoing:
+    """One message to publish."""
+
+    subject: str
+    message: Message
+    msg_id: str
+    stored: bool = True
+    """False: news for whoever listens (progress), published without storing."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class Decision:
+    """What to save and what to tell, for one input."""
+
+    record: ConversationRecord | None
+    """The conversation after the input (None: unchanged)."""
+    steps: list[StepRecord] = field(default_factory=list)
+    extra: list[Outgoing] = field(default_factory=list)
+    """Messages only this transition sends (beyond ``outputs(record)``)."""
+
+
+def escalate(
+    record: ConversationRecord,
+    agent: str,
+    reason: str,
+    target: str | None = None,
+    confidence: float | None = None,
+) -> Decision:
+    """``record`` escalated to a human by ``agent``, with the reason."""
+    return Decision(
+        record=record.evolve(status="escalated", reason=reason),
+        steps=[
+            StepRecord(
+                step=record.step,
+                agent=agent,
+                kind="escalated",
+                target=target,
+                confidence=confidence,
+                detail=reason,
+            )
+        ],
+    )
