@@ -2,7 +2,7 @@
 
 from corral.agents._service import AgentService
 from corral.agents._settings import AgentSettings, AgentState, HandoffEdge
-from corral.agents._turns import Reply, ToolUse, Transfer, Turn, read_turn
+from corral.agents._turns import Reply, ToolUse, Transfer, Turn, offered_tools, read_turn
 from corral.agents.errors import AgentError, DecisionError
 
 __all__ = [
@@ -16,5 +16,6 @@ __all__ = [
     "ToolUse",
     "Transfer",
     "Turn",
+    "offered_tools",
     "read_turn",
 ]

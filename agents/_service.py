@@ -20,8 +20,6 @@ from corral.agents._turns import (
     assistant_turn,
     corrections,
     read_turn,
-    reply_spec,
-    transfer_spec,
 )
 from corral.agents.errors import AgentError, DecisionError
 from corral.bus import (
@@ -53,7 +51,6 @@ from corral.bus import (
     StepEvent,
     ToolCall,
     ToolResult,
-    ToolSpec,
     clip,
     encode,
     limit_problem,
@@ -107,15 +104,12 @@ class AgentService(Service):
         self._targets = set(settings.handoff_targets)
         self._team = set(settings.team)
         self._thresholds = {edge.target: edge.min_confidence for edge in settings.edges}
-        self._specs: list[ToolSpec] = [
-            *(
-                ToolSpec(name=t["name"], description=t.get("description", ""), parameters=t["schema"])
-                for t in settings.tools
-            ),
-            *(transfer_spec(edge.target, edge.payload_schema) for edge in settings.edges),
-            reply_spec(),
-        ]
         self.state = AgentState.NEW
+
+    @property
+    def settings(self) -> AgentSettings:
+        """The agent's role, as configured."""
+        return self._settings
 
     async def _serve(self) -> None:
         """Serve the inbox; returns once ``shutdown()`` was called and in-flight steps ended."""
@@ -231,8 +225,10 @@ class AgentService(Service):
             ChatTurn(role="user", content=user_prompt(task)),
         ]
         index, tier, corrected, tool_calls = 0, 0, 0, 0
+        # Delivered before, or resumed: the journal may hold answers of this step already.
+        again = attempt > 1 or task.resume > 0
         while True:
-            answer = await self._ask_model(task, index, settings.tiers[tier], messages)
+            answer = await self._ask_model(task, index, settings.tiers[tier], messages, again)
             index += 1
             turn = read_turn(answer, self._targets, self._team)
             if turn.problems:
@@ -276,7 +272,7 @@ class AgentService(Service):
         return self._settings.reply_min_confidence
 
     async def _ask_model(
-        self, task: AgentTask, index: int, tier: str, messages: list[ChatTurn]
+        self, task: AgentTask, index: int, tier: str, messages: list[ChatTurn], again: bool
     ) -> ModelAnswer:
         """One completion from the model gateway, as it journaled it.
 
@@ -292,7 +288,7 @@ class AgentService(Service):
             agent=name,
             tier=tier,
             messages=messages,
-            tools=self._specs,
+            again=again,
         )
         answer = await self._ask(
             subjects.agent_model(name), call, ModelAnswer, "model gateway", self._settings.model_timeout_s

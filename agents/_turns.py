@@ -18,6 +18,7 @@ from typing import Any
 
 import msgspec
 
+from corral.agents._settings import AgentSettings
 from corral.bus import DECODE_ERRORS, ChatToolCall, ChatTurn, ModelAnswer, ToolSpec
 from corral.router import REPLY_TOOL, transfer_tool
 from corral.router._names import TRANSFER_PREFIX
@@ -74,6 +75,20 @@ def transfer_spec(target: str, payload_schema: dict[str, Any] | None = None) -> 
         description=f"Hand the conversation to the {target} agent; this ends your turn.",
         parameters=parameters,
     )
+
+
+def offered_tools(settings: AgentSettings) -> list[ToolSpec]:
+    """What an agent's model is offered: its team tools, one ``transfer_to_<agent>`` per
+    edge, and ``reply``. The model gateway offers exactly these (it builds them from the
+    same config): the agent names none of them."""
+    return [
+        *(
+            ToolSpec(name=t["name"], description=t.get("description", ""), parameters=t["schema"])
+            for t in settings.tools
+        ),
+        *(transfer_spec(edge.target, edge.payload_schema) for edge in settings.edges),
+        reply_spec(),
+    ]
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -76,7 +76,10 @@ class ModelCall(msgspec.Struct, frozen=True, kw_only=True, tag="model.call"):
     """The identity the body claims; the gateway trusts only the subject token."""
     tier: str
     messages: list[ChatTurn]
-    tools: list[ToolSpec] = []
+    again: bool = False
+    """The step was delivered before (or resumed): the journal may hold this call's answer,
+    so the gateway looks before it calls. (The tools offered are the gateway's to say: it
+    builds them from the config, as the agent does.)"""
 
 
 ModelStatus = Literal["ok", "stopped", "failed"]

@@ -5,7 +5,9 @@ the subject's token, which NATS permissions make unforgeable. For every call the
 
 1. asks its ``Ledger`` whether the call may be made: the step must be the sender's running
    turn, the agent not killed, the conversation and the agent within their budgets; a call
-   already journaled is answered from the journal (``replayed``), never asked again;
+   already journaled is answered from the journal (``replayed``), never asked again (the
+   ledger may let a first call of a step without budgets through unchecked: the record
+   checks the turn, and meters the call whatever it finds);
 2. calls the tier's model, with the tier's retries, fallbacks and cooldowns, which every
    agent shares because every call passes here;
 3. journals the answer with its true usage and cost before returning it, so the journal
@@ -36,6 +38,7 @@ from corral.bus import (
     ModelCall,
     Requester,
     RequestService,
+    ToolSpec,
     clip,
     subjects,
 )
@@ -70,9 +73,9 @@ class Ledger(Protocol):
         ...
 
     async def record(self, entry: JournalEntry) -> JournalEntry | None:
-        """Journal ``entry`` with its spend if its step is still its agent's running turn;
-        the entry as journaled (an earlier write of the same key wins), or None if the
-        turn is over."""
+        """Journal ``entry`` if its step is still its agent's running turn, and meter its
+        spend in any case (it was paid for); the entry as journaled (an earlier write of the
+        same key wins), or None if the turn is over."""
         ...
 
 
@@ -83,6 +86,8 @@ class ModelGateway(RequestService[ModelCall, ModelAnswer]):
         nc: A NATS connection (the router's identity).
         models: The model of each tier.
         ledger: The journal and the budgets.
+        offers: The tools each agent's model is offered (built from the config, as the
+            agent builds them: an agent does not say what its model may call).
         tiers_of: The tiers each agent may ask for (its own, and the stronger ones it may
             escalate to); anything else is refused.
         js: Where dead letters go (default: ``nc``'s JetStream context).
@@ -98,6 +103,7 @@ class ModelGateway(RequestService[ModelCall, ModelAnswer]):
         models: Mapping[str, Model],
         ledger: Ledger,
         tiers_of: Mapping[str, frozenset[str]],
+        offers: Mapping[str, list[ToolSpec]],
         *,
         js: JetStreamContext | None = None,
         max_in_flight: int | None = 4096,
@@ -109,6 +115,7 @@ class ModelGateway(RequestService[ModelCall, ModelAnswer]):
         self._models = models
         self._ledger = ledger
         self._tiers_of = tiers_of
+        self._offers = offers
         self._max_answer_bytes = max_answer_bytes
         self._in_flight: dict[tuple[str, str, int, int], asyncio.Future[ModelAnswer]] = {}
 
@@ -162,7 +169,10 @@ class ModelGateway(RequestService[ModelCall, ModelAnswer]):
         try:
             completion = await model.complete(
                 CompletionRequest(
-                    messages=call.messages, tools=call.tools, agent=sender, conversation=call.conversation
+                    messages=call.messages,
+                    tools=self._offers.get(sender, []),
+                    agent=sender,
+                    conversation=call.conversation,
                 )
             )
         except RouterError as exc:
@@ -199,7 +209,9 @@ class ModelGateway(RequestService[ModelCall, ModelAnswer]):
                 reason=f"the model's answer of {size} bytes exceeds limits.response_text_bytes "
                 f"({self._max_answer_bytes})",
             )
-        return answer_of(journaled, replayed=False)
+        # Another call of the same key was journaled first (the agent asked again without
+        # saying so): its answer is the one, and this call was paid for all the same.
+        return answer_of(journaled, replayed=journaled is not entry)
 
 
 def entry_of(call: ModelCall, sender: str, completion: Completion) -> JournalEntry:

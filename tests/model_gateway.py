@@ -8,6 +8,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 
+from corral.agents import AgentSettings, offered_tools
 from corral.bus import Bus, BusConfig, JournalEntry, ModelCall, connect
 from corral.router import Admission, Model, ModelGateway
 from corral.supervisor import EmbeddedNats
@@ -29,14 +30,15 @@ class AdmitAll:
 
 @asynccontextmanager
 async def model_gateway(
-    nats_server: EmbeddedNats, models: Mapping[str, Model], agents: list[str]
+    nats_server: EmbeddedNats, models: Mapping[str, Model], agents: list[AgentSettings]
 ) -> AsyncIterator[AdmitAll]:
     """Serve ``models`` (by tier) to ``agents`` until the block ends; yields the ledger."""
     bus: Bus = await connect(BusConfig(servers=[nats_server.url], reconnect_forever=False))
     ledger = AdmitAll()
     tiers = frozenset(models)
+    offers = {agent.name: offered_tools(agent) for agent in agents}
     try:
-        async with ModelGateway(bus.nc, models, ledger, {agent: tiers for agent in agents}):
+        async with ModelGateway(bus.nc, models, ledger, dict.fromkeys(offers, tiers), offers):
             yield ledger
     finally:
         await bus.close()

@@ -78,7 +78,12 @@ async def test_the_daily_budget_spans_conversations(conn: asyncpg.Connection) ->
     assert "daily budget" in (await exceeded(conn, budgets, "c2", "payments") or "")
 
 
-async def test_a_replayed_response_is_spent_once(conn: asyncpg.Connection) -> None:
+async def test_a_key_journaled_again_counts_once_for_the_conversation_and_each_time_for_the_agent(
+    conn: asyncpg.Connection,
+) -> None:
+    """The journal keeps the first answer of a key; every call the model gateway made was
+    paid, so the agent's spend counts each (an agent that asks again without saying so
+    pays for it)."""
     entry = JournalEntry(conversation="c1", step=1, index=0, agent="payments", text="{}", cost_usd=0.25)
     for _ in range(3):
         await journal_response(conn, "c1", entry, "payments")
@@ -86,7 +91,7 @@ async def test_a_replayed_response_is_spent_once(conn: asyncpg.Connection) -> No
         "SELECT model_calls, cost_usd FROM conversation_spend WHERE conversation='c1'"
     )
     assert (spend["model_calls"], spend["cost_usd"]) == (1, 0.25)
-    assert await conn.fetchval("SELECT cost_usd FROM agent_spend WHERE agent='payments'") == 0.25
+    assert await conn.fetchval("SELECT cost_usd FROM agent_spend WHERE agent='payments'") == 0.75
 
 
 async def test_a_response_out_of_turn_is_not_journaled(conn: asyncpg.Connection) -> None:
@@ -95,6 +100,8 @@ async def test_a_response_out_of_turn_is_not_journaled(conn: asyncpg.Connection)
     assert owner is not None and owner["current_agent"] == "payments"
     assert await conn.fetchval("SELECT count(*) FROM step_journal") == 0
     assert await conn.fetchval("SELECT count(*) FROM conversation_spend") == 0
+    # Paid all the same: the agent's spend has it.
+    assert await conn.fetchval("SELECT cost_usd FROM agent_spend WHERE agent='triage'") == 0.25
 
 
 async def test_a_redelivered_step_learns_whether_it_is_over_or_stopped(

@@ -133,6 +133,7 @@ def test_agents_exports() -> None:
         "ToolUse",
         "Transfer",
         "Turn",
+        "offered_tools",
         "read_turn",
     }
 

@@ -64,7 +64,7 @@ async def test_the_task_is_held_until_the_supervisor_takes_the_output(
         AgentSettings(name="triage", instructions="Route.", edges=[HandoffEdge(target="payments")]),
         agent_bus,
     )
-    gateway = model_gateway(nats_server, {"fast": ScriptedModel(rules)}, ["triage"])
+    gateway = model_gateway(nats_server, {"fast": ScriptedModel(rules)}, [agent.settings])
     await gateway.__aenter__()
     serving = asyncio.create_task(agent.run())
     task = AgentTask(conversation="c1", step=1, agent="triage", text="refund please")

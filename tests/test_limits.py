@@ -174,7 +174,7 @@ async def test_a_hostile_models_huge_reply_ends_the_step_with_the_reason(
         BusConfig(servers=[nats_server.url], identity="agent-triage", reconnect_forever=False)
     )
     agent = AgentService(AgentSettings(name="triage", instructions="Answer."), bus)
-    gateway = model_gateway(nats_server, {"fast": ScriptedModel(rules)}, ["triage"])
+    gateway = model_gateway(nats_server, {"fast": ScriptedModel(rules)}, [agent.settings])
     ledger = await gateway.__aenter__()
     seen: list[tuple[str, AgentOutput]] = []
     decoder = msgspec.json.Decoder(AgentOutput)

@@ -70,7 +70,7 @@ async def model(nats_server: EmbeddedNats, store: Store) -> AsyncIterator[Script
     bus = await connect(BusConfig(servers=[nats_server.url], reconnect_forever=False))
     ledger = ModelLedger(store.pool, Budgets(max_usd=0.05))
     tiers = {"payments": frozenset({"fast"}), "triage": frozenset({"fast"})}
-    async with ModelGateway(bus.nc, {"fast": scripted, "smart": scripted}, ledger, tiers):
+    async with ModelGateway(bus.nc, {"fast": scripted, "smart": scripted}, ledger, tiers, {}):
         yield scripted
     await bus.close()
 
@@ -159,3 +159,41 @@ async def test_calls_off_the_agents_turn_or_authority_are_refused(
     assert (answer.status, answer.reason) == ("stopped", "the conversation is escalated")
     assert model.calls == 0
     assert await _journal(store) == []
+
+
+@pytest.fixture
+async def unbudgeted(nats_server: EmbeddedNats, store: Store) -> AsyncIterator[ScriptedModel]:
+    """The gateway with no budget for payments: a step's first calls go unread."""
+    scripted = ScriptedModel(RULES, name="scripted/support")
+    bus = await connect(BusConfig(servers=[nats_server.url], reconnect_forever=False))
+    ledger = ModelLedger(store.pool, Budgets())
+    async with ModelGateway(bus.nc, {"fast": scripted}, ledger, {"payments": frozenset({"fast"})}, {}):
+        yield scripted
+    await bus.close()
+
+
+async def _agent_spend(store: Store) -> float:
+    async with store.pool.acquire() as conn:
+        return float(await conn.fetchval("SELECT coalesce(sum(cost_usd), 0) FROM agent_spend"))
+
+
+async def test_without_a_budget_every_call_is_metered_whatever_the_agent_claims(
+    payments: Bus, unbudgeted: ScriptedModel, store: Store
+) -> None:
+    """No budget applies, so a step's first call is made before anything is read: the
+    record checks the turn and the journal, and every call made is paid for in the agent's
+    spend. An honest redelivery says so (``again``) and is answered from the journal."""
+    first = await _ask(payments, _call(0))
+    assert first.status == "ok" and unbudgeted.calls == 1
+    # Off its turn: made (nothing read first), never journaled, but metered.
+    off_turn = await _ask(payments, _call(0, step=2))
+    assert (off_turn.status, off_turn.reason) == ("stopped", "step 2 is no longer payments's turn")
+    # The same call again without saying so: made, metered, answered with the first answer.
+    repeated = await _ask(payments, _call(0))
+    assert repeated.replayed and repeated.tool_calls == first.tool_calls
+    assert unbudgeted.calls == 3
+    assert await _agent_spend(store) == pytest.approx(3 * 0.03)
+    assert [r["idx"] for r in await _journal(store)] == [0]
+    # A redelivered step says `again`: the journal answers, the model is not called.
+    honest = await _ask(payments, _call(0, again=True))
+    assert honest.replayed and unbudgeted.calls == 3

@@ -51,7 +51,7 @@ async def test_a_step_that_fails_for_good_is_reported_as_failed(nats_server: Emb
         BusConfig(servers=[nats_server.url], identity="agent-triage", reconnect_forever=False)
     )
     agent = AgentService(AgentSettings(name="triage", instructions="Answer."), bus)
-    gateway = model_gateway(nats_server, {"fast": Poisoned(rules)}, ["triage"])
+    gateway = model_gateway(nats_server, {"fast": Poisoned(rules)}, [agent.settings])
     await gateway.__aenter__()
     seen: list[AgentOutput] = []
     decoder = msgspec.json.Decoder(AgentOutput)

@@ -216,6 +216,7 @@ def router_run(config: ConfigOption = None) -> None:
     _setup_logging()
 
     async def _main() -> int:
+        from corral.agents import offered_tools
         from corral.bus import ConnectionGuard
         from corral.router import ModelGateway, model_for_tier
         from corral.supervisor.stack._credentials import ROUTER
@@ -235,10 +236,14 @@ def router_run(config: ConfigOption = None) -> None:
             _database_url(settings), max_size=20, server_settings={"synchronous_commit": "off"}
         )
         try:
-            gateway = ModelGateway(
-                bus.nc, models, ModelLedger(store.pool, settings.budgets), settings.tiers_of()
-            )
-            await _serve(announced(_Together([gateway, ConnectionGuard(bus)])))
+            agents = settings.loaded.agent_names
+            offers = {name: offered_tools(settings.agent_settings(name)) for name in agents}
+            ledger = ModelLedger(store.pool, settings.budgets)
+            gateway = ModelGateway(bus.nc, models, ledger, settings.tiers_of(), offers)
+            try:
+                await _serve(announced(_Together([gateway, ConnectionGuard(bus)])))
+            finally:
+                await ledger.close()
         finally:
             await bus.close()
             await store.close()

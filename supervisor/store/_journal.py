@@ -71,10 +71,10 @@ def journal_ctes(source: str) -> str:
 
     The response's fields are the parameters ``$response_*`` of ``journal_values`` (numbered
     with the rest of the statement by ``store._sql.numbered``); a row of ``source`` (a FROM
-    clause) must exist for anything to be written. Data-modifying CTEs run to completion
+    clause) must exist for the entry to be written. Data-modifying CTEs run to completion
     whether or not the outer query reads them, all on one snapshot; the agent's spend counts
-    only an entry this statement inserted, so a replayed write adds nothing. (A
-    conversation's spend is the view ``conversation_spend`` over the journal.)
+    the call whether or not its entry was written (the gateway made it, so it was paid for).
+    (A conversation's spend is the view ``conversation_spend`` over the journal.)
     """
     return f"""
 entry AS (
@@ -90,9 +90,11 @@ entry AS (
     ON CONFLICT DO NOTHING
     RETURNING 1
 ), agent_spent AS (
-    -- only when dollars change: (agent, day) is one row every call of the agent would lock
+    -- every call the gateway made was paid for, journaled or not (off its turn, or asked
+    -- again); only when dollars change: (agent, day) is one row every call would lock
     INSERT INTO agent_spend (agent, day, cost_usd)
-    SELECT $response_agent, current_date, $response_cost_usd FROM entry WHERE $response_cost_usd > 0
+    SELECT $response_agent::text, current_date, $response_cost_usd::double precision
+    WHERE $response_cost_usd::double precision > 0
     ON CONFLICT (agent, day) DO UPDATE SET cost_usd = agent_spend.cost_usd + excluded.cost_usd
     RETURNING 1
 )"""
@@ -121,6 +123,20 @@ _CONVERSATION = (
     "SELECT id, status, current_agent, step, customer, dry_run, client FROM conversations"
     " WHERE id = $conversation"
 )
+
+
+@functools.cache
+def record_statement() -> Numbered:
+    """One statement that journals an entry (the parameters of ``journal_values`` and
+    ``$conversation``) on its agent's running turn and records its spend; its one row's one
+    column is how many entries it wrote (0: not the turn, or the key was journaled first)."""
+    turn = (
+        "owner WHERE owner.status='running' AND owner.current_agent=$response_agent"
+        " AND owner.step=$response_step"
+    )
+    return numbered(
+        f"WITH owner AS ({_CONVERSATION}), {journal_ctes(turn)} SELECT (SELECT count(*) FROM entry)::integer"
+    )
 
 
 @functools.cache

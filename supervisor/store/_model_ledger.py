@@ -19,8 +19,15 @@ import asyncpg
 
 from corral.bus import JournalEntry, ModelCall
 from corral.router import Admission
+from corral.supervisor.store._batch import Batcher
 from corral.supervisor.store._budgets import Budgets, exceeded
-from corral.supervisor.store._journal import ENTRY_COLUMNS, entry_from_row, entry_problem, journal_response
+from corral.supervisor.store._journal import (
+    ENTRY_COLUMNS,
+    entry_from_row,
+    entry_problem,
+    journal_values,
+    record_statement,
+)
 
 _ADMIT = f"""
 SELECT c.status, c.current_agent, c.step,
@@ -49,9 +56,25 @@ class ModelLedger:
     def __init__(self, pool: asyncpg.Pool, budgets: Budgets) -> None:
         self._pool = pool
         self._budgets = budgets
+        # Answers that arrive while others are being written go together: one round trip
+        # and one commit for many (``store._batch``).
+        self._batcher = Batcher(pool)
+
+    async def close(self) -> None:
+        """Stop writing (what was not written yet fails, and its call is asked again)."""
+        await self._batcher.close()
 
     async def admit(self, call: ModelCall, sender: str) -> Admission:
-        """Whether ``sender`` may make ``call`` now (``router.Ledger.admit``)."""
+        """Whether ``sender`` may make ``call`` now (``router.Ledger.admit``).
+
+        A step's first delivery of an agent no budget applies to is let through without a
+        read: nothing can stop its call here that the record does not see (the turn, a
+        journaled answer), and the record meters the call whatever it finds. (A killed
+        agent's identity is revoked at the broker; the tool gateway and the supervisor
+        refuse what it sends.) Any budget, or a step delivered before, is read first.
+        """
+        if not call.again and not self._budgets.limits(sender):
+            return Admission()
         async with self._pool.acquire() as conn:
             row = await conn.fetchrow(_ADMIT, call.conversation, call.step, call.index, sender)
             if row is None:
@@ -75,16 +98,13 @@ class ModelLedger:
             # The gateway's own figures: a provider that reports nonsense is clamped, not
             # believed (and not journaled past sane bounds).
             raise ValueError(f"the model's figures cannot be journaled: {problem}")
+        statement = record_statement()
+        values = {"conversation": entry.conversation, **journal_values(entry, entry.agent)}
+        if await self._batcher.fetchval(statement.text, *statement.values(values)):
+            return entry
+        # Not written: another call of this key was journaled first (its answer wins), or
+        # the turn is over.
         async with self._pool.acquire() as conn:
-            owner = await journal_response(
-                conn, entry.conversation, entry, entry.agent, also="(SELECT count(*) FROM entry) AS written"
-            )
-            if owner is None:
-                return None
-            if owner["written"]:
-                return entry
-            # Not written: another delivery journaled this key first (its answer wins), or
-            # the turn is over.
             row = await conn.fetchrow(_READ, entry.conversation, entry.step, entry.index)
         if row is None:
             return None
