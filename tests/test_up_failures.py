@@ -17,10 +17,12 @@ from tests.conftest import SAMPLE_CONFIG
 
 FAILS_IN_THE_SUPERVISOR = """
 import os as _os
+import sys as _sys
 
-# Only the supervisor `corral up` starts sets this: `corral up` itself (and its check)
-# imports these tools fine, the supervisor process cannot.
-if _os.environ.get("CORRAL_DATABASE_PREPARED") == "1":
+# Only the services `corral up` starts set this, and only the supervisor runs as
+# `supervisor run`: `corral up` itself (and its check) and the model gateway (which reads
+# the tools' schemas) import these tools fine, the supervisor process cannot.
+if _os.environ.get("CORRAL_DATABASE_PREPARED") == "1" and _sys.argv[1:2] == ["supervisor"]:
     {failure}
 """
 
