@@ -10,9 +10,7 @@ from typing import TypedDict, TypeVar
 import msgspec
 
 from corral.agents._prompts import encode_arguments, tool_message, user_prompt
-from corral.agents._settings import AgentSettings as AgentSettings
-from corral.agents._settings import AgentState
-from corral.agents._settings import HandoffEdge as HandoffEdge
+from corral.agents._settings import AgentSettings, AgentState
 from corral.agents._turns import (
     Reply,
     ToolUse,

@@ -14,7 +14,7 @@ if _typing.TYPE_CHECKING:
     from corral.supervisor.audit._audit import AuditEntry, AuditVerification, append_audit, verify_audit
     from corral.supervisor.config._config import CorralConfig, LoadedConfig, load_config, resolve_config_path
     from corral.supervisor.core._client import format_path, send_and_wait, start_conversation
-    from corral.supervisor.core._decide import Graph
+    from corral.supervisor.core._graph import Graph
     from corral.supervisor.core._supervisor import Supervisor, SupervisorState
     from corral.supervisor.errors import ConfigError, LauncherError, StoreError
     from corral.supervisor.gateway._gateway import GatewayConfig, ToolGateway
@@ -33,7 +33,7 @@ _WHERE = {
     "EmbeddedNats": "corral.supervisor.stack._embedded",
     "EmbeddedPostgres": "corral.supervisor.stack._embedded",
     "GatewayConfig": "corral.supervisor.gateway._gateway",
-    "Graph": "corral.supervisor.core._decide",
+    "Graph": "corral.supervisor.core._graph",
     "Launcher": "corral.supervisor.stack._launcher",
     "LauncherConfig": "corral.supervisor.stack._launcher",
     "LauncherError": "corral.supervisor.errors",

@@ -43,7 +43,7 @@ from corral.bus import (
     subjects,
 )
 from corral.supervisor.core import _decide
-from corral.supervisor.core._decide import Graph, Outgoing
+from corral.supervisor.core._graph import Graph, Outgoing
 from corral.supervisor.core._outputs import OutputDesk
 from corral.supervisor.errors import ConcurrentChange
 from corral.supervisor.store._budgets import Budgets, exceeded

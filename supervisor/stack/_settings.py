@@ -45,7 +45,7 @@ from corral.supervisor.store._budgets import Budgets
 
 if TYPE_CHECKING:
     from corral.agents import AgentSettings
-    from corral.supervisor.core._decide import Graph
+    from corral.supervisor.core._graph import Graph
     from corral.supervisor.gateway._gateway import GatewayConfig
 
 DATABASE_PREPARED_ENV = "CORRAL_DATABASE_PREPARED"
@@ -174,7 +174,7 @@ class Settings:
     def graph(self) -> Graph:
         """The handoff graph and the conversation limits the supervisor enforces."""
         from corral.supervisor.config._config import load_payloads
-        from corral.supervisor.core._decide import Graph
+        from corral.supervisor.core._graph import Graph
 
         config = self.config
         graph = config.graph
