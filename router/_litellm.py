@@ -258,6 +258,20 @@ class LiteLLMModel:
 
         self._tier = tier
         self._litellm = litellm
+        self._unpriced: set[str] = set()
+        for model in [tier.model, *tier.fallbacks]:
+            if _is_scripted(model) or model in tier.prices:
+                continue
+            try:
+                litellm.get_model_info(model=model)
+            except Exception:
+                # Its calls will count $0 toward the budgets: the operator must hear of it.
+                logger.warning(
+                    "model %s has no price in litellm's map: its calls count $0 toward budgets;"
+                    " set models.%s.prices",
+                    model,
+                    tier.name,
+                )
         self._protocol = tool_protocol(tier, litellm)
         models = [tier.model, *(m for m in tier.fallbacks if m != tier.model)]
         # Unique deployment ids: every Router's cooldown callback is global in litellm and
@@ -405,11 +419,11 @@ class LiteLLMModel:
         # litellm prices every response once (the scripted provider prices its own); an
         # unknown price is not an error, the call still happened.
         cost = hidden.get("response_cost")
-        if cost is None:
+        if cost is None and model not in self._unpriced:
             try:
                 cost = self._litellm.completion_cost(completion_response=response)
             except Exception:  # litellm raises for models its map does not know
-                cost = 0.0
+                self._unpriced.add(model)  # (a lookup that raises each time, not repeated)
         return float(cost or 0.0)
 
     def _failure(self, exc: Exception, recorder: _Recorder) -> RouterError:

@@ -287,3 +287,28 @@ async def test_concurrent_calls_of_two_tiers_keep_their_own_attempts(
     first, second = await asyncio.gather(flaky.complete(_request()), steady.complete(_request()))
     assert _outcomes(first.attempts) == [("openai/flaky", "InternalServerError"), ("openai/flaky", "ok")]
     assert _outcomes(second.attempts) == [("openai/steady", "ok")]
+
+
+async def test_a_model_without_a_price_counts_zero_and_says_so_once(
+    openai_server: OpenAIServer, models: list[LiteLLMModel], caplog: pytest.LogCaptureFixture
+) -> None:
+    """A model litellm's map does not know and the tier gives no price for: its calls are
+    free to the budgets, which the operator is told once, when the gateway starts (not on
+    every call, and not for a tier that prices it)."""
+    openai_server.script("unpriced", answer("one"), answer("two"))
+    with caplog.at_level("WARNING", logger="corral.router._litellm"):
+        # (a name no other test uses: a tier with prices registers its model in litellm's map)
+        model = _model(models, _tier(openai_server, model="openai/unpriced"))
+        first = await model.complete(_request())
+        second = await model.complete(_request())
+        priced = _model(
+            models,
+            _tier(openai_server, model="openai/unpriced-2", prices={"openai/unpriced-2": ModelPrice()}),
+        )
+    assert (first.cost_usd, second.cost_usd) == (0.0, 0.0)
+    del priced
+    said = [r.getMessage() for r in caplog.records if "has no price" in r.getMessage()]
+    assert said == [
+        "model openai/unpriced has no price in litellm's map: its calls count $0 toward budgets;"
+        " set models.http.prices"
+    ]
