@@ -8,24 +8,32 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from tests.conftest import REPO
 
 
-def test_a_small_cs4_run_completes_every_conversation_and_refunds_each_once(tmp_path: Path) -> None:
-    out = tmp_path / "cs4.json"
-    sizes = ["--warmup", "2", "--sequential", "4", "--concurrent", "12", "--in-flight", "6"]
+def _bench(
+    tmp_path: Path, script: str, *args: str
+) -> tuple[subprocess.CompletedProcess[str], dict[str, Any]]:
+    """Run ``bench/<script>`` as a user does, in ``tmp_path``; its output and JSON report."""
+    out = tmp_path / "report.json"
     run = subprocess.run(
-        [sys.executable, str(REPO / "bench" / "cs4.py"), "--runs", "1", *sizes, "--json", str(out)],
+        [sys.executable, str(REPO / "bench" / script), *args, "--json", str(out)],
         capture_output=True,
         text=True,
         timeout=300,
         cwd=tmp_path,
     )
     assert run.returncode == 0, run.stdout + run.stderr
-    report = json.loads(out.read_text())
+    return run, json.loads(out.read_text())
+
+
+def test_a_small_cs4_run_completes_every_conversation_and_refunds_each_once(tmp_path: Path) -> None:
+    sizes = ["--warmup", "2", "--sequential", "4", "--concurrent", "12", "--in-flight", "6"]
+    run, report = _bench(tmp_path, "cs4.py", "--runs", "1", *sizes)
     assert report["hops"] == 8 and len(report["hop_names"]) == 8
     for depth in ("direct", "litellm"):
         figures = report[depth]
@@ -51,17 +59,8 @@ def test_a_small_cs4_run_completes_every_conversation_and_refunds_each_once(tmp_
 
 
 def test_the_http_depth_answers_through_the_openai_server_and_reports_it_apart(tmp_path: Path) -> None:
-    out = tmp_path / "cs4.json"
     sizes = ["--warmup", "2", "--sequential", "3", "--concurrent", "6", "--in-flight", "3", "--depth", "http"]
-    run = subprocess.run(
-        [sys.executable, str(REPO / "bench" / "cs4.py"), "--runs", "1", *sizes, "--json", str(out)],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        cwd=tmp_path,
-    )
-    assert run.returncode == 0, run.stdout + run.stderr
-    report = json.loads(out.read_text())
+    run, report = _bench(tmp_path, "cs4.py", "--runs", "1", *sizes)
     assert "direct" not in report and "ratios" not in report
     http = report["http"]
     assert http["conversations"] == 11 and http["refunds"] == 11 and http["refunded_orders"] == 11
@@ -78,17 +77,8 @@ def test_the_http_depth_answers_through_the_openai_server_and_reports_it_apart(t
 
 
 def test_cs4_slow_keeps_every_conversation_waiting_on_the_model_and_reports_the_bound(tmp_path: Path) -> None:
-    out = tmp_path / "slow.json"
     sizes = ["--conversations", "8", "--in-flight", "4", "--delay-s", "0.2", "--warmup", "2"]
-    run = subprocess.run(
-        [sys.executable, str(REPO / "bench" / "cs4_slow.py"), *sizes, "--json", str(out)],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        cwd=tmp_path,
-    )
-    assert run.returncode == 0, run.stdout + run.stderr
-    report = json.loads(out.read_text())
+    run, report = _bench(tmp_path, "cs4_slow.py", *sizes)
     assert report["bound_per_second"] == 5.0  # 4 in flight / (4 calls x 0.2 s)
     assert report["refunds"] == report["refunded_orders"] == report["orders"] == 10
     phase = report["phase"]
