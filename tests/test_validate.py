@@ -161,3 +161,16 @@ def test_the_model_gateway_refuses_to_start_without_a_tiers_key_naming_the_varia
     assert result.returncode == 2, result.stdout + result.stderr
     assert "the model gateway cannot start" in result.stderr
     assert "CORRAL_TEST_NO_SUCH_KEY is not set" in result.stderr
+
+
+def test_a_tier_no_agent_calls_needs_no_key(team: Path) -> None:
+    """Only the tiers agents call (or escalate to) are served and need their key."""
+    _edit(
+        team,
+        "models:\n",
+        "models:\n  spare:\n    model: openai/gpt-4o\n    api_key_env: CORRAL_TEST_NO_SUCH_KEY\n",
+    )
+    env = {k: v for k, v in os.environ.items() if k != "CORRAL_TEST_NO_SUCH_KEY"}
+    result = _corral("validate", "-c", str(team), env=env)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "CORRAL_TEST_NO_SUCH_KEY" not in result.stdout + result.stderr

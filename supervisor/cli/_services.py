@@ -207,7 +207,7 @@ def router_run(config: ConfigOption = None) -> None:
     settings = _load(config)
     from corral.supervisor.stack._validate import model_key_problem
 
-    for tier in settings.config.models:
+    for tier in settings.model_tiers():
         problem = model_key_problem(settings, tier)
         if problem is not None:
             # A tier that cannot be called fails every step; say why now, not as a timeout.

@@ -234,9 +234,12 @@ class Settings:
         return self.loaded.tier(agent, self.api_keys)
 
     def model_tiers(self) -> dict[str, ModelTier]:
-        """Every model tier, with API keys from the environment read at load (the model
-        gateway's)."""
-        return {name: self.loaded.model_tier(name, self.api_keys) for name in self.config.models}
+        """The model tiers some agent may call (its own, or one it escalates to), with API
+        keys from the environment read at load: what the model gateway serves."""
+        used = {tier for agent in self.loaded.agent_names for tier in self.loaded.tiers_of(agent)}
+        return {
+            name: self.loaded.model_tier(name, self.api_keys) for name in self.config.models if name in used
+        }
 
     def tiers_of(self) -> dict[str, frozenset[str]]:
         """The tiers each agent may ask the model gateway for."""

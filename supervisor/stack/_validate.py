@@ -201,11 +201,12 @@ def _load_rules(path: Path) -> ScriptRules:
 
 
 def _check_keys(settings: Settings) -> Checked:
-    for tier in settings.config.models:
+    for tier in settings.model_tiers():
         problem = model_key_problem(settings, tier)
         if problem is not None:
             raise problem
-    named = sorted({t.api_key_env for t in settings.config.models.values() if t.api_key_env})
+    models = settings.config.models
+    named = sorted({models[t].api_key_env or "" for t in settings.model_tiers()} - {""})
     return Checked("model keys", f"set: {', '.join(named)}" if named else "none needed")
 
 
