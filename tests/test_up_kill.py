@@ -124,7 +124,9 @@ async def test_status_names_and_down_stops_what_a_killed_launcher_and_watchdog_l
         assert report["running"] is False
         left = {p["name"]: p["pid"] for p in report["leftovers"]}
         assert left["nats-server"] == pids["nats-server"] and left["PostgreSQL"] == pids["postgres"]
-        assert left["triage"] == pids["triage"]
+        # The children stop on their own within about a second of their launcher's death
+        # (they watch it): any still listed is named with its own pid.
+        assert all(left[name] == pids[name] for name in left.keys() - {"nats-server", "PostgreSQL"})
         said = " ".join((await _corral(state, "status")).stdout.split())
         assert "its launcher is gone, but what it started still runs:" in said
         assert f"nats-server (pid {pids['nats-server']})" in said and "`corral down` stops it" in said
