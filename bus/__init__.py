@@ -94,7 +94,7 @@ if _typing.TYPE_CHECKING:
         start_problem,
     )
     from corral.bus._requests import Requester, RequestService, request
-    from corral.bus._service import MessageService, Service, Serving, serve_together
+    from corral.bus._service import MessageService, Service, Serving, serve_together, server_has_seen
     from corral.bus._topology import (
         agent_consumer_config,
         ensure_topology,
@@ -124,6 +124,7 @@ _WHERE = {
     "BusConfig": "corral.bus._connection",
     "ConnectionGuard": "corral.bus._connection",
     "connect": "corral.bus._connection",
+    "server_has_seen": "corral.bus._service",
     "DEAD_REASON": "corral.bus._consumer",
     "DEAD_STREAM_SEQ": "corral.bus._consumer",
     "DEAD_SUBJECT": "corral.bus._consumer",
@@ -316,6 +317,7 @@ __all__ = [
     "request",
     "serve_together",
     "serve_with_control",
+    "server_has_seen",
     "set_kill",
     "start_problem",
     "subjects",

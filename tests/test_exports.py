@@ -98,6 +98,7 @@ BUS_EXPORTS = {
     "trace_id",
     "traceparent_from",
     "use_traceparent",
+    "server_has_seen",
     "Attempt",
     "MAX_TOKENS_PER_RESPONSE",
     "MAX_USD_PER_RESPONSE",

@@ -19,6 +19,7 @@ from corral.bus import (
     Hop,
     new_traceparent,
     publish,
+    server_has_seen,
     subjects,
 )
 
@@ -163,7 +164,7 @@ async def watching(
         )
     ]
     try:
-        await bus.nc.flush()
+        await server_has_seen(bus.nc)  # no update of the conversation can pass unseen
         yield done
     finally:
         for sub in subs:
