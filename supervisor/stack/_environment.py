@@ -6,6 +6,12 @@ so a compromised agent, or a compromised package it imports, has none to take.""
 from __future__ import annotations
 
 from collections.abc import Mapping
+from pathlib import Path
+
+from corral.supervisor.stack._settings import DATABASE_PREPARED_ENV
+
+PARENT_PID_ENV = "CORRAL_PARENT_PID"
+"""The launcher's pid, which a child watches (it stops once the launcher is gone)."""
 
 _KEEP = frozenset(
     {
@@ -43,3 +49,36 @@ def agent_environment(env: Mapping[str, str]) -> dict[str, str]:
         for name, value in env.items()
         if name in _KEEP or name.startswith(_KEEP_PREFIXES) or name in _AGENT_CORRAL
     }
+
+
+def child_environment(
+    launcher: Mapping[str, str],
+    *,
+    trusted: bool,
+    nats_url: str,
+    state_dir: Path,
+    parent_pid: int,
+    seed: Path | None,
+    service_dsn: str | None,
+) -> dict[str, str]:
+    """The environment of one child of ``corral up``: a service (``trusted``: the
+    supervisor, a separate tool gateway, the model gateway) gets the launcher's with the
+    services' database role; an agent gets only ``agent_environment``. Each gets its own
+    seed only, and the launcher's pid to watch."""
+    env = {
+        **(launcher if trusted else agent_environment(launcher)),
+        "NATS_URL": nats_url,
+        # The children find the seeds where this launcher put them, however it chose.
+        "CORRAL_STATE_DIR": str(state_dir),
+        PARENT_PID_ENV: str(parent_pid),
+    }
+    if seed is not None:
+        env["CORRAL_CREDS"] = str(seed)  # each process gets its own identity only
+    for name in ("DATABASE_URL", "CORRAL_SUPERVISOR_DATABASE_URL", DATABASE_PREPARED_ENV):
+        env.pop(name, None)  # agents never hold the database's credentials
+    if trusted:
+        assert service_dsn is not None
+        env["DATABASE_URL"] = service_dsn
+        # Migrations and the tools' setup ran as the owner: the service runs no DDL.
+        env[DATABASE_PREPARED_ENV] = "1"
+    return env

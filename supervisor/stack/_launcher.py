@@ -36,7 +36,7 @@ from corral.supervisor.stack._credentials import (
     identities,
 )
 from corral.supervisor.stack._embedded import EmbeddedNats, EmbeddedPostgres
-from corral.supervisor.stack._environment import agent_environment
+from corral.supervisor.stack._environment import PARENT_PID_ENV, child_environment
 from corral.supervisor.stack._leftovers import STOPPED, find_leftovers, stop_leftovers
 from corral.supervisor.stack._runtime import ChildInfo, Runtime, embedded_postgres_dir, nats_servers
 from corral.supervisor.stack._sandbox import ChildUser, can_read, child_user, config_files
@@ -44,7 +44,6 @@ from corral.supervisor.stack._settings import DATABASE_PREPARED_ENV, Settings
 
 logger = logging.getLogger(__name__)
 
-PARENT_PID_ENV = "CORRAL_PARENT_PID"
 
 __all__ = ["DATABASE_PREPARED_ENV", "PARENT_PID_ENV", "Launcher", "LauncherConfig", "prepare_state_dir"]
 
@@ -413,26 +412,17 @@ class Launcher:
     async def _watch(self, info: ChildInfo, argv: list[str]) -> None:
         assert self.runtime is not None
         trusted = info.role in (SUPERVISOR, GATEWAY, ROUTER)
-        env = {
-            # An agent gets no provider key, no database URL, nothing it was not meant to
-            # hold: only what runs Python and corral (supervisor.stack._environment).
-            **(os.environ if trusted else agent_environment(os.environ)),
-            "NATS_URL": self.runtime.nats_url,
-            # The children find the seeds where this launcher put them, however it chose.
-            "CORRAL_STATE_DIR": str(self._settings.state_dir),
-            PARENT_PID_ENV: str(os.getpid()),
-        }
         identity = info.role if trusted else agent_identity(info.role)
         seed = self._settings.credentials_for(identity)
-        if seed is not None:
-            env["CORRAL_CREDS"] = str(seed)  # each process gets its own identity only
-        for name in ("DATABASE_URL", "CORRAL_SUPERVISOR_DATABASE_URL", DATABASE_PREPARED_ENV):
-            env.pop(name, None)  # agents never hold the database's credentials
-        if trusted:
-            assert self._service_dsn is not None
-            env["DATABASE_URL"] = self._service_dsn
-            # Migrations and the tools' setup ran as the owner: the service runs no DDL.
-            env[DATABASE_PREPARED_ENV] = "1"
+        env = child_environment(
+            os.environ,
+            trusted=trusted,
+            nats_url=self.runtime.nats_url,
+            state_dir=self._settings.state_dir,
+            parent_pid=os.getpid(),
+            seed=seed,
+            service_dsn=self._service_dsn,
+        )
         sandbox: ChildUser | None = None
         if not trusted and os.geteuid() == 0:
             # As root, an agent runs as a user of its own, which can read no seed on disk: it
