@@ -7,7 +7,7 @@ from typing import Any
 
 import msgspec
 
-from corral.bus import AgentTask, Hop, ToolResult
+from corral.bus import AgentTask, ChatTurn, Hop, ToolResult
 
 
 def encode_arguments(arguments: dict[str, Any]) -> str:
@@ -25,6 +25,21 @@ def tool_message(result: ToolResult) -> str:
     if result.approval_id:
         text += f"\napproval: {result.approval_id}"
     return text
+
+
+def transcript_turns(task: AgentTask) -> list[ChatTurn]:
+    """The conversation's earlier turns as model history: the customer's messages as the
+    user's, the replies as the assistant's (naming whoever gave them, if not this agent)."""
+    history: list[ChatTurn] = []
+    for turn in task.transcript:
+        if turn.role == "customer":
+            history.append(ChatTurn(role="user", content=turn.text))
+        elif turn.role == "agent" and turn.agent == task.agent:
+            history.append(ChatTurn(role="assistant", content=turn.text))
+        else:
+            who = turn.agent if turn.role == "agent" else f"operator {turn.agent}"
+            history.append(ChatTurn(role="assistant", content=f"({who}) {turn.text}"))
+    return history
 
 
 def user_prompt(task: AgentTask) -> str:

@@ -9,7 +9,7 @@ from typing import TypedDict, TypeVar
 
 import msgspec
 
-from corral.agents._prompts import encode_arguments, tool_message, user_prompt
+from corral.agents._prompts import encode_arguments, tool_message, transcript_turns, user_prompt
 from corral.agents._settings import AgentSettings, AgentState
 from corral.agents._turns import (
     Reply,
@@ -189,10 +189,10 @@ class AgentService(Service):
                     **common, approval_id=result.approval_id or "", tool=result.tool, reason=result.reason
                 )
                 detail = f"waiting for approval {result.approval_id} of {result.tool}"
-            case Reply(text=text, confidence=confidence):
+            case Reply(text=text, confidence=confidence, awaiting_customer=awaiting):
                 subject = subjects.agent_reply(name)
-                output = AgentReply(**common, text=text, confidence=confidence)
-                detail = f"reply ({confidence:.2f})"
+                output = AgentReply(**common, text=text, confidence=confidence, awaiting_customer=awaiting)
+                detail = f"{'question' if awaiting else 'reply'} ({confidence:.2f})"
         await self._hand_over(subject, output, task)
         await self._emit_event(task, detail, model)
         logger.debug("agent %s step %s/%d: %s", name, task.conversation, task.step, detail)
@@ -220,6 +220,7 @@ class AgentService(Service):
                 raise AgentError(f"stopped: {journal.reason}", agent=name)
         messages = [
             ChatTurn(role="system", content=self._system_prompt),
+            *transcript_turns(task),
             ChatTurn(role="user", content=user_prompt(task)),
         ]
         index, tier, corrected, tool_calls = 0, 0, 0, 0

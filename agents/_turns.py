@@ -41,6 +41,11 @@ def reply_spec() -> ToolSpec:
             "properties": {
                 "text": {"type": "string", "description": "Your answer to the customer."},
                 "confidence": _CONFIDENCE,
+                "awaiting_customer": {
+                    "type": "boolean",
+                    "description": "true if you asked the customer something and need their answer"
+                    " to go on; leave it out when your answer resolves their request.",
+                },
             },
             "required": ["text", "confidence"],
             "additionalProperties": False,
@@ -118,6 +123,8 @@ class Reply:
     call_id: str
     text: str
     confidence: float
+    awaiting_customer: bool = False
+    """The model asked the customer something: the conversation waits for their answer."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -184,7 +191,13 @@ def _end(
             return None, "error: reply needs the text of your answer"
         if confidence_problem is not None:
             return None, confidence_problem
-        return Reply(call_id=call.id, text=text, confidence=float(confidence)), None  # type: ignore[arg-type]
+        awaiting = arguments.get("awaiting_customer", False)
+        if not isinstance(awaiting, bool):
+            return None, "error: awaiting_customer of reply is true or false"
+        return (
+            Reply(call_id=call.id, text=text, confidence=float(confidence), awaiting_customer=awaiting),  # type: ignore[arg-type]
+            None,
+        )
     if call.name.startswith(TRANSFER_PREFIX):
         target = call.name.removeprefix(TRANSFER_PREFIX)
         if target not in targets:

@@ -33,6 +33,18 @@ class Hop(msgspec.Struct, frozen=True, kw_only=True):
     """The handoff's payload, as the edge declares it (validated by the supervisor)."""
 
 
+class Turn(msgspec.Struct, frozen=True, kw_only=True):
+    """One turn of a conversation's transcript: what the customer said, or what an agent
+    (or a human operator) answered."""
+
+    role: Literal["customer", "agent", "human"]
+    text: str
+    agent: str = ""
+    """The agent that answered (``role == "agent"``), or the operator's name (``human``)."""
+    id: str = ""
+    """A customer message's id, as its client gave it: a message sent twice is one turn."""
+
+
 class ConversationStart(msgspec.Struct, frozen=True, kw_only=True, tag="conversation.start"):
     """A client starts a conversation (``corral.in.<conversation>``)."""
 
@@ -56,6 +68,20 @@ class AgentTask(msgspec.Struct, frozen=True, kw_only=True, tag="agent.task"):
     path: list[Hop] = []
     resume: _Count = 0
     """How often this step was resumed after an approval; outputs echo it."""
+    transcript: list[Turn] = []
+    """The turns before ``text`` (the customer's latest message), oldest first, at most
+    ``conversation.window_turns`` of them."""
+
+
+class CustomerMessage(msgspec.Struct, frozen=True, kw_only=True, tag="conversation.message"):
+    """The customer's next turn in a conversation that awaits it (``corral.in.<client>.<conversation>``,
+    as the start)."""
+
+    v: int = 1
+    conversation: str
+    text: str
+    id: str
+    """The message's id, chosen by the client: the same id twice is one turn."""
 
 
 class _StepOutput(msgspec.Struct, frozen=True, kw_only=True):
@@ -85,10 +111,12 @@ class HandoffProposed(_StepEnd, frozen=True, kw_only=True, tag="handoff.proposed
 
 
 class AgentReply(_StepEnd, frozen=True, kw_only=True, tag="agent.reply"):
-    """An agent answers the customer; this ends the conversation."""
+    """An agent answers the customer: the conversation is resolved, or, if the agent asked
+    the customer something, it awaits the customer's next message."""
 
     text: str
     confidence: _Confidence = 1.0
+    awaiting_customer: bool = False
 
 
 class AgentFailed(_StepEnd, frozen=True, kw_only=True, tag="agent.failed"):
@@ -171,7 +199,9 @@ class ToolDecided(msgspec.Struct, frozen=True, kw_only=True, tag="tool.decided")
     result: dict[str, Any] = {}
 
 
-ConversationStatus = Literal["running", "waiting", "replied", "refused", "escalated", "failed", "killed"]
+ConversationStatus = Literal[
+    "running", "waiting", "awaiting_customer", "replied", "refused", "escalated", "failed", "killed", "closed"
+]
 
 
 class ConversationWaiting(msgspec.Struct, frozen=True, kw_only=True, tag="conversation.waiting"):
@@ -181,6 +211,28 @@ class ConversationWaiting(msgspec.Struct, frozen=True, kw_only=True, tag="conver
     conversation: str
     approval_id: str
     reason: str = ""
+
+
+class ConversationAwaiting(msgspec.Struct, frozen=True, kw_only=True, tag="conversation.awaiting"):
+    """An agent asked the customer something; the conversation goes on with the customer's
+    next message (``CustomerMessage``)."""
+
+    v: int = 1
+    conversation: str
+    agent: str
+    text: str
+    turn: _Count
+    """The turn's number in the transcript (the first message is 1)."""
+
+
+class MessageRefused(msgspec.Struct, frozen=True, kw_only=True, tag="message.refused"):
+    """A customer message that was not taken, and why (the conversation was not awaiting
+    the customer, say)."""
+
+    v: int = 1
+    conversation: str
+    id: str
+    reason: str
 
 
 class ConversationEnded(msgspec.Struct, frozen=True, kw_only=True, tag="conversation.ended"):
@@ -293,7 +345,7 @@ JournalRequest = JournalQuery
 """Everything on ``corral.from.<agent>.journal``."""
 
 
-SupervisorInput = ConversationStart | ApprovalDecided
+SupervisorInput = ConversationStart | CustomerMessage | ApprovalDecided
 """Everything the supervisor consumes from ``CORRAL_WORK``."""
 
 AgentOutput = HandoffProposed | AgentReply | AgentFailed | AgentWaiting
@@ -303,7 +355,15 @@ AgentOutput = HandoffProposed | AgentReply | AgentFailed | AgentWaiting
 AgentInput = AgentTask
 """Everything an agent consumes from its inbox."""
 
-ClientUpdate = HandoffForwarded | HandoffRefused | ConversationEnded | ToolDecided | ConversationWaiting
+ClientUpdate = (
+    HandoffForwarded
+    | HandoffRefused
+    | ConversationEnded
+    | ToolDecided
+    | ConversationWaiting
+    | ConversationAwaiting
+    | MessageRefused
+)
 """Everything a client may see on ``corral.out.<conversation>``."""
 
 AgentEvent = StepEvent
@@ -311,6 +371,9 @@ AgentEvent = StepEvent
 
 Message = (
     ConversationStart
+    | CustomerMessage
+    | ConversationAwaiting
+    | MessageRefused
     | AgentTask
     | HandoffProposed
     | AgentReply

@@ -22,6 +22,7 @@ from corral.bus._messages import (
     AgentReply,
     AgentWaiting,
     ConversationStart,
+    CustomerMessage,
     HandoffProposed,
     Message,
     encode,
@@ -48,6 +49,17 @@ def start_problem(message: ConversationStart, client: str, limits: Limits) -> st
     return limit_problem(
         "text", message.text, limits.customer_text_bytes, "customer_text_bytes"
     ) or limit_problem("customer id", message.customer, limits.customer_id_bytes, "customer_id_bytes")
+
+
+def message_problem(message: CustomerMessage, limits: Limits) -> str | None:
+    """Why a customer's message cannot be taken (None: it can): an id outside
+    ``subjects.ID_PATTERN``, or text over its limit or holding a NUL character."""
+    for what, value in (("conversation id", message.conversation), ("message id", message.id)):
+        try:
+            subjects.check_id(value, what)
+        except ValueError as exc:
+            return str(exc)
+    return limit_problem("text", message.text, limits.customer_text_bytes, "customer_text_bytes")
 
 
 def output_problem(message: AgentOutput, limits: Limits) -> str | None:

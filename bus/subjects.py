@@ -69,6 +69,11 @@ def check_id(value: str, what: str = "id") -> str:
     return value
 
 
+def is_id(value: str) -> bool:
+    """Whether ``value`` matches ``ID_PATTERN`` (see ``check_id``)."""
+    return _ID.fullmatch(value) is not None
+
+
 def conversation_start(client: str, conversation: str) -> str:
     """Subject ``client`` publishes a conversation start on."""
     return f"{PREFIX}.in.{client}.{conversation}"

@@ -53,7 +53,10 @@ def _call(action: Any, number: int, key: str) -> ChatToolCall:
         arguments = {k: action[k] for k in ("reason", "confidence") if k in action}
         arguments.update(action.get("payload") or {})
     elif kind == "reply":
-        name, arguments = REPLY_TOOL, {k: action[k] for k in ("text", "confidence") if k in action}
+        name, arguments = (
+            REPLY_TOOL,
+            {k: action[k] for k in ("text", "confidence", "awaiting_customer") if k in action},
+        )
     else:
         raise ScriptError(f"a scripted answer's action must be tool, handoff or reply, not {kind!r}")
     text = arguments if isinstance(arguments, str) else json.dumps(arguments)

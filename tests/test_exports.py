@@ -109,6 +109,11 @@ BUS_EXPORTS = {
     "ModelCall",
     "ModelStatus",
     "ToolSpec",
+    "ConversationAwaiting",
+    "CustomerMessage",
+    "MessageRefused",
+    "Turn",
+    "message_problem",
 }
 
 

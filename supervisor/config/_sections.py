@@ -206,6 +206,11 @@ class ConversationSection(_Strict):
     """Calls of one tool with the same arguments in one conversation before it is stopped."""
     max_pingpong: int = Field(default=3, ge=1)
     """Handoffs back and forth between the same two agents before it is stopped."""
+    idle_timeout_s: float = Field(default=1800.0, gt=0)
+    """Seconds a conversation may await its customer's next message before it is closed."""
+    window_turns: int = Field(default=20, ge=1, le=1000)
+    """Turns of the transcript an agent is shown before the customer's latest message (older
+    ones stay in PostgreSQL, not in the model's history)."""
 
 
 class LimitsSection(_Strict):

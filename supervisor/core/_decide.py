@@ -15,21 +15,23 @@ from corral.bus import (
     AgentFailed,
     AgentOutput,
     AgentReply,
-    AgentTask,
     AgentWaiting,
     ConversationEnded,
     ConversationStart,
     ConversationWaiting,
+    CustomerMessage,
     HandoffForwarded,
     HandoffProposed,
     HandoffRefused,
     Hop,
     KillSwitch,
     Limits,
+    message_problem,
     output_problem,
     start_problem,
     subjects,
 )
+from corral.supervisor.core import _dialogue
 from corral.supervisor.core._graph import Decision as Decision
 from corral.supervisor.core._graph import Graph as Graph
 from corral.supervisor.core._graph import Outgoing as Outgoing
@@ -59,6 +61,7 @@ def start(
         traceparent=traceparent,
         client=client,
         dry_run=message.dry_run,
+        turns=[_dialogue.first_turn(message.conversation, message.text)],
     )
     if killed is not None:
         reason = f"entry agent {graph.entry} is killed ({killed.reason}); escalated to a human"
@@ -155,8 +158,7 @@ def _on_turn(
                     message.confidence,
                     killed_agents,
                 )
-            step = StepRecord(step=record.step, agent=sender, kind="replied", confidence=message.confidence)
-            return Decision(record=record.evolve(status="replied", reply=message.text), steps=[step])
+            return _dialogue.replied(record, sender, message)
         case AgentWaiting():
             reason = f"waiting for approval {message.approval_id} of {message.tool}: {message.reason}"
             return Decision(
@@ -275,27 +277,20 @@ def _rejected(record: ConversationRecord, step: int, sender: str, reason: str) -
     return Decision(record=None, steps=[StepRecord(step=step, agent=sender, kind="rejected", detail=reason)])
 
 
-def outputs(record: ConversationRecord) -> list[Outgoing]:
-    """Everything the conversation's current state implies was published."""
+def outputs(record: ConversationRecord, window_turns: int = 20) -> list[Outgoing]:
+    """Everything the conversation's current state implies was published (a task carries
+    at most ``window_turns`` earlier turns of the transcript)."""
     updates = subjects.conversation_updates(record.client, record.id)
     if record.status == "running":
         out = [
             Outgoing(
                 subject=subjects.agent_inbox(record.current_agent),
-                message=AgentTask(
-                    conversation=record.id,
-                    step=record.step,
-                    agent=record.current_agent,
-                    text=record.text,
-                    customer=record.customer,
-                    path=record.path,
-                    resume=record.resume,
-                ),
+                message=_dialogue.task(record, window_turns),
                 # A resumed step is a new delivery, not a duplicate of the first.
                 msg_id=f"{record.id}.{record.step}.task" + (f".r{record.resume}" if record.resume else ""),
             )
         ]
-        if len(record.path) > 1:
+        if len(record.path) > 1 and not _dialogue.resumed_by_customer(record):
             last, before = record.path[-1], record.path[-2]
             out.append(
                 Outgoing(
@@ -312,6 +307,8 @@ def outputs(record: ConversationRecord) -> list[Outgoing]:
                 )
             )
         return out
+    if record.status == "awaiting_customer":
+        return [_dialogue.awaiting(record)]
     if record.status == "waiting":
         return [
             Outgoing(
@@ -377,7 +374,7 @@ def agent_killed(record: ConversationRecord, agent: str, switch: KillSwitch) -> 
 
 def conversation_killed(record: ConversationRecord, switch: KillSwitch) -> Decision:
     """An operator killed the conversation: it ends here, and no later step is recorded."""
-    if record.status not in ("running", "waiting"):
+    if record.status not in ("running", "waiting", "awaiting_customer"):
         return Decision(record=None)
     return Decision(record=record.evolve(status="killed", reason=f"killed: {switch.reason}"))
 
@@ -439,6 +436,11 @@ def check_start(message: ConversationStart, client: str, limits: Limits) -> str 
     return start_problem(message, client, limits)
 
 
+def check_message(message: CustomerMessage, limits: Limits) -> str | None:
+    """Why a customer's message cannot be taken (None: it can); see ``bus.message_problem``."""
+    return message_problem(message, limits)
+
+
 def check_output(message: AgentOutput, limits: Limits) -> str | None:
     """Why an agent's output cannot be taken (None: it can); see ``bus.output_problem``."""
     return output_problem(message, limits)
@@ -476,7 +478,7 @@ def output_refused(record: ConversationRecord, sender: str, step: int, resume: i
 
 def input_dead(record: ConversationRecord, reason: str) -> Decision:
     """An input of the conversation was dead-lettered: escalate what was still open."""
-    if record.status not in ("running", "waiting"):
+    if record.status not in ("running", "waiting", "awaiting_customer"):
         return Decision(record=None)
     return escalate(record, record.current_agent, f"{reason}; escalated to a human")
 

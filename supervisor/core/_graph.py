@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 
 from pydantic import BaseModel
 
-from corral.bus import Message
+from corral.bus import Limits, Message
 from corral.supervisor.store._store import ConversationRecord, StepRecord
 
 
@@ -30,6 +30,10 @@ class Graph:
     """The payload models of the edges that declare one, by (source, target)."""
     escalate_to: str | None = None
     """Where a step below its threshold goes (None: a human)."""
+    window_turns: int = 20
+    """Earlier turns of the transcript a task carries (``conversation.window_turns``)."""
+    idle_timeout_s: float = 1800.0
+    """How long a conversation awaits its customer before it is closed."""
 
     def threshold(self, source: str, target: str | None) -> float:
         """The confidence a handoff ``source`` -> ``target`` (None: a reply of ``source``)
@@ -82,3 +86,11 @@ def escalate(
             )
         ],
     )
+
+
+def worst_case(limits: Limits, graph: Graph) -> int:
+    """The biggest task or outcome the limits allow, with room for ids, names and headers."""
+    path = graph.max_steps * (limits.reason_bytes + 256)
+    task = limits.customer_text_bytes + limits.customer_id_bytes + path
+    outcome = limits.reply_text_bytes + limits.reason_bytes + path
+    return max(task, outcome) + 1024

@@ -24,6 +24,7 @@ from corral.bus import (
     ConsumerConfig,
     ControlWatcher,
     ConversationStart,
+    CustomerMessage,
     Delivery,
     HandoffProposed,
     JournalEntry,
@@ -42,8 +43,9 @@ from corral.bus import (
     serve_with_control,
     subjects,
 )
-from corral.supervisor.core import _decide
-from corral.supervisor.core._graph import Graph, Outgoing
+from corral.supervisor.core import _decide, _dialogue
+from corral.supervisor.core._graph import Graph, Outgoing, worst_case
+from corral.supervisor.core._idle import IdleCloser
 from corral.supervisor.core._outputs import OutputDesk
 from corral.supervisor.errors import ConcurrentChange
 from corral.supervisor.store._budgets import Budgets, exceeded
@@ -118,13 +120,15 @@ class Supervisor(Service):
             limits=self._limits,
         )
         self._control = ControlWatcher(bus.js, self._on_control)
+        self.idle = IdleCloser(store, self._apply, graph.idle_timeout_s)
+        """Closes the conversations whose customer went quiet."""
         self.state = SupervisorState.NEW
 
     async def _serve(self) -> None:
         """Serve until ``shutdown()``; in-flight messages finish first."""
         self.state = SupervisorState.RUNNING
         logger.info("supervisor serving; entry agent %s", self._graph.entry)
-        worst, limit = _worst_case(self._limits, self._graph), self._bus.nc.max_payload
+        worst, limit = worst_case(self._limits, self._graph), self._bus.nc.max_payload
         if limit and worst > limit:
             logger.warning(
                 "limits allow a task or an outcome of up to %d bytes, over the server's max_payload of"
@@ -133,13 +137,15 @@ class Supervisor(Service):
                 limit,
             )
         started = asyncio.create_task(self._started_with(self._control, self._consumer, self._desk))
+        sweep = asyncio.create_task(self.idle.run(), name="corral-idle-sweep")
         try:
             # The guard ends the service (and the process, non-zero) once the connection is
             # closed for good: nats-py would leave it alive and deaf.
             await serve_with_control(self._control, self._consumer, self._desk, ConnectionGuard(self._bus))
         finally:
             started.cancel()
-            await asyncio.gather(started, return_exceptions=True)
+            sweep.cancel()
+            await asyncio.gather(started, sweep, return_exceptions=True)
             self.state = SupervisorState.STOPPED
             logger.info("supervisor stopped")
 
@@ -154,6 +160,8 @@ class Supervisor(Service):
         match message:
             case ConversationStart():
                 await self._start(message, delivery.subject)
+            case CustomerMessage():
+                await self._customer_message(message, delivery.subject)
             case ApprovalDecided():
                 await self._approval_decided(message, delivery)
 
@@ -184,6 +192,43 @@ class Supervisor(Service):
             )
 
         await self._decide_and_publish(message.conversation, decide, expect_new=True)
+
+    async def _customer_message(self, message: CustomerMessage, subject: str) -> None:
+        """The customer's next message (``_dialogue.customer_message``), from the client that
+        started the conversation, on the subject it started it on."""
+        client = subjects.starter(subject) or ""
+        if subject != subjects.conversation_start(client, message.conversation):
+            raise PoisonMessageError(
+                f"a message for conversation {message.conversation!r} sent on {subject}", subject=subject
+            )
+        why = _decide.check_message(message, self._limits)
+        if why is not None:
+            raise PoisonMessageError(f"customer message refused: {why}", subject=subject)
+
+        async def decide(snapshot: ConversationSnapshot) -> _decide.Decision:
+            record = snapshot.record
+            if record is None or record.client != client:
+                # Another client's conversation is as unknown to this one as a missing one.
+                raise PoisonMessageError(f"unknown conversation {message.conversation!r}", subject=subject)
+            awaiting = record.status == "awaiting_customer"
+            over = (
+                await exceeded(snapshot.db, self._budgets, record.id, record.current_agent)
+                if awaiting
+                else None
+            )
+            decision = _dialogue.customer_message(
+                record,
+                message,
+                max_steps=self._graph.max_steps,
+                killed_agents=self._control.state.agents,
+                budget_exceeded=over,
+            )
+            too_big = self._oversized(decision)
+            if too_big is not None:
+                return _dialogue.refused(record, message, too_big)
+            return decision
+
+        await self._decide_and_publish(message.conversation, decide)
 
     async def take(self, message: AgentOutput, subject: str) -> None:
         """Decide on the output of an agent's step, commit the decision, then publish what
@@ -249,7 +294,7 @@ class Supervisor(Service):
         """An output was refused for good (and dead-lettered): end its conversation with the
         reason, if it is the current step's (see ``_decide.output_refused``)."""
         sender = subjects.sender(subject) or ""
-        if not _is_id(message.conversation):
+        if not subjects.is_id(message.conversation):
             return
         await self._apply(
             message.conversation,
@@ -259,16 +304,19 @@ class Supervisor(Service):
         )
 
     async def input_dead(self, message: SupervisorInput, delivery: Delivery, reason: str) -> None:
-        """An input from ``CORRAL_WORK`` was dead-lettered: tell the client of a start that
-        was refused why, or escalate a conversation that was taken but cannot go on."""
-        if not isinstance(message, ConversationStart):
-            return  # an approval decision stays in the database; the dead letter says why
+        """An input from ``CORRAL_WORK`` was dead-lettered: tell the client of a start or a
+        message that was refused why, or escalate a conversation that was taken but cannot
+        go on. (An approval decision stays in the database; the dead letter says why.)"""
         reason = clip(reason, self._limits.reason_bytes)
         client = subjects.starter(delivery.subject)
         conversation = delivery.subject.rsplit(".", 1)[-1]
-        if client is None:
+        if client is None or isinstance(message, ApprovalDecided):
             return
-        record = await self._store.get(conversation) if _is_id(conversation) else None
+        if isinstance(message, CustomerMessage):
+            refused = _dialogue.refusal(client, message, reason)
+            await publish(self._bus.js, refused.subject, refused.message, msg_id=refused.msg_id)
+            return
+        record = await self._store.get(conversation) if subjects.is_id(conversation) else None
         if record is not None and record.client == client:
             # Taken once, and now it cannot go on (its task cannot be published, say).
             await self._apply(conversation, lambda r: _decide.input_dead(r, reason))
@@ -285,7 +333,7 @@ class Supervisor(Service):
         limit = self._bus.nc.max_payload
         if not limit:
             return None
-        for out in [*decision.extra, *_decide.outputs(record)]:
+        for out in [*decision.extra, *_decide.outputs(record, self._graph.window_turns)]:
             headers = {MSG_ID: out.msg_id}
             if record.traceparent:
                 headers[TRACEPARENT] = record.traceparent
@@ -303,7 +351,7 @@ class Supervisor(Service):
         async with self._store.snapshot(conversation, fresh=True) as snapshot:
             record = snapshot.record
         if record is not None:
-            await self._publish(_decide.outputs(record), record)
+            await self._publish(_decide.outputs(record, self._graph.window_turns), record)
 
     async def _decide_and_publish(
         self,
@@ -320,7 +368,7 @@ class Supervisor(Service):
             return
         if record is None:
             return
-        await self._publish([*decision.extra, *_decide.outputs(record)], record)
+        await self._publish([*decision.extra, *_decide.outputs(record, self._graph.window_turns)], record)
         if decision.record is not None:
             _log_transition(decision.record)
 
@@ -419,7 +467,7 @@ class Supervisor(Service):
         decision, _ = await self._transition(conversation, on_snapshot)
         if decision.record is None:
             return
-        await self._publish(_decide.outputs(decision.record), decision.record)
+        await self._publish(_decide.outputs(decision.record, self._graph.window_turns), decision.record)
         _log_transition(decision.record)
 
     async def _publish(self, messages: list[Outgoing], record: ConversationRecord) -> None:
@@ -437,22 +485,6 @@ class Supervisor(Service):
                 for out in messages
             )
         )
-
-
-def _worst_case(limits: Limits, graph: Graph) -> int:
-    """The biggest task or outcome the limits allow, with room for ids, names and headers."""
-    path = graph.max_steps * (limits.reason_bytes + 256)
-    task = limits.customer_text_bytes + limits.customer_id_bytes + path
-    outcome = limits.reply_text_bytes + limits.reason_bytes + path
-    return max(task, outcome) + 1024
-
-
-def _is_id(value: str) -> bool:
-    try:
-        subjects.check_id(value)
-    except ValueError:
-        return False
-    return True
 
 
 def _log_transition(record: ConversationRecord) -> None:

@@ -184,6 +184,8 @@ class Settings:
             min_confidence=graph.min_confidence,
             max_steps=config.conversation.max_steps,
             max_pingpong=config.conversation.max_pingpong,
+            window_turns=config.conversation.window_turns,
+            idle_timeout_s=config.conversation.idle_timeout_s,
             edge_confidence={
                 (source, edge.to): edge.min_confidence
                 for source in graph.edges

@@ -17,7 +17,7 @@ from typing import Literal
 import asyncpg
 import msgspec
 
-from corral.bus import ConversationStatus, Hop, JournalEntry, subjects
+from corral.bus import ConversationStatus, Hop, JournalEntry, Turn, subjects
 from corral.supervisor.errors import ConcurrentChange, StoreError
 from corral.supervisor.store._batch import Batcher
 from corral.supervisor.store._journal import journal_ctes, journal_values
@@ -31,6 +31,7 @@ _MIGRATIONS = "corral.supervisor.store.migrations"
 _MIGRATION_LOCK = 0x636F7272  # "corr": one advisory lock id for every corral process
 
 _path_decoder = msgspec.json.Decoder(list[Hop])
+_turns_decoder = msgspec.json.Decoder(list[Turn])
 _encoder = msgspec.json.Encoder()
 
 
@@ -91,6 +92,8 @@ class ConversationRecord:
     """How often the current step was resumed after an approval decision."""
     version: int = 0
     """Bumped by every save; a save applies only to the version its decision read."""
+    turns: list[Turn] = field(default_factory=list)
+    """The transcript: the customer's messages and the replies, oldest first."""
 
     def evolve(self, **changes: object) -> ConversationRecord:
         """A copy with ``changes`` applied."""
@@ -103,10 +106,23 @@ class StepRecord:
 
     step: int
     agent: str
-    kind: Literal["started", "forwarded", "refused", "replied", "escalated", "rejected", "waiting", "resumed"]
+    kind: Literal[
+        "started",
+        "forwarded",
+        "refused",
+        "replied",
+        "asked",
+        "answered",
+        "closed",
+        "escalated",
+        "rejected",
+        "waiting",
+        "resumed",
+    ]
     """What was decided: the conversation started; a handoff forwarded or refused; the reply
-    taken; the conversation escalated; an output rejected (not the step's); the step waiting
-    for an approval, or resumed after one."""
+    taken; a question to the customer, or the customer's answer; the conversation closed
+    (idle) or escalated; an output rejected (not the step's); the step waiting for an
+    approval, or resumed after one."""
     target: str | None = None
     confidence: float | None = None
     detail: str = ""
@@ -114,13 +130,19 @@ class StepRecord:
 
 _COLUMNS = (
     "id, customer, text, status, current_agent, step, path::text AS path, reply, reason, traceparent, client,"
-    " dry_run, approval_id, resume, version"
+    " dry_run, approval_id, resume, version, turns::text AS turns"
 )
 
 
 def _from_row(row: asyncpg.Record) -> ConversationRecord:
     """Convert an asyncpg record into a ``ConversationRecord``, once, at the edge."""
-    return ConversationRecord(**{**dict(row), "path": _path_decoder.decode(row["path"])})
+    return ConversationRecord(
+        **{
+            **dict(row),
+            "path": _path_decoder.decode(row["path"]),
+            "turns": _turns_decoder.decode(row["turns"]),
+        }
+    )
 
 
 _STEPS = (
@@ -135,14 +157,15 @@ _STEPS = (
 # updated only if nobody saved it since it was read. No row ends up saved: a conflict.
 _INSERT = numbered(
     "WITH saved AS (INSERT INTO conversations (id, customer, text, status, current_agent, step, path,"
-    " reply, reason, traceparent, client, dry_run, approval_id, resume)"
+    " reply, reason, traceparent, client, dry_run, approval_id, resume, turns)"
     " VALUES ($id, $customer, $text, $status, $current_agent, $step, $path::jsonb, $reply, $reason,"
-    " $traceparent, $client, $dry_run, $approval_id, $resume) ON CONFLICT (id) DO NOTHING"
+    " $traceparent, $client, $dry_run, $approval_id, $resume, $turns::jsonb) ON CONFLICT (id) DO NOTHING"
     f" RETURNING id), {_STEPS} SELECT count(*) FROM saved"
 )
 _SAVE = (
     "WITH saved AS (UPDATE conversations SET status=$status, current_agent=$current_agent, step=$step,"
     " path=$path::jsonb, reply=$reply, reason=$reason, approval_id=$approval_id, resume=$resume,"
+    " turns=$turns::jsonb,"
     f" version=version + 1, updated_at=now() WHERE id=$id AND version=$version RETURNING id), {_STEPS}"
 )
 _UPDATE = numbered(_SAVE + " SELECT count(*) FROM saved")
@@ -196,6 +219,7 @@ class ConversationSnapshot:
             "current_agent": record.current_agent,
             "step": record.step,
             "path": _encoder.encode(record.path).decode(),
+            "turns": _encoder.encode(record.turns).decode(),
             "reply": record.reply,
             "reason": record.reason,
             "approval_id": record.approval_id,
@@ -400,6 +424,17 @@ class Store:
             agent,
         )
         return row is not None
+
+    async def awaiting_since(self, seconds: float, limit: int = 1000) -> list[str]:
+        """Conversations that have awaited their customer for more than ``seconds``,
+        oldest first (at most ``limit``)."""
+        rows = await self._pool.fetch(
+            "SELECT id FROM conversations WHERE status='awaiting_customer'"
+            " AND updated_at < now() - make_interval(secs => $1) ORDER BY updated_at LIMIT $2",
+            seconds,
+            limit,
+        )
+        return [r["id"] for r in rows]
 
     async def waiting_on(self, agent: str) -> list[str]:
         """Running conversations whose next step belongs to ``agent``."""
