@@ -121,6 +121,11 @@ def _print_report(report: ConversationReport) -> None:
     say(f"  customer:  {record.customer or '-'}")
     say(f"  started:   {report.created_at:%Y-%m-%d %H:%M:%S %Z} (last change {report.updated_at:%H:%M:%S})")
     say(f"  message:   {record.text}")
+    if len(record.turns) > 1:
+        say("  turns:")
+        for turn in record.turns:
+            who = {"customer": "customer", "agent": turn.agent, "human": f"operator {turn.agent}"}[turn.role]
+            say(f"    {who}: {turn.text}")
     say(f"  path:      {_path(report)}")
     say("  decisions:")
     for step in report.steps:
@@ -201,6 +206,7 @@ def _document(report: ConversationReport) -> dict[str, Any]:
         "created_at": report.created_at.isoformat(),
         "updated_at": report.updated_at.isoformat(),
         "path": [{"agent": h.agent, "confidence": h.confidence, "reason": h.reason} for h in record.path],
+        "turns": [{"role": t.role, "agent": t.agent, "text": t.text} for t in record.turns],
         "decisions": [s.__dict__ for s in report.steps],
         "tools": [{**t.__dict__, "at": t.at.isoformat()} for t in report.tools],
         "approvals": [a.__dict__ for a in report.approvals],

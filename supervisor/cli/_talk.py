@@ -25,7 +25,8 @@ from corral.supervisor.cli._shared import (
 )
 
 if TYPE_CHECKING:
-    from corral.bus import ClientUpdate, ConversationEnded, ConversationWaiting, ToolDecided
+    from corral.bus import ClientUpdate, ConversationEnded, ToolDecided
+    from corral.supervisor.core._client import Settled
     from corral.supervisor.stack._settings import Settings
 
 STDIN = "-"
@@ -71,11 +72,17 @@ def _message(text: str) -> str:
     return sys.stdin.read()
 
 
-def _refusal(settings: Settings, text: str, customer: str) -> str | None:
-    """Why the supervisor would refuse this start (corral's own check, the one it runs),
-    or None: nothing too large is ever published."""
-    from corral.bus import ConversationStart, start_problem, subjects
+def _refusal(settings: Settings, text: str, customer: str, conversation: str | None) -> str | None:
+    """Why the supervisor would refuse this start, or this message in ``conversation``
+    (corral's own check, the one it runs), or None: nothing too large is ever published."""
+    from corral.bus import ConversationStart, CustomerMessage, message_problem, start_problem, subjects
 
+    if conversation is not None:
+        if customer:
+            return "--customer is for a new conversation; its customer is set when it starts"
+        return message_problem(
+            CustomerMessage(conversation=conversation, text=text, id="m-0"), settings.limits
+        )
     start = ConversationStart(conversation="c-0", text=text, customer=customer)
     return start_problem(start, subjects.DEFAULT_CLIENT, settings.limits)
 
@@ -85,6 +92,10 @@ def send(
     text: Annotated[str, typer.Argument(help="The customer's message; - reads it from standard input")],
     config: ConfigOption = None,
     customer: Annotated[str, typer.Option(help="Customer id")] = "",
+    conversation: Annotated[
+        str | None,
+        typer.Option(help="Send the customer's next message in this conversation (one awaiting it)"),
+    ] = None,
     wait: Annotated[bool, typer.Option("--wait", help="Wait for the outcome")] = False,
     timeout: Annotated[float, typer.Option(help="Seconds to wait")] = 30.0,
     dry_run: Annotated[
@@ -92,16 +103,18 @@ def send(
     ] = False,
     as_json: JsonOption = False,
 ) -> None:
-    """Start a conversation and print its id; with --wait, print its tool decisions, path
-    and reply.
+    """Start a conversation and print its id, or with --conversation send the customer's
+    next message in one that awaits it; with --wait, print its tool decisions, path and
+    reply (or the question the customer is asked).
 
-    Exit codes: 0 started (with --wait: replied), 1 refused/escalated/failed/killed (reason
-    printed; a message over limits.customer_text_bytes is refused before it is sent),
-    3 waiting for an approval (its id printed), 4 timeout.
+    Exit codes: 0 sent (with --wait: replied, or the customer is asked something), 1
+    refused/escalated/failed/killed/closed (reason printed; a message over
+    limits.customer_text_bytes is refused before it is sent), 3 waiting for an approval
+    (its id printed), 4 timeout.
     """
     settings = _load(config, tools=False)
     message = _message(text)
-    refused = _refusal(settings, message, customer)
+    refused = _refusal(settings, message, customer, conversation)
     if refused is not None:
         if as_json:
             print_json({"conversation": None, "status": "refused", "reason": refused})
@@ -111,34 +124,42 @@ def send(
 
     async def _main() -> int:
         from corral.bus import subjects
+        from corral.supervisor.core._client import send_message, start_conversation
 
         bus = await _connect(settings, _nats_url(settings), subjects.DEFAULT_CLIENT, forever=False)
         try:
             if wait:
-                return await _send_and_wait(bus, message, customer, timeout, dry_run, as_json)
-            from corral.supervisor.core._client import start_conversation
-
-            conversation = await start_conversation(bus, message, customer=customer, dry_run=dry_run)
+                return await _send_and_wait(bus, message, customer, conversation, timeout, dry_run, as_json)
+            if conversation is None:
+                sent = await start_conversation(bus, message, customer=customer, dry_run=dry_run)
+            else:
+                await send_message(bus, conversation, message)
+                sent = conversation
         finally:
             await bus.close()
+        status = "started" if conversation is None else "sent"
         if as_json:
-            print_json(
-                {"conversation": conversation, "status": "started", "show": f"corral show {conversation}"}
-            )
+            print_json({"conversation": sent, "status": status, "show": f"corral show {sent}"})
         else:
             # The id alone on stdout (`id=$(corral send ...)`); how to follow it on stderr.
-            say(conversation)
-            complain(f"started; see how it goes with: corral show {conversation}")
+            say(sent)
+            complain(f"{status}; see how it goes with: corral show {sent}")
         return 0
 
     _run(_main())
 
 
 async def _send_and_wait(
-    bus: Any, message: str, customer: str, seconds: float, dry_run: bool, as_json: bool
+    bus: Any,
+    message: str,
+    customer: str,
+    conversation: str | None,
+    seconds: float,
+    dry_run: bool,
+    as_json: bool,
 ) -> int:
-    from corral.bus import ConversationWaiting, ToolDecided
-    from corral.supervisor.core._client import send_until_settled
+    from corral.bus import ConversationAwaiting, ConversationWaiting, MessageRefused, ToolDecided
+    from corral.supervisor.core._client import message_until_settled, send_until_settled
 
     decisions: list[ToolDecided] = []
 
@@ -149,9 +170,14 @@ async def _send_and_wait(
                 _print_update(update)
 
     try:
-        settled = await send_until_settled(
-            bus, message, customer=customer, timeout_s=seconds, dry_run=dry_run, on_update=_on_update
-        )
+        if conversation is None:
+            settled = await send_until_settled(
+                bus, message, customer=customer, timeout_s=seconds, dry_run=dry_run, on_update=_on_update
+            )
+        else:
+            settled = await message_until_settled(
+                bus, conversation, message, timeout_s=seconds, on_update=_on_update
+            )
     except TimeoutError:
         if as_json:
             print_json({"conversation": None, "status": "timeout", "timeout_s": seconds})
@@ -163,14 +189,25 @@ async def _send_and_wait(
         _print_settled(settled)
     if isinstance(settled, ConversationWaiting):
         return EXIT_WAITING
+    if isinstance(settled, ConversationAwaiting):
+        return 0
+    if isinstance(settled, MessageRefused):
+        return EXIT_NOT_REPLIED
     return 0 if settled.status == "replied" else EXIT_NOT_REPLIED
 
 
-def _print_settled(settled: ConversationEnded | ConversationWaiting) -> None:
-    from corral.bus import ConversationWaiting
+def _print_settled(settled: Settled) -> None:
+    from corral.bus import ConversationAwaiting, ConversationWaiting, MessageRefused
 
     say(f"conversation {settled.conversation}")
-    if isinstance(settled, ConversationWaiting):
+    if isinstance(settled, ConversationAwaiting):
+        say("  status: awaiting the customer")
+        say(f"  asked:  {settled.agent}: {settled.text}")
+        say(f"  answer: corral send --conversation {settled.conversation} TEXT")
+    elif isinstance(settled, MessageRefused):
+        say("  status: message refused")
+        say(f"  reason: {settled.reason}")
+    elif isinstance(settled, ConversationWaiting):
         say(f"  status: waiting for approval {settled.approval_id}")
         say(f"  reason: {settled.reason}")
         approval = settled.approval_id
@@ -180,10 +217,8 @@ def _print_settled(settled: ConversationEnded | ConversationWaiting) -> None:
     say(f"  more:   corral show {settled.conversation}")
 
 
-def _settled_document(
-    settled: ConversationEnded | ConversationWaiting, decisions: list[ToolDecided]
-) -> dict[str, Any]:
-    from corral.bus import ConversationWaiting
+def _settled_document(settled: Settled, decisions: list[ToolDecided]) -> dict[str, Any]:
+    from corral.bus import ConversationAwaiting, ConversationWaiting, MessageRefused
 
     tools = [
         {
@@ -196,6 +231,22 @@ def _settled_document(
         }
         for d in decisions
     ]
+    if isinstance(settled, ConversationAwaiting):
+        return {
+            "conversation": settled.conversation,
+            "status": "awaiting_customer",
+            "agent": settled.agent,
+            "reply": settled.text,
+            "turn": settled.turn,
+            "tools": tools,
+        }
+    if isinstance(settled, MessageRefused):
+        return {
+            "conversation": settled.conversation,
+            "status": "refused",
+            "reason": settled.reason,
+            "tools": tools,
+        }
     if isinstance(settled, ConversationWaiting):
         return {
             "conversation": settled.conversation,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 
 import msgspec
 
@@ -13,10 +13,13 @@ from corral.bus import (
     DECODE_ERRORS,
     Bus,
     ClientUpdate,
+    ConversationAwaiting,
     ConversationEnded,
     ConversationStart,
     ConversationWaiting,
+    CustomerMessage,
     Hop,
+    MessageRefused,
     new_traceparent,
     publish,
     server_has_seen,
@@ -24,6 +27,12 @@ from corral.bus import (
 )
 
 _decoder = msgspec.json.Decoder(ClientUpdate)
+
+Settled = ConversationEnded | ConversationWaiting | ConversationAwaiting | MessageRefused
+"""Where a conversation stops for someone outside: it ended, waits for an approval, awaits
+the customer's next message, or the customer's message was refused."""
+
+_SETTLED = (ConversationEnded, ConversationWaiting, ConversationAwaiting, MessageRefused)
 
 
 def new_conversation_id() -> str:
@@ -50,6 +59,52 @@ async def start_conversation(
         traceparent=new_traceparent(),
     )
     return conversation
+
+
+async def send_message(
+    bus: Bus,
+    conversation: str,
+    text: str,
+    *,
+    client: str = subjects.DEFAULT_CLIENT,
+    message_id: str | None = None,
+) -> str:
+    """Publish the customer's next message in ``conversation`` as ``client`` (without
+    waiting); returns the message's id (the same id sent again is one turn)."""
+    message_id = message_id or f"m-{uuid.uuid4().hex[:20]}"
+    await publish(
+        bus.js,
+        subjects.conversation_start(client, conversation),
+        CustomerMessage(conversation=conversation, text=text, id=message_id),
+        msg_id=f"{conversation}.m.{message_id}",
+        traceparent=new_traceparent(),
+    )
+    return message_id
+
+
+async def message_until_settled(
+    bus: Bus,
+    conversation: str,
+    text: str,
+    *,
+    timeout_s: float = 30.0,
+    on_update: Callable[[ClientUpdate], None] | None = None,
+    client: str = subjects.DEFAULT_CLIENT,
+    message_id: str | None = None,
+) -> Settled:
+    """Send the customer's next message and wait until the conversation settles again
+    (``Settled``).
+
+    Raises:
+        TimeoutError: if it did not within ``timeout_s``.
+    """
+
+    async def begin() -> None:
+        await send_message(bus, conversation, text, client=client, message_id=message_id)
+
+    update = await _settle(bus, conversation, begin, timeout_s, on_update, client, _SETTLED)
+    assert isinstance(update, Settled)
+    return update
 
 
 async def send_and_wait(
@@ -84,24 +139,14 @@ async def send_until_settled(
     on_update: Callable[[ClientUpdate], None] | None = None,
     client: str = subjects.DEFAULT_CLIENT,
     dry_run: bool = False,
-) -> ConversationEnded | ConversationWaiting:
-    """Start a conversation and wait until it ends or waits for an approval.
+) -> Settled:
+    """Start a conversation and wait until it settles (``Settled``).
 
     Raises:
-        TimeoutError: if neither happened within ``timeout_s``.
+        TimeoutError: if it did not within ``timeout_s``.
     """
-    update = await _follow(
-        bus,
-        text,
-        customer,
-        timeout_s,
-        None,
-        on_update,
-        client,
-        dry_run,
-        settled=(ConversationEnded, ConversationWaiting),
-    )
-    assert isinstance(update, ConversationEnded | ConversationWaiting)
+    update = await _follow(bus, text, customer, timeout_s, None, on_update, client, dry_run, settled=_SETTLED)
+    assert isinstance(update, Settled)
     return update
 
 
@@ -123,10 +168,29 @@ async def _follow(
     published, so no update can be missed.
     """
     conversation = conversation or new_conversation_id()
-    async with watching(bus, conversation, settled=settled, client=client, on_update=on_update) as done:
+    started = conversation
+
+    async def begin() -> None:
         await start_conversation(
-            bus, text, customer=customer, conversation=conversation, client=client, dry_run=dry_run
+            bus, text, customer=customer, conversation=started, client=client, dry_run=dry_run
         )
+
+    return await _settle(bus, conversation, begin, timeout_s, on_update, client, settled)
+
+
+async def _settle(
+    bus: Bus,
+    conversation: str,
+    begin: Callable[[], Awaitable[None]],
+    timeout_s: float,
+    on_update: Callable[[ClientUpdate], None] | None,
+    client: str,
+    settled: tuple[type[ClientUpdate], ...],
+) -> ClientUpdate:
+    """Watch ``conversation``, run ``begin`` (a publish), and return the first ``settled``
+    update: the watch is in place first, so nothing ``begin`` causes can be missed."""
+    async with watching(bus, conversation, settled=settled, client=client, on_update=on_update) as done:
+        await begin()
         return await asyncio.wait_for(done, timeout_s)
 
 
