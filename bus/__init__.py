@@ -85,6 +85,7 @@ if _typing.TYPE_CHECKING:
         ModelStatus,
         ToolSpec,
     )
+    from corral.bus._operator_messages import OperatorAction, OperatorAnswer, OperatorRequest
     from corral.bus._publish import (
         ATTEMPT,
         MSG_ID,
@@ -160,6 +161,9 @@ _WHERE = {
     "ApprovalDecided": "corral.bus._messages",
     "ClientUpdate": "corral.bus._messages",
     "ConversationAwaiting": "corral.bus._messages",
+    "OperatorAction": "corral.bus._operator_messages",
+    "OperatorAnswer": "corral.bus._operator_messages",
+    "OperatorRequest": "corral.bus._operator_messages",
     "ConversationEnded": "corral.bus._messages",
     "CustomerMessage": "corral.bus._messages",
     "MessageRefused": "corral.bus._messages",
@@ -294,6 +298,9 @@ __all__ = [
     "ModelAnswer",
     "ModelCall",
     "ModelStatus",
+    "OperatorAction",
+    "OperatorAnswer",
+    "OperatorRequest",
     "OutputTaken",
     "PayloadTooLargeError",
     "PoisonMessageError",

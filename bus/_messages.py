@@ -11,6 +11,7 @@ from typing import Annotated, Any, Literal
 import msgspec
 
 from corral.bus._model_messages import Attempt, ChatToolCall, ModelAnswer, ModelCall
+from corral.bus._operator_messages import OperatorAnswer, OperatorRequest
 
 _INT32_MAX = 2**31 - 1
 
@@ -395,6 +396,8 @@ Message = (
     | OutputTaken
     | ModelCall
     | ModelAnswer
+    | OperatorRequest
+    | OperatorAnswer
 )
 
 _encoder = msgspec.json.Encoder()

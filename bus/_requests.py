@@ -159,13 +159,18 @@ class RequestService(MessageService, Generic[Req, Rep]):
         """What a requester is told of a request dead-lettered as poison (None: nothing)."""
         return None
 
+    def answers_to(self, requester: Requester, reply: str) -> bool:
+        """Whether an answer may go to ``reply``: the sending agent's own inbox (a service
+        whose requesters are not agents says whose)."""
+        return subjects.is_agent_inbox(requester.sender, reply)
+
     async def on_message(self, msg: Msg) -> None:
         """Check, decode and answer one request (see the module's docstring)."""
         headers = dict(msg.headers or {})
         requester = Requester(
             sender=subjects.sender(msg.subject) or "", subject=msg.subject, headers=headers, msg=msg
         )
-        if not subjects.is_agent_inbox(requester.sender, msg.reply):
+        if not msg.reply or not self.answers_to(requester, msg.reply):
             why = (
                 f"answer subject {msg.reply!r} is not {requester.sender or 'the sender'}'s inbox"
                 if msg.reply

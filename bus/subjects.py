@@ -157,6 +157,11 @@ def agent_waiting(agent: str) -> str:
     return f"{PREFIX}.from.{agent}.waiting"
 
 
+def operator_requests() -> str:
+    """Subject of the operators' requests to the supervisor (the human queue's actions)."""
+    return f"{PREFIX}.operator.requests"
+
+
 def approval_decisions() -> str:
     """Subject on which operators announce approval decisions (only they may publish)."""
     return f"{PREFIX}.control.approvals"

@@ -114,6 +114,9 @@ BUS_EXPORTS = {
     "MessageRefused",
     "Turn",
     "message_problem",
+    "OperatorAction",
+    "OperatorAnswer",
+    "OperatorRequest",
 }
 
 

@@ -70,6 +70,7 @@ def main() -> None:
         _demo,
         _init,
         _operator,
+        _queue,
         _reset,
         _services,
         _stack,

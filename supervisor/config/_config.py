@@ -19,6 +19,9 @@ from pydantic import BaseModel, ValidationError
 from corral.bus import subjects
 from corral.router import SCRIPTED_PROVIDER, ModelPrice, ModelTier
 from corral.supervisor.config._sections import (
+    HUMAN as HUMAN,
+)
+from corral.supervisor.config._sections import (
     RESERVED_NAMES as RESERVED_NAMES,
 )
 from corral.supervisor.config._sections import (
@@ -233,7 +236,7 @@ def _check_references(config: CorralConfig) -> list[tuple[tuple[Any, ...], str]]
             )
         )
     for source, targets in config.graph.edges.items():
-        if source not in config.agents:
+        if source not in config.agents and source != HUMAN:
             problems.append(
                 (
                     ("graph", "edges", source),

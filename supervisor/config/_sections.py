@@ -9,7 +9,11 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from corral.bus import Limits
 
-RESERVED_NAMES = frozenset({"supervisor", "gateway", "router", "client", "admin", "api", "human"})
+HUMAN = "human"
+"""The operators, as a source of the graph's edges (``graph.edges.human``: where they may
+hand a conversation back to)."""
+
+RESERVED_NAMES = frozenset({"supervisor", "gateway", "router", "client", "admin", "api", HUMAN})
 """Names no agent may take: corral's own processes and identities."""
 
 
@@ -213,6 +217,13 @@ class ConversationSection(_Strict):
     ones stay in PostgreSQL, not in the model's history)."""
 
 
+class QueueSection(_Strict):
+    """The human queue: escalated conversations, for operators to take."""
+
+    claim_ttl_s: float = Field(default=900.0, gt=0)
+    """How long an operator's claim holds without an action; then it returns to the queue."""
+
+
 class LimitsSection(_Strict):
     """How big what arrives at corral's edges may be, in bytes of UTF-8. What is bigger is
     refused with the reason (the client sees it) and dead-lettered; whatever corral derives
@@ -279,5 +290,6 @@ class CorralConfig(_Strict):
     agents: dict[str, AgentSection]
     graph: GraphSection
     conversation: ConversationSection = ConversationSection()
+    queue: QueueSection = QueueSection()
     limits: LimitsSection = LimitsSection()
     tools: ToolsSection | None = None

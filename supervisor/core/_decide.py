@@ -329,7 +329,11 @@ def outputs(record: ConversationRecord, window_turns: int = 20) -> list[Outgoing
                 reply=record.reply,
                 reason=record.reason,
             ),
-            msg_id=f"{record.id}.ended",
+            # An escalation is not final (an operator may hand the conversation back): each
+            # outcome is its own message, and a republished one the same.
+            msg_id=f"{record.id}.ended"
+            if record.status != "escalated"
+            else f"{record.id}.{record.step}.t{len(record.turns)}.escalated",
         )
     ]
 

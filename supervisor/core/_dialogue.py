@@ -22,6 +22,8 @@ from corral.bus import (
     clip,
     subjects,
 )
+from corral.supervisor.config._sections import HUMAN
+from corral.supervisor.core import _takeover
 from corral.supervisor.core._graph import Decision, Outgoing, escalate
 from corral.supervisor.store._store import ConversationRecord, StepRecord
 
@@ -78,6 +80,8 @@ def customer_message(
         )
     agent = record.current_agent
     turns = [*record.turns, Turn(role="customer", text=message.text, id=message.id)]
+    if agent == HUMAN:
+        return _takeover.back_to_queue(record, turns)
     resumed = record.evolve(status="running", reply=None, reason=None, turns=turns)
     killed = (killed_agents or {}).get(agent)
     if killed is not None:

@@ -3,6 +3,7 @@ to save, what to tell), and the escalation every refusal to go on ends in."""
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
@@ -10,6 +11,8 @@ from pydantic import BaseModel
 
 from corral.bus import Limits, Message
 from corral.supervisor.store._store import ConversationRecord, StepRecord
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -94,3 +97,11 @@ def worst_case(limits: Limits, graph: Graph) -> int:
     task = limits.customer_text_bytes + limits.customer_id_bytes + path
     outcome = limits.reply_text_bytes + limits.reason_bytes + path
     return max(task, outcome) + 1024
+
+
+def log_transition(record: ConversationRecord) -> None:
+    """Log where a decision left the conversation (its next step at debug, an outcome at info)."""
+    if record.status == "running":
+        logger.debug("conversation %s step %d -> %s", record.id, record.step, record.current_agent)
+    else:
+        logger.info("conversation %s %s: %s", record.id, record.status, record.reason or "replied")

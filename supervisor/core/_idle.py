@@ -13,8 +13,8 @@ from corral.supervisor.store._store import ConversationRecord, Store
 
 logger = logging.getLogger(__name__)
 
-Apply = Callable[[str, Callable[[ConversationRecord], Decision]], Awaitable[None]]
-"""Decide on a conversation, save and publish (``Supervisor._apply``)."""
+Apply = Callable[[str, Callable[[ConversationRecord], Decision]], Awaitable[object]]
+"""Decide on a conversation, save and publish (``Supervisor.act``)."""
 
 
 class IdleCloser:

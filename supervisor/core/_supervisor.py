@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 import enum
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 
 import msgspec
 
@@ -44,7 +44,7 @@ from corral.bus import (
     subjects,
 )
 from corral.supervisor.core import _decide, _dialogue
-from corral.supervisor.core._graph import Graph, Outgoing, worst_case
+from corral.supervisor.core._graph import Graph, Outgoing, log_transition, worst_case
 from corral.supervisor.core._idle import IdleCloser
 from corral.supervisor.core._outputs import OutputDesk
 from corral.supervisor.errors import ConcurrentChange
@@ -120,7 +120,7 @@ class Supervisor(Service):
             limits=self._limits,
         )
         self._control = ControlWatcher(bus.js, self._on_control)
-        self.idle = IdleCloser(store, self._apply, graph.idle_timeout_s)
+        self.idle = IdleCloser(store, self.act, graph.idle_timeout_s)
         """Closes the conversations whose customer went quiet."""
         self.state = SupervisorState.NEW
 
@@ -288,7 +288,7 @@ class Supervisor(Service):
         if found is None or found[1] not in ("approved", "denied"):
             return
         conversation, status = found
-        await self._apply(conversation, lambda r: _decide.approval_decided(r, approval_id, status))
+        await self.act(conversation, lambda r: _decide.approval_decided(r, approval_id, status))
 
     async def output_refused(self, message: AgentOutput, subject: str, reason: str) -> None:
         """An output was refused for good (and dead-lettered): end its conversation with the
@@ -296,7 +296,7 @@ class Supervisor(Service):
         sender = subjects.sender(subject) or ""
         if not subjects.is_id(message.conversation):
             return
-        await self._apply(
+        await self.act(
             message.conversation,
             lambda record: _decide.output_refused(
                 record, sender, message.step, message.resume, clip(reason, self._limits.reason_bytes)
@@ -319,7 +319,7 @@ class Supervisor(Service):
         record = await self._store.get(conversation) if subjects.is_id(conversation) else None
         if record is not None and record.client == client:
             # Taken once, and now it cannot go on (its task cannot be published, say).
-            await self._apply(conversation, lambda r: _decide.input_dead(r, reason))
+            await self.act(conversation, lambda r: _decide.input_dead(r, reason))
             return
         # Never recorded (or recorded for another client, which must not be touched).
         refusal = _decide.refused_start(client, conversation, reason)
@@ -370,7 +370,7 @@ class Supervisor(Service):
             return
         await self._publish([*decision.extra, *_decide.outputs(record, self._graph.window_turns)], record)
         if decision.record is not None:
-            _log_transition(decision.record)
+            log_transition(decision.record)
 
     async def _transition(
         self,
@@ -415,7 +415,7 @@ class Supervisor(Service):
         if found is None:
             raise PoisonMessageError(f"unknown approval {message.approval_id!r}", subject=delivery.subject)
         conversation, status = found
-        await self._apply(conversation, lambda r: _decide.approval_decided(r, message.approval_id, status))
+        await self.act(conversation, lambda r: _decide.approval_decided(r, message.approval_id, status))
 
     async def dead_step(self, subject: str, data: bytes, reason: str) -> None:
         """A step JetStream gave up on: escalate its conversation instead of leaving it hanging."""
@@ -425,7 +425,7 @@ class Supervisor(Service):
             task = _task_decoder.decode(data)
         except DECODE_ERRORS:
             return
-        await self._apply(
+        await self.act(
             task.conversation,
             lambda record: _decide.step_dead(record, task.step, task.agent, reason),
         )
@@ -450,25 +450,34 @@ class Supervisor(Service):
         if switch is None:
             return
         if target == "conversation":
-            await self._apply(name, lambda record: _decide.conversation_killed(record, switch))
+            await self.act(name, lambda record: _decide.conversation_killed(record, switch))
             return
         for conversation in await self._store.waiting_on(name):
-            await self._apply(conversation, lambda record: _decide.agent_killed(record, name, switch))
+            await self.act(conversation, lambda record: _decide.agent_killed(record, name, switch))
         # Tasks already queued for the killed agent must not run when it comes back.
         with contextlib.suppress(Exception):
             await self._bus.js.purge_stream(subjects.WORK_STREAM, subject=subjects.agent_inbox(name))
 
-    async def _apply(
+    async def act(
         self, conversation: str, decide: Callable[[ConversationRecord], _decide.Decision]
-    ) -> None:
+    ) -> _decide.Decision:
+        """Decide on ``conversation`` as it is now, save, publish; the decision (it saved
+        nothing if its ``record`` is None, or if there is no such conversation)."""
+
         async def on_snapshot(snapshot: ConversationSnapshot) -> _decide.Decision:
             return decide(snapshot.record) if snapshot.record is not None else _decide.Decision(record=None)
 
         decision, _ = await self._transition(conversation, on_snapshot)
-        if decision.record is None:
-            return
-        await self._publish(_decide.outputs(decision.record, self._graph.window_turns), decision.record)
-        _log_transition(decision.record)
+        if decision.record is not None:
+            outputs = _decide.outputs(decision.record, self._graph.window_turns)
+            await self._publish([*decision.extra, *outputs], decision.record)
+            log_transition(decision.record)
+        return decision
+
+    @property
+    def killed_agents(self) -> Mapping[str, KillSwitch]:
+        """The agents killed now, by name."""
+        return self._control.state.agents
 
     async def _publish(self, messages: list[Outgoing], record: ConversationRecord) -> None:
         await asyncio.gather(
@@ -485,10 +494,3 @@ class Supervisor(Service):
                 for out in messages
             )
         )
-
-
-def _log_transition(record: ConversationRecord) -> None:
-    if record.status == "running":
-        logger.debug("conversation %s step %d -> %s", record.id, record.step, record.current_agent)
-    else:
-        logger.info("conversation %s %s: %s", record.id, record.status, record.reason or "replied")

@@ -93,6 +93,7 @@ def permissions(loaded: LoadedConfig, role: Role, name: str) -> tuple[list[str],
         ], [
             inbox,
             *subjects.agent_outputs(),
+            subjects.operator_requests(),
             subjects.all_agent_tools(),
             subjects.all_agent_journals(),
             "$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES.>",
@@ -114,6 +115,7 @@ def permissions(loaded: LoadedConfig, role: Role, name: str) -> tuple[list[str],
         f"$KV.{subjects.CONTROL_BUCKET}.>",
         "$JS.FC.>",
         subjects.approval_decisions(),
+        subjects.operator_requests(),
     ], [inbox]
 
 
