@@ -4,7 +4,8 @@
 
 Starts its own nats-server (JetStream, sync always) and PostgreSQL, runs `corral up`
 against them with a variant of the sample team (every conversation either refunds one
-of 40 orders or asks a question), and meanwhile SIGKILLs random agent processes and the
+of 40 orders or asks a question; every other refund takes two customer turns: payments
+asks which order, and the customer's answer names it), and meanwhile SIGKILLs random agent processes and the
 supervisor, restarts nats-server once (SIGKILL, then start on the same store) and
 PostgreSQL once (immediate shutdown, as on a power loss, then start). Conversation
 outcomes are read from PostgreSQL, not from the client's subscription, which a
@@ -38,6 +39,7 @@ sys.path.insert(0, str(REPO))
 
 from corral.bus import BusConfig, connect, subjects
 from corral.supervisor import EmbeddedNats, EmbeddedPostgres, start_conversation
+from corral.supervisor.core._client import send_message
 
 ORDERS = [f"2{n:03d}" for n in range(40)]  # seeded: $45 each, all of cus_1005
 TERMINAL = ("replied", "refused", "escalated", "failed", "killed")
@@ -57,6 +59,8 @@ class ChaosReport:
     longest_recovery_s: float = 0.0
     refunds_expected: int = 0
     refunds_applied: int = 0
+    multi_turn: int = 0
+    """Conversations that took two customer turns and were replied to."""
     faults: list[str] = field(default_factory=list)
     seconds: float = 0.0
 
@@ -93,6 +97,18 @@ def _rules() -> dict[str, Any]:
         }
         for order in ORDERS
     ]
+    # No order named: ask which (the customer's answer names one, and a rule above takes it).
+    payments.append(
+        {
+            "when": ["broken"],
+            "answer": {
+                "action": "reply",
+                "text": "Which order?",
+                "confidence": 0.9,
+                "awaiting_customer": True,
+            },
+        }
+    )
     return {
         "agents": {
             "triage": [
@@ -127,13 +143,36 @@ def prepare(workdir: Path) -> Path:
     return config_dir / "corral.yaml"
 
 
-def plan(conversations: int, seed: int) -> list[tuple[str, str, str]]:
-    """(id, text, customer): one refund per order, then questions."""
+@dataclass(frozen=True)
+class Planned:
+    """One conversation of the run: its first message, and for a two-turn one the answer to
+    payments' question."""
+
+    id: str
+    text: str
+    customer: str
+    order: str | None = None
+    answer: str | None = None
+
+
+def plan(conversations: int, seed: int) -> list[Planned]:
+    """One refund per order (every other one in two turns), then questions."""
     rng = random.Random(seed)
-    items = [(f"c-chaos-{n:05d}", f"refund order {order}", "cus_1005") for n, order in enumerate(ORDERS)]
+    items = [
+        Planned(f"c-chaos-{n:05d}", f"refund order {order}", "cus_1005", order)
+        if n % 2
+        else Planned(
+            f"c-chaos-{n:05d}",
+            "my blender is broken, refund please",
+            "cus_1005",
+            order,
+            f"it was order {order}",
+        )
+        for n, order in enumerate(ORDERS)
+    ]
     items = items[: min(len(items), conversations * 2 // 3)]
     items += [
-        (f"c-chaos-q{n:05d}", "a question about my plan", "cus_1002")
+        Planned(f"c-chaos-q{n:05d}", "a question about my plan", "cus_1002")
         for n in range(conversations - len(items))
     ]
     rng.shuffle(items)
@@ -179,8 +218,10 @@ async def run_chaos(
         await _wait_ready(workdir, dsn, launcher)
         bus = await connect(BusConfig(servers=[nats.url], name="chaos-client"))
         items = plan(conversations, seed)
+        by_id = {item.id: item for item in items}
         status: dict[str, str] = {}
         done_at: dict[str, float] = {}
+        answering: dict[str, asyncio.Task[None]] = {}
         faults: list[float] = []
         finished = asyncio.Event()
 
@@ -191,7 +232,7 @@ async def run_chaos(
                     try:
                         rows = await conn.fetch(
                             "SELECT id, status FROM conversations WHERE id = ANY($1::text[])",
-                            [i for i, _, _ in items],
+                            [i.id for i in items],
                         )
                     finally:
                         await conn.close()
@@ -200,19 +241,31 @@ async def run_chaos(
                         status[row["id"]] = row["status"]
                         if row["status"] in TERMINAL and row["id"] not in done_at:
                             done_at[row["id"]] = now
+                        if row["status"] == "awaiting_customer" and row["id"] not in answering:
+                            answering[row["id"]] = asyncio.create_task(answer(by_id[row["id"]]))
                 await asyncio.sleep(0.2)
 
+        async def answer(item: Planned) -> None:
+            """The customer's second turn; sent again (same message id: one turn) until taken."""
+            assert item.answer is not None
+            while True:
+                try:
+                    await send_message(bus, item.id, item.answer, message_id=f"m-{item.id}")
+                    return
+                except Exception:
+                    await asyncio.sleep(0.5)
+
         async def send() -> None:
-            for conversation, text, customer in items:
-                while sum(1 for i, _, _ in items if i in sent and i not in done_at) >= concurrency:
+            for item in items:
+                while sum(1 for i in items if i.id in sent and i.id not in done_at) >= concurrency:
                     await asyncio.sleep(0.05)
                 while True:  # a restarting server refuses for a moment: retry, same id
                     try:
-                        await start_conversation(bus, text, customer=customer, conversation=conversation)
+                        await start_conversation(bus, item.text, customer=item.customer, conversation=item.id)
                         break
                     except Exception:
                         await asyncio.sleep(0.5)
-                sent.add(conversation)
+                sent.add(item.id)
 
         # The faults, in order: the supervisor dies, then an agent, then nats-server
         # restarts, more kills, PostgreSQL crashes and restarts, the last kills.
@@ -257,9 +310,9 @@ async def run_chaos(
             if tasks[0].done() or (tasks[1].done() and tasks[1].exception()):
                 break
         finished.set()
-        for task in tasks:
+        for task in [*tasks, *answering.values()]:
             task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        await asyncio.gather(*tasks, *answering.values(), return_exceptions=True)
         report.seconds = time.monotonic() - started
         await _account(report, dsn, items, status, done_at, faults)
         with contextlib.suppress(Exception):
@@ -297,7 +350,7 @@ async def _wait_ready(workdir: Path, dsn: str, launcher: subprocess.Popen[bytes]
 async def _account(
     report: ChaosReport,
     dsn: str,
-    items: list[tuple[str, str, str]],
+    items: list[Planned],
     status: dict[str, str],
     done_at: dict[str, float],
     faults: list[float],
@@ -305,23 +358,26 @@ async def _account(
     conn = await asyncpg.connect(dsn)
     try:
         rows = await conn.fetch(
-            "SELECT id, status FROM conversations WHERE id = ANY($1::text[])", [i for i, _, _ in items]
+            "SELECT id, status, jsonb_array_length(turns) AS turns FROM conversations"
+            " WHERE id = ANY($1::text[])",
+            [i.id for i in items],
         )
         final = {r["id"]: r["status"] for r in rows}
+        turns = {r["id"]: r["turns"] for r in rows}
         refunds = await conn.fetch("SELECT order_id, count(*) AS n FROM shop.refunds GROUP BY 1")
     finally:
         await conn.close()
     by_order = {r["order_id"]: r["n"] for r in refunds}
     report.completed = sum(1 for s in final.values() if s == "replied")
     report.escalated = sum(1 for s in final.values() if s in TERMINAL and s != "replied")
-    report.lost = sum(1 for i, _, _ in items if final.get(i) not in TERMINAL)
+    report.lost = sum(1 for i in items if final.get(i.id) not in TERMINAL)
     report.duplicate_side_effects = sum(n - 1 for n in by_order.values() if n > 1)
     report.refunds_applied = sum(by_order.values())
-    expected = [
-        text.rsplit(" ", 1)[1]
-        for i, text, _ in items
-        if text.startswith("refund") and final.get(i) == "replied"
-    ]
+    expected = [i.order for i in items if i.order is not None and final.get(i.id) == "replied"]
+    # Two customer turns and two replies (the question, the answer).
+    report.multi_turn = sum(
+        1 for i in items if i.answer and final.get(i.id) == "replied" and turns[i.id] == 4
+    )
     report.refunds_expected = len(expected)
     report.missing_side_effects = sum(1 for order in expected if by_order.get(order, 0) == 0)
     completions = sorted(done_at.values())

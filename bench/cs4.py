@@ -76,9 +76,36 @@ REFUND_CENTS = 4000  # $40: payments may refund it alone (P-45)
 _updates = msgspec.json.Decoder(ClientUpdate)
 
 
+ORDER = {"pattern": r"order (?P<order>b\d+)"}
+"""A rule's pattern: the CS-4 order the message names."""
+
+
+def refund_rules(reason: str) -> list[dict[str, Any]]:
+    """payments' CS-4 rules: refund the order the message names, then hand off to
+    account_manager once the refund is issued."""
+    return [
+        {
+            "when": ["tool refund -> ok"],
+            "answer": {
+                "action": "handoff",
+                "target": "account_manager",
+                "confidence": 0.91,
+                "reason": "refund issued",
+            },
+        },
+        {
+            **ORDER,
+            "answer": {
+                "action": "tool",
+                "tool": "refund",
+                "arguments": {"order_id": "{order}", "amount_cents": REFUND_CENTS, "reason": reason},
+            },
+        },
+    ]
+
+
 def _rules() -> dict[str, Any]:
     """The scripted model of CS-4: one rule per agent and outcome, the order from the message."""
-    order = {"pattern": r"order (?P<order>b\d+)"}
     return {
         "agents": {
             "triage": [
@@ -87,28 +114,10 @@ def _rules() -> dict[str, Any]:
                     "answer": {"action": "handoff", "target": "payments", "confidence": 0.93},
                 }
             ],
-            "payments": [
-                {
-                    "when": ["tool refund -> ok"],
-                    "answer": {
-                        "action": "handoff",
-                        "target": "account_manager",
-                        "confidence": 0.91,
-                        "reason": "refund issued",
-                    },
-                },
-                {
-                    **order,
-                    "answer": {
-                        "action": "tool",
-                        "tool": "refund",
-                        "arguments": {"order_id": "{order}", "amount_cents": REFUND_CENTS, "reason": "cs4"},
-                    },
-                },
-            ],
+            "payments": refund_rules("cs4"),
             "account_manager": [
                 {
-                    **order,
+                    **ORDER,
                     "when": ["refund issued"],
                     "answer": {
                         "action": "reply",

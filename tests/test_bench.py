@@ -93,3 +93,15 @@ def test_cs4_slow_keeps_every_conversation_waiting_on_the_model_and_reports_the_
     assert phase["pss_mb_by_process"]["router"] > 0
     assert "provider_cpu_ms_per_conversation" in phase
     assert "against the bound" in run.stdout
+
+
+def test_cs4_mt_holds_three_turns_per_conversation_and_refunds_each_once(tmp_path: Path) -> None:
+    sizes = ["--warmup", "2", "--sequential", "3", "--concurrent", "8", "--in-flight", "4"]
+    run, report = _bench(tmp_path, "cs4_mt.py", *sizes)
+    assert report["workload"] == "CS-4-MT"
+    (figures,) = report["runs"]
+    # Each conversation counts only once all three of its turns settled as expected.
+    assert figures["sequential"]["conversations"] == 3 and figures["concurrent"]["conversations"] == 8
+    assert figures["refunds"] == figures["orders"] == figures["refunded_orders"] == 13
+    assert figures["turn_p50_ms"] > 0
+    assert "13 refunds of 13 orders" in run.stdout

@@ -1,6 +1,7 @@
-"""Chaos in the suite: 60 conversations while agents and the supervisor are SIGKILLed,
-nats-server is killed and restarted, and PostgreSQL crashes and restarts. Every
-conversation must end, the refunds must be exactly the expected ones, none lost.
+"""Chaos in the suite: 60 conversations (a third of them in two customer turns) while
+agents and the supervisor are SIGKILLed, nats-server is killed and restarted, and
+PostgreSQL crashes and restarts. Every conversation must end, the refunds must be exactly
+the expected ones, none lost.
 
 The experiment runs its own nats-server and PostgreSQL (it has to restart both), so it
 ignores DATABASE_URL."""
@@ -48,3 +49,5 @@ async def test_sixty_conversations_survive_kills_and_restarts(tmp_path: Path) ->
     # applied its refund before it stopped, but nothing else is in the shop.
     assert report.refunds_expected <= report.refunds_applied <= report.refunds_expected + report.escalated
     assert report.refunds_expected > 0
+    # Multi-turn conversations came through it too: their second turn after the faults began.
+    assert report.multi_turn > 0, report
