@@ -203,7 +203,9 @@ async def run_chaos(
     postgres = EmbeddedPostgres(workdir / "pg")
     dsn = postgres.start()
     env = {k: v for k, v in os.environ.items() if k not in {"CORRAL_CREDS"}}
-    env.update(NATS_URL=nats.url, DATABASE_URL=dsn, CORRAL_STATE_DIR=str(workdir / "state"))
+    env.update(
+        NATS_URL=nats.url, DATABASE_URL=dsn, CORRAL_STATE_DIR=str(workdir / "state"), CORRAL_API_PORT="0"
+    )
     (workdir / "state").mkdir()
     up_log = open(workdir / "up.log", "wb")
     launcher = subprocess.Popen(

@@ -161,6 +161,8 @@ def prepare(
     config["agents"] = {name: config["agents"][name] for name in TEAM}
     config["graph"]["edges"] = {"triage": ["payments", "account_manager"], "payments": ["account_manager"]}
     config["graph"]["edges"]["account_manager"] = []
+    # CS-4 enters through the NATS client: no HTTP API process beside it (CS-4-HTTP would).
+    config["api"] = {"enabled": False}
     merge(config, overrides or {})
     (config_dir / "corral.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
     return config_dir / "corral.yaml"

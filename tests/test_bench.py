@@ -103,5 +103,5 @@ def test_cs4_mt_holds_three_turns_per_conversation_and_refunds_each_once(tmp_pat
     # Each conversation counts only once all three of its turns settled as expected.
     assert figures["sequential"]["conversations"] == 3 and figures["concurrent"]["conversations"] == 8
     assert figures["refunds"] == figures["orders"] == figures["refunded_orders"] == 13
-    assert figures["turn_p50_ms"] > 0
+    assert figures["sequential_turn_p50_ms"] > 0
     assert "13 refunds of 13 orders" in run.stdout
