@@ -11,6 +11,17 @@ from corral.bus import subjects
 
 if _typing.TYPE_CHECKING:
     from corral.bus._advisories import MaxDeliveriesWatcher
+    from corral.bus._api_messages import (
+        ApiAnswer,
+        ApiRequest,
+        ConversationQuery,
+        ConversationView,
+        KeyCheck,
+        KeyInfo,
+        PendingApproval,
+        QueueQuery,
+        QueueView,
+    )
     from corral.bus._config import Limits, TopologyConfig
     from corral.bus._connection import Bus, BusConfig, ConnectionGuard, connect
     from corral.bus._consumer import (
@@ -161,6 +172,15 @@ _WHERE = {
     "ApprovalDecided": "corral.bus._messages",
     "ClientUpdate": "corral.bus._messages",
     "ConversationAwaiting": "corral.bus._messages",
+    "ApiAnswer": "corral.bus._api_messages",
+    "ApiRequest": "corral.bus._api_messages",
+    "ConversationQuery": "corral.bus._api_messages",
+    "ConversationView": "corral.bus._api_messages",
+    "KeyCheck": "corral.bus._api_messages",
+    "KeyInfo": "corral.bus._api_messages",
+    "PendingApproval": "corral.bus._api_messages",
+    "QueueQuery": "corral.bus._api_messages",
+    "QueueView": "corral.bus._api_messages",
     "OperatorAction": "corral.bus._operator_messages",
     "OperatorAnswer": "corral.bus._operator_messages",
     "OperatorRequest": "corral.bus._operator_messages",
@@ -255,6 +275,8 @@ __all__ = [
     "AgentTask",
     "AgentWaiting",
     "Alert",
+    "ApiAnswer",
+    "ApiRequest",
     "ApprovalDecided",
     "Attempt",
     "Bus",
@@ -274,8 +296,10 @@ __all__ = [
     "ControlWatcher",
     "ConversationAwaiting",
     "ConversationEnded",
+    "ConversationQuery",
     "ConversationStart",
     "ConversationStatus",
+    "ConversationView",
     "ConversationWaiting",
     "CorralError",
     "CustomerMessage",
@@ -288,6 +312,8 @@ __all__ = [
     "JournalQuery",
     "JournalReply",
     "JournalRequest",
+    "KeyCheck",
+    "KeyInfo",
     "KillSwitch",
     "KillTarget",
     "Limits",
@@ -303,7 +329,10 @@ __all__ = [
     "OperatorRequest",
     "OutputTaken",
     "PayloadTooLargeError",
+    "PendingApproval",
     "PoisonMessageError",
+    "QueueQuery",
+    "QueueView",
     "RequestService",
     "Requester",
     "Service",

@@ -157,6 +157,11 @@ def agent_waiting(agent: str) -> str:
     return f"{PREFIX}.from.{agent}.waiting"
 
 
+def api_requests() -> str:
+    """Subject of the HTTP API's questions to the supervisor (its keys, conversations)."""
+    return f"{PREFIX}.api.requests"
+
+
 def operator_requests() -> str:
     """Subject of the operators' requests to the supervisor (the human queue's actions)."""
     return f"{PREFIX}.operator.requests"

@@ -18,6 +18,9 @@ import pytest
 from corral.supervisor.stack._embedded import EmbeddedNats, EmbeddedPostgres
 
 os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
+# Every `corral up` a test starts (and its children) puts its HTTP API on a free port:
+# stacks of tests never collide on api.port, nor with a stack of the machine's.
+os.environ.setdefault("CORRAL_API_PORT", "0")
 
 REPO = Path(__file__).resolve().parent.parent
 SAMPLE_CONFIG = REPO / "examples" / "support" / "corral.yaml"

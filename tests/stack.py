@@ -20,7 +20,7 @@ from corral.supervisor.stack._runtime import embedded_database_url
 from tests.conftest import SAMPLE_CONFIG, eventually
 
 TEAM = {"supervisor", "triage", "payments", "tech_support", "account_manager"}
-PROCESSES = TEAM | {"router"}
+PROCESSES = TEAM | {"router", "api"}
 """What `corral up` runs on the sample team."""
 
 
@@ -110,7 +110,8 @@ async def running_stack(
     env = {
         k: v
         for k, v in os.environ.items()
-        if k not in {"NATS_URL", "DATABASE_URL", "CORRAL_CREDS", "CORRAL_NATS_MONITOR_PORT"}
+        if k
+        not in {"NATS_URL", "DATABASE_URL", "CORRAL_CREDS", "CORRAL_NATS_MONITOR_PORT", "CORRAL_API_PORT"}
     }
     env["CORRAL_STATE_DIR"] = str(state)
     # A provider key as a user's shell would hold one: only the model gateway may see it.
@@ -119,6 +120,7 @@ async def running_stack(
         env["DATABASE_URL"] = database_url
     if monitor:
         env["CORRAL_NATS_MONITOR_PORT"] = "0"
+    env["CORRAL_API_PORT"] = "0"  # a free port: stacks of tests never collide on the API's
     if nats_url is not None:
         env["NATS_URL"] = nats_url
     log = state / "up.log"

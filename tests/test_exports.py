@@ -117,6 +117,15 @@ BUS_EXPORTS = {
     "OperatorAction",
     "OperatorAnswer",
     "OperatorRequest",
+    "ApiAnswer",
+    "ApiRequest",
+    "ConversationQuery",
+    "ConversationView",
+    "KeyCheck",
+    "KeyInfo",
+    "PendingApproval",
+    "QueueQuery",
+    "QueueView",
 }
 
 

@@ -222,6 +222,7 @@ async def test_leaving_the_launcher_waits_for_every_child(
         "NATS_URL": nats_server.url,
         "DATABASE_URL": database_url,
         "CORRAL_STATE_DIR": str(tmp_path / "state"),
+        "CORRAL_API_PORT": "0",
     }
     settings = Settings.load(str(SAMPLE_CONFIG), environ=environ)
     launcher = Launcher(LauncherConfig(settings=settings, replicas={}))
@@ -231,6 +232,7 @@ async def test_leaving_the_launcher_waits_for_every_child(
         assert {child.name for child in children} == {
             "supervisor",
             "router",
+            "api",
             "triage",
             "payments",
             "tech_support",

@@ -37,7 +37,7 @@ def test_the_package_direction_holds() -> None:
     assert result.returncode == 0, result.stdout + result.stderr
     assert "bus < router < agents < supervisor KEPT" in result.stdout
     assert (
-        "inside the supervisor: cli > stack > core > gateway > audit > store > config KEPT" in result.stdout
+        "inside the supervisor: cli > api > stack > core > gateway > audit > store > config KEPT" in result.stdout
     )
 
 

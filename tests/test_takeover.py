@@ -128,6 +128,12 @@ async def test_claim_reply_and_handback_reach_the_customer_and_are_audited(
     assert isinstance(outcome, ConversationEnded) and outcome.status == "replied", outcome
     assert outcome.reply is not None and "refund" in outcome.reply
 
+    await _check_the_record(team, conversation, winner, loser)
+
+
+async def _check_the_record(team: Stack, conversation: str, winner: str, loser: str) -> None:
+    """Every action in the audit chain with its operator, the transcript with the human
+    turn, and the conversation out of the queue."""
     audited = await team.sql(
         "SELECT agent, credential_id, action, outcome, on_behalf_of FROM audit_log"
         " WHERE conversation=$1 AND action LIKE 'queue.%' ORDER BY id",

@@ -110,7 +110,8 @@ async def test_status_names_and_down_stops_what_a_killed_launcher_and_watchdog_l
     async with _up(state) as (process, pids):
         up = json.loads((await _corral(state, "status", "--json")).stdout)
         assert {p["name"]: p["state"] for p in up["processes"]} == dict.fromkeys(
-            ["supervisor", "router", "triage", "payments", "tech_support", "account_manager"], "running"
+            ["supervisor", "router", "api", "triage", "payments", "tech_support", "account_manager"],
+            "running",
         )
         os.kill(pids["watchdog"], signal.SIGKILL)
         process.send_signal(signal.SIGKILL)

@@ -31,12 +31,14 @@ async def test_corral_up_is_up_once_every_process_serves_and_says_so_quietly(tmp
             assert f"agent {agent} serving" in (logs / f"{agent}.log").read_text(), agent
         assert "supervisor serving" in (logs / "supervisor.log").read_text()
         assert "model gateway serving corral.from.*.model" in (logs / "router.log").read_text()
+        assert f"API serving on {runtime['api_url']}" in (logs / "api.log").read_text()
         out = stack.log.read_text()
         starting, _, after = out.partition("corral is up")
         assert f"waiting for {', '.join(c['name'] for c in runtime['children'])}…" in starting
         for name in PROCESSES:
             assert f"  {name} serves (" in starting, name
-        assert "6 processes serve" in after
+        assert f"; API {runtime['api_url']}; 7 processes serve" in after
+        assert runtime["api_url"].startswith("http://127.0.0.1:")
         # Quiet: none of pgserver's, initdb's or pg_ctl's lines, nor the migrations; the
         # launcher's own log has them.
         for noise in ("pgserver", "initdb", "pg_ctl", "applied migration"):

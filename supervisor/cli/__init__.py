@@ -66,6 +66,7 @@ def main() -> None:
     # Each group module registers its commands on the shared app when imported; the app
     # module imports none of them back.
     from corral.supervisor.cli import (  # noqa: F401
+        _api,
         _conversations,
         _demo,
         _init,

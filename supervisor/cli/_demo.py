@@ -137,7 +137,8 @@ def _demo_settings(settings: Settings) -> Settings:
         )
         raise typer.Exit(1)
     shutil.rmtree(state_dir, ignore_errors=True)
-    return dataclasses.replace(settings, state_dir=state_dir)
+    # Its API on a free port: a demo runs beside a `corral up` of the same team.
+    return dataclasses.replace(settings, state_dir=state_dir, api_port=0)
 
 
 async def _run_sample(settings: Settings, bus: Bus, sample: Sample, seconds: float) -> bool:

@@ -31,17 +31,6 @@ if TYPE_CHECKING:
 
 ByOption = Annotated[str | None, typer.Option(help="Who acts (the audit chain records it)")]
 
-_QUEUE = """
-SELECT c.id, c.customer, c.reason, c.updated_at, c.current_agent,
-    CASE WHEN k.expires_at > now() THEN k.claimed_by END AS claimed_by,
-    CASE WHEN k.expires_at > now() THEN k.expires_at END AS claim_expires_at,
-    c.turns -> -1 ->> 'text' AS last_turn
-FROM conversations c LEFT JOIN conversation_claims k ON k.conversation = c.id
-WHERE c.status = 'escalated'
-ORDER BY c.updated_at
-LIMIT $1
-"""
-
 
 @app.command()
 def queue(
@@ -56,24 +45,13 @@ def queue(
     async def _main() -> int:
         import asyncpg
 
+        from corral.supervisor.store._reports import human_queue
+
         conn = await asyncpg.connect(_database_url(settings))
         try:
-            migrated = await conn.fetchval("SELECT to_regclass('conversation_claims') IS NOT NULL")
-            rows = await conn.fetch(_QUEUE, limit) if migrated else []
+            found = await human_queue(conn, limit)
         finally:
             await conn.close()
-        found = [
-            {
-                "conversation": r["id"],
-                "customer": r["customer"],
-                "reason": r["reason"],
-                "since": r["updated_at"].isoformat(),
-                "claimed_by": r["claimed_by"],
-                "claim_expires_at": r["claim_expires_at"].isoformat() if r["claim_expires_at"] else None,
-                "last_turn": r["last_turn"],
-            }
-            for r in rows
-        ]
         if as_json:
             print_json({"queue": found})
             return 0

@@ -41,9 +41,10 @@ def supervisor_run(config: ConfigOption = None) -> None:
     async def _main() -> int:
         from corral.bus import MaxDeliveriesWatcher, ensure_topology, subjects
         from corral.supervisor.audit._anchors import AuditAnchorer
+        from corral.supervisor.core._api_desk import ApiDesk
         from corral.supervisor.core._human_desk import HumanDesk
         from corral.supervisor.core._supervisor import Supervisor
-        from corral.supervisor.stack._credentials import ADMIN, SUPERVISOR
+        from corral.supervisor.stack._credentials import ADMIN, API, SUPERVISOR
         from corral.supervisor.stack._readiness import announced
         from corral.supervisor.store._journal import JournalService
         from corral.supervisor.store._store import Store
@@ -67,12 +68,13 @@ def supervisor_run(config: ConfigOption = None) -> None:
                 supervisor.act,
                 settings.graph,
                 lambda: supervisor.killed_agents,
-                operator_identity=ADMIN,
+                operator_identities=(ADMIN, API),
                 claim_ttl_s=settings.config.queue.claim_ttl_s,
             )
             services: list[Serving] = [
                 supervisor,
                 desk,
+                ApiDesk(bus.nc, store.pool, api_identity=API),
                 JournalService(bus.nc, store.pool, settings.budgets, on_over=supervisor.republish),
                 MaxDeliveriesWatcher(bus.nc, bus.js, subjects.WORK_STREAM, supervisor.dead_step),
             ]

@@ -136,8 +136,9 @@ async def _until_ready(launcher: Launcher, runtime: Runtime, logs: Path) -> None
             f"  {agent} is killed: its identity is revoked (`corral revive agent {agent}`)", highlight=False
         )
     serving = sum(1 for c in runtime.children if c.ready)
+    api = f"; API {runtime.api_url}" if runtime.api_url else ""
     console.print(
-        f"corral is up: NATS {runtime.nats_url}; {serving} processes serve; logs in {logs}",
+        f"corral is up: NATS {runtime.nats_url}{api}; {serving} processes serve; logs in {logs}",
         highlight=False,
     )
 

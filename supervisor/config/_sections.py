@@ -217,6 +217,21 @@ class ConversationSection(_Strict):
     ones stay in PostgreSQL, not in the model's history)."""
 
 
+class ApiSection(_Strict):
+    """The HTTP/SSE API (``corral api run``; ``corral up`` starts it)."""
+
+    enabled: bool = True
+    host: str = "127.0.0.1"
+    """Where it listens; loopback unless a proxy in front of it terminates TLS."""
+    port: int = Field(default=8321, ge=0, le=65535)
+    """0: any free port (``corral up`` prints the URL)."""
+    rate_per_s: float = Field(default=20.0, gt=0)
+    """Starts and messages one API key may send a second, on average."""
+    burst: int = Field(default=40, ge=1)
+    """...and at once."""
+    max_body_bytes: int = Field(default=64 * 1024, ge=1024, le=1024 * 1024)
+
+
 class QueueSection(_Strict):
     """The human queue: escalated conversations, for operators to take."""
 
@@ -291,5 +306,6 @@ class CorralConfig(_Strict):
     graph: GraphSection
     conversation: ConversationSection = ConversationSection()
     queue: QueueSection = QueueSection()
+    api: ApiSection = ApiSection()
     limits: LimitsSection = LimitsSection()
     tools: ToolsSection | None = None

@@ -60,7 +60,8 @@ class HumanDesk(RequestService[OperatorRequest, OperatorAnswer]):
         act: How a decision on a conversation is made, saved and published.
         graph: The handoff graph (``graph.edges.human``: where a conversation may go back).
         killed_agents: The agents killed now.
-        operator_identity: The identity operators ask as (answers go to its inbox only).
+        operator_identities: The identities operators ask as (the operators' own, and the
+            API's for its operator endpoints); answers go to their inboxes only.
         claim_ttl_s: How long a claim holds without an action.
     """
 
@@ -72,7 +73,7 @@ class HumanDesk(RequestService[OperatorRequest, OperatorAnswer]):
         graph: Graph,
         killed_agents: Callable[[], Mapping[str, KillSwitch]],
         *,
-        operator_identity: str,
+        operator_identities: tuple[str, ...],
         claim_ttl_s: float = 900.0,
     ) -> None:
         super().__init__(nc, subjects.operator_requests(), msgspec.json.Decoder(OperatorRequest))
@@ -80,12 +81,12 @@ class HumanDesk(RequestService[OperatorRequest, OperatorAnswer]):
         self._act = act
         self._graph = graph
         self._killed_agents = killed_agents
-        self._inbox = f"{subjects.inbox_prefix(operator_identity)}."
+        self._inboxes = tuple(f"{subjects.inbox_prefix(identity)}." for identity in operator_identities)
         self._claim_ttl_s = claim_ttl_s
 
     def answers_to(self, requester: Requester, reply: str) -> bool:
-        """Answers go to the operators' inbox, and nowhere else."""
-        return reply.startswith(self._inbox)
+        """Answers go to the operators' inboxes, and nowhere else."""
+        return reply.startswith(self._inboxes)
 
     def poison_answer(self, reason: str) -> OperatorAnswer:
         return OperatorAnswer(status="refused", reason=f"the request was refused: {reason}")

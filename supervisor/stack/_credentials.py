@@ -36,12 +36,13 @@ from corral.supervisor.config._config import LoadedConfig
 
 agent_identity = subjects.agent_identity
 
-Role = Literal["agent", "supervisor", "gateway", "router", "client", "admin"]
+Role = Literal["agent", "supervisor", "gateway", "router", "client", "admin", "api"]
 
 SUPERVISOR = "supervisor"
 GATEWAY = "gateway"
 ROUTER = "router"
 ADMIN = "admin"
+API = "api"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -94,6 +95,7 @@ def permissions(loaded: LoadedConfig, role: Role, name: str) -> tuple[list[str],
             inbox,
             *subjects.agent_outputs(),
             subjects.operator_requests(),
+            subjects.api_requests(),
             subjects.all_agent_tools(),
             subjects.all_agent_journals(),
             "$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES.>",
@@ -110,6 +112,22 @@ def permissions(loaded: LoadedConfig, role: Role, name: str) -> tuple[list[str],
         return [subjects.dead_letter(">")], [inbox, subjects.all_agent_models()]
     if role == "client":
         return [subjects.client_starts(name)], [subjects.client_updates(name), inbox]
+    if role == "api":
+        # Starts and messages for each API key's client (the API checks the key); its
+        # questions to the supervisor and operator requests; and a conversation's events:
+        # an ordered consumer on CORRAL_EVENTS (created, heartbeats, flow control), live
+        # progress. Nothing else of JetStream's API.
+        events = subjects.EVENTS_STREAM
+        return [
+            subjects.all_conversation_starts(),
+            subjects.api_requests(),
+            subjects.operator_requests(),
+            f"$JS.API.CONSUMER.CREATE.{events}",
+            f"$JS.API.CONSUMER.CREATE.{events}.>",
+            f"$JS.API.CONSUMER.DELETE.{events}.>",
+            f"$JS.API.CONSUMER.INFO.{events}.>",
+            "$JS.FC.>",
+        ], [inbox, subjects.all_conversation_updates()]
     return [
         "$JS.API.>",
         f"$KV.{subjects.CONTROL_BUCKET}.>",
@@ -144,6 +162,7 @@ def identities(loaded: LoadedConfig, creds_dir: Path) -> list[Identity]:
         (ROUTER, "router", None),
         (subjects.DEFAULT_CLIENT, "client", None),
         (ADMIN, "admin", None),
+        (API, "api", None),
     ]
     out = []
     for name, role, agent in wanted:

@@ -27,6 +27,7 @@ from corral.supervisor.errors import LauncherError
 from corral.supervisor.stack._children import Children, Launch, RestartPolicy, log_tail
 from corral.supervisor.stack._credentials import (
     ADMIN,
+    API,
     GATEWAY,
     ROUTER,
     SUPERVISOR,
@@ -41,6 +42,7 @@ from corral.supervisor.stack._leftovers import STOPPED, find_leftovers, stop_lef
 from corral.supervisor.stack._runtime import ChildInfo, Runtime, embedded_postgres_dir, nats_servers
 from corral.supervisor.stack._sandbox import ChildUser, can_read, child_user, config_files
 from corral.supervisor.stack._settings import DATABASE_PREPARED_ENV, Settings
+from corral.supervisor.stack._specs import child_specs
 
 logger = logging.getLogger(__name__)
 
@@ -375,26 +377,10 @@ class Launcher:
         logger.warning("agent %s %s at the broker", name, "revoked" if switch else "restored")
 
     def _spawn_all(self) -> None:
-        loaded = self._settings.loaded
-        config_file = str(loaded.path.resolve())
-        specs: list[tuple[ChildInfo, list[str]]] = [
-            (
-                ChildInfo(name="supervisor", role="supervisor"),
-                ["supervisor", "run", "-c", config_file],
-            )
-        ]
-        if loaded.config.tools is not None and loaded.config.tools.separate_gateway:
-            specs.append((ChildInfo(name="gateway", role="gateway"), ["gateway", "run", "-c", config_file]))
-        routers = loaded.config.router.replicas
-        for index in range(routers):
-            name = ROUTER if routers == 1 else f"{ROUTER}-{index + 1}"
-            specs.append((ChildInfo(name=name, role=ROUTER), ["router", "run", "-c", config_file]))
-        for agent in loaded.agent_names:
-            count = self._config.replicas.get(agent, loaded.config.agents[agent].replicas)
-            for index in range(count):
-                name = agent if count == 1 else f"{agent}-{index + 1}"
-                specs.append((ChildInfo(name=name, role=agent), ["agent", "run", agent, "-c", config_file]))
-        for info, argv in specs:
+        specs = child_specs(self._settings.loaded, self._config.replicas, self._settings.api_port)
+        assert self.runtime is not None  # the servers started
+        self.runtime.api_url = specs.api_url
+        for info, argv in specs.children:
             self._children.watch(info, functools.partial(self._watch, info, argv))
         self._write_runtime()
 
@@ -412,7 +398,9 @@ class Launcher:
     async def _watch(self, info: ChildInfo, argv: list[str]) -> None:
         assert self.runtime is not None
         trusted = info.role in (SUPERVISOR, GATEWAY, ROUTER)
-        identity = info.role if trusted else agent_identity(info.role)
+        # The API is corral's own code but holds no database credentials, as an agent.
+        api = info.role == API
+        identity = info.role if trusted or api else agent_identity(info.role)
         seed = self._settings.credentials_for(identity)
         env = child_environment(
             os.environ,
@@ -424,7 +412,7 @@ class Launcher:
             service_dsn=self._service_dsn,
         )
         sandbox: ChildUser | None = None
-        if not trusted and os.geteuid() == 0:
+        if not trusted and not api and os.geteuid() == 0:
             # As root, an agent runs as a user of its own, which can read no seed on disk: it
             # gets its own through an inherited memory file (see supervisor.stack._sandbox).
             sandbox = await asyncio.to_thread(child_user, identity, seed)

@@ -50,6 +50,8 @@ class Runtime:
     """The process that stops everything above if the launcher dies without doing so
     (see ``supervisor.stack._leftovers``)."""
     children: list[ChildInfo] = field(default_factory=list)
+    api_url: str | None = None
+    """Where the HTTP/SSE API listens (None: ``api.enabled`` is false)."""
 
     def write(self, state_dir: Path) -> None:
         """Atomically replace ``runtime.json`` (mode 0600)."""

@@ -10,6 +10,7 @@ settings, the URLs and the identities' seeds). Nothing below it reads the enviro
     DATABASE_URL                     database_url       (else ``database.url``)
     CORRAL_SUPERVISOR_DATABASE_URL   supervisor_database_url (else ``database.supervisor_url``)
     CORRAL_NATS_MONITOR_PORT         monitor_port       (else ``nats.monitor_port``; empty: off)
+    CORRAL_API_PORT                  api_port           (else ``api.port``; 0: a free one)
     CORRAL_STREAM_REPLICAS           topology.replicas  (else ``nats.stream_replicas``)
     CORRAL_CREDS                     credentials_for()  (else ``<state_dir>/creds/<identity>.nk``)
     CORRAL_DATABASE_PREPARED         database_prepared  (set by ``corral up`` for its services)
@@ -75,6 +76,8 @@ class Settings:
     """The DSN the supervisor and a separate gateway connect with, if configured."""
     monitor_port: int | None
     """The embedded nats-server's monitoring port (0: a free one; None: none)."""
+    api_port: int
+    """The port ``corral up`` runs the API on (0: a free one)."""
     topology: TopologyConfig
     limits: Limits
     budgets: Budgets
@@ -115,6 +118,7 @@ class Settings:
         env = dict(os.environ if environ is None else environ)
         config = loaded.config
         replicas = _int_variable(env, "CORRAL_STREAM_REPLICAS", low=1, high=5)
+        api_port = _int_variable(env, "CORRAL_API_PORT", low=0, high=65535)
         key_names = {tier.api_key_env for tier in config.models.values() if tier.api_key_env}
         return cls(
             loaded=loaded,
@@ -125,6 +129,7 @@ class Settings:
                 env.get("CORRAL_SUPERVISOR_DATABASE_URL") or config.database.supervisor_url
             ),
             monitor_port=_monitor_port(env, config),
+            api_port=config.api.port if api_port is None else api_port,
             topology=TopologyConfig(
                 replicas=replicas if replicas is not None else config.nats.stream_replicas,
                 ack_wait_s=config.nats.ack_wait_s,

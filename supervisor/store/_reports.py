@@ -217,3 +217,34 @@ async def recent_conversations(
 async def _migrated(conn: asyncpg.Connection | asyncpg.Pool) -> bool:
     # A database corral never started on has none of its tables: it holds no conversation.
     return bool(await conn.fetchval("SELECT to_regclass('conversations') IS NOT NULL"))
+
+
+_QUEUE = """
+SELECT c.id, c.customer, c.reason, c.updated_at,
+    CASE WHEN k.expires_at > now() THEN k.claimed_by END AS claimed_by,
+    CASE WHEN k.expires_at > now() THEN k.expires_at END AS claim_expires_at,
+    c.turns -> -1 ->> 'text' AS last_turn
+FROM conversations c LEFT JOIN conversation_claims k ON k.conversation = c.id
+WHERE c.status = 'escalated'
+ORDER BY c.updated_at
+LIMIT $1
+"""
+
+
+async def human_queue(conn: asyncpg.Connection | asyncpg.Pool, limit: int = 100) -> list[dict[str, Any]]:
+    """The human queue: escalated conversations, oldest first, with the reason, who holds
+    each (a live claim) and the transcript's last turn; JSON-ready."""
+    if not await conn.fetchval("SELECT to_regclass('conversation_claims') IS NOT NULL"):
+        return []
+    return [
+        {
+            "conversation": r["id"],
+            "customer": r["customer"],
+            "reason": r["reason"],
+            "since": r["updated_at"].isoformat(),
+            "claimed_by": r["claimed_by"],
+            "claim_expires_at": r["claim_expires_at"].isoformat() if r["claim_expires_at"] else None,
+            "last_turn": r["last_turn"],
+        }
+        for r in await conn.fetch(_QUEUE, limit)
+    ]

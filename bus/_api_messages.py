@@ -1,0 +1,83 @@
+"""Wire types of the HTTP API's questions to the supervisor: whose an API key is, and a
+conversation as its client may see it. The API process holds no database credentials:
+it asks (``corral.api.requests``, request/reply, published by the API's identity only)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgspec
+
+from corral.bus._messages import Hop, Turn
+
+
+class KeyCheck(msgspec.Struct, frozen=True, kw_only=True, tag="api.key_check"):
+    """Whose is the API key with this SHA-256 digest (hex)?"""
+
+    v: int = 1
+    digest: str
+
+
+class KeyInfo(msgspec.Struct, frozen=True, kw_only=True, tag="api.key_info"):
+    """An API key as its creator made it (``found`` False: no such key, or revoked)."""
+
+    v: int = 1
+    found: bool
+    key_id: str = ""
+    client: str = ""
+    """The client it acts as: its conversations are that client's."""
+    customer: str = ""
+    """The one customer it may act for ("" : any, a backend's key)."""
+    operator: bool = False
+
+
+class ConversationQuery(msgspec.Struct, frozen=True, kw_only=True, tag="api.conversation_query"):
+    """A conversation, as the API shows it."""
+
+    v: int = 1
+    conversation: str
+
+
+class PendingApproval(msgspec.Struct, frozen=True, kw_only=True):
+    id: str
+    tool: str
+    approver: str
+    reason: str = ""
+
+
+class ConversationView(msgspec.Struct, frozen=True, kw_only=True, tag="api.conversation_view"):
+    """A conversation's state (``found`` False: there is none)."""
+
+    v: int = 1
+    found: bool
+    conversation: str = ""
+    client: str = ""
+    customer: str = ""
+    status: str = ""
+    current_agent: str = ""
+    path: list[Hop] = []
+    transcript: list[Turn] = []
+    reply: str | None = None
+    reason: str | None = None
+    pending_approval: PendingApproval | None = None
+    cost_usd: float = 0.0
+    created_at: float = 0.0
+    updated_at: float = 0.0
+
+
+class QueueQuery(msgspec.Struct, frozen=True, kw_only=True, tag="api.queue_query"):
+    """The human queue, oldest first."""
+
+    v: int = 1
+    limit: int = 100
+
+
+class QueueView(msgspec.Struct, frozen=True, kw_only=True, tag="api.queue_view"):
+    v: int = 1
+    items: list[dict[str, Any]] = []
+
+
+ApiRequest = KeyCheck | ConversationQuery | QueueQuery
+"""Everything on ``corral.api.requests``."""
+
+ApiAnswer = KeyInfo | ConversationView | QueueView

@@ -1,0 +1,244 @@
+"""The HTTP/SSE API end to end under `corral up` (real nats-server, PostgreSQL, and the API
+process on a free loopback port), as a web chat and a help desk use it: keys per client
+and customer, a conversation over HTTP with its events over SSE (resumed with
+Last-Event-ID: nothing missed, nothing twice), problem details for bad input, the
+operator endpoints behind an operator's key, and the OpenAPI document."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+import pytest
+import yaml
+
+from tests.conftest import SAMPLE_CONFIG
+from tests.stack import Stack, running_stack
+
+
+@dataclass
+class Api:
+    stack: Stack
+    url: str
+    keys: dict[str, str]
+
+    def client(self, key: str | None) -> httpx.AsyncClient:
+        headers = {"Authorization": f"Bearer {self.keys[key]}"} if key else {}
+        return httpx.AsyncClient(base_url=self.url, headers=headers, timeout=60)
+
+
+@pytest.fixture(scope="module")
+async def api(postgres_admin_dsn: str, tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Api]:
+    from tests.conftest import _fresh_database
+
+    directory = tmp_path_factory.mktemp("api") / "support"
+    shutil.copytree(SAMPLE_CONFIG.parent, directory)
+    config = yaml.safe_load((directory / "corral.yaml").read_text())
+    # A rate no test reaches but the flood: 8 at once, then one every 2 s.
+    config["api"] = {"port": 0, "rate_per_s": 0.5, "burst": 8}
+    (directory / "corral.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+    database = await _fresh_database(postgres_admin_dsn)
+    async with running_stack(
+        tmp_path_factory.mktemp("state"), database, None, directory / "corral.yaml"
+    ) as stack:
+        runtime = stack.runtime()
+        assert runtime is not None and runtime["api_url"], runtime
+        keys = {}
+        for name, args in {
+            "ana": ["--client", "web", "--customer", "cus_1001"],
+            "ben": ["--client", "web", "--customer", "cus_1002"],
+            "dee": ["--client", "web", "--customer", "cus_1005"],
+            "other": ["--client", "shop", "--customer", "cus_1001"],
+            "desk": ["--client", "desk", "--operator"],
+        }.items():
+            made = stack.corral("api-key", "create", *args, "--json")
+            assert made.returncode == 0, made.stdout + made.stderr
+            keys[name] = json.loads(made.stdout)["key"]
+        yield Api(stack, runtime["api_url"], keys)
+
+
+async def _events(
+    client: httpx.AsyncClient, conversation: str, *, last: str | None = None, until: str
+) -> list[dict[str, Any]]:
+    """Read the conversation's SSE stream until an event of kind ``until`` (inclusive)."""
+    headers = {"Last-Event-ID": last} if last else {}
+    events: list[dict[str, Any]] = []
+    event: dict[str, Any] = {}
+    async with client.stream("GET", f"/v1/conversations/{conversation}/events", headers=headers) as response:
+        assert response.status_code == 200, await response.aread()
+        assert response.headers["content-type"].startswith("text/event-stream")
+        async for line in response.aiter_lines():
+            if not line:
+                if "data" in event:
+                    events.append(event)
+                    if event.get("event") == until:
+                        return events
+                event = {}
+                continue
+            field, _, value = line.partition(":")
+            if field in ("id", "event", "data"):
+                event[field] = value.strip() if field != "data" else json.loads(value)
+    return events
+
+
+async def test_a_conversation_over_http_with_its_events_over_sse(api: Api) -> None:
+    async with api.client("ana") as ana:
+        started = await ana.post("/v1/conversations", json={"text": "I was charged twice, please refund"})
+        assert started.status_code == 201, started.text
+        conversation = started.json()["conversation"]
+        assert started.json()["events"] == f"/v1/conversations/{conversation}/events"
+        events = await _events(ana, conversation, until="conversation.ended")
+        ended = events[-1]["data"]
+        assert (ended["status"], [h["agent"] for h in ended["path"]]) == (
+            "replied",
+            ["triage", "payments", "account_manager"],
+        )
+        assert all(e["id"].isdigit() for e in events if e["event"] == "conversation.ended")
+        got = await ana.get(f"/v1/conversations/{conversation}")
+        assert got.status_code == 200
+        view = got.json()
+        assert (view["status"], view["customer"], view["current_agent"]) == (
+            "replied",
+            "cus_1001",
+            "account_manager",
+        )
+        assert [t["role"] for t in view["transcript"]] == ["customer", "agent"]
+        assert view["reply"] == view["transcript"][-1]["text"]
+
+
+async def test_a_key_sees_only_its_own_clients_and_customers_conversations(api: Api) -> None:
+    async with api.client("ana") as ana:
+        started = await ana.post("/v1/conversations", json={"text": "what plan am I on?"})
+        conversation = started.json()["conversation"]
+        # Naming another customer than the key's is refused.
+        refused = await ana.post(
+            "/v1/conversations", json={"text": "refund order 1005", "customer": "cus_1002"}
+        )
+        assert refused.status_code == 403
+        assert refused.headers["content-type"] == "application/problem+json"
+        assert refused.json()["detail"] == "this API key acts for customer cus_1001 only"
+    for other in ("ben", "other"):  # another customer of the client; the same customer of another client
+        async with api.client(other) as client:
+            for response in (
+                await client.get(f"/v1/conversations/{conversation}"),
+                await client.post(f"/v1/conversations/{conversation}/messages", json={"text": "hi"}),
+                await client.get(f"/v1/conversations/{conversation}/events"),
+            ):
+                # 404, not 403: whether the conversation exists is not told.
+                assert response.status_code == 404, response.text
+                assert response.json() == {
+                    "type": "about:blank",
+                    "title": "Not Found",
+                    "status": 404,
+                    "detail": f"no conversation {conversation!r}",
+                }
+
+
+async def test_sse_resumed_with_last_event_id_misses_nothing_and_repeats_nothing(api: Api) -> None:
+    async with api.client("dee") as dee:
+        started = await dee.post(
+            "/v1/conversations", json={"text": "My blender arrived broken, I want my money back"}
+        )
+        conversation = started.json()["conversation"]
+        first = await _events(dee, conversation, until="conversation.awaiting")
+        asked = first[-1]
+        assert asked["data"]["text"] == "Sorry to hear that! Which order was it? Please send its number."
+        # Away: the customer answers, and the conversation goes on while nobody listens.
+        sent = await dee.post(
+            f"/v1/conversations/{conversation}/messages", json={"text": "It was order 2001", "id": "m-dee-1"}
+        )
+        assert sent.status_code == 202 and sent.json()["message_id"] == "m-dee-1"
+        rest = await _events(dee, conversation, last=asked["id"], until="conversation.ended")
+        whole = await _events(dee, conversation, until="conversation.ended")
+    stored = [e["id"] for e in whole if "id" in e]
+    resumed = [e["id"] for e in first if "id" in e] + [e["id"] for e in rest if "id" in e]
+    assert resumed == stored, (first, rest, whole)
+    assert len(set(resumed)) == len(resumed)
+    assert rest[-1]["data"]["status"] == "replied"
+
+
+async def test_bad_requests_get_problem_details_never_a_5xx(api: Api) -> None:
+    async with api.client(None) as anonymous:
+        missing = await anonymous.post("/v1/conversations", json={"text": "hi"})
+        assert missing.status_code == 401 and missing.headers["www-authenticate"].startswith("Bearer")
+        assert missing.headers["content-type"] == "application/problem+json"
+        assert (await anonymous.get("/v1/nothing")).status_code == 404
+    async with httpx.AsyncClient(
+        base_url=api.url, headers={"Authorization": "Bearer ck_0000_not-a-key-at-all"}
+    ) as forged:
+        assert (await forged.get("/v1/queue")).status_code == 401
+    async with api.client("ana") as ana:
+        cases = [
+            (b"{not json", 422),
+            (b'{"text": ""}', 422),
+            (b'{"text": "hi", "extra": 1}', 422),
+            (json.dumps({"text": "x" * 70000}).encode(), 413),
+        ]
+        for body, status in cases:
+            response = await ana.post(
+                "/v1/conversations", content=body, headers={"content-type": "application/json"}
+            )
+            assert response.status_code == status, (body[:40], response.text)
+            assert response.json()["status"] == status
+        assert (await ana.get("/v1/conversations/not%20an%20id")).status_code == 404
+        assert (await ana.delete("/v1/conversations")).status_code == 405
+
+
+async def test_operator_endpoints_need_an_operators_key_and_take_over_a_conversation(api: Api) -> None:
+    async with api.client("ana") as ana, api.client("desk") as desk:
+        assert (await ana.get("/v1/queue")).status_code == 401
+        started = await ana.post("/v1/conversations", json={"text": "My lawyer says I should sue you"})
+        conversation = started.json()["conversation"]
+        escalated = await _events(ana, conversation, until="conversation.ended")
+        assert escalated[-1]["data"]["status"] == "escalated"
+        queue = await desk.get("/v1/queue")
+        assert conversation in [item["conversation"] for item in queue.json()["items"]]
+        claimed = await desk.post(f"/v1/queue/{conversation}/claim")
+        assert claimed.status_code == 200 and claimed.json()["claimed_by"] == "desk", claimed.text
+        again = await desk.post(f"/v1/queue/{conversation}/handback", json={"agent": "tech_support"})
+        assert again.status_code == 409 and "not an edge from human" in again.json()["detail"]
+        last = escalated[-1]["id"]
+        replied = await desk.post(
+            f"/v1/queue/{conversation}/reply", json={"text": "A colleague will call you."}
+        )
+        assert replied.status_code == 200
+        human = await _events(ana, conversation, last=last, until="conversation.awaiting")
+        assert (
+            human[-1]["data"]["agent"] == "human"
+            and human[-1]["data"]["text"] == "A colleague will call you."
+        )
+        closed = await desk.post(f"/v1/queue/{conversation}/close", json={"note": "call booked"})
+        assert closed.status_code == 409  # the conversation awaits its customer now, not the queue
+
+
+async def test_a_flood_from_one_key_is_throttled_with_retry_after(api: Api) -> None:
+    async with api.client("ben") as ben:
+        statuses = [
+            (await ben.post("/v1/conversations", json={"text": "hello"})).status_code for _ in range(12)
+        ]
+    assert statuses.count(201) >= 8 and 429 in statuses, statuses
+    async with api.client("ana") as ana:  # another key is not slowed down
+        assert (await ana.post("/v1/conversations", json={"text": "hello"})).status_code == 201
+
+
+async def test_the_openapi_document_describes_every_endpoint(api: Api) -> None:
+    async with api.client(None) as anonymous:
+        document = (await anonymous.get("/openapi.json")).json()
+    assert document["openapi"].startswith("3.1")
+    assert set(document["paths"]) >= {
+        "/v1/conversations",
+        "/v1/conversations/{conversation}",
+        "/v1/conversations/{conversation}/messages",
+        "/v1/conversations/{conversation}/events",
+        "/v1/queue",
+        "/v1/queue/{conversation}/claim",
+    }
+    start = document["paths"]["/v1/conversations"]["post"]
+    assert start["requestBody"]["content"]["application/json"]["schema"] == {
+        "$ref": "#/components/schemas/StartRequest"
+    }
+    assert document["components"]["schemas"]["StartRequest"]["additionalProperties"] is False
