@@ -355,7 +355,7 @@ async def test_corral_creds_configures_an_external_nats(tmp_path: Any) -> None:
     assert result.returncode == 0, result.stderr
     assert sorted(p.name for p in out.glob("*.nk")) == sorted(
         [f"agent-{a}.nk" for a in TEAM - {"supervisor"}]
-        + ["supervisor.nk", "gateway.nk", "router.nk", "client.nk", "admin.nk"]
+        + ["supervisor.nk", "gateway.nk", "router.nk", "client.nk", "admin.nk", "api.nk"]
     )
     server = EmbeddedNats(tmp_path / "external")
     # nats-server resolves includes relative to the including file.

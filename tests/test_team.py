@@ -52,8 +52,16 @@ async def test_every_process_is_separate_and_alive(stack: Stack) -> None:
     runtime = stack.runtime()
     assert runtime is not None
     pids = {c["name"]: c["pid"] for c in runtime["children"]}
-    assert set(pids) == {"supervisor", "router", "triage", "payments", "tech_support", "account_manager"}
-    assert len(set(pids.values())) == 6 and stack.process.pid not in pids.values()
+    assert set(pids) == {
+        "supervisor",
+        "router",
+        "api",
+        "triage",
+        "payments",
+        "tech_support",
+        "account_manager",
+    }
+    assert len(set(pids.values())) == 7 and stack.process.pid not in pids.values()
     for pid in pids.values():
         os.kill(pid, 0)
 
@@ -74,8 +82,11 @@ async def test_agents_hold_no_provider_key_and_no_litellm(stack: Stack) -> None:
         return name in Path(f"/proc/{pid}/maps").read_text()
 
     assert environ(pids["router"]).get("OPENAI_API_KEY") == "sk-test-not-for-agents"
-    for agent in ("triage", "payments", "tech_support", "account_manager"):
+    # The API holds no provider key and no database credentials either: what it reads, it
+    # asks the supervisor for.
+    for agent in ("triage", "payments", "tech_support", "account_manager", "api"):
         env = environ(pids[agent])
+        assert not any("postgres" in value for value in env.values()), agent
         assert "OPENAI_API_KEY" not in env and "DATABASE_URL" not in env, agent
         assert not any("sk-test-not-for-agents" in value for value in env.values()), agent
         # litellm pulls in tiktoken's compiled extension when imported: absent from agents.
@@ -206,6 +217,7 @@ async def test_status_lists_processes_streams_and_consumers(stack: Stack) -> Non
     assert {p["name"] for p in report["processes"] if p["alive"]} == {
         "supervisor",
         "router",
+        "api",
         "triage",
         "payments",
         "tech_support",

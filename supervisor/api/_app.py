@@ -29,7 +29,6 @@ from corral.bus import (
     ConversationQuery,
     ConversationStart,
     ConversationView,
-    CustomerMessage,
     KeyCheck,
     KeyInfo,
     Limits,
@@ -38,8 +37,6 @@ from corral.bus import (
     OperatorRequest,
     QueueQuery,
     QueueView,
-    new_traceparent,
-    publish,
     request,
     subjects,
 )
@@ -48,10 +45,14 @@ from corral.supervisor.api._events import conversation_events
 from corral.supervisor.api._keys import digest, looks_like_key
 from corral.supervisor.api._openapi import Endpoint, openapi
 from corral.supervisor.api._problems import ApiProblem, on_http_error, on_problem
+from corral.supervisor.core._client import send_message, start_conversation
 
 _M = TypeVar("_M", bound=BaseModel)
 _A = TypeVar("_A", bound=msgspec.Struct)
+_T = TypeVar("_T")
 _updates = msgspec.json.Decoder(ClientUpdate)
+
+_RETRY = {"Retry-After": "1"}
 
 KEY_CACHE_S = 10.0
 """How long a checked key is believed without asking again (a revoked key stops within it)."""
@@ -107,7 +108,7 @@ class Api:
             )
         except BusError as exc:
             raise ApiProblem(
-                503, f"the supervisor is not answering ({exc}); try again", headers={"Retry-After": "1"}
+                503, f"the supervisor is not answering ({exc}); try again", headers=_RETRY
             ) from exc
 
     async def _key(self, request: Request, *, operator: bool = False) -> KeyInfo:
@@ -190,17 +191,18 @@ class Api:
         start = ConversationStart(
             conversation=conversation, text=body.text, customer=customer, dry_run=body.dry_run
         )
-        recorded = await self._started(key.client, conversation, start)
+        recorded = await self._started(key.client, start)
         events = f"/v1/conversations/{conversation}/events"
         started = m.Started(
             conversation=conversation, events=events, status="started" if recorded else "queued"
         )
         return JSONResponse(started.model_dump(), status_code=201 if recorded else 202)
 
-    async def _started(self, client: str, conversation: str, start: ConversationStart) -> bool:
+    async def _started(self, client: str, start: ConversationStart) -> bool:
         """Publish ``start`` and wait until the supervisor recorded it (True), so that what
         the client does next finds it; or until ``request_timeout_s`` (False: it is queued
         behind others, and will be). A refused start is answered 422 with the reason."""
+        conversation = start.conversation
         refused: asyncio.Future[str] = asyncio.get_running_loop().create_future()
 
         async def on_update(msg: Any) -> None:
@@ -215,7 +217,16 @@ class Api:
 
         sub = await self._bus.nc.subscribe(subjects.conversation_updates(client, conversation), cb=on_update)
         try:
-            await self._publish(subjects.conversation_start(client, conversation), start, conversation)
+            await self._stored(
+                start_conversation(
+                    self._bus,
+                    start.text,
+                    customer=start.customer,
+                    conversation=conversation,
+                    client=client,
+                    dry_run=start.dry_run,
+                )
+            )
             deadline, pause = time.monotonic() + self._settings.request_timeout_s, 0.002
             while time.monotonic() < deadline:
                 view = await self._ask(ConversationQuery(conversation=conversation), ConversationView)
@@ -237,10 +248,8 @@ class Api:
         await self._visible(key, conversation)
         self._text_fits(body.text)
         self._throttle(key)
-        message_id = body.id or f"m-{uuid.uuid4().hex[:20]}"
-        message = CustomerMessage(conversation=conversation, text=body.text, id=message_id)
-        await self._publish(
-            subjects.conversation_start(key.client, conversation), message, f"{conversation}.m.{message_id}"
+        message_id = await self._stored(
+            send_message(self._bus, conversation, body.text, client=key.client, message_id=body.id)
         )
         sent = m.MessageSent(conversation=conversation, message_id=message_id)
         return JSONResponse(sent.model_dump(), status_code=202)
@@ -265,12 +274,14 @@ class Api:
         stream: Response = EventSourceResponse(source, ping=15, headers={"Cache-Control": "no-store"})
         return stream
 
-    async def _publish(self, subject: str, message: Any, msg_id: str) -> None:
+    async def _stored(self, publishing: Awaitable[_T]) -> _T:
+        """What the shared client (``core._client``) publishing returns, once stored; 503 if
+        it could not be."""
         try:
-            await publish(self._bus.js, subject, message, msg_id=msg_id, traceparent=new_traceparent())
+            return await publishing
         except BusError as exc:
             raise ApiProblem(
-                503, f"the message could not be stored ({exc}); send it again", headers={"Retry-After": "1"}
+                503, f"the message could not be stored ({exc}); send it again", headers=_RETRY
             ) from exc
 
     # --- operator endpoints ---------------------------------------------------------
@@ -325,6 +336,7 @@ class Api:
                 m.StartRequest,
                 m.Started,
                 201,
+                also=(202,),
             ),
             Endpoint(
                 "POST",

@@ -31,6 +31,9 @@ class Endpoint:
     status: int
     operator: bool = False
     stream: bool = False
+    also: tuple[int, ...] = ()
+    """Further success statuses, answered with the same body (202 for a start not yet
+    recorded)."""
 
 
 def openapi(endpoints: list[Endpoint]) -> dict[str, Any]:
