@@ -12,6 +12,8 @@ from corral.bus import subjects
 if _typing.TYPE_CHECKING:
     from corral.bus._advisories import MaxDeliveriesWatcher
     from corral.bus._api_messages import (
+        ApprovalsQuery,
+        ApprovalsView,
         ApiAnswer,
         ApiRequest,
         ConversationQuery,
@@ -96,7 +98,13 @@ if _typing.TYPE_CHECKING:
         ModelStatus,
         ToolSpec,
     )
-    from corral.bus._operator_messages import OperatorAction, OperatorAnswer, OperatorRequest
+    from corral.bus._operator_messages import (
+        ApprovalVerdict,
+        OperatorAction,
+        OperatorAnswer,
+        OperatorInput,
+        OperatorRequest,
+    )
     from corral.bus._publish import (
         ATTEMPT,
         MSG_ID,
@@ -173,6 +181,8 @@ _WHERE = {
     "ClientUpdate": "corral.bus._messages",
     "ConversationAwaiting": "corral.bus._messages",
     "ApiAnswer": "corral.bus._api_messages",
+    "ApprovalsQuery": "corral.bus._api_messages",
+    "ApprovalsView": "corral.bus._api_messages",
     "ApiRequest": "corral.bus._api_messages",
     "ConversationQuery": "corral.bus._api_messages",
     "ConversationView": "corral.bus._api_messages",
@@ -181,7 +191,9 @@ _WHERE = {
     "PendingApproval": "corral.bus._api_messages",
     "QueueQuery": "corral.bus._api_messages",
     "QueueView": "corral.bus._api_messages",
+    "ApprovalVerdict": "corral.bus._operator_messages",
     "OperatorAction": "corral.bus._operator_messages",
+    "OperatorInput": "corral.bus._operator_messages",
     "OperatorAnswer": "corral.bus._operator_messages",
     "OperatorRequest": "corral.bus._operator_messages",
     "ConversationEnded": "corral.bus._messages",
@@ -276,8 +288,11 @@ __all__ = [
     "AgentWaiting",
     "Alert",
     "ApiAnswer",
+    "ApprovalsQuery",
+    "ApprovalsView",
     "ApiRequest",
     "ApprovalDecided",
+    "ApprovalVerdict",
     "Attempt",
     "Bus",
     "BusConfig",
@@ -326,6 +341,7 @@ __all__ = [
     "ModelStatus",
     "OperatorAction",
     "OperatorAnswer",
+    "OperatorInput",
     "OperatorRequest",
     "OutputTaken",
     "PayloadTooLargeError",

@@ -77,7 +77,18 @@ class QueueView(msgspec.Struct, frozen=True, kw_only=True, tag="api.queue_view")
     items: list[dict[str, Any]] = []
 
 
-ApiRequest = KeyCheck | ConversationQuery | QueueQuery
+class ApprovalsQuery(msgspec.Struct, frozen=True, kw_only=True, tag="api.approvals_query"):
+    """The pending approvals, oldest first."""
+
+    v: int = 1
+
+
+class ApprovalsView(msgspec.Struct, frozen=True, kw_only=True, tag="api.approvals_view"):
+    v: int = 1
+    items: list[dict[str, Any]] = []
+
+
+ApiRequest = KeyCheck | ConversationQuery | QueueQuery | ApprovalsQuery
 """Everything on ``corral.api.requests``."""
 
-ApiAnswer = KeyInfo | ConversationView | QueueView
+ApiAnswer = KeyInfo | ConversationView | QueueView | ApprovalsView

@@ -11,7 +11,7 @@ from typing import Annotated, Any, Literal
 import msgspec
 
 from corral.bus._model_messages import Attempt, ChatToolCall, ModelAnswer, ModelCall
-from corral.bus._operator_messages import OperatorAnswer, OperatorRequest
+from corral.bus._operator_messages import ApprovalVerdict, OperatorAnswer, OperatorRequest
 
 _INT32_MAX = 2**31 - 1
 
@@ -397,6 +397,7 @@ Message = (
     | ModelCall
     | ModelAnswer
     | OperatorRequest
+    | ApprovalVerdict
     | OperatorAnswer
 )
 

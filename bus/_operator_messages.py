@@ -29,6 +29,20 @@ class OperatorRequest(msgspec.Struct, frozen=True, kw_only=True, tag="operator.r
     """``handback``: what the agent is told; ``close``: why."""
 
 
+class ApprovalVerdict(msgspec.Struct, frozen=True, kw_only=True, tag="operator.approval"):
+    """An operator grants or denies a pending approval (``corral.operator.requests``)."""
+
+    v: int = 1
+    approval_id: str
+    approve: bool
+    by: str
+    reason: str = ""
+
+
+OperatorInput = OperatorRequest | ApprovalVerdict
+"""Everything on ``corral.operator.requests``."""
+
+
 class OperatorAnswer(msgspec.Struct, frozen=True, kw_only=True, tag="operator.answer"):
     """The supervisor's answer: done, or refused with the reason."""
 

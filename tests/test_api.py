@@ -6,6 +6,7 @@ operator endpoints behind an operator's key, and the OpenAPI document."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import shutil
 from collections.abc import AsyncIterator
@@ -40,6 +41,9 @@ async def api(postgres_admin_dsn: str, tmp_path_factory: pytest.TempPathFactory)
     config = yaml.safe_load((directory / "corral.yaml").read_text())
     # A rate no test reaches but the flood: 8 at once, then one every 2 s.
     config["api"] = {"port": 0, "rate_per_s": 0.5, "burst": 8}
+    # Only the help desk decides for humans and for account_manager (an operator's --by, an
+    # API key's client).
+    config["tools"]["approvers"] = {"human": ["desk"], "account_manager": ["desk"]}
     (directory / "corral.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
     database = await _fresh_database(postgres_admin_dsn)
     async with running_stack(
@@ -213,6 +217,33 @@ async def test_operator_endpoints_need_an_operators_key_and_take_over_a_conversa
         )
         closed = await desk.post(f"/v1/queue/{conversation}/close", json={"note": "call booked"})
         assert closed.status_code == 409  # the conversation awaits its customer now, not the queue
+
+
+async def test_an_approval_is_decided_only_by_its_approvers_and_resumes_the_conversation(api: Api) -> None:
+    async with api.client("ana") as ana, api.client("desk") as desk:
+        started = await ana.post("/v1/conversations", json={"text": "Please refund order 1002"})
+        conversation = started.json()["conversation"]
+        waiting = await _events(ana, conversation, until="conversation.waiting")
+        approval = waiting[-1]["data"]["approval_id"]
+        pending = (await desk.get("/v1/approvals")).json()["items"]
+        (listed,) = [a for a in pending if a["conversation"] == conversation]
+        # account_manager's approval (P-51), or a human's once the customer refunded today (P-47).
+        assert (listed["id"], listed["tool"]) == (approval, "refund")
+        approver = listed["approver"]
+        assert approver in ("human", "account_manager")
+        assert (await ana.post(f"/v1/approvals/{approval}/approve")).status_code == 401
+        # tools.approvers: bob decides for neither, at the command line either.
+        cli = await asyncio.to_thread(api.stack.corral, "approve", approval, "--by", "bob")
+        assert cli.returncode == 1
+        assert f"bob may not decide for {approver} (tools.approvers.{approver}: desk)" in cli.stderr
+        granted = await desk.post(f"/v1/approvals/{approval}/approve", json={})
+        assert granted.status_code == 200 and granted.json() == {"approval": approval, "status": "approved"}
+        again = await desk.post(f"/v1/approvals/{approval}/deny", json={"reason": "too late"})
+        assert again.status_code == 409
+        ended = await _events(ana, conversation, last=waiting[-1]["id"], until="conversation.ended")
+    assert ended[-1]["data"]["status"] == "replied"
+    refunds = await api.stack.sql("SELECT count(*) AS n FROM shop.refunds WHERE order_id='1002'")
+    assert refunds[0]["n"] == 1
 
 
 async def test_a_flood_from_one_key_is_throttled_with_retry_after(api: Api) -> None:

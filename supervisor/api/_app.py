@@ -22,6 +22,9 @@ from starlette.routing import Route
 
 from corral.bus import (
     ApiRequest,
+    ApprovalsQuery,
+    ApprovalsView,
+    ApprovalVerdict,
     Bus,
     BusError,
     ClientUpdate,
@@ -321,6 +324,29 @@ class Api:
 
         return act
 
+    async def approvals(self, request: Request) -> Response:
+        await self._key(request, operator=True)
+        view = await self._ask(ApprovalsQuery(), ApprovalsView)
+        return JSONResponse(m.Approvals.model_validate({"items": view.items}).model_dump(mode="json"))
+
+    def _verdict(self, approve: bool) -> Callable[[Request], Awaitable[Response]]:
+        async def decide(request: Request) -> Response:
+            key = await self._key(request, operator=True)
+            approval = request.path_params["approval"]
+            body = await self._body(request, m.VerdictRequest)
+            if not subjects.is_id(approval):
+                raise ApiProblem(404, f"no approval {approval!r}")
+            verdict = ApprovalVerdict(
+                approval_id=approval, approve=approve, by=key.client, reason=body.reason
+            )
+            answer = await self._request(subjects.operator_requests(), verdict, OperatorAnswer)
+            if answer.status != "ok":
+                raise ApiProblem(404 if answer.reason.startswith("no approval") else 409, answer.reason)
+            done = m.VerdictDone(approval=approval, status="approved" if approve else "denied")
+            return JSONResponse(done.model_dump())
+
+        return decide
+
     # --- the app --------------------------------------------------------------------
 
     def endpoints(self) -> list[Endpoint]:
@@ -368,6 +394,31 @@ class Api:
             ),
             Endpoint("GET", "/v1/queue", self.queue, "The human queue", None, m.Queue, 200, operator=True),
         ]
+        endpoints.append(
+            Endpoint(
+                "GET",
+                "/v1/approvals",
+                self.approvals,
+                "Pending approvals",
+                None,
+                m.Approvals,
+                200,
+                operator=True,
+            )
+        )
+        for verb, approve in (("approve", True), ("deny", False)):
+            endpoints.append(
+                Endpoint(
+                    "POST",
+                    f"/v1/approvals/{{approval}}/{verb}",
+                    self._verdict(approve),
+                    f"{verb.capitalize()} a pending approval",
+                    m.VerdictRequest,
+                    m.VerdictDone,
+                    200,
+                    operator=True,
+                )
+            )
         for action, summary in (
             ("claim", "Claim an escalated conversation"),
             ("reply", "Answer its customer as a human"),

@@ -106,6 +106,32 @@ class Queue(_Body):
     items: list[QueueItem]
 
 
+class Approval(_Body):
+    id: str
+    conversation: str
+    customer: str
+    agent: str
+    tool: str
+    arguments: dict[str, object]
+    approver: str
+    policy_ids: list[str]
+
+
+class Approvals(_Body):
+    """The pending approvals, oldest first."""
+
+    items: list[Approval]
+
+
+class VerdictRequest(_Body):
+    reason: str = Field(default="", max_length=4096, description="Why (a denial's reason reaches the agent).")
+
+
+class VerdictDone(_Body):
+    approval: str
+    status: Literal["approved", "denied"]
+
+
 class OperatorActionRequest(_Body):
     """What an operator's action carries: the reply's text, the handback's agent and note,
     the close's note."""

@@ -320,19 +320,24 @@ async def _decide(settings: Settings, approval_id: str, approve: bool, by: str, 
         ApprovalError: it cannot be decided (already decided, expired, or see above).
     """
     from corral.bus import ApprovalDecided, list_kills, publish, subjects
-    from corral.supervisor.gateway._approvals import ApprovalError, decide_approval
+    from corral.supervisor.gateway._approvals import ApprovalError, decide_approval, decider_problem
     from corral.supervisor.stack._credentials import ADMIN
 
     pool = await _operator_pool(settings)
     try:
         migrated = await pool.fetchval("SELECT to_regclass('approvals') IS NOT NULL")
-        conversation = (
-            await pool.fetchval("SELECT conversation FROM approvals WHERE id=$1", approval_id)
+        row = (
+            await pool.fetchrow("SELECT conversation, approver FROM approvals WHERE id=$1", approval_id)
             if migrated
             else None
         )
-        if conversation is None:
+        if row is None:
             raise UnknownIdError(f"no approval {approval_id!r}: `corral approvals` lists the pending ones")
+        conversation = row["conversation"]
+        tools = settings.config.tools
+        why = decider_problem(row["approver"], by, tools.approvers if tools is not None else {})
+        if why is not None:
+            raise ApprovalError(f"approval {approval_id} cannot be decided: {why}")
         bus = await _connect(settings, _nats_url(settings), ADMIN, forever=False)
         try:
             if approve:

@@ -70,6 +70,7 @@ def supervisor_run(config: ConfigOption = None) -> None:
                 lambda: supervisor.killed_agents,
                 operator_identities=(ADMIN, API),
                 claim_ttl_s=settings.config.queue.claim_ttl_s,
+                approvers=tools.approvers if tools is not None else {},
             )
             services: list[Serving] = [
                 supervisor,

@@ -138,6 +138,10 @@ class ToolsSection(_Strict):
     """Past this, calls needing approval are denied instead of queued."""
     approval_ttl_s: float = Field(default=24 * 3600.0, gt=0)
     """How long an approval request or a granted approval stays valid."""
+    approvers: dict[str, list[str]] = Field(default_factory=dict)
+    """Who may decide an approval whose policy names ``@approver(role)``: the operators
+    (their ``--by`` names, or an operator API key's client) of each role listed. A role
+    not listed may be decided by any operator."""
     separate_gateway: bool = False
     """Run the gateway as its own process (`corral gateway run`) instead of inside the
     supervisor; ``corral up`` then starts it, and it alone holds the backend's access."""

@@ -13,6 +13,8 @@ from nats.aio.client import Client
 from corral.bus import (
     ApiAnswer,
     ApiRequest,
+    ApprovalsQuery,
+    ApprovalsView,
     ConversationQuery,
     ConversationView,
     Hop,
@@ -26,7 +28,10 @@ from corral.bus import (
     Turn,
     subjects,
 )
+from corral.supervisor.gateway._approvals import pending_approvals
 from corral.supervisor.store._reports import human_queue
+
+_APPROVAL_FIELDS = ("id", "conversation", "customer", "agent", "tool", "arguments", "approver", "policy_ids")
 
 _hops = msgspec.json.Decoder(list[Hop])
 _turns = msgspec.json.Decoder(list[Turn])
@@ -84,6 +89,11 @@ class ApiDesk(RequestService[ApiRequest, ApiAnswer]):
                     return _view(await conn.fetchrow(_CONVERSATION, request.conversation))
                 case QueueQuery():
                     return QueueView(items=await human_queue(conn, max(1, min(request.limit, 1000))))
+                case ApprovalsQuery():
+                    pending = await pending_approvals(self._pool)
+                    return ApprovalsView(
+                        items=[{k: getattr(a, k) for k in _APPROVAL_FIELDS} for a in pending if not a.expired]
+                    )
 
 
 def _view(row: asyncpg.Record | None) -> ConversationView:

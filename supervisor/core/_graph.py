@@ -4,7 +4,7 @@ to save, what to tell), and the escalation every refusal to go on ends in."""
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 
 from pydantic import BaseModel
@@ -66,6 +66,10 @@ class Decision:
     steps: list[StepRecord] = field(default_factory=list)
     extra: list[Outgoing] = field(default_factory=list)
     """Messages only this transition sends (beyond ``outputs(record)``)."""
+
+
+Act = Callable[[str, Callable[[ConversationRecord], Decision]], Awaitable[Decision]]
+"""Decide on a conversation as it is now, save and publish (``Supervisor.act``)."""
 
 
 def escalate(

@@ -14,23 +14,31 @@ once, exactly one wins: PostgreSQL decides, on the claim's row.
 from __future__ import annotations
 
 import logging
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Literal
 
 import asyncpg
 import msgspec
 from nats.aio.client import Client
 
-from corral.bus import KillSwitch, OperatorAnswer, OperatorRequest, Requester, RequestService, subjects
+from corral.bus import (
+    ApprovalVerdict,
+    KillSwitch,
+    OperatorAnswer,
+    OperatorInput,
+    OperatorRequest,
+    Requester,
+    RequestService,
+    subjects,
+)
 from corral.supervisor.audit._audit import AuditEntry, append_audit, digest_arguments
 from corral.supervisor.core import _takeover
-from corral.supervisor.core._graph import Decision, Graph
+from corral.supervisor.core._graph import Act, Decision, Graph
+from corral.supervisor.core._verdicts import take_verdict
 from corral.supervisor.store._store import ConversationRecord
 
 logger = logging.getLogger(__name__)
 
-Act = Callable[[str, Callable[[ConversationRecord], Decision]], Awaitable[Decision]]
-"""Decide on a conversation as it is now, save and publish (``Supervisor.act``)."""
 
 _CLAIM = """
 WITH queued AS (SELECT id FROM conversations WHERE id = $1 AND status = 'escalated')
@@ -51,7 +59,7 @@ WHERE c.id = $1
 """
 
 
-class HumanDesk(RequestService[OperatorRequest, OperatorAnswer]):
+class HumanDesk(RequestService[OperatorInput, OperatorAnswer]):
     """Answer operators' requests on the human queue until ``shutdown()``.
 
     Args:
@@ -75,8 +83,10 @@ class HumanDesk(RequestService[OperatorRequest, OperatorAnswer]):
         *,
         operator_identities: tuple[str, ...],
         claim_ttl_s: float = 900.0,
+        approvers: Mapping[str, Sequence[str]] | None = None,
     ) -> None:
-        super().__init__(nc, subjects.operator_requests(), msgspec.json.Decoder(OperatorRequest))
+        super().__init__(nc, subjects.operator_requests(), msgspec.json.Decoder(OperatorInput))
+        self._approvers = approvers or {}
         self._pool = pool
         self._act = act
         self._graph = graph
@@ -91,12 +101,15 @@ class HumanDesk(RequestService[OperatorRequest, OperatorAnswer]):
     def poison_answer(self, reason: str) -> OperatorAnswer:
         return OperatorAnswer(status="refused", reason=f"the request was refused: {reason}")
 
-    async def answer(self, request: OperatorRequest, requester: Requester) -> OperatorAnswer:
-        """Do what the operator asks, or say why not (``OperatorRequest``)."""
+    async def answer(self, request: OperatorInput, requester: Requester) -> OperatorAnswer:
+        """Do what the operator asks, or say why not (``OperatorRequest``; an approval's
+        ``ApprovalVerdict``)."""
         if not request.by.strip():
             return OperatorAnswer(
                 status="refused", reason="an operator action needs the operator's name (by)"
             )
+        if isinstance(request, ApprovalVerdict):
+            return await take_verdict(self._pool, self._act, request, self._approvers)
         if request.action == "claim":
             return await self._claim(request)
         async with self._pool.acquire() as conn:

@@ -5,16 +5,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable
 
 from corral.supervisor.core import _dialogue
-from corral.supervisor.core._graph import Decision
-from corral.supervisor.store._store import ConversationRecord, Store
+from corral.supervisor.core._graph import Act
+from corral.supervisor.store._store import Store
 
 logger = logging.getLogger(__name__)
-
-Apply = Callable[[str, Callable[[ConversationRecord], Decision]], Awaitable[object]]
-"""Decide on a conversation, save and publish (``Supervisor.act``)."""
 
 
 class IdleCloser:
@@ -26,7 +22,7 @@ class IdleCloser:
         idle_timeout_s: How long a conversation may await its customer.
     """
 
-    def __init__(self, store: Store, apply: Apply, idle_timeout_s: float) -> None:
+    def __init__(self, store: Store, apply: Act, idle_timeout_s: float) -> None:
         self._store = store
         self._apply = apply
         self._timeout = idle_timeout_s

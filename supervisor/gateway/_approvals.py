@@ -77,6 +77,17 @@ async def pending_approvals(pool: asyncpg.Pool) -> list[ApprovalRecord]:
     return [_from_row(r) for r in rows]
 
 
+def decider_problem(approver: str, by: str, approvers: Mapping[str, Sequence[str]]) -> str | None:
+    """Why ``by`` may not decide an approval of ``approver`` (None: they may): the role's
+    deciders are ``approvers[approver]`` when it is listed (``tools.approvers``), any
+    operator when it is not."""
+    allowed = approvers.get(approver)
+    if allowed is None or by in allowed:
+        return None
+    deciders = ", ".join(allowed) or "nobody"
+    return f"{by} may not decide for {approver} (tools.approvers.{approver}: {deciders})"
+
+
 async def decide_approval(
     pool: asyncpg.Pool, approval_id: str, *, approve: bool, by: str, reason: str = ""
 ) -> ApprovalRecord:
