@@ -114,6 +114,8 @@ def _label(root: str, process: psutil.Process) -> str:
             return f"agent {cmdline[cmdline.index('agent') + 2]}" if "run" in cmdline else root
         if "corral.supervisor" in cmdline and "router" in cmdline and "run" in cmdline:
             return "router"  # the model gateway (litellm lives here)
+        if "corral.supervisor" in cmdline and "api" in cmdline and "run" in cmdline:
+            return "api"  # the HTTP/SSE API
         if "corral.supervisor" in cmdline and "run" in cmdline:
             return "supervisor"
     return root

@@ -8,6 +8,7 @@ process) is not counted: it is the same code for corral and for the floor.
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import contextlib
 import time
@@ -32,6 +33,25 @@ class Sizes:
     @property
     def total(self) -> int:
         return self.warmup + self.sequential + self.concurrent
+
+
+def add_size_arguments(parser: argparse.ArgumentParser, *, runs: int) -> None:
+    """The options every CS-4 workload takes: runs, and each phase's size."""
+    parser.add_argument("--runs", type=int, default=runs)
+    parser.add_argument("--warmup", type=int, default=50)
+    parser.add_argument("--sequential", type=int, default=300)
+    parser.add_argument("--concurrent", type=int, default=2000)
+    parser.add_argument("--in-flight", type=int, default=200, help="concurrent phase: conversations at once")
+
+
+def sizes_of(args: argparse.Namespace) -> Sizes:
+    """The phases' sizes the options ask for (``add_size_arguments``)."""
+    return Sizes(
+        warmup=args.warmup,
+        sequential=args.sequential,
+        concurrent=args.concurrent,
+        concurrent_in_flight=args.in_flight,
+    )
 
 
 @dataclass(frozen=True, kw_only=True)

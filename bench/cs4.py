@@ -57,7 +57,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from bench._measure import PhaseFigures, ProcessGroup
-from bench._phases import RunFigures, Sizes, run_phases
+from bench._phases import RunFigures, Sizes, add_size_arguments, run_phases, sizes_of
 from bench.floor import HOP_NAMES, HOPS, Floor
 from bench.openai_script import ScriptServer
 from corral.bus import Bus, BusConfig, ClientUpdate, ConversationEnded, connect, subjects
@@ -616,11 +616,7 @@ def table(report: dict[str, Any]) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--runs", type=int, default=3)
-    parser.add_argument("--warmup", type=int, default=50)
-    parser.add_argument("--sequential", type=int, default=300)
-    parser.add_argument("--concurrent", type=int, default=2000)
-    parser.add_argument("--in-flight", type=int, default=200, help="concurrent phase: conversations at once")
+    add_size_arguments(parser, runs=3)
     parser.add_argument(
         "--depth",
         choices=DEPTHS,
@@ -630,12 +626,7 @@ def main() -> None:
     parser.add_argument("--json", type=Path, help="write the figures here")
     parser.add_argument("--keep", action="store_true", help="keep the working directory (logs)")
     args = parser.parse_args()
-    sizes = Sizes(
-        warmup=args.warmup,
-        sequential=args.sequential,
-        concurrent=args.concurrent,
-        concurrent_in_flight=args.in_flight,
-    )
+    sizes = sizes_of(args)
     workdir = Path(tempfile.mkdtemp(prefix="corral-cs4-"))
     try:
         report = asyncio.run(benchmark(args.runs, sizes, tuple(args.depth or DEFAULT_DEPTHS), workdir))

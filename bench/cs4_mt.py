@@ -38,7 +38,7 @@ import yaml
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from bench._phases import Sizes, run_phases
+from bench._phases import Sizes, add_size_arguments, run_phases, sizes_of
 from bench.cs4 import ORDER, TEAM, Corral, _customer, _order, machine, phase_json, refund_rules
 from corral.bus import ClientUpdate, ConversationAwaiting, ConversationEnded
 from corral.supervisor import start_conversation
@@ -173,19 +173,10 @@ async def run_mt(workdir: Path, sizes: Sizes) -> dict[str, Any]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--runs", type=int, default=1)
-    parser.add_argument("--warmup", type=int, default=50)
-    parser.add_argument("--sequential", type=int, default=300)
-    parser.add_argument("--concurrent", type=int, default=2000)
-    parser.add_argument("--in-flight", type=int, default=200, help="concurrent phase: conversations at once")
+    add_size_arguments(parser, runs=1)
     parser.add_argument("--json", type=Path, help="write the figures here")
     args = parser.parse_args()
-    sizes = Sizes(
-        warmup=args.warmup,
-        sequential=args.sequential,
-        concurrent=args.concurrent,
-        concurrent_in_flight=args.in_flight,
-    )
+    sizes = sizes_of(args)
     runs = []
     for run in range(1, args.runs + 1):
         workdir = Path(tempfile.mkdtemp(prefix="corral-cs4-mt-"))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import shutil
 import subprocess
 import sys
 from collections.abc import AsyncIterator
@@ -14,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import asyncpg
+import yaml
 
 from corral.bus import Bus, BusConfig, connect
 from corral.supervisor.stack._runtime import embedded_database_url
@@ -90,6 +92,18 @@ class Stack:
             text=True,
             timeout=120,
         )
+
+
+def sample_team(directory: Path, changes: dict[str, Any]) -> Path:
+    """The sample team copied into ``directory``, with ``changes`` set in its corral.yaml
+    (each a top-level section, merged key by key into the sample's); the config file."""
+    shutil.copytree(SAMPLE_CONFIG.parent, directory)
+    path = directory / "corral.yaml"
+    config = yaml.safe_load(path.read_text())
+    for section, values in changes.items():
+        config[section] = {**config.get(section, {}), **values} if isinstance(values, dict) else values
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    return path
 
 
 @asynccontextmanager

@@ -8,17 +8,14 @@ from __future__ import annotations
 
 import asyncio
 import json
-import shutil
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
 import httpx
 import pytest
-import yaml
 
-from tests.conftest import SAMPLE_CONFIG
-from tests.stack import Stack, running_stack
+from tests.stack import Stack, running_stack, sample_team
 
 
 @dataclass
@@ -36,19 +33,18 @@ class Api:
 async def api(postgres_admin_dsn: str, tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Api]:
     from tests.conftest import _fresh_database
 
-    directory = tmp_path_factory.mktemp("api") / "support"
-    shutil.copytree(SAMPLE_CONFIG.parent, directory)
-    config = yaml.safe_load((directory / "corral.yaml").read_text())
-    # A rate no test reaches but the flood: 8 at once, then one every 2 s.
-    config["api"] = {"port": 0, "rate_per_s": 0.5, "burst": 8}
-    # Only the help desk decides for humans and for account_manager (an operator's --by, an
-    # API key's client).
-    config["tools"]["approvers"] = {"human": ["desk"], "account_manager": ["desk"]}
-    (directory / "corral.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+    config = sample_team(
+        tmp_path_factory.mktemp("api") / "support",
+        {
+            # A rate no test reaches but the flood: 8 at once, then one every 2 s.
+            "api": {"port": 0, "rate_per_s": 0.5, "burst": 8},
+            # Only the help desk decides for humans and for account_manager (an operator's
+            # --by, an API key's client).
+            "tools": {"approvers": {"human": ["desk"], "account_manager": ["desk"]}},
+        },
+    )
     database = await _fresh_database(postgres_admin_dsn)
-    async with running_stack(
-        tmp_path_factory.mktemp("state"), database, None, directory / "corral.yaml"
-    ) as stack:
+    async with running_stack(tmp_path_factory.mktemp("state"), database, None, config) as stack:
         runtime = stack.runtime()
         assert runtime is not None and runtime["api_url"], runtime
         keys = {}

@@ -6,18 +6,16 @@ links between operations; the end-to-end tests in test_api.py chain them.)"""
 from __future__ import annotations
 
 import json
-import shutil
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 import pytest
 import schemathesis
-import yaml
 from hypothesis import HealthCheck, settings
 from schemathesis import checks
 
-from tests.conftest import SAMPLE_CONFIG, eventually
-from tests.stack import Stack, running_stack
+from tests.conftest import eventually
+from tests.stack import Stack, running_stack, sample_team
 
 CHECKS = [
     checks.not_a_server_error,
@@ -41,15 +39,11 @@ class Fuzzed:
 async def fuzzed(postgres_admin_dsn: str, tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Fuzzed]:
     from tests.conftest import _fresh_database
 
-    directory = tmp_path_factory.mktemp("fuzz") / "support"
-    shutil.copytree(SAMPLE_CONFIG.parent, directory)
-    config = yaml.safe_load((directory / "corral.yaml").read_text())
-    config["api"] = {"port": 0, "rate_per_s": 1000, "burst": 1000}
-    (directory / "corral.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+    config = sample_team(
+        tmp_path_factory.mktemp("fuzz") / "support", {"api": {"port": 0, "rate_per_s": 1000, "burst": 1000}}
+    )
     database = await _fresh_database(postgres_admin_dsn)
-    async with running_stack(
-        tmp_path_factory.mktemp("state"), database, None, directory / "corral.yaml"
-    ) as stack:
+    async with running_stack(tmp_path_factory.mktemp("state"), database, None, config) as stack:
         runtime = stack.runtime()
         assert runtime is not None
         keys = []

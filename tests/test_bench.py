@@ -105,3 +105,16 @@ def test_cs4_mt_holds_three_turns_per_conversation_and_refunds_each_once(tmp_pat
     assert figures["refunds"] == figures["orders"] == figures["refunded_orders"] == 13
     assert figures["sequential_turn_p50_ms"] > 0
     assert "13 refunds of 13 orders" in run.stdout
+
+
+def test_cs4_http_enters_through_the_api_and_reads_each_end_from_sse(tmp_path: Path) -> None:
+    sizes = ["--warmup", "2", "--sequential", "3", "--concurrent", "8", "--in-flight", "4"]
+    run, report = _bench(tmp_path, "cs4_http.py", *sizes)
+    assert report["workload"] == "CS-4-HTTP"
+    (figures,) = report["runs"]
+    for name in ("nats", "http"):
+        assert figures[name]["refunds"] == figures[name]["orders"] == figures[name]["refunded_orders"] == 13
+    # The API process is measured with corral's, apart from the load generator.
+    assert "api" in figures["http"]["concurrent"]["cpu_ms_by_process"]
+    assert "api" not in figures["nats"]["concurrent"]["cpu_ms_by_process"]
+    assert "the HTTP hop: +" in run.stdout

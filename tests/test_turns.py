@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import shutil
 import signal
 from collections.abc import AsyncIterator
 
@@ -16,8 +15,8 @@ import yaml
 
 from corral.bus import ConversationAwaiting, MessageRefused
 from corral.supervisor.core._client import message_until_settled, send_until_settled
-from tests.conftest import SAMPLE_CONFIG, eventually
-from tests.stack import Stack, running_stack
+from tests.conftest import eventually
+from tests.stack import Stack, running_stack, sample_team
 
 IDLE_TIMEOUT_S = 20
 """Long enough for the multi-turn test's pause; the idle test backdates its conversation."""
@@ -29,15 +28,11 @@ BROKEN = "My blender arrived broken, I want my money back"
 async def team(postgres_admin_dsn: str, tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Stack]:
     from tests.conftest import _fresh_database
 
-    directory = tmp_path_factory.mktemp("turns") / "support"
-    shutil.copytree(SAMPLE_CONFIG.parent, directory)
-    config = yaml.safe_load((directory / "corral.yaml").read_text())
-    config.setdefault("conversation", {})["idle_timeout_s"] = IDLE_TIMEOUT_S
-    (directory / "corral.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+    config = sample_team(
+        tmp_path_factory.mktemp("turns") / "support", {"conversation": {"idle_timeout_s": IDLE_TIMEOUT_S}}
+    )
     database = await _fresh_database(postgres_admin_dsn)
-    async with running_stack(
-        tmp_path_factory.mktemp("state"), database, None, directory / "corral.yaml"
-    ) as stack:
+    async with running_stack(tmp_path_factory.mktemp("state"), database, None, config) as stack:
         yield stack
 
 

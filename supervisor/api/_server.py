@@ -28,8 +28,17 @@ class ApiServer(Service):
     def __init__(self, bus: Bus, settings: ApiSettings, *, host: str, port: int) -> None:
         super().__init__()
         app = Api(bus, settings).app()
+        # Keep-alive well past a client pool's own expiry (httpx: 5 s): the client closes an
+        # idle connection first, instead of reusing one the server is closing under it.
         config = uvicorn.Config(
-            app, host=host, port=port, log_level="warning", lifespan="off", access_log=False, loop="none"
+            app,
+            host=host,
+            port=port,
+            log_level="warning",
+            lifespan="off",
+            access_log=False,
+            loop="none",
+            timeout_keep_alive=75,
         )
         self._server = uvicorn.Server(config)
         self._host, self._port = host, port
