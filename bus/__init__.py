@@ -12,10 +12,10 @@ from corral.bus import subjects
 if _typing.TYPE_CHECKING:
     from corral.bus._advisories import MaxDeliveriesWatcher
     from corral.bus._api_messages import (
-        ApprovalsQuery,
-        ApprovalsView,
         ApiAnswer,
         ApiRequest,
+        ApprovalsQuery,
+        ApprovalsView,
         ConversationQuery,
         ConversationView,
         KeyCheck,
@@ -288,11 +288,11 @@ __all__ = [
     "AgentWaiting",
     "Alert",
     "ApiAnswer",
-    "ApprovalsQuery",
-    "ApprovalsView",
     "ApiRequest",
     "ApprovalDecided",
     "ApprovalVerdict",
+    "ApprovalsQuery",
+    "ApprovalsView",
     "Attempt",
     "Bus",
     "BusConfig",
