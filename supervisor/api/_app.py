@@ -352,9 +352,9 @@ class Api:
     # --- the app --------------------------------------------------------------------
 
     def endpoints(self) -> list[Endpoint]:
-        """Every endpoint, for the routes and for the OpenAPI document."""
+        """Every endpoint, for the routes and for the OpenAPI document: the clients', then
+        the operators'."""
         conv = "/v1/conversations/{conversation}"
-        queue = "/v1/queue/{conversation}"
         endpoints = [
             Endpoint(
                 "POST",
@@ -394,6 +394,13 @@ class Api:
                 200,
                 stream=True,
             ),
+        ]
+        return [*endpoints, *self._operator_endpoints()]
+
+    def _operator_endpoints(self) -> list[Endpoint]:
+        """The queue and the approvals: an operator's key only."""
+        queue = "/v1/queue/{conversation}"
+        endpoints = [
             Endpoint("GET", "/v1/queue", self.queue, "The human queue", None, m.Queue, 200, operator=True),
         ]
         endpoints.append(
