@@ -291,6 +291,14 @@ class Api:
 
     # --- operator endpoints ---------------------------------------------------------
 
+    async def _to_desk(self, message: OperatorRequest | ApprovalVerdict, *, missing: str) -> OperatorAnswer:
+        """The operators' desk's answer; a refusal as a problem (404 when what it names does
+        not exist, whose reason starts with ``missing``; 409 otherwise)."""
+        answer = await self._request(subjects.operator_requests(), message, OperatorAnswer)
+        if answer.status != "ok":
+            raise ApiProblem(404 if answer.reason.startswith(missing) else 409, answer.reason)
+        return answer
+
     async def queue(self, request: Request) -> Response:
         await self._key(request, operator=True)
         view = await self._ask(QueueQuery(limit=100), QueueView)
@@ -312,10 +320,7 @@ class Api:
                 agent=body.agent,
                 note=body.note,
             )
-            answer = await self._request(subjects.operator_requests(), asked, OperatorAnswer)
-            if answer.status != "ok":
-                status = 404 if answer.reason.startswith("no conversation") else 409
-                raise ApiProblem(status, answer.reason)
+            answer = await self._to_desk(asked, missing="no conversation")
             done = m.OperatorActionDone(
                 conversation=conversation,
                 action=action,
@@ -341,9 +346,7 @@ class Api:
             verdict = ApprovalVerdict(
                 approval_id=approval, approve=approve, by=key.client, reason=body.reason
             )
-            answer = await self._request(subjects.operator_requests(), verdict, OperatorAnswer)
-            if answer.status != "ok":
-                raise ApiProblem(404 if answer.reason.startswith("no approval") else 409, answer.reason)
+            await self._to_desk(verdict, missing="no approval")
             done = m.VerdictDone(approval=approval, status="approved" if approve else "denied")
             return JSONResponse(done.model_dump())
 
