@@ -7,7 +7,8 @@ from typing import Any
 
 import msgspec
 
-from corral.bus import AgentTask, ChatTurn, Hop, ToolResult
+from corral.agents._turns import ToolUse
+from corral.bus import AgentTask, ChatToolCall, ChatTurn, Hop, Limits, ToolResult, Turn, clip
 
 
 def encode_arguments(arguments: dict[str, Any]) -> str:
@@ -27,12 +28,31 @@ def tool_message(result: ToolResult) -> str:
     return text
 
 
+def tool_turn(agent: str, use: ToolUse, shown: str, limits: Limits) -> Turn:
+    """A tool call and its outcome as the transcript keeps them (within the output's limits)."""
+    return Turn(
+        role="tool",
+        agent=agent,
+        tool=use.tool,
+        call_id=use.call_id,
+        arguments=encode_arguments(use.arguments),
+        text=clip(shown, limits.reason_bytes),
+    )
+
+
 def transcript_turns(task: AgentTask) -> list[ChatTurn]:
     """The conversation's earlier turns as model history: the customer's messages as the
-    user's, the replies as the assistant's (naming whoever gave them, if not this agent)."""
+    user's, the replies as the assistant's (naming whoever gave them, if not this agent),
+    and each tool call as the native tool-calling history has it: the assistant's call,
+    then its result (an other agent's named in the result)."""
     history: list[ChatTurn] = []
     for turn in task.transcript:
-        if turn.role == "customer":
+        if turn.role == "tool":
+            call = ChatToolCall(id=turn.call_id, name=turn.tool, arguments=turn.arguments or "{}")
+            shown = turn.text if turn.agent == task.agent else f"({turn.agent}) {turn.text}"
+            history.append(ChatTurn(role="assistant", tool_calls=[call]))
+            history.append(ChatTurn(role="tool", tool_call_id=turn.call_id, content=shown))
+        elif turn.role == "customer":
             history.append(ChatTurn(role="user", content=turn.text))
         elif turn.role == "agent" and turn.agent == task.agent:
             history.append(ChatTurn(role="assistant", content=turn.text))

@@ -4,17 +4,19 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from dataclasses import dataclass
-from typing import TypedDict, TypeVar
+from contextlib import nullcontext
+from typing import TypeVar
 
 import msgspec
 
-from corral.agents._prompts import encode_arguments, tool_message, transcript_turns, user_prompt
+from corral.agents._prompts import encode_arguments, tool_message, tool_turn, transcript_turns, user_prompt
 from corral.agents._settings import AgentSettings, AgentState
 from corral.agents._turns import (
     Reply,
+    StepFields,
     ToolUse,
     Transfer,
+    Waiting,
     assistant_turn,
     corrections,
     read_turn,
@@ -49,6 +51,7 @@ from corral.bus import (
     StepEvent,
     ToolCall,
     ToolResult,
+    Turn,
     clip,
     encode,
     limit_problem,
@@ -56,6 +59,7 @@ from corral.bus import (
     publish_live,
     request,
     serve_together,
+    spans,
     subjects,
 )
 
@@ -142,8 +146,12 @@ class AgentService(Service):
             raise AgentError(f"task for {task.agent!r} arrived in {name}'s inbox", agent=name)
         # The task is held (in-progress acks) until its output is taken, however long the
         # model, the tools or a supervisor restart take.
-        async with delivery.kept_alive(self._settings.heartbeat_s):
-            await self._step(task, delivery.attempt)
+        step = spans.agent_step(
+            task.conversation, name, step=task.step, attempt=delivery.attempt, tier=self._settings.tiers[0]
+        )
+        with step:
+            async with delivery.kept_alive(self._settings.heartbeat_s):
+                await self._step(task, delivery.attempt)
 
     async def task_dead(self, task: AgentTask, delivery: Delivery, reason: str) -> None:
         """A task this agent's consumer dead-lettered (its step failed in a way that cannot
@@ -167,8 +175,8 @@ class AgentService(Service):
             return
         if step is None:
             return  # the step was over already (a late redelivery): nothing to tell
-        decision, model = step
-        common = _StepFields(conversation=task.conversation, step=task.step, resume=task.resume, agent=name)
+        decision, model, tools = step
+        common = StepFields(conversation=task.conversation, step=task.step, resume=task.resume, agent=name)
         output: AgentOutput
         match decision:
             case Transfer(target=target, confidence=confidence, reason=reason, payload=payload):
@@ -178,10 +186,15 @@ class AgentService(Service):
                 allowed = target in self._targets
                 subject = subjects.agent_handoff(name, target) if allowed else subjects.agent_error(name)
                 output = HandoffProposed(
-                    **common, target=target, confidence=confidence, reason=reason, payload=payload
+                    **common,
+                    target=target,
+                    confidence=confidence,
+                    reason=reason,
+                    payload=payload,
+                    tools=tools,
                 )
                 detail = f"handoff -> {target} ({confidence:.2f})"
-            case _Waiting(result=result):
+            case Waiting(result=result):
                 # The step cannot go on without a human: the conversation waits durably in
                 # the supervisor, which re-dispatches this step once the approval is decided.
                 subject = subjects.agent_waiting(name)
@@ -191,13 +204,21 @@ class AgentService(Service):
                 detail = f"waiting for approval {result.approval_id} of {result.tool}"
             case Reply(text=text, confidence=confidence, awaiting_customer=awaiting):
                 subject = subjects.agent_reply(name)
-                output = AgentReply(**common, text=text, confidence=confidence, awaiting_customer=awaiting)
+                output = AgentReply(
+                    **common, text=text, confidence=confidence, awaiting_customer=awaiting, tools=tools
+                )
                 detail = f"{'question' if awaiting else 'reply'} ({confidence:.2f})"
-        await self._hand_over(subject, output, task)
+        spans.annotate(confidence=getattr(output, "confidence", None), output=detail)
+        with (
+            spans.handoff(task.conversation, output) if isinstance(output, HandoffProposed) else nullcontext()
+        ):
+            await self._hand_over(subject, output, task)
         await self._emit_event(task, detail, model)
         logger.debug("agent %s step %s/%d: %s", name, task.conversation, task.step, detail)
 
-    async def _decide(self, task: AgentTask, attempt: int) -> tuple[Transfer | Reply | _Waiting, str] | None:
+    async def _decide(
+        self, task: AgentTask, attempt: int
+    ) -> tuple[Transfer | Reply | Waiting, str, list[Turn]] | None:
         """Ask the model (through the model gateway), running the tools it calls through the
         tool gateway, until it transfers or replies, or a tool call needs an approval.
 
@@ -206,7 +227,9 @@ class AgentService(Service):
         (conversation, step, index), where ``index`` counts the step's model and tool calls
         together. A redelivered or resumed step asks the same questions in the same order,
         and each is answered from the journal or the ledger: no second model call, no
-        second effect. Returns None when the journal says the step is over already.
+        second effect. Returns the step's end, the model that chose it, and the step's tool
+        calls with their outcomes (for the transcript); None when the journal says the step
+        is over already.
         """
         name, settings = self._settings.name, self._settings
         if attempt > 1 or task.resume > 0:
@@ -223,7 +246,8 @@ class AgentService(Service):
             *transcript_turns(task),
             ChatTurn(role="user", content=user_prompt(task)),
         ]
-        index, tier, corrected, tool_calls = 0, 0, 0, 0
+        index, tier, corrected = 0, 0, 0
+        called: list[Turn] = []
         # Delivered before, or resumed: the journal may hold answers of this step already.
         again = attempt > 1 or task.resume > 0
         while True:
@@ -246,23 +270,24 @@ class AgentService(Service):
                     # stays in the journal (it was paid for) but not in the history.
                     tier += 1
                     continue
-                return turn.end, answer.model
+                return turn.end, answer.model, called
             results: list[ChatTurn] = []
             for use in turn.tools:
-                tool_calls += 1
-                if tool_calls > settings.max_tool_calls:
+                if len(called) >= settings.max_tool_calls:
                     raise AgentError(
                         f"more than {settings.max_tool_calls} tool calls in one step", agent=name
                     )
                 result = await self._call_tool(task, index, use)
                 index += 1
                 if result.status == "approval_required":
-                    return _Waiting(result=result), answer.model
+                    return Waiting(result=result), answer.model, called
                 if result.status == "stopped":
                     raise AgentError(f"stopped: {result.reason}", agent=name)
-                results.append(ChatTurn(role="tool", tool_call_id=use.call_id, content=tool_message(result)))
+                shown = tool_message(result)
+                results.append(ChatTurn(role="tool", tool_call_id=use.call_id, content=shown))
+                called.append(tool_turn(name, use, shown, settings.limits))
             if turn.end is not None:
-                return turn.end, answer.model
+                return turn.end, answer.model, called
             messages = [*messages, assistant_turn(answer), *results]
 
     def _threshold(self, end: Transfer | Reply) -> float:
@@ -291,6 +316,10 @@ class AgentService(Service):
         )
         answer = await self._ask(
             subjects.agent_model(name), call, ModelAnswer, "model gateway", self._settings.model_timeout_s
+        )
+        # The step's span adds up its model attempts (each has its own span in the gateway).
+        spans.add_usage(
+            input_tokens=answer.input_tokens, output_tokens=answer.output_tokens, cost_usd=answer.cost_usd
         )
         if answer.status == "stopped":
             raise AgentError(f"stopped: {answer.reason}", agent=name)
@@ -349,7 +378,12 @@ class AgentService(Service):
         )
         # The same call is retried on redelivery; its idempotency key makes that safe. A call
         # too big to send never will be.
-        return await self._ask(subjects.agent_tool(name), call, ToolResult, f"tool gateway on {use.tool}")
+        with spans.tool_call(call, call_id=use.call_id) as span:
+            result = await self._ask(
+                subjects.agent_tool(name), call, ToolResult, f"tool gateway on {use.tool}"
+            )
+            spans.tool_result(span, result)
+        return result
 
     async def _publish_failure(self, task: AgentTask, reason: str) -> None:
         logger.warning(
@@ -454,22 +488,6 @@ class AgentService(Service):
             detail=f"{detail} via {model}",
         )
         await publish_live(self._bus.nc, subjects.agent_event(self._settings.name), event)
-
-
-class _StepFields(TypedDict):
-    """What every output of a step repeats from its task."""
-
-    conversation: str
-    step: int
-    resume: int
-    agent: str
-
-
-@dataclass(frozen=True)
-class _Waiting:
-    """A step that stopped at a tool call needing approval."""
-
-    result: ToolResult
 
 
 def _output_id(task: AgentTask) -> str:

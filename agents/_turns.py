@@ -14,12 +14,12 @@ from __future__ import annotations
 
 from collections.abc import Set
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypedDict
 
 import msgspec
 
 from corral.agents._settings import AgentSettings
-from corral.bus import DECODE_ERRORS, ChatToolCall, ChatTurn, ModelAnswer, ToolSpec
+from corral.bus import DECODE_ERRORS, ChatToolCall, ChatTurn, ModelAnswer, ToolResult, ToolSpec
 from corral.router import REPLY_TOOL, transfer_tool
 from corral.router._names import TRANSFER_PREFIX
 
@@ -239,3 +239,19 @@ def corrections(answer: ModelAnswer, problems: dict[str, str]) -> list[ChatTurn]
     if "" in problems:
         told.append(ChatTurn(role="user", content=problems[""]))
     return told
+
+
+class StepFields(TypedDict):
+    """What every output of a step repeats from its task."""
+
+    conversation: str
+    step: int
+    resume: int
+    agent: str
+
+
+@dataclass(frozen=True)
+class Waiting:
+    """A step that stopped at a tool call needing approval."""
+
+    result: ToolResult

@@ -4,7 +4,7 @@ it asks (``corral.api.requests``, request/reply, published by the API's identity
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 import msgspec
 
@@ -88,7 +88,46 @@ class ApprovalsView(msgspec.Struct, frozen=True, kw_only=True, tag="api.approval
     items: list[dict[str, Any]] = []
 
 
-ApiRequest = KeyCheck | ConversationQuery | QueueQuery | ApprovalsQuery
+ConsoleTopic = Literal["conversations", "trace", "graph", "agents", "alerts"]
+
+
+class ConsoleQuery(msgspec.Struct, frozen=True, kw_only=True, tag="api.console_query"):
+    """What the console shows (operators only): the conversations (newest first, of one
+    ``status`` or current ``agent`` if given), one conversation's trace and transcript,
+    the handoff graph's counts, the agents, the recent alerts."""
+
+    v: int = 1
+    topic: ConsoleTopic
+    status: str = ""
+    agent: str = ""
+    conversation: str = ""
+    limit: int = 100
+
+
+class ConsoleView(msgspec.Struct, frozen=True, kw_only=True, tag="api.console_view"):
+    v: int = 1
+    items: list[dict[str, Any]] = []
+
+
+class LoginRedeem(msgspec.Struct, frozen=True, kw_only=True, tag="api.login_redeem"):
+    """Redeem a one-time console login (its SHA-256, hex) for a new operator key, which the
+    API made: only its id and digest travel, and it is stored only if the login was good."""
+
+    v: int = 1
+    login_digest: str
+    key_id: str
+    key_digest: str
+
+
+class LoginGranted(msgspec.Struct, frozen=True, kw_only=True, tag="api.login_granted"):
+    v: int = 1
+    granted: bool
+    operator: str = ""
+    """The operator's name the key acts as (its client), when granted."""
+    reason: str = ""
+
+
+ApiRequest = KeyCheck | ConversationQuery | QueueQuery | ApprovalsQuery | ConsoleQuery | LoginRedeem
 """Everything on ``corral.api.requests``."""
 
-ApiAnswer = KeyInfo | ConversationView | QueueView | ApprovalsView
+ApiAnswer = KeyInfo | ConversationView | QueueView | ApprovalsView | ConsoleView | LoginGranted

@@ -53,6 +53,10 @@ class TopologyConfig:
     """How long ``CORRAL_DLQ`` keeps a dead letter."""
     dead_letter_max_bytes: int = 256 * 1024 * 1024
     """What ``CORRAL_DLQ`` holds at most; past it the oldest dead letters go first."""
+    spans_max_age_s: float = 24 * 3600.0
+    """How long ``CORRAL_SPANS`` keeps spans no writer stored yet."""
+    spans_max_bytes: int = 512 * 1024 * 1024
+    """What ``CORRAL_SPANS`` holds at most; past it the oldest spans go first."""
     dead_letter_max_msg_bytes: int = 128 * 1024
     """The biggest message ``CORRAL_DLQ`` takes (corral cuts the bodies it copies to
     ``limits.dead_letter_body_bytes``; anyone else's bigger message is refused)."""

@@ -95,6 +95,9 @@ class Bus:
         self._lifeline.closing = True
         if self.nc.is_closed:
             return
+        from corral.bus._telemetry import flush
+
+        await flush()  # the spans still batched go out on this connection
         try:
             await self.nc.drain()
         except Exception:  # the connection may already be gone; closing is all that's left

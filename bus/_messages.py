@@ -38,12 +38,20 @@ class Turn(msgspec.Struct, frozen=True, kw_only=True):
     """One turn of a conversation's transcript: what the customer said, or what an agent
     (or a human operator) answered."""
 
-    role: Literal["customer", "agent", "human"]
+    role: Literal["customer", "agent", "human", "tool"]
     text: str
+    """What was said; for a ``tool`` turn, the call's outcome as its model was shown it."""
     agent: str = ""
-    """The agent that answered (``role == "agent"``), or the operator's name (``human``)."""
+    """The agent that answered or called the tool (``agent``, ``tool``), or the operator's
+    name (``human``)."""
     id: str = ""
     """A customer message's id, as its client gave it: a message sent twice is one turn."""
+    tool: str = ""
+    """A ``tool`` turn's tool."""
+    call_id: str = ""
+    """A ``tool`` turn's call, as the model named it."""
+    arguments: str = ""
+    """A ``tool`` turn's arguments, JSON text."""
 
 
 class ConversationStart(msgspec.Struct, frozen=True, kw_only=True, tag="conversation.start"):
@@ -101,7 +109,16 @@ class _StepEnd(_StepOutput, frozen=True, kw_only=True):
     the model gateway: an agent reports none of it.)"""
 
 
-class HandoffProposed(_StepEnd, frozen=True, kw_only=True, tag="handoff.proposed"):
+class _ToolsCalled(_StepEnd, frozen=True, kw_only=True):
+    """An end the step reached after tool calls, which the transcript keeps."""
+
+    tools: list[Turn] = []
+    """The step's tool calls and their outcomes (``tool`` turns), in order, as the agent's
+    model saw them: the next step, of this agent or another, is shown them. (The gateway's
+    ledger and the audit chain are the record of what the calls did.)"""
+
+
+class HandoffProposed(_ToolsCalled, frozen=True, kw_only=True, tag="handoff.proposed"):
     """An agent proposes handing the conversation to ``target``."""
 
     target: str
@@ -111,7 +128,7 @@ class HandoffProposed(_StepEnd, frozen=True, kw_only=True, tag="handoff.proposed
     """What the target needs, as the edge's payload model declares it."""
 
 
-class AgentReply(_StepEnd, frozen=True, kw_only=True, tag="agent.reply"):
+class AgentReply(_ToolsCalled, frozen=True, kw_only=True, tag="agent.reply"):
     """An agent answers the customer: the conversation is resolved, or, if the agent asked
     the customer something, it awaits the customer's next message."""
 
@@ -158,9 +175,19 @@ class Alert(msgspec.Struct, frozen=True, kw_only=True, tag="alert"):
 
     v: int = 1
     kind: str
+    """``max_deliveries`` (a message no one could handle), or an anomaly: ``tool_rate``,
+    ``repeated_call``, ``retry_storm``, ``cost_outlier``."""
     reason: str
     subject: str = ""
     consumer: str = ""
+    agent: str = ""
+    """The agent it is about, if one."""
+    conversation: str = ""
+    """The conversation it is about, if one."""
+    model: str = ""
+    """The model it is about (a retry storm)."""
+    at: float = 0.0
+    """When it was raised (UNIX time)."""
 
 
 class HandoffForwarded(msgspec.Struct, frozen=True, kw_only=True, tag="handoff.forwarded"):
@@ -172,6 +199,16 @@ class HandoffForwarded(msgspec.Struct, frozen=True, kw_only=True, tag="handoff.f
     source: str
     target: str
     confidence: float
+
+
+class ConversationRecorded(msgspec.Struct, frozen=True, kw_only=True, tag="conversation.recorded"):
+    """The supervisor recorded a start: it runs, or waits its turn (``queued``: its client
+    has its share running). Live progress, for a client that answers only once the next
+    request will find the conversation (the API)."""
+
+    v: int = 1
+    conversation: str
+    status: Literal["running", "queued"]
 
 
 class HandoffRefused(msgspec.Struct, frozen=True, kw_only=True, tag="handoff.refused"):
@@ -201,7 +238,16 @@ class ToolDecided(msgspec.Struct, frozen=True, kw_only=True, tag="tool.decided")
 
 
 ConversationStatus = Literal[
-    "running", "waiting", "awaiting_customer", "replied", "refused", "escalated", "failed", "killed", "closed"
+    "queued",
+    "running",
+    "waiting",
+    "awaiting_customer",
+    "replied",
+    "refused",
+    "escalated",
+    "failed",
+    "killed",
+    "closed",
 ]
 
 
@@ -358,6 +404,7 @@ AgentInput = AgentTask
 
 ClientUpdate = (
     HandoffForwarded
+    | ConversationRecorded
     | HandoffRefused
     | ConversationEnded
     | ToolDecided
@@ -385,6 +432,7 @@ Message = (
     | ConversationWaiting
     | StepEvent
     | HandoffForwarded
+    | ConversationRecorded
     | HandoffRefused
     | ConversationEnded
     | ToolCall

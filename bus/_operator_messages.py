@@ -1,5 +1,6 @@
 """Wire types of the operators' requests to the supervisor: taking an escalated
-conversation from the human queue, answering its customer, handing it back, closing it."""
+conversation from the human queue, answering its customer, handing it back, closing it;
+deciding an approval; killing and reviving."""
 
 from __future__ import annotations
 
@@ -30,16 +31,34 @@ class OperatorRequest(msgspec.Struct, frozen=True, kw_only=True, tag="operator.r
 
 
 class ApprovalVerdict(msgspec.Struct, frozen=True, kw_only=True, tag="operator.approval"):
-    """An operator grants or denies a pending approval (``corral.operator.requests``)."""
+    """An operator, or the conversation's customer, grants or denies a pending approval
+    (``corral.operator.requests``)."""
 
     v: int = 1
     approval_id: str
     approve: bool
     by: str
     reason: str = ""
+    customer: str = ""
+    """Set when the conversation's customer decides (an approval whose policy names
+    ``@approver("customer")``): the customer the API found the client's key may act for,
+    in the conversation the approval belongs to. Empty: an operator decides."""
 
 
-OperatorInput = OperatorRequest | ApprovalVerdict
+class SwitchRequest(msgspec.Struct, frozen=True, kw_only=True, tag="operator.switch"):
+    """An operator kills an agent or a conversation, or revives an agent (for the API, whose
+    identity holds no kill switches; `corral kill` and `corral revive` flip them
+    themselves)."""
+
+    v: int = 1
+    target: Literal["agent", "conversation"]
+    name: str
+    by: str
+    reason: str = ""
+    revive: bool = False
+
+
+OperatorInput = OperatorRequest | ApprovalVerdict | SwitchRequest
 """Everything on ``corral.operator.requests``."""
 
 

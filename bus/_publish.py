@@ -62,6 +62,11 @@ def message_problem(message: CustomerMessage, limits: Limits) -> str | None:
     return limit_problem("text", message.text, limits.customer_text_bytes, "customer_text_bytes")
 
 
+MAX_TOOL_TURNS = 1000
+"""The most tool calls one step's output may report (``agents.<a>.max_tool_calls``'s
+bound)."""
+
+
 def output_problem(message: AgentOutput, limits: Limits) -> str | None:
     """Why an agent's output cannot be taken (None: it can): a text over its limit, or a
     NUL character anywhere (PostgreSQL stores none in text)."""
@@ -81,6 +86,15 @@ def output_problem(message: AgentOutput, limits: Limits) -> str | None:
             fields.append(("approval id", message.approval_id, 256, ""))
             fields.append(("tool", message.tool, 256, ""))
             fields.append(("waiting reason", message.reason, limits.reason_bytes, "reason_bytes"))
+    if isinstance(message, AgentReply | HandoffProposed):
+        if len(message.tools) > MAX_TOOL_TURNS:
+            return f"{len(message.tools)} tool calls are more than one step makes ({MAX_TOOL_TURNS})"
+        for turn in message.tools:
+            fields.append(("tool call's outcome", turn.text, limits.reason_bytes, "reason_bytes"))
+            fields.append(
+                ("tool call's arguments", turn.arguments, limits.tool_arguments_bytes, "tool_arguments_bytes")
+            )
+            fields.append(("tool call's tool", turn.tool + turn.call_id, 512, ""))
     if isinstance(message, HandoffProposed) and message.payload:
         payload = msgspec.json.encode(message.payload).decode()
         fields.append(("handoff payload", payload, limits.tool_arguments_bytes, "tool_arguments_bytes"))

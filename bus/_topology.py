@@ -62,6 +62,17 @@ def _streams(config: TopologyConfig) -> list[StreamConfig]:
             max_bytes=config.dead_letter_max_bytes,
             max_msg_size=config.dead_letter_max_msg_bytes,
         ),
+        StreamConfig(
+            # Spans on their way to PostgreSQL (the supervisor's SpanWriter): a buffer, not
+            # the store; its retention is the telemetry section's.
+            name=subjects.SPANS_STREAM,
+            subjects=[subjects.all_spans()],
+            retention=RetentionPolicy.LIMITS,
+            storage=StorageType.FILE,
+            num_replicas=config.replicas,
+            max_age=config.spans_max_age_s,
+            max_bytes=config.spans_max_bytes,
+        ),
     ]
 
 

@@ -2,7 +2,8 @@
 
 The consumer puts the incoming ``traceparent`` into a ContextVar for the duration of the
 handler; ``publish`` copies it onto every outgoing message, so one trace id follows a
-conversation through every process. Spans are opened elsewhere; this only carries ids.
+conversation through every process. Spans are opened in ``corral.bus.spans``; a span current in
+the context is what is carried on.
 """
 
 from __future__ import annotations
@@ -11,6 +12,8 @@ import contextlib
 import secrets
 from collections.abc import Iterator, Mapping
 from contextvars import ContextVar
+
+from opentelemetry import trace
 
 TRACEPARENT = "traceparent"
 
@@ -23,7 +26,11 @@ def new_traceparent() -> str:
 
 
 def current_traceparent() -> str | None:
-    """The traceparent of the message being handled, if any."""
+    """The traceparent to carry on: the current span's (``corral.bus.spans``), else the
+    message being handled's, if any."""
+    context = trace.get_current_span().get_span_context()
+    if context.is_valid:
+        return f"00-{context.trace_id:032x}-{context.span_id:016x}-{int(context.trace_flags):02x}"
     return _current.get()
 
 

@@ -28,6 +28,8 @@ PREFIX = "corral"
 WORK_STREAM = "CORRAL_WORK"
 EVENTS_STREAM = "CORRAL_EVENTS"
 DEAD_LETTER_STREAM = "CORRAL_DLQ"
+SPANS_STREAM = "CORRAL_SPANS"
+SPAN_WRITER_CONSUMER = "span-writer"
 
 CONTROL_BUCKET = "CORRAL_CONTROL"
 """JetStream KV bucket of kill switches (``agent.<name>``, ``conversation.<id>``)."""
@@ -219,6 +221,16 @@ def all_conversation_outcomes() -> str:
 def alerts() -> str:
     """Subject of operator alerts (stored in ``CORRAL_EVENTS``)."""
     return f"{PREFIX}.alerts"
+
+
+def spans(identity: str) -> str:
+    """Where ``identity``'s process publishes its finished spans (``CORRAL_SPANS``)."""
+    return f"{PREFIX}.spans.{identity}"
+
+
+def all_spans() -> str:
+    """Wildcard of every process's spans."""
+    return f"{PREFIX}.spans.>"
 
 
 def dead_letter(subject: str) -> str:

@@ -20,9 +20,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Mapping
+import time
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Protocol, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import msgspec
 from nats.aio.client import Client
@@ -32,6 +33,7 @@ from corral.bus import (
     DECODE_ERRORS,
     MAX_TOKENS_PER_RESPONSE,
     MAX_USD_PER_RESPONSE,
+    Attempt,
     ChatToolCall,
     JournalEntry,
     ModelAnswer,
@@ -40,6 +42,7 @@ from corral.bus import (
     RequestService,
     ToolSpec,
     clip,
+    spans,
     subjects,
 )
 from corral.router._types import Completion, CompletionRequest, Model
@@ -50,6 +53,9 @@ logger = logging.getLogger(__name__)
 _decoder: msgspec.json.Decoder[ModelCall] = msgspec.json.Decoder(ModelCall)
 
 _N = TypeVar("_N", int, float)
+
+OnAttempts = Callable[[str, Sequence[Attempt]], None]
+"""Told of a call's attempts with the agent it was made for."""
 
 MODEL_QUEUE = "router"
 """The queue group the gateway's replicas share calls in."""
@@ -95,6 +101,8 @@ class ModelGateway(RequestService[ModelCall, ModelAnswer]):
         max_answer_bytes: The most an answer may hold (its text and its calls' arguments,
             ``limits.response_text_bytes``); a bigger one is journaled cut, with what it
             cost, and the call fails for good.
+        on_attempts: Told of every call's attempts toward the models, with its agent, once
+            the call is over (the supervisor's retry-storm detector, say).
     """
 
     def __init__(
@@ -108,6 +116,7 @@ class ModelGateway(RequestService[ModelCall, ModelAnswer]):
         js: JetStreamContext | None = None,
         max_in_flight: int | None = 4096,
         max_answer_bytes: int = 64 * 1024,
+        on_attempts: OnAttempts | None = None,
     ) -> None:
         super().__init__(
             nc, subjects.all_agent_models(), _decoder, js=js, queue=MODEL_QUEUE, max_in_flight=max_in_flight
@@ -117,6 +126,7 @@ class ModelGateway(RequestService[ModelCall, ModelAnswer]):
         self._tiers_of = tiers_of
         self._offers = offers
         self._max_answer_bytes = max_answer_bytes
+        self._on_attempts = on_attempts
         self._in_flight: dict[tuple[str, str, int, int], asyncio.Future[ModelAnswer]] = {}
 
     async def _serve(self) -> None:
@@ -166,6 +176,7 @@ class ModelGateway(RequestService[ModelCall, ModelAnswer]):
             return answer_of(admission.journaled, replayed=True)
         if admission.refusal is not None:
             return ModelAnswer(status="stopped", reason=admission.refusal)
+        started = time.time_ns()
         try:
             completion = await model.complete(
                 CompletionRequest(
@@ -177,6 +188,7 @@ class ModelGateway(RequestService[ModelCall, ModelAnswer]):
             )
         except RouterError as exc:
             logger.warning("tier %s failed for %s/%d: %s", call.tier, call.conversation, call.step, exc)
+            self._attempted(call, sender, getattr(exc, "attempts", []) or [], started)
             return ModelAnswer(
                 status="failed",
                 tier=call.tier,
@@ -190,6 +202,7 @@ class ModelGateway(RequestService[ModelCall, ModelAnswer]):
             # with the reason, once, instead of waiting for an answer that never comes.
             logger.exception("tier %s raised for %s/%d", call.tier, call.conversation, call.step)
             return ModelAnswer(status="failed", tier=call.tier, reason=f"the model raised {exc!r}")
+        self._attempted(call, sender, completion.attempts, started, completion)
         entry = entry_of(call, sender, completion)
         size = len(entry.text.encode()) + sum(len(c.arguments.encode()) for c in entry.tool_calls)
         too_big = size > self._max_answer_bytes
@@ -212,6 +225,47 @@ class ModelGateway(RequestService[ModelCall, ModelAnswer]):
         # Another call of the same key was journaled first (the agent asked again without
         # saying so): its answer is the one, and this call was paid for all the same.
         return answer_of(journaled, replayed=journaled is not entry)
+
+    def _attempted(
+        self,
+        call: ModelCall,
+        sender: str,
+        attempts: list[Any],
+        started_ns: int,
+        completion: Completion | None = None,
+    ) -> None:
+        _attempt_spans(call, sender, attempts, started_ns, completion)
+        if self._on_attempts is not None and attempts:
+            try:
+                self._on_attempts(sender, attempts)
+            except Exception:
+                logger.exception("the attempts' observer failed")
+
+
+def _attempt_spans(
+    call: ModelCall, sender: str, attempts: list[Any], started_ns: int, completion: Completion | None = None
+) -> None:
+    usage = None
+    if completion is not None:
+        usage = {
+            spans.INPUT_TOKENS: completion.input_tokens,
+            spans.OUTPUT_TOKENS: completion.output_tokens,
+            spans.RESPONSE_MODEL: completion.model,
+            "corral.cost_usd": completion.cost_usd,
+        }
+    spans.chat_attempts(
+        call.conversation,
+        attempts,
+        agent=sender,
+        tier=call.tier,
+        started_ns=started_ns,
+        ended_ns=time.time_ns(),
+        usage_of_last=usage,
+        messages=[{"role": t.role, "content": t.content} for t in call.messages]
+        if spans.capture_content()
+        else None,
+        answer=completion.content if completion is not None and spans.capture_content() else None,
+    )
 
 
 def entry_of(call: ModelCall, sender: str, completion: Completion) -> JournalEntry:
