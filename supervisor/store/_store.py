@@ -107,6 +107,7 @@ class StepRecord:
     step: int
     agent: str
     kind: Literal[
+        "queued",
         "started",
         "forwarded",
         "refused",
@@ -119,10 +120,10 @@ class StepRecord:
         "waiting",
         "resumed",
     ]
-    """What was decided: the conversation started; a handoff forwarded or refused; the reply
-    taken; a question to the customer, or the customer's answer; the conversation closed
-    (idle) or escalated; an output rejected (not the step's); the step waiting for an
-    approval, or resumed after one."""
+    """What was decided: the conversation queued (its client at its share) or started; a
+    handoff forwarded or refused; the reply taken; a question to the customer, or the
+    customer's answer; the conversation closed (idle) or escalated; an output rejected (not
+    the step's); the step waiting for an approval, or resumed after one."""
     target: str | None = None
     confidence: float | None = None
     detail: str = ""

@@ -1,0 +1,187 @@
+"""corral's span store: every process's spans, from ``CORRAL_SPANS`` into PostgreSQL, and
+on to an OTLP collector when one is configured.
+
+Each process publishes its finished spans on its own ``corral.spans.<identity>``
+(``corral.bus._telemetry``); this writer stores them under that identity, whatever a span
+says of itself, a batch of messages in one statement, and acknowledges them once stored
+(a span stored twice is one row). What does not decode is dead-lettered with why. Spans
+older than the retention are deleted every few minutes.
+
+With ``OTEL_EXPORTER_OTLP_ENDPOINT`` set, the same spans go to the collector too, each as
+its process's (``service.name`` ``corral-<identity>``), from a bounded queue drained off
+the event loop: a slow or absent collector drops spans (counted, logged), never holds up
+the store.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from datetime import UTC, datetime, timedelta
+
+import asyncpg
+import msgspec
+import nats.errors
+from nats.aio.msg import Msg
+from nats.js import JetStreamContext
+from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
+
+from corral.bus import Service, dead_letter, subjects
+from corral.bus._telemetry import SpanBatch, SpanRecord
+from corral.bus.spans import CONVERSATION
+from corral.supervisor.store._otlp_relay import OtlpRelay
+
+logger = logging.getLogger(__name__)
+
+_INSERT = """
+INSERT INTO spans (trace_id, span_id, parent_id, conversation, name, kind, service,
+                   started_at, ended_at, status, status_message, attributes)
+SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[],
+                     $7::text[], $8::timestamptz[], $9::timestamptz[], $10::text[], $11::text[],
+                     $12::jsonb[])
+ON CONFLICT (trace_id, span_id) DO NOTHING
+"""
+_PRUNE = """
+DELETE FROM spans WHERE ctid = ANY (ARRAY(
+    SELECT ctid FROM spans WHERE started_at < $1 LIMIT 10000))
+"""
+
+_decoder = msgspec.json.Decoder(SpanBatch)
+_encoder = msgspec.json.Encoder()
+
+
+def _at(ns: int) -> datetime:
+    return datetime.fromtimestamp(ns / 1e9, UTC)
+
+
+class SpanWriter(Service):
+    """Store the spans of every process; prune what is past ``retention``."""
+
+    def __init__(
+        self,
+        js: JetStreamContext,
+        pool: asyncpg.Pool,
+        *,
+        retention: timedelta | None,
+        prune_every_s: float = 300.0,
+        batch: int = 64,
+    ) -> None:
+        super().__init__()
+        self._js = js
+        self._pool = pool
+        self._retention = retention
+        """None: spans are not stored (only exported, if a collector is configured)."""
+        self._prune_every_s = prune_every_s
+        self._batch = batch
+        self._relay = OtlpRelay.from_environment()
+        self.stored = 0
+
+    async def _serve(self) -> None:
+        config = ConsumerConfig(
+            durable_name=subjects.SPAN_WRITER_CONSUMER,
+            deliver_policy=DeliverPolicy.ALL,
+            ack_policy=AckPolicy.EXPLICIT,
+            ack_wait=30,
+            max_ack_pending=4 * self._batch,
+        )
+        sub = await self._js.pull_subscribe(
+            subjects.all_spans(),
+            durable=subjects.SPAN_WRITER_CONSUMER,
+            stream=subjects.SPANS_STREAM,
+            config=config,
+        )
+        pruning = asyncio.create_task(self._prune_forever())
+        relay = self._relay
+        relaying = asyncio.create_task(relay.run()) if relay is not None else None
+        self._started.set()
+        try:
+            while not self._stopping.is_set():
+                try:
+                    msgs = await sub.fetch(batch=self._batch, timeout=1)
+                except nats.errors.TimeoutError:
+                    continue
+                except Exception as exc:
+                    logger.warning("fetching spans failed: %s; retrying", exc)
+                    await asyncio.sleep(1)
+                    continue
+                await self._store(msgs)
+        finally:
+            pruning.cancel()
+            if relay is not None and relaying is not None:
+                await relay.close(relaying)  # what is queued goes out first
+            await asyncio.gather(pruning, return_exceptions=True)
+            with contextlib.suppress(Exception):
+                await sub.unsubscribe()
+
+    async def _store(self, msgs: list[Msg]) -> None:
+        rows: list[tuple[SpanRecord, str]] = []
+        good: list[Msg] = []
+        for msg in msgs:
+            identity = msg.subject.removeprefix(subjects.spans(""))
+            try:
+                batch = _decoder.decode(msg.data)
+            except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+                await dead_letter(self._js, subjects.dead_letter(msg.subject), msg, f"decode error: {exc}")
+                await msg.term()
+                continue
+            rows.extend((span, identity) for span in batch.spans)
+            good.append(msg)
+        if rows and self._relay is not None:
+            self._relay.put(rows)
+        if rows and self._retention is not None:
+            try:
+                await self._pool.execute(_INSERT, *_columns(rows))
+            except (asyncpg.PostgresError, OSError) as exc:
+                # Redelivered after ack_wait: nothing is lost while PostgreSQL is away.
+                logger.warning("could not store %d spans: %s", len(rows), exc)
+                return
+        self.stored += len(rows)
+        for msg in good:
+            with contextlib.suppress(Exception):
+                await msg.ack()
+
+    async def prune(self) -> int:
+        """Delete the spans past the retention; returns how many."""
+        if self._retention is None:
+            return 0
+        cutoff = datetime.now(UTC) - self._retention
+        total = 0
+        while True:
+            status = await self._pool.execute(_PRUNE, cutoff)
+            deleted = int(status.split()[-1])
+            total += deleted
+            if deleted < 10000:
+                return total
+
+    async def _prune_forever(self) -> None:
+        while True:
+            try:
+                deleted = await self.prune()
+                if deleted:
+                    logger.info("deleted %d spans past the retention", deleted)
+            except (asyncpg.PostgresError, OSError) as exc:
+                logger.warning("could not prune spans: %s", exc)
+            await asyncio.sleep(self._prune_every_s)
+
+
+def _columns(rows: list[tuple[SpanRecord, str]]) -> list[list[object]]:
+    columns: list[list[object]] = [[] for _ in range(12)]
+    for span, identity in rows:
+        values = (
+            span.trace_id,
+            span.span_id,
+            span.parent_id,
+            str(span.attributes.get(CONVERSATION, "")),
+            span.name,
+            span.kind,
+            identity,
+            _at(span.start_ns),
+            _at(span.end_ns),
+            span.status,
+            span.status_message,
+            _encoder.encode(span.attributes).decode(),
+        )
+        for column, value in zip(columns, values, strict=True):
+            column.append(value)
+    return columns
