@@ -149,6 +149,16 @@ class OperatorActionDone(_Body):
     claim_expires_at: float | None = None
 
 
+class SwitchBody(_Body):
+    reason: str = Field(default="", max_length=4096, description="Why (shown to everyone it affects).")
+
+
+class SwitchDone(_Body):
+    target: Literal["agent", "conversation"]
+    name: str
+    status: Literal["killed", "revived", "not killed"]
+
+
 class Problem(_Body):
     """RFC 9457 problem details."""
 

@@ -16,6 +16,16 @@ from starlette.responses import Response
 from corral.supervisor.api._models import Problem
 
 _REF = "#/components/schemas/{model}"
+_SSE_EVENT = {
+    "type": "object",
+    "description": "One event: its type, its data (JSON), and for a stored one its id",
+    "properties": {
+        "event": {"type": "string"},
+        "data": {"type": "string"},
+        "id": {"type": "string"},
+        "retry": {"type": "integer"},
+    },
+}
 
 
 @dataclass(frozen=True)
@@ -34,6 +44,12 @@ class Endpoint:
     also: tuple[int, ...] = ()
     """Further success statuses, answered with the same body (202 for a start not yet
     recorded)."""
+    produces: str | None = None
+    """The path parameter its response body names (``conversation`` for a start): the
+    document links it to every operation on that parameter, for stateful clients and
+    fuzzers (OpenAPI links)."""
+    conflicts: bool = False
+    """It may answer 409 (an action that cannot be taken now)."""
 
 
 def openapi(endpoints: list[Endpoint]) -> dict[str, Any]:
@@ -53,13 +69,22 @@ def openapi(endpoints: list[Endpoint]) -> dict[str, Any]:
         if e.stream:
             responses[str(e.status)] = {
                 "description": "Server-Sent Events; a stored event's id resumes the stream (Last-Event-ID)",
-                "content": {"text/event-stream": {"schema": {"type": "string"}}},
+                "content": {"text/event-stream": {"schema": _SSE_EVENT}},
             }
-        elif e.response is not None:
+        elif e.response is None:
+            # A body the page reads as it is (the console's trace, graph): an object.
             responses[str(e.status)] = {
                 "description": e.summary,
-                "content": {"application/json": {"schema": ref(e.response)}},
+                "content": {"application/json": {"schema": {"type": "object"}}},
             }
+        else:
+            for status in (e.status, *e.also):
+                responses[str(status)] = {
+                    "description": e.summary,
+                    "content": {"application/json": {"schema": ref(e.response)}},
+                }
+                if e.produces is not None:
+                    responses[str(status)]["links"] = _links(e.produces, endpoints)
         for status, why in _errors(e):
             responses[str(status)] = {"description": why, "content": problem}
         operation: dict[str, Any] = {
@@ -100,6 +125,19 @@ def openapi(endpoints: list[Endpoint]) -> dict[str, Any]:
     }
 
 
+def _links(parameter: str, endpoints: list[Endpoint]) -> dict[str, Any]:
+    """Links from a response body's ``parameter`` to the operations on it (not the streams:
+    a stream lasts as long as its conversation)."""
+    return {
+        _operation_id(e): {
+            "operationId": _operation_id(e),
+            "parameters": {parameter: f"$response.body#/{parameter}"},
+        }
+        for e in endpoints
+        if f"{{{parameter}}}" in e.path and not e.stream
+    }
+
+
 def _errors(e: Endpoint) -> list[tuple[int, str]]:
     errors = [(401, "no valid API key" + (" of an operator" if e.operator else ""))]
     if "{" in e.path:
@@ -108,7 +146,7 @@ def _errors(e: Endpoint) -> list[tuple[int, str]]:
         errors += [(413, "the body is too large"), (422, "the body is not valid")]
     if e.method == "POST" and not e.operator:
         errors += [(403, "a customer this key may not act for"), (429, "too many requests; see Retry-After")]
-    if e.operator and e.method == "POST":
+    if (e.operator and e.method == "POST") or e.conflicts:
         errors.append((409, "the action cannot be taken now (the reason says why)"))
     errors.append((503, "the supervisor is not answering; try again"))
     return errors
