@@ -76,6 +76,7 @@ def main() -> None:
         _services,
         _stack,
         _talk,
+        _trace,
         _validate,
     )
     from corral.supervisor.cli._shared import app

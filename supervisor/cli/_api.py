@@ -19,6 +19,7 @@ from corral.supervisor.cli._shared import (
     _setup_logging,
     api_app,
     api_key_app,
+    app,
     complain,
     operator_name,
     print_json,
@@ -38,6 +39,7 @@ def api_run(
     async def _main() -> int:
         from corral.bus import ConnectionGuard
         from corral.supervisor.api._app import ApiSettings
+        from corral.supervisor.api._base import ConsoleInfo
         from corral.supervisor.api._server import ApiServer
         from corral.supervisor.cli._services import _Together
         from corral.supervisor.stack._credentials import API
@@ -53,6 +55,11 @@ def api_run(
                     rate_per_s=section.rate_per_s,
                     burst=section.burst,
                     max_body_bytes=section.max_body_bytes,
+                    console=ConsoleInfo(
+                        entry=settings.graph.entry,
+                        edges=dict(settings.graph.edges),
+                        replicas={name: agent.replicas for name, agent in settings.config.agents.items()},
+                    ),
                 ),
                 host=section.host,
                 port=section.port if port is None else port,
@@ -148,6 +155,29 @@ def api_key_revoke(
             complain(f"no live key {key_id!r}")
             return EXIT_CONFIG
         say(f"key {key_id} revoked")
+        return 0
+
+    _run(_main())
+
+
+@app.command("console-login")
+def console_login(
+    config: ConfigOption = None,
+    operator: Annotated[
+        str, typer.Option(help="The operator it signs in (the audit chain's name)")
+    ] = "console",
+) -> None:
+    """Print the console's URL with a new one-time operator login (valid 15 minutes, once)."""
+    settings = _load(config, tools=False)
+
+    async def _main() -> int:
+        from corral.supervisor.cli._stack import print_console_login
+        from corral.supervisor.stack._runtime import Runtime
+
+        runtime = Runtime.read(settings.state_dir)
+        section = settings.config.api
+        url = (runtime.api_url if runtime else None) or f"http://{section.host}:{section.port}"
+        await print_console_login(settings, url, operator)
         return 0
 
     _run(_main())

@@ -11,6 +11,7 @@ import typer
 from corral.supervisor.cli._shared import (
     EXIT_CONFIG,
     ConfigOption,
+    ConversationArgument,
     JsonOption,
     UnknownIdError,
     _database,
@@ -29,7 +30,7 @@ if TYPE_CHECKING:
 
 @app.command()
 def show(
-    conversation: Annotated[str, typer.Argument(help="The conversation id (`corral send` prints it)")],
+    conversation: ConversationArgument,
     config: ConfigOption = None,
     as_json: JsonOption = False,
 ) -> None:
@@ -124,6 +125,10 @@ def _print_report(report: ConversationReport) -> None:
     if len(record.turns) > 1:
         say("  turns:")
         for turn in record.turns:
+            if turn.role == "tool":
+                first = turn.text.partition("\n")[0]
+                say(f"    {turn.agent} called {turn.tool} {turn.arguments}: {first}")
+                continue
             who = {"customer": "customer", "agent": turn.agent, "human": f"operator {turn.agent}"}[turn.role]
             say(f"    {who}: {turn.text}")
     say(f"  path:      {_path(report)}")

@@ -40,44 +40,34 @@ if TYPE_CHECKING:
 
 
 def _switch(settings: Settings, target: KillTarget, name: str, reason: str | None) -> None:
+    """Flip the switch as the API's operators do (``core._switches``: the gateway's row,
+    then the KV switch; audited with the operator's name)."""
+
     async def _main() -> int:
-        from corral.bus import clear_kill, set_kill
+        from corral.bus import SwitchRequest
+        from corral.supervisor.core._switches import flip_switch
         from corral.supervisor.stack._credentials import ADMIN
-        from corral.supervisor.store._agent_controls import kill_agent, revive_agent
-        from corral.supervisor.store._reports import conversation_exists
         from corral.supervisor.store._store import Store
 
         by = operator_name()
-        if target == "conversation":
+        request = SwitchRequest(target=target, name=name, by=by, reason=reason or "", revive=reason is None)
+        store = await Store.open(_database_url(settings), min_size=1, max_size=1)
+        try:
+            bus = await _connect(settings, _nats_url(settings), ADMIN, forever=False)
+            try:
+                answer = await flip_switch(store.pool, bus.js, request, settings.loaded.agent_names)
+            finally:
+                await bus.close()
+        finally:
+            await store.close()
+        if answer.status != "ok":
             # A switch for a conversation that never existed would stay forever: nothing
             # ends it, and nothing removes it.
-            conn = await _operator_pool(settings)
-            try:
-                if not await conversation_exists(conn, name):
-                    raise UnknownIdError(f"no conversation {name!r}: `corral conversations` lists them")
-            finally:
-                await conn.close()
-        if target == "agent":
-            # The gateway's own view first: this returns once no call of the agent is in
-            # flight, and every call after it is refused, whatever the agent does to the bus.
-            store = await Store.open(_database_url(settings), min_size=1, max_size=1)
-            try:
-                if reason is None:
-                    await revive_agent(store.pool, name)
-                else:
-                    await kill_agent(store.pool, name, reason, by)
-            finally:
-                await store.close()
-        bus = await _connect(settings, _nats_url(settings), ADMIN, forever=False)
-        try:
-            if reason is None:
-                changed = await clear_kill(bus.js, target, name)
-                say(f"{target} {name} revived" if changed else f"{target} {name} was not killed")
-            else:
-                await set_kill(bus.js, target, name, reason, by=by)
-                say(f"{target} {name} killed by {by}: {reason}")
-        finally:
-            await bus.close()
+            raise UnknownIdError(f"{answer.reason}: `corral conversations` lists them")
+        if reason is None:
+            say(f"{target} {name} was not killed" if answer.reason else f"{target} {name} revived")
+        else:
+            say(f"{target} {name} killed by {by}: {reason}")
         return 0
 
     _run(_main())

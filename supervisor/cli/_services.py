@@ -71,6 +71,8 @@ def supervisor_run(config: ConfigOption = None) -> None:
                 operator_identities=(ADMIN, API),
                 claim_ttl_s=settings.config.queue.claim_ttl_s,
                 approvers=tools.approvers if tools is not None else {},
+                agents=settings.loaded.agent_names,
+                customer_identities=(API,),
             )
             services: list[Serving] = [
                 supervisor,
@@ -81,6 +83,7 @@ def supervisor_run(config: ConfigOption = None) -> None:
             ]
             if tools is not None and not tools.separate_gateway:
                 services.append(await _gateway(settings, bus, store))
+            services += _watchers(settings, bus, store)
             seed = settings.credentials_for(SUPERVISOR)
             if seed is None:
                 await _serve(announced(_Together(services)))
@@ -101,6 +104,26 @@ def supervisor_run(config: ConfigOption = None) -> None:
         return 0
 
     _run(_main())
+
+
+def _watchers(settings: Settings, bus: Bus, store: Any) -> list[Serving]:
+    """The supervisor's watchers: the alert keeper, the anomaly watch (unless alerts are off)
+    and the span writer (unless telemetry is off)."""
+    from datetime import timedelta
+
+    from corral.supervisor.core._alert_keeper import AlertKeeper
+    from corral.supervisor.core._alert_watch import AnomalyWatch
+    from corral.supervisor.store._spans import SpanWriter
+
+    alerts = settings.config.alerts
+    watchers: list[Serving] = [AlertKeeper(bus.js, store.pool, alerts, settings.loaded.agent_names)]
+    if alerts.enabled:
+        watchers.append(AnomalyWatch(bus.nc, store.pool, alerts))
+    telemetry = settings.config.telemetry
+    if telemetry.enabled:
+        retention = timedelta(hours=telemetry.retention_hours) if telemetry.store else None
+        watchers.append(SpanWriter(bus.js, store.pool, retention=retention))
+    return watchers
 
 
 async def _gateway(settings: Settings, bus: Bus, store: Any) -> Serving:
@@ -233,6 +256,7 @@ def router_run(config: ConfigOption = None) -> None:
         from corral.agents import offered_tools
         from corral.bus import ConnectionGuard
         from corral.router import ModelGateway, model_for_tier
+        from corral.supervisor.core._alert_watch import retry_storm_observer
         from corral.supervisor.stack._credentials import ROUTER
         from corral.supervisor.stack._readiness import announced
         from corral.supervisor.store._model_ledger import ModelLedger
@@ -253,7 +277,9 @@ def router_run(config: ConfigOption = None) -> None:
             agents = settings.loaded.agent_names
             offers = {name: offered_tools(settings.agent_settings(name)) for name in agents}
             ledger = ModelLedger(store.pool, settings.budgets)
-            gateway = ModelGateway(bus.nc, models, ledger, settings.tiers_of(), offers)
+            alerts = settings.config.alerts
+            storms = retry_storm_observer(bus.nc, alerts) if alerts.enabled else None
+            gateway = ModelGateway(bus.nc, models, ledger, settings.tiers_of(), offers, on_attempts=storms)
             try:
                 await _serve(announced(_Together([gateway, ConnectionGuard(bus)])))
             finally:

@@ -104,6 +104,7 @@ ConfigOption = Annotated[
     typer.Option("--config", "-c", help="corral.yaml (default: ./corral.yaml, else the sample team)"),
 ]
 JsonOption = Annotated[bool, typer.Option("--json", help="Print one JSON document (no colours, no tables)")]
+ConversationArgument = Annotated[str, typer.Argument(help="The conversation id (`corral send` prints it)")]
 
 
 class UnknownIdError(LookupError):
@@ -361,13 +362,14 @@ def _websockets_back() -> None:
 async def _connect(settings: Settings, url: str, identity: str, *, forever: bool = True) -> Bus:
     """Connect as ``identity``, with its seed when the server requires identities."""
     from corral.bus import BusConfig, connect
+    from corral.bus._telemetry import configure
     from corral.supervisor.stack._runtime import nats_servers
 
     seed = settings.credentials_for(identity)
     servers = nats_servers(url)
     if any(server.startswith(("ws://", "wss://")) for server in servers):
         _websockets_back()
-    return await connect(
+    bus = await connect(
         BusConfig(
             servers=servers,
             name=f"corral-{identity}",
@@ -376,3 +378,6 @@ async def _connect(settings: Settings, url: str, identity: str, *, forever: bool
             reconnect_forever=forever,
         )
     )
+    if settings.config.telemetry.enabled:
+        configure(bus.js, identity)  # its spans go out on this connection
+    return bus

@@ -103,6 +103,8 @@ async def _with_stack(
                     return EXIT_STOPPED
                 err_console.print(f"[red]error:[/red] {exc}\nstopping corral", highlight=False)
                 return 1
+            if runtime.api_url:
+                await print_console_login(settings, runtime.api_url)
             code = 0
             if body is not None:
                 code = await body(runtime)
@@ -114,6 +116,28 @@ async def _with_stack(
                     return 1
                 return 0
             return code
+
+
+async def print_console_login(settings: Settings, api_url: str, operator: str = "console") -> None:
+    """Print the console's URL with a one-time operator login (15 minutes, once)."""
+    from corral.supervisor.cli._shared import _database
+    from corral.supervisor.store._console import create_login
+
+    conn = await _database(settings)
+    try:
+        login = await create_login(conn, operator, LOGIN_TTL_S)
+    finally:
+        await conn.close()
+    console.print(
+        f"console: {api_url}/console/ — sign in once with {api_url}/console/#login={login} "
+        f"(as operator {operator!r}; valid {LOGIN_TTL_S / 60:.0f} minutes; "
+        "`corral console-login` prints another)",
+        highlight=False,
+        soft_wrap=True,
+    )
+
+
+LOGIN_TTL_S = 900.0
 
 
 async def _until_ready(launcher: Launcher, runtime: Runtime, logs: Path) -> None:

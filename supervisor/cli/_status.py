@@ -1,6 +1,6 @@
 """What `corral status` reports: where the servers are, the processes of the stack (a
-killed agent as killed), the streams, the consumers and the kill switches, and how it
-prints them."""
+killed agent as killed), the streams, the consumers, the latest conversations and alerts,
+and the kill switches, and how it prints them."""
 
 from __future__ import annotations
 
@@ -32,6 +32,7 @@ async def status_report(settings: Settings) -> dict[str, Any]:
         "consumers": [],
         "kill_switches": [],
         "conversations": [],
+        "alerts": [],
     }
     if url:
         from corral.bus import BusError
@@ -59,6 +60,7 @@ async def _conversations_report(settings: Settings, report: dict[str, Any]) -> N
     """The latest conversations, with their agent and what their model calls cost."""
     from corral.supervisor.cli._shared import _database
     from corral.supervisor.errors import StoreError
+    from corral.supervisor.store._console import recent_alerts
     from corral.supervisor.store._reports import recent_conversations
 
     try:
@@ -68,6 +70,7 @@ async def _conversations_report(settings: Settings, report: dict[str, Any]) -> N
         return
     try:
         found = await recent_conversations(conn, limit=10)
+        report["alerts"] = await recent_alerts(conn, limit=10)
     finally:
         await conn.close()
     report["conversations"] = [
@@ -229,6 +232,14 @@ def print_status(report: dict[str, Any]) -> None:
             ],
         ),
         (
+            "latest alerts",
+            ["alert", "about", "reason", "action", "at"],
+            [
+                [a["kind"], _about(a), a["reason"], a["action"] or "-", _when(a["at"])]
+                for a in report["alerts"]
+            ],
+        ),
+        (
             "kill switches",
             ["kill switch", "reason", "set by", "at"],
             [[k["key"], k["reason"], k["by"] or "-", _when(k["at"])] for k in report["kill_switches"]],
@@ -250,3 +261,7 @@ def _state(process: dict[str, Any]) -> str:
     if process["state"] == "killed" and killed:
         return f"killed by {killed['by'] or 'an operator'}: {killed['reason']}"
     return str(process["state"])
+
+
+def _about(alert: dict[str, Any]) -> str:
+    return str(alert["agent"] or alert["model"] or alert["conversation"] or "-")

@@ -348,9 +348,16 @@ def _check_tools(config: CorralConfig) -> list[tuple[tuple[Any, ...], str]]:
         return [(where, f"{config.tools.reference!r} defines no TOOLS")]
     known = ", ".join(sorted(tools))
     return [
-        (("agents", name, "tools", index), f"{tool!r} is not a tool; expected one of: {known}")
-        for name, index, tool in sorted(wanted)
-        if tool not in tools
+        *(
+            (("agents", name, "tools", index), f"{tool!r} is not a tool; expected one of: {known}")
+            for name, index, tool in sorted(wanted)
+            if tool not in tools
+        ),
+        *(
+            (("tools", "authenticating", tool), f"{tool!r} is not a tool; expected one of: {known}")
+            for tool in sorted(config.tools.authenticating)
+            if tool not in tools
+        ),
     ]
 
 

@@ -142,6 +142,11 @@ class ToolsSection(_Strict):
     """Who may decide an approval whose policy names ``@approver(role)``: the operators
     (their ``--by`` names, or an operator API key's client) of each role listed. A role
     not listed may be decided by any operator."""
+    authenticating: dict[str, str] = Field(default_factory=dict)
+    """The tools that authenticate the customer, each with the field of its result that
+    names them (``{verify_customer: customer_id}``): such a tool's successful call binds an
+    anonymous conversation's customer, once, from its result (never from the model's
+    arguments), and the binding is audited."""
     separate_gateway: bool = False
     """Run the gateway as its own process (`corral gateway run`) instead of inside the
     supervisor; ``corral up`` then starts it, and it alone holds the backend's access."""
@@ -216,6 +221,10 @@ class ConversationSection(_Strict):
     """Handoffs back and forth between the same two agents before it is stopped."""
     idle_timeout_s: float = Field(default=1800.0, gt=0)
     """Seconds a conversation may await its customer's next message before it is closed."""
+    max_running_per_client: int = Field(default=256, ge=1, le=100_000)
+    """A client's share: how many of its conversations run at once. A start past it waits,
+    ``queued``, and is admitted oldest first as the client's running ones stop running, so a
+    flood from one client cannot make another client's conversations wait behind it."""
     window_turns: int = Field(default=20, ge=1, le=1000)
     """Turns of the transcript an agent is shown before the customer's latest message (older
     ones stay in PostgreSQL, not in the model's history)."""
@@ -293,6 +302,55 @@ class RouterSection(_Strict):
     """Processes ``corral up`` starts; they share the calls in one queue group."""
 
 
+class TelemetrySection(_Strict):
+    """Spans (``corral.bus.spans``): every process sends its own to the supervisor, which
+    keeps them for ``corral trace`` and the console, and exports them over OTLP/HTTP when
+    ``OTEL_EXPORTER_OTLP_ENDPOINT`` is set in its environment. Message content is recorded
+    only with ``OTEL_INSTRUMENTATION_GENAI_CAPTURE_MESSAGE_CONTENT``."""
+
+    enabled: bool = True
+    """Make spans at all (off: no process makes any, and nothing is stored or exported)."""
+    store: bool = True
+    """Keep every process's spans in PostgreSQL (no collector needed)."""
+    retention_hours: float = Field(default=168.0, gt=0)
+    """How long the store keeps a span; older ones are deleted every few minutes."""
+
+
+AlertKind = Literal["tool_rate", "repeated_call", "retry_storm", "cost_outlier"]
+"""What an anomaly alert is about (``corral.alerts``)."""
+
+
+class AlertsSection(_Strict):
+    """Anomaly alerts: on ``corral.alerts``, in the console and in ``corral status``.
+
+    The supervisor reads every tool call from the audit chain and every ended conversation's
+    cost; the model gateway counts the failed attempts toward each model. An alert of a
+    kind named in ``auto_kill`` also kills the agent it names (as an operator's kill would:
+    audited, and undone by ``corral revive``)."""
+
+    enabled: bool = True
+    window_s: float = Field(default=10.0, gt=0)
+    """The window an agent's tool calls, and a model's failed attempts, are counted in."""
+    baseline_windows: int = Field(default=30, ge=1)
+    """An agent's rolling baseline: its mean tool calls per window over this many windows."""
+    tool_rate_factor: float = Field(default=5.0, gt=1)
+    """A window's tool calls over this many times the baseline is an alert ..."""
+    tool_rate_min_calls: int = Field(default=30, ge=1)
+    """... once they are at least this many (a quiet agent's first calls are not a burst)."""
+    repeated_calls: int = Field(default=3, ge=2)
+    """The same tool with the same arguments this many times in a conversation."""
+    retry_storm_failures: int = Field(default=10, ge=2)
+    """Failed attempts toward one model within a window."""
+    cost_factor: float = Field(default=5.0, gt=1)
+    """An ended conversation costing this many times the median of its path ..."""
+    cost_min_samples: int = Field(default=20, ge=3)
+    """... once that path has this many conversations to take the median of."""
+    quiet_s: float = Field(default=300.0, ge=0)
+    """The same alert (its kind and what it is about) is not raised again for this long."""
+    auto_kill: list[Literal["tool_rate", "repeated_call", "retry_storm"]] = Field(default_factory=list)
+    """Kinds that also kill the agent they name (a cost outlier's conversation has ended)."""
+
+
 class CorralConfig(_Strict):
     """The whole ``corral.yaml``."""
 
@@ -312,4 +370,6 @@ class CorralConfig(_Strict):
     queue: QueueSection = QueueSection()
     api: ApiSection = ApiSection()
     limits: LimitsSection = LimitsSection()
+    telemetry: TelemetrySection = TelemetrySection()
+    alerts: AlertsSection = AlertsSection()
     tools: ToolsSection | None = None

@@ -6,6 +6,8 @@ only). Reads only: everything the API changes goes through the supervisor's inpu
 
 from __future__ import annotations
 
+from typing import Any
+
 import asyncpg
 import msgspec
 from nats.aio.client import Client
@@ -15,11 +17,15 @@ from corral.bus import (
     ApiRequest,
     ApprovalsQuery,
     ApprovalsView,
+    ConsoleQuery,
+    ConsoleView,
     ConversationQuery,
     ConversationView,
     Hop,
     KeyCheck,
     KeyInfo,
+    LoginGranted,
+    LoginRedeem,
     PendingApproval,
     QueueQuery,
     QueueView,
@@ -29,6 +35,7 @@ from corral.bus import (
     subjects,
 )
 from corral.supervisor.gateway._approvals import pending_approvals
+from corral.supervisor.store import _console as console
 from corral.supervisor.store._reports import human_queue
 
 _APPROVAL_FIELDS = ("id", "conversation", "customer", "agent", "tool", "arguments", "approver", "policy_ids")
@@ -94,6 +101,31 @@ class ApiDesk(RequestService[ApiRequest, ApiAnswer]):
                     return ApprovalsView(
                         items=[{k: getattr(a, k) for k in _APPROVAL_FIELDS} for a in pending if not a.expired]
                     )
+                case ConsoleQuery():
+                    return ConsoleView(items=await _console_items(conn, request))
+                case LoginRedeem():
+                    operator = await console.redeem_login(
+                        conn, request.login_digest, request.key_id, request.key_digest
+                    )
+                    if operator is None:
+                        return LoginGranted(granted=False, reason="the login is unknown, used or expired")
+                    return LoginGranted(granted=True, operator=operator)
+
+
+async def _console_items(conn: asyncpg.Connection, query: ConsoleQuery) -> list[dict[str, Any]]:
+    match query.topic:
+        case "conversations":
+            return await console.conversations(
+                conn, status=query.status, agent=query.agent, limit=query.limit
+            )
+        case "trace":
+            return await console.trace(conn, query.conversation)
+        case "graph":
+            return await console.graph_counts(conn)
+        case "agents":
+            return await console.agents(conn)
+        case "alerts":
+            return await console.recent_alerts(conn, query.limit)
 
 
 def _view(row: asyncpg.Record | None) -> ConversationView:

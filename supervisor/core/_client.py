@@ -20,9 +20,9 @@ from corral.bus import (
     CustomerMessage,
     Hop,
     MessageRefused,
-    new_traceparent,
     publish,
     server_has_seen,
+    spans,
     subjects,
 )
 
@@ -51,13 +51,14 @@ async def start_conversation(
 ) -> str:
     """Publish a conversation start as ``client`` and return its id (without waiting)."""
     conversation = conversation or new_conversation_id()
-    await publish(
-        bus.js,
-        subjects.conversation_start(client, conversation),
-        ConversationStart(conversation=conversation, text=text, customer=customer, dry_run=dry_run),
-        msg_id=conversation,
-        traceparent=new_traceparent(),
-    )
+    with spans.turn(conversation, event="start", client=client, dry_run=dry_run):
+        await publish(
+            bus.js,
+            subjects.conversation_start(client, conversation),
+            ConversationStart(conversation=conversation, text=text, customer=customer, dry_run=dry_run),
+            msg_id=conversation,
+            traceparent=spans.traceparent(conversation),
+        )
     return conversation
 
 
@@ -72,13 +73,14 @@ async def send_message(
     """Publish the customer's next message in ``conversation`` as ``client`` (without
     waiting); returns the message's id (the same id sent again is one turn)."""
     message_id = message_id or f"m-{uuid.uuid4().hex[:20]}"
-    await publish(
-        bus.js,
-        subjects.conversation_start(client, conversation),
-        CustomerMessage(conversation=conversation, text=text, id=message_id),
-        msg_id=f"{conversation}.m.{message_id}",
-        traceparent=new_traceparent(),
-    )
+    with spans.turn(conversation, event="message", client=client):
+        await publish(
+            bus.js,
+            subjects.conversation_start(client, conversation),
+            CustomerMessage(conversation=conversation, text=text, id=message_id),
+            msg_id=f"{conversation}.m.{message_id}",
+            traceparent=spans.traceparent(conversation),
+        )
     return message_id
 
 

@@ -18,9 +18,7 @@ from corral.bus import (
     AgentWaiting,
     ConversationEnded,
     ConversationStart,
-    ConversationWaiting,
     CustomerMessage,
-    HandoffForwarded,
     HandoffProposed,
     HandoffRefused,
     Hop,
@@ -36,6 +34,7 @@ from corral.supervisor.core._graph import Decision as Decision
 from corral.supervisor.core._graph import Graph as Graph
 from corral.supervisor.core._graph import Outgoing as Outgoing
 from corral.supervisor.core._graph import escalate
+from corral.supervisor.core._published import outputs as outputs
 from corral.supervisor.store._store import ConversationRecord, StepRecord
 
 
@@ -46,8 +45,11 @@ def start(
     traceparent: str | None,
     client: str,
     killed_agents: Mapping[str, KillSwitch] | None = None,
+    *,
+    queued: bool = False,
 ) -> Decision:
-    """A client started a conversation (a repeated start changes nothing)."""
+    """A client started a conversation (a repeated start changes nothing); ``queued``: its
+    client has its share of conversations running, so it waits its turn (``_admission``)."""
     if existing is not None:
         return Decision(record=None)
     killed = (killed_agents or {}).get(graph.entry)
@@ -68,6 +70,13 @@ def start(
         return Decision(
             record=record.evolve(status="escalated", reason=reason),
             steps=[StepRecord(step=1, agent=graph.entry, kind="escalated", detail=reason)],
+        )
+    if queued:
+        return Decision(
+            record=record.evolve(status="queued"),
+            steps=[
+                StepRecord(step=1, agent=graph.entry, kind="queued", detail=f"client {client} at its share")
+            ],
         )
     return Decision(record=record, steps=[StepRecord(step=1, agent=graph.entry, kind="started")])
 
@@ -122,7 +131,10 @@ def _on_turn(
     killed_agents: Mapping[str, KillSwitch] | None,
     budget_exceeded: str | None,
 ) -> Decision:
-    """``sender``'s output at its own turn: what it asks for, decided."""
+    """``sender``'s output at its own turn: what it asks for, decided. The tool calls it made
+    on the way join the transcript, whatever is decided (they happened)."""
+    if isinstance(message, AgentReply | HandoffProposed) and message.tools:
+        record = record.evolve(turns=[*record.turns, *_dialogue.tool_turns(sender, message.tools)])
     match message:
         case HandoffProposed() if subject_target is None:
             # Sent on the error subject: the agent's credentials do not allow this edge.
@@ -277,67 +289,6 @@ def _rejected(record: ConversationRecord, step: int, sender: str, reason: str) -
     return Decision(record=None, steps=[StepRecord(step=step, agent=sender, kind="rejected", detail=reason)])
 
 
-def outputs(record: ConversationRecord, window_turns: int = 20) -> list[Outgoing]:
-    """Everything the conversation's current state implies was published (a task carries
-    at most ``window_turns`` earlier turns of the transcript)."""
-    updates = subjects.conversation_updates(record.client, record.id)
-    if record.status == "running":
-        out = [
-            Outgoing(
-                subject=subjects.agent_inbox(record.current_agent),
-                message=_dialogue.task(record, window_turns),
-                # A resumed step is a new delivery, not a duplicate of the first.
-                msg_id=f"{record.id}.{record.step}.task" + (f".r{record.resume}" if record.resume else ""),
-            )
-        ]
-        if len(record.path) > 1 and not _dialogue.resumed_by_customer(record):
-            last, before = record.path[-1], record.path[-2]
-            out.append(
-                Outgoing(
-                    subject=subjects.conversation_progress(record.client, record.id),
-                    message=HandoffForwarded(
-                        conversation=record.id,
-                        step=record.step,
-                        source=before.agent,
-                        target=last.agent,
-                        confidence=last.confidence or 0.0,
-                    ),
-                    msg_id=f"{record.id}.{record.step}.forwarded",
-                    stored=False,
-                )
-            )
-        return out
-    if record.status == "awaiting_customer":
-        return [_dialogue.awaiting(record)]
-    if record.status == "waiting":
-        return [
-            Outgoing(
-                subject=updates,
-                message=ConversationWaiting(
-                    conversation=record.id, approval_id=record.approval_id or "", reason=record.reason or ""
-                ),
-                msg_id=f"{record.id}.{record.step}.waiting.{record.resume}",
-            )
-        ]
-    return [
-        Outgoing(
-            subject=updates,
-            message=ConversationEnded(
-                conversation=record.id,
-                status=record.status,
-                path=record.path,
-                reply=record.reply,
-                reason=record.reason,
-            ),
-            # An escalation is not final (an operator may hand the conversation back): each
-            # outcome is its own message, and a republished one the same.
-            msg_id=f"{record.id}.ended"
-            if record.status != "escalated"
-            else f"{record.id}.{record.step}.t{len(record.turns)}.escalated",
-        )
-    ]
-
-
 def approval_decided(record: ConversationRecord, approval_id: str, status: str) -> Decision:
     """An approval the conversation waits on was decided: resume its step (the gateway
     applies the call if approved, refuses it with the reason if denied)."""
@@ -378,7 +329,7 @@ def agent_killed(record: ConversationRecord, agent: str, switch: KillSwitch) -> 
 
 def conversation_killed(record: ConversationRecord, switch: KillSwitch) -> Decision:
     """An operator killed the conversation: it ends here, and no later step is recorded."""
-    if record.status not in ("running", "waiting", "awaiting_customer"):
+    if record.status not in ("queued", "running", "waiting", "awaiting_customer"):
         return Decision(record=None)
     return Decision(record=record.evolve(status="killed", reason=f"killed: {switch.reason}"))
 

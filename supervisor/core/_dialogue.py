@@ -57,6 +57,15 @@ def replied(record: ConversationRecord, sender: str, message: AgentReply) -> Dec
     return Decision(record=record.evolve(status="replied", reply=message.text, turns=turns), steps=[step])
 
 
+def tool_turns(sender: str, tools: list[Turn]) -> list[Turn]:
+    """A step's tool calls as the transcript keeps them: ``tool`` turns of ``sender`` (the
+    subject's agent, whatever the body says)."""
+    return [
+        Turn(role="tool", agent=sender, tool=t.tool, call_id=t.call_id, arguments=t.arguments, text=t.text)
+        for t in tools
+    ]
+
+
 def customer_message(
     record: ConversationRecord,
     message: CustomerMessage,
@@ -124,11 +133,12 @@ def idle(record: ConversationRecord, idle_timeout_s: float) -> Decision:
 
 def task(record: ConversationRecord, window_turns: int) -> AgentTask:
     """The current step's task: the customer's latest message, with at most
-    ``window_turns`` turns before it."""
+    ``window_turns`` other turns (the latest ones: those before it, and the tool calls of
+    the steps since it)."""
     turns = record.turns
     latest = next((i for i in range(len(turns) - 1, -1, -1) if turns[i].role == "customer"), None)
     text = record.text if latest is None else turns[latest].text
-    before = [] if latest is None else turns[:latest]
+    before = [] if latest is None else [*turns[:latest], *turns[latest + 1 :]]
     return AgentTask(
         conversation=record.id,
         step=record.step,

@@ -7,9 +7,10 @@ import logging
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 
+from opentelemetry.trace import Span
 from pydantic import BaseModel
 
-from corral.bus import Limits, Message
+from corral.bus import Limits, Message, spans
 from corral.supervisor.store._store import ConversationRecord, StepRecord
 
 logger = logging.getLogger(__name__)
@@ -37,6 +38,8 @@ class Graph:
     """Earlier turns of the transcript a task carries (``conversation.window_turns``)."""
     idle_timeout_s: float = 1800.0
     """How long a conversation awaits its customer before it is closed."""
+    max_running_per_client: int = 256
+    """A client's share: its conversations running at once (``_admission``)."""
 
     def threshold(self, source: str, target: str | None) -> float:
         """The confidence a handoff ``source`` -> ``target`` (None: a reply of ``source``)
@@ -109,3 +112,12 @@ def log_transition(record: ConversationRecord) -> None:
         logger.debug("conversation %s step %d -> %s", record.id, record.step, record.current_agent)
     else:
         logger.info("conversation %s %s: %s", record.id, record.status, record.reason or "replied")
+
+
+def annotate_decision(span: Span, decision: Decision) -> None:
+    """What the supervisor decided, on its decision's span."""
+    record = decision.record
+    if record is None:
+        spans.annotate(span, decision="rejected" if decision.steps else "unchanged")
+        return
+    spans.annotate(span, decision=record.status, next_agent=record.current_agent, step=record.step)

@@ -14,7 +14,7 @@ once, exactly one wins: PostgreSQL decides, on the claim's row.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from typing import Literal
 
 import asyncpg
@@ -29,11 +29,13 @@ from corral.bus import (
     OperatorRequest,
     Requester,
     RequestService,
+    SwitchRequest,
     subjects,
 )
 from corral.supervisor.audit._audit import AuditEntry, append_audit, digest_arguments
 from corral.supervisor.core import _takeover
 from corral.supervisor.core._graph import Act, Decision, Graph
+from corral.supervisor.core._switches import flip_switch
 from corral.supervisor.core._verdicts import take_verdict
 from corral.supervisor.store._store import ConversationRecord
 
@@ -71,6 +73,11 @@ class HumanDesk(RequestService[OperatorInput, OperatorAnswer]):
         operator_identities: The identities operators ask as (the operators' own, and the
             API's for its operator endpoints); answers go to their inboxes only.
         claim_ttl_s: How long a claim holds without an action.
+        approvers: Who may decide for each ``@approver`` role (``tools.approvers``).
+        agents: The team's agents (what a kill or revive may name).
+        customer_identities: The identities that may speak for a conversation's customer
+            (the API, which checked the client's key); a customer's verdict from anyone
+            else is refused.
     """
 
     def __init__(
@@ -84,9 +91,13 @@ class HumanDesk(RequestService[OperatorInput, OperatorAnswer]):
         operator_identities: tuple[str, ...],
         claim_ttl_s: float = 900.0,
         approvers: Mapping[str, Sequence[str]] | None = None,
+        agents: Collection[str] = (),
+        customer_identities: tuple[str, ...] = (),
     ) -> None:
         super().__init__(nc, subjects.operator_requests(), msgspec.json.Decoder(OperatorInput))
         self._approvers = approvers or {}
+        self._agents = frozenset(agents)
+        self._customer_inboxes = tuple(f"{subjects.inbox_prefix(i)}." for i in customer_identities)
         self._pool = pool
         self._act = act
         self._graph = graph
@@ -103,13 +114,19 @@ class HumanDesk(RequestService[OperatorInput, OperatorAnswer]):
 
     async def answer(self, request: OperatorInput, requester: Requester) -> OperatorAnswer:
         """Do what the operator asks, or say why not (``OperatorRequest``; an approval's
-        ``ApprovalVerdict``)."""
+        ``ApprovalVerdict``; a kill or revive's ``SwitchRequest``)."""
         if not request.by.strip():
             return OperatorAnswer(
                 status="refused", reason="an operator action needs the operator's name (by)"
             )
         if isinstance(request, ApprovalVerdict):
+            if request.customer and not (requester.msg.reply or "").startswith(self._customer_inboxes):
+                return OperatorAnswer(
+                    status="refused", reason="only the API speaks for a customer (with the client's key)"
+                )
             return await take_verdict(self._pool, self._act, request, self._approvers)
+        if isinstance(request, SwitchRequest):
+            return await flip_switch(self._pool, self._nc.jetstream(), request, self._agents)
         if request.action == "claim":
             return await self._claim(request)
         async with self._pool.acquire() as conn:
@@ -127,9 +144,15 @@ class HumanDesk(RequestService[OperatorInput, OperatorAnswer]):
             await self._record(request, row["customer"], f"refused: {reason}", keep_claim=False)
             return _answer(row, "refused", reason)
         why: str | None = None
+        done_before = False
 
         def decide(record: ConversationRecord) -> Decision:
-            nonlocal why
+            nonlocal why, done_before
+            if request.action == "reply" and any(
+                t.id == request.id for t in record.turns if t.role == "human"
+            ):
+                done_before = True  # its answer was lost (a restart before the record): once
+                return Decision(record=None)
             why = _takeover.problem(record, request)
             if why is not None:
                 return Decision(record=None)
@@ -144,7 +167,9 @@ class HumanDesk(RequestService[OperatorInput, OperatorAnswer]):
             return handed
 
         decision = await self._act(request.conversation, decide)
-        outcome = "applied" if why is None and decision.record is not None else f"refused: {why}"
+        outcome = (
+            "applied" if why is None and (decision.record is not None or done_before) else f"refused: {why}"
+        )
         expires = await self._record(request, row["customer"], outcome, keep_claim=request.action == "reply")
         if why is not None:
             return OperatorAnswer(

@@ -12,8 +12,6 @@ import msgspec
 
 from corral.bus import (
     DECODE_ERRORS,
-    MSG_ID,
-    TRACEPARENT,
     AgentOutput,
     AgentTask,
     AgentWaiting,
@@ -36,17 +34,17 @@ from corral.bus import (
     SupervisorInput,
     clip,
     current_traceparent,
-    encode,
-    payload_size,
     publish,
-    publish_live,
     serve_with_control,
+    spans,
     subjects,
 )
 from corral.supervisor.core import _decide, _dialogue
-from corral.supervisor.core._graph import Graph, Outgoing, log_transition, worst_case
+from corral.supervisor.core._admission import Admission, admitted
+from corral.supervisor.core._graph import Graph, Outgoing, annotate_decision, log_transition, worst_case
 from corral.supervisor.core._idle import IdleCloser
 from corral.supervisor.core._outputs import OutputDesk
+from corral.supervisor.core._published import oversized, publish_outgoing
 from corral.supervisor.errors import ConcurrentChange
 from corral.supervisor.store._budgets import Budgets, exceeded
 from corral.supervisor.store._store import ConversationRecord, ConversationSnapshot, Store
@@ -122,6 +120,13 @@ class Supervisor(Service):
         self._control = ControlWatcher(bus.js, self._on_control)
         self.idle = IdleCloser(store, self.act, graph.idle_timeout_s)
         """Closes the conversations whose customer went quiet."""
+        self.admission = Admission(
+            store.pool,
+            lambda c: self.act(c, lambda r: admitted(r, self._control.state.agents), "admitted"),
+            self.republish,
+            graph.max_running_per_client,
+        )
+        """Each client's share of running conversations; admits those that wait."""
         self.state = SupervisorState.NEW
 
     async def _serve(self) -> None:
@@ -138,6 +143,7 @@ class Supervisor(Service):
             )
         started = asyncio.create_task(self._started_with(self._control, self._consumer, self._desk))
         sweep = asyncio.create_task(self.idle.run(), name="corral-idle-sweep")
+        admitting = asyncio.create_task(self.admission.run(), name="corral-admission")
         try:
             # The guard ends the service (and the process, non-zero) once the connection is
             # closed for good: nats-py would leave it alive and deaf.
@@ -145,7 +151,8 @@ class Supervisor(Service):
         finally:
             started.cancel()
             sweep.cancel()
-            await asyncio.gather(started, sweep, return_exceptions=True)
+            admitting.cancel()
+            await asyncio.gather(started, sweep, admitting, return_exceptions=True)
             self.state = SupervisorState.STOPPED
             logger.info("supervisor stopped")
 
@@ -187,11 +194,11 @@ class Supervisor(Service):
             raise PoisonMessageError(f"conversation start refused: {why}", subject=subject)
 
         async def decide(snapshot: ConversationSnapshot) -> _decide.Decision:
-            return _decide.start(
-                message, snapshot.record, self._graph, trace, client, self._control.state.agents
-            )
+            queued = not self.admission.has_room(client)
+            agents = self._control.state.agents
+            return _decide.start(message, snapshot.record, self._graph, trace, client, agents, queued=queued)
 
-        await self._decide_and_publish(message.conversation, decide, expect_new=True)
+        await self._decide_and_publish(message.conversation, decide, expect_new=True, event="start")
 
     async def _customer_message(self, message: CustomerMessage, subject: str) -> None:
         """The customer's next message (``_dialogue.customer_message``), from the client that
@@ -228,7 +235,7 @@ class Supervisor(Service):
                 return _dialogue.refused(record, message, too_big)
             return decision
 
-        await self._decide_and_publish(message.conversation, decide)
+        await self._decide_and_publish(message.conversation, decide, event="message")
 
     async def take(self, message: AgentOutput, subject: str) -> None:
         """Decide on the output of an agent's step, commit the decision, then publish what
@@ -276,7 +283,8 @@ class Supervisor(Service):
                 return _decide.too_big(snapshot.record, sender, too_big)
             return decision
 
-        await self._decide_and_publish(message.conversation, decide)
+        event = str(message.__struct_config__.tag)
+        await self._decide_and_publish(message.conversation, decide, event=event, agent=sender)
         if isinstance(message, AgentWaiting):
             await self._decided_before_waiting(message.approval_id)
 
@@ -288,7 +296,9 @@ class Supervisor(Service):
         if found is None or found[1] not in ("approved", "denied"):
             return
         conversation, status = found
-        await self.act(conversation, lambda r: _decide.approval_decided(r, approval_id, status))
+        await self.act(
+            conversation, lambda r: _decide.approval_decided(r, approval_id, status), "approval.decided"
+        )
 
     async def output_refused(self, message: AgentOutput, subject: str, reason: str) -> None:
         """An output was refused for good (and dead-lettered): end its conversation with the
@@ -301,6 +311,7 @@ class Supervisor(Service):
             lambda record: _decide.output_refused(
                 record, sender, message.step, message.resume, clip(reason, self._limits.reason_bytes)
             ),
+            "refused",
         )
 
     async def input_dead(self, message: SupervisorInput, delivery: Delivery, reason: str) -> None:
@@ -319,7 +330,7 @@ class Supervisor(Service):
         record = await self._store.get(conversation) if subjects.is_id(conversation) else None
         if record is not None and record.client == client:
             # Taken once, and now it cannot go on (its task cannot be published, say).
-            await self.act(conversation, lambda r: _decide.input_dead(r, reason))
+            await self.act(conversation, lambda r: _decide.input_dead(r, reason), "dead")
             return
         # Never recorded (or recorded for another client, which must not be touched).
         refusal = _decide.refused_start(client, conversation, reason)
@@ -327,21 +338,7 @@ class Supervisor(Service):
 
     def _oversized(self, decision: _decide.Decision) -> str | None:
         """Why a message the decision implies could not be sent (None: all fit)."""
-        record = decision.record
-        if record is None:
-            return None
-        limit = self._bus.nc.max_payload
-        if not limit:
-            return None
-        for out in [*decision.extra, *_decide.outputs(record, self._graph.window_turns)]:
-            headers = {MSG_ID: out.msg_id}
-            if record.traceparent:
-                headers[TRACEPARENT] = record.traceparent
-            size = payload_size(encode(out.message), headers)
-            if size > limit:
-                kind = type(out.message).__name__
-                return f"the {kind} it implies would be {size} bytes, over the server's max_payload ({limit})"
-        return None
+        return oversized(decision, self._graph.window_turns, self._bus.nc.max_payload)
 
     async def republish(self, conversation: str) -> None:
         """Publish again what the conversation's last decision implies (the same ids, so
@@ -360,15 +357,19 @@ class Supervisor(Service):
         response: tuple[JournalEntry, str] | None = None,
         *,
         expect_new: bool = False,
+        event: str,
+        agent: str = "",
     ) -> None:
-        decision, record = await self._transition(conversation, decide, response, expect_new=expect_new)
-        if decision.record is None and decision.steps:
-            for step in decision.steps:
-                logger.warning("rejected %s: %s", conversation, step.detail)
-            return
-        if record is None:
-            return
-        await self._publish([*decision.extra, *_decide.outputs(record, self._graph.window_turns)], record)
+        with spans.decision(conversation, event, agent=agent) as span:
+            decision, record = await self._transition(conversation, decide, response, expect_new=expect_new)
+            annotate_decision(span, decision)
+            if decision.record is None and decision.steps:
+                for step in decision.steps:
+                    logger.warning("rejected %s: %s", conversation, step.detail)
+                return
+            if record is None:
+                return
+            await self._publish([*decision.extra, *_decide.outputs(record, self._graph.window_turns)], record)
         if decision.record is not None:
             log_transition(decision.record)
 
@@ -394,9 +395,11 @@ class Supervisor(Service):
                 async with self._store.snapshot(
                     conversation, fresh=attempt > 1, expect_new=expect_new and attempt == 1
                 ) as snapshot:
+                    before = snapshot.record.status if snapshot.record is not None else None
                     decision = await decide(snapshot)
                     if decision.record is not None:
                         await snapshot.save(decision.record, decision.steps, response)
+                        self.admission.saw(before, decision.record)
                     elif decision.steps:
                         await snapshot.record_steps(conversation, decision.steps)
                     return decision, snapshot.record
@@ -415,7 +418,11 @@ class Supervisor(Service):
         if found is None:
             raise PoisonMessageError(f"unknown approval {message.approval_id!r}", subject=delivery.subject)
         conversation, status = found
-        await self.act(conversation, lambda r: _decide.approval_decided(r, message.approval_id, status))
+        await self.act(
+            conversation,
+            lambda r: _decide.approval_decided(r, message.approval_id, status),
+            "approval.decided",
+        )
 
     async def dead_step(self, subject: str, data: bytes, reason: str) -> None:
         """A step JetStream gave up on: escalate its conversation instead of leaving it hanging."""
@@ -450,16 +457,19 @@ class Supervisor(Service):
         if switch is None:
             return
         if target == "conversation":
-            await self.act(name, lambda record: _decide.conversation_killed(record, switch))
+            await self.act(name, lambda record: _decide.conversation_killed(record, switch), "kill")
             return
         for conversation in await self._store.waiting_on(name):
-            await self.act(conversation, lambda record: _decide.agent_killed(record, name, switch))
+            await self.act(conversation, lambda record: _decide.agent_killed(record, name, switch), "kill")
         # Tasks already queued for the killed agent must not run when it comes back.
         with contextlib.suppress(Exception):
             await self._bus.js.purge_stream(subjects.WORK_STREAM, subject=subjects.agent_inbox(name))
 
     async def act(
-        self, conversation: str, decide: Callable[[ConversationRecord], _decide.Decision]
+        self,
+        conversation: str,
+        decide: Callable[[ConversationRecord], _decide.Decision],
+        event: str = "operator",
     ) -> _decide.Decision:
         """Decide on ``conversation`` as it is now, save, publish; the decision (it saved
         nothing if its ``record`` is None, or if there is no such conversation)."""
@@ -467,10 +477,13 @@ class Supervisor(Service):
         async def on_snapshot(snapshot: ConversationSnapshot) -> _decide.Decision:
             return decide(snapshot.record) if snapshot.record is not None else _decide.Decision(record=None)
 
-        decision, _ = await self._transition(conversation, on_snapshot)
+        with spans.decision(conversation, event) as span:
+            decision, _ = await self._transition(conversation, on_snapshot)
+            annotate_decision(span, decision)
+            if decision.record is not None:
+                outputs = _decide.outputs(decision.record, self._graph.window_turns)
+                await self._publish([*decision.extra, *outputs], decision.record)
         if decision.record is not None:
-            outputs = _decide.outputs(decision.record, self._graph.window_turns)
-            await self._publish([*decision.extra, *outputs], decision.record)
             log_transition(decision.record)
         return decision
 
@@ -480,17 +493,5 @@ class Supervisor(Service):
         return self._control.state.agents
 
     async def _publish(self, messages: list[Outgoing], record: ConversationRecord) -> None:
-        await asyncio.gather(
-            *(
-                publish(
-                    self._bus.js,
-                    out.subject,
-                    out.message,
-                    msg_id=out.msg_id,
-                    traceparent=record.traceparent,
-                )
-                if out.stored
-                else publish_live(self._bus.nc, out.subject, out.message, traceparent=record.traceparent)
-                for out in messages
-            )
-        )
+        # Under the decision's span when there is one; a republish carries the recorded one.
+        await publish_outgoing(self._bus, messages, current_traceparent() or record.traceparent)

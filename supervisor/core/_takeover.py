@@ -20,10 +20,14 @@ _DETAIL_BYTES = 512
 
 
 def problem(record: ConversationRecord, request: OperatorRequest) -> str | None:
-    """Why ``request`` cannot act on ``record`` (None: it can)."""
-    if record.status != "escalated":
-        return f"conversation {record.id} is {record.status}, not in the human queue"
-    return None
+    """Why ``request`` cannot act on ``record`` (None: it can): it is in the queue, or an
+    operator answered its customer, who has not answered yet (the operator who holds the
+    claim may follow up, hand it back or close it meanwhile)."""
+    if record.status == "escalated" or (
+        record.status == "awaiting_customer" and record.current_agent == HUMAN
+    ):
+        return None
+    return f"conversation {record.id} is {record.status}, not in the human queue"
 
 
 def replied(record: ConversationRecord, request: OperatorRequest) -> Decision:

@@ -18,11 +18,14 @@ from corral.supervisor.gateway._approvals import ApprovalError, decide_approval,
 async def take_verdict(
     pool: asyncpg.Pool, act: Act, verdict: ApprovalVerdict, approvers: Mapping[str, Sequence[str]]
 ) -> OperatorAnswer:
-    """Grant or deny ``verdict.approval_id`` as ``verdict.by``, then resume its conversation."""
-    row = await pool.fetchrow("SELECT approver FROM approvals WHERE id=$1", verdict.approval_id)
+    """Grant or deny ``verdict.approval_id`` as ``verdict.by`` (an operator, or the
+    conversation's customer), then resume its conversation."""
+    row = await pool.fetchrow("SELECT approver, customer FROM approvals WHERE id=$1", verdict.approval_id)
     if row is None:
         return OperatorAnswer(status="refused", reason=f"no approval {verdict.approval_id!r}")
-    why = decider_problem(row["approver"], verdict.by, approvers)
+    why = decider_problem(
+        row["approver"], verdict.by, approvers, customer=verdict.customer, owner=row["customer"] or ""
+    )
     if why is not None:
         return OperatorAnswer(
             status="refused", reason=f"approval {verdict.approval_id} cannot be decided: {why}"

@@ -77,10 +77,31 @@ async def pending_approvals(pool: asyncpg.Pool) -> list[ApprovalRecord]:
     return [_from_row(r) for r in rows]
 
 
-def decider_problem(approver: str, by: str, approvers: Mapping[str, Sequence[str]]) -> str | None:
+CUSTOMER = "customer"
+"""The approver that is the conversation's own customer: only they decide (through the API)."""
+
+
+def decider_problem(
+    approver: str,
+    by: str,
+    approvers: Mapping[str, Sequence[str]],
+    *,
+    customer: str = "",
+    owner: str = "",
+) -> str | None:
     """Why ``by`` may not decide an approval of ``approver`` (None: they may): the role's
     deciders are ``approvers[approver]`` when it is listed (``tools.approvers``), any
-    operator when it is not."""
+    operator when it is not. An approval of ``@approver("customer")`` is decided by its
+    conversation's customer (``owner``) alone: ``customer`` is who decides when a customer
+    does (empty: an operator)."""
+    if approver == CUSTOMER:
+        if not customer:
+            return (
+                "it is the customer's to decide, not an operator's (through the API, with their client's key)"
+            )
+        return None if customer == owner else "it is not this customer's to decide"
+    if customer:
+        return f"it is for {approver} to decide, not the customer"
     allowed = approvers.get(approver)
     if allowed is None or by in allowed:
         return None

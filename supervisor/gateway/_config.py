@@ -31,6 +31,9 @@ class GatewayConfig:
     """The cap for agents ``max_calls_per_step`` does not name."""
     call_timeout_s: float = 10.0
     """How long a tool body (``resource()`` and ``run()`` together) may take."""
+    authenticating: Mapping[str, str] = field(default_factory=dict)
+    """The tools that authenticate (``tools.authenticating``), each with the field of its
+    result that names the customer it binds to an anonymous conversation."""
     limits: Limits = field(default_factory=Limits)
     """``tool_arguments_bytes`` and ``tool_result_bytes``: a call's arguments over it are
     invalid; a body whose result is over it is rolled back and the call answered error."""

@@ -39,6 +39,7 @@ from corral.bus import ToolCall, ToolResult, ToolStatus
 from corral.supervisor.audit._audit import append_audit, digest_arguments
 from corral.supervisor.errors import StoreError
 from corral.supervisor.gateway._approvals import ApprovalAsk, ApprovalDenied, consume_or_file, keep_used
+from corral.supervisor.gateway._binding import bind_customer
 from corral.supervisor.gateway._config import GatewayConfig
 from corral.supervisor.gateway._effect import run_effect
 from corral.supervisor.gateway._policy import PolicyDecision, PolicyEngine
@@ -409,6 +410,10 @@ class CallEngine:
                 f"failed: {error}",
                 approval_id,
                 detail=decision.reason,
+            )
+        if self._config.authenticating:
+            await bind_customer(
+                opened.conn, opened.call, self._config.authenticating, result, opened.ctx.customer
             )
         return await self._conclude(opened, decision, "ok", result, decision.reason, "applied", approval_id)
 

@@ -23,6 +23,7 @@ from corral.bus import (
     ToolDecided,
     ToolResult,
     publish_live,
+    spans,
     subjects,
 )
 from corral.supervisor.gateway._config import GatewayConfig
@@ -86,15 +87,21 @@ class ToolGateway(RequestService[ToolCall, ToolResult]):
         reached: the agent asks again with the same key); the conversation's client is told
         once the agent has its answer."""
         sender = requester.sender
-        result, client = await self._engine.decide(request, sender)
+        result, client = await self._decide(request, sender)
         requester.after_answer(lambda: self._tell(client, request, sender, result))
         return result
 
     async def call(self, call: ToolCall, sender: str) -> ToolResult:
         """Decide and (maybe) apply one call from ``sender``; tell the conversation's client."""
-        result, client = await self._engine.decide(call, sender)
+        result, client = await self._decide(call, sender)
         await self._tell(client, call, sender, result)
         return result
+
+    async def _decide(self, call: ToolCall, sender: str) -> tuple[ToolResult, str | None]:
+        with spans.policy(call, agent=sender) as span:
+            result, client = await self._engine.decide(call, sender)
+            spans.tool_result(span, result)
+        return result, client
 
     async def _tell(self, client: str | None, call: ToolCall, sender: str, result: ToolResult) -> None:
         if client is None or self._nc is None or result.replayed:

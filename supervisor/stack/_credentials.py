@@ -15,8 +15,8 @@ Permissions are allow-lists, so anything not listed is denied by the broker:
   or aim consumers, so they cannot blind the watchers of the processes that enforce kills
   (the supervisor and the gateway), which alone need to know them.
 * supervisor: publish to every ``corral.agent.*.inbox`` (no one else may) and to
-  ``corral.out.>``; JetStream API; answer the agents' step outputs, journal and tool
-  requests.
+  ``corral.out.>``; JetStream API and the kill switches (an API operator's kill); answer
+  the agents' step outputs, journal and tool requests.
 * router (the model gateway): answer the agents' model requests; dead-letter poison ones.
 * client ``C``: publish only ``corral.in.C.>``; subscribe only ``corral.out.C.>``.
 * admin (the launcher and operator commands): JetStream API and the kill switches.
@@ -60,7 +60,13 @@ class Identity:
 
 
 def permissions(loaded: LoadedConfig, role: Role, name: str) -> tuple[list[str], list[str]]:
-    """(publish allow-list, subscribe allow-list) of one identity."""
+    """(publish allow-list, subscribe allow-list) of one identity: its role's, and its own
+    spans subject (so its spans are stored under its name and no other's)."""
+    publish, subscribe = _role_permissions(loaded, role, name)
+    return [*publish, subjects.spans(name)], subscribe
+
+
+def _role_permissions(loaded: LoadedConfig, role: Role, name: str) -> tuple[list[str], list[str]]:
     inbox = f"{subjects.inbox_prefix(name)}.>"
     if role == "agent":
         agent = name.removeprefix("agent-")
@@ -91,6 +97,10 @@ def permissions(loaded: LoadedConfig, role: Role, name: str) -> tuple[list[str],
             f"$JS.ACK.{subjects.WORK_STREAM}.{subjects.SUPERVISOR_CONSUMER}.>",
             "$JS.FC.>",
             subjects.alerts(),
+            # Kill switches; the desk's answers by name (a kill's reload forgets responses).
+            f"$KV.{subjects.CONTROL_BUCKET}.>",
+            f"{subjects.inbox_prefix(ADMIN)}.>",
+            f"{subjects.inbox_prefix(API)}.>",
         ], [
             inbox,
             *subjects.agent_outputs(),
@@ -108,8 +118,9 @@ def permissions(loaded: LoadedConfig, role: Role, name: str) -> tuple[list[str],
             subjects.all_agent_tools(),
         ]
     if role == "router":
-        # Answers model requests (allow_responses) and dead-letters poison ones.
-        return [subjects.dead_letter(">")], [inbox, subjects.all_agent_models()]
+        # Answers model requests (allow_responses), dead-letters poison ones, and raises
+        # retry-storm alerts.
+        return [subjects.dead_letter(">"), subjects.alerts()], [inbox, subjects.all_agent_models()]
     if role == "client":
         return [subjects.client_starts(name)], [subjects.client_updates(name), inbox]
     if role == "api":
@@ -127,7 +138,7 @@ def permissions(loaded: LoadedConfig, role: Role, name: str) -> tuple[list[str],
             f"$JS.API.CONSUMER.DELETE.{events}.>",
             f"$JS.API.CONSUMER.INFO.{events}.>",
             "$JS.FC.>",
-        ], [inbox, subjects.all_conversation_updates()]
+        ], [inbox, subjects.all_conversation_updates(), subjects.alerts()]
     return [
         "$JS.API.>",
         f"$KV.{subjects.CONTROL_BUCKET}.>",

@@ -191,6 +191,7 @@ class Settings:
             max_pingpong=config.conversation.max_pingpong,
             window_turns=config.conversation.window_turns,
             idle_timeout_s=config.conversation.idle_timeout_s,
+            max_running_per_client=config.conversation.max_running_per_client,
             edge_confidence={
                 (source, edge.to): edge.min_confidence
                 for source in graph.edges
@@ -233,6 +234,7 @@ class Settings:
             grants={name: frozenset(agent.tools) for name, agent in agents.items()},
             max_calls_per_step={name: agent.max_tool_calls for name, agent in agents.items()},
             call_timeout_s=tools.call_timeout_s,
+            authenticating=dict(tools.authenticating),
             limits=self.limits,
         )
 
