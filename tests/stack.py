@@ -8,7 +8,7 @@ import os
 import shutil
 import subprocess
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -114,12 +114,14 @@ async def running_stack(
     config: Path = SAMPLE_CONFIG,
     *,
     monitor: bool = True,
+    environment: Mapping[str, str] | None = None,
 ) -> AsyncIterator[Stack]:
     """`corral up` on ``config`` (the sample team); embedded NATS unless ``nats_url`` is given,
     embedded PostgreSQL if ``database_url`` is None.
 
     With ``monitor`` (the tests' default, not corral's) the embedded nats-server serves its
     monitoring endpoint on a free loopback port (``runtime.json``'s ``nats_monitor_url``).
+    ``environment`` adds to (or overrides) the stack's environment.
     """
     env = {
         k: v
@@ -137,6 +139,7 @@ async def running_stack(
     env["CORRAL_API_PORT"] = "0"  # a free port: stacks of tests never collide on the API's
     if nats_url is not None:
         env["NATS_URL"] = nats_url
+    env.update(environment or {})
     log = state / "up.log"
     with open(log, "wb") as out:
         process = subprocess.Popen(
@@ -147,13 +150,16 @@ async def running_stack(
         )
     stack = Stack(process, state, env, database_url, log, config)
 
-    def _all_started() -> bool:
+    def _all_serving() -> bool:
+        # Serving, not merely started: a process that has started may not yet answer on its
+        # subjects (the supervisor's gateway, say), and a test's first request would find no
+        # responders.
         assert process.poll() is None, log.read_text()
         runtime = stack.runtime()
-        return bool(runtime and {c["role"] for c in runtime["children"] if c["pid"]} >= PROCESSES)
+        return bool(runtime and {c["role"] for c in runtime["children"] if c["ready"]} >= PROCESSES)
 
     try:
-        await eventually(_all_started, timeout=60, message="corral up started five processes")
+        await eventually(_all_serving, timeout=120, message="every process of corral up serving")
         yield stack
         down = await asyncio.to_thread(stack.corral, "down")
         assert down.returncode == 0, down.stdout + down.stderr

@@ -118,3 +118,22 @@ def test_cs4_http_enters_through_the_api_and_reads_each_end_from_sse(tmp_path: P
     assert "api" in figures["http"]["concurrent"]["cpu_ms_by_process"]
     assert "api" not in figures["nats"]["concurrent"]["cpu_ms_by_process"]
     assert "the HTTP hop: +" in run.stdout
+
+
+def test_cs4_traced_exports_spans_reads_the_console_and_prices_tracing(tmp_path: Path) -> None:
+    sizes = ["--warmup", "2", "--sequential", "3", "--concurrent", "10", "--in-flight", "5"]
+    run, report = _bench(
+        tmp_path, "cs4_traced.py", "--runs", "1", "--stored", "300", "--read-every", "0.1", *sizes
+    )
+    (only,) = report["runs"]
+    # Every conversation's spans were stored and reached the collector (a turn, decisions,
+    # steps, model attempts, tool calls, handoffs: 15 a conversation).
+    assert only["traced"]["spans_stored"] >= 15 * 15
+    assert only["traced"]["spans_exported"] == only["traced"]["spans_stored"]
+    assert "spans_exported" not in only["untraced"]
+    for stack in ("traced", "untraced"):
+        assert only[stack]["console_list"]["reads"] >= 1
+        assert only[stack]["concurrent"]["conversations"] == 10
+    assert "api" in only["traced"]["concurrent"]["cpu_ms_by_process"]
+    assert set(only["tracing_cost"]) == {"seq_cpu_ms_per_conversation", "conc_cpu_ms_per_conversation"}
+    assert "tracing costs" in run.stdout and "console list" in run.stdout

@@ -170,7 +170,9 @@ def test_a_message_over_the_limit_from_stdin_is_refused_by_corral(tmp_path: Path
 def test_conversations_refuses_an_unknown_status(tmp_path: Path, team: Path) -> None:
     done = corral(tmp_path, "conversations", "--status", "done", "-c", str(team))
     assert done.returncode == 2
-    assert "--status 'done': expected one of running, waiting, awaiting_customer, replied" in done.stderr
+    assert (
+        "--status 'done': expected one of queued, running, waiting, awaiting_customer, replied" in done.stderr
+    )
 
 
 def test_init_writes_the_starter_team_and_refuses_a_directory_that_is_not_empty(tmp_path: Path) -> None:

@@ -183,3 +183,12 @@ async def test_status_shows_the_servers_and_a_killed_agent_as_killed_by_whom(sta
     finally:
         revived = await corral(stack, "revive", "agent", "tech_support")
         assert revived.returncode == 0, revived.stderr
+    # Both in the audit chain, with the operator's name (as the API's are).
+    audited = await stack.sql(
+        "SELECT agent, action, outcome, detail FROM audit_log WHERE action IN ('kill.agent', 'revive.agent')"
+        " ORDER BY id DESC LIMIT 2"
+    )
+    assert [tuple(r) for r in reversed(audited)] == [
+        (by, "kill.agent", "applied", "tech_support"),
+        (by, "revive.agent", "applied", "tech_support"),
+    ]

@@ -9,6 +9,7 @@ from corral.bus import (
     AgentTask,
     ConversationAwaiting,
     ConversationEnded,
+    ConversationRecorded,
     ConversationStart,
     CustomerMessage,
     HandoffForwarded,
@@ -197,3 +198,96 @@ def test_the_agent_shows_its_model_the_transcript_as_history() -> None:
         ChatTurn(role="assistant", content="(operator ada) Please give the number."),
         ChatTurn(role="assistant", content="(triage) Anything else?"),
     ]
+
+
+def test_the_tool_calls_of_earlier_steps_reach_the_next_step_in_order() -> None:
+    """triage looks the customer up and hands off: payments' task carries that call and its
+    outcome (after the customer's message, which is the prompt), as triage's, whatever
+    triage's body claimed; a reply's tool calls join the transcript too."""
+    begun = start(ConversationStart(conversation="c1", text="refund 1001"), None, GRAPH, None, "web").record
+    assert begun is not None
+    looked_up = Turn(
+        role="tool", agent="mallory", tool="lookup_customer", call_id="k1", arguments="{}", text="tool ok"
+    )
+    handoff = HandoffProposed(
+        conversation="c1", step=1, agent="triage", target="payments", confidence=0.9, tools=[looked_up]
+    )
+    record = from_agent(handoff, "triage", begun, GRAPH, "payments").record
+    assert record is not None
+    task = outputs(record)[0].message
+    assert isinstance(task, AgentTask) and task.text == "refund 1001"
+    assert task.transcript == [
+        Turn(
+            role="tool", agent="triage", tool="lookup_customer", call_id="k1", arguments="{}", text="tool ok"
+        )
+    ]
+    refunded = Turn(
+        role="tool",
+        agent="payments",
+        tool="refund",
+        call_id="k2",
+        arguments='{"order_id": "1001"}',
+        text="ok",
+    )
+    reply = AgentReply(
+        conversation="c1", step=2, agent="payments", text="Done.", confidence=0.9, tools=[refunded]
+    )
+    replied = from_agent(reply, "payments", record, GRAPH).record
+    assert replied is not None and [t.role for t in replied.turns] == ["customer", "tool", "tool", "agent"]
+
+
+def test_the_agent_shows_its_model_earlier_tool_calls_as_native_history() -> None:
+    from corral.agents._prompts import transcript_turns
+    from corral.bus import ChatToolCall, ChatTurn
+
+    task = AgentTask(
+        conversation="c1",
+        step=2,
+        agent="payments",
+        text="refund 1001",
+        transcript=[
+            Turn(
+                role="tool",
+                agent="triage",
+                tool="lookup_order",
+                call_id="k1",
+                arguments='{"order_id": "1001"}',
+                text="tool lookup_order -> ok",
+            ),
+            Turn(
+                role="tool",
+                agent="payments",
+                tool="refund",
+                call_id="k2",
+                arguments="{}",
+                text="tool refund -> denied",
+            ),
+        ],
+    )
+    assert transcript_turns(task) == [
+        ChatTurn(
+            role="assistant",
+            tool_calls=[ChatToolCall(id="k1", name="lookup_order", arguments='{"order_id": "1001"}')],
+        ),
+        ChatTurn(role="tool", tool_call_id="k1", content="(triage) tool lookup_order -> ok"),
+        ChatTurn(role="assistant", tool_calls=[ChatToolCall(id="k2", name="refund", arguments="{}")]),
+        ChatTurn(role="tool", tool_call_id="k2", content="tool refund -> denied"),
+    ]
+
+
+def test_a_start_past_its_clients_share_waits_queued_and_starts_when_admitted() -> None:
+    from corral.supervisor.core._admission import admitted
+
+    queued = start(
+        ConversationStart(conversation="c1", text="hi"), None, GRAPH, None, "web", queued=True
+    ).record
+    assert queued is not None and queued.status == "queued"
+    # Nothing reaches an agent yet; a client waiting for the start hears it was recorded.
+    assert [type(o.message) for o in outputs(queued)] == [ConversationRecorded]
+    running = admitted(queued).record
+    assert running is not None and running.status == "running"
+    assert [type(o.message) for o in outputs(running)] == [ConversationRecorded, AgentTask]
+    assert admitted(running).record is None  # admitted once
+    killed = {"triage": KillSwitch(reason="bad deploy")}
+    escalated = admitted(queued, killed).record
+    assert escalated is not None and escalated.status == "escalated"

@@ -127,3 +127,50 @@ def test_a_tier_whose_key_is_unset_stops_the_model_gateway_at_start(
     assert done.returncode == 2, done.stdout + done.stderr
     assert f"the environment variable {KEY_VARIABLE} is not set" in done.stderr
     assert "models.fast.api_key_env" in done.stderr
+
+
+async def test_the_next_step_sees_the_earlier_steps_tool_calls_as_native_history(
+    team: Stack, provider: OpenAIServer
+) -> None:
+    """triage looks the customer up and asks which order; at the customer's answer, its
+    next step's request carries that lookup as the provider's own tool-calling history
+    (the assistant's call, then its result), before the customer's latest message."""
+    from corral.bus import ConversationAwaiting
+    from corral.supervisor.core._client import message_until_settled, send_until_settled
+
+    def reply(text: str, awaiting: bool) -> tuple[str, str]:
+        return ("reply", json.dumps({"text": text, "confidence": 0.9, "awaiting_customer": awaiting}))
+
+    provider.script(
+        "triage-model",
+        answer(tool_calls=[("lookup_customer", "{}")]),
+        answer(tool_calls=[reply("Which order do you mean?", True)]),
+        answer(tool_calls=[reply("Thanks, that settles it.", False)]),
+    )
+    client = await team.connect()
+    try:
+        asked = await send_until_settled(
+            client, "Something is wrong with my order.", customer="cus_1002", timeout_s=60
+        )
+        assert isinstance(asked, ConversationAwaiting), asked
+        ended = await message_until_settled(client, asked.conversation, "Order 1005.", timeout_s=60)
+    finally:
+        await client.close()
+    assert ended.status == "replied", ended  # type: ignore[union-attr]
+    *_, third = provider.requests("triage-model")
+    history = [m for m in third.messages if m["role"] != "system"]
+    [call] = history[1]["tool_calls"]
+    assert (history[0]["role"], history[1]["role"], call["function"]["name"]) == (
+        "user",
+        "assistant",
+        "lookup_customer",
+    )
+    assert history[2]["role"] == "tool" and history[2]["tool_call_id"] == call["id"]
+    assert (
+        history[2]["content"].startswith("tool lookup_customer -> ok")
+        and "ben@example.com" in history[2]["content"]
+    )
+    assert history[3] == {"role": "assistant", "content": "Which order do you mean?"}
+    assert history[-1]["role"] == "user" and "Order 1005." in history[-1]["content"]
+    shown = await asyncio.to_thread(team.corral, "show", ended.conversation)
+    assert "triage called lookup_customer {}: tool lookup_customer -> ok" in shown.stdout, shown.stdout

@@ -113,6 +113,11 @@ CASES = [
         id="cancel-by-payments",
     ),
     pytest.param(
+        _call("account_manager", "cancel_subscription"),
+        ("approval", ("P-60", "P-64"), "customer"),
+        id="cancel-by-am-is-the-customers-to-confirm",
+    ),
+    pytest.param(
         _call("payments", "cancel_subscription", owner="cus_1004"),
         ("deny", ("P-50", "P-60"), None),
         id="cancel-another-customers-subscription",

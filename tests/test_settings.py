@@ -173,7 +173,8 @@ def test_what_settings_hand_out_is_what_the_config_says() -> None:
     assert gateway.limits == settings.limits
     assert gateway.grants == {name: frozenset(agent.tools) for name, agent in config.agents.items()}
     assert gateway.max_calls_per_step == {name: agent.max_tool_calls for name, agent in config.agents.items()}
-    assert gateway.grants["triage"] == {"lookup_customer", "lookup_order"}
+    assert gateway.grants["triage"] == {"verify_customer", "lookup_customer", "lookup_order"}
+    assert gateway.authenticating == {"verify_customer": "customer_id"}
 
     agent = settings.agent_settings("payments")
     assert agent.name == "payments"

@@ -195,3 +195,22 @@ async def test_a_lapsed_claim_returns_the_conversation_to_the_queue(team: Stack,
         again.status == "refused"
         and again.reason == f"conversation {conversation} is closed, not in the human queue"
     )
+
+
+async def test_a_reply_sent_again_after_its_record_was_lost_is_one_turn(team: Stack, operator: Bus) -> None:
+    """The supervisor saves a reply, then records the action (its id, the audit); if it dies
+    in between, the operator's command sends the same request again: one turn, not two."""
+    conversation = await _escalated(team)
+    assert (await _ask(operator, "claim", conversation, "ada")).status == "ok"
+    message = OperatorRequest(action="reply", conversation=conversation, by="ada", id="o-once", text="On it.")
+    first = await request(operator.nc, subjects.operator_requests(), message, OperatorAnswer, timeout_s=30)
+    assert first.status == "ok", first
+    await team.sql("DELETE FROM operator_actions WHERE id='o-once'")  # as if it was never recorded
+    again = await request(operator.nc, subjects.operator_requests(), message, OperatorAnswer, timeout_s=30)
+    assert again.status == "ok", again
+    rows = await team.sql("SELECT turns::text AS t FROM conversations WHERE id=$1", conversation)
+    assert [t["text"] for t in json.loads(rows[0]["t"]) if t["role"] == "human"] == ["On it."]
+    # While the customer has not answered, ada may follow up (another id: another turn).
+    assert (await _ask(operator, "reply", conversation, "ada", text="Still there?")).status == "ok"
+    rows = await team.sql("SELECT turns::text AS t FROM conversations WHERE id=$1", conversation)
+    assert [t["text"] for t in json.loads(rows[0]["t"]) if t["role"] == "human"] == ["On it.", "Still there?"]

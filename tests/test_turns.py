@@ -84,9 +84,11 @@ async def test_multi_turn_refund_applied_once_though_payments_is_killed_between_
         ("customer", ""),
         ("agent", "payments"),
         ("customer", ""),
+        ("tool", "payments"),  # its refund, which account_manager was shown
         ("agent", "account_manager"),
     ]
     assert turns[2]["text"] == "It was order 2001"
+    assert turns[3]["tool"] == "refund" and turns[3]["text"].startswith("tool refund -> ok")
     steps = await team.sql(
         "SELECT step, agent, kind FROM conversation_steps WHERE conversation=$1 ORDER BY id", conversation
     )

@@ -108,10 +108,14 @@ def test_a_tools_module_that_raises_at_import_names_the_line_that_raised(team: P
 
 
 def test_an_agent_naming_a_tool_that_does_not_exist_is_an_error(team: Path) -> None:
-    line = _edit(team, "tools: [lookup_customer, lookup_order]", "tools: [lookup_customer, lookup_ordr]")
+    line = _edit(
+        team,
+        "tools: [verify_customer, lookup_customer, lookup_order]",
+        "tools: [verify_customer, lookup_customer, lookup_ordr]",
+    )
     result = _corral("validate", "-c", str(team))
     assert result.returncode == 2
-    assert f"{team}:{line}: agents.triage.tools[1]: 'lookup_ordr' is not a tool" in result.stderr
+    assert f"{team}:{line}: agents.triage.tools[2]: 'lookup_ordr' is not a tool" in result.stderr
 
 
 def test_broken_scripted_rules_name_their_file_and_line(team: Path) -> None:

@@ -198,6 +198,36 @@ class LookupCustomer(_ShopTool[NoArgs]):
         return dict(row) if row else {"error": "no such customer"}
 
 
+class VerifyArgs(_Args):
+    email: str = Field(max_length=254, description="The email the customer gives")
+    order_id: str = Field(max_length=12, description="The number of one of their orders")
+
+
+class VerifyCustomer(Tool[VerifyArgs]):
+    """Who an anonymous customer is: the account that has this email and this order. It is
+    authenticating (``tools.authenticating`` in corral.yaml): its result's ``customer_id``
+    binds the conversation's customer, once. Two accounts share an email in the seed; the
+    order tells them apart."""
+
+    name = "verify_customer"
+    description = "Identify the customer by the email of their account and one of their order numbers."
+    arguments = VerifyArgs
+    changes_state = False
+    groups = ("lookups",)
+    isolation = "loop"
+
+    async def run(self, call: ToolInput[VerifyArgs]) -> dict[str, Any]:
+        row = await call.conn.fetchrow(
+            "SELECT c.id FROM shop.customers c JOIN shop.orders o ON o.customer_id = c.id"
+            " WHERE lower(c.email) = lower($1) AND o.id = $2",
+            call.arguments.email.strip(),
+            call.arguments.order_id.strip(),
+        )
+        if row is None:
+            return {"error": "no account has that email and that order"}
+        return {"customer_id": row["id"], "verified": True}
+
+
 class LookupOrder(_ShopTool[OrderArgs]):
     name = "lookup_order"
     description = "One of the acting customer's orders."
@@ -410,6 +440,7 @@ class ReadServiceLogs(_ShopTool[NoArgs]):
 
 TOOLS: list[Tool[Any]] = [
     LookupCustomer(),
+    VerifyCustomer(),
     LookupOrder(),
     Refund(),
     ReverseRefund(),
