@@ -110,12 +110,29 @@ async def measure(
     return summarize(latencies, seconds, spent, pss, group.outside)
 
 
-async def run_phases(converse: Converse, group: ProcessGroup, sizes: Sizes, first: int = 0) -> RunFigures:
-    """Warm-up, sequential, concurrent; conversations are numbered from ``first``."""
+async def run_phases(
+    converse: Converse,
+    group: ProcessGroup,
+    sizes: Sizes,
+    first: int = 0,
+    beside_concurrent: Callable[[], Awaitable[None]] | None = None,
+) -> RunFigures:
+    """Warm-up, sequential, concurrent; conversations are numbered from ``first``.
+    ``beside_concurrent`` runs while the concurrent phase does (a reader of the console,
+    say), and is cancelled when it ends."""
     n = first
     await bounded(converse, range(n, n + sizes.warmup), sizes.warmup_in_flight)
     n += sizes.warmup
     sequential = await measure(converse, group, range(n, n + sizes.sequential), 1, sample_s=None)
     n += sizes.sequential
-    concurrent = await measure(converse, group, range(n, n + sizes.concurrent), sizes.concurrent_in_flight)
+    beside = asyncio.create_task(beside_concurrent()) if beside_concurrent is not None else None
+    try:
+        concurrent = await measure(
+            converse, group, range(n, n + sizes.concurrent), sizes.concurrent_in_flight
+        )
+    finally:
+        if beside is not None:
+            beside.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await beside
     return RunFigures(sequential=sequential, concurrent=concurrent)

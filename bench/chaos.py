@@ -360,7 +360,8 @@ async def _account(
     conn = await asyncpg.connect(dsn)
     try:
         rows = await conn.fetch(
-            "SELECT id, status, jsonb_array_length(turns) AS turns FROM conversations"
+            "SELECT id, status, (SELECT count(*) FROM jsonb_array_elements(turns) t"
+            " WHERE t->>'role' <> 'tool') AS turns FROM conversations"
             " WHERE id = ANY($1::text[])",
             [i.id for i in items],
         )
@@ -376,7 +377,7 @@ async def _account(
     report.duplicate_side_effects = sum(n - 1 for n in by_order.values() if n > 1)
     report.refunds_applied = sum(by_order.values())
     expected = [i.order for i in items if i.order is not None and final.get(i.id) == "replied"]
-    # Two customer turns and two replies (the question, the answer).
+    # Two customer turns and two replies (the question, the answer); tool calls aside.
     report.multi_turn = sum(
         1 for i in items if i.answer and final.get(i.id) == "replied" and turns[i.id] == 4
     )

@@ -226,6 +226,7 @@ class Corral:
         delay_s: ``http`` only: seconds the OpenAI server waits before every answer.
         overrides: Merged into the generated corral.yaml (``prepare()``).
         timeout_s: How long one conversation may take before it counts as failed.
+        environment: Added to the stack's environment (``OTEL_EXPORTER_OTLP_ENDPOINT``, say).
     """
 
     def __init__(
@@ -236,8 +237,10 @@ class Corral:
         delay_s: float = 0.0,
         overrides: dict[str, Any] | None = None,
         timeout_s: float = 60.0,
+        environment: dict[str, str] | None = None,
     ) -> None:
         self.workdir = workdir
+        self._environment = environment or {}
         self.depth = depth
         self.state = workdir / "state"
         self.config: Path | None = None
@@ -255,6 +258,7 @@ class Corral:
         serves, seed ``conversations`` customers."""
         env = {k: v for k, v in os.environ.items() if k not in {"NATS_URL", "DATABASE_URL", "CORRAL_CREDS"}}
         env["CORRAL_STATE_DIR"] = str(self.state)
+        env.update(self._environment)
         api_base = None
         if self.depth == "http":
             rules = rules_dir(self.workdir) / "scripted.yaml"
@@ -303,6 +307,38 @@ class Corral:
                     return runtime
             await asyncio.sleep(0.1)
         raise RuntimeError(f"corral up did not get ready within {timeout_s:.0f} s")
+
+    async def api_ready(self, timeout_s: float = 60.0) -> dict[str, Any]:
+        """runtime.json once every process serves, the API and the supervisor's desks included
+        (``Corral.start`` waits for the team to have started)."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
+        while loop.time() < deadline:
+            runtime: dict[str, Any] = json.loads((self.state / "runtime.json").read_text())
+            if all(c["ready"] for c in runtime["children"]):
+                return runtime
+            await asyncio.sleep(0.1)
+        raise RuntimeError(f"the stack did not serve within {timeout_s:.0f} s")
+
+    async def api_key(self, client: str, *, operator: bool = False) -> str:
+        """A new API key of ``client`` (an operator's if ``operator``), stored as
+        `corral api-key create` stores one."""
+        from corral.supervisor.api._keys import new_key
+
+        made = new_key()
+        conn = await asyncpg.connect(self.database_url)
+        try:
+            await conn.execute(
+                "INSERT INTO api_keys (id, digest, client, operator, created_by)"
+                " VALUES ($1, $2, $3, $4, 'cs4')",
+                made.key_id,
+                made.digest,
+                client,
+                operator,
+            )
+        finally:
+            await conn.close()
+        return made.key
 
     async def _update(self, msg: Any) -> None:
         with contextlib.suppress(msgspec.DecodeError):

@@ -24,7 +24,6 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-import asyncpg
 import httpx
 
 REPO = Path(__file__).resolve().parent.parent
@@ -32,7 +31,6 @@ sys.path.insert(0, str(REPO))
 
 from bench._phases import Sizes, add_size_arguments, run_phases, sizes_of
 from bench.cs4 import TEAM, Corral, _customer, _order, machine, phase_json
-from corral.supervisor.api._keys import new_key
 
 
 class HttpCorral(Corral):
@@ -47,35 +45,14 @@ class HttpCorral(Corral):
 
     async def start(self, conversations: int) -> None:
         await super().start(conversations)
-        runtime = await self._api_ready()
-        made = new_key()
-        conn = await asyncpg.connect(self.database_url)
-        try:
-            await conn.execute(
-                "INSERT INTO api_keys (id, digest, client, operator) VALUES ($1, $2, 'cs4', false)",
-                made.key_id,
-                made.digest,
-            )
-        finally:
-            await conn.close()
+        runtime = await self.api_ready()
+        key = await self.api_key("cs4")
         self._http = httpx.AsyncClient(
             base_url=runtime["api_url"],
-            headers={"Authorization": f"Bearer {made.key}"},
+            headers={"Authorization": f"Bearer {key}"},
             timeout=self.timeout_s,
             limits=httpx.Limits(max_connections=2 * self._in_flight + 10),
         )
-
-    async def _api_ready(self, timeout_s: float = 60.0) -> dict[str, Any]:
-        """runtime.json once every process serves, the API and the supervisor's desks included
-        (``Corral.start`` waits for the team to have started)."""
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout_s
-        while loop.time() < deadline:
-            runtime: dict[str, Any] = json.loads((self.state / "runtime.json").read_text())
-            if all(c["ready"] for c in runtime["children"]):
-                return runtime
-            await asyncio.sleep(0.1)
-        raise RuntimeError(f"the stack did not serve within {timeout_s:.0f} s")
 
     async def converse(self, n: int) -> None:
         """Conversation ``n`` over HTTP; raises unless it ended with the expected reply."""
