@@ -22,6 +22,9 @@ _lock = threading.Lock()
 
 
 class _Handler(BaseHTTPRequestHandler):
+    # Connections kept alive between exports, as a collector keeps them.
+    protocol_version = "HTTP/1.1"
+
     def do_POST(self) -> None:
         global _received
         body = self.rfile.read(int(self.headers.get("Content-Length", 0)))

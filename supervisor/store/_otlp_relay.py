@@ -50,12 +50,23 @@ def readable(span: SpanRecord, resource: Resource) -> ReadableSpan:
 class OtlpRelay:
     """A bounded queue of spans and the task that exports them (``run()``)."""
 
-    def __init__(self, exporter: SpanExporter, *, max_queued: int = 20_000, batch: int = 512) -> None:
+    def __init__(
+        self,
+        exporter: SpanExporter,
+        *,
+        max_queued: int = 20_000,
+        batch: int = 512,
+        linger_s: float = 1.0,
+    ) -> None:
         self._exporter = exporter
         self._queue: asyncio.Queue[list[tuple[SpanRecord, str]]] = asyncio.Queue()
         self._queued = 0
         self._max_queued = max_queued
         self._batch = batch
+        self._linger_s = linger_s
+        """How long the first spans of a batch wait for more: a trickle of small messages
+        goes out as one request a second, not one each (a request costs more than its spans)."""
+        self._pending: list[tuple[SpanRecord, str]] = []
         self._resources: dict[str, Resource] = {}
         self.exported = 0
         self.dropped = 0
@@ -80,13 +91,27 @@ class OtlpRelay:
         self._queue.put_nowait(rows)
 
     async def run(self) -> None:
-        """Export what is queued, a batch at a time, off the event loop."""
+        """Export what is queued, a batch at a time (``batch`` spans, or what ``linger_s``
+        gathered), off the event loop."""
+        loop = asyncio.get_running_loop()
         while True:
-            rows = await self._queue.get()
-            while len(rows) < self._batch and not self._queue.empty():
-                rows.extend(self._queue.get_nowait())
-            self._queued -= len(rows)
+            self._take(await self._queue.get())
+            deadline = loop.time() + self._linger_s
+            while len(self._pending) < self._batch and (left := deadline - loop.time()) > 0:
+                # Not asyncio.wait_for: cancelled just as its get completed, it did not
+                # return on Python 3.11, and close() waited on it for ever.
+                try:
+                    async with asyncio.timeout(left):
+                        rows = await self._queue.get()
+                except TimeoutError:
+                    break
+                self._take(rows)
+            rows, self._pending = self._pending, []
             await self._export(rows)
+
+    def _take(self, rows: list[tuple[SpanRecord, str]]) -> None:
+        self._queued -= len(rows)
+        self._pending.extend(rows)
 
     async def _export(self, rows: list[tuple[SpanRecord, str]]) -> None:
         spans = [readable(span, self._resource(identity)) for span, identity in rows]
@@ -104,12 +129,12 @@ class OtlpRelay:
 
     async def close(self, running: asyncio.Task[Any]) -> None:
         """Export what is still queued, stop ``running``, shut the exporter down."""
-        rest: list[tuple[SpanRecord, str]] = []
-        while not self._queue.empty():
-            rest.extend(self._queue.get_nowait())
         running.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await running
+        while not self._queue.empty():
+            self._take(self._queue.get_nowait())
+        rest, self._pending = self._pending, []
         if rest:
             with contextlib.suppress(Exception):
                 await self._export(rest)
