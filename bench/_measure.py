@@ -110,6 +110,8 @@ def _label(root: str, process: psutil.Process) -> str:
         if process.name() in {"nats-server", "postgres"}:
             return str(process.name())
         cmdline = process.cmdline()  # python -m corral.supervisor <command> run ...
+        if "corral.supervisor.store._otlp_export" in cmdline:
+            return "otlp export"  # the supervisor's OTLP export process
         if "corral.supervisor" in cmdline and "agent" in cmdline:
             return f"agent {cmdline[cmdline.index('agent') + 2]}" if "run" in cmdline else root
         if "corral.supervisor" in cmdline and "router" in cmdline and "run" in cmdline:

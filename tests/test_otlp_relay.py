@@ -1,78 +1,117 @@
-"""The OTLP relay's batching: what arrives as many small messages leaves as few requests,
-each span once, and nothing queued or gathered is lost when it closes."""
+"""The supervisor's OTLP export process: every span message it is handed reaches the
+collector once, as the process that sent it, nothing it holds is lost when the supervisor
+closes its input, it holds none of the supervisor's secrets, and one that died is started
+again."""
 
 from __future__ import annotations
 
-import asyncio
-from collections.abc import Sequence
+from collections.abc import Iterator
+from pathlib import Path
 
-from opentelemetry.sdk.trace import ReadableSpan
-from opentelemetry.sdk.trace.export import SpanExportResult
-from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+import msgspec
+import pytest
 
-from corral.bus._telemetry import SpanRecord
+from corral.bus._telemetry import SpanBatch, SpanRecord
 from corral.supervisor.store._otlp_relay import OtlpRelay
 from tests.conftest import eventually
+from tests.otlp_receiver import Receiver, otlp_receiver
+
+TRACE = "ab" * 16
 
 
-class _CountingExporter(InMemorySpanExporter):
-    """The SDK's in-memory exporter, counting its requests."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.requests = 0
-
-    def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
-        self.requests += 1
-        return super().export(spans)
-
-
-def _rows(first: int, count: int, identity: str = "router") -> list[tuple[SpanRecord, str]]:
-    return [
-        (
-            SpanRecord(
-                trace_id="ab" * 16,
-                span_id=f"{first + n + 1:016x}",
-                parent_id="",
-                name="chat support",
-                kind="client",
-                start_ns=1_000,
-                end_ns=2_000,
-                status="unset",
-                status_message="",
-                attributes={"gen_ai.operation.name": "chat"},
-                service="",
-            ),
-            identity,
+def _message(first: int, count: int, *, claims: str = "") -> bytes:
+    """A span message as a process publishes it (``claims``: the service it says it is)."""
+    spans = [
+        SpanRecord(
+            trace_id=TRACE,
+            span_id=f"{first + n + 1:016x}",
+            parent_id="",
+            name="chat support",
+            kind="client",
+            start_ns=1_000,
+            end_ns=2_000,
+            status="unset",
+            status_message="",
+            attributes={"gen_ai.operation.name": "chat"},
+            service=claims,
         )
         for n in range(count)
     ]
+    return msgspec.json.encode(SpanBatch(spans=spans))
 
 
-async def test_a_trickle_of_small_messages_leaves_as_one_request() -> None:
-    exporter = _CountingExporter()
-    relay = OtlpRelay(exporter, linger_s=30.0, batch=100)
+@pytest.fixture
+def collector(monkeypatch: pytest.MonkeyPatch) -> Iterator[Receiver]:
+    with otlp_receiver() as receiver:
+        monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", receiver.url)
+        yield receiver
+
+
+def _span_ids(receiver: Receiver) -> list[int]:
+    return sorted(int(span.span_id, 16) for span in receiver.of_trace(TRACE))
+
+
+async def test_what_it_holds_reaches_the_collector_when_its_input_ends_each_once_as_its_sender(
+    collector: Receiver, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # No batch is due before the input ends: only the close can have exported them.
+    monkeypatch.setenv("OTEL_BSP_SCHEDULE_DELAY", "600000")
+    relay = OtlpRelay.from_environment()
+    assert relay is not None
+    await relay.start()
     for n in range(10):
-        relay.put(_rows(10 * n, 10, identity=f"agent-{n % 2}"))
-    running = asyncio.create_task(relay.run())
+        relay.put(f"agent-{n % 2}", _message(10 * n, 10, claims="corral-supervisor"), 10)
+    assert relay.sent == 100
+    await relay.close()
+    assert _span_ids(collector) == list(range(1, 101))
+    services = {span.service for span in collector.of_trace(TRACE)}
+    assert services == {"corral-agent-0", "corral-agent-1"}  # not what the spans claim
+
+
+async def test_spans_go_out_while_it_runs(collector: Receiver) -> None:
+    relay = OtlpRelay()
+    await relay.start()
     try:
-        await eventually(lambda: relay.exported == 100, message="the batch exported")
-        assert exporter.requests == 1
-        services = {span.resource.attributes["service.name"] for span in exporter.get_finished_spans()}
-        assert services == {"corral-agent-0", "corral-agent-1"}
+        relay.put("router", _message(0, 3), 3)
+        await eventually(lambda: len(collector.of_trace(TRACE)) == 3, message="the spans exported")
     finally:
-        await relay.close(running)
+        await relay.close()
 
 
-async def test_closing_exports_what_was_gathered_and_what_was_queued() -> None:
-    exporter = _CountingExporter()
-    relay = OtlpRelay(exporter, linger_s=30.0, batch=1_000)
-    running = asyncio.create_task(relay.run())
-    relay.put(_rows(0, 5))
-    # The relay has taken the first spans and lingers for more when these arrive.
-    await eventually(lambda: relay._pending, message="the first spans gathered")
-    relay.put(_rows(5, 7))
-    await relay.close(running)
-    ids = sorted(span.context.span_id for span in exporter.get_finished_spans())
-    assert ids == list(range(1, 13))
-    assert relay.exported == 12 and relay.dropped == 0
+async def test_it_holds_none_of_the_supervisors_secrets(
+    collector: Receiver, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.setenv("DATABASE_URL", "postgresql://corral:secret@127.0.0.1/corral")
+    monkeypatch.setenv("CORRAL_CREDS", str(tmp_path / "supervisor.nk"))
+    relay = OtlpRelay()
+    await relay.start()
+    try:
+        assert relay._process is not None
+        environment = Path(f"/proc/{relay._process.pid}/environ").read_bytes().split(b"\0")
+        names = {entry.split(b"=", 1)[0].decode() for entry in environment if entry}
+        assert "OTEL_EXPORTER_OTLP_ENDPOINT" in names
+        assert not names & {"DATABASE_URL", "CORRAL_CREDS"}
+    finally:
+        await relay.close()
+
+
+async def test_a_process_that_died_costs_what_it_was_sent_meanwhile_and_is_started_again(
+    collector: Receiver,
+) -> None:
+    relay = OtlpRelay(restart_after_s=0.0)
+    await relay.start()
+    try:
+        first = relay._process
+        assert first is not None
+        first.kill()
+        await first.wait()
+        relay.put("router", _message(0, 4), 4)  # nobody to take them
+        assert relay.dropped == 4
+        await eventually(
+            lambda: relay._process is not first and relay._process is not None, message="a new process"
+        )
+        relay.put("router", _message(100, 2), 2)
+        await eventually(lambda: len(collector.of_trace(TRACE)) == 2, message="the later spans exported")
+        assert _span_ids(collector) == [101, 102]
+    finally:
+        await relay.close()

@@ -1,8 +1,15 @@
-"""Every process's spans, as ``SpanWriter`` received them, on to an OTLP/HTTP collector.
+"""Every process's spans, as ``SpanWriter`` received them, on to an OTLP/HTTP collector,
+through an export process of the supervisor's own.
 
-The exporter is opentelemetry's own (``OTLPSpanExporter``, configured by its environment
-variables: endpoint, headers, timeout, compression); each span goes as the process that
-sent it (``service.name`` ``corral-<identity>``, from its own spans subject).
+Encoding spans for OTLP is CPU work (the SDK's encoder takes tens of microseconds a span).
+Done in the supervisor, it took the interpreter from the supervisor's event loop for tens of
+milliseconds at every export, and doubled CS-4's sequential p99 once a collector was set.
+So the supervisor only writes each span message it stored, as it arrived, down a pipe to a
+child (``corral.supervisor.store._otlp_export``), which batches and exports them with
+OpenTelemetry's own processor and exporter. The child gets neither the supervisor's NATS
+seed nor its database's credentials, and stops at the end of its input, so it never
+outlives the supervisor. A child that is behind (its pipe full past ``max_buffered``) or
+gone costs spans, counted and logged, never the store; a child that died is started again.
 """
 
 from __future__ import annotations
@@ -10,132 +17,104 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from typing import Any
+import os
+import sys
 
-from opentelemetry.sdk.resources import Resource
-from opentelemetry.sdk.trace import ReadableSpan
-from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
-from opentelemetry.trace import SpanContext, SpanKind, TraceFlags
-from opentelemetry.trace.status import Status, StatusCode
-
-from corral.bus._telemetry import SpanRecord, otlp_endpoint, resource_of
+from corral.bus._telemetry import otlp_endpoint
+from corral.supervisor.store._otlp_export import frame
 
 logger = logging.getLogger(__name__)
 
-_KINDS = {kind.name.lower(): kind for kind in SpanKind}
-_STATUSES = {code.name.lower(): code for code in StatusCode}
-
-
-def readable(span: SpanRecord, resource: Resource) -> ReadableSpan:
-    """``span`` as the SDK's exporters take one."""
-    context = SpanContext(int(span.trace_id, 16), int(span.span_id, 16), False, TraceFlags(1))
-    parent = (
-        SpanContext(int(span.trace_id, 16), int(span.parent_id, 16), True, TraceFlags(1))
-        if span.parent_id
-        else None
-    )
-    return ReadableSpan(
-        name=span.name,
-        context=context,
-        parent=parent,
-        resource=resource,
-        attributes=span.attributes,
-        kind=_KINDS.get(span.kind, SpanKind.INTERNAL),
-        status=Status(_STATUSES.get(span.status, StatusCode.UNSET), span.status_message or None),
-        start_time=span.start_ns,
-        end_time=span.end_ns,
-    )
+_SECRETS = ("DATABASE_URL", "CORRAL_SUPERVISOR_DATABASE_URL", "CORRAL_CREDS")
+"""What the supervisor holds that its export process must not."""
 
 
 class OtlpRelay:
-    """A bounded queue of spans and the task that exports them (``run()``)."""
+    """The supervisor's side of its OTLP export process: ``start()``, ``put()``, ``close()``.
 
-    def __init__(
-        self,
-        exporter: SpanExporter,
-        *,
-        max_queued: int = 20_000,
-        batch: int = 512,
-        linger_s: float = 1.0,
-    ) -> None:
-        self._exporter = exporter
-        self._queue: asyncio.Queue[list[tuple[SpanRecord, str]]] = asyncio.Queue()
-        self._queued = 0
-        self._max_queued = max_queued
-        self._batch = batch
-        self._linger_s = linger_s
-        """How long the first spans of a batch wait for more: a trickle of small messages
-        goes out as one request a second, not one each (a request costs more than its spans)."""
-        self._pending: list[tuple[SpanRecord, str]] = []
-        self._resources: dict[str, Resource] = {}
-        self.exported = 0
+    Args:
+        max_buffered: Bytes of span messages the pipe may hold before more are dropped.
+        restart_after_s: How long after its last start a child that died is started again.
+    """
+
+    def __init__(self, *, max_buffered: int = 16 * 1024 * 1024, restart_after_s: float = 5.0) -> None:
+        self._max_buffered = max_buffered
+        self._restart_after_s = restart_after_s
+        self._process: asyncio.subprocess.Process | None = None
+        self._started_at = -restart_after_s
+        self._starting: asyncio.Task[None] | None = None
+        self.sent = 0
+        """Spans handed to the export process."""
         self.dropped = 0
 
     @classmethod
     def from_environment(cls) -> OtlpRelay | None:
         """A relay to the collector ``OTEL_EXPORTER_OTLP_ENDPOINT`` names; None if unset."""
-        if otlp_endpoint() is None:
-            return None
-        from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+        return cls() if otlp_endpoint() is not None else None
 
-        return cls(OTLPSpanExporter())
+    async def start(self) -> None:
+        """Start the export process (it imports the exporter on its own time)."""
+        self._started_at = asyncio.get_running_loop().time()
+        environment = {k: v for k, v in os.environ.items() if k not in _SECRETS}
+        self._process = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "corral.supervisor.store._otlp_export",
+            stdin=asyncio.subprocess.PIPE,
+            env=environment,
+        )
 
-    def put(self, rows: list[tuple[SpanRecord, str]]) -> None:
-        """Queue spans (with the identity that sent each); past the bound, they are dropped."""
-        if self._queued + len(rows) > self._max_queued:
-            self.dropped += len(rows)
-            if self.dropped == len(rows) or self.dropped % 10_000 < len(rows):
-                logger.warning("the OTLP collector is behind: %d spans dropped so far", self.dropped)
+    def put(self, identity: str, data: bytes, spans: int) -> None:
+        """Hand one span message of ``identity`` (holding ``spans`` spans) to the export
+        process; dropped if it is behind or gone."""
+        process = self._process
+        stdin = process.stdin if process is not None else None
+        if process is None or stdin is None or process.returncode is not None or stdin.is_closing():
+            self._drop(spans, "the OTLP export process is not running")
+            self._restart(process)
             return
-        self._queued += len(rows)
-        self._queue.put_nowait(rows)
+        if stdin.transport.get_write_buffer_size() > self._max_buffered:
+            self._drop(spans, "the OTLP collector is behind")
+            return
+        try:
+            stdin.write(frame(identity, data))
+        except (OSError, RuntimeError) as exc:
+            self._drop(spans, f"the OTLP export process is gone ({exc})")
+            return
+        self.sent += spans
 
-    async def run(self) -> None:
-        """Export what is queued, a batch at a time (``batch`` spans, or what ``linger_s``
-        gathered), off the event loop."""
+    def _drop(self, spans: int, why: str) -> None:
+        self.dropped += spans
+        if self.dropped == spans or self.dropped % 10_000 < spans:
+            logger.warning("%s: %d spans dropped so far", why, self.dropped)
+
+    def _restart(self, process: asyncio.subprocess.Process | None) -> None:
         loop = asyncio.get_running_loop()
-        while True:
-            self._take(await self._queue.get())
-            deadline = loop.time() + self._linger_s
-            while len(self._pending) < self._batch and (left := deadline - loop.time()) > 0:
-                # Not asyncio.wait_for: cancelled just as its get completed, it did not
-                # return on Python 3.11, and close() waited on it for ever.
-                try:
-                    async with asyncio.timeout(left):
-                        rows = await self._queue.get()
-                except TimeoutError:
-                    break
-                self._take(rows)
-            rows, self._pending = self._pending, []
-            await self._export(rows)
+        if self._starting is not None and not self._starting.done():
+            return
+        if loop.time() - self._started_at < self._restart_after_s:
+            return
+        if process is not None:
+            logger.warning("the OTLP export process exited (%s); starting it again", process.returncode)
+        self._starting = asyncio.create_task(self.start())
 
-    def _take(self, rows: list[tuple[SpanRecord, str]]) -> None:
-        self._queued -= len(rows)
-        self._pending.extend(rows)
-
-    async def _export(self, rows: list[tuple[SpanRecord, str]]) -> None:
-        spans = [readable(span, self._resource(identity)) for span, identity in rows]
-        result = await asyncio.to_thread(self._exporter.export, spans)
-        if result is SpanExportResult.SUCCESS:
-            self.exported += len(spans)
-        else:
-            self.dropped += len(spans)
-            logger.warning("the OTLP collector refused %d spans", len(spans))
-
-    def _resource(self, identity: str) -> Resource:
-        if identity not in self._resources:
-            self._resources[identity] = resource_of(identity)
-        return self._resources[identity]
-
-    async def close(self, running: asyncio.Task[Any]) -> None:
-        """Export what is still queued, stop ``running``, shut the exporter down."""
-        running.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await running
-        while not self._queue.empty():
-            self._take(self._queue.get_nowait())
-        rest, self._pending = self._pending, []
-        if rest:
+    async def close(self, timeout_s: float = 30.0) -> None:
+        """End the export process's input and wait for it to export what it holds (killed
+        after ``timeout_s``)."""
+        if self._starting is not None:
             with contextlib.suppress(Exception):
-                await self._export(rest)
-        await asyncio.to_thread(self._exporter.shutdown)
+                await self._starting
+        process = self._process
+        if process is None or process.returncode is not None:
+            return
+        try:
+            async with asyncio.timeout(timeout_s):
+                if process.stdin is not None:
+                    with contextlib.suppress(OSError, RuntimeError):
+                        await process.stdin.drain()
+                    process.stdin.close()
+                await process.wait()
+        except TimeoutError:
+            logger.warning("the OTLP export process did not finish in %.0f s; killing it", timeout_s)
+            process.kill()
+            await process.wait()

@@ -8,9 +8,9 @@ says of itself, a batch of messages in one statement, and acknowledges them once
 older than the retention are deleted every few minutes.
 
 With ``OTEL_EXPORTER_OTLP_ENDPOINT`` set, the same spans go to the collector too, each as
-its process's (``service.name`` ``corral-<identity>``), from a bounded queue drained off
-the event loop: a slow or absent collector drops spans (counted, logged), never holds up
-the store.
+its process's (``service.name`` ``corral-<identity>``), through the supervisor's export
+process (``OtlpRelay``): a slow or absent collector drops spans (counted, logged), never
+holds up the store.
 """
 
 from __future__ import annotations
@@ -92,8 +92,8 @@ class SpanWriter(Service):
             config=config,
         )
         pruning = asyncio.create_task(self._prune_forever())
-        relay = self._relay
-        relaying = asyncio.create_task(relay.run()) if relay is not None else None
+        if self._relay is not None:
+            await self._relay.start()
         self._started.set()
         try:
             while not self._stopping.is_set():
@@ -108,15 +108,15 @@ class SpanWriter(Service):
                 await self._store(msgs)
         finally:
             pruning.cancel()
-            if relay is not None and relaying is not None:
-                await relay.close(relaying)  # what is queued goes out first
+            if self._relay is not None:
+                await self._relay.close()  # what it holds goes out first
             await asyncio.gather(pruning, return_exceptions=True)
             with contextlib.suppress(Exception):
                 await sub.unsubscribe()
 
     async def _store(self, msgs: list[Msg]) -> None:
         rows: list[tuple[SpanRecord, str]] = []
-        good: list[Msg] = []
+        good: list[tuple[Msg, str, int]] = []
         for msg in msgs:
             identity = msg.subject.removeprefix(subjects.spans(""))
             try:
@@ -126,9 +126,7 @@ class SpanWriter(Service):
                 await msg.term()
                 continue
             rows.extend((span, identity) for span in batch.spans)
-            good.append(msg)
-        if rows and self._relay is not None:
-            self._relay.put(rows)
+            good.append((msg, identity, len(batch.spans)))
         if rows and self._retention is not None:
             try:
                 await self._pool.execute(_INSERT, *_columns(rows))
@@ -137,7 +135,10 @@ class SpanWriter(Service):
                 logger.warning("could not store %d spans: %s", len(rows), exc)
                 return
         self.stored += len(rows)
-        for msg in good:
+        for msg, identity, spans in good:
+            if self._relay is not None and spans:
+                # Once stored (a message redelivered after a failed insert is exported once).
+                self._relay.put(identity, msg.data, spans)
             with contextlib.suppress(Exception):
                 await msg.ack()
 
