@@ -18,7 +18,7 @@ import asyncio
 import logging
 import os
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import msgspec
 from opentelemetry import trace
@@ -38,16 +38,25 @@ _BATCH_BYTES = 512 * 1024
 """At most this much of spans in one message (the server's ``max_payload`` is 1 MiB)."""
 
 
-class SpanRecord(msgspec.Struct, frozen=True, kw_only=True, array_like=True):
-    """One finished span as the store keeps it."""
+_TraceId = Annotated[str, msgspec.Meta(pattern="^[0-9a-f]{32}$")]
+_SpanId = Annotated[str, msgspec.Meta(pattern="^[0-9a-f]{16}$")]
+_ParentId = Annotated[str, msgspec.Meta(pattern="^([0-9a-f]{16})?$")]
+_Nanoseconds = Annotated[int, msgspec.Meta(ge=0, le=2**63 - 1)]
 
-    trace_id: str
-    span_id: str
-    parent_id: str
+
+class SpanRecord(msgspec.Struct, frozen=True, kw_only=True, array_like=True):
+    """One finished span as the store keeps it. Any process may send anything on its own
+    spans subject: what could not be stored or exported (an id that is not OTLP's, a time
+    past what a timestamp holds) does not decode, so its message is dead-lettered, and the
+    spans of the other processes are not held up by it."""
+
+    trace_id: _TraceId
+    span_id: _SpanId
+    parent_id: _ParentId
     name: str
     kind: str
-    start_ns: int
-    end_ns: int
+    start_ns: _Nanoseconds
+    end_ns: _Nanoseconds
     status: str
     status_message: str
     attributes: dict[str, Any]

@@ -11,8 +11,11 @@ from dataclasses import dataclass
 from typing import Any
 
 import httpx
+import msgspec
 import pytest
 
+from corral.bus import DEAD_REASON, subjects
+from corral.bus._telemetry import SpanBatch, SpanRecord
 from corral.bus.spans import CONTENT_ATTRIBUTES, trace_id_of
 from tests.conftest import eventually
 from tests.otlp_receiver import ReceivedSpan, Receiver, otlp_receiver
@@ -217,3 +220,67 @@ async def test_corral_trace_prints_the_conversation_as_a_tree_and_as_data(traced
         assert shown_line in tree.stdout, tree.stdout
     unknown = await asyncio.to_thread(traced.stack.corral, "trace", "c-nope")
     assert unknown.returncode == 2 and "no conversation 'c-nope'" in unknown.stderr + unknown.stdout
+
+
+def _span_message(*spans: SpanRecord) -> bytes:
+    return msgspec.json.encode(SpanBatch(spans=list(spans)))
+
+
+async def test_a_hostile_agents_spans_cost_only_its_own(traced: Traced) -> None:
+    """An agent may send anything on its own spans subject. A span that could be neither
+    stored nor exported (an id OTLP has no room for, a time past any timestamp, a text
+    PostgreSQL refuses) is dead-lettered with why; the agent's next spans, and everyone
+    else's, are stored and exported as before, under the agent's name whatever they claim."""
+    trace = f"{trace_id_of('c-hostile'):032x}"
+    good = SpanRecord(
+        trace_id=trace,
+        span_id="00000000000000a1",
+        parent_id="",
+        name="invoke_agent triage",
+        kind="internal",
+        start_ns=1_700_000_000_000_000_000,
+        end_ns=1_700_000_000_100_000_000,
+        status="unset",
+        status_message="",
+        attributes={"gen_ai.conversation.id": "c-hostile"},
+        service="corral-supervisor",
+    )
+    agent = await traced.stack.connect("agent-triage")
+    try:
+        subject = subjects.spans("agent-triage")
+        for bad in (
+            msgspec.structs.replace(good, trace_id="ab" * 20),
+            msgspec.structs.replace(good, start_ns=10**30),
+        ):
+            await agent.js.publish(subject, _span_message(bad))
+        # Fetched and stored together with the next one, which must not wait on it.
+        nul = msgspec.structs.replace(good, span_id="00000000000000b2", name="invoke_agent \x00")
+        await agent.js.publish(subject, _span_message(nul))
+        await agent.js.publish(subject, _span_message(good))
+    finally:
+        await agent.close()
+
+    async def stored() -> list[Any]:
+        return await traced.stack.sql("SELECT service FROM spans WHERE trace_id = $1", trace)
+
+    assert [r["service"] for r in await eventually(stored, message="the good span stored")] == [
+        "agent-triage"
+    ]
+    exported = await eventually(lambda: traced.receiver.of_trace(trace), message="the good span exported")
+    assert [s.service for s in exported] == ["corral-agent-triage"]
+    admin = await traced.stack.connect("admin")
+    try:
+        info = await admin.js.stream_info(subjects.DEAD_LETTER_STREAM)
+        reasons = []
+        for seq in range(info.state.first_seq, info.state.last_seq + 1):
+            msg = await admin.js.get_msg(subjects.DEAD_LETTER_STREAM, seq)
+            if msg.subject == subjects.dead_letter(subject):
+                reasons.append((msg.headers or {}).get(DEAD_REASON, ""))
+    finally:
+        await admin.close()
+    assert len(reasons) == 3, reasons
+    assert [reason.split(":")[0] for reason in reasons] == [
+        "decode error",
+        "decode error",
+        "cannot be stored",
+    ]

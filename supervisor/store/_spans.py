@@ -48,6 +48,8 @@ DELETE FROM spans WHERE ctid = ANY (ARRAY(
 """
 
 _decoder = msgspec.json.Decoder(SpanBatch)
+_Received = tuple[Msg, str, SpanBatch]
+"""A span message, the identity whose subject carried it, and its spans."""
 _encoder = msgspec.json.Encoder()
 
 
@@ -115,32 +117,55 @@ class SpanWriter(Service):
                 await sub.unsubscribe()
 
     async def _store(self, msgs: list[Msg]) -> None:
-        rows: list[tuple[SpanRecord, str]] = []
-        good: list[tuple[Msg, str, int]] = []
+        decoded: list[_Received] = []
         for msg in msgs:
             identity = msg.subject.removeprefix(subjects.spans(""))
             try:
-                batch = _decoder.decode(msg.data)
+                decoded.append((msg, identity, _decoder.decode(msg.data)))
             except (msgspec.DecodeError, msgspec.ValidationError) as exc:
-                await dead_letter(self._js, subjects.dead_letter(msg.subject), msg, f"decode error: {exc}")
-                await msg.term()
-                continue
-            rows.extend((span, identity) for span in batch.spans)
-            good.append((msg, identity, len(batch.spans)))
-        if rows and self._retention is not None:
+                await self._refuse(msg, f"decode error: {exc}")
+        if self._retention is not None and any(batch.spans for _, _, batch in decoded):
             try:
-                await self._pool.execute(_INSERT, *_columns(rows))
+                await self._insert(decoded)
+            except asyncpg.DataError:
+                # A message holds what PostgreSQL refuses (a NUL in a text, say): each on its
+                # own, so that only the one refused is dead-lettered, and nobody else's waits.
+                decoded = await self._one_by_one(decoded)
             except (asyncpg.PostgresError, OSError) as exc:
                 # Redelivered after ack_wait: nothing is lost while PostgreSQL is away.
-                logger.warning("could not store %d spans: %s", len(rows), exc)
+                logger.warning("could not store %d span messages: %s", len(decoded), exc)
                 return
-        self.stored += len(rows)
-        for msg, identity, spans in good:
-            if self._relay is not None and spans:
+        for msg, identity, batch in decoded:
+            self.stored += len(batch.spans)
+            if self._relay is not None and batch.spans:
                 # Once stored (a message redelivered after a failed insert is exported once).
-                self._relay.put(identity, msg.data, spans)
+                self._relay.put(identity, msg.data, len(batch.spans))
             with contextlib.suppress(Exception):
                 await msg.ack()
+
+    async def _insert(self, decoded: list[_Received]) -> None:
+        rows = [(span, identity) for _, identity, batch in decoded for span in batch.spans]
+        await self._pool.execute(_INSERT, *_columns(rows))
+
+    async def _one_by_one(self, decoded: list[_Received]) -> list[_Received]:
+        """Store each message on its own; those stored (what PostgreSQL refuses is
+        dead-lettered; after any other failure, the rest are left to redelivery)."""
+        stored = []
+        for item in decoded:
+            try:
+                await self._insert([item])
+            except asyncpg.DataError as exc:
+                await self._refuse(item[0], f"cannot be stored: {exc}")
+                continue
+            except (asyncpg.PostgresError, OSError) as exc:
+                logger.warning("could not store a span message: %s", exc)
+                break
+            stored.append(item)
+        return stored
+
+    async def _refuse(self, msg: Msg, reason: str) -> None:
+        await dead_letter(self._js, subjects.dead_letter(msg.subject), msg, reason)
+        await msg.term()
 
     async def prune(self) -> int:
         """Delete the spans past the retention; returns how many."""
