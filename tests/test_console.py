@@ -39,6 +39,8 @@ class Console:
     login: str
     web: httpx.AsyncClient
     page: Any
+    errors: list[str]
+    """What the page logged as errors (a refusal by its content security policy, say)."""
 
 
 @pytest.fixture(scope="module")
@@ -62,9 +64,13 @@ async def console(
         ):
             browser = await playwright.chromium.launch(executable_path=BROWSER, args=["--no-sandbox"])
             page = await browser.new_page(viewport={"width": 1400, "height": 900})
+            errors: list[str] = []
+            page.on(
+                "console", lambda message: errors.append(message.text) if message.type == "error" else None
+            )
             await page.goto(printed.group(1))
             await page.wait_for_selector("table#conversations")
-            yield Console(stack, runtime["api_url"], printed.group(1), web, page)
+            yield Console(stack, runtime["api_url"], printed.group(1), web, page, errors)
             await browser.close()
 
 
@@ -213,3 +219,20 @@ async def test_kill_on_an_agent_shows_it_killed_in_corral_status(console: Consol
     await eventually(killed, timeout=30, message="corral status says tech_support is killed")
     await row.get_by_role("button", name="Revive").click()
     await row.locator('[data-testid="state"]', has_text="running").wait_for(timeout=30_000)
+
+
+async def test_the_page_is_served_so_no_other_site_can_frame_it_or_run_script_in_it(console: Console) -> None:
+    """Its files say so (it holds an operator's key); and every view the tests above opened
+    ran within that policy (the lanes' bars, the graph), with nothing refused."""
+    for path in ("/console/", "/console/console.js"):
+        served = await console.web.get(path)
+        assert served.status_code == 200
+        policy = served.headers["content-security-policy"]
+        assert "script-src 'self'" in policy and "frame-ancestors 'none'" in policy
+        assert served.headers["x-frame-options"] == "DENY"
+        assert served.headers["x-content-type-options"] == "nosniff"
+    page = console.page
+    await page.goto(f"{console.url}/console/#/graph")
+    await page.wait_for_selector('[data-testid="graph"]')
+    refused = [error for error in console.errors if "Content Security Policy" in error]
+    assert not refused, refused

@@ -34,6 +34,19 @@ from corral.supervisor.api._problems import ApiProblem
 STATIC = Path(__file__).parent / "console"
 """The page: HTML, CSS and JavaScript written for corral, served as they are."""
 
+PAGE_HEADERS = {
+    # Only the page's own files run, style it and are fetched; nothing frames it (its Kill
+    # and Approve buttons cannot be clicked through another site's page); nothing leaks
+    # where it was opened from.
+    "Content-Security-Policy": "default-src 'none'; script-src 'self'; style-src 'self';"
+    " img-src 'self' data:; connect-src 'self'; base-uri 'none'; form-action 'none';"
+    " frame-ancestors 'none'",
+    "X-Frame-Options": "DENY",
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "no-referrer",
+}
+"""What the console's files are served with: it holds an operator's key."""
+
 _FEED_EVERY_S = 0.25
 """The live feed gathers what changed this long, then says it in one event."""
 
@@ -225,6 +238,15 @@ class ConsoleEndpoints(OperatorEndpoints):
         ]
 
 
+class _PageFiles(StaticFiles):
+    """The console's files, with ``PAGE_HEADERS``."""
+
+    async def get_response(self, path: str, scope: Any) -> Response:
+        response = await super().get_response(path, scope)
+        response.headers.update(PAGE_HEADERS)
+        return response
+
+
 def page_routes() -> list[BaseRoute]:
     """The page: ``/console/`` and its files."""
 
@@ -234,5 +256,5 @@ def page_routes() -> list[BaseRoute]:
     return [
         Route("/", to_console, methods=["GET"]),
         Route("/console", to_console, methods=["GET"]),
-        Mount("/console", app=StaticFiles(directory=STATIC, html=True), name="console"),
+        Mount("/console", app=_PageFiles(directory=STATIC, html=True), name="console"),
     ]
