@@ -236,13 +236,14 @@ async def test_a_hostile_agents_spans_cost_only_its_own(traced: Traced) -> None:
         trace_id=trace,
         span_id="00000000000000a1",
         parent_id="",
-        name="invoke_agent triage",
+        # What rich would read as markup, and figures that are not numbers.
+        name="invoke_agent [/bold][red]triage",
         kind="internal",
         start_ns=1_700_000_000_000_000_000,
         end_ns=1_700_000_000_100_000_000,
         status="unset",
         status_message="",
-        attributes={"gen_ai.conversation.id": "c-hostile"},
+        attributes={"gen_ai.conversation.id": "c-hostile", "corral.cost_usd": "lots"},
         service="corral-supervisor",
     )
     agent = await traced.stack.connect("agent-triage")
@@ -268,6 +269,9 @@ async def test_a_hostile_agents_spans_cost_only_its_own(traced: Traced) -> None:
     ]
     exported = await eventually(lambda: traced.receiver.of_trace(trace), message="the good span exported")
     assert [s.service for s in exported] == ["corral-agent-triage"]
+    shown = await asyncio.to_thread(traced.stack.corral, "trace", "c-hostile")
+    assert shown.returncode == 0, shown.stdout + shown.stderr
+    assert "invoke_agent [/bold][red]triage" in shown.stdout and "$lots" in shown.stdout
     admin = await traced.stack.connect("admin")
     try:
         info = await admin.js.stream_info(subjects.DEAD_LETTER_STREAM)

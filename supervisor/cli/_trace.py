@@ -18,6 +18,7 @@ from corral.supervisor.cli._shared import (
 )
 
 if TYPE_CHECKING:
+    from rich.text import Text
     from rich.tree import Tree
 
     from corral.supervisor.store._trace_report import SpanNode
@@ -61,9 +62,10 @@ def trace(
 
 def _print_tree(conversation: str, roots: list[SpanNode]) -> None:
     from rich.console import Console
+    from rich.text import Text
     from rich.tree import Tree
 
-    tree = Tree(f"[bold]{conversation}[/bold]")
+    tree = Tree(Text(conversation, style="bold"))
     for root in roots:
         _add(tree, root)
     Console(highlight=False).print(tree)
@@ -75,11 +77,14 @@ def _add(tree: Tree, node: SpanNode) -> None:
         _add(branch, child)
 
 
-def _label(node: SpanNode) -> str:
-    from rich.markup import escape
+def _label(node: SpanNode) -> Text:
+    """What a span says, as text: whatever an agent put in its spans (names, attributes) is
+    shown as it is, never read as rich's markup."""
+    from rich.text import Text
 
     a: dict[str, Any] = node.attributes
-    parts = [f"[bold]{node.name}[/bold]", f"[dim]{node.service} {node.duration_ms:.1f} ms[/dim]"]
+    label = Text.assemble((node.name, "bold"), "  ", (f"{node.service} {node.duration_ms:.1f} ms", "dim"))
+    parts: list[str] = []
     if node.name.startswith("invoke_workflow"):
         parts.append(f"{a.get('corral.event', '')} from {a.get('corral.client', '')}")
     elif node.name.startswith("supervisor.decide"):
@@ -91,24 +96,35 @@ def _label(node: SpanNode) -> str:
     elif node.name.startswith("invoke_agent"):
         parts.append(f"step {a.get('corral.step', '')} tier {a.get('corral.tier', '')}")
         parts.append(_usage(a))
-        parts.append(escape(str(a.get("corral.output", ""))))
+        parts.append(str(a.get("corral.output", "")))
     elif "corral.handoff.target" in a:
-        payload = a.get("corral.handoff.payload") or ", ".join(a.get("corral.handoff.payload_keys", []))
-        parts.append(
-            f"confidence {a.get('corral.confidence', 0):.2f}; payload {escape(str(payload or '{}'))}"
-        )
+        payload = a.get("corral.handoff.payload") or _listed(a.get("corral.handoff.payload_keys"))
+        parts.append(f"confidence {_number(a.get('corral.confidence', 0), '.2f')}; payload {payload or '{}'}")
     elif node.name.startswith(("execute_tool", "policy")):
-        policies = ", ".join(a.get("corral.policy_ids", [])) or "no policy"
-        parts.append(f"{a.get('corral.decision', '')} under {policies}")
+        parts.append(
+            f"{a.get('corral.decision', '')} under {_listed(a.get('corral.policy_ids')) or 'no policy'}"
+        )
         if a.get("corral.approval_id"):
             parts.append(f"approval {a['corral.approval_id']}")
         if a.get("corral.dry_run"):
             parts.append("dry run")
+    for part in parts:
+        if part:
+            label.append("  ")
+            label.append(part)
     if node.status == "error":
-        parts.append(f"[red]failed: {escape(node.status_message)}[/red]")
-    return "  ".join(p for p in parts if p)
+        label.append(f"  failed: {node.status_message}", style="red")
+    return label
+
+
+def _number(value: Any, spec: str) -> str:
+    return format(value, spec) if isinstance(value, (int, float)) else str(value)
+
+
+def _listed(value: Any) -> str:
+    return ", ".join(map(str, value)) if isinstance(value, list) else str(value or "")
 
 
 def _usage(a: dict[str, Any]) -> str:
     tokens_in, tokens_out = a.get("gen_ai.usage.input_tokens", 0), a.get("gen_ai.usage.output_tokens", 0)
-    return f"{tokens_in} in / {tokens_out} out tokens, ${a.get('corral.cost_usd', 0):.6f}"
+    return f"{tokens_in} in / {tokens_out} out tokens, ${_number(a.get('corral.cost_usd', 0), '.6f')}"
