@@ -5,7 +5,7 @@ spans is published on the process's own ``corral.spans.<identity>`` subject (the
 its credentials allow, so no process can write spans in another's name), captured by
 ``CORRAL_SPANS``. The supervisor's ``SpanWriter`` stores them in PostgreSQL for ``corral
 trace`` and the console (no collector needed) and, when ``OTEL_EXPORTER_OTLP_ENDPOINT`` is
-set, exports them over OTLP/HTTP: one exporter in a trusted process, so an agent holds
+set, hands them to its export process, the one exporter over OTLP/HTTP, so an agent holds
 neither the collector's address nor its credentials.
 
 Spans are batched off the event loop (``BatchSpanProcessor``'s thread); a span that
@@ -38,9 +38,10 @@ _BATCH_BYTES = 512 * 1024
 """At most this much of spans in one message (the server's ``max_payload`` is 1 MiB)."""
 
 
-_TraceId = Annotated[str, msgspec.Meta(pattern="^[0-9a-f]{32}$")]
-_SpanId = Annotated[str, msgspec.Meta(pattern="^[0-9a-f]{16}$")]
-_ParentId = Annotated[str, msgspec.Meta(pattern="^([0-9a-f]{16})?$")]
+# OTLP's ids: 16 and 8 bytes, never all zero (which means none).
+_TraceId = Annotated[str, msgspec.Meta(pattern="^(?!0{32})[0-9a-f]{32}$")]
+_SpanId = Annotated[str, msgspec.Meta(pattern="^(?!0{16})[0-9a-f]{16}$")]
+_ParentId = Annotated[str, msgspec.Meta(pattern="^((?!0{16})[0-9a-f]{16})?$")]
 _Nanoseconds = Annotated[int, msgspec.Meta(ge=0, le=2**63 - 1)]
 
 

@@ -148,7 +148,9 @@ def _span(
     root = parent is not None and not _valid(parent)
     token = _root_trace.set(trace_id_of(conversation)) if root else None
     try:
-        span = _tracer.start_span(name, context=parent, kind=kind, attributes=_clean(attributes), links=links)
+        span = _tracer.start_span(
+            name, context=parent, kind=kind, attributes=otel_attributes(attributes), links=links
+        )
     finally:
         if token is not None:
             _root_trace.reset(token)
@@ -160,7 +162,7 @@ def _valid(context: Context) -> bool:
     return trace.get_current_span(context).get_span_context().is_valid
 
 
-def _clean(attributes: Mapping[str, Any]) -> dict[str, Any]:
+def otel_attributes(attributes: Mapping[str, Any]) -> dict[str, Any]:
     """Attributes OpenTelemetry takes: no None, lists of one type, the rest as JSON."""
     out: dict[str, Any] = {}
     for key, value in attributes.items():
@@ -180,13 +182,13 @@ def annotate(span: Span | None = None, /, **attributes: Any) -> None:
     thing code outside this module does to spans."""
     target = span or trace.get_current_span()
     if target.is_recording():
-        target.set_attributes(_clean({f"corral.{key}": value for key, value in attributes.items()}))
+        target.set_attributes(otel_attributes({f"corral.{key}": value for key, value in attributes.items()}))
 
 
 def content(span: Span, attribute: str, value: Any) -> None:
     """Set a content attribute, only if the operator opted in to content."""
     if attribute in CONTENT_ATTRIBUTES and capture_content() and span.is_recording():
-        span.set_attributes(_clean({attribute: value}))
+        span.set_attributes(otel_attributes({attribute: value}))
 
 
 def failed(span: Span, reason: str, error_type: str = "corral.failed") -> None:
@@ -289,7 +291,7 @@ def chat_attempts(
             f"chat {model}",
             context=parent,
             kind=SpanKind.CLIENT,
-            attributes=_clean(attributes),
+            attributes=otel_attributes(attributes),
             links=links,
             start_time=start,
         )
@@ -305,7 +307,7 @@ def usage(span: Span, *, input_tokens: int, output_tokens: int, cost_usd: float,
     """What a model attempt (or a step's attempts together) used."""
     if span.is_recording():
         span.set_attributes(
-            _clean(
+            otel_attributes(
                 {
                     INPUT_TOKENS: input_tokens,
                     OUTPUT_TOKENS: output_tokens,

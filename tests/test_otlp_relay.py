@@ -5,6 +5,8 @@ again."""
 
 from __future__ import annotations
 
+import json
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -19,7 +21,9 @@ from tests.otlp_receiver import Receiver, otlp_receiver
 TRACE = "ab" * 16
 
 
-def _message(first: int, count: int, *, claims: str = "") -> bytes:
+def _message(
+    first: int, count: int, *, claims: str = "", attributes: dict[str, object] | None = None
+) -> bytes:
     """A span message as a process publishes it (``claims``: the service it says it is)."""
     spans = [
         SpanRecord(
@@ -32,7 +36,7 @@ def _message(first: int, count: int, *, claims: str = "") -> bytes:
             end_ns=2_000,
             status="unset",
             status_message="",
-            attributes={"gen_ai.operation.name": "chat"},
+            attributes=attributes or {"gen_ai.operation.name": "chat"},
             service=claims,
         )
         for n in range(count)
@@ -78,21 +82,50 @@ async def test_spans_go_out_while_it_runs(collector: Receiver) -> None:
         await relay.close()
 
 
-async def test_it_holds_none_of_the_supervisors_secrets(
+async def test_it_gets_the_exporters_settings_and_none_of_the_supervisors_secrets(
     collector: Receiver, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
-    monkeypatch.setenv("DATABASE_URL", "postgresql://corral:secret@127.0.0.1/corral")
-    monkeypatch.setenv("CORRAL_CREDS", str(tmp_path / "supervisor.nk"))
+    secrets = {
+        "DATABASE_URL": "postgresql://corral:secret@127.0.0.1/corral",
+        "CORRAL_CREDS": str(tmp_path / "supervisor.nk"),
+        "CORRAL_STATE_DIR": str(tmp_path),
+        "CORRAL_SUPERVISOR_PASSWORD": "secret",
+        "OPENAI_API_KEY": "sk-secret",
+    }
+    for name, value in secrets.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_HEADERS", "x-collector-key=for-the-collector")
+    monkeypatch.setenv("HTTPS_PROXY", "http://127.0.0.1:3128")
     relay = OtlpRelay()
     await relay.start()
     try:
         assert relay._process is not None
         environment = Path(f"/proc/{relay._process.pid}/environ").read_bytes().split(b"\0")
         names = {entry.split(b"=", 1)[0].decode() for entry in environment if entry}
-        assert "OTEL_EXPORTER_OTLP_ENDPOINT" in names
-        assert not names & {"DATABASE_URL", "CORRAL_CREDS"}
+        assert {"OTEL_EXPORTER_OTLP_ENDPOINT", "OTEL_EXPORTER_OTLP_HEADERS", "HTTPS_PROXY"} <= names
+        assert not names & set(secrets)
+        assert names <= set(os.environ)  # nothing but what it was given
     finally:
         await relay.close()
+
+
+async def test_what_the_collector_cannot_take_in_a_span_costs_only_that_value(
+    collector: Receiver, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A value OTLP has no room for (a map, a list nested past protobuf's depth) is dropped
+    from its span; the spans of the other processes in the same request are exported."""
+    monkeypatch.setenv("OTEL_BSP_SCHEDULE_DELAY", "600000")  # one request, at the close
+    nested: object = 1
+    for _ in range(60):
+        nested = [nested]
+    relay = OtlpRelay()
+    await relay.start()
+    relay.put("agent-hostile", _message(0, 1, attributes={"deep": nested, "map": {"a": 1}, "ok": "yes"}), 1)
+    relay.put("router", _message(1, 2), 2)
+    await relay.close()
+    assert _span_ids(collector) == [1, 2, 3]
+    hostile = next(span for span in collector.of_trace(TRACE) if span.service == "corral-agent-hostile")
+    assert hostile.attributes == {"deep": json.dumps(nested), "map": '{"a": 1}', "ok": "yes"}
 
 
 async def test_a_process_that_died_costs_what_it_was_sent_meanwhile_and_is_started_again(
@@ -113,5 +146,19 @@ async def test_a_process_that_died_costs_what_it_was_sent_meanwhile_and_is_start
         relay.put("router", _message(100, 2), 2)
         await eventually(lambda: len(collector.of_trace(TRACE)) == 2, message="the later spans exported")
         assert _span_ids(collector) == [101, 102]
+    finally:
+        await relay.close()
+
+
+async def test_a_process_that_keeps_dying_is_not_started_again_at_once(collector: Receiver) -> None:
+    relay = OtlpRelay(restart_after_s=600.0)
+    await relay.start()
+    try:
+        first = relay._process
+        assert first is not None
+        first.kill()
+        await first.wait()
+        relay.put("router", _message(0, 4), 4)
+        assert relay.dropped == 4 and relay._starting is None and relay._process is first
     finally:
         await relay.close()

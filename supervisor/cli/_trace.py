@@ -118,7 +118,12 @@ def _label(node: SpanNode) -> Text:
 
 
 def _number(value: Any, spec: str) -> str:
-    return format(value, spec) if isinstance(value, (int, float)) else str(value)
+    if isinstance(value, (int, float)):
+        try:
+            return format(value, spec)
+        except (OverflowError, ValueError):  # an integer past what a float holds
+            pass
+    return str(value)
 
 
 def _listed(value: Any) -> str:

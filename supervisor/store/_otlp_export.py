@@ -19,6 +19,7 @@ import os
 import signal
 import struct
 import sys
+import threading
 from collections.abc import Iterator
 from typing import BinaryIO
 
@@ -28,12 +29,17 @@ from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.trace import SpanContext, SpanKind, TraceFlags
 from opentelemetry.trace.status import Status, StatusCode
 
+from corral.bus import DECODE_ERRORS
 from corral.bus._telemetry import SpanBatch, SpanRecord, resource_of
+from corral.bus.spans import otel_attributes
 
 logger = logging.getLogger("corral.otlp_export")
 
 FRAME = struct.Struct(">HI")
 """A frame's head: the identity's length and the message's, in bytes."""
+FINISH_S = 8.0
+"""How long it may take, once its input ended, to export what it holds (the supervisor is
+given 10 s to stop; an export past this is dropped, not waited for)."""
 SCHEDULE_DELAY_MS = 1000
 """How long spans wait for more before a request, unless ``OTEL_BSP_SCHEDULE_DELAY`` says."""
 MAX_QUEUE_SIZE = 20_000
@@ -75,7 +81,10 @@ def readable(span: SpanRecord, resource: Resource) -> ReadableSpan:
         context=context,
         parent=parent,
         resource=resource,
-        attributes=span.attributes,
+        # As every process makes its spans' (a map, a list of lists, a list nested past
+        # protobuf's depth: as JSON), so that what another process sent cannot fail the
+        # request that carries everyone's spans.
+        attributes=otel_attributes(span.attributes),
         kind=_KINDS.get(span.kind, SpanKind.INTERNAL),
         status=Status(_STATUSES.get(span.status, StatusCode.UNSET), span.status_message or None),
         start_time=span.start_ns,
@@ -101,11 +110,24 @@ def export(stream: BinaryIO) -> int:
                 for span in batch.spans:
                     processor.on_end(readable(span, resource))
                     given += 1
-            except (msgspec.DecodeError, ValueError) as exc:  # stored, so it decoded once
+            except (*DECODE_ERRORS, ValueError) as exc:  # stored, so it decoded once
                 logger.warning("a span message of %s cannot be exported: %s", identity, exc)
     finally:
-        processor.shutdown()  # type: ignore[no-untyped-call]  # what is queued goes out first
+        # What is queued goes out first, unless the collector takes longer than FINISH_S.
+        deadline = threading.Timer(FINISH_S, _give_up, args=(given,))
+        deadline.daemon = True
+        deadline.start()
+        processor.shutdown()  # type: ignore[no-untyped-call]
+        deadline.cancel()
     return given
+
+
+def _give_up(given: int) -> None:
+    logger.warning(
+        "the collector took over %.0f s to take the last spans; %d were given, some are lost", FINISH_S, given
+    )
+    logging.shutdown()
+    os._exit(1)
 
 
 def main() -> None:

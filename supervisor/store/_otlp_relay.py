@@ -19,14 +19,31 @@ import contextlib
 import logging
 import os
 import sys
+from collections.abc import Mapping
 
 from corral.bus._telemetry import otlp_endpoint
 from corral.supervisor.store._otlp_export import frame
 
 logger = logging.getLogger(__name__)
 
-_SECRETS = ("DATABASE_URL", "CORRAL_SUPERVISOR_DATABASE_URL", "CORRAL_CREDS")
-"""What the supervisor holds that its export process must not."""
+_RUNTIME = frozenset(
+    {"PATH", "HOME", "LANG", "LANGUAGE", "TZ", "TMPDIR", "VIRTUAL_ENV", "PYTHONPATH", "PYTHONHOME"}
+)
+_NETWORK = frozenset(
+    {"HTTP_PROXY", "HTTPS_PROXY", "NO_PROXY", "ALL_PROXY", "REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE"}
+)
+_NETWORK_PREFIXES = ("OTEL_", "SSL_CERT_", "LC_")
+
+
+def export_environment(environment: Mapping[str, str]) -> dict[str, str]:
+    """What the export process gets of the supervisor's environment (an allow-list): what
+    runs Python, the exporter's settings (``OTEL_*``) and what its HTTP client reads (proxies,
+    certificate authorities). No NATS seed, database URL or provider key passes."""
+    return {
+        name: value
+        for name, value in environment.items()
+        if name in _RUNTIME or name.upper() in _NETWORK or name.startswith(_NETWORK_PREFIXES)
+    }
 
 
 class OtlpRelay:
@@ -43,8 +60,10 @@ class OtlpRelay:
         self._process: asyncio.subprocess.Process | None = None
         self._started_at = -restart_after_s
         self._starting: asyncio.Task[None] | None = None
+        self._closing = False
         self.sent = 0
-        """Spans handed to the export process."""
+        """Spans written to the export process's input (those its pipe held when it died
+        are lost)."""
         self.dropped = 0
 
     @classmethod
@@ -55,14 +74,16 @@ class OtlpRelay:
     async def start(self) -> None:
         """Start the export process (it imports the exporter on its own time)."""
         self._started_at = asyncio.get_running_loop().time()
-        environment = {k: v for k, v in os.environ.items() if k not in _SECRETS}
-        self._process = await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-m",
-            "corral.supervisor.store._otlp_export",
-            stdin=asyncio.subprocess.PIPE,
-            env=environment,
-        )
+        try:
+            self._process = await asyncio.create_subprocess_exec(
+                sys.executable,
+                "-m",
+                "corral.supervisor.store._otlp_export",
+                stdin=asyncio.subprocess.PIPE,
+                env=export_environment(os.environ),
+            )
+        except OSError as exc:  # no process to be had now: spans are dropped until one is
+            logger.warning("could not start the OTLP export process: %s", exc)
 
     def put(self, identity: str, data: bytes, spans: int) -> None:
         """Hand one span message of ``identity`` (holding ``spans`` spans) to the export
@@ -71,7 +92,8 @@ class OtlpRelay:
         stdin = process.stdin if process is not None else None
         if process is None or stdin is None or process.returncode is not None or stdin.is_closing():
             self._drop(spans, "the OTLP export process is not running")
-            self._restart(process)
+            if not self._closing:
+                self._restart(process)
             return
         if stdin.transport.get_write_buffer_size() > self._max_buffered:
             self._drop(spans, "the OTLP collector is behind")
@@ -98,9 +120,10 @@ class OtlpRelay:
             logger.warning("the OTLP export process exited (%s); starting it again", process.returncode)
         self._starting = asyncio.create_task(self.start())
 
-    async def close(self, timeout_s: float = 30.0) -> None:
+    async def close(self, timeout_s: float = 9.0) -> None:
         """End the export process's input and wait for it to export what it holds (killed
-        after ``timeout_s``)."""
+        after ``timeout_s``: within the 10 s the supervisor is given to stop)."""
+        self._closing = True
         if self._starting is not None:
             with contextlib.suppress(Exception):
                 await self._starting

@@ -27,7 +27,7 @@ from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
-from corral.bus import Service, dead_letter, subjects
+from corral.bus import DECODE_ERRORS, Service, dead_letter, subjects
 from corral.bus._telemetry import SpanBatch, SpanRecord
 from corral.bus.spans import CONVERSATION
 from corral.supervisor.store._otlp_relay import OtlpRelay
@@ -48,6 +48,13 @@ DELETE FROM spans WHERE ctid = ANY (ARRAY(
 """
 
 _decoder = msgspec.json.Decoder(SpanBatch)
+_REFUSED = (
+    asyncpg.DataError,
+    asyncpg.IntegrityConstraintViolationError,
+    asyncpg.ProgramLimitExceededError,
+)
+"""What PostgreSQL says of a value it will never take (classes 22, 23 and 54): the message's
+fault, not the database's."""
 _Received = tuple[Msg, str, SpanBatch]
 """A span message, the identity whose subject carried it, and its spans."""
 _encoder = msgspec.json.Encoder()
@@ -122,12 +129,12 @@ class SpanWriter(Service):
             identity = msg.subject.removeprefix(subjects.spans(""))
             try:
                 decoded.append((msg, identity, _decoder.decode(msg.data)))
-            except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+            except DECODE_ERRORS as exc:
                 await self._refuse(msg, f"decode error: {exc}")
         if self._retention is not None and any(batch.spans for _, _, batch in decoded):
             try:
                 await self._insert(decoded)
-            except asyncpg.DataError:
+            except _REFUSED:
                 # A message holds what PostgreSQL refuses (a NUL in a text, say): each on its
                 # own, so that only the one refused is dead-lettered, and nobody else's waits.
                 decoded = await self._one_by_one(decoded)
@@ -154,7 +161,7 @@ class SpanWriter(Service):
         for item in decoded:
             try:
                 await self._insert([item])
-            except asyncpg.DataError as exc:
+            except _REFUSED as exc:
                 await self._refuse(item[0], f"cannot be stored: {exc}")
                 continue
             except (asyncpg.PostgresError, OSError) as exc:
@@ -198,7 +205,7 @@ def _columns(rows: list[tuple[SpanRecord, str]]) -> list[list[object]]:
             span.trace_id,
             span.span_id,
             span.parent_id,
-            str(span.attributes.get(CONVERSATION, "")),
+            _conversation(span),
             span.name,
             span.kind,
             identity,
@@ -211,3 +218,10 @@ def _columns(rows: list[tuple[SpanRecord, str]]) -> list[list[object]]:
         for column, value in zip(columns, values, strict=True):
             column.append(value)
     return columns
+
+
+def _conversation(span: SpanRecord) -> str:
+    """The conversation a span names, if it is an id (what else a process says there is in
+    its attributes, not in the index)."""
+    named = span.attributes.get(CONVERSATION)
+    return named if isinstance(named, str) and subjects.is_id(named) else ""

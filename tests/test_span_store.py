@@ -1,0 +1,69 @@
+"""The span writer on a real JetStream and PostgreSQL: span messages fetched together are
+stored together, and one that PostgreSQL refuses (a NUL in a text) or that names a
+conversation no index could hold is dead-lettered or stored without it, on its own, while
+the others of its batch are stored at once."""
+
+from __future__ import annotations
+
+import secrets
+from datetime import timedelta
+
+import msgspec
+
+from corral.bus import DEAD_REASON, BusConfig, connect, ensure_topology, subjects
+from corral.bus._telemetry import SpanBatch, SpanRecord
+from corral.supervisor.stack._embedded import EmbeddedNats
+from corral.supervisor.store._spans import SpanWriter
+from corral.supervisor.store._store import Store
+
+
+def _span(span_id: str, **changes: object) -> SpanRecord:
+    span = SpanRecord(
+        trace_id="ab" * 16,
+        span_id=span_id,
+        parent_id="",
+        name="invoke_agent triage",
+        kind="internal",
+        start_ns=1_700_000_000_000_000_000,
+        end_ns=1_700_000_000_100_000_000,
+        status="unset",
+        status_message="",
+        attributes={"gen_ai.conversation.id": "c-1"},
+        service="",
+    )
+    return msgspec.structs.replace(span, **changes)
+
+
+async def test_a_refused_message_costs_only_itself_and_the_rest_of_its_batch_is_stored(
+    nats_server: EmbeddedNats, database_url: str
+) -> None:
+    bus = await connect(BusConfig(servers=[nats_server.url], reconnect_forever=False))
+    store = await Store.open(database_url)
+    try:
+        await ensure_topology(bus.js, [])
+        sent = [
+            _span("00000000000000a1"),
+            _span("00000000000000a2", name="invoke_agent \x00"),
+            # Past what a btree entry holds, and not compressible to fit.
+            _span("00000000000000a3", attributes={"gen_ai.conversation.id": secrets.token_urlsafe(4000)}),
+        ]
+        for span in sent:
+            await bus.js.publish(subjects.spans("agent-triage"), msgspec.json.encode(SpanBatch(spans=[span])))
+        sub = await bus.js.pull_subscribe(subjects.all_spans(), durable="test", stream=subjects.SPANS_STREAM)
+        msgs = await sub.fetch(batch=3, timeout=5)
+        assert len(msgs) == 3  # one batch, as the writer fetches it
+        writer = SpanWriter(bus.js, store.pool, retention=timedelta(hours=1))
+        await writer._store(msgs)
+        rows = await store.pool.fetch("SELECT span_id, conversation, service FROM spans ORDER BY span_id")
+        assert [(r["span_id"], r["conversation"], r["service"]) for r in rows] == [
+            ("00000000000000a1", "c-1", "agent-triage"),
+            ("00000000000000a3", "", "agent-triage"),  # no such conversation: not in its index
+        ]
+        dead = await bus.js.get_last_msg(
+            subjects.DEAD_LETTER_STREAM, subjects.dead_letter(subjects.spans("agent-triage"))
+        )
+        assert (dead.headers or {})[DEAD_REASON].startswith("cannot be stored")
+        assert writer.stored == 2
+    finally:
+        await store.close()
+        await bus.close()
