@@ -15,10 +15,10 @@ import msgspec
 import pytest
 
 from corral.bus import DEAD_REASON, subjects
-from corral.bus._telemetry import SpanBatch, SpanRecord
 from corral.bus.spans import CONTENT_ATTRIBUTES, trace_id_of
 from tests.conftest import eventually
 from tests.otlp_receiver import ReceivedSpan, Receiver, otlp_receiver
+from tests.span_records import span_message, span_record
 from tests.stack import Stack, running_stack
 
 TURNS = (
@@ -222,27 +222,17 @@ async def test_corral_trace_prints_the_conversation_as_a_tree_and_as_data(traced
     assert unknown.returncode == 2 and "no conversation 'c-nope'" in unknown.stderr + unknown.stdout
 
 
-def _span_message(*spans: SpanRecord) -> bytes:
-    return msgspec.json.encode(SpanBatch(spans=list(spans)))
-
-
 async def test_a_hostile_agents_spans_cost_only_its_own(traced: Traced) -> None:
     """An agent may send anything on its own spans subject. A span that could be neither
     stored nor exported (an id OTLP has no room for, a time past any timestamp, a text
     PostgreSQL refuses) is dead-lettered with why; the agent's next spans, and everyone
     else's, are stored and exported as before, under the agent's name whatever they claim."""
     trace = f"{trace_id_of('c-hostile'):032x}"
-    good = SpanRecord(
+    good = span_record(
+        "00000000000000a1",
         trace_id=trace,
-        span_id="00000000000000a1",
-        parent_id="",
         # What rich would read as markup, and figures that are not numbers.
         name="invoke_agent [/bold][red]triage",
-        kind="internal",
-        start_ns=1_700_000_000_000_000_000,
-        end_ns=1_700_000_000_100_000_000,
-        status="unset",
-        status_message="",
         attributes={"gen_ai.conversation.id": "c-hostile", "corral.cost_usd": "lots"},
         service="corral-supervisor",
     )
@@ -253,11 +243,11 @@ async def test_a_hostile_agents_spans_cost_only_its_own(traced: Traced) -> None:
             msgspec.structs.replace(good, trace_id="ab" * 20),
             msgspec.structs.replace(good, start_ns=10**30),
         ):
-            await agent.js.publish(subject, _span_message(bad))
+            await agent.js.publish(subject, span_message(bad))
         # Fetched and stored together with the next one, which must not wait on it.
         nul = msgspec.structs.replace(good, span_id="00000000000000b2", name="invoke_agent \x00")
-        await agent.js.publish(subject, _span_message(nul))
-        await agent.js.publish(subject, _span_message(good))
+        await agent.js.publish(subject, span_message(nul))
+        await agent.js.publish(subject, span_message(good))
     finally:
         await agent.close()
 

@@ -5,18 +5,18 @@ again."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 from collections.abc import Iterator
 from pathlib import Path
 
-import msgspec
 import pytest
 
-from corral.bus._telemetry import SpanBatch, SpanRecord
 from corral.supervisor.store._otlp_relay import OtlpRelay
 from tests.conftest import eventually
 from tests.otlp_receiver import Receiver, otlp_receiver
+from tests.span_records import span_message, span_record
 
 TRACE = "ab" * 16
 
@@ -25,23 +25,18 @@ def _message(
     first: int, count: int, *, claims: str = "", attributes: dict[str, object] | None = None
 ) -> bytes:
     """A span message as a process publishes it (``claims``: the service it says it is)."""
-    spans = [
-        SpanRecord(
-            trace_id=TRACE,
-            span_id=f"{first + n + 1:016x}",
-            parent_id="",
-            name="chat support",
-            kind="client",
-            start_ns=1_000,
-            end_ns=2_000,
-            status="unset",
-            status_message="",
-            attributes=attributes or {"gen_ai.operation.name": "chat"},
-            service=claims,
+    return span_message(
+        *(
+            span_record(
+                f"{first + n + 1:016x}",
+                trace_id=TRACE,
+                name="chat support",
+                attributes=attributes or {"gen_ai.operation.name": "chat"},
+                service=claims,
+            )
+            for n in range(count)
         )
-        for n in range(count)
-    ]
-    return msgspec.json.encode(SpanBatch(spans=spans))
+    )
 
 
 @pytest.fixture
@@ -128,16 +123,21 @@ async def test_what_the_collector_cannot_take_in_a_span_costs_only_that_value(
     assert hostile.attributes == {"deep": json.dumps(nested), "map": '{"a": 1}', "ok": "yes"}
 
 
+async def _started_and_killed(relay: OtlpRelay) -> asyncio.subprocess.Process:
+    await relay.start()
+    process = relay._process
+    assert process is not None
+    process.kill()
+    await process.wait()
+    return process
+
+
 async def test_a_process_that_died_costs_what_it_was_sent_meanwhile_and_is_started_again(
     collector: Receiver,
 ) -> None:
     relay = OtlpRelay(restart_after_s=0.0)
-    await relay.start()
+    first = await _started_and_killed(relay)
     try:
-        first = relay._process
-        assert first is not None
-        first.kill()
-        await first.wait()
         relay.put("router", _message(0, 4), 4)  # nobody to take them
         assert relay.dropped == 4
         await eventually(
@@ -152,12 +152,8 @@ async def test_a_process_that_died_costs_what_it_was_sent_meanwhile_and_is_start
 
 async def test_a_process_that_keeps_dying_is_not_started_again_at_once(collector: Receiver) -> None:
     relay = OtlpRelay(restart_after_s=600.0)
-    await relay.start()
+    first = await _started_and_killed(relay)
     try:
-        first = relay._process
-        assert first is not None
-        first.kill()
-        await first.wait()
         relay.put("router", _message(0, 4), 4)
         assert relay.dropped == 4 and relay._starting is None and relay._process is first
     finally:

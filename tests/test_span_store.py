@@ -8,30 +8,16 @@ from __future__ import annotations
 import secrets
 from datetime import timedelta
 
-import msgspec
-
 from corral.bus import DEAD_REASON, BusConfig, connect, ensure_topology, subjects
-from corral.bus._telemetry import SpanBatch, SpanRecord
+from corral.bus._telemetry import SpanRecord
 from corral.supervisor.stack._embedded import EmbeddedNats
 from corral.supervisor.store._spans import SpanWriter
 from corral.supervisor.store._store import Store
+from tests.span_records import span_message, span_record
 
 
 def _span(span_id: str, **changes: object) -> SpanRecord:
-    span = SpanRecord(
-        trace_id="ab" * 16,
-        span_id=span_id,
-        parent_id="",
-        name="invoke_agent triage",
-        kind="internal",
-        start_ns=1_700_000_000_000_000_000,
-        end_ns=1_700_000_000_100_000_000,
-        status="unset",
-        status_message="",
-        attributes={"gen_ai.conversation.id": "c-1"},
-        service="",
-    )
-    return msgspec.structs.replace(span, **changes)
+    return span_record(span_id, **{"attributes": {"gen_ai.conversation.id": "c-1"}, **changes})
 
 
 async def test_a_refused_message_costs_only_itself_and_the_rest_of_its_batch_is_stored(
@@ -48,10 +34,10 @@ async def test_a_refused_message_costs_only_itself_and_the_rest_of_its_batch_is_
             _span("00000000000000a3", attributes={"gen_ai.conversation.id": secrets.token_urlsafe(4000)}),
         ]
         for span in sent:
-            await bus.js.publish(subjects.spans("agent-triage"), msgspec.json.encode(SpanBatch(spans=[span])))
+            await bus.js.publish(subjects.spans("agent-triage"), span_message(span))
         # Nested past what a decoder follows: it does not decode (RecursionError), and is
         # dead-lettered; it must not stop the writer.
-        deep = msgspec.json.encode(SpanBatch(spans=[_span("00000000000000a4")]))
+        deep = span_message(_span("00000000000000a4"))
         deep = deep.replace(
             b'{"gen_ai.conversation.id"', b'{"x":' + b"[" * 5000 + b"]" * 5000 + b',"gen_ai.conversation.id"'
         )
