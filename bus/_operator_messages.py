@@ -4,11 +4,14 @@ deciding an approval; killing and reviving."""
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
 import msgspec
 
 OperatorAction = Literal["claim", "reply", "handback", "close"]
+OperatorText = Annotated[str, msgspec.Meta(pattern="^[^\x00]*$")]
+"""What an operator writes: anything PostgreSQL can store (no NUL), for the audit chain and
+the transcript; a request holding a NUL does not decode, and is refused with why."""
 
 
 class OperatorRequest(msgspec.Struct, frozen=True, kw_only=True, tag="operator.request"):
@@ -17,16 +20,16 @@ class OperatorRequest(msgspec.Struct, frozen=True, kw_only=True, tag="operator.r
 
     v: int = 1
     action: OperatorAction
-    conversation: str
-    by: str
+    conversation: OperatorText
+    by: OperatorText
     """The operator's name, as the audit chain records it."""
-    id: str
+    id: OperatorText
     """The request's id, chosen by its sender: the same id twice is one action."""
-    text: str = ""
+    text: OperatorText = ""
     """``reply``: what the customer is told."""
-    agent: str = ""
+    agent: OperatorText = ""
     """``handback``: the agent the conversation goes back to."""
-    note: str = ""
+    note: OperatorText = ""
     """``handback``: what the agent is told; ``close``: why."""
 
 
@@ -35,11 +38,11 @@ class ApprovalVerdict(msgspec.Struct, frozen=True, kw_only=True, tag="operator.a
     (``corral.operator.requests``)."""
 
     v: int = 1
-    approval_id: str
+    approval_id: OperatorText
     approve: bool
-    by: str
-    reason: str = ""
-    customer: str = ""
+    by: OperatorText
+    reason: OperatorText = ""
+    customer: OperatorText = ""
     """Set when the conversation's customer decides (an approval whose policy names
     ``@approver("customer")``): the customer the API found the client's key may act for,
     in the conversation the approval belongs to. Empty: an operator decides."""
@@ -52,9 +55,9 @@ class SwitchRequest(msgspec.Struct, frozen=True, kw_only=True, tag="operator.swi
 
     v: int = 1
     target: Literal["agent", "conversation"]
-    name: str
-    by: str
-    reason: str = ""
+    name: OperatorText
+    by: OperatorText
+    reason: OperatorText = ""
     revive: bool = False
 
 

@@ -447,6 +447,9 @@ async def test_an_operator_kills_and_revives_an_agent_and_kills_a_conversation(a
         started = await ana.post("/v1/conversations", json={"text": "My lawyer says I should sue you"})
         conversation = started.json()["conversation"]
         await _events(ana, conversation, until="conversation.ended")
+        # A NUL can be neither audited nor shown: refused as the body's fault, never a 5xx.
+        nul = await desk.post(f"/v1/conversations/{conversation}/kill", json={"reason": "spam\u0000"})
+        assert nul.status_code == 422 and "reason" in nul.json()["detail"], nul.text
         stopped = await desk.post(f"/v1/conversations/{conversation}/kill", json={"reason": "spam"})
         assert stopped.json() == {"target": "conversation", "name": conversation, "status": "killed"}
         missing = await desk.post("/v1/conversations/c-nosuch/kill", json={})

@@ -8,6 +8,8 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 ID_PATTERN = r"^[A-Za-z0-9_-]{1,64}$"
+NO_NUL = r"^[^\x00]*$"
+"""Free text PostgreSQL can store: no NUL character."""
 
 
 class _Body(BaseModel):
@@ -21,6 +23,7 @@ class StartRequest(_Body):
     customer: str | None = Field(
         default=None,
         max_length=256,
+        pattern=NO_NUL,
         description="The customer it is for. A key bound to a customer may name only that one "
         "(or none: it is the key's).",
     )
@@ -124,7 +127,9 @@ class Approvals(_Body):
 
 
 class VerdictRequest(_Body):
-    reason: str = Field(default="", max_length=4096, description="Why (a denial's reason reaches the agent).")
+    reason: str = Field(
+        default="", max_length=4096, pattern=NO_NUL, description="Why (a denial's reason reaches the agent)."
+    )
 
 
 class VerdictDone(_Body):
@@ -136,9 +141,9 @@ class OperatorActionRequest(_Body):
     """What an operator's action carries: the reply's text, the handback's agent and note,
     the close's note."""
 
-    text: str = Field(default="", max_length=16384)
-    agent: str = Field(default="", max_length=64)
-    note: str = Field(default="", max_length=4096)
+    text: str = Field(default="", max_length=16384, pattern=NO_NUL)
+    agent: str = Field(default="", max_length=64, pattern=NO_NUL)
+    note: str = Field(default="", max_length=4096, pattern=NO_NUL)
 
 
 class OperatorActionDone(_Body):
@@ -150,7 +155,9 @@ class OperatorActionDone(_Body):
 
 
 class SwitchBody(_Body):
-    reason: str = Field(default="", max_length=4096, description="Why (shown to everyone it affects).")
+    reason: str = Field(
+        default="", max_length=4096, pattern=NO_NUL, description="Why (shown to everyone it affects)."
+    )
 
 
 class SwitchDone(_Body):
