@@ -6,11 +6,14 @@ again."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
+import psutil
 import pytest
 
 from corral.supervisor.store._otlp_relay import OtlpRelay
@@ -158,3 +161,34 @@ async def test_a_process_that_keeps_dying_is_not_started_again_at_once(collector
         assert relay.dropped == 4 and relay._starting is None and relay._process is first
     finally:
         await relay.close()
+
+
+async def test_it_does_not_outlive_a_supervisor_that_was_killed(collector: Receiver) -> None:
+    """Its input ends with its parent (the pipe closes): it exports what it holds and exits."""
+    supervisor = (
+        "import asyncio\n"
+        "from corral.supervisor.store._otlp_relay import OtlpRelay\n"
+        "async def main():\n"
+        "    relay = OtlpRelay()\n"
+        "    await relay.start()\n"
+        "    relay.put('router', bytes.fromhex(input()), 1)\n"
+        "    print(relay._process.pid, flush=True)\n"
+        "    await asyncio.sleep(3600)\n"
+        "asyncio.run(main())\n"
+    )
+    parent = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", supervisor, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE
+    )
+    assert parent.stdin is not None and parent.stdout is not None
+    parent.stdin.write(_message(0, 1).hex().encode() + b"\n")
+    child = int(await parent.stdout.readline())
+    parent.kill()  # as SIGKILL takes a supervisor: no close(), no goodbye
+    await parent.wait()
+
+    def gone() -> bool:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            return psutil.Process(child).status() == psutil.STATUS_ZOMBIE
+        return True
+
+    await eventually(gone, message="the export process gone with its supervisor")
+    assert _span_ids(collector) == [1]  # what it held went out first
