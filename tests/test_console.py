@@ -172,8 +172,10 @@ async def test_claim_reply_and_hand_back_reach_the_customers_stream(console: Con
             timeout=30,
             message="the human reply on the customer's stream",
         )
+        # Answered, it stays in the queue, held, until the customer answers or it is handed
+        # back (the page shows it so once it has read the queue again).
         row = page.locator(f'tr[data-queued="{conversation}"]')
-        await row.wait_for()
+        await row.locator('[data-status="awaiting_customer"]').wait_for(timeout=30_000)
         await row.locator('[data-testid="handback-agent"]').select_option("account_manager")
         await _screenshot(console, "queue")
         await row.get_by_role("button", name="Hand back").click()

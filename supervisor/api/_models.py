@@ -95,6 +95,10 @@ class Conversation(_Body):
 
 class QueueItem(_Body):
     conversation: str
+    status: Literal["escalated", "awaiting_customer"] = Field(
+        description="escalated: waiting for an operator; awaiting_customer: an operator answered "
+        "and the customer has not yet (the holder may follow up, hand back or close)"
+    )
     customer: str
     reason: str | None
     since: str
@@ -104,7 +108,7 @@ class QueueItem(_Body):
 
 
 class Queue(_Body):
-    """The human queue: escalated conversations, oldest first."""
+    """The human queue, oldest first: escalated conversations, and those an operator answered."""
 
     items: list[QueueItem]
 

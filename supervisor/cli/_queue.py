@@ -38,8 +38,9 @@ def queue(
     limit: Annotated[int, typer.Option(help="At most this many, oldest first")] = 100,
     as_json: JsonOption = False,
 ) -> None:
-    """The human queue: escalated conversations, oldest first, with the reason and who holds
-    each (a claim lapses after queue.claim_ttl_s without an action)."""
+    """The human queue, oldest first: escalated conversations, and those an operator answered
+    whose customer has not yet, with the reason and who holds each (a claim lapses after
+    queue.claim_ttl_s without an action)."""
     settings = _load(config, tools=False)
 
     async def _main() -> int:
@@ -60,7 +61,10 @@ def queue(
             return 0
         for item in found:
             holder = f"claimed by {item['claimed_by']}" if item["claimed_by"] else "unclaimed"
-            say(f"{item['conversation']}  {item['customer'] or '-'}  since {item['since']}  {holder}")
+            waiting = "  answered, awaiting the customer" if item["status"] == "awaiting_customer" else ""
+            say(
+                f"{item['conversation']}  {item['customer'] or '-'}  since {item['since']}  {holder}{waiting}"
+            )
             say(f"  reason: {item['reason']}")
         return 0
 

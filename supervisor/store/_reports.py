@@ -17,6 +17,7 @@ from typing import Any
 
 import asyncpg
 
+from corral.supervisor.config._sections import HUMAN
 from corral.supervisor.store._store import _COLUMNS, ConversationRecord, StepRecord, _from_row
 
 
@@ -220,25 +221,28 @@ async def _migrated(conn: asyncpg.Connection | asyncpg.Pool) -> bool:
 
 
 _QUEUE = """
-SELECT c.id, c.customer, c.reason, c.updated_at,
+SELECT c.id, c.customer, c.reason, c.updated_at, c.status,
     CASE WHEN k.expires_at > now() THEN k.claimed_by END AS claimed_by,
     CASE WHEN k.expires_at > now() THEN k.expires_at END AS claim_expires_at,
     c.turns -> -1 ->> 'text' AS last_turn
 FROM conversations c LEFT JOIN conversation_claims k ON k.conversation = c.id
-WHERE c.status = 'escalated'
+WHERE c.status = 'escalated' OR (c.status = 'awaiting_customer' AND c.current_agent = $2)
 ORDER BY c.updated_at
 LIMIT $1
 """
 
 
 async def human_queue(conn: asyncpg.Connection | asyncpg.Pool, limit: int = 100) -> list[dict[str, Any]]:
-    """The human queue: escalated conversations, oldest first, with the reason, who holds
-    each (a live claim) and the transcript's last turn; JSON-ready."""
+    """The human queue, oldest first: escalated conversations, and those an operator
+    answered whose customer has not answered yet (``status`` ``awaiting_customer``: the
+    operator holding the claim may follow up, hand back or close meanwhile), with the
+    reason, who holds each (a live claim) and the transcript's last turn; JSON-ready."""
     if not await conn.fetchval("SELECT to_regclass('conversation_claims') IS NOT NULL"):
         return []
     return [
         {
             "conversation": r["id"],
+            "status": r["status"],
             "customer": r["customer"],
             "reason": r["reason"],
             "since": r["updated_at"].isoformat(),
@@ -246,5 +250,5 @@ async def human_queue(conn: asyncpg.Connection | asyncpg.Pool, limit: int = 100)
             "claim_expires_at": r["claim_expires_at"].isoformat() if r["claim_expires_at"] else None,
             "last_turn": r["last_turn"],
         }
-        for r in await conn.fetch(_QUEUE, limit)
+        for r in await conn.fetch(_QUEUE, limit, HUMAN)
     ]

@@ -295,7 +295,7 @@ async function queuesView() {
           " ",
           h("button", { onclick: () => act(`/v1/approvals/${a.id}/deny`, { reason: prompt("Why deny?") || "denied in the console" }) }, "Deny")))))) :
       h("p", { class: "muted" }, "No approval is pending."),
-    h("h2", {}, "Escalated conversations"),
+    h("h2", {}, "Escalated conversations, and those answered that await the customer"),
     queue.items.length ? h("table", { id: "queue" }, h("tbody", {}, queue.items.map((q) => {
       const reply = h("input", { placeholder: "reply to the customer", "data-testid": "reply-text", size: 40 });
       const agent = h("select", { "data-testid": "handback-agent" }, graph.agents.map((a) => h("option", { value: a }, a)));
@@ -304,6 +304,7 @@ async function queuesView() {
         h("td", {}, h("a", { href: `#/c/${q.conversation}` }, q.conversation)),
         h("td", {}, q.reason || ""), h("td", {}, q.last_turn || ""),
         h("td", {}, q.claimed_by ? `claimed by ${q.claimed_by}` : "unclaimed"),
+        h("td", {}, q.status === "awaiting_customer" ? statusBadge(q.status) : ""),
         h("td", {},
           h("button", { onclick: () => act(`${base}/claim`) }, "Claim"), " ",
           reply, h("button", { onclick: () => act(`${base}/reply`, { text: reply.value }) }, "Reply"), " ",
