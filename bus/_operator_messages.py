@@ -9,7 +9,9 @@ from typing import Annotated, Literal
 import msgspec
 
 OperatorAction = Literal["claim", "reply", "handback", "close"]
-OperatorText = Annotated[str, msgspec.Meta(pattern="^[^\x00]*$")]
+NO_NUL = "^[^\\x00]*$"
+"""The pattern of free text PostgreSQL can store: no NUL character."""
+OperatorText = Annotated[str, msgspec.Meta(pattern=NO_NUL)]
 """What an operator writes: anything PostgreSQL can store (no NUL), for the audit chain and
 the transcript; a request holding a NUL does not decode, and is refused with why."""
 

@@ -7,9 +7,9 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from corral.bus._operator_messages import NO_NUL
+
 ID_PATTERN = r"^[A-Za-z0-9_-]{1,64}$"
-NO_NUL = r"^[^\x00]*$"
-"""Free text PostgreSQL can store: no NUL character."""
 
 
 class _Body(BaseModel):

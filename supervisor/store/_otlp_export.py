@@ -14,6 +14,7 @@ it, or died) it exports what it holds and exits, so it never outlives the superv
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import signal
@@ -92,6 +93,11 @@ def readable(span: SpanRecord, resource: Resource) -> ReadableSpan:
     )
 
 
+@functools.cache
+def _resource(identity: str) -> Resource:
+    return resource_of(identity)
+
+
 def export(stream: BinaryIO) -> int:
     """Export every span of ``stream``'s frames; the spans given to the exporter."""
     from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
@@ -100,13 +106,12 @@ def export(stream: BinaryIO) -> int:
     delay = None if "OTEL_BSP_SCHEDULE_DELAY" in os.environ else SCHEDULE_DELAY_MS
     queue = None if "OTEL_BSP_MAX_QUEUE_SIZE" in os.environ else MAX_QUEUE_SIZE
     processor = BatchSpanProcessor(OTLPSpanExporter(), max_queue_size=queue, schedule_delay_millis=delay)
-    resources: dict[str, Resource] = {}
     given = 0
     try:
         for identity, data in frames(stream):
             try:
                 batch = _decoder.decode(data)
-                resource = resources.get(identity) or resources.setdefault(identity, resource_of(identity))
+                resource = _resource(identity)
                 for span in batch.spans:
                     processor.on_end(readable(span, resource))
                     given += 1
